@@ -1,0 +1,113 @@
+"""Opening one image file safely: every failure becomes an :class:`ImageError`
+that names the file, and every unusual pixel format is converted to 8-bit RGB
+with a note saying what was converted."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from finegrain.errors import ImageError
+
+# Pillow's own decompression-bomb limit (about 179 Mpixel) is kept; above it an
+# image is refused rather than decoded.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def open_rgb(path: str | Path) -> tuple[Image.Image, str | None]:
+    """Decode ``path`` fully and return ``(rgb_image, conversion)``.
+
+    ``conversion`` is ``None`` for a plain 8-bit RGB file, otherwise one of
+    ``greyscale``, ``cmyk``, ``alpha``, ``palette``, ``16-bit``, ``other:<mode>``.
+    EXIF orientation is applied. Raises :class:`ImageError` for a missing,
+    empty, non-image, truncated, corrupt or over-large file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(path, "missing", "no such file") from None
+    except OSError as e:
+        raise ImageError(path, "missing", str(e)) from None
+    if size == 0:
+        raise ImageError(path, "empty", "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ImageError(path, "not-an-image", "not a format Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, "too-large", str(e)) from None
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise ImageError(path, reason, str(e)) from None
+    except (SyntaxError, ValueError, EOFError) as e:  # some decoders raise these
+        raise ImageError(path, "corrupt", str(e)) from None
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """Convert any Pillow mode to 8-bit RGB; return the image and what was done."""
+    mode = im.mode
+    if mode == "RGB":
+        return im, None
+    if mode in ("L", "1"):
+        return im.convert("RGB"), "greyscale"
+    if mode == "CMYK":
+        return im.convert("RGB"), "cmyk"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB"), "alpha"
+    if mode == "P":
+        return im.convert("RGB"), "palette"
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB"), "16-bit"
+    return im.convert("RGB"), f"other:{mode}"
+
+
+def load_resized(
+    path: str | Path,
+    size: tuple[int, int],
+    bbox: tuple[int, int, int, int] | None = None,
+    bbox_margin: float = 0.0,
+) -> np.ndarray:
+    """Open, optionally crop to ``bbox`` (+ a relative ``bbox_margin``), resize.
+
+    ``size`` is ``(height, width)``. Returns a ``uint8`` array ``[H, W, 3]``.
+    This is the single decode path: the prepared cache stores exactly its output,
+    so cached and uncached loading give the same pixels.
+    """
+    im, _ = open_rgb(path)
+    if bbox is not None:
+        im = im.crop(expand_box(bbox, bbox_margin, im.width, im.height))
+    h, w = size
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def expand_box(
+    bbox: tuple[int, int, int, int], margin: float, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """Grow an inclusive ``(x1, y1, x2, y2)`` box by ``margin`` of its size on each
+    side, clip it to the image, and return a Pillow crop box (exclusive right/bottom)."""
+    x1, y1, x2, y2 = bbox
+    bw, bh = x2 - x1 + 1, y2 - y1 + 1
+    dx, dy = margin * bw, margin * bh
+    left = max(0, int(round(x1 - dx)))
+    top = max(0, int(round(y1 - dy)))
+    right = min(width, int(round(x2 + 1 + dx)))
+    bottom = min(height, int(round(y2 + 1 + dy)))
+    if right <= left or bottom <= top:  # a box outside the image: keep the whole image
+        return 0, 0, width, height
+    return left, top, right, bottom
