@@ -1,0 +1,314 @@
+"""Experiment configuration: typed models, YAML loading, profiles and dotted overrides.
+
+A config file is YAML whose keys mirror :class:`ExperimentConfig`. Two extra
+top-level keys are handled before validation:
+
+- ``extends: other.yaml`` — start from another file (relative to this one) and
+  deep-merge this file over it;
+- ``profiles: {quick: {...}}`` — named override sets, applied with ``--profile``.
+
+Every key is checked: an unknown or misspelt key raises :class:`ConfigError`
+naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from finegrain.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SyntheticConfig(Section):
+    """The built-in synthetic dataset, written on first use under the cache root."""
+
+    num_classes: int = Field(12, ge=2)
+    train_per_class: int = Field(24, ge=2)
+    test_per_class: int = Field(12, ge=1)
+    image_size: tuple[int, int] = (64, 64)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    root: str = "synthetic"
+    """A dataset folder (or CSV file), or ``synthetic`` for the built-in dataset."""
+    format: str = "auto"
+    protocol: Literal["classification", "retrieval"] = "classification"
+    holdout: float | None = Field(None, gt=0, lt=1)
+    """Make the test split a stratified, seeded fraction of the official train split."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 0
+    image_size: tuple[int, int] = (224, 224)
+    """(height, width) every image is resized to before augmentation."""
+    crop_bbox: bool = False
+    bbox_margin: float = Field(0.1, ge=0)
+    augment: Literal["plain", "seed", "strong"] = "plain"
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(2, ge=0)
+    cache: Literal["auto", "off"] = "auto"
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    sampler: Literal["random", "m_per_class"] = "random"
+    m_per_class: int = Field(4, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(Section):
+    backbone: str = "resnet50"
+    weights: str = "none"
+    """``imagenet``, ``none``, or a path to a local weights file."""
+    head: Literal["classifier", "embedding", "both"] = "classifier"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    embedding_dim: int = Field(512, ge=2)
+    normalize_embedding: bool = True
+    bn_neck: bool = False
+    stem: Literal["stock", "small"] = "stock"
+    cubs: str = "none"
+    cubs_stages: list[int] = [4]
+    freeze: Literal["none", "backbone", "bn"] = "none"
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    backbone_lr_mult: float = Field(1.0, ge=0)
+    """Learning-rate multiplier of the backbone relative to the head(s)."""
+
+
+class ScheduleConfig(Section):
+    name: Literal["none", "step", "cosine", "onecycle"] = "none"
+    step_size: int = Field(7, ge=1)
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class LossConfig(Section):
+    name: str = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # metric learning (pytorch-metric-learning names)
+    alpha: float = 2.0
+    beta: float = 50.0
+    base: float = 0.5
+    """Multi-similarity lambda (the similarity offset)."""
+    miner_epsilon: float = 0.1
+    margin: float = 0.1
+    proxy_lr_mult: float = Field(100.0, gt=0)
+    scale: float = 32.0
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    channels_last: bool = False
+    grad_clip: float | None = Field(None, gt=0)
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    head_epochs: int = Field(0, ge=0)
+    """Two-stage fine-tuning: train only the head for this many epochs first."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    limit_train_batches: float | int | None = None
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class EvalConfig(Section):
+    k: int = Field(10, ge=1)
+    """kNN classification: number of neighbours."""
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    weights: Literal["uniform", "distance"] = "uniform"
+    recall_ks: list[int] = [1, 2, 4, 8]
+    tta_flip: bool = False
+    source_run: str | None = None
+    """kNN rows: the run whose backbone gives the embeddings."""
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    description: str = ""
+    task: Literal["classification", "metric_learning", "knn"] = "classification"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+
+META_KEYS = ("extends", "profiles")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """A new dict: ``over`` merged into ``base`` recursively (dicts merge, the rest replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping; errors name the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` with its ``extends`` chain resolved (profiles kept, merged too)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = load_raw((path.parent / str(parent)), _seen + (path,))
+    return deep_merge(base, data)
+
+
+def check_keys(data: Any, model: type[BaseModel], where: str = "") -> None:
+    """Raise ConfigError for the first key in ``data`` that ``model`` does not define."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        dotted = f"{where}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+            valid = ", ".join(fields)
+            raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {valid})")
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            check_keys(value, sub, dotted + ".")
+
+
+def parse_override(item: str) -> dict:
+    """``"train.lr=0.01"`` → ``{"train": {"lr": 0.01}}`` (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def build_config(
+    raw: dict, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Apply a profile and overrides to a raw mapping and validate it."""
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    raw.pop("extends", None)
+    if profile:
+        if profile not in profiles:
+            names = ", ".join(profiles) or "none defined"
+            raise ConfigError(f"unknown profile '{profile}' (this config has: {names})")
+        raw = deep_merge(raw, profiles[profile])
+    for item in overrides:
+        raw = deep_merge(raw, parse_override(item))
+    check_keys(raw, ExperimentConfig)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(
+    path: str | Path, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Load a YAML config (or a shipped config by name) with a profile and overrides."""
+    return build_config(load_raw(resolve_config_path(path)), profile, overrides)
+
+
+def profiles_of(path: str | Path) -> list[str]:
+    """The profile names a config file defines."""
+    return list((load_raw(resolve_config_path(path)).get("profiles") or {}).keys())
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        lines.append(f"config key '{loc}': {err['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config with every default written out."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``configs/`` (without .yaml)."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, else a shipped config by name (``cars-tl-1``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / f"{p.stem if p.suffix in ('.yaml', '.yml') else p.name}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(str(name), shipped_configs(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"config not found: '{name}' is neither a file nor a shipped config in {CONFIG_DIR}.{hint}"
+    )
