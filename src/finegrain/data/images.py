@@ -90,6 +90,11 @@ def load_resized(
     im, _ = open_rgb(path)
     if bbox is not None:
         im = im.crop(expand_box(bbox, bbox_margin, im.width, im.height))
+    return resize_rgb(im, size)
+
+
+def resize_rgb(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB image to ``size`` = (height, width); returns uint8 ``[H, W, 3]``."""
     h, w = size
     if im.size != (w, h):
         im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)

@@ -1,0 +1,65 @@
+"""Shared fixtures. Real-data tests use ../shared/data and skip when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FINEGRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# Tests share two cores with whatever else runs; keep torch from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets folder; skips the test when it is not there."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_cars(shared_data: Path) -> Path:
+    root = shared_data / "stanford_cars"
+    if not (root / "devkit").is_dir():
+        pytest.skip(f"Stanford Cars not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_tiny_imagenet(shared_data: Path) -> Path:
+    root = shared_data / "tiny-imagenet-200"
+    if not (root / "wnids.txt").is_file():
+        pytest.skip(f"Tiny ImageNet not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> Path:
+    """Keep prepared caches and the synthetic dataset of the tests out of ~/.cache."""
+    cache = tmp_path_factory.mktemp("finegrain-cache")
+    os.environ["FINEGRAIN_CACHE"] = str(cache)
+    os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
+    return cache
+
+
+def tiny_config(tmp_path: Path, **sections) -> "ExperimentConfig":
+    """A config that trains a tiny CNN on the built-in synthetic dataset in seconds."""
+    from finegrain.config import build_config, deep_merge
+
+    base = {
+        "name": "tiny",
+        "data": {
+            "root": "synthetic", "image_size": [32, 32], "batch_size": 16, "num_workers": 0,
+            "val_fraction": 0.2,
+            "synthetic": {"num_classes": 4, "train_per_class": 20, "test_per_class": 8, "image_size": [48, 48]},
+        },
+        "model": {"backbone": "cars_cnn4", "weights": "none"},
+        "optim": {"name": "adam", "lr": 0.003},
+        "train": {"epochs": 2, "seed": 0},
+    }
+    return build_config(deep_merge(base, sections))
