@@ -136,7 +136,7 @@ class EvalConfig(Section):
     recall_ks: list[int] = [1, 2, 4, 8]
     tta_flip: bool = False
     source_run: str | None = None
-    """kNN rows: the run whose backbone gives the embeddings."""
+    """kNN rows: the run whose model gives the embeddings (a run name in the same runs folder, or a path)."""
 
 
 class ExperimentConfig(Section):

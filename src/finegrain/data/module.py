@@ -1,0 +1,207 @@
+"""From a config to data loaders: dataset → protocol split → datasets → loaders.
+
+:class:`FinegrainDataModule` is the Lightning data module every task uses; the
+same helpers serve evaluation, embedding extraction and ``data prepare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from finegrain.config import DataConfig, ExperimentConfig
+from finegrain.data.records import ImageCollection, ImageRecord
+from finegrain.data.splits import Split, make_split
+from finegrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+
+
+def synthetic_root(data: DataConfig, cache_root: Path | None = None) -> Path:
+    """The built-in synthetic dataset (Stanford Cars devkit layout), written on first use."""
+    from finegrain.data.cache import default_cache_root
+    from finegrain.data.synth import make_synthetic
+
+    s = data.synthetic
+    key = hashlib.sha1(json.dumps(s.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+    root = (cache_root or default_cache_root()) / "synthetic" / key
+    marker = root / ".complete"
+    if not marker.is_file():
+        log.info("writing the built-in synthetic dataset to %s", root)
+        make_synthetic(
+            root, format="stanford_cars", num_classes=s.num_classes, train_per_class=s.train_per_class,
+            test_per_class=s.test_per_class, size=tuple(s.image_size), seed=s.seed,
+        )
+        marker.write_text("ok\n")
+    return root
+
+
+def dataset_root(data: DataConfig) -> Path:
+    return synthetic_root(data) if data.root == SYNTHETIC else Path(data.root).expanduser()
+
+
+def open_data(data: DataConfig) -> ImageCollection:
+    from finegrain.data.detect import open_collection
+
+    return open_collection(dataset_root(data), format=data.format)
+
+
+def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Split:
+    """The protocol split (train / val / test records) a config asks for."""
+    return make_split(
+        collection or open_data(data), protocol=data.protocol, holdout=data.holdout,
+        val_fraction=data.val_fraction, seed=data.split_seed,
+    )
+
+
+def cache_for(collection: ImageCollection, data: DataConfig):
+    """The prepared cache of the whole dataset at this size, if `data prepare` made one."""
+    if data.cache == "off":
+        return None
+    from finegrain.data.cache import default_cache_root, find_cache
+
+    return find_cache(collection.all_records(), tuple(data.image_size), default_cache_root(), bbox_margin(data))
+
+
+def bbox_margin(data: DataConfig) -> float | None:
+    return data.bbox_margin if data.crop_bbox else None
+
+
+def make_loader(
+    records: list[ImageRecord],
+    data: DataConfig,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    train: bool,
+    *,
+    sampler=None,
+    batch_sampler=None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    cache=None,
+) -> DataLoader:
+    """A loader over ``records`` with the config's size, augmentation and cache."""
+    from finegrain.data.dataset import build_loader
+
+    return build_loader(
+        records, size=tuple(data.image_size), preset=data.augment if train else "plain", train=train,
+        mean=mean, std=std,
+        batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
+        num_workers=data.num_workers, sampler=sampler, batch_sampler=batch_sampler,
+        bbox_margin=bbox_margin(data), cache=cache if cache is not None else "off",
+        on_bad_image=data.on_bad_image, drop_last=False, seed=seed,
+    )
+
+
+def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> list[ImageRecord]:
+    """Drop files that fail a quick header check, with a warning and a count (or fail)."""
+    from finegrain.data.dataset import preflight
+
+    good, problems = preflight(records, on_bad_image=data.on_bad_image)
+    if problems:
+        log.warning(
+            "%s: skipped %d unreadable image(s) of %d (first: %s); set data.on_bad_image=fail to stop instead",
+            what, len(problems), len(records), problems[0],
+        )
+    return good
+
+
+class FinegrainDataModule(L.LightningDataModule):
+    """Train / val / test loaders for one config.
+
+    ``mean``/``std`` must be set to the model's normalisation before the loaders are asked for.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mean, self.std = mean, std
+        d = cfg.data
+        collection = open_data(d)
+        self.split: Split = split_for(d, collection)
+        self.cache = cache_for(collection, d)
+        if self.cache is not None:
+            log.info("using the prepared cache %s", self.cache.path)
+        self.train_records = checked_records(self.split.train, d, "train")
+        self.val_records = checked_records(self.split.val, d, "val")
+        self.test_records = self.split.test
+        if not self.train_records:
+            raise DataError(f"no usable training images in {dataset_root(d)}")
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.split.class_names
+
+    def _world(self) -> tuple[int, int]:
+        t = getattr(self, "trainer", None)
+        if t is None:
+            return 1, 0
+        return t.world_size, t.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        d = self.cfg.data
+        replicas, rank = self._world()
+        seed = self.cfg.train.seed
+        if d.sampler == "m_per_class":
+            from finegrain.data.samplers import DistributedMPerClassSampler
+
+            labels = [r.label for r in self.train_records]
+            sampler = DistributedMPerClassSampler(
+                labels, m=d.m_per_class, batch_size=d.batch_size, num_replicas=replicas, rank=rank, seed=seed,
+            )
+            return make_loader(self.train_records, d, self.mean, self.std, True,
+                               sampler=sampler, seed=seed, cache=self.cache)
+        # One seeded shuffle per epoch (Lightning calls set_epoch), identical after a resume.
+        sampler = DistributedSampler(
+            range(len(self.train_records)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed,
+        )
+        return make_loader(self.train_records, d, self.mean, self.std, True, sampler=sampler, seed=seed,
+                           cache=self.cache)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_records:
+            return []
+        return make_loader(self.val_records, self.cfg.data, self.mean, self.std, False, cache=self.cache)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self.test_records, self.cfg.data, self.mean, self.std, False, cache=self.cache)
+
+
+def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, workers: int = 2) -> list[str]:
+    """Build the prepared cache for every split of a config; returns lines to print."""
+    from finegrain.data.cache import default_cache_root, prepare_cache
+
+    collection = open_data(cfg.data)
+    root = cache_dir or default_cache_root()
+    lines = []
+    cache = prepare_cache(collection.all_records(), size=tuple(cfg.data.image_size), cache_dir=root,
+                          bbox_margin=bbox_margin(cfg.data), num_workers=workers)
+    lines.append(f"prepared {len(cache)} images at {cfg.data.image_size[0]}x{cfg.data.image_size[1]} "
+                 f"in {cache.path}")
+    if cache.bad:
+        lines.append(f"{len(cache.bad)} unreadable image(s) recorded: " + ", ".join(
+            f"{p} ({r})" for p, r in list(cache.bad.items())[:5]))
+    return lines
+
+
+def records_of(split: Split, name: str) -> list[ImageRecord]:
+    if name not in ("train", "val", "test"):
+        raise DataError(f"unknown split '{name}'; valid: train, val, test")
+    return getattr(split, name)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

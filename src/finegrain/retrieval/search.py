@@ -1,0 +1,197 @@
+"""Embedding a run's images, building its gallery index, and answering searches.
+
+:class:`Searcher` holds a run's model and index loaded once; the CLI's ``search``
+and the web service both query through it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finegrain.data.records import ImageRecord
+from finegrain.errors import FinegrainError
+from finegrain.runs import RunDir, open_run
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def gallery_records(run: RunDir, gallery: str) -> tuple[list[ImageRecord], list[str], str]:
+    """Records of a gallery: a split name of the run's dataset (or ``all``), or an image folder.
+
+    Returns the records, the class names and a description.
+    """
+    from finegrain.data.module import split_for
+
+    cfg = run.load_config()
+    if gallery in SPLITS or gallery == "all":
+        split = split_for(cfg.data)
+        records = (split.train + split.val + split.test) if gallery == "all" else getattr(split, gallery)
+        return records, split.class_names, f"{gallery} split of {cfg.data.root}"
+    path = Path(gallery)
+    if not path.exists():
+        raise FinegrainError(f"gallery '{gallery}' is neither a split ({', '.join(SPLITS)}, all) nor a folder")
+    from finegrain.data.detect import open_collection
+
+    coll = open_collection(path)
+    return coll.all_records(), coll.class_names, f"all images of {path}"
+
+
+def embed_records(run: RunDir, records: list[ImageRecord], description: str = "embedding"):
+    """Embeddings of ``records`` with the run's model (eval transform, the config's precision)."""
+    from finegrain.data.module import make_loader
+    from finegrain.retrieval.embed import load_model, predict
+
+    loaded = load_model(run)
+    cfg = loaded.cfg
+    loader = make_loader(records, cfg.data, loaded.model.mean, loaded.model.std, False)
+    out = predict(loaded.model, loader, precision=_inference_precision(cfg.train.precision),
+                  channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip, progress=True,
+                  description=description)
+    return loaded, out
+
+
+def _inference_precision(p: str) -> str:
+    return "32" if p == "16-mixed" and not torch.cuda.is_available() else p
+
+
+def embed_split(run_path: str | Path, split: str) -> Path:
+    """``finegrain embed``: write ``embeddings/<split>.npz`` for a split of the run's dataset."""
+    from finegrain.retrieval.embed import save_embeddings
+
+    run = open_run(run_path)
+    records, _, _ = gallery_records(run, split)
+    loaded, out = embed_records(run, records, f"embedding {split}")
+    paths = [str(records[i].path) for i in out.indices]
+    return save_embeddings(run, split, out, paths, loaded.checksum)
+
+
+def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat", metric: str = "cosine",
+                out_dir: Path | None = None) -> tuple[Path, dict]:
+    """``finegrain index``: embed the gallery and save a FAISS index with its metadata."""
+    from finegrain.retrieval.index import GalleryIndex
+
+    run = open_run(run_path)
+    records, class_names, description = gallery_records(run, gallery)
+    loaded, out = embed_records(run, records, "embedding gallery")
+    paths = [str(records[i].path) for i in out.indices]
+    index = GalleryIndex.build(out.embeddings, out.labels, paths, metric=metric, kind=kind,
+                               model_checksum=loaded.checksum, class_names=class_names)
+    dest = out_dir or run.index
+    index.save(dest)
+    info = {"n": len(paths), "dim": int(out.embeddings.shape[1]), "kind": kind, "metric": metric,
+            "gallery": description, "approx_recall_at_10": index.meta.get("approx_recall_at_10")}
+    return dest, info
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    label: str
+    score: float
+    path: str
+
+
+class Searcher:
+    """A run's model and gallery index, loaded once, answering image queries."""
+
+    def __init__(self, run_path: str | Path, index_dir: Path | None = None) -> None:
+        from finegrain.data.transforms import build_transform
+        from finegrain.retrieval.embed import load_model
+        from finegrain.retrieval.index import GalleryIndex
+
+        self.run = open_run(run_path)
+        self.loaded = load_model(self.run)
+        self.cfg = self.loaded.cfg
+        index_dir = index_dir or self.run.index
+        if not (index_dir / "meta.json").is_file():
+            raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
+        self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.loaded.checksum)
+        m = self.loaded.model
+        self.size = tuple(self.cfg.data.image_size)
+        self.transform = build_transform("plain", self.size, train=False, mean=m.mean, std=m.std)
+        self.class_names = self.loaded.class_names
+
+    @property
+    def gallery_size(self) -> int:
+        return len(self.index.paths)
+
+    def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embedding [1, D], class probabilities [C] or None) of one RGB image."""
+        from finegrain.retrieval.embed import autocast_for
+
+        from finegrain.data.images import resize_rgb, to_rgb
+
+        arr = resize_rgb(to_rgb(image)[0], self.size)
+        x = self.transform(torch.from_numpy(arr.copy()).permute(2, 0, 1)).unsqueeze(0)
+        model = self.loaded.model
+        with torch.inference_mode(), autocast_for(_inference_precision(self.cfg.train.precision)):
+            out = model(x)
+            if self.cfg.eval.tta_flip:
+                f = model(torch.flip(x, dims=[3]))
+                out = {k: (v + f[k]) / 2 for k, v in out.items()}
+        emb = out.get("embedding", out["features"]).float().numpy()
+        probs = out["logits"].float().softmax(-1)[0].numpy() if "logits" in out else None
+        return emb, probs
+
+    def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], list[tuple[str, float]] | None]:
+        """The k most similar gallery images and, with a classifier, the top-5 classes."""
+        if k < 1 or k > self.gallery_size:
+            raise FinegrainError(f"k must be between 1 and the gallery size ({self.gallery_size}); got {k}")
+        emb, probs = self.encode(image)
+        scores, ids = self.index.search(emb, k)
+        names = self.index.class_names or self.class_names
+        hits = [
+            Hit(rank=r + 1, id=int(i), label=_name(names, int(self.index.labels[i])), score=float(s),
+                path=self.index.paths[i])
+            for r, (s, i) in enumerate(zip(scores[0], ids[0]))
+            if i >= 0
+        ]
+        top = None
+        if probs is not None:
+            order = np.argsort(-probs)[:5]
+            top = [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
+        return hits, top
+
+
+def _name(names: list[str] | None, label: int) -> str:
+    return names[label] if names and 0 <= label < len(names) else str(label)
+
+
+def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: str | None = None) -> Path:
+    """A PNG of the query and its neighbours, each titled with rank, class and score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from finegrain.data.images import open_rgb
+
+    n = len(hits) + 1
+    cols = min(n, 6)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(query)
+    axes.flat[0].set_title("query" + (f"\n{query_label}" if query_label else ""), fontsize=9, fontweight="bold")
+    for ax, h in zip(list(axes.flat)[1:], hits):
+        try:
+            img, _ = open_rgb(h.path)
+        except FinegrainError:
+            continue
+        ax.imshow(img)
+        ax.set_title(f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

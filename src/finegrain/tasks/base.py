@@ -1,0 +1,126 @@
+"""What every training objective shares: the model, optimiser, schedule and
+two-stage freezing. Subclasses define the loss and the validation metric."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from finegrain.config import ExperimentConfig
+from finegrain.errors import unknown_name
+
+
+def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: str | None = None) -> nn.Module:
+    """The config's model (backbone + heads), with its freeze policy applied."""
+    from finegrain.models.freezing import apply_freeze
+    from finegrain.models.model import build_model
+
+    m = cfg.model
+    model = build_model(
+        backbone=m.backbone, weights=weights if weights is not None else m.weights, num_classes=num_classes,
+        head=m.head, dropout=m.dropout, embedding_dim=m.embedding_dim,
+        normalize_embedding=m.normalize_embedding, bn_neck=m.bn_neck, stem=m.stem, cubs=m.cubs,
+        cubs_stages=list(m.cubs_stages),
+    )
+    apply_freeze(model, m.freeze)
+    return model
+
+
+class FinegrainTask(L.LightningModule):
+    """Base task. ``hparams`` hold the resolved config, the class names and the number of classes."""
+
+    monitor: str = "val/acc"
+    monitor_mode: str = "max"
+
+    def __init__(self, config: dict, class_names: list[str], weights: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "class_names": class_names})
+        self.cfg = ExperimentConfig.model_validate(config)
+        self.model = build_from_config(self.cfg, self.num_outputs(len(class_names)), weights)
+        self._frozen_for_head_stage = False
+
+    def num_outputs(self, num_classes: int) -> int | None:
+        return num_classes
+
+    # ---------------------------------------------------------------- inputs
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_fit_start(self) -> None:
+        if self.cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- two-stage fine-tuning
+    def on_train_epoch_start(self) -> None:
+        head_stage = self.current_epoch < self.cfg.train.head_epochs
+        if head_stage != self._frozen_for_head_stage:
+            for p in self.model.backbone.parameters():
+                p.requires_grad_(not head_stage if self.cfg.model.freeze != "backbone" else False)
+            self._frozen_for_head_stage = head_stage
+        if head_stage:
+            self.model.backbone.eval()
+
+    # ---------------------------------------------------------------- optimisation
+    def extra_param_groups(self, lr: float) -> list[dict]:
+        """Parameters outside the model (e.g. loss proxies) with their learning rate."""
+        return []
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg.optim
+        backbone = [p for p in self.model.backbone.parameters()]
+        backbone_ids = {id(p) for p in backbone}
+        heads = [p for p in self.model.parameters() if id(p) not in backbone_ids]
+        groups = [
+            {"params": backbone, "lr": o.lr * o.backbone_lr_mult, "name": "backbone"},
+            {"params": heads, "lr": o.lr, "name": "head"},
+            *self.extra_param_groups(o.lr),
+        ]
+        # Frozen parameters stay in the optimiser only when a later stage unfreezes them.
+        keep_frozen = self.cfg.train.head_epochs > 0
+        out = []
+        for g in groups:
+            params = [p for p in g["params"] if p.requires_grad or keep_frozen]
+            if params and (g["lr"] > 0):
+                out.append({**g, "params": params})
+        return out
+
+    def configure_optimizers(self):
+        o, s = self.cfg.optim, self.cfg.schedule
+        groups = self.param_groups()
+        if o.name == "adam":
+            opt = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+        elif o.name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        elif o.name == "sgd":
+            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                  weight_decay=o.weight_decay)
+        else:  # pragma: no cover - the config's Literal already refuses it
+            raise unknown_name("optimizer", o.name, ["adam", "adamw", "sgd"])
+        if s.name == "none":
+            return opt
+        if s.name == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if s.name == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=[g["lr"] for g in groups], total_steps=total,
+                pct_start=min(0.5, max(0.05, s.warmup_epochs / max(1, self.cfg.train.epochs))) if s.warmup_epochs
+                else 0.25,
+            )
+        else:  # cosine with linear warm-up, stepped per batch
+            warm = int(total * s.warmup_epochs / max(1, self.cfg.train.epochs))
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                progress = (step - warm) / max(1, total - warm)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,188 @@
+"""Training through Lightning's Trainer: checkpoints, resume, logs, history.csv.
+
+``fit(cfg)`` is all a command needs: it creates (or resumes) the run directory,
+builds the data module and the task, and runs ``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from finegrain.config import ExperimentConfig
+from finegrain.errors import FinegrainError
+from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed: a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        atomic_write_bytes(Path(path), buf.getvalue())
+
+
+class RngState(Callback):
+    """Saves and restores the Python, NumPy and torch RNGs so a resumed run draws what an unbroken one would."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+class History(Callback):
+    """One row per epoch in ``history.csv``: every logged epoch metric, the learning rates and time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+        for k, v in sorted(trainer.callback_metrics.items()):
+            if k.endswith("_step"):
+                continue
+            row[k.removesuffix("_epoch")] = round(float(v), 6)
+        for opt in trainer.optimizers:
+            for i, g in enumerate(opt.param_groups):
+                row[f"lr/{g.get('name', i)}"] = g["lr"]
+        row["seconds"] = round(time.perf_counter() - self._t0, 2)
+        rows = [r for r in read_history(self.path) if int(r["epoch"]) < row["epoch"]] + [row]
+        fields: list[str] = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, out.getvalue())
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def make_task(cfg: ExperimentConfig, class_names: list[str], train_labels: list[int]):
+    if cfg.task == "classification":
+        from finegrain.tasks.classification import ClassificationTask
+
+        return ClassificationTask(cfg.model_dump(mode="json"), class_names)
+    if cfg.task == "metric_learning":
+        from finegrain.tasks.metric_learning import MetricLearningTask
+
+        return MetricLearningTask(cfg.model_dump(mode="json"), class_names, train_labels=train_labels)
+    raise FinegrainError(f"task '{cfg.task}' is not trained; run `finegrain evaluate` on it instead")
+
+
+def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a checkpoint written for another model architecture, naming what differs."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise FinegrainError(f"cannot read checkpoint {ckpt}: {e}") from None
+    old = (state.get("hyper_parameters") or {}).get("config", {}).get("model")
+    new = cfg.model.model_dump(mode="json")
+    if old is None:
+        raise FinegrainError(f"{ckpt} is not a finegrain checkpoint (no model config in it)")
+    diff = [k for k in new if old.get(k) != new[k] and k not in ("weights", "freeze")]
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} in checkpoint vs {new[k]!r} now" for k in diff)
+        raise FinegrainError(f"checkpoint {ckpt} was written by another model architecture ({detail})")
+
+
+def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has_val: bool) -> L.Trainer:
+    t = cfg.train
+    if not has_val:
+        monitor, mode = "train/loss_epoch", "min"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                        save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+        LearningRateMonitor(logging_interval="epoch"),
+        History(run.history),
+        RngState(),
+    ]
+    callbacks[0].CHECKPOINT_NAME_LAST = "last"
+    if t.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping_patience))
+    progress = os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    strategy = t.strategy
+    devices = t.devices
+    if strategy == "auto" and (t.num_nodes > 1 or (isinstance(devices, int) and devices > 1)):
+        strategy = "ddp"
+    return L.Trainer(
+        default_root_dir=run.path,
+        max_epochs=t.epochs,
+        accelerator=t.accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        gradient_clip_val=t.grad_clip,
+        callbacks=callbacks,
+        logger=[CSVLogger(run.path, name="logs", version=""), TensorBoardLogger(run.path, name="logs", version="")],
+        plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches,
+        use_distributed_sampler=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+
+
+def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False) -> tuple[RunDir, bool]:
+    """Train ``cfg`` into ``runs_root/<name>``; returns the run and whether this is the global-zero process."""
+    from finegrain.data.module import FinegrainDataModule
+
+    run = create_run(cfg, runs_root, resume=resume)
+    if resume:
+        cfg = run.load_config() if run.config_file.is_file() else cfg
+    ckpt = run.last_ckpt if resume and run.last_ckpt.is_file() else None
+    if resume and ckpt is None:
+        log.info("no checkpoint in %s yet: starting from the beginning", run.checkpoints)
+    if ckpt is not None:
+        check_resumable(ckpt, cfg)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    dm = FinegrainDataModule(cfg)
+    train_labels = sorted({r.label for r in dm.train_records})
+    task = make_task(cfg, dm.class_names, train_labels)
+    dm.mean, dm.std = task.model.mean, task.model.std  # the backbone says how to normalise
+    trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records))
+    trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return run, trainer.is_global_zero

@@ -1,0 +1,174 @@
+"""``finegrain evaluate``: a run's final numbers on its test split, with the protocol that produced them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finegrain import __version__
+from finegrain.config import ExperimentConfig
+from finegrain.errors import FinegrainError
+from finegrain.runs import RunDir, atomic_write_json, atomic_write_text, open_run
+
+log = logging.getLogger(__name__)
+
+DEFINITIONS = {
+    "top1": "fraction of test images whose highest-scoring class is the true class",
+    "top5": "fraction of test images whose true class is among the 5 highest-scoring classes",
+    "precision/recall/f1_macro": "scikit-learn, unweighted mean over all classes (zero_division=0)",
+    "precision/recall/f1_weighted": "scikit-learn, mean over classes weighted by support "
+                                    "(weighted recall equals top-1 accuracy by definition)",
+    "loss": "mean cross-entropy of the softmax over the logits",
+    "recall@k": "fraction of queries with at least one of their k nearest gallery images (query itself excluded) "
+                "of the same class",
+    "precision@1 / r_precision / map@r": "as in Musgrave et al. 2020 (A Metric Learning Reality Check) and "
+                                         "pytorch-metric-learning's AccuracyCalculator",
+    "prediction_seconds": "wall time of the model's forward passes (kNN: the neighbour search and vote) "
+                          "over all test images, excluding image decoding",
+}
+
+
+def protocol_of(cfg: ExperimentConfig, split, root: Path, protocol: str, collection_format: str) -> dict:
+    return {
+        "dataset": str(root), "format": collection_format, "protocol": protocol,
+        "split": split.description, "n_train": len(split.train), "n_val": len(split.val),
+        "n_test": len(split.test), "num_classes": len(split.class_names),
+        "image_size": list(cfg.data.image_size), "tta_flip": cfg.eval.tta_flip,
+    }
+
+
+def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
+    """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV)."""
+    from finegrain.data.module import FinegrainDataModule, dataset_root, make_loader
+    from finegrain.retrieval.embed import load_model, predict, save_embeddings
+
+    run = open_run(run_path)
+    cfg = run.load_config()
+    protocol = protocol or cfg.data.protocol
+    if protocol not in ("classification", "retrieval"):
+        raise FinegrainError(f"unknown protocol '{protocol}'; valid: classification, retrieval")
+    source = run if cfg.task != "knn" else source_run_of(cfg, run)
+    loaded = load_model(source)
+    model = loaded.model
+    dm = FinegrainDataModule(cfg, mean=model.mean, std=model.std)
+    fmt = getattr(dm, "collection_format", cfg.data.format)
+    result: dict = {
+        "run": run.name, "task": cfg.task, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finegrain": __version__, "checkpoint": str(loaded.checkpoint), "model_checksum": loaded.checksum,
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                    "cuda": torch.cuda.is_available()},
+        "protocol": protocol_of(cfg, dm.split, dataset_root(cfg.data), protocol, fmt),
+        "definitions": DEFINITIONS,
+    }
+    precision = cfg.train.precision if cfg.train.precision != "16-mixed" or torch.cuda.is_available() else "32"
+    test_loader = make_loader(dm.test_records, cfg.data, model.mean, model.std, False, cache=dm.cache)
+    out = predict(model, test_loader, precision=precision, channels_last=cfg.train.channels_last,
+                  tta_flip=cfg.eval.tta_flip, progress=True, description="test images")
+    paths = [str(dm.test_records[i].path) for i in out.indices]
+    save_embeddings(run, "test", out, paths, loaded.checksum)
+    timing = {"n_images": int(len(out.labels)), "model_seconds": round(out.seconds, 4),
+              "images_per_second": round(out.images_per_second, 2)}
+
+    if protocol == "retrieval":
+        from finegrain.metrics.retrieval import retrieval_metrics
+
+        m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
+        result["protocol"]["queries"] = "every test image"
+        result["protocol"]["gallery"] = "the rest of the test set (class-disjoint from training)"
+        result["retrieval"] = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+                               for k, v in m.items()}
+    else:
+        from finegrain.metrics.classification import classification_metrics, confusion_pairs, per_class_table
+
+        num_classes = len(dm.class_names)
+        if out.logits is not None and cfg.task != "knn":
+            t0 = time.perf_counter()
+            preds = out.logits.argmax(1)
+            m = classification_metrics(out.labels, out.logits, num_classes=num_classes, scores="logits")
+            m["prediction_seconds"] = round(out.seconds + time.perf_counter() - t0, 4)
+            result["protocol"]["method"] = "the classifier head's arg-max"
+        else:
+            m, preds = knn_metrics(cfg, dm, model, out, precision)
+            result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.head != 'classifier' else 'features'}"
+                                            f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
+                                            "gallery = train split, queries = test split")
+        result["classification"] = m
+        table = per_class_table(out.labels, preds, dm.class_names)
+        write_per_class(run, table)
+        result["confused_pairs"] = [
+            {"true": dm.class_names[t], "predicted": dm.class_names[p], "count": int(c)}
+            for t, p, c in confusion_pairs(out.labels, preds, top=10)
+        ]
+    result["timing"] = timing
+    atomic_write_json(run.metrics, result)
+    atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
+    return result
+
+
+def knn_metrics(cfg: ExperimentConfig, dm, model, test_out, precision: str) -> tuple[dict, np.ndarray]:
+    """kNN classification: gallery = the train split's vectors, queries = the test split's."""
+    from finegrain.data.module import make_loader
+    from finegrain.metrics.classification import classification_metrics
+    from finegrain.retrieval.embed import predict
+    from finegrain.retrieval.knn import knn_classify
+
+    gallery_records = dm.split.train + dm.split.val
+    gallery = predict(model, make_loader(gallery_records, cfg.data, model.mean, model.std, False, cache=dm.cache),
+                      precision=precision, channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip,
+                      progress=True, description="gallery images")
+    e = cfg.eval
+    if e.k > len(gallery.labels):
+        raise FinegrainError(f"eval.k={e.k} is larger than the gallery ({len(gallery.labels)} images)")
+    preds, scores, seconds = knn_classify(gallery.embeddings, gallery.labels, test_out.embeddings, k=e.k,
+                                          metric=e.metric, weights=e.weights, num_classes=len(dm.class_names))
+    m = classification_metrics(test_out.labels, scores, num_classes=len(dm.class_names), scores="probs")
+    m["prediction_seconds"] = round(float(seconds), 4)
+    m["n_gallery"] = int(len(gallery.labels))
+    return m, preds
+
+
+def source_run_of(cfg: ExperimentConfig, run: RunDir) -> RunDir:
+    """The run whose model a kNN row uses: a run name beside ``run``, or a path."""
+    if not cfg.eval.source_run:
+        raise FinegrainError("a knn config needs eval.source_run: the run whose model gives the embeddings")
+    sibling = run.path.parent / cfg.eval.source_run
+    return open_run(sibling if (sibling / "config.yaml").is_file() else cfg.eval.source_run)
+
+
+def write_per_class(run: RunDir, table: list[dict]) -> None:
+    if not table:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+    atomic_write_text(run.path / "per_class.csv", buf.getvalue())
+
+
+def render_metrics(metrics: dict):
+    """A rich table of the headline numbers."""
+    from rich.table import Table
+
+    table = Table(title=f"{metrics['run']}: {metrics['protocol']['protocol']} on {metrics['protocol']['n_test']} "
+                        "test images", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    section = metrics.get("classification") or metrics.get("retrieval") or {}
+    for k, v in section.items():
+        if isinstance(v, float):
+            shown = f"{v:.4f}" if ("loss" in k or "seconds" in k) else f"{100 * v:.2f}%"
+            table.add_row(k, shown)
+        elif isinstance(v, int):
+            table.add_row(k, str(v))
+    t = metrics.get("timing", {})
+    if t:
+        table.add_row("images/s (model)", f"{t['images_per_second']:.1f}")
+    return table

@@ -1,0 +1,102 @@
+"""Deep metric learning with pytorch-metric-learning losses and miners.
+
+Validation is Recall@1 on the class-disjoint validation classes (the papers'
+definition, self excluded), so the best checkpoint is never chosen on test.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning import losses, miners
+
+from finegrain.config import LossConfig
+from finegrain.errors import unknown_name
+from finegrain.tasks.base import FinegrainTask
+
+METRIC_LOSSES = ("multi_similarity", "contrastive", "triplet", "proxy_anchor", "normalized_softmax", "arcface")
+PROXY_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface")
+
+
+def build_loss(cfg: LossConfig, num_classes: int, dim: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(loss, miner) for a metric-learning loss name."""
+    n = cfg.name
+    if n == "multi_similarity":
+        return (losses.MultiSimilarityLoss(alpha=cfg.alpha, beta=cfg.beta, base=cfg.base),
+                miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon))
+    if n == "contrastive":
+        return losses.ContrastiveLoss(pos_margin=1.0, neg_margin=cfg.margin + 0.4), None
+    if n == "triplet":
+        return (losses.TripletMarginLoss(margin=cfg.margin),
+                miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"))
+    if n == "proxy_anchor":
+        return losses.ProxyAnchorLoss(num_classes, dim, margin=cfg.margin, alpha=cfg.scale), None
+    if n == "normalized_softmax":
+        return losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=1.0 / cfg.scale), None
+    if n == "arcface":
+        return losses.ArcFaceLoss(num_classes, dim, margin=28.6, scale=cfg.scale), None
+    raise unknown_name("metric-learning loss", n, METRIC_LOSSES)
+
+
+class MetricLearningTask(FinegrainTask):
+    monitor = "val/recall@1"
+    monitor_mode = "max"
+
+    def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
+                 train_labels: list[int] | None = None) -> None:
+        super().__init__(config, class_names, weights)
+        self.save_hyperparameters({"train_labels": sorted(set(train_labels or range(len(class_names))))})
+        classes = self.hparams.train_labels
+        lookup = torch.full((len(class_names),), -1, dtype=torch.long)
+        lookup[torch.tensor(classes)] = torch.arange(len(classes))
+        self.register_buffer("label_lookup", lookup, persistent=False)
+        dim = self.cfg.model.embedding_dim if self.cfg.model.head != "classifier" else self.model.feature_dim
+        self.loss_fn, self.miner = build_loss(self.cfg.loss, len(classes), dim)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def num_outputs(self, num_classes: int) -> int | None:
+        return None if self.cfg.model.head == "embedding" else num_classes
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            from pytorch_metric_learning.utils import distributed as pml_dist
+
+            self.loss_fn = pml_dist.DistributedLossWrapper(self.loss_fn)
+            if self.miner is not None:
+                self.miner = pml_dist.DistributedMinerWrapper(self.miner)
+
+    def extra_param_groups(self, lr: float) -> list[dict]:
+        params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if not params:
+            return []
+        return [{"params": params, "lr": lr * self.cfg.loss.proxy_lr_mult, "name": "loss"}]
+
+    def training_step(self, batch, batch_idx):
+        if batch is None:
+            return None
+        x, y, _ = batch
+        emb = self.model.embed(self.prepare_input(x)).float()
+        labels = self.label_lookup[y]
+        pairs = self.miner(emb, labels) if self.miner is not None else None
+        loss = self.loss_fn(emb, labels, pairs) if pairs is not None else self.loss_fn(emb, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        if batch is None:
+            return
+        x, y, _ = batch
+        self._val.append((self.model.embed(self.prepare_input(x)).float(), y))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        from finegrain.metrics.retrieval import retrieval_metrics
+
+        emb = torch.cat([e for e, _ in self._val])
+        labels = torch.cat([y for _, y in self._val])
+        self._val.clear()
+        emb, labels = self.all_gather(emb), self.all_gather(labels)
+        emb, labels = emb.reshape(-1, emb.shape[-1]), labels.reshape(-1)
+        m = retrieval_metrics(emb.cpu().numpy(), labels.cpu().numpy(), ks=(1,), metric="cosine")
+        self.log("val/recall@1", float(m["recall@1"]), prog_bar=True, sync_dist=False)
+        self.log("val/map@r", float(m["map@r"]), sync_dist=False)

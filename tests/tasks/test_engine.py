@@ -1,0 +1,144 @@
+"""The Lightning training engine: learning, resume after a crash, run directory, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from finegrain.errors import FinegrainError
+from finegrain.tasks import engine
+from finegrain.tasks.evaluate import evaluate_run
+from tests.conftest import ROOT, tiny_config
+
+
+def test_tiny_cnn_learns_synthetic_classes(tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 6}, optim={"lr": 0.003})
+    run, zero = engine.fit(cfg, runs_root=tmp_path)
+    assert zero
+    m = evaluate_run(run.path)
+    # 4 classes: chance is 25%. A model that does not learn stays near it.
+    assert m["classification"]["top1"] >= 0.6, m["classification"]
+    assert run.best_ckpt.is_file() and run.last_ckpt.is_file()
+    rows = engine.read_history(run.history)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    assert {"train/loss", "val/acc", "val/loss", "seconds"} <= set(rows[0])
+    saved = json.loads(run.metrics.read_text())
+    assert saved["protocol"]["n_test"] == 4 * 8
+    assert (run.path / "per_class.csv").is_file()
+    assert (run.path / "config.yaml").read_text().count("\n") > 50  # every default written out
+
+
+class CrashAt(Callback):
+    """Simulates a process dying in the middle of an epoch."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated crash")
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, name="unbroken", train={"epochs": 3}, model={"dropout": 0.3})
+    unbroken, _ = engine.fit(cfg, runs_root=tmp_path)
+
+    crashed_cfg = cfg.model_copy(update={"name": "crashed"})
+    original = engine.trainer_for
+
+    def crashing_trainer(*args, **kwargs):
+        t = original(*args, **kwargs)
+        t.callbacks.append(CrashAt(epoch=1, batch=2))
+        return t
+
+    monkeypatch.setattr(engine, "trainer_for", crashing_trainer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        engine.fit(crashed_cfg, runs_root=tmp_path)
+    run = unbroken.__class__(tmp_path / "crashed")
+    # The checkpoint of the last finished epoch is there and loadable.
+    state = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 0
+    monkeypatch.setattr(engine, "trainer_for", original)
+    # Starting again without --resume is refused rather than overwriting.
+    with pytest.raises(FinegrainError, match="--resume"):
+        engine.fit(crashed_cfg, runs_root=tmp_path)
+    resumed, _ = engine.fit(crashed_cfg, runs_root=tmp_path, resume=True)
+    a, b = _weights(unbroken), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    ha, hb = engine.read_history(unbroken.history), engine.read_history(resumed.history)
+    assert [r["epoch"] for r in hb] == ["1", "2", "3"]
+    assert float(ha[-1]["val/acc"]) == pytest.approx(float(hb[-1]["val/acc"]), abs=1e-6)
+
+
+def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
+    cfg = tiny_config(tmp_path, name="arch", train={"epochs": 1})
+    run, _ = engine.fit(cfg, runs_root=tmp_path)
+    other = tiny_config(tmp_path, model={"backbone": "cars_cnn3"})
+    with pytest.raises(FinegrainError, match="another model architecture.*backbone"):
+        engine.check_resumable(run.last_ckpt, other)
+
+
+def test_metric_learning_trains_and_evaluates_retrieval(tmp_path):
+    cfg = tiny_config(
+        tmp_path, name="ml", task="metric_learning",
+        data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
+              "val_fraction": 0.0, "synthetic": {"num_classes": 6}},
+        model={"head": "embedding", "embedding_dim": 16},
+        loss={"name": "multi_similarity"}, train={"epochs": 1},
+    )
+    run, _ = engine.fit(cfg, runs_root=tmp_path)
+    m = evaluate_run(run.path)
+    r = m["retrieval"]
+    assert 0.0 <= r["recall@1"] <= r["recall@2"] <= r["recall@4"] <= r["recall@8"] <= 1.0
+    assert m["protocol"]["protocol"] == "retrieval"
+    assert (run.embeddings / "test.npz").is_file()
+
+
+def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FINEGRAIN_PROGRESS": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_unknown_names_are_clear_errors(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {backbone: resnet5O}\n")
+    r = cli("train", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "resnet50" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", str(cfg), "--set", "optim.name=adamm", cwd=tmp_path)
+    assert r.returncode == 2 and "'adam'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", str(cfg), "--set", "train.epoch=3", cwd=tmp_path)
+    assert r.returncode == 2 and "train.epochs" in r.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path):
+    cfg = tiny_config(tmp_path, name="ddp", train={"epochs": 1, "accelerator": "cpu"})
+    from finegrain.config import config_to_yaml
+
+    path = tmp_path / "ddp.yaml"
+    path.write_text(config_to_yaml(cfg))
+    r = cli("train", str(path), "--devices", "2", "--runs", str(tmp_path / "runs"), cwd=tmp_path,
+            env_extra={"PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"]["n_test"] == 32
+    assert 0 <= metrics["classification"]["top1"] <= 1
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    out = r.stderr + r.stdout
+    assert "MEMBER: 1/2" in out and "MEMBER: 2/2" in out, out[-2000:]  # two processes joined
