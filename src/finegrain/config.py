@@ -52,7 +52,7 @@ class DataConfig(Section):
     """(height, width) every image is resized to before augmentation."""
     crop_bbox: bool = False
     bbox_margin: float = Field(0.1, ge=0)
-    augment: Literal["plain", "seed", "strong"] = "plain"
+    augment: Literal["plain", "light", "seed", "strong"] = "plain"
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=0)

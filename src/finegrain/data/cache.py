@@ -1,0 +1,122 @@
+"""The prepared cache: a dataset decoded and resized once into a memory-mapped uint8 array.
+
+``finegrain data prepare`` writes ``<cache root>/prepared/<key>/`` with
+``images.npy`` (``[N, H, W, 3]`` uint8), ``index.json`` (the image paths in row
+order and the files that could not be read) and a ``.complete`` marker. The key
+hashes the image list (paths, sizes, modification times, boxes), the size and the
+box margin, so a changed dataset or size never reads a stale cache. Loaders find
+and use it without being told (``data.cache: auto``). Rows hold exactly what
+:func:`finegrain.data.images.load_resized` returns, so cached and uncached loading
+give the same pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from finegrain.data.images import load_resized
+from finegrain.data.records import ImageRecord
+from finegrain.errors import ImageError
+
+
+def default_cache_root() -> Path:
+    """``$FINEGRAIN_CACHE``, else ``~/.cache/finegrain``."""
+    env = os.environ.get("FINEGRAIN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "finegrain"
+
+
+def cache_key(records: list[ImageRecord], size: tuple[int, int], bbox_margin: float | None) -> str:
+    h = hashlib.sha1(json.dumps([list(size), bbox_margin]).encode())
+    for r in sorted(records, key=lambda r: str(r.path)):
+        try:
+            st = r.path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        box = r.bbox if bbox_margin is not None else None
+        h.update(f"{r.path}|{stamp}|{box}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class PreparedCache:
+    """Read side of a prepared cache; safe to pickle into loader workers (the map is opened lazily)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        index = json.loads((path / "index.json").read_text())
+        self.paths: list[str] = index["paths"]
+        self.bad: dict[str, str] = index["bad"]
+        self.size: tuple[int, int] = tuple(index["size"])
+        self._row = {p: i for i, p in enumerate(self.paths)}
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths) - len(self.bad)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+    def get(self, record: ImageRecord) -> np.ndarray | None:
+        """The cached ``[H, W, 3]`` pixels of a record, or None when it is not cached."""
+        key = str(record.path)
+        if key not in self._row:
+            return None
+        if key in self.bad:
+            raise ImageError(record.path, "unreadable", self.bad[key] + " (recorded by data prepare)")
+        if self._array is None:
+            self._array = np.load(self.path / "images.npy", mmap_mode="r")
+        return np.array(self._array[self._row[key]])
+
+
+def find_cache(records: list[ImageRecord], size: tuple[int, int], cache_root: Path,
+               bbox_margin: float | None = None) -> PreparedCache | None:
+    path = cache_root / "prepared" / cache_key(records, size, bbox_margin)
+    return PreparedCache(path) if (path / ".complete").is_file() else None
+
+
+def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: Path,
+                  bbox_margin: float | None = None, num_workers: int = 2, progress: bool = True) -> PreparedCache:
+    """Decode and resize every record once (threads, progress bar); returns the cache."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    existing = find_cache(records, size, cache_dir, bbox_margin)
+    if existing is not None:
+        return existing
+    final = cache_dir / "prepared" / cache_key(records, size, bbox_margin)
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    unique = sorted({str(r.path): r for r in records}.values(), key=lambda r: str(r.path))
+    h, w = size
+    array = np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=(len(unique), h, w, 3))
+    bad: dict[str, str] = {}
+
+    def load(i: int) -> None:
+        r = unique[i]
+        box = r.bbox if bbox_margin is not None else None
+        try:
+            array[i] = load_resized(r.path, size, box, bbox_margin or 0.0)
+        except ImageError as e:
+            bad[str(r.path)] = e.reason
+
+    columns = (TextColumn("preparing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress or os.environ.get("FINEGRAIN_PROGRESS") == "0") as bar, \
+            ThreadPoolExecutor(max(1, num_workers)) as pool:
+        task = bar.add_task(f"{h}x{w}", total=len(unique))
+        for _ in pool.map(load, range(len(unique))):
+            bar.advance(task)
+    array.flush()
+    del array
+    (work / "index.json").write_text(json.dumps(
+        {"paths": [str(r.path) for r in unique], "bad": bad, "size": [h, w], "bbox_margin": bbox_margin}))
+    (work / ".complete").write_text("ok\n")
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    return PreparedCache(final)
