@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect, prepare, synthesise and download datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+experiments_app = typer.Typer(help="Run the experiment catalogue and compare the results.", no_args_is_help=True)
+app.add_typer(experiments_app, name="experiments")
 
 SetOpt = Annotated[
     Optional[list[str]],
@@ -273,6 +275,55 @@ def demo(
     from finegrain.demo import run_demo
 
     run_demo(console, data=data, runs_root=runs, epochs=epochs)
+
+
+@app.command("report")
+def report(
+    runs_: Annotated[list[Path], typer.Argument(metavar="RUN...", help="One or more run directories.")],
+    out: Annotated[Optional[Path], typer.Option(help="Cross-run page (default runs/report.html with 2+ runs).")]
+    = None,
+) -> None:
+    """Write a self-contained HTML report per run (RUN/report/index.html), and one across runs."""
+    from finegrain.report.html import write_multi_report, write_report
+    from finegrain.runs import open_run
+
+    paths = [open_run(r).path for r in runs_]
+    for p in paths:
+        console.print(f"report: [bold]{write_report(p)}[/]")
+    if len(paths) > 1 or out is not None:
+        dest = write_multi_report(paths, out or paths[0].parent / "report.html")
+        console.print(f"comparison: [bold]{dest}[/]")
+
+
+@experiments_app.command("run")
+def experiments_run(
+    suite: Annotated[str, typer.Argument(help="seed-000, seed-001, ours or all (or a comma-separated config list).")],
+    profile: ProfileOpt = None,
+    data: Annotated[Optional[Path], typer.Option(help="Run every config on this dataset instead.")] = None,
+    runs: Annotated[Path, typer.Option(help="Folder that holds run directories.")] = Path("runs"),
+    set_: SetOpt = None,
+) -> None:
+    """Run a suite: finished runs are skipped, interrupted ones resumed; writes the comparison table."""
+    from finegrain.experiments import run_suite
+
+    target: str | list[str] = suite if "," not in suite else [s for s in suite.split(",") if s]
+    tables = run_suite(target, profile=profile, data=data, runs_root=runs, overrides=list(set_ or []),
+                       console=console)
+    console.print(f"tables: [bold]{tables['markdown']}[/] and [bold]{tables['html']}[/]")
+
+
+@app.command("serve")
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run directory with an index (`finegrain index RUN`).")],
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default RUN/index).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.")] = 10.0,
+) -> None:
+    """Serve the search page and JSON API for a run (FastAPI + uvicorn)."""
+    from finegrain.serve.app import serve as serve_run
+
+    serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb)
 
 
 @app.command("configs")

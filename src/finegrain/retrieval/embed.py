@@ -55,6 +55,10 @@ def load_model(run: RunDir, checkpoint: Path | None = None) -> LoadedModel:
     """Rebuild a run's model from its config and load the checkpoint weights."""
     from finegrain.tasks.base import build_from_config
 
+    if checkpoint is None and not run.best_ckpt.is_file() and not run.last_ckpt.is_file():
+        cfg = run.load_config()
+        if cfg.task == "knn":  # a kNN row trains nothing: its model is another run's, or the pretrained one
+            return source_model(cfg, run)
     ckpt = checkpoint or run_checkpoint(run)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -76,6 +80,22 @@ def load_model(run: RunDir, checkpoint: Path | None = None) -> LoadedModel:
         )
     model.eval()
     return LoadedModel(model, cfg, class_names, ckpt, file_sha256(ckpt))
+
+
+def source_model(cfg: ExperimentConfig, run: RunDir) -> LoadedModel:
+    """The model of a kNN run: ``eval.source_run``'s trained one, else the backbone with its pretrained weights."""
+    from finegrain.data.module import split_for
+    from finegrain.tasks.base import build_from_config
+
+    if cfg.eval.source_run:
+        sibling = run.path.parent / cfg.eval.source_run
+        from finegrain.runs import open_run
+
+        return load_model(open_run(sibling if (sibling / "config.yaml").is_file() else cfg.eval.source_run))
+    class_names = split_for(cfg.data).class_names
+    model = build_from_config(cfg, None if cfg.model.head == "embedding" else len(class_names)).eval()
+    stamp = f"pretrained:{cfg.model.backbone}:{cfg.model.weights}"
+    return LoadedModel(model, cfg, class_names, Path(stamp), hashlib.sha256(stamp.encode()).hexdigest())
 
 
 @dataclass

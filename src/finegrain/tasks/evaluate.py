@@ -55,8 +55,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
     protocol = protocol or cfg.data.protocol
     if protocol not in ("classification", "retrieval"):
         raise FinegrainError(f"unknown protocol '{protocol}'; valid: classification, retrieval")
-    source = run if cfg.task != "knn" else source_run_of(cfg, run)
-    loaded = load_model(source)
+    loaded = load_model(run)
     model = loaded.model
     dm = FinegrainDataModule(cfg, mean=model.mean, std=model.std)
     fmt = getattr(dm, "collection_format", cfg.data.format)
@@ -133,14 +132,6 @@ def knn_metrics(cfg: ExperimentConfig, dm, model, test_out, precision: str) -> t
     m["prediction_seconds"] = round(float(seconds), 4)
     m["n_gallery"] = int(len(gallery.labels))
     return m, preds
-
-
-def source_run_of(cfg: ExperimentConfig, run: RunDir) -> RunDir:
-    """The run whose model a kNN row uses: a run name beside ``run``, or a path."""
-    if not cfg.eval.source_run:
-        raise FinegrainError("a knn config needs eval.source_run: the run whose model gives the embeddings")
-    sibling = run.path.parent / cfg.eval.source_run
-    return open_run(sibling if (sibling / "config.yaml").is_file() else cfg.eval.source_run)
 
 
 def write_per_class(run: RunDir, table: list[dict]) -> None:
