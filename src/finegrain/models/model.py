@@ -1,0 +1,219 @@
+"""The model every task trains: a backbone, an optional classifier, an optional embedder.
+
+``FinegrainModel.forward(x)`` returns a dict:
+
+- ``features``: the backbone's pooled features ``[B, feature_dim]`` (always);
+- ``logits``: ``[B, num_classes]`` when the model has a classifier;
+- ``embedding``: ``[B, embedding_dim]`` when the model has an embedder
+  (L2-normalised when ``normalize_embedding``).
+
+Heads (``head``):
+
+- ``classifier``: ``Dropout(p) -> Linear(feature_dim, num_classes)`` on the features;
+- ``embedding``: ``Linear(feature_dim, embedding_dim)`` (``-> BatchNorm1d`` with
+  ``bn_neck``), then L2 normalisation when ``normalize_embedding``;
+- ``both``: the embedder, plus a classifier ``Dropout(p) -> Linear(embedding_dim,
+  num_classes)`` that sits on the embedding BEFORE its L2 normalisation (after the
+  BN neck when there is one), as in the BNNeck of Luo et al. 2019: the
+  cross-entropy sees the unnormalised vector, the metric loss the normalised one.
+
+``cubs`` inserts a :class:`~finegrain.models.cubs.CUBSBlock` at the end of each
+residual stage ``layerN`` (``N`` in ``cubs_stages``) of a torchvision ResNet; the
+block is appended to the stage's ``nn.Sequential`` as ``layerN.cubs`` so the
+stage's own parameter names (and ImageNet weights) are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.errors import ConfigError, unknown_name
+from finegrain.models.backbones import WEIGHT_CHOICES, _check_weights, build_backbone, load_local_weights
+from finegrain.models.cubs import VARIANTS, CUBSBlock
+
+HEADS: tuple[str, ...] = ("classifier", "embedding", "both")
+CUBS_CHOICES: tuple[str, ...] = ("none", *VARIANTS)
+
+
+class Embedder(nn.Module):
+    """``Linear(in, dim)`` (+ ``BatchNorm1d`` as a BN neck); normalisation is the model's."""
+
+    def __init__(self, in_features: int, dim: int, bn_neck: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, dim)
+        self.bn = nn.BatchNorm1d(dim) if bn_neck else None
+        if self.bn is not None:
+            self.bn.bias.requires_grad_(False)  # BNNeck: no shift, keeps the vectors centred
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        return self.bn(x) if self.bn is not None else x
+
+
+class FinegrainModel(nn.Module):
+    """Backbone + optional classifier + optional embedder (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        classifier: nn.Module | None = None,
+        embedder: nn.Module | None = None,
+        normalize_embedding: bool = True,
+        classifier_on_embedding: bool = False,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        if classifier_on_embedding and embedder is None:
+            raise ConfigError("a classifier on the embedding needs an embedder")
+        self.backbone = backbone
+        self.classifier = classifier
+        self.embedder = embedder
+        self.feature_dim = int(feature_dim)
+        self.normalize_embedding = bool(normalize_embedding)
+        self.classifier_on_embedding = bool(classifier_on_embedding)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        # set by finegrain.models.freezing.apply_freeze; honoured by train()
+        self.freeze_policy = "none"
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> "FinegrainModel":
+        """As ``nn.Module.train``, but a frozen backbone (or its BatchNorm layers) stays in eval mode."""
+        super().train(mode)
+        if mode and self.freeze_policy == "backbone":
+            self.backbone.eval()
+        elif mode and self.freeze_policy == "bn":
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ parts
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``[B, feature_dim]``."""
+        f = self.backbone(x)
+        return f.flatten(1) if f.dim() > 2 else f
+
+    def _raw_embedding(self, f: torch.Tensor) -> torch.Tensor:
+        return self.embedder(f)
+
+    def _normalise(self, e: torch.Tensor) -> torch.Tensor:
+        return F.normalize(e, dim=1) if self.normalize_embedding else e
+
+    def _logits_from(self, f: torch.Tensor, raw_emb: torch.Tensor | None) -> torch.Tensor:
+        return self.classifier(raw_emb if self.classifier_on_embedding else f)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores ``[B, num_classes]``; an error when the model has no classifier."""
+        if self.classifier is None:
+            raise ConfigError("this model has no classifier (head: embedding); use embed() or features()")
+        f = self.features(x)
+        raw = self._raw_embedding(f) if self.classifier_on_embedding else None
+        return self._logits_from(f, raw)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding when the model has an embedder, else the features."""
+        f = self.features(x)
+        if self.embedder is None:
+            return f
+        return self._normalise(self._raw_embedding(f))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        out: dict[str, torch.Tensor] = {"features": f}
+        raw = self._raw_embedding(f) if self.embedder is not None else None
+        if raw is not None:
+            out["embedding"] = self._normalise(raw)
+        if self.classifier is not None:
+            out["logits"] = self._logits_from(f, raw)
+        return out
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.classifier is None:
+            return None
+        linears = [m for m in self.classifier.modules() if isinstance(m, nn.Linear)]
+        return linears[-1].out_features if linears else None
+
+
+# ---------------------------------------------------------------------- CUBS
+def stage_channels(stage: nn.Module) -> int:
+    """Output channels of a ResNet stage: the last BatchNorm of its last block."""
+    bns = [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        raise ConfigError("cannot tell the channels of this ResNet stage (no BatchNorm2d)")
+    return bns[-1].num_features
+
+
+def insert_cubs(backbone: nn.Module, variant: str, stages, backbone_name: str = "") -> list[int]:
+    """Append a CUBSBlock(variant) to ``layerN`` for N in ``stages``; return the stages."""
+    import torchvision
+
+    if not isinstance(backbone, torchvision.models.ResNet):
+        raise ConfigError(f"model.cubs: {variant} needs a torchvision ResNet backbone (resnet18, resnet50, ...), "
+                          f"not '{backbone_name or type(backbone).__name__}'")
+    stages = sorted({int(s) for s in stages})
+    if not stages:
+        raise ConfigError("model.cubs_stages is empty: name the residual stages (1-4) to put CUBS blocks after")
+    bad = [s for s in stages if s not in (1, 2, 3, 4)]
+    if bad:
+        raise ConfigError(f"model.cubs_stages: {bad} not residual stages; valid: 1, 2, 3, 4")
+    for s in stages:
+        layer = getattr(backbone, f"layer{s}")
+        if not isinstance(layer, nn.Sequential) or "cubs" in layer._modules:
+            raise ConfigError(f"layer{s} of the backbone already has a CUBS block or is not a Sequential")
+        layer.add_module("cubs", CUBSBlock(stage_channels(layer), variant))
+    return stages
+
+
+# ---------------------------------------------------------------------- factory
+def build_model(
+    backbone: str,
+    weights: str = "none",
+    num_classes: int | None = None,
+    head: str = "classifier",
+    dropout: float = 0.0,
+    embedding_dim: int = 512,
+    normalize_embedding: bool = True,
+    bn_neck: bool = False,
+    stem: str = "stock",
+    cubs: str = "none",
+    cubs_stages=(3, 4),
+) -> FinegrainModel:
+    """A :class:`FinegrainModel` from the ``model`` section of a config."""
+    if head not in HEADS:
+        raise ConfigError(str(unknown_name("head", head, HEADS)))
+    if cubs not in CUBS_CHOICES:
+        raise ConfigError(str(unknown_name("CUBS variant (model.cubs)", cubs, CUBS_CHOICES)))
+    if head in ("classifier", "both") and (num_classes is None or int(num_classes) < 1):
+        raise ConfigError(f"head: {head} needs num_classes (a positive number of classes), got {num_classes!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    if head != "classifier" and int(embedding_dim) < 1:
+        raise ConfigError(f"embedding_dim must be positive, got {embedding_dim}")
+
+    w = str(weights)
+    local = w.strip().lower() not in WEIGHT_CHOICES
+    if cubs != "none" and local:
+        # the file may hold the CUBS blocks too: insert them first, then load
+        body, feature_dim, mean, std = build_backbone(backbone, "none", stem=stem)
+        insert_cubs(body, cubs, cubs_stages, backbone)
+        load_local_weights(body, _check_weights(w))
+    else:
+        body, feature_dim, mean, std = build_backbone(backbone, w, stem=stem)
+        if cubs != "none":
+            insert_cubs(body, cubs, cubs_stages, backbone)
+
+    embedder = Embedder(feature_dim, int(embedding_dim), bn_neck) if head in ("embedding", "both") else None
+    classifier = None
+    if head in ("classifier", "both"):
+        in_dim = int(embedding_dim) if head == "both" else feature_dim
+        classifier = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(in_dim, int(num_classes)))
+    return FinegrainModel(
+        body, feature_dim, classifier=classifier, embedder=embedder,
+        normalize_embedding=normalize_embedding, classifier_on_embedding=(head == "both"), mean=mean, std=std,
+    )
