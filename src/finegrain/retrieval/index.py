@@ -1,0 +1,421 @@
+"""The gallery index: FAISS vectors with their labels, paths and provenance.
+
+```
+index/
+  index.faiss   the FAISS index (faiss.serialize_index bytes)
+  labels.npy    int64 label of every vector, in index order
+  paths.json    {"paths": [...], "class_names": [...] | null}
+  meta.json     model checksum, dim, metric, kind, n, sha256 of index.faiss, ...
+```
+
+Scores returned by :meth:`GalleryIndex.search`:
+
+* ``metric="cosine"``: cosine similarity of L2-normalised vectors (inner product),
+  in [-1, 1], **higher is more similar**; results are sorted by decreasing score.
+* ``metric="euclidean"``: the Euclidean (L2) distance -- not squared -- so
+  **lower is more similar**; results are sorted by increasing score.
+
+Missing neighbours (possible only with approximate indexes on tiny galleries)
+have id ``-1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finegrain.errors import FinegrainError
+from finegrain.runs import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+METRICS = ("cosine", "euclidean")
+KINDS = ("flat", "hnsw", "ivf")
+
+INDEX_FILE = "index.faiss"
+LABELS_FILE = "labels.npy"
+PATHS_FILE = "paths.json"
+META_FILE = "meta.json"
+
+HNSW_M = 32
+HNSW_EF_SEARCH = 128
+HNSW_EF_CONSTRUCTION = 40  # faiss's default
+IVF_MIN_POINTS_PER_LIST = 39  # faiss warns below 39 training points per centroid
+IVF_MAX_TRAIN_POINTS_PER_LIST = 64  # k-means trains on a sample of at most 64 * nlist vectors
+IVF_KMEANS_NITER = 10
+RECALL_QUERIES = 1000
+RECALL_K = 10
+
+
+def _openblas_coretype() -> str | None:
+    """An ``OPENBLAS_CORETYPE`` this CPU can run, or None when unsure (non-x86 or no /proc/cpuinfo)."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return None
+    if {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
+def import_faiss():
+    """The ``faiss`` module, imported so that its bundled OpenBLAS uses this CPU's vector kernels.
+
+    The faiss-cpu wheel ships OpenBLAS 0.3.15, which does not recognise recent
+    Xeons (e.g. Sapphire/Emerald Rapids) and falls back to its generic SSE3
+    ("Prescott") kernels: exact search then runs 4-6x slower. Unless the user set
+    ``OPENBLAS_CORETYPE`` themselves, it is set to a kernel family the CPU
+    supports while faiss (and so its OpenBLAS) loads, then removed again so no
+    other library or child process sees it.
+    """
+    if "faiss" in sys.modules:
+        return sys.modules["faiss"]
+    coretype = None if "OPENBLAS_CORETYPE" in os.environ else _openblas_coretype()
+    if coretype:
+        os.environ["OPENBLAS_CORETYPE"] = coretype
+    try:
+        import faiss
+    finally:
+        if coretype:
+            os.environ.pop("OPENBLAS_CORETYPE", None)
+    return faiss
+
+
+def faiss_blas_core() -> str | None:
+    """The kernel family FAISS's bundled OpenBLAS runs with (diagnostics; None if unknown)."""
+    import ctypes
+    import glob
+
+    faiss = import_faiss()
+    libs = glob.glob(os.path.join(os.path.dirname(faiss.__file__), os.pardir, "faiss_cpu.libs", "libopenblas*"))
+    if not libs:
+        return None
+    try:
+        lib = ctypes.CDLL(libs[0])
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        return lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        return None
+
+
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise FinegrainError(f"{name} must be a 2-D array [N, D]; got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise FinegrainError(f"{name} must be numeric; got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a copy); all-zero rows stay zero."""
+    x = np.array(x, dtype=np.float32, copy=True, order="C")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def faiss_metric(metric: str) -> int:
+    faiss = import_faiss()
+    if metric == "cosine":
+        return faiss.METRIC_INNER_PRODUCT
+    if metric == "euclidean":
+        return faiss.METRIC_L2
+    raise FinegrainError(f"unknown metric '{metric}'. Valid: {', '.join(METRICS)}")
+
+
+def ivf_params(n: int) -> tuple[int, int]:
+    """(nlist, nprobe) for ``n`` vectors: nlist ~ 4 sqrt(n) capped by n / 39; nprobe ~ nlist / 8, at least 8."""
+    nlist = max(1, min(int(round(4 * math.sqrt(n))), n // IVF_MIN_POINTS_PER_LIST))
+    nprobe = min(nlist, max(8, int(round(nlist / 8))))
+    return nlist, nprobe
+
+
+def make_index(dim: int, metric: str, kind: str, n: int) -> tuple[Any, dict]:
+    """An empty FAISS index of ``kind`` and its parameters (recorded in the metadata)."""
+    faiss = import_faiss()
+    fm = faiss_metric(metric)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+        return index, {}
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, fm)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
+    if kind == "ivf":
+        nlist, nprobe = ivf_params(n)
+        quantizer = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
+        index.cp.niter = IVF_KMEANS_NITER
+        index.cp.max_points_per_centroid = IVF_MAX_TRAIN_POINTS_PER_LIST
+        index.cp.min_points_per_centroid = 1  # tiny galleries: nlist is already capped by n / 39
+        index.nprobe = nprobe
+        return index, {"nlist": nlist, "nprobe": nprobe, "kmeans_niter": IVF_KMEANS_NITER,
+                       "train_points": min(n, nlist * IVF_MAX_TRAIN_POINTS_PER_LIST)}
+    raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}")
+
+
+def _apply_search_params(index: Any, kind: str, params: dict) -> None:
+    if kind == "hnsw" and "efSearch" in params:
+        import_faiss().downcast_index(index).hnsw.efSearch = int(params["efSearch"])
+    elif kind == "ivf" and "nprobe" in params:
+        import_faiss().extract_index_ivf(index).nprobe = int(params["nprobe"])
+
+
+def exact_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (brute-force) FAISS search without building an index: (faiss scores, ids).
+
+    Vectors must already be prepared (normalised for cosine). For euclidean the
+    scores are squared distances, as FAISS returns them.
+    """
+    return import_faiss().knn(np.ascontiguousarray(queries, dtype=np.float32),
+                        np.ascontiguousarray(base, dtype=np.float32), k, metric=faiss_metric(metric))
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of the exact k neighbours that the approximate search also returned."""
+    k = exact_ids.shape[1]
+    hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx_ids, exact_ids))
+    return float(hits) / float(k * len(exact_ids))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _version() -> str:
+    import finegrain
+
+    return finegrain.__version__
+
+
+class GalleryIndex:
+    """A FAISS index over gallery embeddings, with labels, paths and metadata.
+
+    Build with :meth:`build`, persist with :meth:`save`, reopen with :meth:`load`.
+    """
+
+    def __init__(self, index: Any, labels: np.ndarray, paths: list[str], class_names: list[str] | None,
+                 meta: dict) -> None:
+        self.index = index
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.paths = list(paths)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.meta = meta
+
+    # -- properties -------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"GalleryIndex(n={self.n}, dim={self.dim}, metric={self.metric!r}, kind={self.kind!r})"
+
+    # -- building ---------------------------------------------------------
+    @classmethod
+    def build(cls, embeddings: np.ndarray, labels: np.ndarray, paths: list[str], metric: str = "cosine",
+              kind: str = "flat", *, model_checksum: str, class_names: list[str] | None = None,
+              measure_recall: bool = True) -> "GalleryIndex":
+        """Index ``embeddings`` [N, D] with their ``labels`` [N] and image ``paths``.
+
+        For approximate kinds (``hnsw``, ``ivf``) the recall@10 against exact
+        search is measured on up to 1,000 gallery vectors used as queries and
+        stored in ``meta["approx_recall_at_10"]`` (None for ``flat``).
+        """
+        if metric not in METRICS:
+            raise FinegrainError(f"unknown metric '{metric}'. Valid: {', '.join(METRICS)}")
+        if kind not in KINDS:
+            raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}")
+        x = _as_matrix(embeddings, "embeddings")
+        n, dim = x.shape
+        if n == 0:
+            raise FinegrainError("cannot build an index of an empty gallery")
+        if not np.all(np.isfinite(x)):
+            raise FinegrainError("embeddings contain NaN or infinite values")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != n:
+            raise FinegrainError(f"{len(labels)} labels for {n} embeddings")
+        if len(paths) != n:
+            raise FinegrainError(f"{len(paths)} paths for {n} embeddings")
+        labels = labels.astype(np.int64)
+        if metric == "cosine":
+            x = l2_normalize(x)
+
+        index, params = make_index(dim, metric, kind, n)
+        t0 = time.perf_counter()
+        if kind == "ivf":
+            index.train(x)
+        index.add(x)
+        build_seconds = time.perf_counter() - t0
+
+        recall = None
+        if kind != "flat" and measure_recall:
+            recall = cls._measure_recall(index, x, metric)
+            # logged, not printed: `finegrain index` prints it from meta with the rest of its summary
+            log.info("%s index (%s, n=%d): recall@%d vs exact search = %.4f", kind, metric, n, RECALL_K, recall)
+
+        meta = {
+            "model_checksum": model_checksum,
+            "dim": int(dim),
+            "metric": metric,
+            "kind": kind,
+            "n": int(n),
+            "params": params,
+            "score": "cosine similarity (higher is closer)" if metric == "cosine"
+                     else "euclidean distance (lower is closer)",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "approx_recall_at_10": recall,
+            "build_seconds": round(build_seconds, 4),
+            "finegrain_version": _version(),
+            "faiss_version": getattr(import_faiss(), "__version__", "unknown"),
+            "index_sha256": None,  # filled in by save()
+        }
+        return cls(index, labels, list(map(str, paths)), class_names, meta)
+
+    @staticmethod
+    def _measure_recall(index: Any, x: np.ndarray, metric: str) -> float:
+        n = len(x)
+        k = min(RECALL_K, n)
+        rng = np.random.default_rng(0)
+        qi = np.sort(rng.choice(n, size=min(RECALL_QUERIES, n), replace=False))
+        q = np.ascontiguousarray(x[qi])
+        _, exact = exact_neighbours(q, x, k, metric)
+        _, approx = index.search(q, k)
+        return round(recall_at_k(approx, exact), 6)
+
+    # -- searching --------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest gallery vectors of each query: (scores [Q, k], ids [Q, k]).
+
+        Scores are cosine similarities (higher first) or Euclidean distances
+        (lower first); see the module docstring.
+        """
+        q = _as_matrix(queries, "queries")
+        if q.shape[1] != self.dim:
+            raise FinegrainError(f"queries have dimension {q.shape[1]} but the index holds {self.dim}-d vectors")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.n:
+            raise FinegrainError(f"k must be between 1 and the gallery size ({self.n}); got {k}")
+        if self.metric == "cosine":
+            q = l2_normalize(q)
+        scores, ids = self.index.search(q, int(k))
+        if self.metric == "euclidean":
+            scores = np.sqrt(np.maximum(scores, 0.0, out=scores), out=scores)
+        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+    # -- persistence ------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the four files into ``directory`` (each atomically); returns the directory."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        data = self._serialize()
+        self.meta["index_sha256"] = _sha256(data)
+        self.meta["index_bytes"] = len(data)
+        atomic_write_bytes(d / INDEX_FILE, data)
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, self.labels, allow_pickle=False)
+        atomic_write_bytes(d / LABELS_FILE, buf.getvalue())
+        atomic_write_json(d / PATHS_FILE, {"paths": self.paths, "class_names": self.class_names})
+        atomic_write_json(d / META_FILE, self.meta)  # last: its presence marks a complete index
+        return d
+
+    def _serialize(self) -> bytes:
+        return import_faiss().serialize_index(self.index).tobytes()
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
+        """Reopen a saved index, refusing damaged files and indexes built by another model."""
+        d = Path(directory)
+        for name in (META_FILE, INDEX_FILE, LABELS_FILE, PATHS_FILE):
+            if not (d / name).is_file():
+                raise FinegrainError(f"incomplete index in {d}: {name} is missing (rebuild it with `finegrain index RUN`)")
+        try:
+            meta = json.loads((d / META_FILE).read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            for key in ("model_checksum", "dim", "metric", "kind", "n", "index_sha256"):
+                if key not in meta:
+                    raise ValueError(f"no '{key}' entry")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FinegrainError(f"damaged index file {d / META_FILE}: {e}") from e
+        if meta["metric"] not in METRICS or meta["kind"] not in KINDS:
+            raise FinegrainError(f"damaged index file {d / META_FILE}: unknown metric or kind "
+                                 f"({meta['metric']!r}, {meta['kind']!r})")
+
+        if expected_model_checksum is not None and meta["model_checksum"] != expected_model_checksum:
+            raise FinegrainError(
+                f"the index in {d} was built by another model (checksum {str(meta['model_checksum'])[:12]}…, "
+                f"this model is {expected_model_checksum[:12]}…); rebuild it with `finegrain index RUN`")
+
+        data = (d / INDEX_FILE).read_bytes()
+        if _sha256(data) != meta["index_sha256"]:
+            raise FinegrainError(f"damaged index file {d / INDEX_FILE}: its sha256 does not match meta.json "
+                                 "(rebuild it with `finegrain index RUN`)")
+        try:
+            index = import_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except Exception as e:  # faiss raises RuntimeError on a bad stream
+            raise FinegrainError(f"damaged index file {d / INDEX_FILE}: FAISS cannot read it "
+                                 f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+        _apply_search_params(index, meta["kind"], meta.get("params") or {})
+
+        try:
+            labels = np.load(d / LABELS_FILE, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise FinegrainError(f"damaged index file {d / LABELS_FILE}: {e}") from e
+        try:
+            p = json.loads((d / PATHS_FILE).read_text())
+            paths = p["paths"]
+            class_names = p.get("class_names")
+            if not isinstance(paths, list):
+                raise ValueError("'paths' is not a list")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise FinegrainError(f"damaged index file {d / PATHS_FILE}: {e}") from e
+
+        problems = []
+        if int(index.d) != int(meta["dim"]):
+            problems.append(f"index dimension {index.d} != meta dim {meta['dim']}")
+        if int(index.ntotal) != int(meta["n"]):
+            problems.append(f"index holds {index.ntotal} vectors, meta says {meta['n']}")
+        if labels.ndim != 1 or len(labels) != index.ntotal:
+            problems.append(f"{labels.size} labels for {index.ntotal} vectors")
+        if len(paths) != index.ntotal:
+            problems.append(f"{len(paths)} paths for {index.ntotal} vectors")
+        if problems:
+            raise FinegrainError(f"inconsistent index in {d}: {'; '.join(problems)} "
+                                 "(rebuild it with `finegrain index RUN`)")
+        return cls(index, labels, paths, class_names, meta)
