@@ -1,0 +1,10 @@
+"""Reports of finished runs.
+
+- :mod:`finegrain.report.tables`: one comparison row per finished run, as Markdown
+  (the seed documents' summary-table form) and as a self-contained HTML page;
+- :mod:`finegrain.report.figures`: learning curves, per-class accuracy, confused
+  class pairs with example images, a retrieval gallery (matplotlib, PNG);
+- :mod:`finegrain.report.html`: ``<run>/report/index.html`` with the config, the
+  metrics and the protocol that produced them, and every figure embedded, plus an
+  index page across runs.
+"""

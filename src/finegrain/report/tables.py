@@ -1,0 +1,319 @@
+"""Comparison tables across runs: one row per finished run, as Markdown and as a self-contained HTML page.
+
+The columns follow the seed documents' summary tables (Model, Loss, Accuracy,
+F1, Precision, Recall, Prediction time) with a second table for retrieval runs
+(Recall@1/2/4/8, MAP@R). Under each table a "Data and protocol" list says which
+data and which evaluation protocol produced each row, read from ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from finegrain.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+MISSING = "—"
+RECALL_KS = (1, 2, 4, 8)
+
+CLASSIFICATION_COLUMNS: list[tuple[str, str, str]] = [
+    # (header, row key, kind)
+    ("Loss", "loss", "loss"),
+    ("Accuracy", "accuracy", "pct"),
+    ("F1", "f1", "pct"),
+    ("Precision", "precision", "pct"),
+    ("Recall", "recall", "pct"),
+    ("Prediction time (s)", "prediction_seconds", "seconds"),
+]
+RETRIEVAL_COLUMNS: list[tuple[str, str, str]] = [
+    *[(f"Recall@{k}", f"recall@{k}", "pct") for k in RECALL_KS],
+    ("MAP@R", "map@r", "pct"),
+]
+
+
+# ---------------------------------------------------------------- formatting
+
+def _num(v: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN values."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and f not in (float("inf"), float("-inf")) else None
+
+
+def fmt_pct(v: Any) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal: ``0.4237 -> '42.4%'``."""
+    f = _num(v)
+    return MISSING if f is None else f"{100 * f:.1f}%"
+
+
+def fmt_loss(v: Any) -> str:
+    f = _num(v)
+    return MISSING if f is None else f"{f:.3f}"
+
+
+def fmt_seconds(v: Any) -> str:
+    f = _num(v)
+    if f is None:
+        return MISSING
+    return f"{f:.1f}" if f >= 100 else f"{f:.3f}"
+
+
+def fmt_value(v: Any, kind: str) -> str:
+    return {"pct": fmt_pct, "loss": fmt_loss, "seconds": fmt_seconds}[kind](v)
+
+
+# ---------------------------------------------------------------- protocol in words
+
+def data_words(protocol: dict) -> str:
+    """``'stanford_cars (stanford_cars_devkit)'``: the dataset folder name and its format."""
+    dataset = str(protocol.get("dataset") or "").rstrip("/\\")
+    name = Path(dataset).name if dataset else ""
+    fmt = protocol.get("format")
+    if name and fmt and fmt != name:
+        return f"{name} ({fmt})"
+    return name or (str(fmt) if fmt else MISSING)
+
+
+def protocol_words(protocol: dict) -> str:
+    """The evaluation protocol of a ``metrics.json`` as one or two sentences."""
+    if not protocol:
+        return "protocol not recorded"
+    parts: list[str] = []
+    split = str(protocol.get("split") or "").strip()
+    kind = protocol.get("protocol")
+    if split:
+        parts.append(split if split.endswith(".") else split + ".")
+    else:
+        counts = ", ".join(f"{protocol[k]} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test")
+                           if protocol.get(k) is not None)
+        what = {"retrieval": "Class-disjoint retrieval", "classification": "Classification"}.get(kind, str(kind))
+        ncls = protocol.get("num_classes")
+        parts.append(f"{what}" + (f" ({ncls} classes)" if ncls else "") + (f": {counts} images." if counts else "."))
+    if kind == "retrieval":
+        q, g = protocol.get("queries"), protocol.get("gallery")
+        if q or g:
+            parts.append(f"Queries: {q or 'not recorded'}; gallery: {g or 'not recorded'}.")
+    method = protocol.get("method")
+    if method:
+        parts.append(f"Prediction: {method}.")
+    size = protocol.get("image_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        parts.append(f"Images resized to {size[0]}×{size[1]} (H×W)"
+                     + (", horizontal-flip test-time augmentation." if protocol.get("tta_flip") else "."))
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- rows
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s: %s", path, e)
+        return {}
+
+
+def _config_of(run: RunDir) -> Any | None:
+    try:
+        return run.load_config()
+    except Exception as e:  # noqa: BLE001 - a report never fails on one bad config
+        log.warning("%s: cannot read config.yaml: %s", run.path, e)
+        return None
+
+
+def run_row(run_path: Path) -> dict:
+    """The comparison row of one run directory that has a ``metrics.json``."""
+    run = RunDir(Path(run_path))
+    metrics = _read_json(run.metrics) if run.metrics.is_file() else {}
+    cfg = _config_of(run)
+    protocol = metrics.get("protocol") or {}
+    cls = metrics.get("classification") or {}
+    ret = metrics.get("retrieval") or {}
+    row: dict[str, Any] = {
+        "name": metrics.get("run") or (cfg.name if cfg else run.name),
+        "description": (cfg.description if cfg else "") or "",
+        "task": metrics.get("task") or (cfg.task if cfg else None),
+        "data": data_words(protocol) if protocol else (
+            f"{Path(cfg.data.root).name} ({cfg.data.format})" if cfg else MISSING),
+        "protocol": protocol_words(protocol),
+        "protocol_kind": protocol.get("protocol") or ("retrieval" if ret else "classification"),
+        "loss": _num(cls.get("loss")),
+        "accuracy": _num(cls.get("top1")),
+        "top5": _num(cls.get("top5")),
+        "f1": _num(cls.get("f1_macro")),
+        "precision": _num(cls.get("precision_macro")),
+        "recall": _num(cls.get("recall_macro")),
+        "prediction_seconds": _num(cls.get("prediction_seconds")),
+        **{f"recall@{k}": _num(ret.get(f"recall@{k}")) for k in RECALL_KS},
+        "map@r": _num(ret.get("map@r")),
+        "n_test": protocol.get("n_test"),
+        "report": f"{run.name}/report/index.html",
+        "path": str(run.path),
+    }
+    row["has_classification"] = bool(cls)
+    row["has_retrieval"] = bool(ret)
+    return row
+
+
+def comparison_rows(run_paths: list[Path]) -> list[dict]:
+    """One row per finished run (``DONE`` + ``metrics.json``), in the order given.
+
+    Keys: name, description, task, data, protocol (in words), loss, accuracy (top-1),
+    f1 / precision / recall (macro), prediction_seconds, recall@1/2/4/8, map@r
+    (None where not applicable), report (``<run>/report/index.html``, relative to the
+    runs folder), plus protocol_kind, top5, n_test, path, has_classification, has_retrieval.
+    Metric values are fractions in [0, 1]; seconds are wall time.
+    """
+    rows = []
+    for p in run_paths:
+        run = RunDir(Path(p))
+        if not run.is_finished():
+            log.info("%s is not finished (no DONE or metrics.json); left out of the table", run.path)
+            continue
+        rows.append(run_row(run.path))
+    return rows
+
+
+def _split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(classification-table rows, retrieval-table rows)."""
+    ret = [r for r in rows if r.get("has_retrieval") or any(r.get(k) is not None for _, k, _ in RETRIEVAL_COLUMNS)]
+    cls = [r for r in rows if r not in ret or r.get("has_classification")
+           or any(r.get(k) is not None for _, k, _ in CLASSIFICATION_COLUMNS)]
+    return cls, ret
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _model_label(row: dict) -> str:
+    desc = (row.get("description") or "").strip()
+    return f"**{row['name']}** — {desc}" if desc else f"**{row['name']}**"
+
+
+def _md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    lines = ["| Model | " + " | ".join(h for h, _, _ in columns) + " |",
+             "|:--|" + "|".join("--:" for _ in columns) + "|"]
+    for r in rows:
+        cells = [_md_cell(_model_label(r))] + [fmt_value(r.get(k), kind) for _, k, kind in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _md_protocol_list(rows: list[dict]) -> list[str]:
+    lines = ["**Data and protocol**", ""]
+    for r in rows:
+        lines.append(f"- **{_md_cell(r['name'])}** ({r.get('task') or MISSING}): data {r.get('data') or MISSING}. "
+                     f"{_md_cell(r.get('protocol') or '')}")
+    return lines
+
+
+def markdown_table(rows: list[dict], title: str = "Results") -> str:
+    """The comparison as Markdown: a classification table, a retrieval table when
+    retrieval rows exist, and under each a "Data and protocol" list.
+
+    Accuracies and recalls are percentages with one decimal, loss has three
+    decimals, prediction time is in seconds; "—" marks a value that does not apply.
+    """
+    out = [f"# {title}", ""]
+    if not rows:
+        return "\n".join(out + ["No finished runs.", ""])
+    cls, ret = _split_rows(rows)
+    if cls:
+        out += ["## Classification", ""] + _md_table(cls, CLASSIFICATION_COLUMNS) + [""]
+        out += ["Accuracy is top-1; F1, precision and recall are macro averages over classes; "
+                "prediction time is the wall time of the model (or kNN search) over all test images.", ""]
+        out += _md_protocol_list(cls) + [""]
+    if ret:
+        out += ["## Retrieval", ""] + _md_table(ret, RETRIEVAL_COLUMNS) + [""]
+        out += ["Recall@K: fraction of queries with at least one same-class image among their K nearest "
+                "neighbours (query excluded); MAP@R as in Musgrave et al. 2020.", ""]
+        out += _md_protocol_list(ret) + [""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- HTML
+
+TABLE_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.25em; margin-top: 1.6em; }
+table.results { border-collapse: collapse; width: 100%; margin: .6em 0; font-size: .95em; }
+table.results th, table.results td { border-bottom: 1px solid #ddd; padding: .35em .6em; }
+table.results th { background: #f3f5f8; text-align: right; }
+table.results th:first-child, table.results td:first-child { text-align: left; }
+table.results td { text-align: right; font-variant-numeric: tabular-nums; }
+table.results td.model .desc { color: #555; font-size: .9em; display: block; }
+table.results tr.best td { font-weight: 600; }
+.note { color: #555; font-size: .9em; }
+ul.protocol { font-size: .9em; color: #333; } ul.protocol li { margin-bottom: .3em; }
+a { color: #1a5fb4; }
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _html_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    head = "<tr><th>Model</th>" + "".join(f"<th>{_esc(h)}</th>" for h, _, _ in columns) + "</tr>"
+    body = []
+    for r in rows:
+        desc = r.get("description") or ""
+        link = r.get("report")
+        name = f'<a href="{_esc(link)}">{_esc(r["name"])}</a>' if link else _esc(r["name"])
+        model = f'<td class="model">{name}' + (f'<span class="desc">{_esc(desc)}</span>' if desc else "") + "</td>"
+        cells = "".join(f"<td>{_esc(fmt_value(r.get(k), kind))}</td>" for _, k, kind in columns)
+        body.append(f"<tr>{model}{cells}</tr>")
+    return f'<table class="results"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _html_protocol_list(rows: list[dict]) -> str:
+    items = "".join(
+        f"<li><b>{_esc(r['name'])}</b> ({_esc(r.get('task') or MISSING)}): data {_esc(r.get('data') or MISSING)}. "
+        f"{_esc(r.get('protocol') or '')}</li>" for r in rows)
+    return f'<p><b>Data and protocol</b></p><ul class="protocol">{items}</ul>'
+
+
+def html_tables_fragment(rows: list[dict]) -> str:
+    """The tables (with their protocol lists) as an HTML fragment, for embedding in other pages."""
+    if not rows:
+        return "<p>No finished runs.</p>"
+    cls, ret = _split_rows(rows)
+    parts = []
+    if cls:
+        parts += ["<h2>Classification</h2>", _html_table(cls, CLASSIFICATION_COLUMNS),
+                  '<p class="note">Accuracy is top-1; F1, precision and recall are macro averages over classes; '
+                  "prediction time (seconds) is the wall time of the model (or kNN search) over all test images. "
+                  "“—” marks a value that does not apply.</p>",
+                  _html_protocol_list(cls)]
+    if ret:
+        parts += ["<h2>Retrieval</h2>", _html_table(ret, RETRIEVAL_COLUMNS),
+                  '<p class="note">Recall@K: fraction of queries with at least one same-class image among their '
+                  "K nearest neighbours (query excluded); MAP@R as in Musgrave et al. 2020.</p>",
+                  _html_protocol_list(ret)]
+    return "\n".join(parts)
+
+
+def html_page(title: str, body: str, extra_css: str = "") -> str:
+    """A self-contained HTML page (inline CSS, no external resources)."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_esc(title)}</title><style>{TABLE_CSS}{extra_css}</style></head>\n"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def html_table(rows: list[dict], title: str = "Results") -> str:
+    """The comparison as a self-contained HTML page; each run's name links to its report."""
+    return html_page(title, f"<h1>{_esc(title)}</h1>\n" + html_tables_fragment(rows))
