@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from finegrain.retrieval.index import import_faiss
+
+import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
 from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.utils.data import Sampler

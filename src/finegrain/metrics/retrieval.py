@@ -142,7 +142,9 @@ class _Problem:
     def neighbour_labels(self, k: int, memory_mb: float = DEFAULT_MEMORY_MB) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(start, end, labels [end-start, k])`` of the ``k`` nearest gallery items
         of the queries ``start:end`` (self excluded by index in leave-one-out mode)."""
-        import faiss
+        from finegrain.retrieval.index import import_faiss
+
+        faiss = import_faiss()
 
         k = int(min(k, self.n_gallery))
         k_search = k + 1 if self.loo else k

@@ -41,6 +41,7 @@ class FinegrainTask(L.LightningModule):
         self.cfg = ExperimentConfig.model_validate(config)
         self.model = build_from_config(self.cfg, self.num_outputs(len(class_names)), weights)
         self._frozen_for_head_stage = False
+        self._trainable_after_head_stage: dict[int, bool] = {}
 
     def num_outputs(self, num_classes: int) -> int | None:
         return num_classes
@@ -59,8 +60,14 @@ class FinegrainTask(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         head_stage = self.current_epoch < self.cfg.train.head_epochs
         if head_stage != self._frozen_for_head_stage:
-            for p in self.model.backbone.parameters():
-                p.requires_grad_(not head_stage if self.cfg.model.freeze != "backbone" else False)
+            params = list(self.model.backbone.parameters())
+            if head_stage:  # remember the freeze policy's choice, then freeze the whole backbone
+                self._trainable_after_head_stage = {id(p): p.requires_grad for p in params}
+                for p in params:
+                    p.requires_grad_(False)
+            else:  # back to what the freeze policy set (frozen BatchNorm stays frozen)
+                for p in params:
+                    p.requires_grad_(self._trainable_after_head_stage.get(id(p), True))
             self._frozen_for_head_stage = head_stage
         if head_stage:
             self.model.backbone.eval()

@@ -42,11 +42,18 @@ class RngState(Callback):
     """Saves and restores the Python, NumPy and torch RNGs so a resumed run draws what an unbroken one would."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        # Plain types and tensors only, so Lightning's ``torch.load(weights_only=True)`` accepts them.
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "torch": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["torch"])
 
 

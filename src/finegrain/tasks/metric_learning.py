@@ -7,6 +7,10 @@ definition, self excluded), so the best checkpoint is never chosen on test.
 from __future__ import annotations
 
 import torch
+
+from finegrain.retrieval.index import import_faiss
+
+import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
 from pytorch_metric_learning import losses, miners
 
 from finegrain.config import LossConfig
