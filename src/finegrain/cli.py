@@ -253,7 +253,8 @@ def search(
     searcher = Searcher(run, index_dir)
     hits, top = searcher.search(query, k=k)
     if top:
-        console.print("predicted: " + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}"
+        how = "" if searcher.prediction_source == "classifier" else " (share of the neighbours)"
+        console.print(f"predicted{how}: " + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}"
                                                 for i, (n, p) in enumerate(top)))
     table = Table("rank", "label", "score", "path", title=f"{len(hits)} nearest of {searcher.gallery_size}")
     for h in hits:

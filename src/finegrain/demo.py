@@ -82,6 +82,10 @@ def run_demo(console: Console, data: Path | None = None, runs_root: Path = Path(
     table.add_row(ret.name, "retrieval (unseen classes)", "", "", f"{r['recall@1']:.1%}", f"{r['recall@4']:.1%}",
                   f"{r['map@r']:.1%}")
     console.print(table)
+    from finegrain.report.html import write_multi_report
+
+    report = write_multi_report([clf.path, ret.path], runs_root / f"demo{suffix}-report.html", title="finegrain demo")
     console.print(f"run directories: {clf.path}, {ret.path}")
+    console.print(f"report: [bold]{report}[/] (each run's own report is linked from it)")
     console.print(f"done in {time.perf_counter() - t0:.0f} s")
     return {"classification": c, "retrieval": r}

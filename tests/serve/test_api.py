@@ -266,7 +266,8 @@ def test_search_returns_results_and_prediction(client, blue_query):
     r = post_image(client, blue_query, k=5)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"prediction", "results", "query_ms", "k"}
+    assert set(body) == {"prediction", "prediction_source", "results", "query_ms", "k"}
+    assert body["prediction_source"] == "classifier"
     assert body["k"] == 5 and len(body["results"]) == 5
     assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
     scores = [h["score"] for h in body["results"]]

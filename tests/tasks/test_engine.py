@@ -106,6 +106,22 @@ def test_metric_learning_trains_and_evaluates_retrieval(tmp_path):
     assert m["protocol"]["protocol"] == "retrieval"
     assert (run.embeddings / "test.npz").is_file()
 
+    # index the test split, search with a gallery image: itself first, the class named by the neighbours' vote
+    from finegrain.data.images import open_rgb
+    from finegrain.errors import FinegrainError
+    from finegrain.retrieval.search import Searcher, build_index
+
+    build_index(run.path, gallery="test")
+    searcher = Searcher(run.path)
+    query = searcher.index.paths[3]
+    hits, top = searcher.search(open_rgb(query)[0], k=5)
+    assert hits[0].path == query and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert searcher.prediction_source == "neighbours"
+    assert top[0][0] == max({h.label for h in hits}, key=[h.label for h in hits].count)
+    assert sum(p for _, p in top) == pytest.approx(1.0)
+    with pytest.raises(FinegrainError, match="gallery size"):
+        searcher.search(open_rgb(query)[0], k=searcher.gallery_size + 1)
+
 
 def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "FINEGRAIN_PROGRESS": "0", **(env_extra or {})}

@@ -86,6 +86,7 @@ def import_faiss():
     """
     if "faiss" in sys.modules:
         return sys.modules["faiss"]
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise to users
     coretype = None if "OPENBLAS_CORETYPE" in os.environ else _openblas_coretype()
     if coretype:
         os.environ["OPENBLAS_CORETYPE"] = coretype

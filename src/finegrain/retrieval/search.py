@@ -119,6 +119,9 @@ class Searcher:
         self.size = tuple(self.cfg.data.image_size)
         self.transform = build_transform("plain", self.size, train=False, mean=m.mean, std=m.std)
         self.class_names = self.loaded.class_names
+        has_head = getattr(m, "classifier", None) is not None
+        self.prediction_source = "classifier" if has_head and self.cfg.task == "classification" else "neighbours"
+        """How :meth:`search` names the class: the trained head's probabilities, or the neighbours' vote."""
 
     @property
     def gallery_size(self) -> int:
@@ -143,7 +146,8 @@ class Searcher:
         return emb, probs
 
     def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], list[tuple[str, float]] | None]:
-        """The k most similar gallery images and, with a classifier, the top-5 classes."""
+        """The k most similar gallery images and the top-5 classes: a classification run's
+        head probabilities, else the share of the k neighbours in each class."""
         if k < 1 or k > self.gallery_size:
             raise FinegrainError(f"k must be between 1 and the gallery size ({self.gallery_size}); got {k}")
         emb, probs = self.encode(image)
@@ -155,11 +159,15 @@ class Searcher:
             for r, (s, i) in enumerate(zip(scores[0], ids[0]))
             if i >= 0
         ]
-        top = None
-        if probs is not None:
+        if probs is not None and self.prediction_source == "classifier":
             order = np.argsort(-probs)[:5]
-            top = [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
-        return hits, top
+            return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
+        # otherwise (kNN and metric-learning runs) the neighbours vote: the share of the k hits per class
+        votes: dict[str, int] = {}
+        for h in hits:
+            votes[h.label] = votes.get(h.label, 0) + 1
+        ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
+        return hits, [(label, n / len(hits)) for label, n in ranked] if hits else None
 
 
 def _name(names: list[str] | None, label: int) -> str:

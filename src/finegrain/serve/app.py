@@ -312,6 +312,7 @@ def create_app(searcher: Any, max_upload_bytes: int = 10 * 2**20, max_concurrenc
             except FinegrainError as e:
                 raise ApiError(422, str(e)) from None
         return {
+            "prediction_source": getattr(searcher, "prediction_source", "classifier"),
             "prediction": None if top is None else [
                 {"label": str(label), "probability": float(p)} for label, p in top],
             "results": [

@@ -82,8 +82,8 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
         m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
         result["protocol"]["queries"] = "every test image"
         result["protocol"]["gallery"] = "the rest of the test set (class-disjoint from training)"
-        result["retrieval"] = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
-                               for k, v in m.items()}
+        result["retrieval"] = {k: (int(v) if isinstance(v, (int, np.integer)) else
+                                   float(v) if isinstance(v, (float, np.floating)) else v) for k, v in m.items()}
     else:
         from finegrain.metrics.classification import classification_metrics, confusion_pairs, per_class_table
 

@@ -195,7 +195,7 @@
       return;
     }
     hideError();
-    renderPrediction(body.prediction);
+    renderPrediction(body.prediction, body.prediction_source);
     renderResults(body);
   }
 
@@ -208,11 +208,12 @@
     state.results = [];
   }
 
-  function renderPrediction(pred) {
+  function renderPrediction(pred, source) {
     if (!pred || !pred.length) { els.predict.hidden = true; return; }
     const top = pred[0];
     els.topLabel.textContent = top.label;
-    els.topProb.replaceChildren(el("b", { text: pct(top.probability) }), document.createTextNode(" confidence"));
+    els.topProb.replaceChildren(el("b", { text: pct(top.probability) }), document.createTextNode(
+      source === "neighbours" ? " of the most similar images" : " confidence"));
     const rows = pred.map((p) => {
       const fill = el("div", { class: "bar-fill" });
       const row = el("li", { class: "bar-row" }, [
