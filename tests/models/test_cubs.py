@@ -11,15 +11,6 @@ from finegrain.errors import ConfigError, FinegrainError
 from finegrain.models.cubs import CUBS1, CUBS2, VARIANTS, CUBSBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x(b=2, c=16, h=5, w=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, c, h, w, generator=g)

@@ -14,15 +14,6 @@ from finegrain.models.freezing import FREEZE_POLICIES, apply_freeze
 from finegrain.models.model import FinegrainModel, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------- backbones
 @pytest.mark.parametrize("name,dim", [("cars_cnn3", 256), ("cars_cnn4", 512), ("tin_cnn", 512), ("resnet18", 512)])
 def test_backbones_return_pooled_features(name, dim):

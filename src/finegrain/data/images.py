@@ -4,8 +4,11 @@ with a note saying what was converted."""
 
 from __future__ import annotations
 
+import io
+import threading
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,21 +38,44 @@ def open_rgb(path: str | Path) -> tuple[Image.Image, str | None]:
     if size == 0:
         raise ImageError(path, "empty", "zero-byte file")
     try:
-        with warnings.catch_warnings():
+        with open(path, "rb") as f:
+            return decode(f, path)
+    except OSError as e:
+        raise ImageError(path, "missing", str(e)) from None
+
+
+def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Decode in-memory bytes (an upload) into 8-bit RGB under :func:`open_rgb`'s rules."""
+    if not data:
+        raise ImageError(name, "empty", "the uploaded file is empty")
+    return decode(io.BytesIO(data), name)[0]
+
+
+_OPEN_LOCK = threading.Lock()  # warnings filters are process-global: one header parse at a time
+
+
+def decode(source: BinaryIO, name: str | Path) -> tuple[Image.Image, str | None]:
+    """Fully decode ``source`` to ``(rgb_image, conversion)``; every failure is an :class:`ImageError` naming ``name``."""
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
+            im = Image.open(source)  # header only: the bomb check happens here
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:  # also when another thread's filters were in force
+            raise Image.DecompressionBombError(
+                f"image of {im.width}x{im.height} = {im.width * im.height} pixels is over the limit of {limit}")
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return to_rgb(im)
     except UnidentifiedImageError:
-        raise ImageError(path, "not-an-image", "not a format Pillow can read") from None
+        raise ImageError(name, "not-an-image", "not a format Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(path, "too-large", str(e)) from None
+        raise ImageError(name, "too-large", str(e)) from None
     except OSError as e:
         reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
-        raise ImageError(path, reason, str(e)) from None
-    except (SyntaxError, ValueError, EOFError) as e:  # some decoders raise these
-        raise ImageError(path, "corrupt", str(e)) from None
-    return to_rgb(im)
+        raise ImageError(name, reason, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, EOFError, ... on bad data
+        raise ImageError(name, "corrupt", str(e) or type(e).__name__) from None
 
 
 def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:

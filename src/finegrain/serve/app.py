@@ -19,13 +19,10 @@ The searcher is duck-typed: anything with ``run``, ``cfg``, ``index`` (``paths``
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import mimetypes
 import re
-import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +31,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,6 @@ DEFAULT_K = 8
 # Room for the multipart boundaries, headers and the ``k`` field around the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
 _ID_RE = re.compile(r"[0-9]{1,12}")
-_OPEN_LOCK = threading.Lock()  # warnings filters are process-global: one header parse at a time
 
 DESCRIPTION = """\
 Search a gallery of images for the ones most similar to an uploaded picture, and (when the
@@ -80,43 +77,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 # --------------------------------------------------------------------------- decoding uploads
-
-
-def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
-    """Decode uploaded bytes fully into an 8-bit RGB image, or raise :class:`ImageError`.
-
-    Same rules as :func:`finegrain.data.images.open_rgb`: not-an-image, truncated,
-    corrupt and over-large (Pillow's decompression-bomb limit) files are refused.
-    """
-    from finegrain.data.images import to_rgb
-
-    if not data:
-        raise ImageError(name, "empty", "the uploaded file is empty")
-    try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # header only: the bomb check happens here
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and im.width * im.height > limit:  # also when another thread's filters were in force
-            raise Image.DecompressionBombError(
-                f"image of {im.width}x{im.height} = {im.width * im.height} pixels is over the limit of {limit}")
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    except UnidentifiedImageError:
-        raise ImageError(name, "not-an-image", "not a format Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, "too-large", str(e)) from None
-    except OSError as e:
-        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
-        raise ImageError(name, reason, str(e)) from None
-    except ImageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, EOFError, ... on bad data
-        raise ImageError(name, "corrupt", str(e) or type(e).__name__) from None
-    try:
-        return to_rgb(im)[0]
-    except Exception as e:  # noqa: BLE001
-        raise ImageError(name, "corrupt", str(e) or type(e).__name__) from None
 
 
 _REASON_TEXT = {
@@ -349,7 +309,7 @@ def create_app(searcher: Any, max_upload_bytes: int = 10 * 2**20, max_concurrenc
 
 
 def _decode_and_search(searcher: Any, data: bytes, name: str, k: int):
-    image = decode_upload(data, name)
+    image = decode_bytes(data, name)
     return searcher.search(image, k)
 
 
