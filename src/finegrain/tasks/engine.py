@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import warnings
 import os
 import random
 import time
@@ -27,6 +28,10 @@ from finegrain.errors import FinegrainError
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run
 
 log = logging.getLogger(__name__)
+# Frozen backbones and frozen BatchNorm stay in eval mode on purpose (models/freezing.py).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# Lightning's advertisement for its cloud logger is not for our users.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
