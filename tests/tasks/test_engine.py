@@ -158,3 +158,13 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     out = r.stderr + r.stdout
     assert "MEMBER: 1/2" in out and "MEMBER: 2/2" in out, out[-2000:]  # two processes joined
+
+
+def test_progress_is_logged_when_output_is_not_a_terminal(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FINEGRAIN_PROGRESS", "1")  # pytest's captured stdout is not a terminal
+    cfg = tiny_config(tmp_path, name="plain", train={"epochs": 1})
+    with caplog.at_level("INFO", logger="finegrain.tasks.engine"):
+        engine.fit(cfg, runs_root=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "finegrain.tasks.engine"]
+    assert any(m.startswith("epoch 1/1: batch ") and "images/s, loss " in m for m in lines), lines
+    assert any(m.startswith("epoch 1/1 done in ") and "val/acc " in m for m in lines), lines

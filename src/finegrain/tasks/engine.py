@@ -12,6 +12,7 @@ import logging
 import warnings
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 # Lightning's advertisement for its cloud logger is not for our users.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+# The `lightning` package adds a console handler of its own; where the CLI has set up logging, its
+# messages would be printed twice.
+if logging.getLogger().handlers:
+    for _handler in list(logging.getLogger("lightning").handlers):
+        logging.getLogger("lightning").removeHandler(_handler)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -95,6 +101,43 @@ class History(Callback):
         atomic_write_text(self.path, out.getvalue())
 
 
+class PlainProgress(Callback):
+    """Progress as log lines, for output that is not a terminal (nohup, CI, SLURM logs).
+
+    About every tenth of an epoch: batches done, images per second and the training
+    loss; at the end of an epoch its losses and validation metrics.
+    """
+
+    def __init__(self, every_fraction: float = 0.1) -> None:
+        self.every_fraction = every_fraction
+        self._t0 = 0.0
+        self._images = 0
+        self._next = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._images, self._next = time.perf_counter(), 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[0]) if isinstance(batch, (list, tuple)) else 0
+        total = trainer.num_training_batches
+        if not trainer.is_global_zero or not isinstance(total, int) or batch_idx + 1 < self._next:
+            return
+        self._next = batch_idx + 1 + max(1, int(total * self.every_fraction))
+        rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
+        log.info("epoch %d/%d: batch %d/%d, %.1f images/s%s", trainer.current_epoch + 1, trainer.max_epochs,
+                 batch_idx + 1, total, rate, loss_text)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after validation, in Lightning 2
+        if not trainer.is_global_zero:
+            return
+        vals = {k.removesuffix("_epoch"): float(v) for k, v in sorted(trainer.callback_metrics.items())
+                if k.startswith("val/") or k == "train/loss_epoch"}
+        log.info("epoch %d/%d done in %.0f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
+                 time.perf_counter() - self._t0, ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+
+
 def read_history(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
@@ -144,11 +187,15 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
     callbacks[0].CHECKPOINT_NAME_LAST = "last"
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping_patience))
-    progress = os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
+    # FINEGRAIN_PROGRESS=0 silences progress; a terminal gets a live bar, anything else log lines.
+    wanted = os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
+    progress = wanted and sys.stdout.isatty()
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=True))
+    elif wanted:
+        callbacks.append(PlainProgress())
     strategy = t.strategy
     devices = t.devices
     if strategy == "auto" and (t.num_nodes > 1 or (isinstance(devices, int) and devices > 1)):
