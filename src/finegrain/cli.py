@@ -311,6 +311,8 @@ def experiments_run(
     tables = run_suite(target, profile=profile, data=data, runs_root=runs, overrides=list(set_ or []),
                        console=console)
     console.print(f"tables: [bold]{tables['markdown']}[/] and [bold]{tables['html']}[/]")
+    if tables["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command("serve")

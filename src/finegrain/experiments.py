@@ -2,6 +2,7 @@
 
 A finished run (``DONE`` + ``metrics.json``) is skipped; an interrupted one is
 resumed from its last checkpoint; kNN rows run after the run whose model they use.
+Every run gets its report, and the comparison table links each row to it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from finegrain.config import load_config, profiles_of
+from finegrain.config import ExperimentConfig, load_config, profiles_of
 from finegrain.errors import FinegrainError, unknown_name
 from finegrain.runs import RunDir, atomic_write_text
 
@@ -32,6 +33,53 @@ def suite_configs(suite: str) -> list[str]:
     raise unknown_name("suite", suite, list(SUITES))
 
 
+def _source_exists(source: str, runs_root: Path) -> bool:
+    """Whether a kNN row's ``eval.source_run`` names an existing run (as :func:`source_model` finds it)."""
+    from finegrain.runs import DEFAULT_RUNS_ROOT
+
+    return any((p / "config.yaml").is_file()
+               for p in (runs_root / source, Path(source), DEFAULT_RUNS_ROOT / source))
+
+
+def plan(cfgs: list[ExperimentConfig], runs_root: Path) -> list[ExperimentConfig]:
+    """The configs in the order they can run: a kNN row right after the run whose model it uses.
+
+    Checked before anything runs, so a mistake in the 9th config does not surface hours in:
+    two configs with one run name, and a kNN source run that is neither in the suite nor on disk.
+    """
+    names: set[str] = set()
+    for cfg in cfgs:
+        if cfg.name in names:
+            raise FinegrainError(f"two configs of the suite write the same run '{cfg.name}'; give one another name")
+        names.add(cfg.name)
+    waiting: dict[str, list[ExperimentConfig]] = {}
+    done: set[str] = set()
+    order: list[ExperimentConfig] = []
+
+    def emit(cfg: ExperimentConfig) -> None:
+        order.append(cfg)
+        done.add(cfg.name)
+        for after in waiting.pop(cfg.name, []):
+            emit(after)
+
+    for cfg in cfgs:
+        source = cfg.eval.source_run if cfg.task == "knn" else None
+        if source and source in names and source not in done:
+            waiting.setdefault(source, []).append(cfg)
+            continue
+        if source and source not in names and not _source_exists(source, runs_root):
+            raise FinegrainError(
+                f"kNN row '{cfg.name}' uses the model of run '{source}', which is neither in the suite "
+                f"nor in {runs_root}; run it first or add its config to the suite")
+        emit(cfg)
+    for rest in waiting.values():  # a loop of kNN rows naming each other: keep the given order
+        for cfg in rest:
+            if cfg.name not in done:
+                order.append(cfg)
+                done.add(cfg.name)
+    return order
+
+
 def run_suite(
     suite: str | list[str],
     profile: str | None = None,
@@ -39,44 +87,79 @@ def run_suite(
     runs_root: Path = Path("runs"),
     overrides: list[str] | None = None,
     console: Console | None = None,
-) -> dict[str, Path]:
+) -> dict:
     """Run every config of a suite (skipping finished runs) and write the comparison table.
 
-    Returns the paths of the Markdown and HTML tables.
+    Every config is loaded and checked before the first run starts. Each run gets its
+    report (``<run>/report/index.html``), which the table's rows link to. A run that fails
+    with a :class:`FinegrainError` (say, ImageNet weights that cannot be downloaded) is
+    listed with its reason under the tables and the suite goes on. Returns the paths of the
+    Markdown and HTML tables (``markdown``, ``html``: ``runs_root/<suite>-results.md`` /
+    ``.html``) and the failed runs with their reasons (``failed``).
     """
-    from finegrain.report.tables import comparison_rows, html_table, markdown_table
-    from finegrain.tasks.engine import fit
-    from finegrain.tasks.evaluate import evaluate_run
-
     console = console or Console()
     names = suite_configs(suite) if isinstance(suite, str) else list(suite)
+    if not names:
+        raise FinegrainError("the suite names no configs")
     sets = list(overrides or [])
     if data is not None:
         sets.append(f"data.root={data}")
-    finished: list[Path] = []
+    cfgs: list[ExperimentConfig] = []
     for name in names:
         prof = profile if profile and profile in profiles_of(name) else None
         if profile and prof is None:
             raise FinegrainError(f"config '{name}' has no '{profile}' profile")
-        cfg = load_config(name, profile=prof, overrides=sets)
+        cfgs.append(load_config(name, profile=prof, overrides=sets))
+    cfgs = plan(cfgs, runs_root)
+
+    # Imported only now: a mistake in the suite is reported without waiting for torch and Lightning.
+    from finegrain.config import config_to_yaml
+    from finegrain.report.html import report_is_current, write_report
+    from finegrain.report.tables import comparison_rows, html_table, markdown_table
+    from finegrain.runs import create_run
+    from finegrain.tasks.engine import fit
+    from finegrain.tasks.evaluate import evaluate_run
+
+    finished: list[Path] = []
+    failed: dict[str, str] = {}
+    for cfg in cfgs:
         run = RunDir(runs_root / cfg.name)
+        source = cfg.eval.source_run if cfg.task == "knn" else None
+        if source in failed:
+            failed[cfg.name] = f"its source run '{source}' failed"
+            continue
         if run.is_finished():
             console.print(f"[dim]{cfg.name}: finished, skipped[/]")
-            finished.append(run.path)
-            continue
-        console.rule(f"[bold]{cfg.name}[/] — {cfg.description}")
-        if cfg.task == "knn":
-            from finegrain.runs import create_run
-
-            create_run(cfg, runs_root, resume=True)
         else:
-            fit(cfg, runs_root=runs_root, resume=run.config_file.is_file())
-        evaluate_run(run.path)
+            resume = run.config_file.is_file()
+            console.rule(f"[bold]{cfg.name}[/] — {cfg.description}" + (" (resumed)" if resume else ""))
+            if resume and run.config_file.read_text() != config_to_yaml(cfg):
+                console.print(f"[yellow]{cfg.name}: the config differs from the one the interrupted run "
+                              f"started with; continuing with {run.config_file}[/]")
+            try:
+                if cfg.task == "knn":
+                    create_run(cfg, runs_root, resume=True)
+                else:
+                    fit(cfg, runs_root=runs_root, resume=resume)
+                evaluate_run(run.path)
+            except FinegrainError as e:  # e.g. weights that cannot be downloaded: the other rows still run
+                failed[cfg.name] = str(e)
+                console.print(f"[red]{cfg.name} failed:[/] {e}")
+                continue
+        if not report_is_current(run.path):
+            try:
+                write_report(run.path)
+            except Exception as e:  # noqa: BLE001 - a figure that fails must not lose the finished runs
+                log.warning("%s: report failed: %s", run.path, e)
         finished.append(run.path)
     label = suite if isinstance(suite, str) else "custom"
     rows = comparison_rows(finished)
     md = runs_root / f"{label}-results.md"
     html = runs_root / f"{label}-results.html"
-    atomic_write_text(md, markdown_table(rows))
-    atomic_write_text(html, html_table(rows))
-    return {"markdown": md, "html": html}
+    title = f"Results of {label}" if isinstance(suite, str) else "Results"
+    atomic_write_text(md, markdown_table(rows, title=title, failed=failed))
+    atomic_write_text(html, html_table(rows, title=title, failed=failed))
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(cfgs)} runs failed[/] (listed under the tables): "
+                      + ", ".join(failed))
+    return {"markdown": md, "html": html, "failed": failed}

@@ -74,13 +74,25 @@ def fmt_value(v: Any, kind: str) -> str:
 # ---------------------------------------------------------------- protocol in words
 
 def data_words(protocol: dict) -> str:
-    """``'stanford_cars (stanford_cars_devkit)'``: the dataset folder name and its format."""
+    """``'stanford_cars (stanford_cars_devkit)'``: the dataset folder name and its format.
+
+    ``auto`` (the format was detected, not named) says nothing, so it is left out; the
+    split sentence of :func:`protocol_words` names the detected layout.
+    """
     dataset = str(protocol.get("dataset") or "").rstrip("/\\")
     name = Path(dataset).name if dataset else ""
     fmt = protocol.get("format")
+    fmt = None if fmt == "auto" else fmt
     if name and fmt and fmt != name:
         return f"{name} ({fmt})"
     return name or (str(fmt) if fmt else MISSING)
+
+
+def _synthetic_words(cfg: Any, protocol: dict) -> str:
+    """The built-in synthetic dataset named as such (its folder is a hash under the cache)."""
+    s = cfg.data.synthetic
+    ncls = protocol.get("num_classes") or s.num_classes
+    return f"built-in synthetic dataset ({ncls} classes, seed {s.seed})"
 
 
 def protocol_words(protocol: dict) -> str:
@@ -142,8 +154,9 @@ def run_row(run_path: Path) -> dict:
         "name": metrics.get("run") or (cfg.name if cfg else run.name),
         "description": (cfg.description if cfg else "") or "",
         "task": metrics.get("task") or (cfg.task if cfg else None),
-        "data": data_words(protocol) if protocol else (
-            f"{Path(cfg.data.root).name} ({cfg.data.format})" if cfg else MISSING),
+        "data": (_synthetic_words(cfg, protocol) if cfg is not None and cfg.data.root == "synthetic" else
+                 data_words(protocol) if protocol else
+                 data_words({"dataset": cfg.data.root, "format": cfg.data.format}) if cfg else MISSING),
         "protocol": protocol_words(protocol),
         "protocol_kind": protocol.get("protocol") or ("retrieval" if ret else "classification"),
         "loss": _num(cls.get("loss")),
@@ -202,11 +215,17 @@ def _model_label(row: dict) -> str:
     return f"**{row['name']}** — {desc}" if desc else f"**{row['name']}**"
 
 
+def _md_link(target: str) -> str:
+    """A Markdown link target: spaces and parentheses would end it early."""
+    return target.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+
+
 def _md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
     lines = ["| Model | " + " | ".join(h for h, _, _ in columns) + " |",
              "|:--|" + "|".join("--:" for _ in columns) + "|"]
     for r in rows:
-        cells = [_md_cell(_model_label(r))] + [fmt_value(r.get(k), kind) for _, k, kind in columns]
+        label = _model_label(r) + (f" ([report]({_md_link(str(r['report']))}))" if r.get("report") else "")
+        cells = [_md_cell(label)] + [fmt_value(r.get(k), kind) for _, k, kind in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -219,16 +238,18 @@ def _md_protocol_list(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown_table(rows: list[dict], title: str = "Results") -> str:
+def markdown_table(rows: list[dict], title: str = "Results", failed: dict[str, str] | None = None) -> str:
     """The comparison as Markdown: a classification table, a retrieval table when
     retrieval rows exist, and under each a "Data and protocol" list.
 
     Accuracies and recalls are percentages with one decimal, loss has three
     decimals, prediction time is in seconds; "—" marks a value that does not apply.
+    Each row's model cell links to the run's report (``row["report"]``).
     """
     out = [f"# {title}", ""]
+    tail = ["## Not run", ""] + [f"- {name}: {reason}" for name, reason in failed.items()] + [""] if failed else []
     if not rows:
-        return "\n".join(out + ["No finished runs.", ""])
+        return "\n".join(out + ["No finished runs.", ""] + tail)
     cls, ret = _split_rows(rows)
     if cls:
         out += ["## Classification", ""] + _md_table(cls, CLASSIFICATION_COLUMNS) + [""]
@@ -240,7 +261,7 @@ def markdown_table(rows: list[dict], title: str = "Results") -> str:
         out += ["Recall@K: fraction of queries with at least one same-class image among their K nearest "
                 "neighbours (query excluded); MAP@R as in Musgrave et al. 2020.", ""]
         out += _md_protocol_list(ret) + [""]
-    return "\n".join(out)
+    return "\n".join(out + tail)
 
 
 # ---------------------------------------------------------------- HTML
@@ -314,6 +335,10 @@ def html_page(title: str, body: str, extra_css: str = "") -> str:
             f"<body>\n{body}\n</body></html>\n")
 
 
-def html_table(rows: list[dict], title: str = "Results") -> str:
+def html_table(rows: list[dict], title: str = "Results", failed: dict[str, str] | None = None) -> str:
     """The comparison as a self-contained HTML page; each run's name links to its report."""
-    return html_page(title, f"<h1>{_esc(title)}</h1>\n" + html_tables_fragment(rows))
+    body = f"<h1>{_esc(title)}</h1>\n" + html_tables_fragment(rows)
+    if failed:
+        items = "".join(f"<li><b>{_esc(name)}</b>: {_esc(reason)}</li>" for name, reason in failed.items())
+        body += f'\n<h2>Not run</h2><ul class="protocol">{items}</ul>'
+    return html_page(title, body)
