@@ -31,6 +31,7 @@ def test_tiny_cnn_learns_synthetic_classes(tmp_path):
     assert {"train/loss", "val/acc", "val/loss", "seconds"} <= set(rows[0])
     saved = json.loads(run.metrics.read_text())
     assert saved["protocol"]["n_test"] == 4 * 8
+    assert saved["protocol"]["format"] == "stanford_cars"  # detected, not the config's "auto"
     assert (run.path / "per_class.csv").is_file()
     assert (run.path / "config.yaml").read_text().count("\n") > 50  # every default written out
 

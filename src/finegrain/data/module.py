@@ -131,6 +131,7 @@ class FinegrainDataModule(L.LightningDataModule):
         self.mean, self.std = mean, std
         d = cfg.data
         collection = open_data(d)
+        self.collection_format: str = collection.format  # what was detected when the config says "auto"
         self.split: Split = split_for(d, collection)
         self.cache = cache_for(collection, d)
         if self.cache is not None:

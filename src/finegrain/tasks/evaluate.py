@@ -58,7 +58,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
     loaded = load_model(run)
     model = loaded.model
     dm = FinegrainDataModule(cfg, mean=model.mean, std=model.std)
-    fmt = getattr(dm, "collection_format", cfg.data.format)
+    fmt = dm.collection_format
     result: dict = {
         "run": run.name, "task": cfg.task, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finegrain": __version__, "checkpoint": str(loaded.checkpoint), "model_checksum": loaded.checksum,
