@@ -92,7 +92,7 @@ def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
         engine.check_resumable(run.last_ckpt, other)
 
 
-def test_metric_learning_trains_and_evaluates_retrieval(tmp_path):
+def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch):
     cfg = tiny_config(
         tmp_path, name="ml", task="metric_learning",
         data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
@@ -112,7 +112,17 @@ def test_metric_learning_trains_and_evaluates_retrieval(tmp_path):
     from finegrain.errors import FinegrainError
     from finegrain.retrieval.search import Searcher, build_index
 
+    import finegrain.retrieval.search as search_mod
+
+    embedded = []
+    real_embed = search_mod.embed_records
+    monkeypatch.setattr(search_mod, "embed_records", lambda *a, **k: embedded.append(1) or real_embed(*a, **k))
     build_index(run.path, gallery="test")
+    assert embedded == []  # the test embeddings that evaluate saved, same model: reused
+    sidecar = run.embeddings / "test.json"
+    sidecar.write_text(sidecar.read_text().replace(m["model_checksum"], "0" * 64))
+    build_index(run.path, gallery="test")
+    assert embedded == [1]  # another model's embeddings: embedded again
     searcher = Searcher(run.path)
     query = searcher.index.paths[3]
     hits, top = searcher.search(open_rgb(query)[0], k=5)

@@ -44,12 +44,13 @@ def gallery_records(run: RunDir, gallery: str) -> tuple[list[ImageRecord], list[
     return coll.all_records(), coll.class_names, f"all images of {path}"
 
 
-def embed_records(run: RunDir, records: list[ImageRecord], description: str = "embedding"):
-    """Embeddings of ``records`` with the run's model (eval transform, the config's precision)."""
+def embed_records(run: RunDir, records: list[ImageRecord], description: str = "embedding", loaded=None):
+    """Embeddings of ``records`` with the run's model (eval transform, the config's precision);
+    ``loaded`` is the model when the caller has loaded it already."""
     from finegrain.data.module import make_loader
     from finegrain.retrieval.embed import load_model, predict
 
-    loaded = load_model(run)
+    loaded = loaded or load_model(run)
     cfg = loaded.cfg
     loader = make_loader(records, cfg.data, loaded.model.mean, loaded.model.std, False)
     out = predict(loaded.model, loader, precision=_inference_precision(cfg.train.precision),
@@ -73,20 +74,51 @@ def embed_split(run_path: str | Path, split: str) -> Path:
     return save_embeddings(run, split, out, paths, loaded.checksum)
 
 
+def saved_split_embeddings(run: RunDir, split: str, records: list[ImageRecord],
+                           checksum: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """A split's embeddings as ``evaluate`` or ``embed`` saved them, if this model made them
+    from exactly these images; else None."""
+    import json
+
+    from finegrain.retrieval.embed import load_embeddings
+
+    meta = run.embeddings / f"{split}.json"
+    if split not in SPLITS or not meta.is_file():
+        return None
+    try:
+        if json.loads(meta.read_text()).get("model_checksum") != checksum:
+            return None
+        emb, labels, paths = load_embeddings(run, split)
+    except (OSError, ValueError, KeyError, FinegrainError):
+        return None  # damaged or old: embed again
+    if sorted(paths) != sorted(str(r.path) for r in records):
+        return None
+    return emb, labels, paths
+
+
 def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat", metric: str = "cosine",
                 out_dir: Path | None = None) -> tuple[Path, dict]:
-    """``finegrain index``: embed the gallery and save a FAISS index with its metadata."""
+    """``finegrain index``: embed the gallery (or reuse the split's saved embeddings of the same
+    model) and save a FAISS index with its metadata."""
+    from finegrain.retrieval.embed import load_model
     from finegrain.retrieval.index import GalleryIndex
 
     run = open_run(run_path)
     records, class_names, description = gallery_records(run, gallery)
-    loaded, out = embed_records(run, records, "embedding gallery")
-    paths = [str(records[i].path) for i in out.indices]
-    index = GalleryIndex.build(out.embeddings, out.labels, paths, metric=metric, kind=kind,
-                               model_checksum=loaded.checksum, class_names=class_names)
+    loaded = load_model(run)
+    checksum = loaded.checksum
+    saved = saved_split_embeddings(run, gallery, records, checksum)
+    if saved is not None:
+        embeddings, labels, paths = saved
+        log.info("reusing the %s embeddings in %s (same model, same images)", gallery, run.embeddings)
+    else:
+        _, out = embed_records(run, records, "embedding gallery", loaded=loaded)
+        embeddings, labels, paths = out.embeddings, out.labels, [str(records[i].path) for i in out.indices]
+    index = GalleryIndex.build(embeddings, labels, paths, metric=metric, kind=kind,
+                               model_checksum=checksum, class_names=class_names)
     dest = out_dir or run.index
     index.save(dest)
-    info = {"n": len(paths), "dim": int(out.embeddings.shape[1]), "kind": kind, "metric": metric,
+    info = {"n": len(paths), "dim": int(embeddings.shape[1]), "kind": kind, "metric": metric,
             "gallery": description, "approx_recall_at_10": index.meta.get("approx_recall_at_10")}
     return dest, info
 
