@@ -31,6 +31,8 @@ from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create
 log = logging.getLogger(__name__)
 # Frozen backbones and frozen BatchNorm stay in eval mode on purpose (models/freezing.py).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# A deprecation inside Lightning itself, not in anything a user can change.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # Lightning's advertisement for its cloud logger is not for our users.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 # The `lightning` package adds a console handler of its own; where the CLI has set up logging, its
