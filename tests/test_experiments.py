@@ -121,7 +121,10 @@ def test_suite_end_to_end_writes_tables_with_every_row(tmp_path):
     assert set(cls) == {"t-cls", "t-knn"} and set(ret) == {"t-ml"}
     for name, cells in cls.items():
         loss, acc, f1, prec, rec, seconds = cells[1:]
-        assert float(loss) >= 0
+        if name == "t-knn":
+            assert loss == "—"  # vote shares have no meaningful cross-entropy
+        else:
+            assert float(loss) >= 0
         for c in (acc, f1, prec, rec):
             pct(c)
         assert float(seconds) > 0
