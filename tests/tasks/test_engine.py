@@ -19,7 +19,8 @@ from tests.conftest import ROOT, tiny_config
 
 
 def test_tiny_cnn_learns_synthetic_classes(tmp_path):
-    cfg = tiny_config(tmp_path, train={"epochs": 6}, optim={"lr": 0.003})
+    cfg = tiny_config(tmp_path, train={"epochs": 6}, optim={"lr": 0.003},
+                      schedule={"name": "step", "step_size": 3, "gamma": 0.1})
     run, zero = engine.fit(cfg, runs_root=tmp_path)
     assert zero
     m = evaluate_run(run.path)
@@ -29,6 +30,10 @@ def test_tiny_cnn_learns_synthetic_classes(tmp_path):
     rows = engine.read_history(run.history)
     assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert {"train/loss", "val/acc", "val/loss", "seconds"} <= set(rows[0])
+    # the learning rate each epoch trained with, once: 3 epochs at 0.003, then 3 at 0.0003
+    lr_cols = [c for c in rows[0] if c.startswith("lr")]
+    assert lr_cols and all(c.startswith("lr/") for c in lr_cols), lr_cols
+    assert [float(r[lr_cols[0]]) for r in rows] == pytest.approx([3e-3] * 3 + [3e-4] * 3)
     saved = json.loads(run.metrics.read_text())
     assert saved["protocol"]["n_test"] == 4 * 8
     assert saved["protocol"]["format"] == "stanford_cars"  # detected, not the config's "auto"

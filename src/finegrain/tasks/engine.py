@@ -76,21 +76,23 @@ class History(Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._t0 = time.perf_counter()
+        self._lrs: dict[str, float] = {}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
+        # the rates this epoch trains with (at its end the scheduler has already stepped)
+        self._lrs = {f"lr/{g.get('name', i)}": g["lr"] for opt in trainer.optimizers
+                     for i, g in enumerate(opt.param_groups)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
         for k, v in sorted(trainer.callback_metrics.items()):
-            if k.endswith("_step"):
+            if k.endswith("_step") or k.startswith("lr-"):  # lr-*: LearningRateMonitor's copy, for the loggers
                 continue
             row[k.removesuffix("_epoch")] = round(float(v), 6)
-        for opt in trainer.optimizers:
-            for i, g in enumerate(opt.param_groups):
-                row[f"lr/{g.get('name', i)}"] = g["lr"]
+        row.update(self._lrs)
         row["seconds"] = round(time.perf_counter() - self._t0, 2)
         rows = [r for r in read_history(self.path) if int(r["epoch"]) < row["epoch"]] + [row]
         fields: list[str] = []
