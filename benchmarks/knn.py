@@ -26,7 +26,6 @@ import argparse
 import gc
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,67 +38,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import log  # noqa: E402
+from common import machine_info as common_machine_info  # noqa: E402
 from finegrain.runs import atomic_write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "knn.json"
 
 
 def machine_info() -> dict:
+    """The shared machine description plus the FAISS and scikit-learn builds this benchmark measures."""
     import sklearn
 
-    import finegrain
     from finegrain.retrieval.index import faiss_blas_core, import_faiss
 
     faiss = import_faiss()  # first import of faiss: picks OpenBLAS kernels this CPU supports
-
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    blas = []
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [{"library": Path(i["filepath"]).name, "api": i.get("internal_api"), "threads": i.get("num_threads")}
-                for i in threadpool_info()]
-    except Exception:  # pragma: no cover - informative only
-        pass
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gib": mem_gib,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
+    return common_machine_info({
         "faiss": getattr(faiss, "__version__", "unknown"),
         "faiss_simd": faiss.get_compile_options().strip(),
         "faiss_omp_threads": faiss.omp_get_max_threads(),
         "faiss_openblas_core": faiss_blas_core(),
         "scikit_learn": sklearn.__version__,
-        "finegrain": finegrain.__version__,
-        "thread_pools": blas,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    })
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------- (a)
 def bench_knn(repeats: int) -> dict:
     from sklearn.neighbors import KNeighborsClassifier
 

@@ -22,7 +22,6 @@ import io
 import ipaddress
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -34,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
+
+from common import machine_info
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "serve_load.json"
@@ -340,8 +341,6 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    import torch
-
     result = {
         "benchmark": "serve_load",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -351,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_max_concurrency": args.max_concurrency if mode != "external" else None,
         "query_image_bytes": len(query), "server_startup_s": round(startup_s, 2) if proc else None,
         **stats,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform()},
+        "machine": machine_info(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

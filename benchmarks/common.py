@@ -1,0 +1,114 @@
+"""Helpers shared by the benchmark scripts: a description of the machine and timestamped logging.
+
+Imported as ``from common import log, machine_info`` by scripts run as
+``python benchmarks/<name>.py`` (the script's folder is then first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+# CPU flags that decide which vector kernels (and whether bf16 is native) the libraries can use.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` with the time of day, flushed at once."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def warn_if_busy() -> str | None:
+    """Log and return a warning when the 1-minute load average says other work shares the CPUs."""
+    load, cores = load_average(), os.cpu_count() or 1
+    if load is None or load[0] <= 0.5 * cores:
+        return None
+    msg = (f"machine busy: load average {load[0]:.1f} on {cores} cores; other processes compete for the "
+           "CPUs and the figures will be lower and noisier than on an idle machine")
+    log("WARNING: " + msg)
+    return msg
+
+
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU model name and which of :data:`CPU_FEATURES` it has."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, [f for f in CPU_FEATURES if f in flags]
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(module: str) -> str | None:
+    """``module.__version__`` when the module is importable, else None."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    return getattr(importlib.import_module(module), "__version__", "unknown")
+
+
+def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """CPU, cores, memory, library versions, thread pools and the load average, as a JSON-able dict.
+
+    torch's version and thread counts are included when torch is importable; ``extra``
+    (benchmark-specific details) is merged in last.
+    """
+    cpu_model, features = _cpu()
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model,
+        "cpu_features": features,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "finegrain": _version("finegrain"),
+    }
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        info.update({
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
+            "torchvision": _version("torchvision"),
+            "lightning": _version("lightning"),
+        })
+    pools: list[dict[str, Any]] = []
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = [{"library": Path(i["filepath"]).name, "api": i.get("internal_api"), "threads": i.get("num_threads")}
+                 for i in threadpool_info()]
+    except Exception:  # pragma: no cover - informative only
+        pass
+    info["thread_pools"] = pools
+    info.update(extra or {})
+    info["load_average_at_start"] = load_average()
+    return info
