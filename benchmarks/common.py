@@ -110,5 +110,5 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         pass
     info["thread_pools"] = pools
     info.update(extra or {})
-    info["load_average_at_start"] = load_average()
+    info["load_average"] = load_average()  # when the machine was described
     return info
