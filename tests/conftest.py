@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FINEGRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -45,6 +46,17 @@ def _isolated_cache(tmp_path_factory) -> Path:
     os.environ["FINEGRAIN_CACHE"] = str(cache)
     os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
     return cache
+
+
+class CrashAt(Callback):
+    """Simulates the process dying at batch ``batch`` of epoch ``epoch`` (both from 0)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated crash")
 
 
 def tiny_config(tmp_path: Path, **sections) -> "ExperimentConfig":

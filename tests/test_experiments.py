@@ -16,6 +16,7 @@ from finegrain.errors import FinegrainError
 from finegrain.experiments import SUITES, run_suite
 from finegrain.report.tables import fmt_pct
 from finegrain.tasks import engine
+from tests.conftest import CrashAt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,17 +163,6 @@ def test_suite_end_to_end_writes_tables_with_every_row(tmp_path):
 
 
 # ---------------------------------------------------------------- 2. interrupted, then run again
-
-class CrashAt(Callback):
-    """Simulates the process dying in the middle of an epoch."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise RuntimeError("simulated crash")
-
 
 class EpochLog(Callback):
     """Records which epochs a trainer actually trains."""

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from finegrain.errors import FinegrainError
 from finegrain.tasks import engine
 from finegrain.tasks.evaluate import evaluate_run
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, CrashAt, tiny_config
 
 
 def test_tiny_cnn_learns_synthetic_classes(tmp_path):
@@ -39,17 +38,6 @@ def test_tiny_cnn_learns_synthetic_classes(tmp_path):
     assert saved["protocol"]["format"] == "stanford_cars"  # detected, not the config's "auto"
     assert (run.path / "per_class.csv").is_file()
     assert (run.path / "config.yaml").read_text().count("\n") > 50  # every default written out
-
-
-class CrashAt(Callback):
-    """Simulates a process dying in the middle of an epoch."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise RuntimeError("simulated crash")
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
