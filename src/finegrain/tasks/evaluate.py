@@ -132,7 +132,7 @@ def knn_metrics(cfg: ExperimentConfig, dm, model, test_out, precision: str) -> t
     # Vote shares are no probability model: their cross-entropy mostly counts the classes no neighbour
     # voted for (clipped zeros), so a kNN row reports no loss, as the seed's kNN table did.
     m.pop("loss", None)
-    m["prediction_seconds"] = round(float(seconds), 4)
+    m["prediction_seconds"] = round(float(seconds), 6)
     m["n_gallery"] = int(len(gallery.labels))
     return m, preds
 
