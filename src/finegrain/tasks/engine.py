@@ -80,7 +80,8 @@ class History(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
-        # the rates this epoch trains with (at its end the scheduler has already stepped)
+        # the rates at the start of the epoch (at its end an epoch-wise scheduler has already stepped;
+        # a per-step schedule such as one-cycle moves within the epoch)
         self._lrs = {f"lr/{g.get('name', i)}": g["lr"] for opt in trainer.optimizers
                      for i, g in enumerate(opt.param_groups)}
 
