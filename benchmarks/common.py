@@ -10,9 +10,10 @@ import importlib
 import importlib.util
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # CPU flags that decide which vector kernels (and whether bf16 is native) the libraries can use.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -112,3 +113,37 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     info.update(extra or {})
     info["load_average"] = load_average()  # when the machine was described
     return info
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_timed(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int,
+              on_done: Callable[[str, int, float, float], None], cwd: Path | None = None) -> None:
+    """Run commands ``(name, argv, log file)``, ``parallel`` at a time, each limited to ``threads``
+    threads (``OMP_NUM_THREADS``); call ``on_done(name, exit code, wall seconds, CPU seconds)`` as each ends.
+
+    CPU seconds are the ``rusage`` of the process and of every process it waited for (its
+    data-loading workers): user + system time, whatever else the machine runs.
+    """
+    queue = list(jobs)
+    running: dict[int, tuple[str, subprocess.Popen, float, Any]] = {}
+    while queue or running:
+        while queue and len(running) < parallel:
+            name, argv, log_path = queue.pop(0)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                   "FINEGRAIN_PROGRESS": "1"}
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            logf = log_path.open("w")
+            log(f"start {name} ({threads} thread(s)): {' '.join(argv[1:])}")
+            p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            running[p.pid] = (name, p, time.perf_counter(), logf)
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        name, p, t0, logf = running.pop(pid)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        logf.close()
+        on_done(name, p.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime)

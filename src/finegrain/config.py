@@ -76,6 +76,8 @@ class ModelConfig(Section):
     cubs: str = "none"
     cubs_stages: list[int] = [4]
     freeze: Literal["none", "backbone", "bn"] = "none"
+    freeze_stages: int = Field(0, ge=0)
+    """Partial fine-tuning: freeze the backbone's stem and first N stages."""
 
 
 class OptimConfig(Section):

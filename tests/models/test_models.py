@@ -228,6 +228,25 @@ def test_freeze_policies():
         apply_freeze(m, "everything")
 
 
+def test_freeze_stages_freezes_the_stem_and_early_stages_only():
+    m = apply_freeze(build_model("resnet18", num_classes=3), "none", stages=2)
+    b = m.backbone
+    assert {p.requires_grad for x in (b.conv1, b.bn1, b.layer1, b.layer2) for p in x.parameters()} == {False}
+    assert _trainable(m.backbone, "layer3") == {True} and _trainable(m, "classifier") == {True}
+    m.train()
+    assert not b.layer2.training and not b.bn1.training and b.layer3.training and m.classifier.training
+    before, later = b.layer1[0].bn1.running_mean.clone(), b.layer3[0].bn1.running_mean.clone()
+    m.logits(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert torch.equal(before, b.layer1[0].bn1.running_mean)  # frozen statistics
+    assert not torch.equal(later, b.layer3[0].bn1.running_mean)  # the rest still trains
+    assert b.conv1.weight.grad is None and b.layer3[0].conv1.weight.grad is not None
+
+    with pytest.raises(ConfigError, match="between 0 and 4"):
+        apply_freeze(build_model("resnet18", num_classes=3), "none", stages=5)
+    with pytest.raises(ConfigError, match="no known stages"):
+        apply_freeze(build_model("tin_cnn", num_classes=3), "none", stages=1)
+
+
 def test_freeze_on_a_plain_module_uses_a_hook():
     class Plain(nn.Module):
         def __init__(self):

@@ -10,6 +10,14 @@
   statistics are neither updated nor replaced by batch statistics (useful with
   small batches). The rest of the backbone trains.
 
+Independently, ``model.freeze_stages: N`` freezes the backbone's stem and its first
+``N`` stages (weights and BatchNorm statistics, kept in eval mode): partial
+fine-tuning. The early layers of an ImageNet network change least when fine-tuned
+and cost most at high resolution; freezing them skips their backward pass
+(EfficientNet-Lite0 at 144x192 trains 1.36x faster with the stem and two stages
+frozen). Stages are timm EfficientNets' ``blocks`` and torchvision ResNets'
+``layer1``-``layer4``.
+
 How "stays in eval mode" is done: a :class:`~finegrain.models.model.FinegrainModel`
 records the policy in ``model.freeze_policy`` and its ``train()`` override puts
 the backbone (``backbone``) or its BatchNorm layers (``bn``) back into eval mode
@@ -45,13 +53,37 @@ def _eval_hook(policy: str):
     return hook
 
 
-def apply_freeze(model: nn.Module, policy: str) -> nn.Module:
-    """Apply freeze ``policy`` (one of :data:`FREEZE_POLICIES`) to ``model.backbone``; returns ``model``."""
+def early_modules(backbone: nn.Module, stages: int) -> list[nn.Module]:
+    """The stem and the first ``stages`` stages of ``backbone``, in forward order."""
+    if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):  # timm EfficientNet / MobileNet
+        stem, all_stages = [backbone.conv_stem, backbone.bn1], list(backbone.blocks)
+    elif all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):  # torchvision ResNet
+        stem, all_stages = [backbone.conv1, backbone.bn1], [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    else:
+        raise ConfigError(f"model.freeze_stages: {type(backbone).__name__} has no known stages "
+                          "(supported: timm EfficientNets, torchvision ResNets)")
+    if not 0 <= stages <= len(all_stages):
+        raise ConfigError(f"model.freeze_stages must be between 0 and {len(all_stages)} for this backbone, "
+                          f"got {stages}")
+    return stem + all_stages[:stages] if stages else []
+
+
+def apply_freeze(model: nn.Module, policy: str, stages: int = 0) -> nn.Module:
+    """Apply freeze ``policy`` (one of :data:`FREEZE_POLICIES`) to ``model.backbone``, and freeze its
+    stem and first ``stages`` stages; returns ``model``."""
     if policy not in FREEZE_POLICIES:
         raise ConfigError(str(unknown_name("freeze policy (model.freeze)", str(policy), FREEZE_POLICIES)))
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"cannot apply freeze policy '{policy}': the model has no backbone")
+    early = early_modules(backbone, stages) if stages else []
+    for p in (p for m in early for p in m.parameters()):
+        p.requires_grad_(False)
+    if early:
+        if not hasattr(model, "frozen_parts"):
+            raise ConfigError("model.freeze_stages needs a finegrain model")
+        model.frozen_parts = early
+        model.train(model.training)
     if policy == "none":
         return model
     if policy == "backbone":

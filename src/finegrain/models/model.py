@@ -79,6 +79,7 @@ class FinegrainModel(nn.Module):
         self.std = tuple(float(v) for v in std)
         # set by finegrain.models.freezing.apply_freeze; honoured by train()
         self.freeze_policy = "none"
+        self.frozen_parts: list[nn.Module] = []  # model.freeze_stages: kept in eval mode too
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "FinegrainModel":
@@ -90,6 +91,9 @@ class FinegrainModel(nn.Module):
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        if mode:
+            for m in self.frozen_parts:
+                m.eval()
         return self
 
     # ------------------------------------------------------------------ parts

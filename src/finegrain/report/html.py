@@ -190,6 +190,8 @@ def _config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         backbone += f" + {m.cubs} on stage(s) {', '.join(map(str, m.cubs_stages))}"
     if m.freeze != "none":
         backbone += f" (frozen: {m.freeze})"
+    if m.freeze_stages:
+        backbone += f" (stem and first {m.freeze_stages} stages frozen)"
     opt = o.name + (f", weight decay {o.weight_decay:g}" if o.weight_decay else "")
     if o.name == "sgd":
         opt += f", momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}"

@@ -25,7 +25,7 @@ def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: s
         normalize_embedding=m.normalize_embedding, bn_neck=m.bn_neck, stem=m.stem, cubs=m.cubs,
         cubs_stages=list(m.cubs_stages),
     )
-    apply_freeze(model, m.freeze)
+    apply_freeze(model, m.freeze, m.freeze_stages)
     return model
 
 

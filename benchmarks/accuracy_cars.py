@@ -1,0 +1,259 @@
+"""Benchmark: accuracy on the real Stanford Cars, the seeds' methods against ours, with the CPU time each took.
+
+    python benchmarks/accuracy_cars.py [--parallel 2] [--only NAME ...] [--runs DIR] [--out PATH]
+
+The data is ``../shared/data/stanford_cars`` (the 8,144 official training images at
+128x96). Two protocols, every method on the same split:
+
+- classification on the stratified, seeded 50/50 split of the 8,144 images (196
+  classes, ``data.holdout: 0.5``, ``split_seed: 0``): top-1/top-5 accuracy, macro F1;
+
+  * ``seed-knn``: the seed's method, frozen ImageNet features + kNN (k=10, Euclidean):
+    ``finegrain train cars-lite0-knn --profile quick``;
+  * ``linear-probe``: the same frozen features + a linear head (scikit-learn's
+    multinomial logistic regression on standardised features, ``C`` chosen on the
+    config's validation carve-out, then refitted on train + validation);
+  * ``ours-classification``: our recipe, ``finegrain train cars-lite0 --profile cpu45``;
+
+- class-disjoint retrieval (Cars196 protocol on these images: classes 1-98 train,
+  99-196 test, every test image a query against the rest): Recall@1/2/4/8 and MAP@R;
+
+  * ``frozen-retrieval``: frozen ImageNet features, ``finegrain train cars196-lite0-frozen --profile quick``;
+  * ``ours-retrieval``: our metric-learning recipe, ``finegrain train cars196-lite0-ms --profile cpu45``.
+
+Every method runs as its own process through the command users run, in a fresh run
+folder under ``--runs`` (default ``runs/bench-cars``); its metrics are read from the
+run's ``metrics.json``. Its CPU time is the ``rusage`` of that process and everything it
+waited for (its data-loading workers), so it does not depend on what else the machine
+runs; wall time is reported too. With ``--parallel N`` (default 2 on a 2-core machine)
+N methods run at once, each limited to ``cores // N`` threads (``OMP_NUM_THREADS``) and,
+when N > 1, to in-process data loading (``data.num_workers=0``), so each method
+uses one core and its CPU time is close to its wall time.
+
+The goal (issue 7): classification top-1 >= 65% and retrieval Recall@1 >= 55%, each within
+45 CPU-minutes on this machine. Results go to ``--out`` (default
+``benchmarks/results/accuracy_cars.json``), merged with the methods already there and
+written after each method; ``--only`` reruns some methods and keeps the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from common import log, machine_info, run_timed, usable_cores, warn_if_busy  # noqa: E402
+from finegrain.runs import atomic_write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy_cars.json"
+CARS = ROOT.parent / "shared" / "data" / "stanford_cars"
+GOALS = {"classification_top1": 0.65, "retrieval_recall@1": 0.55, "cpu_minutes": 45.0}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    protocol: str  # classification | retrieval
+    what: str
+    config: str | None  # shipped config trained with `finegrain train` (None: the linear probe below)
+    profile: str
+
+
+METHODS = (
+    Method("ours-classification", "classification", "ours: fine-tuned EfficientNet-Lite0 (ImageNet)", "cars-lite0",
+           "cpu45"),
+    Method("ours-retrieval", "retrieval", "ours: metric learning on EfficientNet-Lite0 (ImageNet)",
+           "cars196-lite0-ms", "cpu45"),
+    Method("seed-knn", "classification", "seed: frozen ImageNet features + kNN (k=10, Euclidean)", "cars-lite0-knn",
+           "quick"),
+    Method("linear-probe", "classification", "frozen ImageNet features + linear head (logistic regression)",
+           None, "quick"),
+    Method("frozen-retrieval", "retrieval", "frozen ImageNet features, cosine", "cars196-lite0-frozen", "quick"),
+)
+PROBE_CONFIG = "cars-lite0-knn"  # the linear probe reads the same features as the seed's kNN row
+
+
+# ---------------------------------------------------------------------- the linear probe (a child process)
+def linear_probe(run_dir: Path, threads: int) -> None:
+    """Frozen features of ``PROBE_CONFIG`` + multinomial logistic regression; writes ``run_dir/metrics.json``."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from finegrain.config import load_config
+    from finegrain.data.module import FinegrainDataModule, make_loader
+    from finegrain.metrics.classification import classification_metrics
+    from finegrain.retrieval.embed import predict
+    from finegrain.tasks.base import build_from_config
+
+    torch.set_num_threads(threads)
+    cfg = load_config(PROBE_CONFIG, profile="quick")
+    dm = FinegrainDataModule(cfg)
+    model = build_from_config(cfg, len(dm.class_names)).eval()
+    d = cfg.data
+
+    def features(records) -> tuple[np.ndarray, np.ndarray]:
+        out = predict(model, make_loader(records, d, model.mean, model.std, False, cache=dm.cache),
+                      precision=cfg.train.precision, channels_last=cfg.train.channels_last)
+        return out.features, out.labels
+
+    t0 = time.process_time()
+    x_train, y_train = features(dm.split.train)
+    x_val, y_val = features(dm.split.val)
+    x_test, y_test = features(dm.test_records)
+    extract = time.process_time() - t0
+    scaler = StandardScaler().fit(np.concatenate([x_train, x_val]))
+    scores = {}
+    for c in (0.01, 0.1, 1.0):
+        clf = LogisticRegression(C=c, max_iter=300).fit(scaler.transform(x_train), y_train)
+        scores[c] = float(np.mean(clf.predict(scaler.transform(x_val)) == y_val))
+    best = max(scores, key=lambda c: scores[c])
+    clf = LogisticRegression(C=best, max_iter=300).fit(scaler.transform(np.concatenate([x_train, x_val])),
+                                                       np.concatenate([y_train, y_val]))
+    probs = np.zeros((len(y_test), len(dm.class_names)), dtype=np.float32)
+    probs[:, clf.classes_] = clf.predict_proba(scaler.transform(x_test))
+    m = classification_metrics(y_test, probs, num_classes=len(dm.class_names), scores="probs")
+    result = {"classification": m, "linear_probe": {"C": best, "val_accuracy_by_C": scores,
+                                                    "feature_extraction_cpu_seconds": round(extract, 1),
+                                                    "n_train": int(len(y_train) + len(y_val))}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "metrics.json", result)
+    (run_dir / "config.yaml").write_text(f"# features: {PROBE_CONFIG} --profile quick\n")
+
+
+# ---------------------------------------------------------------------- the driver
+def command(method: Method, runs: Path, threads: int, parallel: int) -> list[str]:
+    if method.config is None:
+        return [sys.executable, __file__, "--linear-probe", str(runs / method.name), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "finegrain", "train", method.config, "--profile", method.profile,
+           "--runs", str(runs), "--name", method.name]
+    if parallel > 1:
+        cmd += ["--set", "data.num_workers=0"]
+    return cmd
+
+
+def summary(method: Method, metrics: dict) -> dict[str, Any]:
+    """The headline figures of a run's metrics.json."""
+    if method.protocol == "classification":
+        c = metrics["classification"]
+        return {k: c.get(k) for k in ("top1", "top5", "f1_macro", "precision_macro", "recall_macro")}
+    r = metrics["retrieval"]
+    return {k: v for k, v in r.items() if k.startswith("recall@") or k in ("map@r", "r_precision", "nmi")}
+
+
+def config_of(run_dir: Path) -> dict | None:
+    path = run_dir / "config.yaml"
+    if not path.is_file() or path.read_text().startswith("#"):
+        return None
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -> None:
+    threads = max(1, usable_cores() // args.parallel)
+    by_name = {m.name: m for m in methods}
+    for m in methods:
+        if (args.runs / m.name).exists():
+            shutil.rmtree(args.runs / m.name)  # a fresh run: no resumed checkpoint, an honest time
+
+    def done(name: str, code: int, wall: float, cpu: float) -> None:
+        m = by_name[name]
+        entry: dict[str, Any] = {
+            "protocol": m.protocol, "method": m.what,
+            "command": (f"finegrain train {m.config} --profile {m.profile}" if m.config else
+                        f"python benchmarks/accuracy_cars.py --only {m.name}"),
+            "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+            "cpu_minutes": round(cpu / 60, 1), "log": str(args.runs / f"{m.name}.log"),
+        }
+        metrics_file = args.runs / m.name / "metrics.json"
+        if code != 0 or not metrics_file.is_file():
+            entry["error"] = f"exit code {code}; see {entry['log']}"
+            log(f"FAILED {m.name}: {entry['error']}")
+        else:
+            metrics = json.loads(metrics_file.read_text())
+            entry["metrics"] = summary(m, metrics)
+            if "linear_probe" in metrics:
+                entry["linear_probe"] = metrics["linear_probe"]
+            cfg = config_of(args.runs / m.name)
+            if cfg:
+                entry["recipe"] = {"task": cfg["task"], "image_size": cfg["data"]["image_size"],
+                                   "epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"],
+                                   "model": cfg["model"], "optim": cfg["optim"], "loss": cfg["loss"]["name"]}
+            log(f"done {m.name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
+        result["methods"][m.name] = entry
+        result["goals_met"] = goals_met(result["methods"])
+        atomic_write_json(args.out, result)
+
+    jobs = [(m.name, command(m, args.runs, threads, args.parallel), args.runs / f"{m.name}.log") for m in methods]
+    run_timed(jobs, args.parallel, threads, done, cwd=ROOT)
+
+
+def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, key, metric in (("ours-classification", "classification_top1", "top1"),
+                              ("ours-retrieval", "retrieval_recall@1", "recall@1")):
+        e = methods.get(name, {})
+        value = e.get("metrics", {}).get(metric)
+        if value is None:
+            out[key] = None
+            continue
+        out[key] = {"value": value, "goal": GOALS[key], "cpu_minutes": e["cpu_minutes"],
+                    "met": bool(value >= GOALS[key] and e["cpu_minutes"] <= GOALS["cpu_minutes"])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parallel", type=int, default=2, help="methods run at once (each gets cores/N threads)")
+    ap.add_argument("--only", nargs="+", choices=[m.name for m in METHODS], help="run these methods only")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-cars")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--linear-probe", type=Path, help=argparse.SUPPRESS)  # the child process of linear-probe
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.linear_probe:
+        linear_probe(args.linear_probe, args.threads)
+        return 0
+    if not CARS.is_dir():
+        log(f"skipped: {CARS} is absent")
+        return 0
+    os.environ["PYTHONPATH"] = str(ROOT / "src")  # the children run this checkout's finegrain
+    busy = warn_if_busy()
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result.update({
+        "benchmark": "accuracy_cars",
+        "data": f"{CARS} (8,144 official training images at 128x96)",
+        "protocols": {
+            "classification": "stratified, seeded 50/50 split of the 8,144 images (196 classes; holdout 0.5, "
+                              "split_seed 0); test = the held-out half",
+            "retrieval": "class-disjoint: classes 1-98 train (4,052 images), 99-196 test (4,092); every test "
+                         "image a query against the other test images, cosine similarity",
+        },
+        "cpu_time": "user + system seconds of the method's process and the processes it waited for "
+                    "(os.wait4 rusage); a budget of 45 CPU-minutes is 45 minutes of one core",
+        "goals": GOALS,
+        "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    result.setdefault("methods", {})
+    methods = [m for m in METHODS if not args.only or m.name in args.only]
+    run_methods(methods, args, result)
+    for name, e in result["methods"].items():
+        log(f"{name:22s} {e.get('metrics') or e.get('error')}  {e['cpu_minutes']} CPU-min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
