@@ -104,7 +104,7 @@ def linear_probe(run_dir: Path, threads: int) -> None:
     d = cfg.data
 
     def features(records) -> tuple[np.ndarray, np.ndarray]:
-        out = predict(model, make_loader(records, d, model.mean, model.std, False, cache=dm.cache),
+        out = predict(model, make_loader(records, d, False, cache=dm.cache),
                       precision=cfg.train.precision, channels_last=cfg.train.channels_last)
         return out.features, out.labels
 

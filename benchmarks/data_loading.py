@@ -103,7 +103,10 @@ def stage_costs(dm_cache, dm_decode, n: int, batch_size: int) -> dict[str, float
     """Milliseconds per image of each loader stage, in this process on one thread (as in a worker).
 
     ``pixels``: the uint8 image (cache row, or JPEG decode + resize); ``item``: pixels plus the
-    transforms (to float, normalise, augmentation); ``collate``: stacking a batch of items.
+    transforms (augmentation; items stay uint8); ``collate``: stacking a batch of items;
+    ``normalise``: what the loader no longer does, the model's conversion of a collated uint8
+    batch to normalised float (``FinegrainModel.normalise_input``, run once per batch on the
+    training device, here the CPU with the process's threads).
     """
     import torch
     from torch.utils.data import default_collate
@@ -127,7 +130,17 @@ def stage_costs(dm_cache, dm_decode, n: int, batch_size: int) -> dict[str, float
         for _ in range(5):
             default_collate(items)
         out["collate_ms"] = round(1000 * (time.perf_counter() - t0) / (5 * len(items)), 3)
-        return out
+    finally:
+        torch.set_num_threads(threads)
+    from finegrain.models.model import FinegrainModel
+
+    batch = default_collate(items)[0]
+    model = FinegrainModel(torch.nn.Identity(), 3)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        model.normalise_input(batch)
+    out["normalise_ms"] = round(1000 * (time.perf_counter() - t0) / (5 * len(items)), 3)
+    return out
     finally:
         torch.set_num_threads(threads)
 

@@ -30,14 +30,28 @@ def _records(tmp_path: Path, n_classes: int = 3, per_class: int = 4) -> list[Ima
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_keeps_the_size_and_normalises(preset):
+def test_every_preset_keeps_the_size_and_uint8(preset):
+    torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 24, 32), dtype=torch.uint8)
     for train in (True, False):
-        y = build_transform(preset, (24, 32), train=train, mean=(0.5,) * 3, std=(0.5,) * 3)(x)
-        assert y.shape == (3, 24, 32) and y.dtype == torch.float32
-        assert -1.01 <= float(y.min()) and float(y.max()) <= 1.01 or preset == "strong"
-    plain = build_transform(preset, (24, 32), train=False, mean=(0.5,) * 3, std=(0.5,) * 3)(x)
-    assert torch.allclose(plain, x.float() / 255 * 2 - 1, atol=1e-6)
+        y = build_transform(preset, (24, 32), train=train)(x)
+        assert y.shape == (3, 24, 32) and y.dtype == torch.uint8
+    assert torch.equal(build_transform(preset, (24, 32), train=False)(x), x)  # evaluation: untouched
+    if preset != "plain":  # training augments
+        assert not all(torch.equal(build_transform(preset, (24, 32), train=True)(x), x) for _ in range(3))
+
+
+def test_the_model_normalises_uint8_batches_with_its_backbone_statistics():
+    from finegrain.models.model import build_model
+
+    model = build_model("tin_cnn", num_classes=3).eval()
+    model.mean, model.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    expected = (x.float() / 255 - torch.tensor(model.mean).view(1, 3, 1, 1)) / torch.tensor(model.std).view(1, 3, 1, 1)
+    assert torch.allclose(model.normalise_input(x), expected, atol=1e-5)
+    assert model.normalise_input(expected) is expected  # float input is taken as normalised
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), model.logits(expected), atol=1e-5)
 
 
 def test_unknown_preset_names_the_valid_ones():
@@ -52,7 +66,7 @@ def test_cached_and_uncached_loading_give_the_same_pixels(tmp_path, margin):
     assert len(cache) == len(records)
     assert find_cache(records, (16, 20), tmp_path / "cache", margin) is not None
     assert find_cache(records, (16, 24), tmp_path / "cache", margin) is None  # another size: not this cache
-    kw = dict(size=(16, 20), preset="plain", train=False, mean=(0, 0, 0), std=(1, 1, 1), batch_size=5,
+    kw = dict(size=(16, 20), preset="plain", train=False, batch_size=5,
               bbox_margin=margin)
     a = torch.cat([b[0] for b in build_loader(records, cache=cache, **kw)])
     b = torch.cat([b[0] for b in build_loader(records, cache=None, **kw)])
@@ -76,7 +90,7 @@ def test_bad_images_are_skipped_or_stop_the_run(tmp_path):
     assert len(good) == 4 and len(problems) == 1 and "text.jpg" in problems[0]
     with pytest.raises(ImageError, match="text.jpg"):
         preflight(records, on_bad_image="fail")
-    kw = dict(size=(8, 8), preset="plain", train=False, mean=(0, 0, 0), std=(1, 1, 1), batch_size=10)
+    kw = dict(size=(8, 8), preset="plain", train=False, batch_size=10)
     batches = list(build_loader(records, **kw))
     assert len(batches) == 1 and len(batches[0][1]) == 4  # the text file was dropped
     assert list(build_loader([ImageRecord(bad, 0)], **kw)) == [None]

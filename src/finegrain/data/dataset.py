@@ -93,8 +93,6 @@ def build_loader(
     size: tuple[int, int],
     preset: str,
     train: bool,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
     batch_size: int,
     num_workers: int = 0,
     sampler=None,
@@ -108,7 +106,7 @@ def build_loader(
     """A DataLoader over ``records``; no shuffling here (samplers decide the order)."""
     if isinstance(cache, str):
         cache = None
-    ds = ImageDataset(records, size, build_transform(preset, size, train, mean, std), bbox_margin, cache,
+    ds = ImageDataset(records, size, build_transform(preset, size, train), bbox_margin, cache,
                       on_bad_image)
     generator = torch.Generator().manual_seed(seed)
     kwargs: dict = dict(num_workers=num_workers, collate_fn=collate_skip_bad, generator=generator,

@@ -78,8 +78,6 @@ def bbox_margin(data: DataConfig) -> float | None:
 def make_loader(
     records: list[ImageRecord],
     data: DataConfig,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
     train: bool,
     *,
     sampler=None,
@@ -93,7 +91,6 @@ def make_loader(
 
     return build_loader(
         records, size=tuple(data.image_size), preset=data.augment if train else "plain", train=train,
-        mean=mean, std=std,
         batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
         num_workers=data.num_workers, sampler=sampler, batch_sampler=batch_sampler,
         bbox_margin=bbox_margin(data), cache=cache if cache is not None else "off",
@@ -115,20 +112,11 @@ def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> 
 
 
 class FinegrainDataModule(L.LightningDataModule):
-    """Train / val / test loaders for one config.
+    """Train / val / test loaders for one config (uint8 batches: the model normalises them)."""
 
-    ``mean``/``std`` must be set to the model's normalisation before the loaders are asked for.
-    """
-
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] = (0.229, 0.224, 0.225),
-    ) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.mean, self.std = mean, std
         d = cfg.data
         collection = open_data(d)
         self.collection_format: str = collection.format  # what was detected when the config says "auto"
@@ -163,22 +151,22 @@ class FinegrainDataModule(L.LightningDataModule):
             sampler = DistributedMPerClassSampler(
                 labels, m=d.m_per_class, batch_size=d.batch_size, num_replicas=replicas, rank=rank, seed=seed,
             )
-            return make_loader(self.train_records, d, self.mean, self.std, True,
+            return make_loader(self.train_records, d, True,
                                sampler=sampler, seed=seed, cache=self.cache)
         # One seeded shuffle per epoch (Lightning calls set_epoch), identical after a resume.
         sampler = DistributedSampler(
             range(len(self.train_records)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed,
         )
-        return make_loader(self.train_records, d, self.mean, self.std, True, sampler=sampler, seed=seed,
+        return make_loader(self.train_records, d, True, sampler=sampler, seed=seed,
                            cache=self.cache)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:
             return []
-        return make_loader(self.val_records, self.cfg.data, self.mean, self.std, False, cache=self.cache)
+        return make_loader(self.val_records, self.cfg.data, False, cache=self.cache)
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self.test_records, self.cfg.data, self.mean, self.std, False, cache=self.cache)
+        return make_loader(self.test_records, self.cfg.data, False, cache=self.cache)
 
 
 def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, workers: int = 2) -> list[str]:

@@ -1,10 +1,13 @@
 """Named augmentation presets (torchvision transforms v2).
 
 Images reach the transforms as uint8 tensors ``[3, H, W]`` already resized to the
-configured size (by the dataset, or read from the prepared cache), so every preset
-ends at that same size:
+configured size (by the dataset, or read from the prepared cache), and leave them
+as uint8 tensors of that same size: loaders collate uint8 batches (a quarter of the
+bytes of float ones), and the model converts and normalises them on its own device
+(:meth:`finegrain.models.model.FinegrainModel.normalise_input`), with its backbone's
+mean and standard deviation. The presets:
 
-- ``plain``: normalise only (evaluation, and training without augmentation);
+- ``plain``: nothing (evaluation, and training without augmentation);
 - ``light``: random resized crop (scale 0.6-1) and horizontal flip, the usual fine-tuning recipe;
 - ``seed``: the seed documents' augmentations: random crop (reflect-padded), flip,
   rotation up to 15 degrees, colour jitter;
@@ -13,7 +16,6 @@ ends at that same size:
 
 from __future__ import annotations
 
-import torch
 from torchvision.transforms import v2
 
 from finegrain.errors import unknown_name
@@ -21,14 +23,8 @@ from finegrain.errors import unknown_name
 PRESETS = ("plain", "light", "seed", "strong")
 
 
-def build_transform(
-    preset: str,
-    size: tuple[int, int],
-    train: bool,
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-    std: tuple[float, ...] = (0.229, 0.224, 0.225),
-) -> v2.Compose:
-    """The transform of a preset; with ``train=False`` every preset is ``plain``."""
+def build_transform(preset: str, size: tuple[int, int], train: bool) -> v2.Transform:
+    """The transform of a preset (uint8 in, uint8 out); with ``train=False`` every preset is ``plain``."""
     if preset not in PRESETS:
         raise unknown_name("augmentation preset", preset, PRESETS)
     h, w = size
@@ -48,8 +44,6 @@ def build_transform(
             v2.RandomResizedCrop((h, w), scale=(0.35, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.TrivialAugmentWide(),
+            v2.RandomErasing(p=0.25),
         ]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    if train and preset == "strong":
-        steps.append(v2.RandomErasing(p=0.25))
-    return v2.Compose(steps)
+    return v2.Compose(steps) if steps else v2.Identity()

@@ -97,9 +97,18 @@ class FinegrainModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ parts
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (what the loaders give) to float, scaled to [0, 1] and normalised with the
+        backbone's ``mean``/``std``, on their own device; float images are taken as normalised already."""
+        if x.dtype != torch.uint8:
+            return x
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
+        inv_std = 1 / (torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255)
+        return (x.float() - mean) * inv_std
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``[B, feature_dim]``."""
-        f = self.backbone(x)
+        """Pooled backbone features ``[B, feature_dim]`` of uint8 or normalised float images."""
+        f = self.backbone(self.normalise_input(x))
         return f.flatten(1) if f.dim() > 2 else f
 
     def _raw_embedding(self, f: torch.Tensor) -> torch.Tensor:

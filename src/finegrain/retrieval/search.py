@@ -52,7 +52,7 @@ def embed_records(run: RunDir, records: list[ImageRecord], description: str = "e
 
     loaded = loaded or load_model(run)
     cfg = loaded.cfg
-    loader = make_loader(records, cfg.data, loaded.model.mean, loaded.model.std, False)
+    loader = make_loader(records, cfg.data, False)
     out = predict(loaded.model, loader, precision=_inference_precision(cfg.train.precision),
                   channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip, progress=True,
                   description=description)
@@ -136,7 +136,6 @@ class Searcher:
     """A run's model and gallery index, loaded once, answering image queries."""
 
     def __init__(self, run_path: str | Path, index_dir: Path | None = None) -> None:
-        from finegrain.data.transforms import build_transform
         from finegrain.retrieval.embed import load_model
         from finegrain.retrieval.index import GalleryIndex
 
@@ -149,7 +148,6 @@ class Searcher:
         self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.loaded.checksum)
         m = self.loaded.model
         self.size = tuple(self.cfg.data.image_size)
-        self.transform = build_transform("plain", self.size, train=False, mean=m.mean, std=m.std)
         self.class_names = self.loaded.class_names
         has_head = getattr(m, "classifier", None) is not None
         self.prediction_source = "classifier" if has_head and self.cfg.task == "classification" else "neighbours"
@@ -166,7 +164,7 @@ class Searcher:
         from finegrain.data.images import resize_rgb, to_rgb
 
         arr = resize_rgb(to_rgb(image)[0], self.size)
-        x = self.transform(torch.from_numpy(arr.copy()).permute(2, 0, 1)).unsqueeze(0)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)  # uint8: the model normalises it
         model = self.loaded.model
         with torch.inference_mode(), autocast_for(_inference_precision(self.cfg.train.precision)):
             out = model(x)

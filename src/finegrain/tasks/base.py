@@ -48,6 +48,8 @@ class FinegrainTask(L.LightningModule):
 
     # ---------------------------------------------------------------- inputs
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of the loader (uint8) as the model's normalised float input, channels-last when asked."""
+        x = self.model.normalise_input(x)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

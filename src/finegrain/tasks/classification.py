@@ -29,10 +29,10 @@ class ClassificationTask(FinegrainTask):
         if batch is None:  # every image of the batch was unreadable
             return None
         x, y, _ = batch
-        target = y
-        if self.mixer is not None:
+        x, target = self.prepare_input(x), y
+        if self.mixer is not None:  # mixes normalised float images
             x, target = self.mixer(x, y)
-        logits = self.model.logits(self.prepare_input(x))
+        logits = self.model.logits(x)
         loss = F.cross_entropy(logits, target, label_smoothing=self.cfg.loss.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))

@@ -244,7 +244,6 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
     dm = FinegrainDataModule(cfg)
     train_labels = sorted({r.label for r in dm.train_records})
     task = make_task(cfg, dm.class_names, train_labels)
-    dm.mean, dm.std = task.model.mean, task.model.std  # the backbone says how to normalise
     trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records))
     trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.interrupted:

@@ -57,7 +57,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
         raise FinegrainError(f"unknown protocol '{protocol}'; valid: classification, retrieval")
     loaded = load_model(run)
     model = loaded.model
-    dm = FinegrainDataModule(cfg, mean=model.mean, std=model.std)
+    dm = FinegrainDataModule(cfg)
     fmt = dm.collection_format
     result: dict = {
         "run": run.name, "task": cfg.task, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -68,7 +68,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
         "definitions": DEFINITIONS,
     }
     precision = cfg.train.precision if cfg.train.precision != "16-mixed" or torch.cuda.is_available() else "32"
-    test_loader = make_loader(dm.test_records, cfg.data, model.mean, model.std, False, cache=dm.cache)
+    test_loader = make_loader(dm.test_records, cfg.data, False, cache=dm.cache)
     out = predict(model, test_loader, precision=precision, channels_last=cfg.train.channels_last,
                   tta_flip=cfg.eval.tta_flip, progress=True, description="test images")
     paths = [str(dm.test_records[i].path) for i in out.indices]
@@ -120,7 +120,7 @@ def knn_metrics(cfg: ExperimentConfig, dm, model, test_out, precision: str) -> t
     from finegrain.retrieval.knn import knn_classify
 
     gallery_records = dm.split.train + dm.split.val
-    gallery = predict(model, make_loader(gallery_records, cfg.data, model.mean, model.std, False, cache=dm.cache),
+    gallery = predict(model, make_loader(gallery_records, cfg.data, False, cache=dm.cache),
                       precision=precision, channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip,
                       progress=True, description="gallery images")
     e = cfg.eval
