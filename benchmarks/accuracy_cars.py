@@ -33,7 +33,8 @@ uses one core and its CPU time is close to its wall time.
 The goal (issue 7): classification top-1 >= 65% and retrieval Recall@1 >= 55%, each within
 45 CPU-minutes on this machine. Results go to ``--out`` (default
 ``benchmarks/results/accuracy_cars.json``), merged with the methods already there and
-written after each method; ``--only`` reruns some methods and keeps the others.
+written after each method; ``--only`` reruns some methods and keeps the others (a rerun
+method's previous entry moves to ``earlier``, so what each recipe gave stays on record).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -
                                    "epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"],
                                    "model": cfg["model"], "optim": cfg["optim"], "loss": cfg["loss"]["name"]}
             log(f"done {m.name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
+        if m.name in result["methods"]:  # keep what the earlier recipe gave
+            result.setdefault("earlier", []).append({"name": m.name, **result["methods"][m.name]})
         result["methods"][m.name] = entry
         result["goals_met"] = goals_met(result["methods"])
         atomic_write_json(args.out, result)
