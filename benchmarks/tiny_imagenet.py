@@ -1,7 +1,8 @@
 """Benchmark: ResNet-18 from scratch against CUBS-ResNet-1/2/3 and the seed's custom CNN on Tiny ImageNet,
 at an equal CPU budget.
 
-    python benchmarks/tiny_imagenet.py [--budget 10] [--parallel 2] [--only NAME ...] [--runs DIR] [--out PATH]
+    python benchmarks/tiny_imagenet.py [--budget 10] [--parallel 2] [--threads N] [--only NAME ...]
+                                       [--runs DIR] [--out PATH]
 
 The data is ``../shared/data/tiny-imagenet-200`` (200 classes, 100 training images per
 class, the full 10,000-image validation set used as test), at 64x64. Every model is
@@ -10,8 +11,9 @@ trained with the seed's recipe as its shipped config states it (``tin-cnn``,
 and the ``quick`` profile's data and precision (bf16-mixed, channels-last), so only the
 architecture differs.
 
-Equal budget: each model gets ``--budget`` CPU-minutes (one core each: ``--parallel``
-models run at once with ``cores // parallel`` threads and in-process data loading).
+Equal budget: each model gets ``--budget`` CPU-minutes (``--parallel`` models run at once,
+each with ``--threads`` threads, default ``cores // parallel``; with one thread the data
+loads in-process, so a model uses one core).
 Its training speed is first measured in this process (a few bf16 steps on random
 64x64 batches, CPU seconds), and it gets the whole epochs that fit 85% of the budget
 (the rest is left for loading, validation and the test pass), at least one. The run
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=10.0, help="CPU-minutes per model")
     ap.add_argument("--parallel", type=int, default=2, help="models trained at once (each gets cores/N threads)")
+    ap.add_argument("--threads", type=int, default=None, help="threads per model (default: cores / parallel)")
     ap.add_argument("--only", nargs="+", choices=MODELS)
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-tin")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["PYTHONPATH"] = str(ROOT / "src")  # the children run this checkout's finegrain
     busy = warn_if_busy()
-    threads = max(1, usable_cores() // args.parallel)
+    threads = args.threads or max(1, usable_cores() // args.parallel)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result.update({
         "benchmark": "tiny_imagenet",
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.runs / name)  # a fresh run: an honest time
         argv_ = [sys.executable, "-m", "finegrain", "train", name, "--profile", "quick", "--runs", str(args.runs),
                  "--set", f"train.epochs={epochs}"]
-        if args.parallel > 1:
+        if threads == 1:
             argv_ += ["--set", "data.num_workers=0"]
         jobs.append((name, argv_, args.runs / f"{name}.log"))
     atomic_write_json(args.out, result)
