@@ -141,8 +141,6 @@ def stage_costs(dm_cache, dm_decode, n: int, batch_size: int) -> dict[str, float
         model.normalise_input(batch)
     out["normalise_ms"] = round(1000 * (time.perf_counter() - t0) / (5 * len(items)), 3)
     return out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def bench_dataset(name: str, spec: dict[str, Any], cache_dir: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class ImageDataset(Dataset):
                 raise
             log.warning("skipping %s", e)
             return None
-        x = torch.from_numpy(np.require(arr, requirements="W")).permute(2, 0, 1).contiguous()
+        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # one copy: CHW, writable
         return self.transform(x), self.records[i].label, i
 
 

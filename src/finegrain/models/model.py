@@ -104,7 +104,7 @@ class FinegrainModel(nn.Module):
             return x
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
         inv_std = 1 / (torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255)
-        return (x.float() - mean) * inv_std
+        return x.float().sub_(mean).mul_(inv_std)  # in place: one float copy of the batch
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``[B, feature_dim]`` of uint8 or normalised float images."""
