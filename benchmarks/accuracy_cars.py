@@ -176,7 +176,7 @@ def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -
             "command": (f"finegrain train {m.config} --profile {m.profile}" if m.config else
                         f"python benchmarks/accuracy_cars.py --only {m.name}"),
             "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "cpu_minutes": round(cpu / 60, 1), "log": str(args.runs / f"{m.name}.log"),
+            "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{m.name}.log"),
         }
         metrics_file = args.runs / m.name / "metrics.json"
         if code != 0 or not metrics_file.is_file():
@@ -201,6 +201,12 @@ def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -
 
     jobs = [(m.name, command(m, args.runs, threads, args.parallel), args.runs / f"{m.name}.log") for m in methods]
     run_timed(jobs, args.parallel, threads, done, cwd=ROOT)
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if ROOT in path.parents else str(path)
 
 
 def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
