@@ -77,11 +77,11 @@ def apply_freeze(model: nn.Module, policy: str, stages: int = 0) -> nn.Module:
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"cannot apply freeze policy '{policy}': the model has no backbone")
     early = early_modules(backbone, stages) if stages else []
-    for p in (p for m in early for p in m.parameters()):
-        p.requires_grad_(False)
     if early:
         if not hasattr(model, "frozen_parts"):
             raise ConfigError("model.freeze_stages needs a finegrain model")
+        for p in (p for m in early for p in m.parameters()):
+            p.requires_grad_(False)
         model.frozen_parts = early
         model.train(model.training)
     if policy == "none":
