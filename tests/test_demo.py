@@ -11,9 +11,11 @@ from finegrain.demo import run_demo
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = run_demo(Console(file=open(tmp_path / "console.txt", "w")), runs_root=tmp_path / "runs", epochs=2)
-    assert 0.0 <= out["classification"]["top1"] <= 1.0
+    # Above chance after two epochs (24% and 27% when written): 16 classes give 6.25% top-1; in the 8
+    # unseen test classes of 12 images, a random neighbour shares the query's class 11 times in 95.
+    assert out["classification"]["top1"] > 2 / 16
     r = out["retrieval"]
-    assert 0.0 <= r["recall@1"] <= r["recall@4"] <= 1.0
+    assert 11 / 95 < r["recall@1"] <= r["recall@4"] <= 1.0
     runs = tmp_path / "runs"
     assert (runs / "demo-report.html").is_file()
     assert (runs / "demo-retrieval" / "index" / "meta.json").is_file()

@@ -13,9 +13,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from finegrain.errors import FinegrainError
-from finegrain.report.tables import fmt_seconds
 from finegrain.experiments import SUITES, run_suite
-from finegrain.report.tables import fmt_pct
+from finegrain.report.tables import fmt_pct, fmt_seconds
 from finegrain.tasks import engine
 from tests.conftest import CrashAt
 
