@@ -200,7 +200,8 @@ def _config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     if sch.name == "step":
         lr += f"; StepLR γ={sch.gamma:g} every {sch.step_size} epochs"
     elif sch.name != "none":
-        lr += f"; {sch.name} schedule" + (f", {sch.warmup_epochs:g} warm-up epochs" if sch.warmup_epochs else "")
+        lr += f"; {sch.name} schedule" + (f", {sch.warmup_epochs:g} warm-up epoch{'' if sch.warmup_epochs == 1 else 's'}"
+                                             if sch.warmup_epochs else "")
     aug = d.augment + "".join(f", {k} {v:g}" for k, v in (("mixup", t.mixup), ("cutmix", t.cutmix)) if v)
     epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
     size = metrics.get("protocol", {}).get("image_size") if metrics else None
