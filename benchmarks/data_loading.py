@@ -16,13 +16,18 @@ twice from the same config, differing only in the switch ``data.cache``: ``auto`
 (the loader finds the prepared memory-mapped cache and reads pixels from it) and
 ``off`` (every image is decoded and resized from its JPEG). Same records, same
 shuffled order, same transforms (``--augment``, default ``plain``), same batch size
-and number of workers. Each measurement makes a fresh loader, discards ``--warmup``
-batches (worker start-up, pipeline fill), then times ``--images`` images; the two
-modes alternate for ``--repeats`` rounds and the speed-up is the ratio of the median
-images/s (cache / decode) measured in this same run. Before timing, a few items of
-both loaders are compared: cached and decoded pixels must be identical. To explain the
-ratio, the per-image cost of each stage (pixels, pixels + transforms, collation) is
-also measured in-process on one thread, as a worker runs it.
+and ``data.num_workers``. Each loader runs as finegrain runs it: the decoding loader
+in ``--num-workers`` worker processes; the cached one, when it does not augment, in
+the main process (one gather from the memory map per batch costs less than sending
+the batch from a worker), and then it is also timed forced through the same worker
+processes (``cache_in_workers``) to show what that choice gains. Each measurement
+makes a fresh loader, discards ``--warmup`` batches (worker start-up, pipeline fill),
+then times ``--images`` images; the modes alternate for ``--repeats`` rounds and the
+speed-up is the ratio of the median images/s (cache / decode) measured in this same
+run. Before timing, a few items of both loaders are compared: cached and decoded
+pixels must be identical. To explain the ratio, the per-image cost of each stage
+(pixels, pixels + transforms, a whole fetched and collated batch, collation) is also
+measured in-process on one thread.
 
 The JPEG files are in the OS page cache (prepare has just read them all), so "decode"
 measures decoding and resizing, not disk reads. The cache lives in a temporary
@@ -73,9 +78,20 @@ def make_config(name: str, spec: dict[str, Any], cache: str, args: argparse.Name
     })
 
 
-def time_loader(dm, warmup: int, images: int) -> dict[str, float]:
-    """A fresh training loader of ``dm``: skip ``warmup`` batches, then time ``images`` images."""
+def in_workers(loader, num_workers: int):
+    """The same loader (dataset, sampler, collation) with ``num_workers`` worker processes."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      collate_fn=loader.collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def time_loader(dm, warmup: int, images: int, workers: int | None = None) -> dict[str, float]:
+    """A fresh training loader of ``dm`` (with ``workers`` processes instead of its own choice, if
+    given): skip ``warmup`` batches, then time ``images`` images."""
     loader = dm.train_dataloader()
+    if workers is not None:
+        loader = in_workers(loader, workers)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -103,13 +119,16 @@ def stage_costs(dm_cache, dm_decode, n: int, batch_size: int) -> dict[str, float
     """Milliseconds per image of each loader stage, in this process on one thread (as in a worker).
 
     ``pixels``: the uint8 image (cache row, or JPEG decode + resize); ``item``: pixels plus the
-    transforms (augmentation; items stay uint8); ``collate``: stacking a batch of items;
-    ``normalise``: what the loader no longer does, the model's conversion of a collated uint8
-    batch to normalised float (``FinegrainModel.normalise_input``, run once per batch on the
-    training device, here the CPU with the process's threads).
+    transforms (augmentation; items stay uint8), one item at a time; ``batch``: a whole batch as
+    the loader fetches it (``__getitems__``: one gather from the cache) and collates it into a
+    channels-last tensor; ``collate``: the collation alone; ``normalise``: what the loader does not
+    do, the model's conversion of a collated uint8 batch to normalised float
+    (``FinegrainModel.normalise_input``, once per batch on the training device, here the CPU with
+    the process's threads).
     """
     import torch
-    from torch.utils.data import default_collate
+
+    from finegrain.data.dataset import collate_skip_bad
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -124,17 +143,22 @@ def stage_costs(dm_cache, dm_decode, n: int, batch_size: int) -> dict[str, float
                 for i in idx:
                     fn(i)
                 out[f"{mode}_{stage}_ms"] = round(1000 * (time.perf_counter() - t0) / len(idx), 3)
+            batches = [list(idx[k:k + batch_size]) for k in range(0, len(idx), batch_size)]
+            t0 = time.perf_counter()
+            for b in batches:
+                collate_skip_bad(ds.__getitems__(b))
+            out[f"{mode}_batch_ms"] = round(1000 * (time.perf_counter() - t0) / len(idx), 3)
         ds = dm_cache.train_dataloader().dataset
-        items = [ds[i] for i in range(min(batch_size, len(ds)))]
+        items = ds.__getitems__(list(range(min(batch_size, len(ds)))))
         t0 = time.perf_counter()
         for _ in range(5):
-            default_collate(items)
+            collate_skip_bad(items)
         out["collate_ms"] = round(1000 * (time.perf_counter() - t0) / (5 * len(items)), 3)
     finally:
         torch.set_num_threads(threads)
     from finegrain.models.model import FinegrainModel
 
-    batch = default_collate(items)[0]
+    batch = collate_skip_bad(items)[0]
     model = FinegrainModel(torch.nn.Identity(), 3)
     t0 = time.perf_counter()
     for _ in range(5):
@@ -174,13 +198,18 @@ def bench_dataset(name: str, spec: dict[str, Any], cache_dir: Path, args: argpar
         raise SystemExit(f"{name}: {need} images needed per pass but the training split has "
                          f"{len(dm_cache.train_records)}; lower --images or --warmup")
 
-    runs: dict[str, list[dict[str, float]]] = {"cache": [], "decode": []}
+    # "cache_in_workers": the cached loader forced through the configured worker processes, which
+    # the loader itself avoids for un-augmented cached reads; measured to show why.
+    workers_differ = dm_cache.train_dataloader().num_workers != args.num_workers
+    modes = ["cache", "decode"] + (["cache_in_workers"] if workers_differ else [])
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for r in range(args.repeats):
-        order = ("cache", "decode") if r % 2 == 0 else ("decode", "cache")
+        order = modes if r % 2 == 0 else modes[::-1]
         for mode in order:
-            row = time_loader(dm_cache if mode == "cache" else dm_decode, args.warmup, args.images)
+            row = time_loader(dm_decode if mode == "decode" else dm_cache, args.warmup, args.images,
+                              args.num_workers if mode == "cache_in_workers" else None)
             runs[mode].append(row)
-            log(f"{name}: round {r + 1} {mode:6s} {row['images_per_second']:8.1f} images/s "
+            log(f"{name}: round {r + 1} {mode:16s} {row['images_per_second']:8.1f} images/s "
                 f"({row['images']} images in {row['seconds']:.2f} s)")
 
     def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -210,10 +239,16 @@ def bench_dataset(name: str, spec: dict[str, Any], cache_dir: Path, args: argpar
         },
         "cached_pixels_identical_to_decoded": identical,
         "stage_ms_per_image_one_thread": stages,
+        "loader_workers": {"cache": dm_cache.train_dataloader().num_workers,
+                           "decode": dm_decode.train_dataloader().num_workers},
         "cache": cache_sum,
         "decode": decode_sum,
+        **({"cache_in_workers": summary(runs["cache_in_workers"])} if workers_differ else {}),
         "speedup_cache_over_decode_median": round(ratio, 2),
         "speedup_cache_over_decode_best": round(ratio_best, 2),
+        **({"speedup_cache_in_workers_over_decode_median": round(
+            summary(runs["cache_in_workers"])["images_per_second_median"]
+            / decode_sum["images_per_second_median"], 2)} if workers_differ else {}),
     }
 
 
@@ -279,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         name: {"cache_images_per_second": d["cache"]["images_per_second_median"],
                "decode_images_per_second": d["decode"]["images_per_second_median"],
                "speedup_cache_over_decode": d["speedup_cache_over_decode_median"],
+               "speedup_cache_in_workers_over_decode": d.get("speedup_cache_in_workers_over_decode_median"),
                "prepare_seconds": d["prepare"]["seconds"]}
         for name, d in result["datasets"].items()
     }

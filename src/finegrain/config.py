@@ -56,7 +56,11 @@ class DataConfig(Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=0)
+    """Loader worker processes that decode and augment images. Loaders that read the prepared
+    cache without augmentation (evaluation, embedding, ``augment: plain``) read in the main
+    process instead: one gather from the memory map costs less than sending the batch from a worker."""
     cache: Literal["auto", "off"] = "auto"
+    """``auto``: read the prepared cache (``finegrain data prepare``) when there is one; ``off``: decode every image."""
     on_bad_image: Literal["skip", "fail"] = "skip"
     sampler: Literal["random", "m_per_class"] = "random"
     m_per_class: int = Field(4, ge=1)

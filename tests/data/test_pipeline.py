@@ -74,6 +74,43 @@ def test_cached_and_uncached_loading_give_the_same_pixels(tmp_path, margin):
     assert torch.equal(a, b)
 
 
+def test_batches_gather_cached_images_in_order_and_fall_back_for_the_rest(tmp_path):
+    records = _records(tmp_path)
+    bad = tmp_path / "text.jpg"
+    bad.write_text("not a jpeg")
+    prepared = records[:-3] + [ImageRecord(bad, 1)]  # the cache records the text file as unreadable
+    cache = prepare_cache(prepared, (16, 20), tmp_path / "cache", progress=False)
+    assert list(cache.bad) == [str(bad)]
+    everything = records + [ImageRecord(bad, 1)]  # the last 3 real images are not in the cache
+    order = list(np.random.default_rng(1).permutation(len(everything)))
+    kw = dict(size=(16, 20), preset="plain", train=False, batch_size=5, sampler=order, num_workers=2)
+    loader = build_loader(everything, cache=cache, **kw)
+    assert loader.num_workers == 0  # un-augmented reads from the cache stay in the main process
+    assert build_loader(everything, cache=None, **kw).num_workers == 2
+    seen = []
+    for x, y, idx in loader:
+        assert x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
+        for k, i in enumerate(idx.tolist()):
+            expected = build_loader([everything[i]], cache=None, **{**kw, "sampler": None})
+            assert torch.equal(x[k], next(iter(expected))[0][0])
+            assert y[k] == everything[i].label
+        seen += idx.tolist()
+    assert seen == [i for i in order if everything[i].path != bad]  # sampler order, unreadable one skipped
+
+
+def test_augmented_batches_from_worker_processes_are_channels_last(tmp_path):
+    records = _records(tmp_path)
+    cache = prepare_cache(records, (16, 20), tmp_path / "cache", progress=False)
+    loader = build_loader(records, size=(16, 20), preset="light", train=True, batch_size=5, num_workers=2,
+                          cache=cache)
+    assert loader.num_workers == 2  # augmentation runs in the workers
+    batches = list(loader)
+    assert sorted(i for _, _, idx in batches for i in idx.tolist()) == list(range(len(records)))
+    for x, y, idx in batches:
+        assert x.shape[1:] == (3, 16, 20) and x.is_contiguous(memory_format=torch.channels_last)
+        assert y.tolist() == [records[i].label for i in idx.tolist()]
+
+
 def test_a_changed_file_invalidates_the_cache(tmp_path):
     records = _records(tmp_path)
     prepare_cache(records, (16, 16), tmp_path / "cache", progress=False)

@@ -63,6 +63,11 @@ class PreparedCache:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None}
 
+    def _rows(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path / "images.npy", mmap_mode="r")
+        return self._array
+
     def get(self, record: ImageRecord) -> np.ndarray | None:
         """The cached ``[H, W, 3]`` pixels of a record, or None when it is not cached."""
         key = str(record.path)
@@ -70,9 +75,15 @@ class PreparedCache:
             return None
         if key in self.bad:
             raise ImageError(record.path, "unreadable", self.bad[key] + " (recorded by data prepare)")
-        if self._array is None:
-            self._array = np.load(self.path / "images.npy", mmap_mode="r")
-        return np.array(self._array[self._row[key]])
+        return np.array(self._rows()[self._row[key]])
+
+    def get_many(self, records: list[ImageRecord]) -> tuple[np.ndarray, list[int]]:
+        """``[K, H, W, 3]`` pixels of the records the cache holds readable, read in one gather, and
+        the positions in ``records`` they belong to (the others: use :meth:`get`, which explains why)."""
+        found = [(i, self._row[str(r.path)]) for i, r in enumerate(records)
+                 if str(r.path) in self._row and str(r.path) not in self.bad]
+        rows = np.fromiter((row for _, row in found), dtype=np.int64, count=len(found))
+        return self._rows()[rows], [i for i, _ in found]
 
 
 def find_cache(records: list[ImageRecord], size: tuple[int, int], cache_root: Path,

@@ -1,18 +1,25 @@
 """Datasets and loaders over image records.
 
-Each item is ``(image [3, H, W] float, label, index)``; an unreadable image is
+Each item is ``(image [3, H, W] uint8, label, index)``; an unreadable image is
 skipped (its item is ``None`` and :func:`collate_skip_bad` drops it, counting it
 in a warning) or, with ``on_bad_image="fail"``, stops with the file's name.
+
+Batches are channels-last: ``[B, 3, H, W]`` tensors whose memory is ``[B, H, W, 3]``,
+the layout images are decoded and cached in, so neither the loader nor the model
+transposes the pixels of un-augmented images. A loader batch reads its cached images
+with one gather from the memory map (:meth:`ImageDataset.__getitems__`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torchvision.transforms import v2
 
 from finegrain.data.cache import PreparedCache
 from finegrain.data.images import load_resized
@@ -42,6 +49,12 @@ class ImageDataset(Dataset):
             arr = load_resized(r.path, self.size, box, self.bbox_margin or 0.0)
         return arr
 
+    def _item(self, i: int, arr: np.ndarray):
+        x = torch.from_numpy(arr).permute(2, 0, 1)  # CHW view of the HWC pixels: no copy
+        if not isinstance(self.transform, v2.Identity):
+            x = self.transform(x.contiguous())  # augmentations run fastest on contiguous CHW
+        return x, self.records[i].label, i
+
     def __getitem__(self, i: int):
         try:
             arr = self.pixels(i)
@@ -50,14 +63,45 @@ class ImageDataset(Dataset):
                 raise
             log.warning("skipping %s", e)
             return None
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # one copy: CHW, writable
-        return self.transform(x), self.records[i].label, i
+        return self._item(i, arr)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """The items of a batch (what the DataLoader asks for); the cached ones come from one gather."""
+        if self.cache is None:
+            return [self[i] for i in indices]
+        block, found = self.cache.get_many([self.records[i] for i in indices])
+        items: list = [None] * len(indices)
+        for row, pos in enumerate(found):
+            items[pos] = self._item(indices[pos], block[row])
+        cached = set(found)
+        for pos, i in enumerate(indices):
+            if pos not in cached:  # not in the cache, or recorded unreadable: the one-by-one path says why
+                items[pos] = self[i]
+        return items
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker, in shared memory, so that sending it to the
+    main process does not copy it again (as ``default_collate`` does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def collate_skip_bad(items):
-    """Default collation without the ``None`` items of unreadable images (``None`` if all were)."""
+    """A batch ``(images [B, 3, H, W] channels-last uint8, labels [B], indices [B])`` of the items,
+    without the ``None`` items of unreadable images (``None`` if all were)."""
     good = [it for it in items if it is not None]
-    return default_collate(good) if good else None
+    if not good:
+        return None
+    c, h, w = good[0][0].shape
+    images = _empty((len(good), h, w, c), good[0][0].dtype).permute(0, 3, 1, 2)
+    for k, (x, _, _) in enumerate(good):
+        images[k].copy_(x)  # a plain copy for un-augmented items, a transposing one for augmented
+    labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
+    indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
+    return images, labels, indices
 
 
 def preflight(records: list[ImageRecord], on_bad_image: str = "skip") -> tuple[list[ImageRecord], list[str]]:
@@ -106,8 +150,10 @@ def build_loader(
     """A DataLoader over ``records``; no shuffling here (samplers decide the order)."""
     if isinstance(cache, str):
         cache = None
-    ds = ImageDataset(records, size, build_transform(preset, size, train), bbox_margin, cache,
-                      on_bad_image)
+    transform = build_transform(preset, size, train)
+    if cache is not None and isinstance(transform, v2.Identity):
+        num_workers = 0  # a gather from the memory map costs less than sending the batch from a worker
+    ds = ImageDataset(records, size, transform, bbox_margin, cache, on_bad_image)
     generator = torch.Generator().manual_seed(seed)
     kwargs: dict = dict(num_workers=num_workers, collate_fn=collate_skip_bad, generator=generator,
                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

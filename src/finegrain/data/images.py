@@ -124,7 +124,7 @@ def resize_rgb(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if im.size != (w, h):
         im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(im, dtype=np.uint8)
+    return np.array(im, dtype=np.uint8)  # writable: loaders hand out views of it
 
 
 def expand_box(
