@@ -161,6 +161,17 @@ def config_of(run_dir: Path) -> dict | None:
     return yaml.safe_load(path.read_text())
 
 
+def recipe_of(cfg: dict) -> dict[str, Any]:
+    """What a run's config says about how it was made (a kNN run trains nothing: no epochs, optimiser or loss)."""
+    recipe = {"task": cfg["task"], "image_size": cfg["data"]["image_size"],
+              "eval_image_sizes": cfg["data"].get("eval_image_sizes") or [cfg["data"]["image_size"]],
+              "tta_flip": cfg["eval"]["tta_flip"], "model": cfg["model"]}
+    if cfg["task"] != "knn":
+        recipe |= {"epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"], "optim": cfg["optim"],
+                   "loss": cfg["loss"]["name"]}
+    return recipe
+
+
 def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -> None:
     threads = max(1, usable_cores() // args.parallel)
     by_name = {m.name: m for m in methods}
@@ -188,9 +199,7 @@ def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -
                 entry["linear_probe"] = metrics["linear_probe"]
             cfg = config_of(args.runs / m.name)
             if cfg:
-                entry["recipe"] = {"task": cfg["task"], "image_size": cfg["data"]["image_size"],
-                                   "epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"],
-                                   "model": cfg["model"], "optim": cfg["optim"], "loss": cfg["loss"]["name"]}
+                entry["recipe"] = recipe_of(cfg)
             log(f"done {m.name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
         if m.name in result["methods"]:  # keep what the earlier recipe gave
             result.setdefault("earlier", []).append({"name": m.name, **result["methods"][m.name]})

@@ -50,6 +50,12 @@ class DataConfig(Section):
     split_seed: int = 0
     image_size: tuple[int, int] = (224, 224)
     """(height, width) every image is resized to before augmentation."""
+    eval_image_sizes: list[tuple[int, int]] = []
+    """(height, width) sizes for evaluation, embedding, indexing and search (default: ``image_size``);
+    with several, the model's outputs at each size are averaged (multi-scale test-time
+    augmentation). Validation uses the first. Testing above the training size can help:
+    random-resized-crop training shows objects larger than a whole test image does (Touvron et
+    al. 2019, "Fixing the train-test resolution discrepancy")."""
     crop_bbox: bool = False
     bbox_margin: float = Field(0.1, ge=0)
     augment: Literal["plain", "light", "seed", "strong"] = "plain"

@@ -157,3 +157,26 @@ def test_m_per_class_refuses_impossible_batches():
         DistributedMPerClassSampler([0, 1, 2], m=4, batch_size=6)
     with pytest.raises(ConfigError, match="classes"):
         DistributedMPerClassSampler([0, 0, 1, 1], m=2, batch_size=8)
+
+
+def test_eval_image_sizes_are_what_evaluation_reads_and_prepare_caches_every_size(tmp_path):
+    from finegrain.data.dataset import build_loader
+    from finegrain.data.module import FinegrainDataModule, prepare_for_config
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, data={"image_size": [32, 32], "eval_image_sizes": [[40, 36], [32, 32]]})
+    lines = prepare_for_config(cfg)
+    assert [line.split(" in ")[0].split(" at ")[1] for line in lines] == ["32x32", "40x36"]
+    dm = FinegrainDataModule(cfg)
+    assert set(dm.caches) == {(32, 32), (40, 36)} and dm.cache.size == (32, 32)
+    assert next(iter(dm.train_dataloader()))[0].shape[2:] == (32, 32)
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):  # the first evaluation size
+        assert loader.dataset.cache is dm.caches[(40, 36)]
+        assert next(iter(loader))[0].shape[2:] == (40, 36)
+    loaders = dm.eval_loaders(dm.test_records)
+    assert [ld.dataset.size for ld in loaders] == [(40, 36), (32, 32)]
+    assert [ld.dataset.cache for ld in loaders] == [dm.caches[(40, 36)], dm.caches[(32, 32)]]
+    # a cache of another size is never read: the loader decodes instead
+    loader = build_loader(dm.test_records, size=(24, 24), preset="plain", train=False, batch_size=4,
+                          cache=dm.cache)
+    assert loader.dataset.cache is None and next(iter(loader))[0].shape[2:] == (24, 24)

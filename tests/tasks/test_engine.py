@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,20 +86,30 @@ def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
         engine.check_resumable(run.last_ckpt, other)
 
 
-def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_sizes", [[], [[40, 40], [32, 32]]], ids=["train-size", "two-sizes"])
+def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, eval_sizes):
     cfg = tiny_config(
         tmp_path, name="ml", task="metric_learning",
         data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
-              "val_fraction": 0.0, "synthetic": {"num_classes": 6}},
+              "val_fraction": 0.0, "synthetic": {"num_classes": 6}, "eval_image_sizes": eval_sizes},
         model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity"}, train={"epochs": 1},
+        loss={"name": "multi_similarity"}, train={"epochs": 1}, eval={"tta_flip": True},
     )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     m = evaluate_run(run.path)
     r = m["retrieval"]
     assert 0.0 <= r["recall@1"] <= r["recall@2"] <= r["recall@4"] <= r["recall@8"] <= 1.0
     assert m["protocol"]["protocol"] == "retrieval"
-    assert (run.embeddings / "test.npz").is_file()
+    assert m["protocol"]["eval_image_sizes"] == (eval_sizes or [[32, 32]])
+    saved = np.load(run.embeddings / "test.npz")
+    if eval_sizes:  # the saved test embeddings are the mean of each size's
+        from finegrain.data.module import FinegrainDataModule
+        from finegrain.retrieval.embed import load_model, predict
+
+        model, dm = load_model(run).model, FinegrainDataModule(run.load_config())
+        per_size = [predict(model, loader, tta_flip=True).embeddings for loader in dm.eval_loaders(dm.test_records)]
+        assert not np.allclose(per_size[0], per_size[1], atol=1e-3)
+        np.testing.assert_allclose(saved["embeddings"], np.mean(per_size, axis=0), atol=1e-5)
 
     # index the test split, search with a gallery image: itself first, the class named by the neighbours' vote
     from finegrain.data.images import open_rgb

@@ -148,8 +148,8 @@ def build_loader(
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader over ``records``; no shuffling here (samplers decide the order)."""
-    if isinstance(cache, str):
-        cache = None
+    if isinstance(cache, str) or (cache is not None and tuple(cache.size) != tuple(size)):
+        cache = None  # a cache holds one size
     transform = build_transform(preset, size, train)
     if cache is not None and isinstance(transform, v2.Identity):
         num_workers = 0  # a gather from the memory map costs less than sending the batch from a worker

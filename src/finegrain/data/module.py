@@ -62,13 +62,25 @@ def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Sp
     )
 
 
-def cache_for(collection: ImageCollection, data: DataConfig):
-    """The prepared cache of the whole dataset at this size, if `data prepare` made one."""
+def eval_sizes(data: DataConfig) -> list[tuple[int, int]]:
+    """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged)."""
+    return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
+
+
+def sizes(data: DataConfig) -> list[tuple[int, int]]:
+    """The sizes a config reads images at: training, then evaluation."""
+    return list(dict.fromkeys([tuple(data.image_size), *eval_sizes(data)]))
+
+
+def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, int] | None = None):
+    """The prepared cache of the whole dataset at ``size`` (default: the training size), if
+    `data prepare` made one."""
     if data.cache == "off":
         return None
     from finegrain.data.cache import default_cache_root, find_cache
 
-    return find_cache(collection.all_records(), tuple(data.image_size), default_cache_root(), bbox_margin(data))
+    size = tuple(size or data.image_size)
+    return find_cache(collection.all_records(), size, default_cache_root(), bbox_margin(data))
 
 
 def bbox_margin(data: DataConfig) -> float | None:
@@ -85,17 +97,25 @@ def make_loader(
     batch_size: int | None = None,
     seed: int = 0,
     cache=None,
+    size: tuple[int, int] | None = None,
 ) -> DataLoader:
-    """A loader over ``records`` with the config's size, augmentation and cache."""
+    """A loader over ``records`` with the config's augmentation and its training size, or (for
+    evaluation) ``size``, by default the first evaluation size; ``cache`` is read if it holds that size."""
     from finegrain.data.dataset import build_loader
 
     return build_loader(
-        records, size=tuple(data.image_size), preset=data.augment if train else "plain", train=train,
+        records, size=tuple(data.image_size) if train else tuple(size or eval_sizes(data)[0]),
+        preset=data.augment if train else "plain", train=train,
         batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
         num_workers=data.num_workers, sampler=sampler, batch_sampler=batch_sampler,
         bbox_margin=bbox_margin(data), cache=cache if cache is not None else "off",
         on_bad_image=data.on_bad_image, drop_last=False, seed=seed,
     )
+
+
+def eval_loaders(records: list[ImageRecord], data: DataConfig, caches: dict | None = None) -> list[DataLoader]:
+    """One evaluation loader per evaluation size (``caches``: prepared caches by size)."""
+    return [make_loader(records, data, False, size=s, cache=(caches or {}).get(s)) for s in eval_sizes(data)]
 
 
 def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> list[ImageRecord]:
@@ -121,9 +141,12 @@ class FinegrainDataModule(L.LightningDataModule):
         collection = open_data(d)
         self.collection_format: str = collection.format  # what was detected when the config says "auto"
         self.split: Split = split_for(d, collection)
-        self.cache = cache_for(collection, d)
-        if self.cache is not None:
-            log.info("using the prepared cache %s", self.cache.path)
+        self.caches = {size: cache_for(collection, d, size) for size in sizes(d)}
+        """Prepared caches by (height, width), None where there is none."""
+        self.cache = self.caches[tuple(d.image_size)]
+        for c in self.caches.values():
+            if c is not None:
+                log.info("using the prepared cache %s", c.path)
         self.train_records = checked_records(self.split.train, d, "train")
         self.val_records = checked_records(self.split.val, d, "val")
         self.test_records = self.split.test
@@ -163,10 +186,14 @@ class FinegrainDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:
             return []
-        return make_loader(self.val_records, self.cfg.data, False, cache=self.cache)
+        return self.eval_loaders(self.val_records)[0]
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self.test_records, self.cfg.data, False, cache=self.cache)
+        return self.eval_loaders(self.test_records)[0]
+
+    def eval_loaders(self, records: list[ImageRecord]) -> list[DataLoader]:
+        """:func:`eval_loaders` with this module's caches."""
+        return eval_loaders(records, self.cfg.data, self.caches)
 
 
 def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, workers: int = 2) -> list[str]:
@@ -176,13 +203,13 @@ def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, wor
     collection = open_data(cfg.data)
     root = cache_dir or default_cache_root()
     lines = []
-    cache = prepare_cache(collection.all_records(), size=tuple(cfg.data.image_size), cache_dir=root,
-                          bbox_margin=bbox_margin(cfg.data), num_workers=workers)
-    lines.append(f"prepared {len(cache)} images at {cfg.data.image_size[0]}x{cfg.data.image_size[1]} "
-                 f"in {cache.path}")
-    if cache.bad:
-        lines.append(f"{len(cache.bad)} unreadable image(s) recorded: " + ", ".join(
-            f"{p} ({r})" for p, r in list(cache.bad.items())[:5]))
+    for h, w in sizes(cfg.data):
+        cache = prepare_cache(collection.all_records(), size=(h, w), cache_dir=root,
+                              bbox_margin=bbox_margin(cfg.data), num_workers=workers)
+        lines.append(f"prepared {len(cache)} images at {h}x{w} in {cache.path}")
+        if cache.bad:
+            lines.append(f"{len(cache.bad)} unreadable image(s) recorded: " + ", ".join(
+                f"{p} ({r})" for p, r in list(cache.bad.items())[:5]))
     return lines
 
 

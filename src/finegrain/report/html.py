@@ -204,15 +204,20 @@ def _config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
                                              if sch.warmup_epochs else "")
     aug = d.augment + "".join(f", {k} {v:g}" for k, v in (("mixup", t.mixup), ("cutmix", t.cutmix)) if v)
     epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
-    size = metrics.get("protocol", {}).get("image_size") if metrics else None
-    size = size or list(d.image_size)
+    size = list(d.image_size)
+    tested = [list(t) for t in ((metrics or {}).get("protocol", {}).get("eval_image_sizes") or d.eval_image_sizes)]
+    if tested and tested != [size]:
+        size_text = (f"{size[0]}×{size[1]} (H×W), tested at " + " and ".join(f"{h}×{w}" for h, w in tested)
+                     + (" (outputs averaged)" if len(tested) > 1 else ""))
+    else:
+        size_text = f"{size[0]}×{size[1]} (H×W)"
     rows = [
         ("task", cfg.task),
         ("data", f"{d.root} (format {d.format}, protocol {d.protocol})"),
         ("backbone", backbone),
         ("weights", m.weights),
         ("head", head),
-        ("image size", f"{size[0]}×{size[1]} (H×W)"),
+        ("image size", size_text),
         ("epochs", epochs),
         ("optimiser", opt),
         ("learning rate", lr),

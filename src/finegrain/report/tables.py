@@ -117,9 +117,12 @@ def protocol_words(protocol: dict) -> str:
     method = protocol.get("method")
     if method:
         parts.append(f"Prediction: {method}.")
-    size = protocol.get("image_size")
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        parts.append(f"Images resized to {size[0]}×{size[1]} (H×W)"
+    size, trained = protocol.get("image_size"), protocol.get("train_image_size")
+    tested = [list(t) for t in protocol.get("eval_image_sizes") or ([size] if size else [])]
+    if tested and all(isinstance(t, list) and len(t) == 2 for t in tested):
+        parts.append("Images resized to " + " and ".join(f"{h}×{w}" for h, w in tested) + " (H×W)"
+                     + (", outputs averaged" if len(tested) > 1 else "")
+                     + (f" (trained at {trained[0]}×{trained[1]})" if trained and [list(trained)] != tested else "")
                      + (", horizontal-flip test-time augmentation." if protocol.get("tta_flip") else "."))
     return " ".join(parts)
 

@@ -122,10 +122,42 @@ def autocast_for(precision: str):
     return nullcontext()
 
 
+def forward_tta(model: torch.nn.Module, x: torch.Tensor, tta_flip: bool) -> dict[str, torch.Tensor]:
+    """The model's outputs; with ``tta_flip`` the mean of the image's and its mirror's."""
+    out = model(x)
+    if tta_flip:
+        flipped = model(torch.flip(x, dims=[3]))
+        out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
+    return out
+
+
+def predict(model: torch.nn.Module, loaders: DataLoader | list[DataLoader], precision: str = "32",
+            channels_last: bool = False, tta_flip: bool = False, progress: bool = False,
+            description: str = "predicting") -> Outputs:
+    """Forward every batch; with ``tta_flip`` average the outputs of the image and its mirror.
+    Several loaders (the same records at several sizes): outputs averaged over them."""
+    if isinstance(loaders, DataLoader):
+        loaders = [loaders]
+    outs = [_predict(model, loader, precision, channels_last, tta_flip, progress,
+                     description + (f" at {loader.dataset.size[0]}x{loader.dataset.size[1]}" if len(loaders) > 1 else ""))
+            for loader in loaders]
+    first = outs[0]
+    if any(not np.array_equal(o.indices, first.indices) for o in outs[1:]):
+        raise FinegrainError("the loaders of the evaluation sizes gave different images")
+    if len(outs) == 1:
+        return first
+
+    def mean(name: str) -> np.ndarray:
+        return np.mean([getattr(o, name) for o in outs], axis=0).astype(np.float32)
+
+    return Outputs(labels=first.labels, indices=first.indices, features=mean("features"),
+                   embeddings=mean("embeddings"), logits=mean("logits") if first.logits is not None else None,
+                   seconds=sum(o.seconds for o in outs))
+
+
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader: DataLoader, precision: str = "32", channels_last: bool = False,
-            tta_flip: bool = False, progress: bool = False, description: str = "predicting") -> Outputs:
-    """Forward every batch; with ``tta_flip`` average the outputs of the image and its mirror."""
+def _predict(model: torch.nn.Module, loader: DataLoader, precision: str, channels_last: bool,
+             tta_flip: bool, progress: bool, description: str) -> Outputs:
     from rich.progress import Progress
 
     device = next(model.parameters()).device
@@ -146,10 +178,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, precision: str = "32", c
                 x = x.contiguous(memory_format=torch.channels_last)
             t0 = time.perf_counter()
             with autocast_for(precision):
-                out = model(x)
-                if tta_flip:
-                    flipped = model(torch.flip(x, dims=[3]))
-                    out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
+                out = forward_tta(model, x, tta_flip)
             seconds += time.perf_counter() - t0
             labels.append(y.numpy())
             indices.append(idx.numpy())

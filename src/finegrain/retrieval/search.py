@@ -47,13 +47,12 @@ def gallery_records(run: RunDir, gallery: str) -> tuple[list[ImageRecord], list[
 def embed_records(run: RunDir, records: list[ImageRecord], description: str = "embedding", loaded=None):
     """Embeddings of ``records`` with the run's model (eval transform, the config's precision);
     ``loaded`` is the model when the caller has loaded it already."""
-    from finegrain.data.module import make_loader
+    from finegrain.data.module import eval_loaders
     from finegrain.retrieval.embed import load_model, predict
 
     loaded = loaded or load_model(run)
     cfg = loaded.cfg
-    loader = make_loader(records, cfg.data, False)
-    out = predict(loaded.model, loader, precision=_inference_precision(cfg.train.precision),
+    out = predict(loaded.model, eval_loaders(records, cfg.data), precision=_inference_precision(cfg.train.precision),
                   channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip, progress=True,
                   description=description)
     return loaded, out
@@ -136,6 +135,7 @@ class Searcher:
     """A run's model and gallery index, loaded once, answering image queries."""
 
     def __init__(self, run_path: str | Path, index_dir: Path | None = None) -> None:
+        from finegrain.data.module import eval_sizes
         from finegrain.retrieval.embed import load_model
         from finegrain.retrieval.index import GalleryIndex
 
@@ -147,7 +147,7 @@ class Searcher:
             raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
         self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.loaded.checksum)
         m = self.loaded.model
-        self.size = tuple(self.cfg.data.image_size)
+        self.sizes = eval_sizes(self.cfg.data)
         self.class_names = self.loaded.class_names
         has_head = getattr(m, "classifier", None) is not None
         self.prediction_source = "classifier" if has_head and self.cfg.task == "classification" else "neighbours"
@@ -159,20 +159,18 @@ class Searcher:
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one RGB image."""
-        from finegrain.retrieval.embed import autocast_for
-
         from finegrain.data.images import resize_rgb, to_rgb
+        from finegrain.retrieval.embed import autocast_for, forward_tta
 
-        arr = resize_rgb(to_rgb(image)[0], self.size)
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)  # uint8: the model normalises it
-        model = self.loaded.model
+        rgb = to_rgb(image)[0]
+        outs = []
         with torch.inference_mode(), autocast_for(_inference_precision(self.cfg.train.precision)):
-            out = model(x)
-            if self.cfg.eval.tta_flip:
-                f = model(torch.flip(x, dims=[3]))
-                out = {k: (v + f[k]) / 2 for k, v in out.items()}
-        emb = out.get("embedding", out["features"]).float().numpy()
-        probs = out["logits"].float().softmax(-1)[0].numpy() if "logits" in out else None
+            for size in self.sizes:  # as the gallery was embedded: outputs averaged over the sizes
+                x = torch.from_numpy(resize_rgb(rgb, size)).permute(2, 0, 1).unsqueeze(0)  # uint8: the model normalises it
+                outs.append({k: v.float() for k, v in forward_tta(self.loaded.model, x, self.cfg.eval.tta_flip).items()})
+        out = {k: sum(o[k] for o in outs) / len(outs) for k in outs[0]}
+        emb = out.get("embedding", out["features"]).numpy()
+        probs = out["logits"].softmax(-1)[0].numpy() if "logits" in out else None
         return emb, probs
 
     def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], list[tuple[str, float]] | None]:

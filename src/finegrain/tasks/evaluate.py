@@ -37,17 +37,21 @@ DEFINITIONS = {
 
 
 def protocol_of(cfg: ExperimentConfig, split, root: Path, protocol: str, collection_format: str) -> dict:
+    from finegrain.data.module import eval_sizes
+
     return {
         "dataset": str(root), "format": collection_format, "protocol": protocol,
         "split": split.description, "n_train": len(split.train), "n_val": len(split.val),
         "n_test": len(split.test), "num_classes": len(split.class_names),
-        "image_size": list(cfg.data.image_size), "tta_flip": cfg.eval.tta_flip,
+        "image_size": list(eval_sizes(cfg.data)[0]), "train_image_size": list(cfg.data.image_size),
+        "eval_image_sizes": [list(size) for size in eval_sizes(cfg.data)],
+        "tta_flip": cfg.eval.tta_flip,
     }
 
 
 def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
     """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV)."""
-    from finegrain.data.module import FinegrainDataModule, dataset_root, make_loader
+    from finegrain.data.module import FinegrainDataModule, dataset_root
     from finegrain.retrieval.embed import load_model, predict, save_embeddings
 
     run = open_run(run_path)
@@ -68,8 +72,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
         "definitions": DEFINITIONS,
     }
     precision = cfg.train.precision if cfg.train.precision != "16-mixed" or torch.cuda.is_available() else "32"
-    test_loader = make_loader(dm.test_records, cfg.data, False, cache=dm.cache)
-    out = predict(model, test_loader, precision=precision, channels_last=cfg.train.channels_last,
+    out = predict(model, dm.eval_loaders(dm.test_records), precision=precision, channels_last=cfg.train.channels_last,
                   tta_flip=cfg.eval.tta_flip, progress=True, description="test images")
     paths = [str(dm.test_records[i].path) for i in out.indices]
     save_embeddings(run, "test", out, paths, loaded.checksum)
@@ -114,13 +117,12 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
 
 def knn_metrics(cfg: ExperimentConfig, dm, model, test_out, precision: str) -> tuple[dict, np.ndarray]:
     """kNN classification: gallery = the train split's vectors, queries = the test split's."""
-    from finegrain.data.module import make_loader
     from finegrain.metrics.classification import classification_metrics
     from finegrain.retrieval.embed import predict
     from finegrain.retrieval.knn import knn_classify
 
     gallery_records = dm.split.train + dm.split.val
-    gallery = predict(model, make_loader(gallery_records, cfg.data, False, cache=dm.cache),
+    gallery = predict(model, dm.eval_loaders(gallery_records),
                       precision=precision, channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip,
                       progress=True, description="gallery images")
     e = cfg.eval
