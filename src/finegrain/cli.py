@@ -258,7 +258,7 @@ def search(
                                                 for i, (n, p) in enumerate(top)))
     table = Table("rank", "label", "score", "path", title=f"{len(hits)} nearest of {searcher.gallery_size}")
     for h in hits:
-        table.add_row(str(h.rank), h.label, f"{h.score:.4f}", h.path)
+        table.add_row(str(h.rank), h.label, f"{h.score:.4f}", h.path + (" (the query itself)" if h.same_image else ""))
     console.print(table)
     if sheet:
         contact_sheet(query, hits, sheet)

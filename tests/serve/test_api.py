@@ -274,7 +274,8 @@ def test_search_returns_results_and_prediction(client, blue_query):
     assert scores == sorted(scores, reverse=True)
     assert all(h["label"] == "Indigo Bunting" for h in body["results"][:PER_CLASS])
     for h in body["results"]:
-        assert set(h) == {"rank", "id", "label", "score", "url"}
+        assert set(h) == {"rank", "id", "label", "score", "same_image", "url"}
+        assert h["same_image"] is False
         assert h["url"] == f"/gallery/{h['id']}"
         assert client.get(h["url"]).status_code == 200
     pred = body["prediction"]

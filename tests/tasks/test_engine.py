@@ -131,9 +131,10 @@ def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, e
     query = searcher.index.paths[3]
     hits, top = searcher.search(open_rgb(query)[0], k=5)
     assert hits[0].path == query and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert hits[0].same_image and not any(h.same_image for h in hits[1:])
     assert searcher.prediction_source == "neighbours"
-    assert top[0][0] == max({h.label for h in hits}, key=[h.label for h in hits].count)
-    assert sum(p for _, p in top) == pytest.approx(1.0)
+    others = [h.label for h in hits[1:]]  # the query's own copy does not vote
+    assert dict(top) == {label: others.count(label) / 4 for label in set(others)}
     with pytest.raises(FinegrainError, match="gallery size"):
         searcher.search(open_rgb(query)[0], k=searcher.gallery_size + 1)
 

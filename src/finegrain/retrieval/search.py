@@ -129,6 +129,17 @@ class Hit:
     label: str
     score: float
     path: str
+    same_image: bool = False
+    """The gallery image is the query itself: the same pixels at the size the model sees."""
+
+
+def _same_image(query: Image.Image, path: str, size: tuple[int, int]) -> bool:
+    from finegrain.data.images import load_resized, resize_rgb, to_rgb
+
+    try:
+        return np.array_equal(resize_rgb(to_rgb(query)[0], size), load_resized(Path(path), size))
+    except FinegrainError:  # the gallery file is gone or unreadable: not provably the same
+        return False
 
 
 class Searcher:
@@ -187,15 +198,20 @@ class Searcher:
             for r, (s, i) in enumerate(zip(scores[0], ids[0]))
             if i >= 0
         ]
+        for h in hits:  # an exact copy scores 1 (cosine) or 0 (L2), up to bf16 rounding: check its pixels
+            close = h.score >= 0.999 if self.index.metric == "cosine" else h.score <= 1e-3
+            h.same_image = close and _same_image(image, h.path, self.sizes[0])
         if probs is not None and self.prediction_source == "classifier":
             order = np.argsort(-probs)[:5]
             return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
-        # otherwise (kNN and metric-learning runs) the neighbours vote: the share of the k hits per class
+        # otherwise (kNN and metric-learning runs) the neighbours vote: the share of the k hits per
+        # class; a copy of the query in the gallery is flagged on its hit, not counted as a neighbour
+        voters = [h for h in hits if not h.same_image] or hits
         votes: dict[str, int] = {}
-        for h in hits:
+        for h in voters:
             votes[h.label] = votes.get(h.label, 0) + 1
         ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
-        return hits, [(label, n / len(hits)) for label, n in ranked] if hits else None
+        return hits, [(label, n / len(voters)) for label, n in ranked] if voters else None
 
 
 def _name(names: list[str] | None, label: int) -> str:

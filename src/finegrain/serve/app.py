@@ -277,7 +277,7 @@ def create_app(searcher: Any, max_upload_bytes: int = 10 * 2**20, max_concurrenc
                 {"label": str(label), "probability": float(p)} for label, p in top],
             "results": [
                 {"rank": int(h.rank), "id": int(h.id), "label": str(h.label), "score": float(h.score),
-                 "url": f"/gallery/{int(h.id)}"} for h in hits],
+                 "same_image": bool(h.same_image), "url": f"/gallery/{int(h.id)}"} for h in hits],
             "query_ms": round((time.perf_counter() - t0) * 1000.0, 2),
             "k": k,
         }

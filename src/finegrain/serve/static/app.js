@@ -234,13 +234,16 @@
     state.results = results;
     els.placeholder.hidden = results.length > 0;
     els.resultsTitle.textContent = results.length ? "Most similar images" : "No similar images found";
+    const copies = results.filter((r) => r.same_image).map((r) => "#" + r.rank);
     els.resultsMeta.textContent = results.length + " result" + (results.length === 1 ? "" : "s") + " · " +
-      Math.round(body.query_ms) + " ms";
+      Math.round(body.query_ms) + " ms" + (copies.length ? " · " + copies.join(", ") +
+      (copies.length === 1 ? " is" : " are") + " this image itself, not counted as a neighbour" : "");
     const cards = results.map((r, i) => {
       const img = el("img", { src: r.url, alt: r.label, loading: "lazy", decoding: "async" });
       const frac = scoreFraction(r.score);
       const button = el("button", { type: "button", "aria-label": "Enlarge #" + r.rank + ": " + r.label }, [
-        el("div", { class: "thumb" }, [img, el("span", { class: "rank", text: "#" + r.rank })]),
+        el("div", { class: "thumb" }, [img, el("span", { class: "rank", text: "#" + r.rank }),
+          ...(r.same_image ? [el("span", { class: "same", text: "same image" })] : [])]),
         el("div", { class: "result-body" }, [
           el("div", { class: "result-label", text: r.label, title: r.label }),
           el("div", { class: "result-score", title: (state.metric || "score") + " " + r.score }, [
