@@ -113,7 +113,7 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
         r = unique[i]
         box = r.bbox if bbox_margin is not None else None
         try:
-            array[i] = load_resized(r.path, size, box, bbox_margin or 0.0)
+            array[i] = load_resized(r.path, size, box, bbox_margin or 0.0)  # noqa: F821 - runs before the del below
         except ImageError as e:
             bad[str(r.path)] = e.reason
 
