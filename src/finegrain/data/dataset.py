@@ -13,12 +13,11 @@ with one gather from the memory map (:meth:`ImageDataset.__getitems__`).
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from finegrain.data.cache import PreparedCache
@@ -80,28 +79,15 @@ class ImageDataset(Dataset):
         return items
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a loader worker, in shared memory, so that sending it to the
-    main process does not copy it again (as ``default_collate`` does)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
-
-
 def collate_skip_bad(items):
     """A batch ``(images [B, 3, H, W] channels-last uint8, labels [B], indices [B])`` of the items,
     without the ``None`` items of unreadable images (``None`` if all were)."""
-    good = [it for it in items if it is not None]
+    good = [(x.permute(1, 2, 0), label, i) for x, label, i in (it for it in items if it is not None)]
     if not good:
         return None
-    c, h, w = good[0][0].shape
-    images = _empty((len(good), h, w, c), good[0][0].dtype).permute(0, 3, 1, 2)
-    for k, (x, _, _) in enumerate(good):
-        images[k].copy_(x)  # a plain copy for un-augmented items, a transposing one for augmented
-    labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
-    indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
-    return images, labels, indices
+    # stacked as [B, H, W, 3] (in shared memory inside a worker): a plain copy of un-augmented items
+    images, labels, indices = default_collate(good)
+    return images.permute(0, 3, 1, 2), labels, indices
 
 
 def preflight(records: list[ImageRecord], on_bad_image: str = "skip") -> tuple[list[ImageRecord], list[str]]:
@@ -142,13 +128,13 @@ def build_loader(
     sampler=None,
     batch_sampler=None,
     bbox_margin: float | None = None,
-    cache: PreparedCache | str | None = None,
+    cache: PreparedCache | None = None,
     on_bad_image: str = "skip",
     drop_last: bool = False,
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader over ``records``; no shuffling here (samplers decide the order)."""
-    if isinstance(cache, str) or (cache is not None and tuple(cache.size) != tuple(size)):
+    if cache is not None and tuple(cache.size) != tuple(size):
         cache = None  # a cache holds one size
     transform = build_transform(preset, size, train)
     if cache is not None and isinstance(transform, v2.Identity):

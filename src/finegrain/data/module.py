@@ -67,8 +67,8 @@ def eval_sizes(data: DataConfig) -> list[tuple[int, int]]:
     return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
 
 
-def sizes(data: DataConfig) -> list[tuple[int, int]]:
-    """The sizes a config reads images at: training, then evaluation."""
+def sizes_read(data: DataConfig) -> list[tuple[int, int]]:
+    """Every size a config reads images at (what ``data prepare`` caches): training, then evaluation."""
     return list(dict.fromkeys([tuple(data.image_size), *eval_sizes(data)]))
 
 
@@ -108,7 +108,7 @@ def make_loader(
         preset=data.augment if train else "plain", train=train,
         batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
         num_workers=data.num_workers, sampler=sampler, batch_sampler=batch_sampler,
-        bbox_margin=bbox_margin(data), cache=cache if cache is not None else "off",
+        bbox_margin=bbox_margin(data), cache=cache,
         on_bad_image=data.on_bad_image, drop_last=False, seed=seed,
     )
 
@@ -141,7 +141,7 @@ class FinegrainDataModule(L.LightningDataModule):
         collection = open_data(d)
         self.collection_format: str = collection.format  # what was detected when the config says "auto"
         self.split: Split = split_for(d, collection)
-        self.caches = {size: cache_for(collection, d, size) for size in sizes(d)}
+        self.caches = {size: cache_for(collection, d, size) for size in sizes_read(d)}
         """Prepared caches by (height, width), None where there is none."""
         self.cache = self.caches[tuple(d.image_size)]
         for c in self.caches.values():
@@ -186,10 +186,14 @@ class FinegrainDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:
             return []
-        return self.eval_loaders(self.val_records)[0]
+        return self._first_size_loader(self.val_records)
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_loaders(self.test_records)[0]
+        return self._first_size_loader(self.test_records)
+
+    def _first_size_loader(self, records: list[ImageRecord]) -> DataLoader:
+        size = eval_sizes(self.cfg.data)[0]
+        return make_loader(records, self.cfg.data, False, size=size, cache=self.caches[size])
 
     def eval_loaders(self, records: list[ImageRecord]) -> list[DataLoader]:
         """:func:`eval_loaders` with this module's caches."""
@@ -203,7 +207,7 @@ def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, wor
     collection = open_data(cfg.data)
     root = cache_dir or default_cache_root()
     lines = []
-    for h, w in sizes(cfg.data):
+    for h, w in sizes_read(cfg.data):
         cache = prepare_cache(collection.all_records(), size=(h, w), cache_dir=root,
                               bbox_margin=bbox_margin(cfg.data), num_workers=workers)
         lines.append(f"prepared {len(cache)} images at {h}x{w} in {cache.path}")
