@@ -369,3 +369,14 @@ def test_definition_lookup():
     assert definition_for("recall@4", defs) == "rk"
     assert definition_for("top1", defs) == "t1"
     assert definition_for("nmi", defs) == ""
+
+
+def test_the_protocol_says_at_which_sizes_a_run_was_trained_and_tested():
+    from finegrain.report.tables import protocol_words
+
+    one = protocol_words({"image_size": [64, 64], "tta_flip": False})
+    assert "Images resized to 64×64 (H×W)." in one and "tested at" not in one
+    two = protocol_words({"image_size": [192, 256], "train_image_size": [192, 256], "tta_flip": True,
+                          "eval_image_sizes": [[192, 256], [256, 341]]})
+    assert ("Images resized to 192×256 (H×W), tested at 192×256 and 256×341 (outputs averaged), "
+            "horizontal-flip test-time augmentation.") in two

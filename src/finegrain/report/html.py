@@ -29,6 +29,7 @@ from finegrain.report.tables import (
     html_page,
     html_tables_fragment,
     protocol_words,
+    sizes_words,
 )
 from finegrain.runs import RunDir, atomic_write_text
 
@@ -206,18 +207,13 @@ def _config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
     size = list(d.image_size)
     tested = [list(t) for t in ((metrics or {}).get("protocol", {}).get("eval_image_sizes") or d.eval_image_sizes)]
-    if tested and tested != [size]:
-        size_text = (f"{size[0]}×{size[1]} (H×W), tested at " + " and ".join(f"{h}×{w}" for h, w in tested)
-                     + (" (outputs averaged)" if len(tested) > 1 else ""))
-    else:
-        size_text = f"{size[0]}×{size[1]} (H×W)"
     rows = [
         ("task", cfg.task),
         ("data", f"{d.root} (format {d.format}, protocol {d.protocol})"),
         ("backbone", backbone),
         ("weights", m.weights),
         ("head", head),
-        ("image size", size_text),
+        ("image size", sizes_words(size, tested)),
         ("epochs", epochs),
         ("optimiser", opt),
         ("learning rate", lr),

@@ -95,6 +95,16 @@ def _synthetic_words(cfg: Any, protocol: dict) -> str:
     return f"built-in synthetic dataset ({ncls} classes, seed {s.seed})"
 
 
+def sizes_words(trained: list[int], tested: list[list[int]]) -> str:
+    """``192×256 (H×W)``, or with other test sizes ``192×256 (H×W), tested at 192×256 and
+    256×341 (outputs averaged)``."""
+    text = f"{trained[0]}×{trained[1]} (H×W)"
+    if tested and tested != [trained]:
+        text += (", tested at " + " and ".join(f"{h}×{w}" for h, w in tested)
+                 + (" (outputs averaged)" if len(tested) > 1 else ""))
+    return text
+
+
 def protocol_words(protocol: dict) -> str:
     """The evaluation protocol of a ``metrics.json`` as one or two sentences."""
     if not protocol:
@@ -117,12 +127,11 @@ def protocol_words(protocol: dict) -> str:
     method = protocol.get("method")
     if method:
         parts.append(f"Prediction: {method}.")
-    size, trained = protocol.get("image_size"), protocol.get("train_image_size")
+    size = protocol.get("image_size")
     tested = [list(t) for t in protocol.get("eval_image_sizes") or ([size] if size else [])]
     if tested and all(isinstance(t, list) and len(t) == 2 for t in tested):
-        parts.append("Images resized to " + " and ".join(f"{h}×{w}" for h, w in tested) + " (H×W)"
-                     + (", outputs averaged" if len(tested) > 1 else "")
-                     + (f" (trained at {trained[0]}×{trained[1]})" if trained and [list(trained)] != tested else "")
+        trained = protocol.get("train_image_size") or tested[0]
+        parts.append("Images resized to " + sizes_words(list(trained), tested)
                      + (", horizontal-flip test-time augmentation." if protocol.get("tta_flip") else "."))
     return " ".join(parts)
 
