@@ -286,6 +286,21 @@ def test_search_returns_results_and_prediction(client, blue_query):
     assert body["query_ms"] >= 0
 
 
+def test_search_reports_which_hit_is_the_query_itself(gallery_dir, blue_query):
+    searcher = FakeSearcher(gallery_dir)
+    plain_search = searcher.search
+
+    def search(image, k=10):  # as the real Searcher marks a gallery copy of the query
+        hits, top = plain_search(image, k)
+        hits[0].same_image = True
+        return hits, top
+
+    searcher.search = search
+    with TestClient(create_app(searcher)) as c:
+        results = post_image(c, blue_query, k=3).json()["results"]
+    assert [h["same_image"] for h in results] == [True, False, False]
+
+
 def test_search_default_k_and_k_in_query(client, blue_query):
     assert post_image(client, blue_query).json()["k"] == 8
     r = client.post("/api/search?k=3", files={"image": ("q.png", blue_query, "image/png")})
