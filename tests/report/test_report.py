@@ -380,3 +380,14 @@ def test_the_protocol_says_at_which_sizes_a_run_was_trained_and_tested():
                           "eval_image_sizes": [[192, 256], [256, 341]]})
     assert ("Images resized to 192×256 (H×W), tested at 192×256 and 256×341 (outputs averaged), "
             "horizontal-flip test-time augmentation.") in two
+
+
+def test_class_names_come_from_what_training_logged_when_there_is_no_per_class_csv(tmp_path):
+    from finegrain.report.html import logged_class_names
+
+    assert logged_class_names(tmp_path) is None
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "hparams.yaml").write_text("config: {}\nclass_names:\n- AM General Hummer SUV 2000\n- Acura RL\n")
+    assert logged_class_names(tmp_path) == ["AM General Hummer SUV 2000", "Acura RL"]
+    (tmp_path / "logs" / "hparams.yaml").write_text("class_names: [unclosed\n")
+    assert logged_class_names(tmp_path) is None

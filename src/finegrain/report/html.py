@@ -108,6 +108,20 @@ def per_class_names(per_class_csv: Path) -> list[str] | None:
     return names or None
 
 
+def logged_class_names(run_dir: Path) -> list[str] | None:
+    """Class names in class-index order as training logged them (``logs/hparams.yaml``)."""
+    path = run_dir / "logs" / "hparams.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        names = (yaml.safe_load(path.read_text()) or {}).get("class_names")
+    except yaml.YAMLError:
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
 def names_from_folders(labels: np.ndarray, paths: list[str]) -> list[str] | None:
     """Class names from an image-folder layout: each label's most common parent folder name,
     used only when it covers at least 90% of that label's images and labels get distinct names."""
@@ -361,7 +375,8 @@ def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
     """Write ``<run>/report/index.html`` (self-contained) and its PNG figures; return the page's path.
 
     ``class_names`` (index = label) names the classes of the embeddings; by default
-    they are read from per_class.csv's row order, else labels are shown as numbers.
+    they are read from per_class.csv's row order, else from the names training logged,
+    else from the images' folders; failing all, labels are shown as numbers.
     """
     run = RunDir(Path(run_path))
     out_dir = run.report
@@ -369,7 +384,8 @@ def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
     cfg = _load_config(run)
     metrics = _read_metrics(run)
     per_class_csv = run.path / "per_class.csv"
-    names = list(class_names) if class_names is not None else per_class_names(per_class_csv)
+    names = list(class_names) if class_names is not None else (
+        per_class_names(per_class_csv) or logged_class_names(run.path))
     npz = run.embeddings / "test.npz"
     emb = _load_embeddings(npz)
     if names is None and emb is not None:
