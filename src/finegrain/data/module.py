@@ -144,9 +144,11 @@ class FinegrainDataModule(L.LightningDataModule):
         self.caches = {size: cache_for(collection, d, size) for size in sizes_read(d)}
         """Prepared caches by (height, width), None where there is none."""
         self.cache = self.caches[tuple(d.image_size)]
-        for c in self.caches.values():
+        for (h, w), c in self.caches.items():
             if c is not None:
-                log.info("using the prepared cache %s", c.path)
+                log.info("using the prepared cache %s (%dx%d)", c.path, h, w)
+            elif d.cache == "auto":
+                log.info("no prepared cache at %dx%d: images are decoded (`finegrain data prepare` makes one)", h, w)
         self.train_records = checked_records(self.split.train, d, "train")
         self.val_records = checked_records(self.split.val, d, "val")
         self.test_records = self.split.test
