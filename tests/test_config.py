@@ -79,3 +79,27 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_shipped_configs_are_package_data():
+    """The shipped configs live inside the package (so a wheel has them), extends included."""
+    import finegrain
+    from finegrain.config import CONFIG_DIR, resolve_config_path, shipped_configs
+
+    assert CONFIG_DIR == Path(finegrain.__file__).parent / "configs"
+    names = shipped_configs()
+    assert {"cars-lite0", "demo-classifier", "demo-retrieval", "cars196-lite0-ms"} <= set(names)
+    assert not any(n.startswith("_") for n in names)  # _cars.yaml and _tin.yaml are bases, not experiments
+    assert resolve_config_path("cars-lite0") == CONFIG_DIR / "cars-lite0.yaml"
+    assert resolve_config_path("cars-lite0.yaml") == CONFIG_DIR / "cars-lite0.yaml"
+    # cars-lite0 takes its dataset from _cars.yaml beside it
+    assert "extends" in yaml.safe_load((CONFIG_DIR / "cars-lite0.yaml").read_text())
+    assert load_config("cars-lite0").data.root == load_config(CONFIG_DIR / "_cars.yaml").data.root
+
+
+def test_unknown_config_names_where_configs_are_looked_for():
+    from finegrain.config import CONFIG_DIR
+
+    with pytest.raises(ConfigError) as e:
+        load_config("cars-lite")
+    assert str(CONFIG_DIR) in str(e.value) and "Did you mean 'cars-lite0'?" in str(e.value)

@@ -336,8 +336,14 @@ def configs() -> None:
 
     from finegrain.config import CONFIG_DIR, load_raw, shipped_configs
 
-    table = Table("name", "task", "description", "profiles", title=f"configs in {CONFIG_DIR}")
-    for n in shipped_configs():
+    names = shipped_configs()
+    if not names:  # an install without its package data: say so rather than print an empty table
+        raise FinegrainError(f"no shipped configs found in {CONFIG_DIR}; this finegrain install is incomplete")
+    table = Table(title=f"configs in {CONFIG_DIR}")
+    table.add_column("name", no_wrap=True)  # whole names, however narrow the terminal: `finegrain train NAME` takes them
+    for col in ("task", "description", "profiles"):
+        table.add_column(col)
+    for n in names:
         raw = load_raw(CONFIG_DIR / f"{n}.yaml")
         table.add_row(n, raw.get("task", "classification"), raw.get("description", ""),
                       ", ".join(raw.get("profiles", {}) or {}))

@@ -14,6 +14,7 @@ naming the key and the closest valid one.
 from __future__ import annotations
 
 import difflib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -301,11 +302,14 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The shipped configs are package data (``finegrain/configs/*.yaml``), so an installed wheel has
+# them too. finegrain is never imported from a zip, so the folder is a real directory, which
+# ``load_raw`` needs to follow ``extends: _cars.yaml`` beside a config.
+CONFIG_DIR: Path = Path(str(resources.files("finegrain") / "configs"))
 
 
 def shipped_configs() -> list[str]:
-    """Names of the configs shipped in ``configs/`` (without .yaml)."""
+    """Names of the configs shipped in the package's ``configs/`` folder (without .yaml)."""
     if not CONFIG_DIR.is_dir():
         return []
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
