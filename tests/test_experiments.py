@@ -36,7 +36,7 @@ train: {epochs: 1, seed: 0}
 
 CONFIGS = {
     "t-cls": "description: tiny CNN classifier\n",
-    # the kNN row of seed 000 (configs/cars-knn-1.yaml): no training, the classifier's features
+    # the kNN row of seed 000 (src/finegrain/configs/cars-knn-1.yaml): no training, the classifier's features
     "t-knn": "description: kNN k=3 on the tiny CNN's features\ntask: knn\n"
              "eval: {source_run: t-cls, k: 3, metric: euclidean}\n",
     "t-ml": "description: tiny multi-similarity embedding\ntask: metric_learning\n"
