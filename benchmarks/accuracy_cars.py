@@ -95,8 +95,8 @@ def linear_probe(run_dir: Path, threads: int) -> None:
     from finegrain.config import load_config
     from finegrain.data.module import FinegrainDataModule, make_loader
     from finegrain.metrics.classification import classification_metrics
-    from finegrain.retrieval.embed import predict
-    from finegrain.tasks.base import build_from_config
+    from finegrain.inference.encoder import Encoder
+    from finegrain.models.build import build_from_config
 
     torch.set_num_threads(threads)
     cfg = load_config(PROBE_CONFIG, profile="quick")
@@ -105,8 +105,7 @@ def linear_probe(run_dir: Path, threads: int) -> None:
     d = cfg.data
 
     def features(records) -> tuple[np.ndarray, np.ndarray]:
-        out = predict(model, make_loader(records, d, False, cache=dm.cache),
-                      precision=cfg.train.precision, channels_last=cfg.train.channels_last)
+        out = Encoder.of_model(model, cfg).run_loader(make_loader(records, d, False, cache=dm.cache))
         return out.features, out.labels
 
     t0 = time.process_time()

@@ -49,7 +49,7 @@ def machine_info() -> dict:
     """The shared machine description plus the FAISS and scikit-learn builds this benchmark measures."""
     import sklearn
 
-    from finegrain.retrieval.index import faiss_blas_core, import_faiss
+    from finegrain.faiss_import import faiss_blas_core, import_faiss
 
     faiss = import_faiss()  # first import of faiss: picks OpenBLAS kernels this CPU supports
     return common_machine_info({

@@ -133,7 +133,7 @@ class TinyCnnSearcher:
         import numpy as np
 
         from finegrain.errors import FinegrainError
-        from finegrain.retrieval.search import Hit
+        from finegrain.retrieval.searcher import Hit
 
         if k < 1 or k > self.gallery_size:
             raise FinegrainError(f"k must be between 1 and the gallery size ({self.gallery_size}); got {k}")
@@ -158,7 +158,7 @@ def run_server(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, args.max_concurrency)))
     if args.run:
-        from finegrain.retrieval.search import Searcher
+        from finegrain.retrieval.searcher import Searcher
 
         searcher = Searcher(args.run, index_dir=Path(args.index) if args.index else None)
     else:

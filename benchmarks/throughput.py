@@ -15,7 +15,7 @@ ResNet-50 at 224x224 with 196 classes (Stanford Cars) and ResNet-18 at 64x64 wit
   with the engine's settings: the model and inputs in ``channels_last``, forward and
   loss under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (what Lightning's
   ``precision="bf16-mixed"`` does), backward and Adam step outside it; inference
-  under ``torch.inference_mode()`` + autocast, as ``finegrain.retrieval.embed.predict``;
+  under ``torch.inference_mode()`` + autocast, as ``finegrain.inference.encoder.Encoder.run_loader``;
 - ``engine``: the project's training engine itself: a ``ClassificationTask`` fitted by
   the Lightning ``Trainer`` of ``finegrain.tasks.engine.trainer_for`` (callbacks,
   loggers, checkpoints in a temporary run directory) with ``train.precision:
@@ -23,7 +23,7 @@ ResNet-50 at 224x224 with 196 classes (Stanford Cars) and ResNet-18 at 64x64 wit
   per round, its first batch discarded; each step is timed from ``on_train_batch_start``
   to ``on_train_batch_end`` (forward, loss, logging, backward, optimiser step; data
   fetching and checkpoint writing excluded). Inference:
-  ``finegrain.retrieval.embed.predict(precision="bf16-mixed", channels_last=True)``,
+  ``finegrain.inference.encoder.Encoder.run_loader(precision="bf16-mixed", channels_last=True)``,
   whose own forward-pass timer is used.
 
 Warm-up steps are excluded. The variants take turns for ``--rounds`` rounds of
@@ -227,22 +227,24 @@ class EngineTrainer:
 
 
 def engine_inference(arch: str, classes: int, x, y) -> Runner:
-    """``finegrain.retrieval.embed.predict(precision="bf16-mixed", channels_last=True)`` over n batches.
+    """``finegrain.inference.encoder.Encoder.run_loader(precision="bf16-mixed", channels_last=True)`` over n batches.
 
     ``predict`` times its forward passes as a whole: each step is reported as their mean.
     """
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    from finegrain.config import ExperimentConfig
+    from finegrain.inference.encoder import Encoder
     from finegrain.models.model import build_model
-    from finegrain.retrieval.embed import predict
 
     model = build_model(arch, weights="none", num_classes=classes).eval()
+    cfg = ExperimentConfig.model_validate({"train": {"channels_last": True}})
     b = len(x)
 
     def run(n: int) -> list[float]:
         loader = DataLoader(TensorDataset(x.repeat(n, 1, 1, 1), y.repeat(n), torch.arange(b * n)), batch_size=b)
-        seconds = predict(model, loader, precision="bf16-mixed", channels_last=True).seconds
+        seconds = Encoder.of_model(model, cfg, precision="bf16-mixed").run_loader(loader).seconds
         return [seconds / n] * n
 
     return run
@@ -252,7 +254,7 @@ def engine_inference(arch: str, classes: int, x, y) -> Runner:
 ENGINE_HOW = {
     "train": "ClassificationTask fitted by finegrain.tasks.engine.trainer_for's Trainer (bf16-mixed, channels_last), "
              "one fit of 1 + n batches per round, first batch discarded; on_train_batch_start..on_train_batch_end",
-    "inference": "finegrain.retrieval.embed.predict(precision='bf16-mixed', channels_last=True), its own "
+    "inference": "finegrain.inference.encoder.Encoder.run_loader(precision='bf16-mixed', channels_last=True), its own "
                  "forward-pass timer; step_seconds are the mean per batch",
 }
 

@@ -56,7 +56,7 @@ def cost(config: str, threads: int, steps: int = 4, batch: int = 128) -> dict[st
     from torch.utils.flop_counter import FlopCounterMode
 
     from finegrain.config import load_config
-    from finegrain.tasks.base import build_from_config
+    from finegrain.models.build import build_from_config
 
     torch.set_num_threads(threads)
     cfg = load_config(config, profile="quick")

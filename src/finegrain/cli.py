@@ -211,7 +211,7 @@ def embed(
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
-    from finegrain.retrieval.search import embed_split
+    from finegrain.retrieval.gallery import embed_split
 
     path = embed_split(run, split)
     console.print(f"wrote [bold]{path}[/]")
@@ -226,7 +226,7 @@ def index(
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
-    from finegrain.retrieval.search import build_index
+    from finegrain.retrieval.gallery import build_index
 
     dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric)
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
@@ -247,7 +247,8 @@ def search(
     from rich.table import Table
 
     from finegrain.data.images import open_rgb
-    from finegrain.retrieval.search import Searcher, contact_sheet
+    from finegrain.report.contact_sheet import contact_sheet
+    from finegrain.retrieval.searcher import Searcher
 
     query, _ = open_rgb(image)
     searcher = Searcher(run, index_dir)

@@ -124,7 +124,9 @@ class LossConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
+    """``auto``: what this machine runs fastest (bf16-mixed on a GPU with bf16 or a CPU with native
+    bf16, 16-mixed on other GPUs, else 32), decided where the run runs; inference always uses ``auto``."""
     channels_last: bool = False
     grad_clip: float | None = Field(None, gt=0)
     mixup: float = Field(0.0, ge=0)
@@ -139,6 +141,11 @@ class TrainConfig(Section):
     strategy: str = "auto"
     limit_train_batches: float | int | None = None
     log_every_n_steps: int = Field(10, ge=1)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_written(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class EvalConfig(Section):

@@ -46,7 +46,9 @@ def run_demo(console: Console, data: Path | None = None, runs_root: Path = Path(
              epochs: int | None = None) -> dict:
     """Run the demo; returns the headline numbers."""
     from finegrain.data.images import open_rgb
-    from finegrain.retrieval.search import Searcher, build_index, contact_sheet
+    from finegrain.report.contact_sheet import contact_sheet
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.retrieval.searcher import Searcher
 
     t0 = time.perf_counter()
     sets = _data_overrides(data)

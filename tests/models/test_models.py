@@ -265,7 +265,7 @@ def test_freeze_on_a_plain_module_uses_a_hook():
 # ---------------------------------------------------------------------- shipped configs
 def test_every_shipped_config_builds_and_trains_one_step():
     from finegrain.config import load_config, shipped_configs
-    from finegrain.tasks.base import build_from_config
+    from finegrain.models.build import build_from_config
 
     names = shipped_configs()
     assert names, "no shipped configs found"

@@ -219,9 +219,9 @@ def test_faiss_blas_uses_cpu_kernels_and_leaves_environment_clean():
     import subprocess
     import sys
 
-    from finegrain.retrieval.index import _openblas_coretype
+    from finegrain.faiss_import import _openblas_coretype
 
-    code = ("import os\nfrom finegrain.retrieval.index import import_faiss, faiss_blas_core\n"
+    code = ("import os\nfrom finegrain.faiss_import import faiss_blas_core, import_faiss\n"
             "import_faiss()\nprint(os.environ.get('OPENBLAS_CORETYPE'), faiss_blas_core())")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.search import Hit
+from finegrain.retrieval.searcher import Hit
 from finegrain.serve.app import create_app
 
 CLASSES = [
@@ -67,7 +67,7 @@ def _mean_color(im: Image.Image) -> np.ndarray:
 
 
 class FakeSearcher:
-    """Duck-typed stand-in for :class:`finegrain.retrieval.search.Searcher`.
+    """Duck-typed stand-in for :class:`finegrain.retrieval.searcher.Searcher`.
 
     The gallery is PNG files in ``root`` (one JPEG too); the "embedding" is the
     centred mean colour, so hits are deterministic and sensible.
@@ -498,7 +498,7 @@ def test_json_error_bodies_are_valid_json(client):
 def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     import uvicorn
 
-    import finegrain.retrieval.search as search_mod
+    import finegrain.retrieval.searcher as search_mod
     from finegrain.serve import app as app_mod
 
     made, ran = {}, {}

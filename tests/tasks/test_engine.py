@@ -104,19 +104,20 @@ def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, e
     saved = np.load(run.embeddings / "test.npz")
     if eval_sizes:  # the saved test embeddings are the mean of each size's
         from finegrain.data.module import FinegrainDataModule
-        from finegrain.retrieval.embed import load_model, predict
+        from finegrain.inference.encoder import Encoder
+        from finegrain.inference.load import load_model
 
-        model, dm = load_model(run).model, FinegrainDataModule(run.load_config())
-        per_size = [predict(model, loader, tta_flip=True).embeddings for loader in dm.eval_loaders(dm.test_records)]
+        encoder, dm = Encoder(load_model(run)), FinegrainDataModule(run.load_config())
+        per_size = [encoder.run_loader(loader).embeddings for loader in dm.eval_loaders(dm.test_records)]
         assert not np.allclose(per_size[0], per_size[1], atol=1e-3)
         np.testing.assert_allclose(saved["embeddings"], np.mean(per_size, axis=0), atol=1e-5)
 
     # index the test split, search with a gallery image: itself first, the class named by the neighbours' vote
     from finegrain.data.images import open_rgb
     from finegrain.errors import FinegrainError
-    from finegrain.retrieval.search import Searcher, build_index
-
-    import finegrain.retrieval.search as search_mod
+    import finegrain.retrieval.gallery as search_mod
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.retrieval.searcher import Searcher
 
     embedded = []
     real_embed = search_mod.embed_records

@@ -19,6 +19,7 @@ from finegrain.config import DataConfig, ExperimentConfig
 from finegrain.data.records import ImageCollection, ImageRecord
 from finegrain.data.splits import Split, make_split
 from finegrain.errors import DataError
+from finegrain.machine import plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def make_loader(
         records, size=tuple(data.image_size) if train else tuple(size or eval_sizes(data)[0]),
         preset=data.augment if train else "plain", train=train,
         batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
-        num_workers=data.num_workers, sampler=sampler, batch_sampler=batch_sampler,
+        num_workers=plan_threads(data.num_workers)[0], sampler=sampler, batch_sampler=batch_sampler,
         bbox_margin=bbox_margin(data), cache=cache,
         on_bad_image=data.on_bad_image, drop_last=False, seed=seed,
     )

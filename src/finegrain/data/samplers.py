@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from finegrain.retrieval.index import import_faiss
+from finegrain.faiss_import import import_faiss
 
 import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
 from pytorch_metric_learning.samplers import MPerClassSampler

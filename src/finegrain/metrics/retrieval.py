@@ -142,7 +142,7 @@ class _Problem:
     def neighbour_labels(self, k: int, memory_mb: float = DEFAULT_MEMORY_MB) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(start, end, labels [end-start, k])`` of the ``k`` nearest gallery items
         of the queries ``start:end`` (self excluded by index in leave-one-out mode)."""
-        from finegrain.retrieval.index import import_faiss
+        from finegrain.faiss_import import import_faiss
 
         faiss = import_faiss()
 

@@ -1,4 +1,4 @@
-"""The search service: a web page and a JSON API over a :class:`~finegrain.retrieval.search.Searcher`.
+"""The search service: a web page and a JSON API over a :class:`~finegrain.retrieval.searcher.Searcher`.
 
 ``create_app(searcher)`` builds the FastAPI application; ``serve(run)`` loads a
 run's model and index and runs it with uvicorn (``finegrain serve RUN``).
@@ -387,7 +387,7 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     """Load a run's model and gallery index and serve the page and API with uvicorn."""
     import uvicorn
 
-    from finegrain.retrieval.search import Searcher
+    from finegrain.retrieval.searcher import Searcher
 
     searcher = Searcher(run_path, index_dir=Path(index_dir) if index_dir else None)
     app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20))

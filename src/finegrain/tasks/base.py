@@ -11,22 +11,7 @@ from torch import nn
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import unknown_name
-
-
-def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: str | None = None) -> nn.Module:
-    """The config's model (backbone + heads), with its freeze policy applied."""
-    from finegrain.models.freezing import apply_freeze
-    from finegrain.models.model import build_model
-
-    m = cfg.model
-    model = build_model(
-        backbone=m.backbone, weights=weights if weights is not None else m.weights, num_classes=num_classes,
-        head=m.head, dropout=m.dropout, embedding_dim=m.embedding_dim,
-        normalize_embedding=m.normalize_embedding, bn_neck=m.bn_neck, stem=m.stem, cubs=m.cubs,
-        cubs_stages=list(m.cubs_stages),
-    )
-    apply_freeze(model, m.freeze, m.freeze_stages)
-    return model
+from finegrain.models.build import build_from_config, num_outputs
 
 
 class FinegrainTask(L.LightningModule):
@@ -39,12 +24,9 @@ class FinegrainTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters({"config": config, "class_names": class_names})
         self.cfg = ExperimentConfig.model_validate(config)
-        self.model = build_from_config(self.cfg, self.num_outputs(len(class_names)), weights)
+        self.model = build_from_config(self.cfg, num_outputs(self.cfg, len(class_names)), weights)
         self._frozen_for_head_stage = False
         self._trainable_after_head_stage: dict[int, bool] = {}
-
-    def num_outputs(self, num_classes: int) -> int | None:
-        return num_classes
 
     # ---------------------------------------------------------------- inputs
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
+from finegrain.machine import resolve_precision, set_threads
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,15 @@ class History(Callback):
         w.writeheader()
         w.writerows(rows)
         atomic_write_text(self.path, out.getvalue())
+
+
+class ThreadPlan(Callback):
+    """Torch threads and loader workers together fill the cores, never more: set when the
+    training loader (and so the number of its worker processes) is known."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loader = trainer.train_dataloader
+        set_threads(getattr(loader, "num_workers", 0) or 0)
 
 
 class PlainProgress(Callback):
@@ -188,6 +198,7 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         LearningRateMonitor(logging_interval="epoch"),
         History(run.history),
         RngState(),
+        ThreadPlan(),
     ]
     callbacks[0].CHECKPOINT_NAME_LAST = "last"
     if t.early_stopping_patience:
@@ -212,7 +223,7 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision),
         gradient_clip_val=t.grad_clip,
         callbacks=callbacks,
         logger=[CSVLogger(run.path, name="logs", version=""), TensorBoardLogger(run.path, name="logs", version="")],

@@ -49,18 +49,19 @@ def protocol_of(cfg: ExperimentConfig, split, root: Path, protocol: str, collect
     }
 
 
-def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
+def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: str | None = None) -> dict:
     """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV)."""
     from finegrain.data.module import FinegrainDataModule, dataset_root
-    from finegrain.retrieval.embed import load_model, predict, save_embeddings
+    from finegrain.inference.encoder import Encoder
+    from finegrain.inference.load import load_model
+    from finegrain.retrieval.embeddings import save_embeddings
 
     run = open_run(run_path)
-    cfg = run.load_config()
+    encoder = Encoder(load_model(run), precision)
+    loaded, cfg = encoder.loaded, encoder.cfg
     protocol = protocol or cfg.data.protocol
     if protocol not in ("classification", "retrieval"):
         raise FinegrainError(f"unknown protocol '{protocol}'; valid: classification, retrieval")
-    loaded = load_model(run)
-    model = loaded.model
     dm = FinegrainDataModule(cfg)
     fmt = dm.collection_format
     result: dict = {
@@ -68,14 +69,13 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
         "finegrain": __version__, "checkpoint": str(loaded.checkpoint), "model_checksum": loaded.checksum,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
+        "inference": encoder.signature(),
         "protocol": protocol_of(cfg, dm.split, dataset_root(cfg.data), protocol, fmt),
         "definitions": DEFINITIONS,
     }
-    precision = cfg.train.precision if cfg.train.precision != "16-mixed" or torch.cuda.is_available() else "32"
-    out = predict(model, dm.eval_loaders(dm.test_records), precision=precision, channels_last=cfg.train.channels_last,
-                  tta_flip=cfg.eval.tta_flip, progress=True, description="test images")
+    out = encoder.encode_records(dm.test_records, dm.caches, "test images")
     paths = [str(dm.test_records[i].path) for i in out.indices]
-    save_embeddings(run, "test", out, paths, loaded.checksum)
+    save_embeddings(run, "test", out, paths, encoder)
     timing = {"n_images": int(len(out.labels)), "model_seconds": round(out.seconds, 4),
               "images_per_second": round(out.images_per_second, 2)}
 
@@ -98,7 +98,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
             m["prediction_seconds"] = round(out.seconds + time.perf_counter() - t0, 4)
             result["protocol"]["method"] = "the classifier head's arg-max"
         else:
-            m, preds = knn_metrics(cfg, dm, model, out, precision)
+            m, preds = knn_metrics(encoder, dm, out)
             result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.head != 'classifier' else 'features'}"
                                             f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
                                             "gallery = train split, queries = test split")
@@ -115,17 +115,13 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None) -> dict:
     return result
 
 
-def knn_metrics(cfg: ExperimentConfig, dm, model, test_out, precision: str) -> tuple[dict, np.ndarray]:
+def knn_metrics(encoder, dm, test_out) -> tuple[dict, np.ndarray]:
     """kNN classification: gallery = the train split's vectors, queries = the test split's."""
     from finegrain.metrics.classification import classification_metrics
-    from finegrain.retrieval.embed import predict
     from finegrain.retrieval.knn import knn_classify
 
-    gallery_records = dm.split.train + dm.split.val
-    gallery = predict(model, dm.eval_loaders(gallery_records),
-                      precision=precision, channels_last=cfg.train.channels_last, tta_flip=cfg.eval.tta_flip,
-                      progress=True, description="gallery images")
-    e = cfg.eval
+    gallery = encoder.encode_records(dm.split.train + dm.split.val, dm.caches, "gallery images")
+    e = encoder.cfg.eval
     if e.k > len(gallery.labels):
         raise FinegrainError(f"eval.k={e.k} is larger than the gallery ({len(gallery.labels)} images)")
     preds, scores, seconds = knn_classify(gallery.embeddings, gallery.labels, test_out.embeddings, k=e.k,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from finegrain.retrieval.index import import_faiss
+from finegrain.faiss_import import import_faiss
 
 import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
 from pytorch_metric_learning import losses, miners
@@ -56,9 +56,6 @@ class MetricLearningTask(FinegrainTask):
         dim = self.cfg.model.embedding_dim if self.cfg.model.head != "classifier" else self.model.feature_dim
         self.loss_fn, self.miner = build_loss(self.cfg.loss, len(classes), dim)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def num_outputs(self, num_classes: int) -> int | None:
-        return None if self.cfg.model.head == "embedding" else num_classes
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.world_size > 1:

@@ -1,0 +1,162 @@
+"""Encoding images with a loaded model: at every configured size, with flip averaging, in the
+precision this machine runs fastest. The one place a trained model is run for inference."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from finegrain.data.records import ImageRecord
+from finegrain.errors import FinegrainError
+from finegrain.inference.load import LoadedModel
+from finegrain.machine import inference_precision, resolve_precision, set_threads
+from finegrain.progress import track
+
+
+@dataclass
+class Outputs:
+    """Model outputs over records, in record order (unreadable images dropped)."""
+
+    labels: np.ndarray          # [N] int
+    indices: np.ndarray         # [N] index into the records
+    features: np.ndarray        # [N, feature_dim] float32
+    embeddings: np.ndarray      # [N, D] float32 (the embedding head, else the features)
+    logits: np.ndarray | None   # [N, C] float32 when the model has a classifier
+    seconds: float              # wall time of the forward passes
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.labels) / self.seconds if self.seconds > 0 else float("nan")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The outputs by name, as :meth:`Encoder.forward` gives them."""
+        d = {"features": self.features, "embedding": self.embeddings}
+        if self.logits is not None:
+            d["logits"] = self.logits
+        return d
+
+
+def autocast_for(precision: str):
+    """The autocast context of a resolved precision (``32`` runs without one)."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    if precision == "16-mixed" and torch.cuda.is_available():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def forward_tta(model: torch.nn.Module, x: torch.Tensor, tta_flip: bool) -> dict[str, torch.Tensor]:
+    """The model's outputs; with ``tta_flip`` the mean of the image's and its mirror's."""
+    out = model(x)
+    if tta_flip:
+        flipped = model(torch.flip(x, dims=[3]))
+        out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
+    return out
+
+
+def mean_over_sizes(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Multi-scale testing: the outputs of the same images at each size, averaged."""
+    return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
+
+
+class Encoder:
+    """A loaded model and how it runs here: the config's sizes and flip averaging, and the
+    precision of this machine (``auto`` unless ``precision`` is given), whatever it was trained in."""
+
+    engine = "torch"
+
+    def __init__(self, loaded: LoadedModel, precision: str | None = None) -> None:
+        self.loaded = loaded
+        self.cfg = loaded.cfg
+        from finegrain.data.module import eval_sizes
+
+        self.sizes: list[tuple[int, int]] = eval_sizes(self.cfg.data)
+        self.tta_flip = self.cfg.eval.tta_flip
+        self.precision = resolve_precision(precision) if precision else inference_precision()
+        self.channels_last = self.cfg.train.channels_last
+        self.model = loaded.model
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.device = next(self.model.parameters()).device
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module, cfg, precision: str | None = None) -> Encoder:
+        """An encoder of a model that no run holds (benchmarks, probes)."""
+        from pathlib import Path
+
+        return cls(LoadedModel(model.eval(), cfg, [], Path("-"), "-"), precision)
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.loaded.has_classifier
+
+    def signature(self) -> dict:
+        """What the vectors depend on besides the model: saved beside embeddings and checked on reuse."""
+        return {"sizes": [list(s) for s in self.sizes], "tta_flip": self.tta_flip,
+                "precision": self.precision, "engine": self.engine}
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Outputs of one uint8 batch ``[B, 3, H, W]``: features, embedding, logits (float32 arrays)."""
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.precision):
+            out = forward_tta(self.model, x, self.tta_flip)
+        res = {"features": out["features"].float().cpu().numpy()}
+        res["embedding"] = out.get("embedding", out["features"]).float().cpu().numpy()
+        if "logits" in out:
+            res["logits"] = out["logits"].float().cpu().numpy()
+        return res
+
+    def encode_rgb(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        """One RGB image ``[H, W, 3]`` uint8, resized to every size as its gallery was: outputs ``[1, ...]``."""
+        from finegrain.data.images import resize_rgb
+
+        outs = [self.forward(torch.from_numpy(resize_rgb(rgb, size)).permute(2, 0, 1).unsqueeze(0))
+                for size in self.sizes]
+        return mean_over_sizes(outs)
+
+    def encode_records(self, records: list[ImageRecord], caches: dict | None = None,
+                       description: str = "encoding") -> Outputs:
+        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
+        from finegrain.data.module import eval_loaders
+
+        loaders = eval_loaders(records, self.cfg.data, caches)
+        runs = []
+        for loader, size in zip(loaders, self.sizes):
+            what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
+            runs.append(self.run_loader(loader, what))
+        first = runs[0]
+        if any(not np.array_equal(r.indices, first.indices) for r in runs[1:]):
+            raise FinegrainError("the loaders of the evaluation sizes gave different images")
+        if len(runs) == 1:
+            return first
+        mean = mean_over_sizes([r.arrays() for r in runs])
+        return Outputs(labels=first.labels, indices=first.indices, features=mean["features"],
+                       embeddings=mean["embedding"], logits=mean.get("logits"), seconds=sum(r.seconds for r in runs))
+
+    def run_loader(self, loader, description: str = "encoding") -> Outputs:
+        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
+        set_threads(loader.num_workers)
+        labels, indices, outs = [], [], []
+        seconds = 0.0
+        for batch in track(loader, len(loader), description):
+            if batch is None:
+                continue
+            x, y, idx = batch
+            t0 = time.perf_counter()
+            outs.append(self.forward(x))
+            seconds += time.perf_counter() - t0
+            labels.append(y.numpy())
+            indices.append(idx.numpy())
+        if not labels:
+            raise FinegrainError("no readable images to run the model on")
+        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
+        return Outputs(labels=np.concatenate(labels), indices=np.concatenate(indices), features=cat["features"],
+                       embeddings=cat["embedding"], logits=cat.get("logits"), seconds=seconds)
+

@@ -1,0 +1,212 @@
+"""What this machine is and what runs fast on it: CPU features, precision, threads, versions.
+
+Every speed choice is made here, on the machine that runs, never pinned in a config:
+``precision: auto`` becomes bf16-mixed only where the hardware computes bf16 natively
+(on a CPU without AVX-512 BF16 or AMX, bf16 autocast is 6-13x slower than fp32), and the
+threads of torch, the loader workers and FAISS together never outnumber the cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from functools import lru_cache
+from importlib import metadata
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile",
+                "asimd", "sve", "bf16")
+PACKAGES = ("finegrain", "torch", "torchvision", "timm", "lightning", "faiss-cpu", "onnxruntime")
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's marketing name (``AMD EPYC 9R14``), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> tuple[str, ...]:
+    """The vector-instruction flags of this CPU that matter for speed (a subset of ``VECTOR_FLAGS``)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return tuple(f for f in VECTOR_FLAGS if f in flags)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch detects it."""
+    try:
+        import torch._C._cpu as cpu  # the detection torch's own kernels dispatch on
+
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except (ImportError, AttributeError):
+        return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def auto_precision() -> tuple[str, str]:
+    """The precision ``auto`` picks on this machine, and why (one sentence)."""
+    if cuda_available():
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "the GPU supports bf16"
+        return "16-mixed", "the GPU has no bf16: fp16 mixed precision"
+    if cpu_has_native_bf16():
+        return "bf16-mixed", "the CPU computes bf16 natively (AVX-512 BF16 or AMX)"
+    return "32", "the CPU has no native bf16 (no AVX-512 BF16 or AMX): bf16 would be emulated and slower"
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision to run with: ``auto`` decided by the machine, an explicit one obeyed
+    (with a one-line warning where it is slow or impossible here)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision '{requested}'; valid: {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        return auto_precision()[0]
+    if not cuda_available():
+        if requested == "16-mixed":
+            log.warning("precision 16-mixed needs a GPU; running in 32")
+            return "32"
+        if requested == "bf16-mixed" and not cpu_has_native_bf16():
+            log.warning("precision bf16-mixed on a CPU without native bf16 is several times slower than 32; "
+                        "precision 'auto' would choose 32 here")
+    return requested
+
+
+def inference_precision() -> str:
+    """Inference runs in what this machine does fastest, whatever precision the model was trained in."""
+    return resolve_precision(os.environ.get("FINEGRAIN_PRECISION", "auto"))
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_threads(workers: int) -> tuple[int, int]:
+    """(loader workers, torch intra-op threads) that together fill the cores without oversubscribing.
+
+    A loader worker keeps one core busy decoding, so the model's threads get the rest; on one
+    core, decoding happens in the main process between steps.
+    """
+    n = cores()
+    workers = max(0, min(workers, n - 1))
+    return workers, max(1, n - workers)
+
+
+def set_threads(busy_workers: int) -> int:
+    """Give torch (and FAISS, when loaded) the cores that ``busy_workers`` loader processes leave;
+    returns the number of threads set."""
+    import sys
+
+    import torch
+
+    threads = max(1, cores() - busy_workers)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(threads)
+    return threads
+
+
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """The facts a benchmark or metrics.json records beside its figures."""
+    precision, why = auto_precision()
+    info = {
+        "cpu": cpu_model(), "cpu_flags": list(cpu_flags()), "native_bf16": cpu_has_native_bf16(),
+        "cores": cores(), "platform": platform.platform(), "python": platform.python_version(),
+        "cuda": cuda_available(), "auto_precision": precision, "auto_precision_reason": why,
+        "versions": {p: package_version(p) for p in PACKAGES},
+    }
+    if info["cuda"]:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+BENCH_BACKBONE = "efficientnet_lite0"  # timm's tf_efficientnet_lite0: the project's CPU recipes' backbone
+
+
+def measure_inference_speed(seconds: float = 5.0, precisions: tuple[str, ...] = ("32", "bf16-mixed"),
+                            batch_size: int = 8, image_size: int = 224) -> dict[str, float]:
+    """Images/s of EfficientNet-Lite0 inference (random weights: speed only) per precision, on uint8
+    channels-last batches as the loaders give them, under ``torch.inference_mode``: one warm-up
+    batch, then batches for ``seconds / len(precisions)``. Where the warm-up batch alone outlasts
+    that share (bf16 emulated on a CPU without it: one batch of 8 takes 10 s or more), it is the
+    measurement, so the whole takes about one batch of each precision at worst."""
+    import time
+    from contextlib import nullcontext
+
+    import torch
+
+    from finegrain.models.model import build_model
+
+    device = "cuda" if cuda_available() else "cpu"
+    dtypes = {"32": None, "bf16-mixed": torch.bfloat16, **({"16-mixed": torch.float16} if device == "cuda" else {})}
+    for p in precisions:
+        if p not in dtypes:
+            raise ValueError(f"cannot measure precision '{p}' on {device}; valid: {', '.join(dtypes)}")
+    model = build_model(BENCH_BACKBONE, weights="none", num_classes=196).eval().to(device)
+    x = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    budget = seconds / max(1, len(precisions))
+    speeds: dict[str, float] = {}
+
+    def step(dtype) -> None:
+        with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        for p in precisions:
+            t0 = time.perf_counter()
+            step(dtypes[p])  # warm-up: allocations, oneDNN kernel selection
+            elapsed = time.perf_counter() - t0
+            if elapsed >= budget:
+                speeds[p] = batch_size / elapsed
+                continue
+            n, t0 = 0, time.perf_counter()
+            while True:
+                step(dtypes[p])
+                n += batch_size
+                elapsed = time.perf_counter() - t0
+                if elapsed >= budget:
+                    break
+            speeds[p] = n / elapsed
+    return speeds

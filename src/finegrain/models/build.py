@@ -1,0 +1,28 @@
+"""A config's model: the one place a run's architecture is built from its ``model`` section."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from finegrain.config import ExperimentConfig
+
+
+def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: str | None = None) -> nn.Module:
+    """The config's model (backbone + heads), with its freeze policy applied."""
+    from finegrain.models.freezing import apply_freeze
+    from finegrain.models.model import build_model
+
+    m = cfg.model
+    model = build_model(
+        backbone=m.backbone, weights=weights if weights is not None else m.weights, num_classes=num_classes,
+        head=m.head, dropout=m.dropout, embedding_dim=m.embedding_dim,
+        normalize_embedding=m.normalize_embedding, bn_neck=m.bn_neck, stem=m.stem, cubs=m.cubs,
+        cubs_stages=list(m.cubs_stages),
+    )
+    apply_freeze(model, m.freeze, m.freeze_stages)
+    return model
+
+
+def num_outputs(cfg: ExperimentConfig, num_classes: int) -> int | None:
+    """How many classes the model's classifier has: none for an embedding-only metric-learning model."""
+    return None if cfg.model.head == "embedding" else num_classes

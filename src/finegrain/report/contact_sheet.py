@@ -1,0 +1,41 @@
+"""A contact sheet: the query and its neighbours in one PNG, each titled with rank, class and score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from finegrain.errors import FinegrainError
+from finegrain.retrieval.searcher import Hit
+
+
+def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: str | None = None) -> Path:
+    """A PNG of the query and its neighbours, each titled with rank, class and score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from finegrain.data.images import open_rgb
+
+    n = len(hits) + 1
+    cols = min(n, 6)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(query)
+    axes.flat[0].set_title("query" + (f"\n{query_label}" if query_label else ""), fontsize=9, fontweight="bold")
+    for ax, h in zip(list(axes.flat)[1:], hits):
+        try:
+            img, _ = open_rgb(h.path)
+        except FinegrainError:
+            continue
+        ax.imshow(img)
+        ax.set_title(f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

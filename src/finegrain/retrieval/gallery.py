@@ -1,0 +1,76 @@
+"""A run's gallery: which images it holds, their embeddings, and the index built over them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finegrain.config import ExperimentConfig
+from finegrain.data.records import ImageRecord
+from finegrain.errors import FinegrainError
+from finegrain.inference.encoder import Encoder, Outputs
+from finegrain.inference.load import load_model
+from finegrain.retrieval.embeddings import SPLITS, reusable_embeddings, save_embeddings
+from finegrain.runs import open_run
+
+log = logging.getLogger(__name__)
+
+
+def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageRecord], list[str], str]:
+    """Records of a gallery: a split name of the config's dataset (or ``all``), or an image folder.
+
+    Returns the records, the class names and a description.
+    """
+    from finegrain.data.module import split_for
+
+    if gallery in SPLITS or gallery == "all":
+        split = split_for(cfg.data)
+        records = (split.train + split.val + split.test) if gallery == "all" else getattr(split, gallery)
+        return records, split.class_names, f"{gallery} split of {cfg.data.root}"
+    path = Path(gallery)
+    if not path.exists():
+        raise FinegrainError(f"gallery '{gallery}' is neither a split ({', '.join(SPLITS)}, all) nor a folder")
+    from finegrain.data.detect import open_collection
+
+    coll = open_collection(path)
+    return coll.all_records(), coll.class_names, f"all images of {path}"
+
+
+def embed_records(encoder: Encoder, records: list[ImageRecord], description: str = "embedding") -> Outputs:
+    """Embeddings of ``records`` (eval transform, every configured size)."""
+    return encoder.encode_records(records, description=description)
+
+
+def embed_split(run_path: str | Path, split: str, precision: str | None = None) -> Path:
+    """``finegrain embed``: write ``embeddings/<split>.npz`` for a split of the run's dataset."""
+    run = open_run(run_path)
+    encoder = Encoder(load_model(run), precision)
+    records, _, _ = gallery_records(encoder.cfg, split)
+    out = embed_records(encoder, records, f"embedding {split}")
+    save_embeddings(run, split, out, [str(records[i].path) for i in out.indices], encoder)
+    return run.embeddings / f"{split}.npz"
+
+
+def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat", metric: str = "cosine",
+                out_dir: Path | None = None, precision: str | None = None) -> tuple[Path, dict]:
+    """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
+    way) and save a FAISS index with its metadata."""
+    from finegrain.retrieval.index import GalleryIndex
+
+    run = open_run(run_path)
+    encoder = Encoder(load_model(run), precision)
+    records, class_names, description = gallery_records(encoder.cfg, gallery)
+    saved = reusable_embeddings(run, gallery, records, encoder)
+    if saved is not None:
+        embeddings, labels, paths = saved
+        log.info("reusing the %s embeddings in %s (same model, sizes and precision)", gallery, run.embeddings)
+    else:
+        out = embed_records(encoder, records, "embedding gallery")
+        embeddings, labels, paths = out.embeddings, out.labels, [str(records[i].path) for i in out.indices]
+    index = GalleryIndex.build(embeddings, labels, paths, metric=metric, kind=kind,
+                               model_checksum=encoder.loaded.checksum, class_names=class_names)
+    dest = out_dir or run.index
+    index.save(dest)
+    info = {"n": len(paths), "dim": int(embeddings.shape[1]), "kind": kind, "metric": metric,
+            "gallery": description, "approx_recall_at_10": index.meta.get("approx_recall_at_10")}
+    return dest, info

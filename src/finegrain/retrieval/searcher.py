@@ -1,0 +1,155 @@
+"""Answering image queries against a run's gallery index.
+
+:class:`Searcher` holds a run's model and index, loaded once; the CLI's ``search``, the
+demo and the web service all query through it (the service types against
+:class:`SearchService`, which tests fake with the same shape).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from finegrain.errors import FinegrainError
+from finegrain.inference.encoder import Encoder
+from finegrain.inference.load import load_model
+from finegrain.runs import RunDir, open_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    label: str
+    score: float
+    path: str
+    same_image: bool = False
+    """The gallery image is the query itself: the same pixels at the size the model sees."""
+
+
+Prediction = list[tuple[str, float]]
+
+
+class SearchService(Protocol):
+    """What the web service needs of a searcher."""
+
+    run: RunDir
+    prediction_source: str
+    """``classifier`` (the trained head's probabilities) or ``neighbours`` (their vote)."""
+    engine: str
+    """What runs the model: ``torch`` or ``onnx``."""
+
+    @property
+    def gallery_size(self) -> int: ...
+
+    @property
+    def info(self) -> dict: ...
+
+    def gallery_path(self, i: int) -> str: ...
+
+    def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]: ...
+
+
+def check_k(k: int, gallery_size: int) -> None:
+    """The one check of a neighbour count against a gallery."""
+    if k < 1 or k > gallery_size:
+        raise FinegrainError(f"k must be between 1 and the gallery size ({gallery_size}); got {k}")
+
+
+def _same_image(query_rgb: np.ndarray, path: str, size: tuple[int, int]) -> bool:
+    from finegrain.data.images import load_resized, resize_rgb
+
+    try:
+        return np.array_equal(resize_rgb(query_rgb, size), load_resized(Path(path), size))
+    except FinegrainError:  # the gallery file is gone or unreadable: not provably the same
+        return False
+
+
+def _name(names: list[str] | None, label: int) -> str:
+    return names[label] if names and 0 <= label < len(names) else str(label)
+
+
+class Searcher:
+    """A run's model and gallery index, loaded once, answering image queries."""
+
+    def __init__(self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None) -> None:
+        from finegrain.retrieval.index import GalleryIndex
+
+        self.run = open_run(run_path)
+        self.encoder = Encoder(load_model(self.run), precision)
+        self.engine = self.encoder.engine
+        self.cfg = self.encoder.cfg
+        index_dir = index_dir or self.run.index
+        if not (index_dir / "meta.json").is_file():
+            raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
+        self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
+        self.class_names = self.encoder.loaded.class_names
+        self.sizes = self.encoder.sizes
+        has_head = self.encoder.has_classifier
+        self.prediction_source = "classifier" if has_head and self.cfg.task == "classification" else "neighbours"
+
+    @property
+    def gallery_size(self) -> int:
+        return len(self.index.paths)
+
+    def gallery_path(self, i: int) -> str:
+        return self.index.paths[i]
+
+    @property
+    def info(self) -> dict:
+        """What the service says about itself (no server paths)."""
+        meta = dict(getattr(self.index, "meta", {}) or {})
+        return {"run": self.run.name, "task": self.cfg.task, "backbone": self.cfg.model.backbone,
+                "image_sizes": [list(s) for s in self.sizes], "tta_flip": self.encoder.tta_flip,
+                "precision": self.encoder.precision, "engine": self.engine,
+                "prediction_source": self.prediction_source, "gallery_size": self.gallery_size,
+                "index_kind": meta.get("kind"), "metric": meta.get("metric"),
+                "num_classes": len(self.class_names)}
+
+    def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embedding [1, D], class probabilities [C] or None) of one image."""
+        from finegrain.data.images import to_rgb
+
+        out = self.encoder.encode_rgb(to_rgb(image)[0])
+        probs = None
+        if "logits" in out:
+            z = out["logits"][0] - out["logits"][0].max()
+            probs = np.exp(z) / np.exp(z).sum()
+        return out["embedding"], probs
+
+    def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]:
+        """The k most similar gallery images and the top-5 classes: a classification run's
+        head probabilities, else the share of the k neighbours in each class."""
+        from finegrain.data.images import to_rgb
+
+        check_k(k, self.gallery_size)
+        emb, probs = self.encode(image)
+        scores, ids = self.index.search(emb, k)
+        names = self.index.class_names or self.class_names
+        hits = [Hit(rank=r + 1, id=int(i), label=_name(names, int(self.index.labels[i])), score=float(s),
+                    path=self.index.paths[i])
+                for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
+        rgb = None
+        for h in hits:  # an exact copy scores 1 (cosine) or 0 (L2), up to bf16 rounding: check its pixels
+            close = h.score >= 0.999 if self.index.metric == "cosine" else h.score <= 1e-3
+            if close:
+                rgb = to_rgb(image)[0] if rgb is None else rgb
+                h.same_image = _same_image(rgb, h.path, self.sizes[0])
+        if probs is not None and self.prediction_source == "classifier":
+            order = np.argsort(-probs)[:5]
+            return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
+        # otherwise (kNN and metric-learning runs) the neighbours vote: the share of the k hits per
+        # class; a copy of the query in the gallery is flagged on its hit, not counted as a neighbour
+        voters = [h for h in hits if not h.same_image] or hits
+        votes: dict[str, int] = {}
+        for h in voters:
+            votes[h.label] = votes.get(h.label, 0) + 1
+        ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
+        return hits, [(label, n / len(voters)) for label, n in ranked] if voters else None
