@@ -19,14 +19,27 @@ from finegrain.errors import ImageError
 # image is refused rather than decoded.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
+# A decode budget for untrusted images (the search service's ``--max-image-mpixels``).
+# Decoding costs at most about 8 bytes per pixel here (an RGBA source plus its RGB result;
+# Pillow stores RGB in 4 bytes a pixel): 16 Mpixel is about 130 MB and, for the slowest
+# kind (an RGBA PNG), under a second of one core. JPEGs above it are decoded at 1/2, 1/4
+# or 1/8 scale instead (libjpeg's draft mode), so camera photos are not refused.
+DEFAULT_MAX_IMAGE_MPIXELS = 16.0
 
-def open_rgb(path: str | Path) -> tuple[Image.Image, str | None]:
+# Rows are converted in strips of about this many pixels, so no conversion holds a
+# second full-size copy of a big image (or a float64 one: 8 bytes a pixel).
+_STRIP_PIXELS = 1 << 21
+
+
+def open_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
     """Decode ``path`` fully and return ``(rgb_image, conversion)``.
 
     ``conversion`` is ``None`` for a plain 8-bit RGB file, otherwise one of
     ``greyscale``, ``cmyk``, ``alpha``, ``palette``, ``16-bit``, ``other:<mode>``.
     EXIF orientation is applied. Raises :class:`ImageError` for a missing,
-    empty, non-image, truncated, corrupt or over-large file.
+    empty, non-image, truncated, corrupt or over-large file. ``max_pixels``
+    (default: Pillow's bomb limit only) refuses bigger images, except JPEGs,
+    which are decoded reduced to fit (see :func:`decode`).
     """
     path = Path(path)
     try:
@@ -39,23 +52,29 @@ def open_rgb(path: str | Path) -> tuple[Image.Image, str | None]:
         raise ImageError(path, "empty", "zero-byte file")
     try:
         with open(path, "rb") as f:
-            return decode(f, path)
+            return decode(f, path, max_pixels=max_pixels)
     except OSError as e:
         raise ImageError(path, "missing", str(e)) from None
 
 
-def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
+def decode_bytes(data: bytes, name: str = "upload", max_pixels: int | None = None) -> Image.Image:
     """Decode in-memory bytes (an upload) into 8-bit RGB under :func:`open_rgb`'s rules."""
     if not data:
         raise ImageError(name, "empty", "the uploaded file is empty")
-    return decode(io.BytesIO(data), name)[0]
+    return decode(io.BytesIO(data), name, max_pixels=max_pixels)[0]
 
 
 _OPEN_LOCK = threading.Lock()  # warnings filters are process-global: one header parse at a time
 
 
-def decode(source: BinaryIO, name: str | Path) -> tuple[Image.Image, str | None]:
-    """Fully decode ``source`` to ``(rgb_image, conversion)``; every failure is an :class:`ImageError` naming ``name``."""
+def decode(source: BinaryIO, name: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
+    """Fully decode ``source`` to ``(rgb_image, conversion)``; every failure is an :class:`ImageError` naming ``name``.
+
+    With ``max_pixels``, an image with more pixels is refused from its header alone
+    (reason ``too-large``, the detail naming the limit), except a JPEG that a 1/2, 1/4 or
+    1/8 scale decode brings within the limit: it is decoded at that scale. Images within
+    the limit decode exactly as without it.
+    """
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -64,9 +83,15 @@ def decode(source: BinaryIO, name: str | Path) -> tuple[Image.Image, str | None]
         if limit and im.width * im.height > limit:  # also when another thread's filters were in force
             raise Image.DecompressionBombError(
                 f"image of {im.width}x{im.height} = {im.width * im.height} pixels is over the limit of {limit}")
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            _reduce_or_refuse(im, name, int(max_pixels))
         im.load()
-        im = ImageOps.exif_transpose(im)
-        return to_rgb(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
+        holder = [im]
+        del im  # the conversion may then free a deep source as soon as its 8-bit copy exists
+        return _to_rgb_consuming(holder)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(name, "not-an-image", "not a format Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -78,8 +103,31 @@ def decode(source: BinaryIO, name: str | Path) -> tuple[Image.Image, str | None]
         raise ImageError(name, "corrupt", str(e) or type(e).__name__) from None
 
 
+def _mpixels(n: float) -> str:
+    return f"{n / 1e6:.3g} Mpixel"
+
+
+def _reduce_or_refuse(im: Image.Image, name: str | Path, max_pixels: int) -> None:
+    """Set a JPEG's draft scale so it decodes within ``max_pixels``, or raise ``too-large``."""
+    w, h = im.size
+    if im.format in ("JPEG", "MPO"):
+        for s in (2, 4, 8):
+            if -(-w // s) * -(-h // s) <= max_pixels:
+                im.draft(None, (max(1, w // s), max(1, h // s)))
+                break
+    if im.width * im.height > max_pixels:
+        raise ImageError(name, "too-large", f"{w}x{h} = {_mpixels(w * h)}, over the limit of {_mpixels(max_pixels)}")
+
+
 def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
     """Convert any Pillow mode to 8-bit RGB; return the image and what was done."""
+    return _to_rgb_consuming([im])
+
+
+def _to_rgb_consuming(holder: list[Image.Image]) -> tuple[Image.Image, str | None]:
+    """:func:`to_rgb` of ``holder[0]``, dropping the holder's reference to a deep image once
+    its 8-bit copy exists (so a caller that passes its only reference frees it early)."""
+    im = holder[0]
     mode = im.mode
     if mode == "RGB":
         return im, None
@@ -88,17 +136,55 @@ def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
     if mode == "CMYK":
         return im.convert("RGB"), "cmyk"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), "alpha"
+        return _over_white(im), "alpha"
     if mode == "P":
         return im.convert("RGB"), "palette"
     if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB"), "16-bit"
+        grey = _deep_to_l(im)
+        holder.clear()
+        del im
+        return grey.convert("RGB"), "16-bit"
     return im.convert("RGB"), f"other:{mode}"
+
+
+def _strips(im: Image.Image):
+    """Row boxes ``(0, top, width, bottom)`` covering ``im`` in strips of about ``_STRIP_PIXELS``."""
+    rows = max(1, _STRIP_PIXELS // max(1, im.width))
+    for top in range(0, im.height, rows):
+        yield 0, top, im.width, min(im.height, top + rows)
+
+
+def _over_white(im: Image.Image) -> Image.Image:
+    """Composite an image with alpha over white, strip by strip (per pixel: the same
+    result as one ``alpha_composite`` of the whole image, without its full-size copies)."""
+    out = Image.new("RGB", im.size)
+    for box in _strips(im):
+        rgba = im.crop(box).convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(background, rgba).convert("RGB"), box[:2])
+    return out
+
+
+# round(v / 65535 * 255) for every 16-bit v, as the float formula below gives it:
+# floor(v / 257 + 1/2), computed exactly in integers.
+_U16_TO_U8 = ((2 * np.arange(65536, dtype=np.uint32) + 257) // 514).astype(np.uint8)
+
+
+def _deep_to_l(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float greyscale to 8-bit ``L``: 65535 (or 255 when all
+    values fit in 8 bits, for ``I`` and ``F``) maps to 255, rounded to nearest; converted
+    strip by strip (never a float64 copy of the whole image)."""
+    out = np.empty((im.height, im.width), dtype=np.uint8)
+    if im.mode.startswith("I;16"):
+        for _, top, _, bottom in _strips(im):
+            np.take(_U16_TO_U8, np.asarray(im.crop((0, top, im.width, bottom))), out=out[top:bottom])
+        return Image.fromarray(out)  # uint8 2-D: mode L
+    top_value = np.max([np.max(np.asarray(im.crop(box), dtype=np.float64)) for box in _strips(im)])
+    hi = 65535.0 if top_value > 255 else 255.0  # NaN propagates as in one max over the image
+    for _, top, _, bottom in _strips(im):
+        arr = np.asarray(im.crop((0, top, im.width, bottom)), dtype=np.float64)
+        out[top:bottom] = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)  # uint8 2-D: mode L
 
 
 def load_resized(
@@ -106,14 +192,15 @@ def load_resized(
     size: tuple[int, int],
     bbox: tuple[int, int, int, int] | None = None,
     bbox_margin: float = 0.0,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Open, optionally crop to ``bbox`` (+ a relative ``bbox_margin``), resize.
 
     ``size`` is ``(height, width)``. Returns a ``uint8`` array ``[H, W, 3]``.
     This is the single decode path: the prepared cache stores exactly its output,
-    so cached and uncached loading give the same pixels.
+    so cached and uncached loading give the same pixels. ``max_pixels`` as in :func:`open_rgb`.
     """
-    im, _ = open_rgb(path)
+    im, _ = open_rgb(path, max_pixels=max_pixels)
     if bbox is not None:
         im = im.crop(expand_box(bbox, bbox_margin, im.width, im.height))
     return resize_rgb(im, size)
