@@ -74,7 +74,8 @@ def _version(module: str) -> str | None:
 def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """CPU, cores, memory, library versions, thread pools and the load average, as a JSON-able dict.
 
-    torch's version and thread counts are included when torch is importable; ``extra``
+    torch's version and thread counts, and :mod:`finegrain.machine`'s CPU flags, native bf16 and
+    ``auto`` precision, are included when torch is importable; ``extra``
     (benchmark-specific details) is merged in last.
     """
     cpu_model, features = _cpu()
@@ -101,6 +102,7 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             "torchvision": _version("torchvision"),
             "lightning": _version("lightning"),
         })
+        info.update(_finegrain_machine())
     pools: list[dict[str, Any]] = []
     try:
         from threadpoolctl import threadpool_info
@@ -113,6 +115,18 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     info.update(extra or {})
     info["load_average"] = load_average()  # when the machine was described
     return info
+
+
+def _finegrain_machine() -> dict[str, Any]:
+    """What :mod:`finegrain.machine` decides from: its CPU flags, whether bf16 is native, and the
+    precision ``auto`` picks here and why (empty when finegrain is not importable)."""
+    try:
+        from finegrain import machine
+    except ImportError:
+        return {}
+    precision, why = machine.auto_precision()
+    return {"cpu_flags": list(machine.cpu_flags()), "native_bf16": machine.cpu_has_native_bf16(),
+            "auto_precision": precision, "auto_precision_reason": why}
 
 
 def usable_cores() -> int:

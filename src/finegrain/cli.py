@@ -7,17 +7,55 @@ line and ends the program with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 
 from finegrain.errors import FinegrainError
 
-console = Console(stderr=False)
+PIPE_WIDTH = 10_000  # columns of stdout when it is not a terminal: no file name is cut or folded
+RULE_WIDTH = 100  # a rule (section line) in a log file
+
+
+class PipeConsole(Console):
+    """A rich console that, when its output is not a terminal (``> log.txt``, a pipe, nohup), is
+    :data:`PIPE_WIDTH` columns wide unless a width was given, so tables print every file name
+    whole instead of cutting it at 80 columns with an ellipsis; rules stay :data:`RULE_WIDTH` wide."""
+
+    _fixed_width = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fixed_width = kwargs.get("width") is not None
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if not self._fixed_width and not self.is_terminal:
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+    def rule(self, title: Any = "", *, characters: str = "─", style: Any = "rule.line",
+             align: Any = "center") -> None:
+        from rich.rule import Rule
+
+        self.print(Rule(title=title, characters=characters, style=style, align=align),
+                   width=None if self.is_terminal else RULE_WIDTH)
+
+
+console = PipeConsole(stderr=False)
 err_console = Console(stderr=True)
 
 app = typer.Typer(
@@ -37,6 +75,40 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config key, e.g. --set optim.lr=0.01 (repeatable)."),
 ]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", "-p", help="A profile of the config, e.g. quick.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts), nothing else.")]
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` with paths as strings, numpy numbers as Python's and NaN/infinity as null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _print_json(data: Any) -> None:
+    """``data`` as one JSON document on stdout."""
+    typer.echo(json.dumps(_jsonable(data), indent=2, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def _stdout_for(as_json: bool) -> Iterator[None]:
+    """With ``--json``, whatever the work prints (progress, library messages) goes to stderr,
+    so stdout carries the JSON document alone."""
+    if not as_json:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -64,12 +136,17 @@ def data_check(
     path: Annotated[Path, typer.Argument(help="Dataset folder (or CSV file).")],
     format: Annotated[str, typer.Option(help="Dataset format, or auto.")] = "auto",
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the train/test duplicate search.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Detect the format, count images and classes, and list every problem file."""
-    from finegrain.data.check import check_dataset, render_check
+    from finegrain.data.check import check_dataset, check_to_dict, render_check
 
-    report = check_dataset(path, format=format, hash_duplicates=not no_hash)
-    console.print(render_check(report))
+    with _stdout_for(as_json):
+        report = check_dataset(path, format=format, hash_duplicates=not no_hash)
+    if as_json:
+        _print_json(check_to_dict(report))
+    else:
+        console.print(render_check(report))
     if not report.ok:
         raise typer.Exit(1)
 
@@ -190,16 +267,21 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     protocol: Annotated[Optional[str], typer.Option(help="classification or retrieval (default: the run's).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a run on its test split; writes metrics.json."""
-    _evaluate(run, protocol)
+    _evaluate(run, protocol, as_json)
 
 
-def _evaluate(run_path: Path, protocol: str | None) -> None:
+def _evaluate(run_path: Path, protocol: str | None, as_json: bool = False) -> None:
     from finegrain.tasks.evaluate import evaluate_run, render_metrics
 
-    metrics = evaluate_run(run_path, protocol=protocol)
-    console.print(render_metrics(metrics))
+    with _stdout_for(as_json):
+        metrics = evaluate_run(run_path, protocol=protocol)
+    if as_json:
+        _print_json(metrics)
+    else:
+        console.print(render_metrics(metrics))
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -242,28 +324,49 @@ def search(
     k: Annotated[int, typer.Option(help="Number of neighbours.")] = 10,
     sheet: Annotated[Optional[Path], typer.Option(help="Write a contact sheet PNG of the results here.")] = None,
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default RUN/index).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
     from rich.table import Table
+    from rich.text import Text
 
     from finegrain.data.images import open_rgb
     from finegrain.report.contact_sheet import contact_sheet
     from finegrain.retrieval.searcher import Searcher
 
-    query, _ = open_rgb(image)
-    searcher = Searcher(run, index_dir)
-    hits, top = searcher.search(query, k=k)
+    with _stdout_for(as_json):
+        query, _ = open_rgb(image)
+        searcher = Searcher(run, index_dir)
+        hits, top = searcher.search(query, k=k)
+        written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
+    if as_json:
+        _print_json(search_to_dict(image, searcher.gallery_size, searcher.prediction_source, hits, top, written))
+        return
     if top:
         how = "" if searcher.prediction_source == "classifier" else " (share of the neighbours)"
         console.print(f"predicted{how}: " + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}"
                                                 for i, (n, p) in enumerate(top)))
-    table = Table("rank", "label", "score", "path", title=f"{len(hits)} nearest of {searcher.gallery_size}")
-    for h in hits:
-        table.add_row(str(h.rank), h.label, f"{h.score:.4f}", h.path + (" (the query itself)" if h.same_image else ""))
+    table = Table("rank", "label", "score", title=f"{len(hits)} nearest of {searcher.gallery_size}")
+    table.add_column("path", overflow="fold")
+    for h in hits:  # Text: a name with [brackets] is not markup
+        table.add_row(str(h.rank), Text(h.label), f"{h.score:.4f}",
+                      Text(h.path + (" (the query itself)" if h.same_image else "")))
     console.print(table)
-    if sheet:
-        contact_sheet(query, hits, sheet)
-        console.print(f"contact sheet: [bold]{sheet}[/]")
+    if written is not None:
+        console.print(Text.assemble("contact sheet: ", (str(written), "bold")))
+
+
+def search_to_dict(query: Path, gallery_size: int, prediction_source: str, hits: list,
+                   top: list[tuple[str, float]] | None, sheet: Path | None = None) -> dict:
+    """``finegrain search --json``: the query, the predicted classes and every hit."""
+    return {
+        "query": str(query), "gallery_size": gallery_size,
+        "prediction": {"source": prediction_source,
+                       "classes": [{"label": n, "probability": p} for n, p in (top or [])]},
+        "hits": [{"rank": h.rank, "label": h.label, "score": h.score, "path": h.path, "same_image": h.same_image}
+                 for h in hits],
+        "sheet": str(sheet) if sheet is not None else None,
+    }
 
 
 @app.command("demo")
@@ -351,12 +454,99 @@ def configs() -> None:
     console.print(table)
 
 
+@app.command("info")
+def info(
+    as_json: JsonOpt = False,
+    no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the inference speed measurement.")] = False,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Time for the speed measurement, shared by fp32 and bf16.")]
+    = 5.0,
+    workers: Annotated[int, typer.Option(min=0, help="Loader workers to plan threads for (the configs' default).")]
+    = 2,
+) -> None:
+    """Versions, CPU and its vector features, threads, GPU, the precision `auto` picks and why,
+    and EfficientNet-Lite0 inference speed here in fp32 and in bf16 autocast."""
+    facts = machine_facts(workers=workers, bench_seconds=None if no_bench else seconds, quiet=as_json)
+    if as_json:
+        _print_json(facts)
+    else:
+        console.print(render_info(facts))
+
+
+def machine_facts(workers: int = 2, bench_seconds: float | None = 5.0, quiet: bool = False) -> dict:
+    """:func:`finegrain.machine.machine_info` plus torch's threads, the thread plan for ``workers``
+    loader workers, and (unless ``bench_seconds`` is None) the measured inference speed."""
+    import torch
+
+    from finegrain import machine
+
+    facts = machine.machine_info()
+    planned_workers, planned_threads = machine.plan_threads(workers)
+    facts.update({
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "thread_plan": {"workers_asked": workers, "workers": planned_workers, "torch_threads": planned_threads},
+        "inference_speed": None,
+    })
+    if bench_seconds is not None:
+        batch, size = 8, 224
+        if not quiet:
+            err_console.print(f"measuring {machine.BENCH_BACKBONE} inference (batches of {batch} at {size}x{size}) "
+                              f"in fp32 and bf16 autocast for about {bench_seconds:g} s...", highlight=False)
+        with _stdout_for(True):
+            speeds = machine.measure_inference_speed(bench_seconds, ("32", "bf16-mixed"), batch, size)
+        facts["inference_speed"] = {
+            "model": machine.BENCH_BACKBONE, "weights": "random", "batch_size": batch, "image_size": [size, size],
+            "input": "uint8, channels-last", "seconds": bench_seconds, "images_per_second": speeds,
+        }
+    return facts
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def render_info(facts: dict):
+    """A rich table of :func:`machine_facts` for the terminal."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(show_header=False, title="finegrain on this machine", title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", overflow="fold")
+    for name, version in facts["versions"].items():
+        t.add_row(name, version or Text("not installed", style="dim"))
+    t.add_row("python", facts["python"])
+    t.add_row("platform", facts["platform"])
+    t.add_section()
+    t.add_row("cpu", facts["cpu"])
+    t.add_row("vector features", " ".join(facts["cpu_flags"]) or "none known")
+    t.add_row("native bf16", "yes" if facts["native_bf16"] else "no")
+    t.add_row("cores", str(facts["cores"]))
+    t.add_row("torch threads", f"{facts['torch_threads']} intra-op, {facts['torch_interop_threads']} inter-op")
+    plan = facts["thread_plan"]
+    t.add_row("thread plan", f"{_n(plan['workers_asked'], 'loader worker')} asked: {_n(plan['workers'], 'worker')} "
+                             f"+ {_n(plan['torch_threads'], 'torch thread')} (plan_threads)")
+    t.add_row("gpu", facts.get("gpu") or "none")
+    t.add_row("precision auto", Text.assemble((facts["auto_precision"], "bold"), f": {facts['auto_precision_reason']}"))
+    speed = facts.get("inference_speed")
+    if speed:
+        t.add_section()
+        ips = speed["images_per_second"]
+        fp32, bf16 = ips.get("32"), ips.get("bf16-mixed")
+        where = (f"{speed['model']}, random weights, batches of {speed['batch_size']} at "
+                 f"{speed['image_size'][0]}x{speed['image_size'][1]}")
+        t.add_row("inference fp32", f"{fp32:.1f} images/s ({where})")
+        if bf16 is not None:
+            ratio = f"{fp32 / bf16:.1f}x slower than fp32" if bf16 < fp32 else f"{bf16 / fp32:.1f}x faster than fp32"
+            t.add_row("inference bf16 autocast", f"{bf16:.1f} images/s ({ratio})")
+    return t
+
+
 def main() -> None:
     """Console entry point."""
     try:
         app()
     except FinegrainError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # one line
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: checkpoints already written are kept; use --resume to continue")

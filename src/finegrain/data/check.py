@@ -125,9 +125,12 @@ def _tracked(items, total: int, progress: bool):
     if not _progress_enabled(progress):
         yield from items
         return
+    from rich.console import Console
     from rich.progress import track
 
-    yield from track(items, total=total, description="Decoding images", transient=True)
+    # on stderr: stdout carries the report alone (``--json``, ``> log.txt``)
+    yield from track(items, total=total, description="Decoding images", transient=True,
+                     console=Console(stderr=True))
 
 
 def _find_duplicates(report: CheckReport, hashes: dict[str, dict[str, list[Path]]]) -> None:
@@ -146,8 +149,26 @@ def _find_duplicates(report: CheckReport, hashes: dict[str, dict[str, list[Path]
             )
 
 
+def check_to_dict(report: CheckReport) -> dict:
+    """``report`` as JSON-able data for scripts: the counts, and every problem file by its full path."""
+    return {
+        "root": str(report.root), "format": report.format, "ok": report.ok,
+        "num_classes": report.num_classes, "class_names": list(report.class_names),
+        "images": dict(report.images), "classes": dict(report.classes), "missing": dict(report.missing),
+        "notes": list(report.notes),
+        "bad_files": [{"path": str(b.path), "split": b.split, "reason": b.reason, "detail": b.detail}
+                      for b in report.bad_files],
+        "conversions": {kind: [str(p) for p in paths] for kind, paths in report.conversions.items()},
+        "duplicates": [{"train": str(a), "test": str(b)} for a, b in report.duplicates],
+        "hashed": report.hashed,
+    }
+
+
 def render_check(report: CheckReport):
-    """A rich renderable (a Group of tables) summarising ``report`` for the CLI."""
+    """A rich renderable (a Group of tables) summarising ``report`` for the CLI.
+
+    File names are never cut: columns that hold paths fold rather than end in an ellipsis
+    (the CLI's console is wide when its output is not a terminal, so there they stay whole)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -160,7 +181,7 @@ def render_check(report: CheckReport):
     splits.add_column("split")
     splits.add_column("images", justify="right")
     splits.add_column("classes", justify="right")
-    splits.add_column("status")
+    splits.add_column("status", overflow="fold")  # an absent split's reason may name a file
     for s in report.images:
         splits.add_row(s, f"{report.images[s]:,}", f"{report.classes[s]:,}", "present")
     for s, why in report.missing.items():
@@ -172,26 +193,26 @@ def render_check(report: CheckReport):
         t = Table(title=f"Bad files ({len(report.bad_files)})", show_edge=False, title_style="bold red")
         t.add_column("split")
         t.add_column("reason", style="red")
-        t.add_column("file")
-        t.add_column("detail")
+        t.add_column("file", overflow="fold")
+        t.add_column("detail", overflow="fold")
         for b in report.bad_files:
-            t.add_row(b.split, b.reason, str(b.path), b.detail)
+            t.add_row(b.split, b.reason, Text(str(b.path)), Text(b.detail))  # Text: [brackets] are not markup
         parts.append(t)
     if report.conversions:
         t = Table(title="Converted to 8-bit RGB on loading", show_edge=False)
         t.add_column("kind")
         t.add_column("images", justify="right")
-        t.add_column("examples")
+        t.add_column("examples", overflow="fold")
         for kind, paths in report.conversions.items():
-            t.add_row(kind, str(len(paths)), ", ".join(str(p) for p in paths[:EXAMPLES]))
+            t.add_row(kind, str(len(paths)), Text(", ".join(str(p) for p in paths[:EXAMPLES])))
         parts.append(t)
     if report.duplicates:
         t = Table(title=f"Identical images in train and test ({len(report.duplicates)})",
                   show_edge=False, title_style="bold red")
-        t.add_column("train")
-        t.add_column("test")
+        t.add_column("train", overflow="fold")
+        t.add_column("test", overflow="fold")
         for a, b in report.duplicates:
-            t.add_row(str(a), str(b))
+            t.add_row(Text(str(a)), Text(str(b)))
         parts.append(t)
     elif not report.hashed:
         parts.append(Text("Duplicate check skipped (hashing disabled).", style="dim"))

@@ -35,6 +35,7 @@ def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: s
         ax.imshow(img)
         ax.set_title(f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}", fontsize=8)
     fig.tight_layout()
+    out = out if out.suffix else out.with_suffix(".png")  # what savefig writes to a name without one
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -326,7 +326,7 @@ def _metrics_section(metrics: dict) -> str:
     ]
     mach = metrics.get("machine") or {}
     if mach:
-        info.append(("machine", f"{mach.get('platform', '?')}, {mach.get('cpus', '?')} CPU threads, "
+        info.append(("machine", f"{mach.get('platform', '?')}, {mach.get('cores', mach.get('cpus', '?'))} CPU cores, "
                                 f"CUDA {'yes' if mach.get('cuda') else 'no'}"))
     if metrics.get("checkpoint"):
         checksum = str(metrics.get("model_checksum") or "")[:12]

@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from finegrain import __version__
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
+from finegrain.machine import machine_info
 from finegrain.runs import RunDir, atomic_write_json, atomic_write_text, open_run
 
 log = logging.getLogger(__name__)
@@ -67,8 +66,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     result: dict = {
         "run": run.name, "task": cfg.task, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finegrain": __version__, "checkpoint": str(loaded.checkpoint), "model_checksum": loaded.checksum,
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                    "cuda": torch.cuda.is_available()},
+        "machine": machine_info(),
         "inference": encoder.signature(),
         "protocol": protocol_of(cfg, dm.split, dataset_root(cfg.data), protocol, fmt),
         "definitions": DEFINITIONS,

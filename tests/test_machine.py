@@ -1,0 +1,100 @@
+"""finegrain.machine: the precision `auto` picks, the thread plan, and the inference speed measurement."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from finegrain import machine
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Set whether this (GPU-less) machine's CPU computes bf16 natively."""
+    monkeypatch.setattr(machine, "cuda_available", lambda: False)
+    monkeypatch.delenv("FINEGRAIN_PRECISION", raising=False)
+
+    def native(has: bool) -> None:
+        monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: has)
+
+    return native
+
+
+def test_auto_is_fp32_on_a_cpu_without_native_bf16(cpu):
+    cpu(False)
+    precision, why = machine.auto_precision()
+    assert precision == "32" and "no native bf16" in why
+    assert machine.resolve_precision("auto") == "32"
+    assert machine.inference_precision() == "32"
+
+
+def test_auto_is_bf16_on_a_cpu_with_native_bf16(cpu):
+    cpu(True)
+    assert machine.auto_precision()[0] == "bf16-mixed"
+    assert machine.resolve_precision("auto") == "bf16-mixed"
+    assert machine.inference_precision() == "bf16-mixed"
+
+
+def test_explicit_precisions_on_cpu(cpu, caplog, monkeypatch):
+    cpu(False)
+    with caplog.at_level(logging.WARNING, logger="finegrain.machine"):
+        assert machine.resolve_precision("bf16-mixed") == "bf16-mixed"  # obeyed, with a warning
+    assert "slower" in caplog.text
+    assert machine.resolve_precision("16-mixed") == "32"  # fp16 needs a GPU
+    assert machine.resolve_precision("32") == "32"
+    monkeypatch.setenv("FINEGRAIN_PRECISION", "32")
+    cpu(True)
+    assert machine.inference_precision() == "32"  # the environment overrides auto
+    with pytest.raises(ValueError, match="unknown precision"):
+        machine.resolve_precision("bf16")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_on_a_gpu(monkeypatch, bf16):
+    monkeypatch.setattr(machine, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert machine.auto_precision()[0] == ("bf16-mixed" if bf16 else "16-mixed")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 64])
+def test_plan_threads_never_oversubscribes(monkeypatch, n):
+    monkeypatch.setattr(machine, "cores", lambda: n)
+    for asked in range(0, 12):
+        workers, threads = machine.plan_threads(asked)
+        assert 0 <= workers <= asked and threads >= 1
+        assert workers + threads <= n, (n, asked, workers, threads)
+        if n >= 2 and asked >= 1:
+            assert workers >= 1  # a worker asked for and a core to spare: it runs
+    assert machine.plan_threads(0) == (0, n)
+
+
+def test_machine_info_names_the_auto_precision(cpu):
+    cpu(False)
+    info = machine.machine_info()
+    assert info["auto_precision"] == "32" and info["native_bf16"] is False
+    assert info["cores"] == machine.cores() and info["versions"]["torch"]
+    assert set(info["cpu_flags"]) <= set(machine.VECTOR_FLAGS)
+
+
+def test_measure_inference_speed_small():
+    speeds = machine.measure_inference_speed(0.05, batch_size=2, image_size=32)
+    assert set(speeds) == {"32", "bf16-mixed"}
+    assert all(v > 0 and math.isfinite(v) for v in speeds.values())
+    with pytest.raises(ValueError, match="16-mixed"):
+        machine.measure_inference_speed(0.05, precisions=("16-mixed",))  # fp16 autocast needs a GPU
+
+
+def test_benchmarks_record_the_machine_facts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("common", None)
+    from common import machine_info
+
+    info = machine_info()
+    assert info["auto_precision"] == machine.auto_precision()[0]
+    assert info["native_bf16"] == machine.cpu_has_native_bf16() and info["cpu_flags"] == list(machine.cpu_flags())
+    assert "cpu_features" in info and "torch_threads" in info  # what it had before stays
