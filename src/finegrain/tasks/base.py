@@ -7,11 +7,15 @@ import math
 
 import lightning as L
 import torch
-from torch import nn
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import unknown_name
+from finegrain.registry import Registry
 from finegrain.models.build import build_from_config, num_outputs
+
+
+TASKS: Registry[type[FinegrainTask]] = Registry("trained task")
+"""Task name → its LightningModule class, registered where each is defined (a kNN row trains nothing)."""
 
 
 class FinegrainTask(L.LightningModule):

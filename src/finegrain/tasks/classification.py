@@ -6,15 +6,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from finegrain.tasks.base import FinegrainTask
+from finegrain.errors import ConfigError
+from finegrain.tasks.base import TASKS, FinegrainTask
 
 
+@TASKS.register("classification")
 class ClassificationTask(FinegrainTask):
     monitor = "val/acc"
     monitor_mode = "max"
 
-    def __init__(self, config: dict, class_names: list[str], weights: str | None = None) -> None:
+    def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
+                 train_labels: list[int] | None = None) -> None:
         super().__init__(config, class_names, weights)
+        if self.cfg.loss.name != "cross_entropy":
+            raise ConfigError(f"task classification trains with loss cross_entropy, not '{self.cfg.loss.name}' "
+                              "(config key 'loss.name'; metric-learning losses need task: metric_learning)")
         t, n = self.cfg.train, len(class_names)
         mixers = []
         if t.mixup > 0:
@@ -33,7 +39,7 @@ class ClassificationTask(FinegrainTask):
         if self.mixer is not None:  # mixes normalised float images
             x, target = self.mixer(x, y)
         logits = self.model.logits(x)
-        loss = F.cross_entropy(logits, target, label_smoothing=self.cfg.loss.label_smoothing)
+        loss = F.cross_entropy(logits, target, label_smoothing=getattr(self.cfg.loss, "label_smoothing", 0.0))
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y))

@@ -8,39 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from finegrain.faiss_import import import_faiss
-
-import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
-from pytorch_metric_learning import losses, miners
-
-from finegrain.config import LossConfig
-from finegrain.errors import unknown_name
-from finegrain.tasks.base import FinegrainTask
-
-METRIC_LOSSES = ("multi_similarity", "contrastive", "triplet", "proxy_anchor", "normalized_softmax", "arcface")
-PROXY_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface")
+from finegrain.tasks.base import TASKS, FinegrainTask
+from finegrain.tasks.losses import build_loss
 
 
-def build_loss(cfg: LossConfig, num_classes: int, dim: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """(loss, miner) for a metric-learning loss name."""
-    n = cfg.name
-    if n == "multi_similarity":
-        return (losses.MultiSimilarityLoss(alpha=cfg.alpha, beta=cfg.beta, base=cfg.base),
-                miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon))
-    if n == "contrastive":
-        return losses.ContrastiveLoss(pos_margin=1.0, neg_margin=cfg.margin + 0.4), None
-    if n == "triplet":
-        return (losses.TripletMarginLoss(margin=cfg.margin),
-                miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"))
-    if n == "proxy_anchor":
-        return losses.ProxyAnchorLoss(num_classes, dim, margin=cfg.margin, alpha=cfg.scale), None
-    if n == "normalized_softmax":
-        return losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=1.0 / cfg.scale), None
-    if n == "arcface":
-        return losses.ArcFaceLoss(num_classes, dim, margin=28.6, scale=cfg.scale), None
-    raise unknown_name("metric-learning loss", n, METRIC_LOSSES)
-
-
+@TASKS.register("metric_learning")
 class MetricLearningTask(FinegrainTask):
     monitor = "val/recall@1"
     monitor_mode = "max"
@@ -69,7 +41,7 @@ class MetricLearningTask(FinegrainTask):
         params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if not params:
             return []
-        return [{"params": params, "lr": lr * self.cfg.loss.proxy_lr_mult, "name": "loss"}]
+        return [{"params": params, "lr": lr * getattr(self.cfg.loss, "proxy_lr_mult", 1.0), "name": "loss"}]
 
     def training_step(self, batch, batch_idx):
         if batch is None:
