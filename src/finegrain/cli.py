@@ -426,11 +426,17 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.")] = 10.0,
+    max_image_mpixels: Annotated[float, typer.Option(
+        help="Largest accepted image in megapixels (larger JPEGs are decoded reduced, others refused).")] = 16.0,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", help="Another Host name to answer to (repeatable); by default only the bound "
+                             "address, localhost, 127.0.0.1 and [::1].")] = None,
 ) -> None:
     """Serve the search page and JSON API for a run (FastAPI + uvicorn)."""
     from finegrain.serve.app import serve as serve_run
 
-    serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb)
+    serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb,
+              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [])
 
 
 @app.command("configs")

@@ -150,6 +150,15 @@ class FakeSearcher:
 # ----------------------------------------------------------------------------- fixtures
 
 
+# The test client sends ``Host: testserver``: allowed here explicitly, never by default.
+TEST_HOST = "testserver"
+
+
+def make_app(searcher, **kw):
+    """:func:`create_app` answering to the test client's host name too."""
+    return create_app(searcher, allow_hosts=[TEST_HOST], **kw)
+
+
 def png_bytes(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
@@ -168,7 +177,7 @@ def searcher(gallery_dir) -> FakeSearcher:
 
 @pytest.fixture(scope="module")
 def client(searcher):
-    with TestClient(create_app(searcher, max_upload_bytes=200_000, max_k=20)) as c:
+    with TestClient(make_app(searcher, max_upload_bytes=200_000, max_k=20)) as c:
         yield c
 
 
@@ -296,7 +305,7 @@ def test_search_reports_which_hit_is_the_query_itself(gallery_dir, blue_query):
         return hits, top
 
     searcher.search = search
-    with TestClient(create_app(searcher)) as c:
+    with TestClient(make_app(searcher)) as c:
         results = post_image(c, blue_query, k=3).json()["results"]
     assert [h["same_image"] for h in results] == [True, False, False]
 
@@ -308,7 +317,7 @@ def test_search_default_k_and_k_in_query(client, blue_query):
 
 
 def test_search_without_classifier_has_null_prediction(tmp_path, gallery_dir, blue_query):
-    with TestClient(create_app(FakeSearcher(gallery_dir, with_classifier=False))) as c:
+    with TestClient(make_app(FakeSearcher(gallery_dir, with_classifier=False))) as c:
         assert c.get("/api/info").json()["has_classifier"] is False
         body = post_image(c, blue_query, k=2).json()
     assert body["prediction"] is None and len(body["results"]) == 2
@@ -431,7 +440,7 @@ def test_bad_k_is_422(client, blue_query, k):
 
 
 def test_k_above_gallery_size_is_422(gallery_dir, blue_query):
-    with TestClient(create_app(FakeSearcher(gallery_dir), max_k=100)) as c:
+    with TestClient(make_app(FakeSearcher(gallery_dir), max_k=100)) as c:
         assert post_image(c, blue_query, k=24).status_code == 200
         assert_error(post_image(c, blue_query, k=25), 422, "between 1 and 24")
 
@@ -467,11 +476,11 @@ def test_server_still_answers_after_bad_input(client, searcher, blue_query, real
 
 def test_inference_runs_off_the_event_loop_behind_a_semaphore(gallery_dir, blue_query):
     searcher = FakeSearcher(gallery_dir, delay=0.15)
-    app = create_app(searcher, max_concurrency=2)
+    app = make_app(searcher, max_concurrency=2)
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as ac:
             async def one():
                 return await ac.post("/api/search", files={"image": ("q.png", blue_query, "image/png")},
                                      data={"k": "3"})
@@ -509,9 +518,207 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
 
     monkeypatch.setattr(search_mod, "Searcher", fake_searcher)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
-    app_mod.serve("runs/x", index_dir=None, port=8123, max_upload_mb=0.5)
+    app_mod.serve("runs/x", index_dir=None, port=8123, max_upload_mb=0.5, max_image_mpixels=2.5,
+                  allow_hosts=["search.lan"])
     assert made == {"run_path": "runs/x", "index_dir": None}
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
     assert ran["app"].state.max_upload_bytes == 2**19
-    with TestClient(ran["app"]) as c:
+    assert ran["app"].state.max_image_pixels == 2_500_000
+    assert ran["app"].state.allowed_hosts == {"127.0.0.1", "localhost", "[::1]", "search.lan"}
+    with TestClient(ran["app"], base_url="http://127.0.0.1:8123") as c:
         assert c.get("/api/info").json()["max_upload_bytes"] == 2**19
+
+
+# ----------------------------------------------------------------------------- Host header (DNS rebinding)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
+                                  "testserver.evil", "", "[::2]:8000", "local host"])
+def test_unknown_host_is_refused(client, host):
+    for url in ("/api/info", "/gallery/0", "/"):
+        r = client.get(url, headers={"host": host})
+        body = assert_error(r, 400, "host")
+        assert "fake-run" not in r.text and not r.content.startswith(b"\x89PNG")
+        assert r.headers["x-frame-options"] == "DENY"
+    assert "evil" not in body["error"]  # the refused name is not echoed
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "LocalHost:8000", "127.0.0.1", "127.0.0.1:1",
+                                  "[::1]", "[::1]:8000"])
+def test_local_hosts_are_accepted(client, host):
+    r = client.get("/api/info", headers={"host": host})
+    assert r.status_code == 200 and r.json()["run"] == "fake-run"
+
+
+def test_test_client_host_is_not_allowed_by_default(searcher):
+    with TestClient(create_app(searcher)) as c:  # Host: testserver
+        assert_error(c.get("/api/health"), 400, "host")
+    with TestClient(create_app(searcher), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/api/health").status_code == 200
+
+
+def test_bound_address_and_allow_host_are_accepted(searcher):
+    app = create_app(searcher, host="192.168.1.20", allow_hosts=["Search.Lan", "::1"])
+    with TestClient(app, base_url="http://192.168.1.20:8000") as c:
+        assert c.get("/api/health").status_code == 200
+        assert c.get("/api/health", headers={"host": "search.lan:8000"}).status_code == 200
+        assert_error(c.get("/api/health", headers={"host": "other.lan"}), 400)
+    wildcard = create_app(searcher, host="0.0.0.0")
+    with TestClient(wildcard, base_url="http://0.0.0.0:8000") as c:  # a wildcard bind is no host name
+        assert_error(c.get("/api/health"), 400)
+    with pytest.raises(FinegrainError, match="host name"):
+        create_app(searcher, allow_hosts=["search.lan:8000"])
+
+
+# ----------------------------------------------------------------------------- security headers
+
+
+def assert_security_headers(r, docs: bool = False) -> None:
+    h = r.headers
+    csp = h["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp, r.url
+    if not docs:
+        assert "default-src 'self'" in csp and "script-src 'self';" in csp and "unsafe" not in csp
+    assert h["x-content-type-options"] == "nosniff"
+    assert h["x-frame-options"] == "DENY"
+    assert h["referrer-policy"] == "no-referrer"
+    for name in ("content-security-policy", "x-content-type-options", "x-frame-options"):
+        assert len(h.get_list(name)) == 1, (name, r.url)
+
+
+def test_every_response_has_the_security_headers(client, blue_query):
+    for url in ("/", "/static/index.html", "/static/app.js", "/static/app.css", "/api/info", "/api/health",
+                "/gallery/0", "/openapi.json", "/nope", "/static/nope.js", "/gallery/abc"):
+        assert_security_headers(client.get(url))
+    assert client.get("/static/index.html").headers["content-type"].startswith("text/html")
+    assert_security_headers(client.get("/docs"), docs=True)
+    assert_security_headers(post_image(client, blue_query, k=2))
+    assert_security_headers(post_image(client, blue_query, k=0))  # 422
+    assert_security_headers(post_image(client, b"x" * 300_000))  # 413
+    assert_security_headers(client.get("/api/info", headers={"host": "evil.example"}))  # 400
+
+
+def test_unexpected_error_is_json_500_with_headers(gallery_dir, blue_query):
+    searcher = FakeSearcher(gallery_dir)
+
+    def boom(image, k=10):
+        raise RuntimeError(f"bug reading {gallery_dir}/00_0.png")
+
+    searcher.search = boom
+    with TestClient(make_app(searcher), raise_server_exceptions=False) as c:
+        r = post_image(c, blue_query, k=2)
+    assert_error(r, 500, "internal server error")
+    assert str(gallery_dir) not in r.text
+    assert_security_headers(r)
+
+
+# ----------------------------------------------------------------------------- no server paths
+
+
+def test_no_server_paths_in_info_or_search(gallery_dir, blue_query):
+    searcher = FakeSearcher(gallery_dir)
+    searcher.cfg.data = SimpleNamespace(root=str(gallery_dir / "datasets" / "birds-2024") + "/")
+    with TestClient(make_app(searcher)) as c:
+        info = c.get("/api/info")
+        search = post_image(c, blue_query, k=5)
+    assert info.json()["dataset"] == "birds-2024"
+    for r in (info, search):
+        assert r.status_code == 200
+        assert str(gallery_dir) not in r.text and str(gallery_dir.parent) not in r.text
+        assert ".png" not in r.text and ".jpg" not in r.text  # hits are gallery ids, not file names
+    assert [h["url"] for h in search.json()["results"]] == [f"/gallery/{h['id']}" for h in search.json()["results"]]
+
+
+def test_searcher_errors_do_not_show_server_paths(gallery_dir, blue_query):
+    searcher = FakeSearcher(gallery_dir)
+
+    def refuse(image, k=10):
+        raise FinegrainError(f"the index in {gallery_dir}/index was built by another model (see {gallery_dir})")
+
+    searcher.search = refuse
+    with TestClient(make_app(searcher)) as c:
+        body = assert_error(post_image(c, blue_query, k=2), 422, "another model")
+    assert str(gallery_dir) not in body["error"] and "/" not in body["error"]
+    assert "index" in body["error"]
+
+
+# ----------------------------------------------------------------------------- bounded echo
+
+
+@pytest.mark.parametrize("k", ["9" * 400, "a" * 400, "1" * 5000, " " * 50 + "x" * 300, "<script>alert(1)</script>"])
+def test_bad_k_is_not_echoed_whole(client, blue_query, k):
+    body = assert_error(post_image(client, blue_query, k=k), 422, "k")
+    assert len(body["error"]) < 120, body["error"]
+    assert k.strip()[:9] not in body["error"]  # at most 8 characters of it are quoted
+
+
+def test_repeated_k_is_refused(client, blue_query):
+    files = {"image": ("q.png", blue_query, "image/png")}
+    assert_error(client.post("/api/search", files=files, data={"k": ["3", "4"]}), 422, "once")
+    assert_error(client.post("/api/search?k=3&k=4", files=files), 422, "once")
+    assert_error(client.post("/api/search?k=3", files=files, data={"k": "4"}), 422, "once")
+    assert client.post("/api/search?k=3", files=files).json()["k"] == 3
+
+
+def test_unknown_path_is_not_echoed_whole(client):
+    body = assert_error(client.get("/" + "a" * 2000), 404)
+    assert len(body["error"]) < 100
+
+
+# ----------------------------------------------------------------------------- decode budget
+
+
+def test_info_reports_the_image_limit(client):
+    assert client.get("/api/info").json()["max_image_pixels"] == 16_000_000
+
+
+def test_image_over_the_pixel_limit_is_400_naming_the_setting(searcher):
+    png = png_bytes(Image.new("RGB", (1500, 1000), (40, 70, 200)))
+    jpeg = png_bytes(draw_bird((40, 70, 200), 0, size=(1500, 1000)), "JPEG", quality=90)
+    with TestClient(make_app(searcher, max_image_pixels=1_000_000)) as c:
+        body = assert_error(post_image(c, png, k=2), 400, "too many pixels")
+        assert "--max-image-mpixels" in body["error"] and "1 Mpixel" in body["error"]
+        assert "1500x1000" in body["error"]
+        r = post_image(c, jpeg, name="big.jpg", ctype="image/jpeg", k=3)  # decoded at 1/2 scale instead
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["label"] == "Indigo Bunting"
+
+
+def test_16bit_png_over_the_default_limit_is_400(client):
+    deep = Image.fromarray(np.zeros((3000, 6000), dtype=np.uint16))  # 18 Mpixel of 16-bit, a few KB
+    body = assert_error(post_image(client, png_bytes(deep), name="deep.png"), 400, "too many pixels")
+    assert "16 Mpixel" in body["error"] and "--max-image-mpixels" in body["error"]
+
+
+# ----------------------------------------------------------------------------- serve options
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"port": 99999}, "--port"), ({"port": 0}, "--port"), ({"port": -1}, "--port"),
+    ({"max_upload_mb": -5}, "--max-upload-mb"), ({"max_upload_mb": 0}, "--max-upload-mb"),
+    ({"max_upload_mb": float("nan")}, "--max-upload-mb"), ({"max_upload_mb": float("inf")}, "--max-upload-mb"),
+    ({"max_image_mpixels": 0}, "--max-image-mpixels"), ({"max_image_mpixels": -1}, "--max-image-mpixels"),
+    ({"allow_hosts": ["http://evil/"]}, "host name"), ({"allow_hosts": ["a b"]}, "host name"),
+])
+def test_serve_validates_its_options_before_loading(monkeypatch, kwargs, option):
+    import finegrain.retrieval.searcher as search_mod
+    from finegrain.serve import app as app_mod
+
+    def never(*a, **kw):
+        raise AssertionError("the searcher must not be loaded for bad options")
+
+    monkeypatch.setattr(search_mod, "Searcher", never)
+    with pytest.raises(FinegrainError, match=re.escape(option)):
+        app_mod.serve("runs/x", **kwargs)
+
+
+def test_cli_reports_a_bad_port_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args, option in ((["--port", "99999"], "--port"), (["--max-upload-mb", "-5"], "--max-upload-mb")):
+        r = subprocess.run([sys.executable, "-m", "finegrain", "serve", str(tmp_path), *args],
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 2, r.stderr
+        assert option in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
