@@ -14,7 +14,13 @@ import pytest
 from PIL import Image
 
 from finegrain.data import images
-from finegrain.data.images import DEFAULT_MAX_IMAGE_MPIXELS, decode, decode_bytes, load_resized, open_rgb
+from finegrain.data.images import (
+    DEFAULT_MAX_IMAGE_MPIXELS,
+    decode,
+    decode_bytes,
+    load_resized,
+    open_rgb,
+)
 from finegrain.errors import ImageError
 
 BUDGET_MB = 300
