@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from finegrain.config import DataConfig, ExperimentConfig
@@ -219,12 +218,3 @@ def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, wor
                 f"{p} ({r})" for p, r in list(cache.bad.items())[:5]))
     return lines
 
-
-def records_of(split: Split, name: str) -> list[ImageRecord]:
-    if name not in ("train", "val", "test"):
-        raise DataError(f"unknown split '{name}'; valid: train, val, test")
-    return getattr(split, name)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

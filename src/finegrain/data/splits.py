@@ -16,7 +16,6 @@ the result depends only on the seed and the set of files, not on listing order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -158,8 +157,3 @@ def _retrieval(c: ImageCollection, holdout: float | None, val_fraction: float, s
         desc += f"; data.holdout={holdout} does not apply to retrieval and was not used"
     return Split(train, val, test, list(c.class_names), "retrieval", desc + ".")
 
-
-def split_paths(split: Split) -> dict[str, list[Path]]:
-    """Paths of each part, for manifests."""
-    return {"train": [r.path for r in split.train], "val": [r.path for r in split.val],
-            "test": [r.path for r in split.test]}
