@@ -400,10 +400,6 @@ class GalleryIndex:
                                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
         _apply_search_params(index, meta["kind"], meta.get("params") or {})
 
-        for name, digest in (meta.get("files_sha256") or {}).items():  # recorded since saves became one unit
-            if name in (LABELS_FILE, PATHS_FILE) and _sha256((d / name).read_bytes()) != digest:
-                raise FinegrainError(f"damaged index file {d / name}: its sha256 does not match meta.json "
-                                     "(rebuild it with `finegrain index RUN`)")
         try:
             labels = np.load(d / LABELS_FILE, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -429,4 +425,8 @@ class GalleryIndex:
         if problems:
             raise FinegrainError(f"inconsistent index in {d}: {'; '.join(problems)} "
                                  "(rebuild it with `finegrain index RUN`)")
+        for name, digest in (meta.get("files_sha256") or {}).items():  # recorded since saves became one unit
+            if name in (LABELS_FILE, PATHS_FILE) and _sha256((d / name).read_bytes()) != digest:
+                raise FinegrainError(f"damaged index file {d / name}: its sha256 does not match meta.json "
+                                     "(rebuild it with `finegrain index RUN`)")
         return cls(index, labels, paths, class_names, meta)
