@@ -76,6 +76,9 @@ SetOpt = Annotated[
 ]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", "-p", help="A profile of the config, e.g. quick.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts), nothing else.")]
+EngineOpt = Annotated[str, typer.Option(
+    help="What runs the model: torch, onnx (RUN/export/model.onnx, `finegrain export RUN`), onnx-int8, or auto "
+         "(onnx when the run has an export of its current checkpoint, else torch).")]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -236,9 +239,6 @@ def train(
     devices: Annotated[Optional[str], typer.Option(help="Devices per node (DDP when > 1).")] = None,
     num_nodes: Annotated[Optional[int], typer.Option(help="Number of nodes (DDP).")] = None,
     evaluate_after: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate on test when done.")] = True,
-    override_stored: Annotated[bool, typer.Option(
-        "--override-stored", help="With --resume: continue with this config although it differs from the "
-                                  "stored one (which it replaces).")] = False,
 ) -> None:
     """Train a model; writes the run directory."""
     from finegrain.config import load_config
@@ -255,12 +255,10 @@ def train(
     if cfg.task == "knn":  # nothing to train: embeddings of the source run + a kNN vote
         from finegrain.runs import create_run
 
-        run = create_run(cfg, runs, resume=resume, override_stored=override_stored)
-        console.print(f"run directory: [bold]{run.path}[/]")
-        if evaluate_after:
-            _evaluate(run.path, None)
+        run = create_run(cfg, runs, resume=True)
+        _evaluate(run.path, None)
         return
-    run, global_zero = fit(cfg, runs_root=runs, resume=resume, override_stored=override_stored)
+    run, global_zero = fit(cfg, runs_root=runs, resume=resume)
     if not global_zero:
         return
     console.print(f"run directory: [bold]{run.path}[/]")
@@ -273,16 +271,17 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     protocol: Annotated[Optional[str], typer.Option(help="classification or retrieval (default: the run's).")] = None,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Evaluate a run on its test split; writes metrics.json."""
-    _evaluate(run, protocol, as_json)
+    _evaluate(run, protocol, as_json, engine)
 
 
-def _evaluate(run_path: Path, protocol: str | None, as_json: bool = False) -> None:
+def _evaluate(run_path: Path, protocol: str | None, as_json: bool = False, engine: str = "auto") -> None:
     from finegrain.tasks.evaluate import evaluate_run, render_metrics
 
     with _stdout_for(as_json):
-        metrics = evaluate_run(run_path, protocol=protocol)
+        metrics = evaluate_run(run_path, protocol=protocol, engine=engine)
     if as_json:
         _print_json(metrics)
     else:
@@ -296,11 +295,12 @@ def _evaluate(run_path: Path, protocol: str | None, as_json: bool = False) -> No
 def embed(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    engine: EngineOpt = "auto",
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
     from finegrain.retrieval.gallery import embed_split
 
-    path = embed_split(run, split)
+    path = embed_split(run, split, engine=engine)
     console.print(f"wrote [bold]{path}[/]")
 
 
@@ -311,11 +311,12 @@ def index(
     = "test",
     kind: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf.")] = "flat",
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
+    engine: EngineOpt = "auto",
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     from finegrain.retrieval.gallery import build_index
 
-    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric)
+    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine)
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
@@ -330,6 +331,7 @@ def search(
     sheet: Annotated[Optional[Path], typer.Option(help="Write a contact sheet PNG of the results here.")] = None,
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default RUN/index).")] = None,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
     from rich.table import Table
@@ -341,7 +343,7 @@ def search(
 
     with _stdout_for(as_json):
         query, _ = open_rgb(image)
-        searcher = Searcher(run, index_dir)
+        searcher = Searcher(run, index_dir, engine=engine)
         hits, top = searcher.search(query, k=k)
         written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
     if as_json:
@@ -424,6 +426,23 @@ def experiments_run(
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    format: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    quantize: Annotated[Optional[str], typer.Option(help="int8: also a statically quantized model, with the "
+                                                          "test accuracy it loses.")] = None,
+    calibration_images: Annotated[int, typer.Option(help="Training images that calibrate int8.")] = 300,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 17).")] = None,
+) -> None:
+    """Export the model to RUN/export/model.onnx (ONNX Runtime serves it without PyTorch)."""
+    from finegrain.tasks.export import export_run, render_export
+
+    meta = export_run(run, fmt=format, quantize=quantize, calibration_images=calibration_images, opset=opset)
+    for line in render_export(meta, run):
+        console.print(line, highlight=False)
+
+
 @app.command("serve")
 def serve(
     run: Annotated[Path, typer.Argument(help="A run directory with an index (`finegrain index RUN`).")],
@@ -436,12 +455,13 @@ def serve(
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Another Host name to answer to (repeatable); by default only the bound "
                              "address, localhost, 127.0.0.1 and [::1].")] = None,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Serve the search page and JSON API for a run (FastAPI + uvicorn)."""
     from finegrain.serve.app import serve as serve_run
 
     serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb,
-              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [])
+              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [], engine=engine)
 
 
 @app.command("configs")
@@ -538,6 +558,9 @@ def render_info(facts: dict):
                              f"+ {_n(plan['torch_threads'], 'torch thread')} (plan_threads)")
     t.add_row("gpu", facts.get("gpu") or "none")
     t.add_row("precision auto", Text.assemble((facts["auto_precision"], "bold"), f": {facts['auto_precision_reason']}"))
+    t.add_row("engines", ", ".join(f"{e} ({facts['versions'].get(p) or 'not installed'})" for e, p in
+                                   (("torch", "torch"), ("onnx", "onnxruntime"))) + "; --engine auto: onnx for a run "
+              "with an export of its current checkpoint")
     speed = facts.get("inference_speed")
     if speed:
         t.add_section()

@@ -512,15 +512,15 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
 
     made, ran = {}, {}
 
-    def fake_searcher(run_path, index_dir=None):
-        made.update(run_path=run_path, index_dir=index_dir)
+    def fake_searcher(run_path, index_dir=None, engine="auto"):
+        made.update(run_path=run_path, index_dir=index_dir, engine=engine)
         return FakeSearcher(gallery_dir)
 
     monkeypatch.setattr(search_mod, "Searcher", fake_searcher)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     app_mod.serve("runs/x", index_dir=None, port=8123, max_upload_mb=0.5, max_image_mpixels=2.5,
                   allow_hosts=["search.lan"])
-    assert made == {"run_path": "runs/x", "index_dir": None}
+    assert made == {"run_path": "runs/x", "index_dir": None, "engine": "auto"}
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
     assert ran["app"].state.max_upload_bytes == 2**19
     assert ran["app"].state.max_image_pixels == 2_500_000

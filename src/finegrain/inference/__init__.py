@@ -5,3 +5,5 @@ averaging. ``evaluate``, ``embed``, ``index``, ``search``, ``serve`` and kNN row
 Layering: imports ``config``, ``data``, ``models`` and ``machine``; never ``tasks``,
 ``retrieval`` or ``serve``.
 """
+
+from finegrain.inference.engines import ENGINES, open_encoder  # noqa: E402,F401 - torch-free: the one entry point

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,31 +12,9 @@ import torch
 from finegrain.data.records import ImageRecord
 from finegrain.errors import FinegrainError
 from finegrain.inference.load import LoadedModel
+from finegrain.inference.outputs import Outputs, mean_over_sizes  # noqa: F401 - re-exported
 from finegrain.machine import inference_precision, resolve_precision, set_threads
 from finegrain.progress import track
-
-
-@dataclass
-class Outputs:
-    """Model outputs over records, in record order (unreadable images dropped)."""
-
-    labels: np.ndarray          # [N] int
-    indices: np.ndarray         # [N] index into the records
-    features: np.ndarray        # [N, feature_dim] float32
-    embeddings: np.ndarray      # [N, D] float32 (the embedding head, else the features)
-    logits: np.ndarray | None   # [N, C] float32 when the model has a classifier
-    seconds: float              # wall time of the forward passes
-
-    @property
-    def images_per_second(self) -> float:
-        return len(self.labels) / self.seconds if self.seconds > 0 else float("nan")
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The outputs by name, as :meth:`Encoder.forward` gives them."""
-        d = {"features": self.features, "embedding": self.embeddings}
-        if self.logits is not None:
-            d["logits"] = self.logits
-        return d
 
 
 def autocast_for(precision: str):
@@ -56,11 +33,6 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, tta_flip: bool) -> dict
         flipped = model(torch.flip(x, dims=[3]))
         out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
     return out
-
-
-def mean_over_sizes(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Multi-scale testing: the outputs of the same images at each size, averaged."""
-    return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
 
 
 class Encoder:

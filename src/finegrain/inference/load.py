@@ -12,14 +12,14 @@ import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from finegrain.config import ExperimentConfig, build_config, read_yaml
 from finegrain.errors import FinegrainError
-from finegrain.models.build import build_from_config, num_outputs
 from finegrain.runs import RunDir, open_run
+
+if TYPE_CHECKING:  # torch is imported where a model is built: the ONNX engine uses the checks here without it
+    import torch
 
 # Sections of config.yaml that decide what the model computes for an image; the rest
 # (data.root, batch sizes, workers, training settings) may differ between the copy and the checkpoint.
@@ -61,6 +61,8 @@ def run_checkpoint(run: RunDir) -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, unpickled with ``weights_only=True`` (tensors and plain data only)."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -117,6 +119,8 @@ def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> Load
     state = read_checkpoint(ckpt)
     cfg, class_names = checkpoint_config(state, ckpt)
     check_config_copy(run, cfg)
+    from finegrain.models.build import build_from_config, num_outputs
+
     model = build_from_config(cfg, num_outputs(cfg, len(class_names)), weights="none")
     sd = state.get("state_dict")
     if not isinstance(sd, dict):
@@ -136,6 +140,7 @@ def source_model(cfg: ExperimentConfig, run: RunDir) -> LoadedModel:
     """The model of a kNN run (which trains nothing): ``eval.source_run``'s trained one, else the
     backbone with its pretrained weights. The kNN run's own config says how to see images."""
     from finegrain.data.module import split_for
+    from finegrain.models.build import build_from_config, num_outputs
 
     class_names = split_for(cfg.data).class_names
     if cfg.eval.source_run:

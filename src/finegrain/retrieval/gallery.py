@@ -8,8 +8,8 @@ from pathlib import Path
 from finegrain.config import ExperimentConfig
 from finegrain.data.records import ImageRecord
 from finegrain.errors import FinegrainError
+from finegrain.inference import open_encoder
 from finegrain.inference.encoder import Encoder, Outputs
-from finegrain.inference.load import load_model
 from finegrain.retrieval.embeddings import SPLITS, reusable_embeddings, save_embeddings
 from finegrain.runs import open_run
 
@@ -41,10 +41,10 @@ def embed_records(encoder: Encoder, records: list[ImageRecord], description: str
     return encoder.encode_records(records, description=description)
 
 
-def embed_split(run_path: str | Path, split: str, precision: str | None = None) -> Path:
+def embed_split(run_path: str | Path, split: str, precision: str | None = None, engine: str = "auto") -> Path:
     """``finegrain embed``: write ``embeddings/<split>.npz`` for a split of the run's dataset."""
     run = open_run(run_path)
-    encoder = Encoder(load_model(run), precision)
+    encoder = open_encoder(run, engine, precision)
     records, _, _ = gallery_records(encoder.cfg, split)
     out = embed_records(encoder, records, f"embedding {split}")
     save_embeddings(run, split, out, [str(records[i].path) for i in out.indices], encoder)
@@ -52,18 +52,19 @@ def embed_split(run_path: str | Path, split: str, precision: str | None = None) 
 
 
 def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat", metric: str = "cosine",
-                out_dir: Path | None = None, precision: str | None = None) -> tuple[Path, dict]:
+                out_dir: Path | None = None, precision: str | None = None,
+                engine: str = "auto") -> tuple[Path, dict]:
     """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
     way) and save a FAISS index with its metadata."""
     from finegrain.retrieval.index import GalleryIndex
 
     run = open_run(run_path)
-    encoder = Encoder(load_model(run), precision)
+    encoder = open_encoder(run, engine, precision)
     records, class_names, description = gallery_records(encoder.cfg, gallery)
     saved = reusable_embeddings(run, gallery, records, encoder)
     if saved is not None:
         embeddings, labels, paths = saved
-        log.info("reusing the %s embeddings in %s (same model, sizes and precision)", gallery, run.embeddings)
+        log.info("reusing the %s embeddings in %s (same model, sizes, precision and engine)", gallery, run.embeddings)
     else:
         out = embed_records(encoder, records, "embedding gallery")
         embeddings, labels, paths = out.embeddings, out.labels, [str(records[i].path) for i in out.indices]

@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image
 
 from finegrain.errors import FinegrainError
-from finegrain.inference.encoder import Encoder
-from finegrain.inference.load import load_model
+from finegrain.inference import open_encoder
 from finegrain.runs import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -79,11 +78,12 @@ def _name(names: list[str] | None, label: int) -> str:
 class Searcher:
     """A run's model and gallery index, loaded once, answering image queries."""
 
-    def __init__(self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None) -> None:
+    def __init__(self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None,
+                 engine: str = "auto") -> None:
         from finegrain.retrieval.index import GalleryIndex
 
         self.run = open_run(run_path)
-        self.encoder = Encoder(load_model(self.run), precision)
+        self.encoder = open_encoder(self.run, engine, precision)  # torch or ONNX Runtime
         self.engine = self.encoder.engine
         self.cfg = self.encoder.cfg
         index_dir = index_dir or self.run.index

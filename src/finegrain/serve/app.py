@@ -260,6 +260,7 @@ def describe(searcher: Any) -> dict[str, Any]:
         "metric": meta.get("metric"),
         "index_kind": meta.get("kind"),
         "has_classifier": _has_classifier(searcher),
+        "engine": getattr(searcher, "engine", None),
         "created_at": meta.get("created_at"),
     }
 
@@ -541,8 +542,9 @@ def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpix
 
 def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10, max_image_mpixels: float = DEFAULT_MAX_IMAGE_MPIXELS,
-          allow_hosts: Iterable[str] = ()) -> None:
-    """Load a run's model and gallery index and serve the page and API with uvicorn.
+          allow_hosts: Iterable[str] = (), engine: str = "auto") -> None:
+    """Load a run's model (on ``engine``: torch, onnx or auto) and gallery index; serve the page and API
+    with uvicorn.
 
     Options are checked before anything loads: a bad one is a :class:`FinegrainError`."""
     import uvicorn
@@ -552,7 +554,7 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
 
     from finegrain.retrieval.searcher import Searcher
 
-    searcher = Searcher(run_path, index_dir=Path(index_dir) if index_dir else None)
+    searcher = Searcher(run_path, index_dir=Path(index_dir) if index_dir else None, engine=engine)
     app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20),
                      max_image_pixels=int(max_image_mpixels * 1e6), host=host, allow_hosts=allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -561,5 +563,5 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
         log.warning("listening on all interfaces, but only %s are accepted as Host: add this machine's "
                     "name or address with --allow-host", ", ".join(sorted(hosts)))
     print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images) "
-          f"on http://{host}:{port}/  (API docs at /docs)")
+          f"with the {getattr(searcher, 'engine', 'torch')} engine on http://{host}:{port}/  (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -48,15 +48,16 @@ def protocol_of(cfg: ExperimentConfig, split, root: Path, protocol: str, collect
     }
 
 
-def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: str | None = None) -> dict:
-    """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV)."""
+def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: str | None = None,
+                 engine: str = "auto") -> dict:
+    """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV); ``engine``
+    as :func:`finegrain.inference.open_encoder` takes it."""
     from finegrain.data.module import FinegrainDataModule, dataset_root
-    from finegrain.inference.encoder import Encoder
-    from finegrain.inference.load import load_model
+    from finegrain.inference import open_encoder
     from finegrain.retrieval.embeddings import save_embeddings
 
     run = open_run(run_path)
-    encoder = Encoder(load_model(run), precision)
+    encoder = open_encoder(run, engine, precision)
     loaded, cfg = encoder.loaded, encoder.cfg
     protocol = protocol or cfg.data.protocol
     if protocol not in ("classification", "retrieval"):
@@ -108,22 +109,9 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
             for t, p, c in confusion_pairs(out.labels, preds, top=10)
         ]
     result["timing"] = timing
-    result.update(training_progress(run))
-    if result["partial"]:  # an unfinished run's numbers: never DONE, so `experiments run` finishes it
-        run.done_marker.unlink(missing_ok=True)
-        log.warning("%s has not finished training (%d of %d epochs): metrics.json is marked partial",
-                    run.path, result["epochs_done"], result["epochs_planned"])
     atomic_write_json(run.metrics, result)
-    if not result["partial"]:
-        atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
+    atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
     return result
-
-
-def training_progress(run: RunDir) -> dict:
-    """``partial`` (training did not reach its end), ``epochs_done``, ``epochs_planned``, ``stopped_early``."""
-    state = run.training_state()
-    return {"partial": state["status"] != "finished", "epochs_done": int(state["epochs_done"]),
-            "epochs_planned": int(state["epochs_planned"]), "stopped_early": bool(state["stopped_early"])}
 
 
 def knn_metrics(encoder, dm, test_out) -> tuple[dict, np.ndarray]:
@@ -160,10 +148,8 @@ def render_metrics(metrics: dict):
     """A rich table of the headline numbers."""
     from rich.table import Table
 
-    partial = (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} "
-               "epochs]") if metrics.get("partial") else ""
     table = Table(title=f"{metrics['run']}: {metrics['protocol']['protocol']} on {metrics['protocol']['n_test']} "
-                        f"test images{partial}", show_header=True)
+                        "test images", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     section = metrics.get("classification") or metrics.get("retrieval") or {}

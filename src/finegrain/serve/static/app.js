@@ -83,6 +83,10 @@
           [document.createTextNode(info.embedding_dim + "-d · " + (info.metric || "")),
             document.createTextNode(info.index_kind ? " · " + info.index_kind : "")]));
       }
+      if (info.engine) {
+        chips.push(el("li", { class: "chip chip-extra", title: "What runs the model (torch or ONNX Runtime)" },
+          [document.createTextNode("engine "), el("b", { text: info.engine })]));
+      }
       chips.push(el("li", { class: "chip chip-extra", title: "Run" + (info.created_at ? " · index built " + info.created_at : "") },
         [document.createTextNode("run "), el("b", { text: info.run })]));
       els.info.replaceChildren(...chips);

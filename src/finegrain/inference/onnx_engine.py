@@ -1,0 +1,233 @@
+"""Running an exported run with ONNX Runtime: :class:`OnnxEncoder`, the :class:`Encoder` of the
+``onnx`` engine, and the files ``finegrain export`` writes.
+
+``RUN/export/model.onnx`` is the whole inference graph (uint8 ``[B, 3, H, W]`` in; normalisation,
+backbone and heads inside; ``features``, ``embedding`` and, for a classifier, ``logits`` out;
+batch, height and width dynamic). ``RUN/export/model.json`` says what it was made from: the
+checkpoint's config and class names, the checkpoint's sha256 (``model_checksum``, the same as
+:attr:`LoadedModel.checksum`), the sizes, opset and versions, and the sha256 of each ONNX file.
+``model.int8.onnx`` is its static int8 quantization, when asked for.
+
+This module never imports torch: a server with only the ``serve`` extra runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finegrain.errors import FinegrainError
+from finegrain.inference.load import LoadedModel, checkpoint_config, check_config_copy, file_sha256
+from finegrain.inference.outputs import Outputs, eval_sizes, mean_over_sizes
+from finegrain.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+META_FILE = "model.json"
+INPUT_NAME = "images"
+ONNX_PRECISIONS = ("32", "int8")
+
+
+def export_dir(run: RunDir) -> Path:
+    return run.path / EXPORT_DIR
+
+
+def read_export_meta(run: RunDir) -> dict | None:
+    """``RUN/export/model.json``, or None when the run has no export."""
+    path = export_dir(run) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FinegrainError(f"{path} is not readable JSON ({e}); run `finegrain export {run.path}` again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "model_checksum" not in meta:
+        raise FinegrainError(f"{path} is not a finegrain export description; run `finegrain export {run.path}` again")
+    return meta
+
+
+def onnxruntime_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def import_onnxruntime():
+    """``onnxruntime``, or a :class:`FinegrainError` saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise FinegrainError("the onnx engine needs ONNX Runtime: pip install 'finegrain[serve]' "
+                             "(or onnxruntime)") from None
+    return onnxruntime
+
+
+@dataclass
+class ExportedModel(LoadedModel):
+    """What :class:`LoadedModel` says about a run's model, for an exported one (``model`` is None)."""
+
+    classifier: bool = False
+    onnx_file: Path | None = None
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.classifier
+
+
+class OnnxEncoder:
+    """The ``onnx`` engine: the same interface as :class:`~finegrain.inference.encoder.Encoder`
+    (sizes, flip averaging, ``signature()``, ``forward``, ``encode_rgb``, ``encode_records``,
+    ``run_loader``), running ``RUN/export/model.onnx`` (``precision="int8"``: ``model.int8.onnx``)
+    with ONNX Runtime's CPU provider."""
+
+    engine = "onnx"
+
+    def __init__(self, run: RunDir, meta: dict, precision: str = "32") -> None:
+        if precision not in ONNX_PRECISIONS:
+            raise FinegrainError(f"the onnx engine runs in precision 32 or int8, not '{precision}'")
+        key = "fp32" if precision == "32" else "int8"
+        entry = meta["files"].get(key)
+        folder = export_dir(run)
+        if not entry:
+            raise FinegrainError(f"{folder} has no {key} model"
+                                 + (f" (run `finegrain export {run.path} --quantize int8`)" if key == "int8" else ""))
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise FinegrainError(f"{path} is missing; run `finegrain export {run.path}` again")
+        if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+            raise FinegrainError(f"{path} is not the file that was exported (its sha256 differs from {folder / META_FILE}'s):"
+                                 f" damaged or replaced; run `finegrain export {run.path}` again")
+        self.run = run
+        self.meta = meta
+        self.path = path
+        fake_state = {"hyper_parameters": {"config": meta.get("config"), "class_names": meta.get("class_names")}}
+        cfg, class_names = checkpoint_config(fake_state, folder / META_FILE)
+        check_config_copy(run, cfg)
+        self.cfg = cfg
+        self.loaded = ExportedModel(None, cfg, class_names, Path(meta.get("checkpoint", "-")), meta["model_checksum"],
+                                    classifier=bool(meta.get("has_classifier")), onnx_file=path)
+        self.sizes: list[tuple[int, int]] = eval_sizes(cfg.data)
+        self.tta_flip = cfg.eval.tta_flip
+        self.precision = precision
+        self._ort = import_onnxruntime()
+        self._sessions: dict[int, Any] = {}
+        self.session(self._threads(0))  # load now: a corrupt file is reported here, not at the first query
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.loaded.has_classifier
+
+    def signature(self) -> dict:
+        """What the vectors depend on besides the model: saved beside embeddings and checked on reuse."""
+        return {"sizes": [list(s) for s in self.sizes], "tta_flip": self.tta_flip,
+                "precision": self.precision, "engine": self.engine}
+
+    @staticmethod
+    def _threads(busy_workers: int) -> int:
+        from finegrain.machine import cores
+
+        return max(1, cores() - busy_workers)
+
+    def session(self, threads: int):
+        """The ONNX Runtime session using ``threads`` intra-op threads (made once per count)."""
+        if threads not in self._sessions:
+            ort = self._ort
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads < self._threads(0):  # loader workers decode meanwhile: idle threads must not spin
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - any unloadable file is reported the same way
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise FinegrainError(f"cannot load {self.path} with ONNX Runtime ({first}); "
+                                     f"run `finegrain export {self.run.path}` again") from None
+            self._sessions[threads] = sess
+            self._outputs = [o.name for o in sess.get_outputs()]
+        return self._sessions[threads]
+
+    def _run(self, x: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
+        sess = self.session(threads or next(iter(self._sessions)))
+        values = sess.run(None, {INPUT_NAME: x})
+        return dict(zip(self._outputs, values))
+
+    def forward(self, x: Any, threads: int | None = None) -> dict[str, np.ndarray]:
+        """Outputs of one uint8 batch ``[B, 3, H, W]`` (numpy, or a torch tensor from a loader):
+        features, embedding, logits (float32 arrays); flips averaged as :meth:`Encoder.forward` does."""
+        x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.uint8)
+        out = self._run(x, threads)
+        if self.tta_flip:
+            flipped = self._run(np.ascontiguousarray(x[..., ::-1]), threads)
+            out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
+        res = {"features": out["features"].astype(np.float32, copy=False),
+               "embedding": out.get("embedding", out["features"]).astype(np.float32, copy=False)}
+        if "logits" in out:
+            res["logits"] = out["logits"].astype(np.float32, copy=False)
+        return res
+
+    def encode_rgb(self, rgb) -> dict[str, np.ndarray]:
+        """One RGB image (Pillow), resized to every size as its gallery was: outputs ``[1, ...]``."""
+        from finegrain.data.images import resize_rgb
+
+        outs = [self.forward(resize_rgb(rgb, size).transpose(2, 0, 1)[None]) for size in self.sizes]
+        return mean_over_sizes(outs)
+
+    def encode_records(self, records, caches: dict | None = None, description: str = "encoding") -> Outputs:
+        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
+        from finegrain.data.module import eval_loaders  # the loaders are torch's: embedding a split needs it
+
+        loaders = eval_loaders(records, self.cfg.data, caches)
+        runs = []
+        for loader, size in zip(loaders, self.sizes):
+            what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
+            runs.append(self.run_loader(loader, what))
+        first = runs[0]
+        if any(not np.array_equal(r.indices, first.indices) for r in runs[1:]):
+            raise FinegrainError("the loaders of the evaluation sizes gave different images")
+        if len(runs) == 1:
+            return first
+        mean = mean_over_sizes([r.arrays() for r in runs])
+        return Outputs(labels=first.labels, indices=first.indices, features=mean["features"],
+                       embeddings=mean["embedding"], logits=mean.get("logits"), seconds=sum(r.seconds for r in runs))
+
+    def run_loader(self, loader, description: str = "encoding") -> Outputs:
+        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
+        from finegrain.progress import track
+
+        threads = self._threads(loader.num_workers)
+        self.session(threads)
+        labels, indices, outs = [], [], []
+        seconds = 0.0
+        for batch in track(loader, len(loader), description):
+            if batch is None:
+                continue
+            x, y, idx = batch
+            t0 = time.perf_counter()
+            outs.append(self.forward(x, threads))
+            seconds += time.perf_counter() - t0
+            labels.append(np.asarray(y))
+            indices.append(np.asarray(idx))
+        if not labels:
+            raise FinegrainError("no readable images to run the model on")
+        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
+        return Outputs(labels=np.concatenate(labels), indices=np.concatenate(indices), features=cat["features"],
+                       embeddings=cat["embedding"], logits=cat.get("logits"), seconds=seconds)
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
