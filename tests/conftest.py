@@ -75,3 +75,18 @@ def tiny_config(tmp_path: Path, **sections) -> "ExperimentConfig":
         "train": {"epochs": 2, "seed": 0},
     }
     return build_config(deep_merge(base, sections))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny classifier trained for one epoch, evaluated and indexed (test split), shared by the
+    session: copy it (``shutil.copytree``) before changing anything in it."""
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.tasks import engine
+    from finegrain.tasks.evaluate import evaluate_run
+
+    root = tmp_path_factory.mktemp("trained")
+    run, _ = engine.fit(tiny_config(root, name="trained", train={"epochs": 1}), runs_root=root / "runs")
+    evaluate_run(run.path)
+    build_index(run.path, gallery="test")
+    return run.path

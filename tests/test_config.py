@@ -16,6 +16,10 @@ def write(path: Path, data: dict) -> Path:
     return path
 
 
+# What every config file must say (finegrain.config.REQUIRED_KEYS); the tests add it to files about other things.
+REQUIRED = {"name": "t", "data": {"root": "synthetic"}, "model": {"backbone": "cars_cnn4"}}
+
+
 def test_defaults_round_trip_through_yaml():
     cfg = build_config({})
     again = build_config(yaml.safe_load(config_to_yaml(cfg)))
@@ -49,7 +53,7 @@ def test_override_parsing_and_precedence(tmp_path):
     assert parse_override("train.lr=0.01") == {"train": {"lr": 0.01}}
     assert parse_override("data.image_size=[64,64]") == {"data": {"image_size": [64, 64]}}
     path = write(tmp_path / "c.yaml", {
-        "optim": {"lr": 0.1},
+        **REQUIRED, "optim": {"lr": 0.1},
         "profiles": {"quick": {"optim": {"lr": 0.2}, "train": {"epochs": 1}}},
     })
     cfg = load_config(path, profile="quick", overrides=["optim.lr=0.3"])
@@ -63,7 +67,8 @@ def test_override_parsing_and_precedence(tmp_path):
 
 def test_extends_merges_and_detects_loops(tmp_path):
     write(tmp_path / "base.yaml", {"model": {"backbone": "resnet50", "dropout": 0.5}, "optim": {"lr": 0.1}})
-    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "model": {"dropout": 0.0}})
+    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "data": {"root": "synthetic"},
+                                            "model": {"dropout": 0.0}})
     cfg = load_config(child)
     assert cfg.model.backbone == "resnet50" and cfg.model.dropout == 0.0 and cfg.optim.lr == 0.1
     write(tmp_path / "a.yaml", {"extends": "b.yaml"})
@@ -94,7 +99,7 @@ def test_shipped_configs_are_package_data():
     assert resolve_config_path("cars-lite0.yaml") == CONFIG_DIR / "cars-lite0.yaml"
     # cars-lite0 takes its dataset from _cars.yaml beside it
     assert "extends" in yaml.safe_load((CONFIG_DIR / "cars-lite0.yaml").read_text())
-    assert load_config("cars-lite0").data.root == load_config(CONFIG_DIR / "_cars.yaml").data.root
+    assert load_config("cars-lite0").data.root == yaml.safe_load((CONFIG_DIR / "_cars.yaml").read_text())["data"]["root"]
 
 
 def test_unknown_config_names_where_configs_are_looked_for():
@@ -103,3 +108,31 @@ def test_unknown_config_names_where_configs_are_looked_for():
     with pytest.raises(ConfigError) as e:
         load_config("cars-lite")
     assert str(CONFIG_DIR) in str(e.value) and "Did you mean 'cars-lite0'?" in str(e.value)
+
+
+def test_empty_or_all_default_config_names_what_is_missing(tmp_path):
+    """An empty file trained a ResNet-50 on every default; now it says what a config must set."""
+    from finegrain.config import CONFIG_DIR, shipped_configs
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"does not set name, data.root, model.backbone"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match=r"does not set model.backbone:"):
+        load_config(write(tmp_path / "half.yaml", {"name": "x", "data": {"root": "synthetic"}}))
+    # --set, --name (a name=... override) and a profile count as saying it
+    cfg = load_config(empty, overrides=["name=x", "data.root=synthetic", "model.backbone=cars_cnn4"])
+    assert cfg.model.backbone == "cars_cnn4"
+    prof = write(tmp_path / "p.yaml", {"name": "p", "model": {"backbone": "cars_cnn4"},
+                                       "profiles": {"quick": {"data": {"root": "synthetic"}}}})
+    assert load_config(prof, profile="quick").data.root == "synthetic"
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(prof)
+    # a kNN row may take its model from its source run
+    knn = write(tmp_path / "k.yaml", {"name": "k", "task": "knn", "data": {"root": "synthetic"},
+                                      "eval": {"source_run": "other"}})
+    assert load_config(knn).eval.source_run == "other"
+    # every shipped config says all of it
+    for name in shipped_configs():
+        load_config(name)
+    assert len(shipped_configs()) >= 20 and CONFIG_DIR.is_dir()

@@ -239,6 +239,9 @@ def train(
     devices: Annotated[Optional[str], typer.Option(help="Devices per node (DDP when > 1).")] = None,
     num_nodes: Annotated[Optional[int], typer.Option(help="Number of nodes (DDP).")] = None,
     evaluate_after: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate on test when done.")] = True,
+    override_stored: Annotated[bool, typer.Option(
+        "--override-stored", help="With --resume: continue with this config although it differs from the "
+                                  "stored one (which it replaces).")] = False,
 ) -> None:
     """Train a model; writes the run directory."""
     from finegrain.config import load_config
@@ -252,13 +255,15 @@ def train(
     if name:
         sets.append(f"name={name}")
     cfg = load_config(config, profile=profile, overrides=sets)
-    if cfg.task == "knn":  # nothing to train: embeddings of the source run + a kNN vote
+    if not cfg.trains:  # nothing to train: embeddings of the source run + a kNN vote
         from finegrain.runs import create_run
 
-        run = create_run(cfg, runs, resume=True)
-        _evaluate(run.path, None)
+        run = create_run(cfg, runs, resume=resume, override_stored=override_stored)
+        console.print(f"run directory: [bold]{run.path}[/]")
+        if evaluate_after:
+            _evaluate(run.path, None)
         return
-    run, global_zero = fit(cfg, runs_root=runs, resume=resume)
+    run, global_zero = fit(cfg, runs_root=runs, resume=resume, override_stored=override_stored)
     if not global_zero:
         return
     console.print(f"run directory: [bold]{run.path}[/]")

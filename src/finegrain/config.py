@@ -387,8 +387,49 @@ def build_config(
 def load_config(
     path: str | Path, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ExperimentConfig:
-    """Load a YAML config (or a shipped config by name) with a profile and overrides."""
-    return build_config(load_raw(resolve_config_path(path)), profile, overrides)
+    """Load a YAML config (or a shipped config by name) with a profile and overrides.
+
+    Every key has a default except what :data:`REQUIRED_KEYS` lists: a config (its file, the files
+    it extends, the profile and ``--set`` values together) must say which run it writes, which
+    images it learns from and which model it trains, so an empty file cannot train a ResNet-50
+    on defaults without a word.
+    """
+    source = resolve_config_path(path)
+    raw = load_raw(source)
+    cfg = build_config(raw, profile, overrides)
+    missing = missing_required_keys(raw, profile, overrides)
+    if missing:
+        raise ConfigError(
+            f"config {source} does not set {', '.join(missing)}: a config must name its run (name), "
+            "its images (data.root: a dataset folder, a CSV file or 'synthetic') and its model "
+            "(model.backbone; a kNN row may use eval.source_run's model instead); add "
+            f"{'it' if len(missing) == 1 else 'them'} to the file or pass --set KEY=VALUE")
+    return cfg
+
+
+REQUIRED_KEYS = ("name", "data.root", "model.backbone")
+"""Keys a config file must set explicitly (``model.backbone`` or, for ``task: knn``, ``eval.source_run``)."""
+
+
+def missing_required_keys(raw: dict, profile: str | None = None,
+                          overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The :data:`REQUIRED_KEYS` that neither ``raw``, its profile nor the overrides set."""
+    merged = deep_merge(dict(raw), (raw.get("profiles") or {}).get(profile) or {}) if profile else dict(raw)
+    for item in overrides:
+        merged = deep_merge(merged, parse_override(item))
+
+    def given(dotted: str) -> bool:
+        node: Any = merged
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or node.get(part) in (None, ""):
+                return False
+            node = node[part]
+        return True
+
+    missing = [k for k in REQUIRED_KEYS if not given(k)]
+    if "model.backbone" in missing and merged.get("task") == "knn" and given("eval.source_run"):
+        missing.remove("model.backbone")
+    return missing
 
 
 def profiles_of(path: str | Path) -> list[str]:

@@ -26,7 +26,8 @@ def _train_or_reuse(cfg: ExperimentConfig, runs_root: Path, console: Console) ->
         console.print(f"[dim]{run.path} is already trained and evaluated; reusing it (delete it to retrain)[/]")
         return run
     console.rule(f"[bold]{cfg.name}[/]: {cfg.description}")
-    run, _ = fit(cfg, runs_root=runs_root, resume=run.last_ckpt.is_file())
+    # an interrupted demo continues, with this call's settings (say, another --epochs)
+    run, _ = fit(cfg, runs_root=runs_root, resume=run.has_started(), override_stored=True)
     evaluate_run(run.path)
     return run
 

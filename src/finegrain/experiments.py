@@ -1,7 +1,8 @@
 """``finegrain experiments run SUITE``: the catalogue, run in order, resumable, with one comparison table.
 
-A finished run (``DONE`` + ``metrics.json``) is skipped; an interrupted one is
-resumed from its last checkpoint; kNN rows run after the run whose model they use.
+A finished run (trained to its end, ``state.json``, and evaluated after that: ``DONE`` +
+a ``metrics.json`` that is not partial) is skipped; an interrupted one is resumed from its
+last checkpoint (or only evaluated, when training ended but evaluation did not); kNN rows run after the run whose model they use.
 Every run gets its report, and the comparison table links each row to it.
 """
 
@@ -63,7 +64,7 @@ def plan(cfgs: list[ExperimentConfig], runs_root: Path) -> list[ExperimentConfig
             emit(after)
 
     for cfg in cfgs:
-        source = cfg.eval.source_run if cfg.task == "knn" else None
+        source = cfg.eval.source_run if not cfg.trains else None
         if source and source in names and source not in done:
             waiting.setdefault(source, []).append(cfg)
             continue
@@ -124,7 +125,7 @@ def run_suite(
     failed: dict[str, str] = {}
     for cfg in cfgs:
         run = RunDir(runs_root / cfg.name)
-        source = cfg.eval.source_run if cfg.task == "knn" else None
+        source = cfg.eval.source_run if not cfg.trains else None
         if source in failed:
             failed[cfg.name] = f"its source run '{source}' failed"
             continue
@@ -133,12 +134,10 @@ def run_suite(
         else:
             resume = run.config_file.is_file()
             console.rule(f"[bold]{cfg.name}[/] — {cfg.description}" + (" (resumed)" if resume else ""))
-            if resume and run.config_file.read_text() != config_to_yaml(cfg):
-                console.print(f"[yellow]{cfg.name}: the config differs from the one the interrupted run "
-                              f"started with; continuing with {run.config_file}[/]")
             try:
-                if cfg.task == "knn":
-                    create_run(cfg, runs_root, resume=True)
+                if not cfg.trains or (resume and run.training_finished()
+                                      and run.config_file.read_text() == config_to_yaml(cfg)):
+                    create_run(cfg, runs_root, resume=True)  # nothing (left) to train: evaluate
                 else:
                     fit(cfg, runs_root=runs_root, resume=resume)
                 evaluate_run(run.path)

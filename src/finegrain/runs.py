@@ -9,39 +9,113 @@ runs/<name>/
   embeddings/        vectors with labels and paths
   index/             the similarity index and its metadata
   report/            report.html and figures
+  state.json         how far training got: ``training`` (with epochs done / planned) or
+                     ``finished`` (the last epoch, or early stopping, ended it)
+  DONE               written by ``evaluate`` when it evaluated a finished run
 ```
-Every file is written atomically (temporary file, then rename), so an
-interrupted command never leaves a half-written file behind.
+Every file is written atomically (temporary file beside it, fsync, rename), so an
+interrupted command never leaves a half-written file behind; a write killed midway
+leaves at most a ``.<name>.*.tmp`` file, removed when the run is next started or resumed.
+
+A run is *finished* when training ended normally (``state.json``; a kNN row trains
+nothing) and ``metrics.json`` evaluates that final model. Anything else is unfinished:
+``experiments run`` resumes it, and an evaluation of it is marked ``"partial": true``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from finegrain.config import ExperimentConfig, build_config, config_to_yaml, read_yaml
+import yaml
+
+from finegrain.config import ExperimentConfig, build_config, config_to_yaml, migrate_stored, read_yaml
 from finegrain.errors import FinegrainError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_ROOT = Path("runs")
 
+FAULT_ENV = "FINEGRAIN_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(point: str) -> bool:
+    """Test hook (fault injection), inert unless ``$FINEGRAIN_FAULT`` is set: true when this is the
+    moment the tests asked the process to die at.
+
+    ``FINEGRAIN_FAULT=<point>[@<n>]`` names a point and which time it is reached (default the
+    first): ``write:<file name>`` (the atomic writer, after writing half the temporary file) or
+    ``batch:<epoch>:<batch>`` (training, after that batch; both counted from 0).
+    """
+    want = os.environ.get(FAULT_ENV)
+    if not want:
+        return False
+    name, _, nth = want.partition("@")
+    if name != point:
+        return False
+    _fault_counts[point] = _fault_counts.get(point, 0) + 1
+    return _fault_counts[point] == int(nth or 1)
+
+
+def die() -> None:
+    """SIGKILL this process (the fault-injection tests' crash: no cleanup, no ``finally``)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if fault_point(f"write:{path.name}"):  # test hook: die with half the file written
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                die()
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_stale_tmp(folder: Path) -> list[Path]:
+    """Remove the ``.<name>.*.tmp`` files an atomic write killed midway left in ``folder``."""
+    removed = []
+    for p in folder.glob(".*.tmp") if folder.is_dir() else []:
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d unfinished temporary file(s) in %s", len(removed), folder)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -102,13 +176,64 @@ class RunDir:
     def done_marker(self) -> Path:
         return self.path / "DONE"
 
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    def write_state(self, status: str, epochs_done: int, epochs_planned: int, stopped_early: bool = False) -> None:
+        """Record how far training got (``training`` or ``finished``), atomically."""
+        atomic_write_json(self.state_file, {
+            "status": status, "epochs_done": int(epochs_done), "epochs_planned": int(epochs_planned),
+            "stopped_early": bool(stopped_early),
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def training_state(self) -> dict[str, Any]:
+        """``status`` (``not started``, ``training``, ``finished``), ``epochs_done``, ``epochs_planned``,
+        ``stopped_early``. Runs older than ``state.json`` are judged by history.csv's epochs."""
+        raw = _read_yaml_or_none(self.config_file) or {}
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        planned = int(train.get("epochs", 0) or 0)
+        if raw.get("task") == "knn":  # trains nothing
+            return {"status": "finished", "epochs_done": 0, "epochs_planned": 0, "stopped_early": False}
+        if self.state_file.is_file():
+            try:
+                state = json.loads(self.state_file.read_text())
+                if isinstance(state, dict) and state.get("status") in ("training", "finished"):
+                    state = {"epochs_done": 0, "stopped_early": False, **state, "epochs_planned": planned}
+                    if (state["status"] == "finished" and not state["stopped_early"]
+                            and state["epochs_done"] < planned):  # resumed with more epochs (--override-stored)
+                        state["status"] = "training"
+                    return state
+            except ValueError:
+                pass
+        done = _history_epochs(self.history)
+        status = ("finished" if planned and done >= planned else
+                  "training" if done or self.last_ckpt.is_file() else "not started")
+        return {"status": status, "epochs_done": done, "epochs_planned": planned, "stopped_early": False}
+
+    def training_finished(self) -> bool:
+        """Training reached its last epoch or early stopping ended it (a kNN row trains nothing)."""
+        return self.training_state()["status"] == "finished"
+
+    def has_started(self) -> bool:
+        """Whether training ever took a step here (a checkpoint, an epoch or a recorded state)."""
+        return (self.last_ckpt.is_file() or self.best_ckpt.is_file() or self.history.is_file()
+                or self.state_file.is_file())
+
     def is_finished(self) -> bool:
-        return self.done_marker.is_file() and self.metrics.is_file()
+        """Trained to the end and evaluated after that (``DONE`` and a ``metrics.json`` that is not partial)."""
+        if not (self.done_marker.is_file() and self.metrics.is_file()):
+            return False
+        try:
+            partial = bool(json.loads(self.metrics.read_text()).get("partial", False))
+        except (ValueError, AttributeError):
+            return False
+        return not partial and self.training_finished()
 
     def load_config(self) -> ExperimentConfig:
         if not self.config_file.is_file():
             raise FinegrainError(f"{self.path} is not a run directory: no config.yaml in it")
-        return build_config(read_yaml(self.config_file))
+        return build_config(migrate_stored(read_yaml(self.config_file)))
 
     def read_metrics(self) -> dict:
         if not self.metrics.is_file():
@@ -133,19 +258,68 @@ def open_run(path: str | Path) -> RunDir:
     return RunDir(p)
 
 
-def create_run(cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resume: bool = False) -> RunDir:
+def _read_yaml_or_none(path: Path) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _history_epochs(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open() as f:
+        return sum(1 for _ in csv.DictReader(f))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs (``a: 1 -> 2``)."""
+    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def create_run(cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resume: bool = False,
+               override_stored: bool = False) -> RunDir:
     """Create ``runs_root/<cfg.name>`` and write the resolved config into it.
 
     An existing run with a different config is refused unless resuming it, so a
-    finished run is never silently overwritten.
+    finished run is never silently overwritten. Resuming with a config other than the
+    stored one is refused too, naming the keys, unless ``override_stored`` (then the new
+    config is stored). A run that never trained a step (its start failed: a bad backbone
+    name, a missing dataset) keeps nothing worth protecting and takes the new config.
+    Stale temporary files of killed writes are removed.
     """
     run = RunDir(runs_root / cfg.name)
     text = config_to_yaml(cfg)
     if run.config_file.is_file():
         old = run.config_file.read_text()
-        if resume:
+        if not run.has_started() and not run.metrics.is_file():
+            if old != text:
+                log.info("%s never trained a step; replacing its config", run.path)
+        elif resume:
+            if old != text:
+                diff = config_differences(old, text)
+                if not override_stored:
+                    raise FinegrainError(
+                        f"cannot resume {run.path} with another config than the one it started with "
+                        f"({'; '.join(diff) or 'formatting'}); resume without the changes, or add "
+                        "--override-stored to continue with the new config")
+                log.warning("%s: resuming with the new config (%s)", run.path, "; ".join(diff))
+                atomic_write_text(run.config_file, text)
+            clean_stale_tmp(run.path)
+            clean_stale_tmp(run.checkpoints)
             return run
-        if run.is_finished() or old != text or run.last_ckpt.is_file():
+        elif run.is_finished() or old != text or run.last_ckpt.is_file():
             raise FinegrainError(
                 f"run directory {run.path} already exists"
                 + (" and is finished" if run.is_finished() else
@@ -153,5 +327,7 @@ def create_run(cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resum
                 + "; use --resume to continue it, --name to start another, or delete it"
             )
     run.checkpoints.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(run.path)
+    clean_stale_tmp(run.checkpoints)
     atomic_write_text(run.config_file, text)
     return run

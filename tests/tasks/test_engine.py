@@ -148,10 +148,11 @@ def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600
 
 def test_cli_unknown_names_are_clear_errors(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {backbone: resnet5O}\n")
+    cfg.write_text("name: c\ndata: {root: synthetic}\nmodel: {backbone: resnet5O}\n")
     r = cli("train", str(cfg), cwd=tmp_path)
     assert r.returncode == 2
     assert "resnet50" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs" / "c").exists()  # a failed start leaves nothing that blocks the fix
     r = cli("train", str(cfg), "--set", "optim.name=adamm", cwd=tmp_path)
     assert r.returncode == 2 and "'adam'" in r.stderr and "Traceback" not in r.stderr
     r = cli("train", str(cfg), "--set", "train.epoch=3", cwd=tmp_path)

@@ -2,7 +2,10 @@
 
 ``finegrain data prepare`` writes ``<cache root>/prepared/<key>/`` with
 ``images.npy`` (``[N, H, W, 3]`` uint8), ``index.json`` (the image paths in row
-order and the files that could not be read) and a ``.complete`` marker. The key
+order and the files that could not be read) and a ``.complete`` marker. It is written
+into a hidden sibling folder of its own (``.<key>.<pid>-<tag>.partial.tmp``), fsynced and
+renamed into place, so a reader sees a whole cache or none; the folders of killed
+preparations are removed by the next one. The key
 hashes the image list (paths, sizes, modification times, boxes), the size and the
 box margin, so a changed dataset or size never reads a stale cache. Loaders find
 and use it without being told (``data.cache: auto``). Rows hold exactly what
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import numpy as np
 from finegrain.data.images import load_resized
 from finegrain.data.records import ImageRecord
 from finegrain.errors import ImageError
+from finegrain.runs import atomic_write_text, fsync_dir
 
 
 def default_cache_root() -> Path:
@@ -101,9 +106,10 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
     if existing is not None:
         return existing
     final = cache_dir / "prepared" / cache_key(records, size, bbox_margin)
-    work = final.with_name(final.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final.parent)
+    work = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial.tmp")
+    work.mkdir()
     unique = sorted({str(r.path): r for r in records}.values(), key=lambda r: str(r.path))
     h, w = size
     array = np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=(len(unique), h, w, 3))
@@ -125,9 +131,44 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
             bar.advance(task)
     array.flush()
     del array
-    (work / "index.json").write_text(json.dumps(
+    with open(work / "images.npy", "rb+") as f:  # the rows on disk before any marker says so
+        os.fsync(f.fileno())
+    atomic_write_text(work / "index.json", json.dumps(
         {"paths": [str(r.path) for r in unique], "bad": bad, "size": [h, w], "bbox_margin": bbox_margin}))
-    (work / ".complete").write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    work.rename(final)
+    atomic_write_text(work / ".complete", "ok\n")
+    if (final / ".complete").is_file():  # another process prepared the same cache meanwhile
+        shutil.rmtree(work, ignore_errors=True)
+        return PreparedCache(final)
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of an older version
+    try:
+        work.rename(final)
+    except OSError:  # lost a race to another process renaming its copy into place
+        shutil.rmtree(work, ignore_errors=True)
+        if not (final / ".complete").is_file():
+            raise
+    fsync_dir(final.parent)
     return PreparedCache(final)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(prepared: Path) -> list[Path]:
+    """Remove the work folders of preparations that were killed (their process is gone)."""
+    removed = []
+    for p in prepared.glob(".*.partial.tmp"):
+        pid = p.name.rsplit(".partial.tmp", 1)[0].rsplit(".", 1)[-1].split("-")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in prepared.glob("*.partial"):  # the fixed-name work folders of earlier versions
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

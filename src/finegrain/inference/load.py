@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finegrain.config import ExperimentConfig, build_config, read_yaml
+from finegrain.config import ExperimentConfig, build_config, migrate_stored, read_yaml
 from finegrain.errors import FinegrainError
 from finegrain.runs import RunDir, open_run
 
@@ -82,7 +82,7 @@ def checkpoint_config(state: dict[str, Any], path: Path) -> tuple[ExperimentConf
     if not isinstance(hp, dict) or "config" not in hp or "class_names" not in hp:
         raise FinegrainError(f"{path} is not a finegrain checkpoint (no config in it)")
     try:
-        cfg = ExperimentConfig.model_validate(hp["config"])
+        cfg = ExperimentConfig.model_validate(migrate_stored(hp["config"]))
     except Exception as e:  # noqa: BLE001
         raise FinegrainError(f"{path}: the config stored in it is not valid: {str(e)[:300]}") from None
     return cfg, [str(c) for c in hp["class_names"]]
@@ -98,7 +98,7 @@ def check_config_copy(run: RunDir, cfg: ExperimentConfig) -> None:
     """Refuse a run whose ``config.yaml`` disagrees with its checkpoint on how images are seen."""
     if not run.config_file.is_file():
         return
-    copy = build_config(read_yaml(run.config_file)).model_dump(mode="json")
+    copy = build_config(migrate_stored(read_yaml(run.config_file))).model_dump(mode="json")
     stored = cfg.model_dump(mode="json")
     differ = [k for k in INFERENCE_KEYS if _get(copy, k) != _get(stored, k)]
     if differ:
@@ -113,7 +113,7 @@ def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> Load
     run = run if isinstance(run, RunDir) else open_run(run)
     if checkpoint is None and not run.best_ckpt.is_file() and not run.last_ckpt.is_file():
         cfg = run.load_config()
-        if cfg.task == "knn":  # a kNN row trains nothing: its model is another run's, or the pretrained one
+        if not cfg.trains:  # a kNN row trains nothing: its model is another run's, or the pretrained one
             return source_model(cfg, run)
     ckpt = checkpoint or run_checkpoint(run)
     state = read_checkpoint(ckpt)

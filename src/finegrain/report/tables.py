@@ -186,11 +186,27 @@ def run_row(run_path: Path) -> dict:
     }
     row["has_classification"] = bool(cls)
     row["has_retrieval"] = bool(ret)
+    row["partial"] = partial_words(run, metrics)
     return row
 
 
+def partial_words(run: RunDir, metrics: dict) -> str | None:
+    """``partial: 3 of 40 epochs`` when the metrics are of a model whose training did not finish, else None."""
+    if "partial" in metrics:
+        if not metrics["partial"]:
+            return None
+        done, planned = metrics.get("epochs_done"), metrics.get("epochs_planned")
+    else:  # evaluated before metrics.json said so: judge by the run's training state
+        state = run.training_state()
+        if state["status"] == "finished":
+            return None
+        done, planned = state["epochs_done"], state["epochs_planned"]
+    return f"partial: {done} of {planned} epochs" if planned else "partial"
+
+
 def comparison_rows(run_paths: list[Path]) -> list[dict]:
-    """One row per finished run (``DONE`` + ``metrics.json``), in the order given.
+    """One row per evaluated run (with a ``metrics.json``), in the order given; a run evaluated before
+    its training finished has ``partial`` set (``partial: 3 of 40 epochs``) and is labelled so.
 
     Keys: name, description, task, data, protocol (in words), loss, accuracy (top-1),
     f1 / precision / recall (macro), prediction_seconds, recall@1/2/4/8, map@r
@@ -201,8 +217,8 @@ def comparison_rows(run_paths: list[Path]) -> list[dict]:
     rows = []
     for p in run_paths:
         run = RunDir(Path(p))
-        if not run.is_finished():
-            log.info("%s is not finished (no DONE or metrics.json); left out of the table", run.path)
+        if not run.metrics.is_file():
+            log.info("%s is not evaluated (no metrics.json); left out of the table", run.path)
             continue
         rows.append(run_row(run.path))
     return rows
@@ -224,7 +240,8 @@ def _md_cell(text: Any) -> str:
 
 def _model_label(row: dict) -> str:
     desc = (row.get("description") or "").strip()
-    return f"**{row['name']}** — {desc}" if desc else f"**{row['name']}**"
+    name = f"**{row['name']}**" + (f" (*{row['partial']}*)" if row.get("partial") else "")
+    return f"{name} — {desc}" if desc else name
 
 
 def _md_link(target: str) -> str:
@@ -306,6 +323,8 @@ def _html_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         desc = r.get("description") or ""
         link = r.get("report")
         name = f'<a href="{_esc(link)}">{_esc(r["name"])}</a>' if link else _esc(r["name"])
+        if r.get("partial"):
+            name += f' <em class="partial">({_esc(r["partial"])})</em>'
         model = f'<td class="model">{name}' + (f'<span class="desc">{_esc(desc)}</span>' if desc else "") + "</td>"
         cells = "".join(f"<td>{_esc(fmt_value(r.get(k), kind))}</td>" for _, k, kind in columns)
         body.append(f"<tr>{model}{cells}</tr>")

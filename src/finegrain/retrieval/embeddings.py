@@ -21,6 +21,8 @@ def save_embeddings(run: RunDir, split: str, out: Outputs, paths: list[str], enc
     """``embeddings/<split>.npz`` (vectors, labels, paths) + ``<split>.json`` naming the model and settings."""
     buf = io.BytesIO()
     np.savez(buf, embeddings=out.embeddings, labels=out.labels, paths=np.array(paths))
+    # the old sidecar goes first: a kill between the two writes leaves vectors that are never reused
+    (run.embeddings / f"{split}.json").unlink(missing_ok=True)
     atomic_write_bytes(run.embeddings / f"{split}.npz", buf.getvalue())
     atomic_write_json(run.embeddings / f"{split}.json", {
         "split": split, "n": int(len(out.labels)), "dim": int(out.embeddings.shape[1]),

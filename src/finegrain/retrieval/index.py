@@ -26,9 +26,8 @@ import json
 import logging
 import math
 import os
-import platform
-import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,17 +36,19 @@ import numpy as np
 
 from finegrain.errors import FinegrainError
 from finegrain.faiss_import import import_faiss
-from finegrain.runs import atomic_write_bytes, atomic_write_json
+from finegrain.machine import package_version
+from finegrain.registry import Registry
+from finegrain.runs import atomic_write_bytes, atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "euclidean")
-KINDS = ("flat", "hnsw", "ivf")
 
 INDEX_FILE = "index.faiss"
 LABELS_FILE = "labels.npy"
 PATHS_FILE = "paths.json"
 META_FILE = "meta.json"
+INDEX_FILES = (INDEX_FILE, LABELS_FILE, PATHS_FILE, META_FILE)
 
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
@@ -94,29 +95,49 @@ def ivf_params(n: int) -> tuple[int, int]:
     return nlist, nprobe
 
 
+INDEX_KINDS: Registry[Callable[[int, str, int], tuple[Any, dict]]] = Registry("index kind")
+"""Index kind → builder(dim, metric, n) of an empty FAISS index and its parameters (recorded in the metadata)."""
+
+
+@INDEX_KINDS.register("flat")
+def _flat(dim: int, metric: str, n: int) -> tuple[Any, dict]:
+    faiss = import_faiss()
+    return (faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)), {}
+
+
+@INDEX_KINDS.register("hnsw")
+def _hnsw(dim: int, metric: str, n: int) -> tuple[Any, dict]:
+    index = import_faiss().IndexHNSWFlat(dim, HNSW_M, faiss_metric(metric))
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.hnsw.efSearch = HNSW_EF_SEARCH
+    return index, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
+
+
+@INDEX_KINDS.register("ivf")
+def _ivf(dim: int, metric: str, n: int) -> tuple[Any, dict]:
+    faiss = import_faiss()
+    nlist, nprobe = ivf_params(n)
+    quantizer = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric(metric))
+    index.cp.niter = IVF_KMEANS_NITER
+    index.cp.max_points_per_centroid = IVF_MAX_TRAIN_POINTS_PER_LIST
+    index.cp.min_points_per_centroid = 1  # tiny galleries: nlist is already capped by n / 39
+    index.nprobe = nprobe
+    return index, {"nlist": nlist, "nprobe": nprobe, "kmeans_niter": IVF_KMEANS_NITER,
+                   "train_points": min(n, nlist * IVF_MAX_TRAIN_POINTS_PER_LIST)}
+
+
+KINDS: tuple[str, ...] = tuple(INDEX_KINDS.names())
+
+
 def make_index(dim: int, metric: str, kind: str, n: int) -> tuple[Any, dict]:
     """An empty FAISS index of ``kind`` and its parameters (recorded in the metadata)."""
-    faiss = import_faiss()
-    fm = faiss_metric(metric)
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
-        return index, {}
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, fm)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.hnsw.efSearch = HNSW_EF_SEARCH
-        return index, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
-    if kind == "ivf":
-        nlist, nprobe = ivf_params(n)
-        quantizer = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
-        index.cp.niter = IVF_KMEANS_NITER
-        index.cp.max_points_per_centroid = IVF_MAX_TRAIN_POINTS_PER_LIST
-        index.cp.min_points_per_centroid = 1  # tiny galleries: nlist is already capped by n / 39
-        index.nprobe = nprobe
-        return index, {"nlist": nlist, "nprobe": nprobe, "kmeans_niter": IVF_KMEANS_NITER,
-                       "train_points": min(n, nlist * IVF_MAX_TRAIN_POINTS_PER_LIST)}
-    raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}")
+    faiss_metric(metric)  # an unknown metric is named before anything is built
+    try:
+        build = INDEX_KINDS.get(kind)
+    except FinegrainError:
+        raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}") from None
+    return build(dim, metric, n)
 
 
 def _apply_search_params(index: Any, kind: str, params: dict) -> None:
@@ -143,14 +164,27 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(hits) / float(k * len(exact_ids))
 
 
+def check_k(k: object, gallery_size: int) -> int:
+    """The one check of a neighbour count against a gallery: a whole number in [1, gallery size]."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= gallery_size:
+        raise FinegrainError(f"k must be between 1 and the gallery size ({gallery_size}); got {k!r}")
+    return int(k)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _version() -> str:
-    import finegrain
-
-    return finegrain.__version__
+def _recover_swap(d: Path) -> None:
+    """A save killed between moving the old index aside and moving the new one in leaves no ``d``
+    but a complete ``.<name>.*.new.tmp`` (meta.json is written last): put it in place."""
+    if d.exists():
+        return
+    done = [p for p in d.parent.glob(f".{d.name}.*.new.tmp") if (p / META_FILE).is_file()]
+    if done:
+        newest = max(done, key=lambda p: (p / META_FILE).stat().st_mtime)
+        os.rename(newest, d)
+        log.info("completed the interrupted index save into %s", d)
 
 
 class GalleryIndex:
@@ -203,7 +237,7 @@ class GalleryIndex:
         """
         if metric not in METRICS:
             raise FinegrainError(f"unknown metric '{metric}'. Valid: {', '.join(METRICS)}")
-        if kind not in KINDS:
+        if kind not in INDEX_KINDS:
             raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}")
         x = _as_matrix(embeddings, "embeddings")
         n, dim = x.shape
@@ -245,7 +279,7 @@ class GalleryIndex:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "approx_recall_at_10": recall,
             "build_seconds": round(build_seconds, 4),
-            "finegrain_version": _version(),
+            "finegrain_version": package_version("finegrain"),
             "faiss_version": getattr(import_faiss(), "__version__", "unknown"),
             "index_sha256": None,  # filled in by save()
         }
@@ -272,8 +306,7 @@ class GalleryIndex:
         q = _as_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise FinegrainError(f"queries have dimension {q.shape[1]} but the index holds {self.dim}-d vectors")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.n:
-            raise FinegrainError(f"k must be between 1 and the gallery size ({self.n}); got {k}")
+        k = check_k(k, self.n)
         if self.metric == "cosine":
             q = l2_normalize(q)
         scores, ids = self.index.search(q, int(k))
@@ -283,20 +316,48 @@ class GalleryIndex:
 
     # -- persistence ------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the four files into ``directory`` (each atomically); returns the directory."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        data = self._serialize()
-        self.meta["index_sha256"] = _sha256(data)
-        self.meta["index_bytes"] = len(data)
-        atomic_write_bytes(d / INDEX_FILE, data)
-        import io
+        """Write the four files into ``directory`` as one unit; returns the directory.
 
+        They are written (each fsynced, meta.json last, with the sha256 of the others) into a
+        sibling temporary folder, which then takes the place of the old index: a kill at any
+        moment leaves the old index or the new one, whole, and at most a ``.<name>.*.tmp``
+        folder that the next save removes. A folder that holds other files is refused.
+        """
+        import io
+        import shutil
+        import uuid
+
+        d = Path(directory)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        _recover_swap(d)
+        for stale in d.parent.glob(f".{d.name}.*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if d.is_dir():
+            others = sorted(p.name for p in d.iterdir() if p.name not in INDEX_FILES and not p.name.endswith(".tmp"))
+            if others:
+                raise FinegrainError(f"{d} holds other files than an index ({', '.join(others[:3])}); "
+                                     "choose an empty folder for the index")
+        data = self._serialize()
         buf = io.BytesIO()
         np.save(buf, self.labels, allow_pickle=False)
-        atomic_write_bytes(d / LABELS_FILE, buf.getvalue())
-        atomic_write_json(d / PATHS_FILE, {"paths": self.paths, "class_names": self.class_names})
-        atomic_write_json(d / META_FILE, self.meta)  # last: its presence marks a complete index
+        labels = buf.getvalue()
+        paths = (json.dumps({"paths": self.paths, "class_names": self.class_names}, indent=2) + "\n").encode()
+        self.meta["index_sha256"] = _sha256(data)
+        self.meta["index_bytes"] = len(data)
+        self.meta["files_sha256"] = {LABELS_FILE: _sha256(labels), PATHS_FILE: _sha256(paths)}
+        tag = uuid.uuid4().hex[:8]
+        new = d.with_name(f".{d.name}.{tag}.new.tmp")
+        new.mkdir()
+        atomic_write_bytes(new / INDEX_FILE, data)
+        atomic_write_bytes(new / LABELS_FILE, labels)
+        atomic_write_bytes(new / PATHS_FILE, paths)
+        atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
+        old = d.with_name(f".{d.name}.{tag}.old.tmp")
+        if d.exists():
+            os.rename(d, old)
+        os.rename(new, d)  # a kill between the renames leaves the new one whole; _recover_swap finds it
+        fsync_dir(d.parent)
+        shutil.rmtree(old, ignore_errors=True)
         return d
 
     def _serialize(self) -> bytes:
@@ -306,6 +367,7 @@ class GalleryIndex:
     def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
         """Reopen a saved index, refusing damaged files and indexes built by another model."""
         d = Path(directory)
+        _recover_swap(d)
         for name in (META_FILE, INDEX_FILE, LABELS_FILE, PATHS_FILE):
             if not (d / name).is_file():
                 raise FinegrainError(f"incomplete index in {d}: {name} is missing (rebuild it with `finegrain index RUN`)")
@@ -318,7 +380,7 @@ class GalleryIndex:
                     raise ValueError(f"no '{key}' entry")
         except (ValueError, UnicodeDecodeError) as e:
             raise FinegrainError(f"damaged index file {d / META_FILE}: {e}") from e
-        if meta["metric"] not in METRICS or meta["kind"] not in KINDS:
+        if meta["metric"] not in METRICS or meta["kind"] not in INDEX_KINDS:
             raise FinegrainError(f"damaged index file {d / META_FILE}: unknown metric or kind "
                                  f"({meta['metric']!r}, {meta['kind']!r})")
 
@@ -363,4 +425,8 @@ class GalleryIndex:
         if problems:
             raise FinegrainError(f"inconsistent index in {d}: {'; '.join(problems)} "
                                  "(rebuild it with `finegrain index RUN`)")
+        for name, digest in (meta.get("files_sha256") or {}).items():  # recorded since saves became one unit
+            if name in (LABELS_FILE, PATHS_FILE) and _sha256((d / name).read_bytes()) != digest:
+                raise FinegrainError(f"damaged index file {d / name}: its sha256 does not match meta.json "
+                                     "(rebuild it with `finegrain index RUN`)")
         return cls(index, labels, paths, class_names, meta)

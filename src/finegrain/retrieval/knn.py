@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.index import exact_neighbours, l2_normalize
+from finegrain.retrieval.index import check_k, exact_neighbours, l2_normalize
 
 METRICS = ("euclidean", "cosine")
 WEIGHTS = ("uniform", "distance")
@@ -61,9 +61,7 @@ def knn_classify(gallery_emb: np.ndarray, gallery_labels: np.ndarray, query_emb:
         if not np.all(np.equal(np.mod(labels, 1), 0)):
             raise FinegrainError("gallery labels must be integer class indices")
     labels = labels.astype(np.int64)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise FinegrainError(f"k must be an integer between 1 and the gallery size ({n}); got {k!r}")
-    k = int(k)
+    k = check_k(k, n)
     if labels.min() < 0:
         raise FinegrainError("gallery labels must be non-negative class indices")
     c = int(labels.max()) + 1 if num_classes is None else int(num_classes)
@@ -96,3 +94,4 @@ def knn_classify(gallery_emb: np.ndarray, gallery_labels: np.ndarray, query_emb:
     scores = (votes / votes.sum(axis=1, keepdims=True)).astype(np.float32)
     seconds = time.perf_counter() - t0
     return preds, scores, seconds
+

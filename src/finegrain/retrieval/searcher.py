@@ -17,6 +17,7 @@ from PIL import Image
 
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
+from finegrain.retrieval.index import check_k
 from finegrain.runs import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,6 @@ class SearchService(Protocol):
     def gallery_path(self, i: int) -> str: ...
 
     def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]: ...
-
-
-def check_k(k: int, gallery_size: int) -> None:
-    """The one check of a neighbour count against a gallery."""
-    if k < 1 or k > gallery_size:
-        raise FinegrainError(f"k must be between 1 and the gallery size ({gallery_size}); got {k}")
 
 
 def _same_image(query_rgb: np.ndarray, path: str, size: tuple[int, int]) -> bool:

@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 
 from finegrain.data.images import DEFAULT_MAX_IMAGE_MPIXELS, decode_bytes
 from finegrain.errors import FinegrainError, ImageError
+from finegrain.machine import package_version
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def create_app(searcher: Any, max_upload_bytes: int = 10 * 2**20, max_concurrenc
     app = _GuardedFastAPI(
         title="finegrain search",
         description=DESCRIPTION,
-        version=_version(),
+        version=(package_version("finegrain") or "0"),
         openapi_tags=[{"name": "search", "description": "Image search and classification"},
                       {"name": "service", "description": "Health and metadata"}],
     )
@@ -516,15 +517,6 @@ def _human(n: int) -> str:
     if n >= 2**10:
         return f"{n / 2**10:.0f} KB"
     return f"{n} bytes"
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("finegrain")
-    except Exception:  # noqa: BLE001
-        return "0"
 
 
 def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpixels: Any,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import warnings
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +28,66 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
 from finegrain.machine import resolve_precision, set_threads
-from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run
+from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run, die, fault_point
 
 log = logging.getLogger(__name__)
-# Frozen backbones and frozen BatchNorm stay in eval mode on purpose (models/freezing.py).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-# A deprecation inside Lightning itself, not in anything a user can change.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-# Lightning's advertisement for its cloud logger is not for our users.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
-# The `lightning` package adds a console handler of its own; where the CLI has set up logging, its
-# messages would be printed twice.
-if logging.getLogger().handlers:
-    for _handler in list(logging.getLogger("lightning").handlers):
-        logging.getLogger("lightning").removeHandler(_handler)
+
+
+def _no_litlogger_ad(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence what Lightning says that is no news to our users. Called when training starts, not
+    at import, so importing finegrain changes no global warning or logging state. Idempotent."""
+    # Frozen backbones and frozen BatchNorm stay in eval mode on purpose (models/freezing.py).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # A deprecation inside Lightning itself, not in anything a user can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Lightning's advertisement for its cloud logger is not for our users.
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_litlogger_ad not in rank_zero.filters:
+        rank_zero.addFilter(_no_litlogger_ad)
+    # The `lightning` package adds a console handler of its own; where the CLI has set up logging, its
+    # messages would be printed twice.
+    if logging.getLogger().handlers:
+        for handler in list(logging.getLogger("lightning").handlers):
+            logging.getLogger("lightning").removeHandler(handler)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed: a kill never leaves half a file."""
+    """Checkpoints written to a temporary file and renamed: a kill never leaves half a file.
+    Read back with ``weights_only=True`` only: resuming a run cannot execute code from it."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         atomic_write_bytes(Path(path), buf.getvalue())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        from finegrain.inference.load import read_checkpoint
+
+        return read_checkpoint(Path(path))
+
+
+class RunState(Callback):
+    """``state.json``: ``training`` from the first finished step (with the epochs done so far);
+    :func:`fit` writes ``finished`` when ``Trainer.fit`` returns normally."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self._recorded = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if fault_point(f"batch:{trainer.current_epoch}:{batch_idx}"):  # test hook (runs.fault_point)
+            die()
+        if not self._recorded and trainer.is_global_zero:
+            self.run.write_state("training", trainer.current_epoch, trainer.max_epochs)
+            self._recorded = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self.run.write_state("training", trainer.current_epoch + 1, trainer.max_epochs)
 
 
 class RngState(Callback):
@@ -161,24 +199,25 @@ def read_history(path: Path) -> list[dict[str, str]]:
 
 
 def make_task(cfg: ExperimentConfig, class_names: list[str], train_labels: list[int]):
-    if cfg.task == "classification":
-        from finegrain.tasks.classification import ClassificationTask
+    """The registered LightningModule of the config's task."""
+    import finegrain.tasks.classification  # noqa: F401 - registers its task
+    import finegrain.tasks.metric_learning  # noqa: F401 - registers its task
+    from finegrain.tasks.base import TASKS
 
-        return ClassificationTask(cfg.model_dump(mode="json"), class_names)
-    if cfg.task == "metric_learning":
-        from finegrain.tasks.metric_learning import MetricLearningTask
-
-        return MetricLearningTask(cfg.model_dump(mode="json"), class_names, train_labels=train_labels)
-    raise FinegrainError(f"task '{cfg.task}' is not trained; run `finegrain evaluate` on it instead")
+    if not cfg.trains:
+        raise FinegrainError(f"task '{cfg.task}' is not trained; run `finegrain evaluate` on it instead")
+    return TASKS.get(cfg.task)(cfg.model_dump(mode="json"), class_names, train_labels=train_labels)
 
 
 def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
-    """Refuse a checkpoint written for another model architecture, naming what differs."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise FinegrainError(f"cannot read checkpoint {ckpt}: {e}") from None
-    old = (state.get("hyper_parameters") or {}).get("config", {}).get("model")
+    """Refuse an unsafe or unreadable checkpoint, or one written for another model architecture,
+    naming what differs."""
+    from finegrain.inference.load import read_checkpoint
+
+    state = read_checkpoint(ckpt)  # weights_only: a planted checkpoint cannot run code
+    hp = state.get("hyper_parameters")
+    config = hp.get("config") if isinstance(hp, dict) else None
+    old = config.get("model") if isinstance(config, dict) else None
     new = cfg.model.model_dump(mode="json")
     if old is None:
         raise FinegrainError(f"{ckpt} is not a finegrain checkpoint (no model config in it)")
@@ -194,13 +233,17 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         monitor, mode = "train/loss_epoch", "min"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+                        save_last=False, enable_version_counter=False, auto_insert_metric_name=False),
+        # last.ckpt after every epoch: Lightning's save_last writes it only in epochs that improved
+        # the monitored metric, so a kill after an epoch without progress lost that epoch
+        ModelCheckpoint(dirpath=run.checkpoints, filename="last", monitor=None, save_top_k=1,
+                        enable_version_counter=False, auto_insert_metric_name=False),
         LearningRateMonitor(logging_interval="epoch"),
         History(run.history),
         RngState(),
         ThreadPlan(),
+        RunState(run),
     ]
-    callbacks[0].CHECKPOINT_NAME_LAST = "last"
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping_patience))
     # FINEGRAIN_PROGRESS=0 silences progress; a terminal gets a live bar, anything else log lines.
@@ -238,25 +281,43 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
     )
 
 
-def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False) -> tuple[RunDir, bool]:
-    """Train ``cfg`` into ``runs_root/<name>``; returns the run and whether this is the global-zero process."""
+def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False,
+        override_stored: bool = False) -> tuple[RunDir, bool]:
+    """Train ``cfg`` into ``runs_root/<name>``; returns the run and whether this is the global-zero process.
+
+    Resuming with a config other than the stored one is refused unless ``override_stored``.
+    A start that fails before the first training step (a bad backbone name, a missing
+    dataset) removes the run directory it made, so the corrected command just works.
+    When ``Trainer.fit`` returns normally (last epoch, or early stopping) ``state.json``
+    says ``finished``.
+    """
     from finegrain.data.module import FinegrainDataModule
 
-    run = create_run(cfg, runs_root, resume=resume)
-    if resume:
-        cfg = run.load_config() if run.config_file.is_file() else cfg
-    ckpt = run.last_ckpt if resume and run.last_ckpt.is_file() else None
-    if resume and ckpt is None:
-        log.info("no checkpoint in %s yet: starting from the beginning", run.checkpoints)
-    if ckpt is not None:
-        check_resumable(ckpt, cfg)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    torch.set_float32_matmul_precision("high")
-    dm = FinegrainDataModule(cfg)
-    train_labels = sorted({r.label for r in dm.train_records})
-    task = make_task(cfg, dm.class_names, train_labels)
-    trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records))
-    trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    quiet_lightning()
+    run = create_run(cfg, runs_root, resume=resume, override_stored=override_stored)
+    try:
+        if resume:
+            cfg = run.load_config() if run.config_file.is_file() else cfg
+        ckpt = run.last_ckpt if resume and run.last_ckpt.is_file() else None
+        if resume and ckpt is None:
+            log.info("no checkpoint in %s yet: starting from the beginning", run.checkpoints)
+        if ckpt is not None:
+            check_resumable(ckpt, cfg)
+        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        torch.set_float32_matmul_precision("high")
+        dm = FinegrainDataModule(cfg)
+        train_labels = sorted({r.label for r in dm.train_records})
+        task = make_task(cfg, dm.class_names, train_labels)
+        trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records))
+        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    except BaseException:
+        if not run.has_started() and not run.metrics.is_file():
+            log.info("training never started; removing %s", run.path)
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if trainer.is_global_zero:
+        done = int(trainer.current_epoch)
+        run.write_state("finished", done, cfg.train.epochs, stopped_early=done < cfg.train.epochs)
     return run, trainer.is_global_zero

@@ -90,7 +90,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
         from finegrain.metrics.classification import classification_metrics, confusion_pairs, per_class_table
 
         num_classes = len(dm.class_names)
-        if out.logits is not None and cfg.task != "knn":
+        if out.logits is not None and cfg.trains:
             t0 = time.perf_counter()
             preds = out.logits.argmax(1)
             m = classification_metrics(out.labels, out.logits, num_classes=num_classes, scores="logits")
@@ -109,9 +109,22 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
             for t, p, c in confusion_pairs(out.labels, preds, top=10)
         ]
     result["timing"] = timing
+    result.update(training_progress(run))
+    if result["partial"]:  # an unfinished run's numbers: never DONE, so `experiments run` finishes it
+        run.done_marker.unlink(missing_ok=True)
+        log.warning("%s has not finished training (%d of %d epochs): metrics.json is marked partial",
+                    run.path, result["epochs_done"], result["epochs_planned"])
     atomic_write_json(run.metrics, result)
-    atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
+    if not result["partial"]:
+        atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
     return result
+
+
+def training_progress(run: RunDir) -> dict:
+    """``partial`` (training did not reach its end), ``epochs_done``, ``epochs_planned``, ``stopped_early``."""
+    state = run.training_state()
+    return {"partial": state["status"] != "finished", "epochs_done": int(state["epochs_done"]),
+            "epochs_planned": int(state["epochs_planned"]), "stopped_early": bool(state["stopped_early"])}
 
 
 def knn_metrics(encoder, dm, test_out) -> tuple[dict, np.ndarray]:
@@ -148,8 +161,10 @@ def render_metrics(metrics: dict):
     """A rich table of the headline numbers."""
     from rich.table import Table
 
+    partial = (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} "
+               "epochs]") if metrics.get("partial") else ""
     table = Table(title=f"{metrics['run']}: {metrics['protocol']['protocol']} on {metrics['protocol']['n_test']} "
-                        "test images", show_header=True)
+                        f"test images{partial}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     section = metrics.get("classification") or metrics.get("retrieval") or {}
