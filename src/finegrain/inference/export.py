@@ -13,8 +13,8 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -75,7 +75,8 @@ def check_parity(onnx_path: Path, loaded: LoadedModel, sizes: Iterable[tuple[int
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     gen = torch.Generator().manual_seed(seed)
-    sizes = list(dict.fromkeys([*sizes, tuple(s + 8 for s in list(sizes)[0])]))
+    sizes = list(sizes)
+    sizes = list(dict.fromkeys([*sizes, tuple(s + 8 for s in sizes[0])]))
     worst = 0.0
     for size in sizes:
         x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=gen)

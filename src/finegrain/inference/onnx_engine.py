@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from finegrain.errors import FinegrainError
-from finegrain.inference.load import LoadedModel, checkpoint_config, check_config_copy, file_sha256
+from finegrain.inference.load import LoadedModel, check_config_copy, checkpoint_config, file_sha256
 from finegrain.inference.outputs import Outputs, eval_sizes, mean_over_sizes
 from finegrain.runs import RunDir
 

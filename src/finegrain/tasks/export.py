@@ -15,8 +15,14 @@ from pathlib import Path
 
 from finegrain import __version__
 from finegrain.errors import FinegrainError
-from finegrain.inference.onnx_engine import (EXPORT_DIR, FP32_FILE, INT8_FILE, META_FILE, OnnxEncoder,
-                                             onnxruntime_version)
+from finegrain.inference.onnx_engine import (
+    EXPORT_DIR,
+    FP32_FILE,
+    INT8_FILE,
+    META_FILE,
+    OnnxEncoder,
+    onnxruntime_version,
+)
 from finegrain.runs import atomic_write_bytes, atomic_write_json, open_run
 
 log = logging.getLogger(__name__)
@@ -39,12 +45,12 @@ def headline_accuracy(encoder, cfg) -> dict:
         from finegrain.metrics.retrieval import retrieval_metrics
 
         m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
-        return {"metric": "recall@1", "value": float(m["recall@1"]), "n_images": int(len(out.labels))}
+        return {"metric": "recall@1", "value": float(m["recall@1"]), "n_images": len(out.labels)}
     if out.logits is not None and cfg.trains:
         m = classification_metrics(out.labels, out.logits, num_classes=len(dm.class_names), scores="logits")
     else:
         m, _ = knn_metrics(encoder, dm, out)
-    return {"metric": "top1", "value": float(m["top1"]), "n_images": int(len(out.labels))}
+    return {"metric": "top1", "value": float(m["top1"]), "n_images": len(out.labels)}
 
 
 def calibration_batches(cfg, n_images: int, seed: int = 0):
