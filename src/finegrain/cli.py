@@ -245,7 +245,7 @@ def train(
 ) -> None:
     """Train a model; writes the run directory."""
     from finegrain.config import load_config
-    from finegrain.tasks.engine import fit
+    from finegrain.tasks.workflow import train_and_evaluate
 
     sets = list(set_ or [])
     if devices is not None:
@@ -255,20 +255,14 @@ def train(
     if name:
         sets.append(f"name={name}")
     cfg = load_config(config, profile=profile, overrides=sets)
-    if not cfg.trains:  # nothing to train: embeddings of the source run + a kNN vote
-        from finegrain.runs import create_run
-
-        run = create_run(cfg, runs, resume=resume, override_stored=override_stored)
+    run, metrics = train_and_evaluate(cfg, runs, resume=resume, override_stored=override_stored,
+                                      evaluate=evaluate_after)
+    if metrics is not None or not evaluate_after:  # a DDP process other than the first says nothing
         console.print(f"run directory: [bold]{run.path}[/]")
-        if evaluate_after:
-            _evaluate(run.path, None)
-        return
-    run, global_zero = fit(cfg, runs_root=runs, resume=resume, override_stored=override_stored)
-    if not global_zero:
-        return
-    console.print(f"run directory: [bold]{run.path}[/]")
-    if evaluate_after:
-        _evaluate(run.path, None)
+    if metrics is not None:
+        from finegrain.tasks.evaluate import render_metrics
+
+        console.print(render_metrics(metrics))
 
 
 @app.command("evaluate")

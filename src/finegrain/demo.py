@@ -18,8 +18,7 @@ from finegrain.runs import RunDir
 
 
 def _train_or_reuse(cfg: ExperimentConfig, runs_root: Path, console: Console) -> RunDir:
-    from finegrain.tasks.engine import fit
-    from finegrain.tasks.evaluate import evaluate_run
+    from finegrain.tasks.workflow import train_and_evaluate
 
     run = RunDir(runs_root / cfg.name)
     if run.is_finished():
@@ -27,8 +26,7 @@ def _train_or_reuse(cfg: ExperimentConfig, runs_root: Path, console: Console) ->
         return run
     console.rule(f"[bold]{cfg.name}[/]: {cfg.description}")
     # an interrupted demo continues, with this call's settings (say, another --epochs)
-    run, _ = fit(cfg, runs_root=runs_root, resume=run.has_started(), override_stored=True)
-    evaluate_run(run.path)
+    run, _ = train_and_evaluate(cfg, runs_root, resume=run.has_started(), override_stored=True)
     return run
 
 

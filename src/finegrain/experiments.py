@@ -114,12 +114,9 @@ def run_suite(
     cfgs = plan(cfgs, runs_root)
 
     # Imported only now: a mistake in the suite is reported without waiting for torch and Lightning.
-    from finegrain.config import config_to_yaml
     from finegrain.report.html import report_is_current, write_report
     from finegrain.report.tables import comparison_rows, html_table, markdown_table
-    from finegrain.runs import create_run
-    from finegrain.tasks.engine import fit
-    from finegrain.tasks.evaluate import evaluate_run
+    from finegrain.tasks.workflow import train_and_evaluate
 
     finished: list[Path] = []
     failed: dict[str, str] = {}
@@ -135,12 +132,7 @@ def run_suite(
             resume = run.config_file.is_file()
             console.rule(f"[bold]{cfg.name}[/] — {cfg.description}" + (" (resumed)" if resume else ""))
             try:
-                if not cfg.trains or (resume and run.training_finished()
-                                      and run.config_file.read_text() == config_to_yaml(cfg)):
-                    create_run(cfg, runs_root, resume=True)  # nothing (left) to train: evaluate
-                else:
-                    fit(cfg, runs_root=runs_root, resume=resume)
-                evaluate_run(run.path)
+                train_and_evaluate(cfg, runs_root, resume=resume or not cfg.trains)
             except FinegrainError as e:  # e.g. weights that cannot be downloaded: the other rows still run
                 failed[cfg.name] = str(e)
                 console.print(f"[red]{cfg.name} failed:[/] {e}")

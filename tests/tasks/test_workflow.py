@@ -1,0 +1,29 @@
+"""train_and_evaluate: the sequence the CLI, the demo and suites share."""
+
+from __future__ import annotations
+
+import finegrain.tasks.engine as engine
+from finegrain.tasks.workflow import train_and_evaluate
+from tests.conftest import tiny_config
+
+
+def test_trains_evaluates_and_does_not_train_a_finished_run_again(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, name="wf", train={"epochs": 1})
+    run, metrics = train_and_evaluate(cfg, tmp_path / "runs")
+    assert run.is_finished() and metrics is not None and metrics["partial"] is False
+    calls = []
+    monkeypatch.setattr(engine, "fit", lambda *a, **k: calls.append(1))
+    again, metrics2 = train_and_evaluate(cfg, tmp_path / "runs", resume=True)
+    assert calls == [] and again.path == run.path
+    assert metrics2["classification"]["top1"] == metrics["classification"]["top1"]
+
+
+def test_a_knn_row_trains_nothing_and_can_skip_evaluation(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "fit", lambda *a, **k: calls.append(1))
+    cfg = tiny_config(tmp_path, name="knn", task="knn", eval={"k": 3})
+    run, metrics = train_and_evaluate(cfg, tmp_path / "runs", evaluate=False)
+    assert calls == [] and metrics is None and run.config_file.is_file() and not run.metrics.is_file()
+    _, metrics = train_and_evaluate(cfg, tmp_path / "runs", resume=True)
+    assert calls == [] and 0 <= metrics["classification"]["top1"] <= 1
+    assert metrics["protocol"]["method"].startswith("kNN")
