@@ -1,0 +1,62 @@
+"""The Searcher: one image in, the nearest gallery images and the predicted class out."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finegrain.data.images import open_rgb
+from finegrain.errors import FinegrainError
+from finegrain.retrieval.searcher import Searcher
+
+
+@pytest.fixture
+def searcher(trained_run, tmp_path) -> Searcher:
+    shutil.copytree(trained_run, tmp_path / "run")
+    return Searcher(tmp_path / "run", engine="torch")
+
+
+def test_a_gallery_image_finds_itself_first_marked_same_image(searcher):
+    path = searcher.gallery_path(2)
+    hits, top = searcher.search(open_rgb(path)[0], k=4)
+    assert [h.rank for h in hits] == [1, 2, 3, 4]
+    assert hits[0].path == path and hits[0].same_image and not any(h.same_image for h in hits[1:])
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)  # cosine: higher first
+
+
+def test_a_classifier_run_names_the_class_with_its_head(searcher):
+    assert searcher.prediction_source == "classifier"
+    _, top = searcher.search(open_rgb(searcher.gallery_path(0))[0], k=3)
+    assert len(top) == min(5, len(searcher.class_names))
+    probs = [p for _, p in top]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert {n for n, _ in top} <= set(searcher.class_names)
+
+
+def test_a_mirrored_or_resized_query_is_not_the_same_image(searcher):
+    path = searcher.gallery_path(1)
+    img = Image.open(path).convert("RGB")
+    hits, _ = searcher.search(img.transpose(Image.FLIP_LEFT_RIGHT).resize((img.width + 7, img.height)), k=3)
+    assert not any(h.same_image for h in hits)
+
+
+def test_k_outside_the_gallery_is_refused(searcher):
+    q = open_rgb(searcher.gallery_path(0))[0]
+    for k in (0, searcher.gallery_size + 1):
+        with pytest.raises(FinegrainError, match="gallery size"):
+            searcher.search(q, k=k)
+
+
+def test_encode_gives_a_unit_embedding_and_probabilities(searcher):
+    emb, probs = searcher.encode(open_rgb(searcher.gallery_path(0))[0])
+    assert emb.shape[0] == 1 and probs is not None and probs.shape == (len(searcher.class_names),)
+    assert np.isclose(probs.sum(), 1.0, atol=1e-5)
+
+
+def test_info_names_no_server_path(searcher):
+    text = repr(searcher.info)
+    assert str(searcher.run.path) not in text and "/" not in str(searcher.info.get("dataset", ""))
+    assert searcher.info["engine"] == "torch" and searcher.info["gallery_size"] == searcher.gallery_size
