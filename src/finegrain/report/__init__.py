@@ -6,5 +6,7 @@
   class pairs with example images, a retrieval gallery (matplotlib, PNG);
 - :mod:`finegrain.report.html`: ``<run>/report/index.html`` with the config, the
   metrics and the protocol that produced them, and every figure embedded, plus an
-  index page across runs.
+  index page across runs; assembled from :mod:`~finegrain.report.run_inputs` (what a
+  run's report is drawn from), :mod:`~finegrain.report.run_sections` (its sections)
+  and :mod:`~finegrain.report.page_parts` (stylesheet, escaping, embedded figures).
 """

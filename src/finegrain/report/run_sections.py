@@ -1,0 +1,276 @@
+"""The sections of a run's report page: header, test metrics, training, most confused
+classes, per-class accuracy and retrieval examples, each drawn from :class:`RunInputs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finegrain.report import figures
+from finegrain.report.page_parts import esc, kv_table, skipped, try_figure
+from finegrain.report.run_inputs import RunInputs, examples_by_class
+from finegrain.report.tables import (
+    MISSING,
+    data_words,
+    fmt_seconds,
+    protocol_words,
+    sizes_words,
+)
+
+
+def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
+    """The config in words, one (label, value) row per setting."""
+    if cfg is None:
+        return [("config", "config.yaml missing or invalid")]
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    head = m.head + (f" ({m.embedding_dim}-d embedding{', L2-normalised' if m.normalize_embedding else ''})"
+                     if m.head != "classifier" else "")
+    if m.dropout:
+        head += f", dropout {m.dropout}"
+    backbone = m.backbone
+    if m.cubs != "none":
+        backbone += f" + {m.cubs} on stage(s) {', '.join(map(str, m.cubs_stages))}"
+    if m.freeze != "none":
+        backbone += f" (frozen: {m.freeze})"
+    if m.freeze_stages:
+        backbone += f" (stem and first {m.freeze_stages} stages frozen)"
+    opt = o.name + (f", weight decay {o.weight_decay:g}" if o.weight_decay else "")
+    if o.name == "sgd":
+        opt += f", momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}"
+    lr = f"{o.lr:g}" + (f" (backbone × {o.backbone_lr_mult:g})" if o.backbone_lr_mult != 1 else "")
+    sch = cfg.schedule
+    if sch.name == "step":
+        lr += f"; StepLR γ={sch.gamma:g} every {sch.step_size} epochs"
+    elif sch.name != "none":
+        lr += f"; {sch.name} schedule" + (f", {sch.warmup_epochs:g} warm-up epoch{'' if sch.warmup_epochs == 1 else 's'}"
+                                             if sch.warmup_epochs else "")
+    aug = d.augment + "".join(f", {k} {v:g}" for k, v in (("mixup", t.mixup), ("cutmix", t.cutmix)) if v)
+    epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
+    size = list(d.image_size)
+    tested = [list(t) for t in ((metrics or {}).get("protocol", {}).get("eval_image_sizes") or d.eval_image_sizes)]
+    rows = [
+        ("task", cfg.task),
+        ("data", f"{d.root} (format {d.format}, protocol {d.protocol})"),
+        ("backbone", backbone),
+        ("weights", m.weights),
+        ("head", head),
+        ("image size", sizes_words(size, tested)),
+        ("epochs", epochs),
+        ("optimiser", opt),
+        ("learning rate", lr),
+        ("batch size", f"{d.batch_size}" + (f", sampler {d.sampler} (m={d.m_per_class})"
+                                            if d.sampler == "m_per_class" else "")),
+        ("augmentation", aug),
+        ("loss", cfg.loss.name + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in cfg.loss.model_dump().items()
+                                         if k != "name" and isinstance(v, (int, float)) and v)),
+        ("precision", t.precision),
+    ]
+    if not cfg.trains:
+        e = cfg.eval
+        rows.append(("kNN", f"k={e.k}, {e.metric}, {e.weights} votes, embeddings of run {e.source_run}"))
+    return rows
+
+
+def definition_for(key: str, definitions: dict[str, str]) -> str:
+    """The definition text of a metric key, matching grouped keys such as
+    ``precision/recall/f1_macro`` or ``precision@1 / r_precision / map@r``."""
+    if key in definitions:
+        return definitions[key]
+    if key.startswith("recall@") and "recall@k" in definitions:
+        return definitions["recall@k"]
+    for dk, text in definitions.items():
+        parts = [p.strip() for p in dk.split("/")]
+        names = set(parts)
+        last = parts[-1]
+        if "_" in last and len(parts) > 1:
+            suffix = "_" + last.split("_", 1)[1]
+            names |= {p + suffix for p in parts[:-1]}
+        if key in names:
+            return text
+    return ""
+
+
+PRETTY = {
+    "top1": "top-1 accuracy", "top5": "top-5 accuracy", "loss": "loss",
+    "precision_macro": "precision (macro)", "recall_macro": "recall (macro)", "f1_macro": "F1 (macro)",
+    "precision_weighted": "precision (weighted)", "recall_weighted": "recall (weighted)",
+    "f1_weighted": "F1 (weighted)", "n": "test images", "prediction_seconds": "prediction time",
+    "n_gallery": "gallery images", "n_queries": "queries", "map@r": "MAP@R", "r_precision": "R-precision",
+    "precision@1": "precision@1", "nmi": "NMI",
+}
+
+
+def format_metric(key: str, v: Any) -> str:
+    """A metric value as shown: counts with separators, seconds, losses, else a percentage."""
+    if isinstance(v, bool) or v is None:
+        return MISSING if v is None else str(v)
+    if isinstance(v, int) or (key.startswith("n") and isinstance(v, float) and v.is_integer() and key != "nmi"):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        if "seconds" in key:
+            return f"{fmt_seconds(v)} s"
+        if "loss" in key:
+            return f"{v:.4f}"
+        if key == "nmi":
+            return f"{v:.4f}"
+        return f"{100 * v:.2f}%"
+    return str(v)
+
+
+def metrics_section(metrics: dict) -> str:
+    """The test metrics with their definitions, then the data, protocol and machine."""
+    kind = "classification" if "classification" in metrics else "retrieval" if "retrieval" in metrics else None
+    proto = metrics.get("protocol") or {}
+    defs = metrics.get("definitions") or {}
+    parts = ["<h2>Test metrics</h2>"]
+    if metrics.get("partial"):
+        parts.append(f'<p class="partial"><b>Partial:</b> evaluated after {esc(metrics.get("epochs_done"))} of '
+                     f'{esc(metrics.get("epochs_planned"))} training epochs; training had not finished.</p>')
+    if kind is None:
+        parts.append("<p>metrics.json has no classification or retrieval section.</p>")
+    else:
+        rows = []
+        for k, v in metrics[kind].items():
+            if isinstance(v, (dict, list)):
+                continue
+            label = PRETTY.get(k) or (k.replace("recall@", "Recall@") if k.startswith("recall@") else k)
+            rows.append(f"<tr><td>{esc(label)}</td><td class=\"value\">{esc(format_metric(k, v))}</td>"
+                        f"<td class=\"def\">{esc(definition_for(k, defs))}</td></tr>")
+        timing = metrics.get("timing") or {}
+        if timing.get("images_per_second") is not None:
+            rows.append(f"<tr><td>throughput</td><td class=\"value\">{timing['images_per_second']:.1f} images/s"
+                        f"</td><td class=\"def\">model forward passes over {timing.get('n_images', '?')} test images"
+                        f" ({fmt_seconds(timing.get('model_seconds'))} s), excluding decoding</td></tr>")
+        parts.append('<table class="metrics"><thead><tr><th>metric</th><th>value</th><th>definition</th></tr>'
+                     f"</thead><tbody>{''.join(rows)}</tbody></table>")
+    counts = ", ".join(f"{proto[k]:,} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test")
+                       if isinstance(proto.get(k), int))
+    info = [
+        ("data", data_words(proto) if proto else MISSING),
+        ("protocol", protocol_words(proto)),
+        ("images", counts or MISSING),
+        ("classes", str(proto.get("num_classes", MISSING))),
+    ]
+    mach = metrics.get("machine") or {}
+    if mach:
+        info.append(("machine", f"{mach.get('platform', '?')}, {mach.get('cores', mach.get('cpus', '?'))} CPU cores, "
+                                f"CUDA {'yes' if mach.get('cuda') else 'no'}"))
+    if metrics.get("checkpoint"):
+        checksum = str(metrics.get("model_checksum") or "")[:12]
+        info.append(("checkpoint", f"{metrics['checkpoint']}" + (f" (sha256 {checksum}…)" if checksum else "")))
+    if metrics.get("evaluated_at"):
+        info.append(("evaluated at", metrics["evaluated_at"]))
+    parts += ["<h3>Data and protocol</h3>", kv_table(info)]
+    return "\n".join(parts)
+
+
+def confused_table(pairs: list[dict]) -> str:
+    """The most confused (true, predicted) class pairs with their counts."""
+    rows = "".join(f"<tr><td>{i + 1}</td><td>{esc(p.get('true'))}</td><td>{esc(p.get('predicted'))}</td>"
+                   f"<td class=\"value\">{esc(p.get('count'))}</td></tr>" for i, p in enumerate(pairs))
+    return ('<table class="metrics"><thead><tr><th>#</th><th>true class</th><th>predicted as</th>'
+            f"<th>test images</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def per_class_details(per_class_csv: Path) -> str:
+    """A collapsed table of every class's support, accuracy, precision and F1."""
+    rows = figures.read_per_class_csv(per_class_csv)
+
+    def pct(v):
+        return MISSING if v is None else f"{100 * v:.1f}%"
+
+    body = "".join(
+        f"<tr><td>{esc(r['class'])}</td>"
+        f"<td class=\"value\">{int(r['support']) if r['support'] is not None else MISSING}</td>"
+        f"<td class=\"value\">{pct(r['accuracy'])}</td><td class=\"value\">{pct(r['precision'])}</td>"
+        f"<td class=\"value\">{pct(r['f1'])}</td></tr>" for r in rows)
+    return (f"<details><summary>Every class ({len(rows)})</summary><table class=\"metrics\"><thead><tr><th>class</th>"
+            "<th>test images</th><th>accuracy</th><th>precision</th><th>F1</th></tr></thead>"
+            f"<tbody>{body}</tbody></table></details>")
+
+
+def header_section(inp: RunInputs) -> str:
+    """The run's name, description and config in words."""
+    body = [f"<header><h1>{esc(inp.title)}</h1>"]
+    if inp.description:
+        body.append(f'<p class="desc">{esc(inp.description)}</p>')
+    body.append(kv_table(config_brief(inp.cfg, inp.metrics)) + "</header>")
+    return "\n".join(body)
+
+
+def metrics_or_note(inp: RunInputs) -> str:
+    """The metrics section, or a note on how to produce metrics.json."""
+    if inp.metrics is None:
+        return "<h2>Test metrics</h2>" + skipped("Metrics", f"{inp.run.metrics.name} not found "
+                                                            f"(run `finegrain evaluate {inp.run.path}`)")
+    return metrics_section(inp.metrics)
+
+
+def training_section(inp: RunInputs) -> list[str]:
+    """The learning curves from history.csv."""
+    body = ["<h2>Training</h2>"]
+    run, cfg = inp.run, inp.cfg
+    png = inp.out_dir / "learning_curves.png"
+    if run.history.is_file():
+        body.append(try_figure("Learning curves", lambda: figures.learning_curves(run.history, png), png,
+                               "Loss, validation metric and learning rate per epoch (from history.csv)."))
+    else:
+        why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains
+                                         else "")
+        body.append(skipped("Learning curves", why))
+    return body
+
+
+def confused_section(inp: RunInputs) -> list[str]:
+    """The most confused class pairs with example images (classification runs only)."""
+    metrics, emb = inp.metrics, inp.emb
+    pairs = (metrics or {}).get("confused_pairs") or []
+    body: list[str] = []
+    if metrics is not None and "classification" in metrics:
+        body.append("<h2>Most confused classes</h2>")
+        if pairs:
+            body.append(confused_table(pairs))
+            if emb is not None:
+                wanted = [str(p.get(k)) for p in pairs[:5] for k in ("true", "predicted")]
+                ex = examples_by_class(wanted, emb[1], emb[2], inp.names, resolve=inp.resolve)
+                png = inp.out_dir / "confused_pairs.png"
+                body.append(try_figure("Confused pairs", lambda: figures.confused_pairs_figure(pairs, ex, png),
+                                       png, "Two test images of the true class (blue frame) beside two of the "
+                                            "class it was most often mistaken for (orange frame)."))
+            else:
+                body.append(skipped("Example images of confused pairs", "embeddings/test.npz (image paths) not found"))
+        else:
+            body.append("<p>No misclassified test images.</p>")
+    return body
+
+
+def per_class_section(inp: RunInputs) -> list[str]:
+    """The per-class accuracy figure and table from per_class.csv."""
+    per_class_csv, metrics = inp.per_class_csv, inp.metrics
+    body: list[str] = []
+    if per_class_csv.is_file():
+        body.append("<h2>Per-class accuracy</h2>")
+        png = inp.out_dir / "per_class_accuracy.png"
+        body.append(try_figure("Per-class accuracy", lambda: figures.per_class_accuracy(per_class_csv, png), png,
+                               "Test accuracy (= recall) of the worst and best classes, with correct / test images."))
+        body.append(per_class_details(per_class_csv))
+    elif metrics is not None and "classification" in metrics:
+        body.append("<h2>Per-class accuracy</h2>" + skipped("Per-class accuracy", "per_class.csv not found"))
+    return body
+
+
+def retrieval_section(inp: RunInputs) -> list[str]:
+    """The retrieval gallery drawn from the test embeddings."""
+    body = ["<h2>Retrieval examples</h2>"]
+    emb = inp.emb
+    if emb is not None:
+        png = inp.out_dir / "retrieval_gallery.png"
+        paths = [str(inp.resolve(p)) for p in emb[2]]
+        body.append(try_figure(
+            "Retrieval gallery",
+            lambda: figures.retrieval_gallery(emb[0], emb[1], paths, png, class_names=inp.names), png,
+            "Seeded random test queries and their 5 nearest test images by cosine similarity of the embeddings "
+            "(the query itself excluded); green frame = same class, red = another class."))
+    else:
+        body.append(skipped("Retrieval gallery", "embeddings/test.npz not found"))
+    return body
