@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from finegrain.report.thumbnails import load_thumb, placeholder, show_image  # noqa: F401 - load_thumb, placeholder re-exported
+
 DPI = 110
 STYLE = {
     "font.size": 10,
@@ -49,61 +51,6 @@ def _save(fig: Figure, out_png: Path) -> Path:
     fig.savefig(tmp, dpi=DPI, format="png", facecolor="white")
     tmp.replace(out_png)
     return out_png
-
-
-# ---------------------------------------------------------------- images
-
-def placeholder(size: int = 128) -> np.ndarray:
-    """A grey square with a light cross, shown instead of an image that cannot be read."""
-    img = np.full((size, size, 3), 200, dtype=np.uint8)
-    i = np.arange(size)
-    for d in (-1, 0, 1):
-        j = np.clip(i + d, 0, size - 1)
-        img[i, j] = 170
-        img[i, size - 1 - j] = 170
-    return img
-
-
-def _thumb(path: str | Path | None, size: int) -> tuple[np.ndarray, str | None]:
-    """(RGB uint8 [size, size, 3], None) for a readable image, else (placeholder, why)."""
-    if path is None:
-        return placeholder(size), "no example"
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im = ImageOps.contain(im, (size, size), method=Image.Resampling.LANCZOS)
-            canvas = Image.new("RGB", (size, size), (255, 255, 255))
-            canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
-            return np.asarray(canvas), None
-    except FileNotFoundError:
-        return placeholder(size), "image missing"
-    except Exception:  # noqa: BLE001 - truncated, not an image, unreadable: fail soft
-        return placeholder(size), "unreadable"
-
-
-def load_thumb(path: str | Path | None, size: int = 128) -> np.ndarray:
-    """An RGB uint8 array [size, size, 3]: the image letter-boxed on white (scaled to fit),
-    or a grey placeholder when the file is missing or unreadable."""
-    return _thumb(path, size)[0]
-
-
-def _show(ax, path: str | Path | None, size: int, frame: str | None = None, width: float = 4.0) -> None:
-    """Draw an image file (or its placeholder, labelled with the reason) on ``ax`` in a coloured frame."""
-    img, note = _thumb(path, size)
-    ax.imshow(img, interpolation="antialiased")
-    if note:
-        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#333",
-                bbox={"facecolor": "#c8c8c8", "edgecolor": "none", "pad": 2})
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    for spine in ax.spines.values():
-        spine.set_visible(frame is not None)
-        if frame is not None:
-            spine.set_edgecolor(frame)
-            spine.set_linewidth(width)
 
 
 def _short(text: str, n: int = 30) -> str:
@@ -154,21 +101,19 @@ def _plot_series(ax, x: np.ndarray, y: np.ndarray, label: str, **kw) -> bool:
     return True
 
 
-def learning_curves(history_csv: Path, out_png: Path, title: str | None = None) -> Path:
-    """Loss (train and val), the validation metric (accuracy or Recall@1/MAP@R, %) and the
-    learning rates, each against the epoch. Panels without data are left out.
-
-    Raises FileNotFoundError when ``history_csv`` does not exist and ValueError when it has
-    no rows or nothing to plot.
-    """
-    cols = read_history_csv(history_csv)
+def _epoch_axis(cols: dict[str, np.ndarray], history_csv: Path) -> np.ndarray:
+    """The epoch column, or 1..n when it is missing or has gaps; ValueError when there are no rows."""
     if not cols or not next(iter(cols.values())).size:
         raise ValueError(f"{history_csv} has no epochs")
     n = next(iter(cols.values())).size
     x = cols.get("epoch", np.arange(1, n + 1, dtype=float))
     if np.isnan(x).any():
         x = np.arange(1, n + 1, dtype=float)
+    return x
 
+
+def _curve_panels(cols: dict[str, np.ndarray], history_csv: Path) -> list[tuple[str, list[str]]]:
+    """(kind, columns) of each panel with data: loss, the validation metric, learning rates."""
     def has(c: str) -> bool:
         return c in cols and not np.isnan(cols[c]).all()
 
@@ -182,49 +127,81 @@ def learning_curves(history_csv: Path, out_png: Path, title: str | None = None) 
     panels = [p for p in (("loss", loss_cols), ("metric", metric_cols), ("lr", lr_cols)) if p[1]]
     if not panels:
         raise ValueError(f"{history_csv}: no loss, metric or learning-rate columns to plot")
+    return panels
 
+
+def _style_metric_axis(ax, cols: dict[str, np.ndarray], names: list[str]) -> None:
+    """Title, label and a y range in % around the metric's values."""
+    names_only = {c.split("/")[-1] for c in names}
+    is_acc = names_only <= {"acc", "top1"}
+    ax.set_title("Accuracy" if is_acc else "Validation metric")
+    ax.set_ylabel("accuracy (%)" if is_acc else "metric value (%)")
+    lo = min(float(np.nanmin(cols[c])) for c in names) * 100
+    hi = max(float(np.nanmax(cols[c])) for c in names) * 100
+    ax.set_ylim(max(0.0, lo - 5) if lo > 20 else 0.0, min(100.0, hi + 5) if hi < 95 else 101.0)
+
+
+def _style_lr_axis(ax, cols: dict[str, np.ndarray], names: list[str]) -> None:
+    """Title, label and a log scale when the learning rates span more than 20x."""
+    ax.set_title("Learning rate")
+    ax.set_ylabel("learning rate")
+    vals = np.concatenate([cols[c][~np.isnan(cols[c])] for c in names])
+    if (vals > 0).all() and vals.max() / vals.min() > 20:
+        ax.set_yscale("log")
+        ax.set_ylabel("learning rate (log scale)")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if vals.size and vals.max() == vals.min():
+            ax.set_ylim(0, 1.5 * vals.max() if vals.max() > 0 else 1)
+
+
+def _style_epoch_axis(ax, x: np.ndarray) -> None:
+    """Integer epoch ticks (every epoch when there are at most 20)."""
+    if x.size <= 20:
+        ax.set_xticks(x)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if x.size == 1:
+        ax.set_xlim(x[0] - 1, x[0] + 1)
+
+
+def _draw_curve_panel(ax, kind: str, names: list[str], cols: dict[str, np.ndarray], x: np.ndarray) -> None:
+    """One panel of the learning curves: its series (train dashed), axes and legend."""
+    for c in names:
+        y = cols[c] * (100.0 if kind == "metric" else 1.0)
+        group = c.partition("/")[2] or c
+        label = _pretty(c) if kind != "lr" else (f"param group {group}" if group.isdigit() else group)
+        _plot_series(ax, x, y, label, linestyle="--" if c.startswith("train") and kind != "lr" else "-")
+    ax.set_xlabel("epoch")
+    if kind == "loss":
+        ax.set_title("Loss")
+        ax.set_ylabel("loss (mean over the epoch)")
+        ax.set_ylim(bottom=0)
+    elif kind == "metric":
+        _style_metric_axis(ax, cols, names)
+    else:
+        _style_lr_axis(ax, cols, names)
+    _style_epoch_axis(ax, x)
+    ax.legend(loc="best", frameon=False)
+
+
+def learning_curves(history_csv: Path, out_png: Path, title: str | None = None) -> Path:
+    """Loss (train and val), the validation metric (accuracy or Recall@1/MAP@R, %) and the
+    learning rates, each against the epoch. Panels without data are left out.
+
+    Raises FileNotFoundError when ``history_csv`` does not exist and ValueError when it has
+    no rows or nothing to plot.
+    """
+    cols = read_history_csv(history_csv)
+    x = _epoch_axis(cols, history_csv)
+    panels = _curve_panels(cols, history_csv)
     with matplotlib.rc_context(STYLE):
         fig = _new_figure(4.3 * len(panels) + 0.4, 3.8, layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (kind, names) in zip(axes, panels):
-            for c in names:
-                y = cols[c] * (100.0 if kind == "metric" else 1.0)
-                group = c.partition("/")[2] or c
-                label = _pretty(c) if kind != "lr" else (f"param group {group}" if group.isdigit() else group)
-                _plot_series(ax, x, y, label, linestyle="--" if c.startswith("train") and kind != "lr" else "-")
-            ax.set_xlabel("epoch")
-            if kind == "loss":
-                ax.set_title("Loss")
-                ax.set_ylabel("loss (mean over the epoch)")
-                ax.set_ylim(bottom=0)
-            elif kind == "metric":
-                names_only = {c.split("/")[-1] for c in names}
-                is_acc = names_only <= {"acc", "top1"}
-                ax.set_title("Accuracy" if is_acc else "Validation metric")
-                ax.set_ylabel("accuracy (%)" if is_acc else "metric value (%)")
-                lo = min(float(np.nanmin(cols[c])) for c in names) * 100
-                hi = max(float(np.nanmax(cols[c])) for c in names) * 100
-                ax.set_ylim(max(0.0, lo - 5) if lo > 20 else 0.0, min(100.0, hi + 5) if hi < 95 else 101.0)
-            else:
-                ax.set_title("Learning rate")
-                ax.set_ylabel("learning rate")
-                vals = np.concatenate([cols[c][~np.isnan(cols[c])] for c in names])
-                if (vals > 0).all() and vals.max() / vals.min() > 20:
-                    ax.set_yscale("log")
-                    ax.set_ylabel("learning rate (log scale)")
-                else:
-                    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-                    if vals.size and vals.max() == vals.min():
-                        ax.set_ylim(0, 1.5 * vals.max() if vals.max() > 0 else 1)
-            if x.size <= 20:
-                ax.set_xticks(x)
-            else:
-                from matplotlib.ticker import MaxNLocator
-
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if x.size == 1:
-                ax.set_xlim(x[0] - 1, x[0] + 1)
-            ax.legend(loc="best", frameon=False)
+            _draw_curve_panel(ax, kind, names, cols, x)
         if title:
             fig.suptitle(title)
         return _save(fig, out_png)
@@ -321,7 +298,7 @@ def confused_pairs_figure(pairs: Sequence[dict], examples: dict[str, list[Path]]
                 cls, color, role = (t, true_c, "true class") if j < per_class else (pr, pred_c, "predicted class")
                 paths = list(examples.get(cls, []))
                 k = j % per_class
-                _show(axes[j], paths[k] if k < len(paths) else None, thumb, frame=color, width=3)
+                show_image(axes[j], paths[k] if k < len(paths) else None, thumb, frame=color, width=3)
                 axes[j].set_xlabel(role, fontsize=8, color=color)
         return _save(fig, out_png)
 
@@ -384,12 +361,12 @@ def retrieval_gallery(emb: np.ndarray, labels: np.ndarray, paths: Sequence[str |
         fig.suptitle(f"Retrieval: {len(q)} random test queries and their {k} nearest neighbours (cosine)",
                      fontweight="bold", y=1 - 0.12 / h, va="top")
         for r, qi in enumerate(q):
-            _show(axes[r, 0], paths[qi], thumb, frame=QUERY, width=4)
+            show_image(axes[r, 0], paths[qi], thumb, frame=QUERY, width=4)
             axes[r, 0].set_title(f"query\n{name(labels[qi], 22)}", fontsize=8.5, color=QUERY, fontweight="bold")
             for c in range(k):
                 ni = int(idx[r, c])
                 same = labels[ni] == labels[qi]
-                _show(axes[r, c + 1], paths[ni], thumb, frame=SAME if same else OTHER, width=4)
+                show_image(axes[r, c + 1], paths[ni], thumb, frame=SAME if same else OTHER, width=4)
                 axes[r, c + 1].set_title(f"#{c + 1} sim {sims[r, c]:.2f}\n{name(labels[ni])}", fontsize=8.5,
                                          color="#222" if same else OTHER)
         fig.legend(handles=[Patch(facecolor="white", edgecolor=QUERY, linewidth=3, label="query"),
