@@ -240,13 +240,6 @@ class RunDir:
             raise FinegrainError(f"{self.path}: no metrics.json yet (run `finegrain evaluate {self.path}`)")
         return json.loads(self.metrics.read_text())
 
-    def update_metrics(self, section: str, values: dict) -> dict:
-        """Merge ``values`` under ``section`` into metrics.json (atomically)."""
-        current = json.loads(self.metrics.read_text()) if self.metrics.is_file() else {}
-        current[section] = values
-        atomic_write_json(self.metrics, current)
-        return current
-
 
 def open_run(path: str | Path) -> RunDir:
     """An existing run directory (a path, or a name under ./runs)."""
