@@ -1,0 +1,118 @@
+"""Commands that use a trained run's embeddings: embed, index, search, serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
+
+
+def embed(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    engine: EngineOpt = "auto",
+) -> None:
+    """Write a split's embeddings (with labels and paths) into the run directory."""
+    from finegrain.retrieval.gallery import embed_split
+
+    path = embed_split(run, split, engine=engine)
+    console.print(f"wrote [bold]{path}[/]")
+
+
+def index(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    gallery: Annotated[str, typer.Option(help="A split of the run's dataset (train, val, test, all) or a folder.")]
+    = "test",
+    kind: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf.")] = "flat",
+    metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
+    engine: EngineOpt = "auto",
+) -> None:
+    """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
+    from finegrain.retrieval.gallery import build_index
+
+    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine)
+    line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
+    if info.get("approx_recall_at_10") is not None:
+        line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
+    console.print(line)
+
+
+def search(
+    run: Annotated[Path, typer.Argument(help="A run directory with an index.")],
+    image: Annotated[Path, typer.Argument(help="The query image.")],
+    k: Annotated[int, typer.Option(help="Number of neighbours.")] = 10,
+    sheet: Annotated[Optional[Path], typer.Option(help="Write a contact sheet PNG of the results here.")] = None,
+    index_dir: IndexDirOpt = None,
+    as_json: JsonOpt = False,
+    engine: EngineOpt = "auto",
+) -> None:
+    """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
+    from finegrain.data.images import open_rgb
+    from finegrain.report.contact_sheet import contact_sheet
+    from finegrain.retrieval.searcher import Searcher
+
+    with stdout_for(as_json):
+        query, _ = open_rgb(image)
+        searcher = Searcher(run, index_dir, engine=engine)
+        hits, top = searcher.search(query, k=k)
+        written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
+    if as_json:
+        print_json(search_to_dict(image, searcher.gallery_size, searcher.prediction_source, hits, top, written))
+    else:
+        print_search(searcher.gallery_size, searcher.prediction_source, hits, top, written)
+
+
+def print_search(gallery_size: int, prediction_source: str, hits: list,
+                 top: list[tuple[str, float]] | None, sheet: Path | None) -> None:
+    """``finegrain search`` for a person: the predicted classes, a table of the hits, the sheet written."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if top:
+        how = "" if prediction_source == "classifier" else " (share of the neighbours)"
+        console.print(f"predicted{how}: " + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}"
+                                                for i, (n, p) in enumerate(top)))
+    table = Table("rank", "label", "score", title=f"{len(hits)} nearest of {gallery_size}")
+    table.add_column("path", overflow="fold")
+    for h in hits:  # Text: a name with [brackets] is not markup
+        table.add_row(str(h.rank), Text(h.label), f"{h.score:.4f}",
+                      Text(h.path + (" (the query itself)" if h.same_image else "")))
+    console.print(table)
+    if sheet is not None:
+        console.print(Text.assemble("contact sheet: ", (str(sheet), "bold")))
+
+
+def search_to_dict(query: Path, gallery_size: int, prediction_source: str, hits: list,
+                   top: list[tuple[str, float]] | None, sheet: Path | None = None) -> dict:
+    """``finegrain search --json``: the query, the predicted classes and every hit."""
+    return {
+        "query": str(query), "gallery_size": gallery_size,
+        "prediction": {"source": prediction_source,
+                       "classes": [{"label": n, "probability": p} for n, p in (top or [])]},
+        "hits": [{"rank": h.rank, "label": h.label, "score": h.score, "path": h.path, "same_image": h.same_image}
+                 for h in hits],
+        "sheet": str(sheet) if sheet is not None else None,
+    }
+
+
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run directory with an index (`finegrain index RUN`).")],
+    index_dir: IndexDirOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.")] = 10.0,
+    max_image_mpixels: Annotated[float, typer.Option(
+        help="Largest accepted image in megapixels (larger JPEGs are decoded reduced, others refused).")] = 16.0,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", help="Another Host name to answer to (repeatable); by default only the bound "
+                             "address, localhost, 127.0.0.1 and [::1].")] = None,
+    engine: EngineOpt = "auto",
+) -> None:
+    """Serve the search page and JSON API for a run (FastAPI + uvicorn)."""
+    from finegrain.serve.app import serve as serve_run
+
+    serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb,
+              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [], engine=engine)

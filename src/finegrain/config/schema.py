@@ -1,0 +1,163 @@
+"""The typed sections of an experiment config and :class:`ExperimentConfig` that holds them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from finegrain.config.losses import CrossEntropyLoss, LossConfig
+from finegrain.config.section import Section
+
+
+class SyntheticConfig(Section):
+    """The built-in synthetic dataset, written on first use under the cache root."""
+
+    num_classes: int = Field(12, ge=2)
+    train_per_class: int = Field(24, ge=2)
+    test_per_class: int = Field(12, ge=1)
+    image_size: tuple[int, int] = (64, 64)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    root: str = "synthetic"
+    """A dataset folder (or CSV file), or ``synthetic`` for the built-in dataset."""
+    format: str = "auto"
+    protocol: Literal["classification", "retrieval"] = "classification"
+    holdout: float | None = Field(None, gt=0, lt=1)
+    """Make the test split a stratified, seeded fraction of the official train split."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 0
+    image_size: tuple[int, int] = (224, 224)
+    """(height, width) every image is resized to before augmentation."""
+    eval_image_sizes: list[tuple[int, int]] = []
+    """(height, width) sizes for evaluation, embedding, indexing and search (default: ``image_size``);
+    with several, the model's outputs at each size are averaged (multi-scale test-time
+    augmentation). Validation uses the first. Testing above the training size can help:
+    random-resized-crop training shows objects larger than a whole test image does (Touvron et
+    al. 2019, "Fixing the train-test resolution discrepancy")."""
+    crop_bbox: bool = False
+    bbox_margin: float = Field(0.1, ge=0)
+    augment: Literal["plain", "light", "seed", "strong"] = "plain"
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(2, ge=0)
+    """Loader worker processes that decode and augment images. Loaders that read the prepared
+    cache without augmentation (evaluation, embedding, ``augment: plain``) read in the main
+    process instead: one gather from the memory map costs less than sending the batch from a worker."""
+    cache: Literal["auto", "off"] = "auto"
+    """``auto``: read the prepared cache (``finegrain data prepare``) when there is one; ``off``: decode every image."""
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    sampler: Literal["random", "m_per_class"] = "random"
+    m_per_class: int = Field(4, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(Section):
+    backbone: str = "resnet50"
+    weights: str = "none"
+    """``imagenet``, ``none``, or a path to a local weights file."""
+    head: Literal["classifier", "embedding", "both"] = "classifier"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    embedding_dim: int = Field(512, ge=2)
+    normalize_embedding: bool = True
+    bn_neck: bool = False
+    stem: Literal["stock", "small"] = "stock"
+    cubs: str = "none"
+    cubs_stages: list[int] = [4]
+    freeze: Literal["none", "backbone", "bn"] = "none"
+    freeze_stages: int = Field(0, ge=0)
+    """Partial fine-tuning: freeze the backbone's stem and first N stages."""
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    backbone_lr_mult: float = Field(1.0, ge=0)
+    """Learning-rate multiplier of the backbone relative to the head(s)."""
+
+
+class ScheduleConfig(Section):
+    name: Literal["none", "step", "cosine", "onecycle"] = "none"
+    step_size: int = Field(7, ge=1)
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
+    """``auto``: what this machine runs fastest (bf16-mixed on a GPU with bf16 or a CPU with native
+    bf16, 16-mixed on other GPUs, else 32), decided where the run runs; inference always uses ``auto``."""
+    channels_last: bool = False
+    grad_clip: float | None = Field(None, gt=0)
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    head_epochs: int = Field(0, ge=0)
+    """Two-stage fine-tuning: train only the head for this many epochs first."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    limit_train_batches: float | int | None = None
+    log_every_n_steps: int = Field(10, ge=1)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_written(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class EvalConfig(Section):
+    k: int = Field(10, ge=1)
+    """kNN classification: number of neighbours."""
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    weights: Literal["uniform", "distance"] = "uniform"
+    recall_ks: list[int] = [1, 2, 4, 8]
+    tta_flip: bool = False
+    source_run: str | None = None
+    """kNN rows: the run whose model gives the embeddings (a run name in the same runs folder, or a path)."""
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    description: str = ""
+    task: Literal["classification", "metric_learning", "knn"] = "classification"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = CrossEntropyLoss()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_name_defaults(cls, data: Any) -> Any:
+        loss = data.get("loss") if isinstance(data, dict) else None
+        if isinstance(loss, dict) and "name" not in loss:  # ``loss: {label_smoothing: 0.1}``
+            data = {**data, "loss": {"name": "cross_entropy", **loss}}
+        return data
+
+    @property
+    def trains(self) -> bool:
+        """Whether the task trains a model (a kNN row votes with another run's or a pretrained one)."""
+        return self.task != "knn"
+
+    @property
+    def predicts_with_classifier(self) -> bool:
+        """Whether the trained classifier head names the class (else the nearest neighbours vote)."""
+        return self.task == "classification"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
