@@ -81,6 +81,73 @@ def plan(cfgs: list[ExperimentConfig], runs_root: Path) -> list[ExperimentConfig
     return order
 
 
+def load_suite(suite: str | list[str], profile: str | None, data: Path | None, runs_root: Path,
+               overrides: list[str] | None) -> list[ExperimentConfig]:
+    """Every config of the suite loaded and checked, in the order they can run (see :func:`plan`)."""
+    names = suite_configs(suite) if isinstance(suite, str) else list(suite)
+    if not names:
+        raise FinegrainError("the suite names no configs")
+    sets = list(overrides or [])
+    if data is not None:
+        sets.append(f"data.root={data}")
+    cfgs: list[ExperimentConfig] = []
+    for name in names:
+        prof = profile if profile and profile in profiles_of(name) else None
+        if profile and prof is None:
+            raise FinegrainError(f"config '{name}' has no '{profile}' profile")
+        cfgs.append(load_config(name, profile=prof, overrides=sets))
+    return plan(cfgs, runs_root)
+
+
+def run_one(cfg: ExperimentConfig, runs_root: Path, failed: dict[str, str], console: Console) -> Path | None:
+    """Train (or resume) and evaluate one run unless it is finished, then write its report.
+
+    Returns the run's path, or None when it failed (its reason recorded in ``failed``) or its
+    kNN source run did.
+    """
+    # Imported only now: a mistake in the suite is reported without waiting for torch and Lightning.
+    from finegrain.report.html import report_is_current, write_report
+    from finegrain.tasks.workflow import train_and_evaluate
+
+    run = RunDir(runs_root / cfg.name)
+    source = cfg.eval.source_run if not cfg.trains else None
+    if source in failed:
+        failed[cfg.name] = f"its source run '{source}' failed"
+        return None
+    if run.is_finished():
+        console.print(f"[dim]{cfg.name}: finished, skipped[/]")
+    else:
+        resume = run.config_file.is_file()
+        console.rule(f"[bold]{cfg.name}[/] — {cfg.description}" + (" (resumed)" if resume else ""))
+        try:
+            train_and_evaluate(cfg, runs_root, resume=resume or not cfg.trains)
+        except FinegrainError as e:  # e.g. weights that cannot be downloaded: the other rows still run
+            failed[cfg.name] = str(e)
+            console.print(f"[red]{cfg.name} failed:[/] {e}")
+            return None
+    if not report_is_current(run.path):
+        try:
+            write_report(run.path)
+        except Exception as e:  # noqa: BLE001 - a figure that fails must not lose the finished runs
+            log.warning("%s: report failed: %s", run.path, e)
+    return run.path
+
+
+def write_tables(suite: str | list[str], finished: list[Path], failed: dict[str, str],
+                 runs_root: Path) -> tuple[Path, Path]:
+    """The suite's comparison table as ``runs_root/<suite>-results.md`` and ``.html``."""
+    from finegrain.report.tables import comparison_rows, html_table, markdown_table
+
+    label = suite if isinstance(suite, str) else "custom"
+    rows = comparison_rows(finished)
+    md = runs_root / f"{label}-results.md"
+    html = runs_root / f"{label}-results.html"
+    title = f"Results of {label}" if isinstance(suite, str) else "Results"
+    atomic_write_text(md, markdown_table(rows, title=title, failed=failed))
+    atomic_write_text(html, html_table(rows, title=title, failed=failed))
+    return md, html
+
+
 def run_suite(
     suite: str | list[str],
     profile: str | None = None,
@@ -99,57 +166,14 @@ def run_suite(
     ``.html``) and the failed runs with their reasons (``failed``).
     """
     console = console or Console()
-    names = suite_configs(suite) if isinstance(suite, str) else list(suite)
-    if not names:
-        raise FinegrainError("the suite names no configs")
-    sets = list(overrides or [])
-    if data is not None:
-        sets.append(f"data.root={data}")
-    cfgs: list[ExperimentConfig] = []
-    for name in names:
-        prof = profile if profile and profile in profiles_of(name) else None
-        if profile and prof is None:
-            raise FinegrainError(f"config '{name}' has no '{profile}' profile")
-        cfgs.append(load_config(name, profile=prof, overrides=sets))
-    cfgs = plan(cfgs, runs_root)
-
-    # Imported only now: a mistake in the suite is reported without waiting for torch and Lightning.
-    from finegrain.report.html import report_is_current, write_report
-    from finegrain.report.tables import comparison_rows, html_table, markdown_table
-    from finegrain.tasks.workflow import train_and_evaluate
-
+    cfgs = load_suite(suite, profile, data, runs_root, overrides)
     finished: list[Path] = []
     failed: dict[str, str] = {}
     for cfg in cfgs:
-        run = RunDir(runs_root / cfg.name)
-        source = cfg.eval.source_run if not cfg.trains else None
-        if source in failed:
-            failed[cfg.name] = f"its source run '{source}' failed"
-            continue
-        if run.is_finished():
-            console.print(f"[dim]{cfg.name}: finished, skipped[/]")
-        else:
-            resume = run.config_file.is_file()
-            console.rule(f"[bold]{cfg.name}[/] — {cfg.description}" + (" (resumed)" if resume else ""))
-            try:
-                train_and_evaluate(cfg, runs_root, resume=resume or not cfg.trains)
-            except FinegrainError as e:  # e.g. weights that cannot be downloaded: the other rows still run
-                failed[cfg.name] = str(e)
-                console.print(f"[red]{cfg.name} failed:[/] {e}")
-                continue
-        if not report_is_current(run.path):
-            try:
-                write_report(run.path)
-            except Exception as e:  # noqa: BLE001 - a figure that fails must not lose the finished runs
-                log.warning("%s: report failed: %s", run.path, e)
-        finished.append(run.path)
-    label = suite if isinstance(suite, str) else "custom"
-    rows = comparison_rows(finished)
-    md = runs_root / f"{label}-results.md"
-    html = runs_root / f"{label}-results.html"
-    title = f"Results of {label}" if isinstance(suite, str) else "Results"
-    atomic_write_text(md, markdown_table(rows, title=title, failed=failed))
-    atomic_write_text(html, html_table(rows, title=title, failed=failed))
+        path = run_one(cfg, runs_root, failed, console)
+        if path is not None:
+            finished.append(path)
+    md, html = write_tables(suite, finished, failed, runs_root)
     if failed:
         console.print(f"[red]{len(failed)} of {len(cfgs)} runs failed[/] (listed under the tables): "
                       + ", ".join(failed))
