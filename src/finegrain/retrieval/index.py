@@ -8,6 +8,9 @@ index/
   meta.json     model checksum, dim, metric, kind, n, sha256 of index.faiss, ...
 ```
 
+Their encoding and the checks that refuse a damaged or inconsistent one are in
+:mod:`finegrain.retrieval.index_files`.
+
 Scores returned by :meth:`GalleryIndex.search`:
 
 * ``metric="cosine"``: cosine similarity of L2-normalised vectors (inner product),
@@ -21,8 +24,6 @@ have id ``-1``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -38,17 +39,30 @@ from finegrain.errors import FinegrainError
 from finegrain.faiss_import import import_faiss
 from finegrain.machine import package_version
 from finegrain.registry import Registry
+from finegrain.retrieval.index_files import (
+    INDEX_FILE,
+    INDEX_FILES,
+    LABELS_FILE,
+    META_FILE,
+    PATHS_FILE,
+    check_complete,
+    check_consistent,
+    check_model,
+    encode_labels,
+    encode_paths,
+    read_faiss,
+    read_labels,
+    read_meta,
+    read_paths,
+    recover_swap,
+    sha256,
+)
 from finegrain.runs import atomic_write_bytes, atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "euclidean")
 
-INDEX_FILE = "index.faiss"
-LABELS_FILE = "labels.npy"
-PATHS_FILE = "paths.json"
-META_FILE = "meta.json"
-INDEX_FILES = (INDEX_FILE, LABELS_FILE, PATHS_FILE, META_FILE)
 
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
@@ -169,22 +183,6 @@ def check_k(k: object, gallery_size: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= gallery_size:
         raise FinegrainError(f"k must be between 1 and the gallery size ({gallery_size}); got {k!r}")
     return int(k)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _recover_swap(d: Path) -> None:
-    """A save killed between moving the old index aside and moving the new one in leaves no ``d``
-    but a complete ``.<name>.*.new.tmp`` (meta.json is written last): put it in place."""
-    if d.exists():
-        return
-    done = [p for p in d.parent.glob(f".{d.name}.*.new.tmp") if (p / META_FILE).is_file()]
-    if done:
-        newest = max(done, key=lambda p: (p / META_FILE).stat().st_mtime)
-        os.rename(newest, d)
-        log.info("completed the interrupted index save into %s", d)
 
 
 class GalleryIndex:
@@ -323,13 +321,12 @@ class GalleryIndex:
         moment leaves the old index or the new one, whole, and at most a ``.<name>.*.tmp``
         folder that the next save removes. A folder that holds other files is refused.
         """
-        import io
         import shutil
         import uuid
 
         d = Path(directory)
         d.parent.mkdir(parents=True, exist_ok=True)
-        _recover_swap(d)
+        recover_swap(d)
         for stale in d.parent.glob(f".{d.name}.*.tmp"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if d.is_dir():
@@ -338,13 +335,11 @@ class GalleryIndex:
                 raise FinegrainError(f"{d} holds other files than an index ({', '.join(others[:3])}); "
                                      "choose an empty folder for the index")
         data = self._serialize()
-        buf = io.BytesIO()
-        np.save(buf, self.labels, allow_pickle=False)
-        labels = buf.getvalue()
-        paths = (json.dumps({"paths": self.paths, "class_names": self.class_names}, indent=2) + "\n").encode()
-        self.meta["index_sha256"] = _sha256(data)
+        labels = encode_labels(self.labels)
+        paths = encode_paths(self.paths, self.class_names)
+        self.meta["index_sha256"] = sha256(data)
         self.meta["index_bytes"] = len(data)
-        self.meta["files_sha256"] = {LABELS_FILE: _sha256(labels), PATHS_FILE: _sha256(paths)}
+        self.meta["files_sha256"] = {LABELS_FILE: sha256(labels), PATHS_FILE: sha256(paths)}
         tag = uuid.uuid4().hex[:8]
         new = d.with_name(f".{d.name}.{tag}.new.tmp")
         new.mkdir()
@@ -355,7 +350,7 @@ class GalleryIndex:
         old = d.with_name(f".{d.name}.{tag}.old.tmp")
         if d.exists():
             os.rename(d, old)
-        os.rename(new, d)  # a kill between the renames leaves the new one whole; _recover_swap finds it
+        os.rename(new, d)  # a kill between the renames leaves the new one whole; recover_swap finds it
         fsync_dir(d.parent)
         shutil.rmtree(old, ignore_errors=True)
         return d
@@ -367,66 +362,13 @@ class GalleryIndex:
     def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
         """Reopen a saved index, refusing damaged files and indexes built by another model."""
         d = Path(directory)
-        _recover_swap(d)
-        for name in (META_FILE, INDEX_FILE, LABELS_FILE, PATHS_FILE):
-            if not (d / name).is_file():
-                raise FinegrainError(f"incomplete index in {d}: {name} is missing (rebuild it with `finegrain index RUN`)")
-        try:
-            meta = json.loads((d / META_FILE).read_text())
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-            for key in ("model_checksum", "dim", "metric", "kind", "n", "index_sha256"):
-                if key not in meta:
-                    raise ValueError(f"no '{key}' entry")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FinegrainError(f"damaged index file {d / META_FILE}: {e}") from e
-        if meta["metric"] not in METRICS or meta["kind"] not in INDEX_KINDS:
-            raise FinegrainError(f"damaged index file {d / META_FILE}: unknown metric or kind "
-                                 f"({meta['metric']!r}, {meta['kind']!r})")
-
-        if expected_model_checksum is not None and meta["model_checksum"] != expected_model_checksum:
-            raise FinegrainError(
-                f"the index in {d} was built by another model (checksum {str(meta['model_checksum'])[:12]}…, "
-                f"this model is {expected_model_checksum[:12]}…); rebuild it with `finegrain index RUN`")
-
-        data = (d / INDEX_FILE).read_bytes()
-        if _sha256(data) != meta["index_sha256"]:
-            raise FinegrainError(f"damaged index file {d / INDEX_FILE}: its sha256 does not match meta.json "
-                                 "(rebuild it with `finegrain index RUN`)")
-        try:
-            index = import_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except Exception as e:  # faiss raises RuntimeError on a bad stream
-            raise FinegrainError(f"damaged index file {d / INDEX_FILE}: FAISS cannot read it "
-                                 f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+        recover_swap(d)
+        check_complete(d)
+        meta = read_meta(d, METRICS, INDEX_KINDS)
+        check_model(d, meta, expected_model_checksum)
+        index = read_faiss(d, meta)
         _apply_search_params(index, meta["kind"], meta.get("params") or {})
-
-        try:
-            labels = np.load(d / LABELS_FILE, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise FinegrainError(f"damaged index file {d / LABELS_FILE}: {e}") from e
-        try:
-            p = json.loads((d / PATHS_FILE).read_text())
-            paths = p["paths"]
-            class_names = p.get("class_names")
-            if not isinstance(paths, list):
-                raise ValueError("'paths' is not a list")
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise FinegrainError(f"damaged index file {d / PATHS_FILE}: {e}") from e
-
-        problems = []
-        if int(index.d) != int(meta["dim"]):
-            problems.append(f"index dimension {index.d} != meta dim {meta['dim']}")
-        if int(index.ntotal) != int(meta["n"]):
-            problems.append(f"index holds {index.ntotal} vectors, meta says {meta['n']}")
-        if labels.ndim != 1 or len(labels) != index.ntotal:
-            problems.append(f"{labels.size} labels for {index.ntotal} vectors")
-        if len(paths) != index.ntotal:
-            problems.append(f"{len(paths)} paths for {index.ntotal} vectors")
-        if problems:
-            raise FinegrainError(f"inconsistent index in {d}: {'; '.join(problems)} "
-                                 "(rebuild it with `finegrain index RUN`)")
-        for name, digest in (meta.get("files_sha256") or {}).items():  # recorded since saves became one unit
-            if name in (LABELS_FILE, PATHS_FILE) and _sha256((d / name).read_bytes()) != digest:
-                raise FinegrainError(f"damaged index file {d / name}: its sha256 does not match meta.json "
-                                     "(rebuild it with `finegrain index RUN`)")
+        labels = read_labels(d)
+        paths, class_names = read_paths(d)
+        check_consistent(d, meta, index, labels, paths)
         return cls(index, labels, paths, class_names, meta)
