@@ -65,8 +65,9 @@ def synthetic_image(seed: int, size: int = 192):
 
 
 class TinyCnnSearcher:
-    """Duck-typed Searcher: a small CNN (random weights, fixed seed) and a cosine index over a
-    synthetic gallery in ``root``. ``search`` decodes nothing itself: the service hands it a PIL image."""
+    """A :class:`~finegrain.retrieval.searcher.SearchService`: a small CNN (random weights, fixed seed)
+    and a cosine index over a synthetic gallery in ``root``. ``search`` decodes nothing itself: the
+    service hands it a PIL image."""
 
     def __init__(self, root: Path, gallery: int = 300, image_size: int = 128, dim: int = 128,
                  num_classes: int = 10) -> None:
@@ -75,17 +76,17 @@ class TinyCnnSearcher:
         from torch import nn
 
         torch.manual_seed(0)
-        self.size = image_size
-        self.model = nn.Sequential(
+        self._size = image_size
+        self._model = nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
             nn.Conv2d(64, 128, 3, 2, 1), nn.BatchNorm2d(128), nn.ReLU(),
             nn.Conv2d(128, 256, 3, 2, 1), nn.BatchNorm2d(256), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         ).eval()
-        self.embed = nn.Linear(256, dim).eval()
-        self.classifier = nn.Linear(256, num_classes).eval()
-        self.class_names = [f"class {c:02d}" for c in range(num_classes)]
+        self._embed = nn.Linear(256, dim).eval()
+        self._classifier = nn.Linear(256, num_classes).eval()
+        self._class_names = [f"class {c:02d}" for c in range(num_classes)]
         root.mkdir(parents=True, exist_ok=True)
         paths, labels = [], []
         for i in range(gallery):
@@ -100,34 +101,41 @@ class TinyCnnSearcher:
         for start in range(0, gallery, 64):
             batch = torch.stack([self._tensor(Image.open(p).convert("RGB")) for p in paths[start:start + 64]])
             embs.append(self._forward(batch)[0])
-        self.emb = np.concatenate(embs)
-        self.run = SimpleNamespace(name="tiny-cnn-benchmark", path=root)
-        self.cfg = SimpleNamespace(name="tiny-cnn-benchmark", task="classification",
-                                   data=SimpleNamespace(root="synthetic"),
-                                   model=SimpleNamespace(backbone="tiny_cnn (random init)"))
-        self.index = SimpleNamespace(paths=paths, labels=np.array(labels), class_names=self.class_names, meta={
-            "dim": dim, "metric": "cosine", "kind": "flat", "n": gallery, "model_checksum": "random-init",
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        self.has_classifier = True
+        self._emb = np.concatenate(embs)
+        self._paths, self._labels = paths, np.array(labels)
+        self._created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.run = SimpleNamespace(name="tiny-cnn-benchmark")
+        self.prediction_source = "classifier"
+        self.engine = "torch"
 
     @property
     def gallery_size(self) -> int:
-        return len(self.index.paths)
+        return len(self._paths)
+
+    @property
+    def info(self) -> dict:
+        return {"run": self.run.name, "model": "tiny_cnn (random init)", "task": "classification",
+                "dataset": "synthetic", "gallery_size": self.gallery_size, "embedding_dim": int(self._emb.shape[1]),
+                "metric": "cosine", "index_kind": "flat", "has_classifier": True, "engine": self.engine,
+                "created_at": self._created_at, "precision": "32", "image_sizes": [[self._size, self._size]]}
+
+    def gallery_path(self, i: int) -> str:
+        return self._paths[i]
 
     def _tensor(self, im):
         import numpy as np
         import torch
 
-        arr = np.asarray(im.resize((self.size, self.size)), dtype=np.float32) / 255.0
+        arr = np.asarray(im.resize((self._size, self._size)), dtype=np.float32) / 255.0
         return torch.from_numpy((arr - 0.45) / 0.25).permute(2, 0, 1)
 
     def _forward(self, x):
         import torch
 
         with torch.inference_mode():
-            f = self.model(x)
-            e = torch.nn.functional.normalize(self.embed(f), dim=-1)
-            return e.numpy(), self.classifier(f).softmax(-1).numpy()
+            f = self._model(x)
+            e = torch.nn.functional.normalize(self._embed(f), dim=-1)
+            return e.numpy(), self._classifier(f).softmax(-1).numpy()
 
     def search(self, image, k: int = 10):
         import numpy as np
@@ -138,12 +146,12 @@ class TinyCnnSearcher:
         if k < 1 or k > self.gallery_size:
             raise FinegrainError(f"k must be between 1 and the gallery size ({self.gallery_size}); got {k}")
         emb, probs = self._forward(self._tensor(image.convert("RGB"))[None])
-        scores = self.emb @ emb[0]
+        scores = self._emb @ emb[0]
         ids = np.argsort(-scores)[:k]
-        hits = [Hit(rank=r + 1, id=int(i), label=self.class_names[int(self.index.labels[i])],
-                    score=float(scores[i]), path=self.index.paths[i]) for r, i in enumerate(ids)]
+        hits = [Hit(rank=r + 1, id=int(i), label=self._class_names[int(self._labels[i])],
+                    score=float(scores[i]), path=self._paths[i]) for r, i in enumerate(ids)]
         order = np.argsort(-probs[0])[:5]
-        return hits, [(self.class_names[c], float(probs[0][c])) for c in order]
+        return hits, [(self._class_names[c], float(probs[0][c])) for c in order]
 
 
 # ----------------------------------------------------------------------------- the server process

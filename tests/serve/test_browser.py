@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_api import FakeSearcher, draw_bird
+from .fakes import FakeSearcher, draw_bird
 
 pytestmark = pytest.mark.browser
 

@@ -1,16 +1,17 @@
 """Answering image queries against a run's gallery index.
 
 :class:`Searcher` holds a run's model and index, loaded once; the CLI's ``search``, the
-demo and the web service all query through it (the service types against
-:class:`SearchService`, which tests fake with the same shape).
+demo and the web service all query through it (the service uses only what
+:class:`SearchService` declares, which tests and benchmarks fake with the same shape).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -18,7 +19,7 @@ from PIL import Image
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.retrieval.index import check_k
-from finegrain.runs import RunDir, open_run
+from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,40 @@ class Hit:
 Prediction = list[tuple[str, float]]
 
 
-class SearchService(Protocol):
-    """What the web service needs of a searcher."""
+class ServiceInfo(TypedDict):
+    """What a searcher says about itself: ``/api/info`` without the server's own limits.
+    No server paths: ``dataset`` is the dataset folder's name only."""
 
-    run: RunDir
+    run: str
+    model: str
+    """The backbone."""
+    task: str
+    dataset: str
+    gallery_size: int
+    embedding_dim: int | None
+    metric: str | None
+    index_kind: str | None
+    has_classifier: bool
+    engine: str
+    created_at: str | None
+    """When the index was built (ISO 8601)."""
+    precision: str
+    image_sizes: list[list[int]]
+    """The sizes the model sees, ``[height, width]`` each."""
+
+
+class NamedRun(Protocol):
+    """A run, as far as the web service is concerned: its name."""
+
+    @property
+    def name(self) -> str: ...
+
+
+@runtime_checkable
+class SearchService(Protocol):
+    """What the web service needs of a searcher, and all it uses."""
+
+    run: NamedRun
     prediction_source: str
     """``classifier`` (the trained head's probabilities) or ``neighbours`` (their vote)."""
     engine: str
@@ -50,11 +81,19 @@ class SearchService(Protocol):
     def gallery_size(self) -> int: ...
 
     @property
-    def info(self) -> dict: ...
+    def info(self) -> ServiceInfo: ...
 
-    def gallery_path(self, i: int) -> str: ...
+    def gallery_path(self, i: int) -> str:
+        """The file of gallery image ``i`` (``0 <= i < gallery_size``)."""
+        ...
 
     def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]: ...
+
+
+def dataset_name(root: str | Path) -> str:
+    """The last component of a dataset root: a server's folders stay private."""
+    text = str(root).rstrip("\\/")
+    return re.split(r"[\\/]", text)[-1] or text
 
 
 def _same_image(query_rgb: np.ndarray, path: str, size: tuple[int, int]) -> bool:
@@ -98,15 +137,15 @@ class Searcher:
         return self.index.paths[i]
 
     @property
-    def info(self) -> dict:
+    def info(self) -> ServiceInfo:
         """What the service says about itself (no server paths)."""
-        meta = dict(getattr(self.index, "meta", {}) or {})
-        return {"run": self.run.name, "task": self.cfg.task, "backbone": self.cfg.model.backbone,
-                "image_sizes": [list(s) for s in self.sizes], "tta_flip": self.encoder.tta_flip,
-                "precision": self.encoder.precision, "engine": self.engine,
-                "prediction_source": self.prediction_source, "gallery_size": self.gallery_size,
-                "index_kind": meta.get("kind"), "metric": meta.get("metric"),
-                "num_classes": len(self.class_names)}
+        meta = self.index.meta
+        return {"run": self.run.name, "model": str(self.cfg.model.backbone), "task": str(self.cfg.task),
+                "dataset": dataset_name(self.cfg.data.root), "gallery_size": self.gallery_size,
+                "embedding_dim": meta.get("dim"), "metric": meta.get("metric"), "index_kind": meta.get("kind"),
+                "has_classifier": bool(self.encoder.has_classifier), "engine": self.engine,
+                "created_at": meta.get("created_at"), "precision": str(self.encoder.precision),
+                "image_sizes": [list(s) for s in self.sizes]}
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one image."""

@@ -1,0 +1,68 @@
+"""``finegrain serve``: options checked before anything loads, then the searcher and uvicorn."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from finegrain.errors import FinegrainError
+
+from .fakes import FakeSearcher
+
+
+def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
+    import uvicorn
+
+    import finegrain.retrieval.searcher as search_mod
+    from finegrain.serve import app as app_mod
+
+    made, ran = {}, {}
+
+    def fake_searcher(run_path, index_dir=None, engine="auto"):
+        made.update(run_path=run_path, index_dir=index_dir, engine=engine)
+        return FakeSearcher(gallery_dir)
+
+    monkeypatch.setattr(search_mod, "Searcher", fake_searcher)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    app_mod.serve("runs/x", index_dir=None, port=8123, max_upload_mb=0.5, max_image_mpixels=2.5,
+                  allow_hosts=["search.lan"])
+    assert made == {"run_path": "runs/x", "index_dir": None, "engine": "auto"}
+    assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
+    assert ran["app"].state.max_upload_bytes == 2**19
+    assert ran["app"].state.max_image_pixels == 2_500_000
+    assert ran["app"].state.allowed_hosts == {"127.0.0.1", "localhost", "[::1]", "search.lan"}
+    with TestClient(ran["app"], base_url="http://127.0.0.1:8123") as c:
+        assert c.get("/api/info").json()["max_upload_bytes"] == 2**19
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"port": 99999}, "--port"), ({"port": 0}, "--port"), ({"port": -1}, "--port"),
+    ({"max_upload_mb": -5}, "--max-upload-mb"), ({"max_upload_mb": 0}, "--max-upload-mb"),
+    ({"max_upload_mb": float("nan")}, "--max-upload-mb"), ({"max_upload_mb": float("inf")}, "--max-upload-mb"),
+    ({"max_image_mpixels": 0}, "--max-image-mpixels"), ({"max_image_mpixels": -1}, "--max-image-mpixels"),
+    ({"allow_hosts": ["http://evil/"]}, "host name"), ({"allow_hosts": ["a b"]}, "host name"),
+])
+def test_serve_validates_its_options_before_loading(monkeypatch, kwargs, option):
+    import finegrain.retrieval.searcher as search_mod
+    from finegrain.serve import app as app_mod
+
+    def never(*a, **kw):
+        raise AssertionError("the searcher must not be loaded for bad options")
+
+    monkeypatch.setattr(search_mod, "Searcher", never)
+    with pytest.raises(FinegrainError, match=re.escape(option)):
+        app_mod.serve("runs/x", **kwargs)
+
+
+def test_cli_reports_a_bad_port_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args, option in ((["--port", "99999"], "--port"), (["--max-upload-mb", "-5"], "--max-upload-mb")):
+        r = subprocess.run([sys.executable, "-m", "finegrain", "serve", str(tmp_path), *args],
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 2, r.stderr
+        assert option in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
