@@ -116,57 +116,76 @@ def _content_range_start(value: str | None) -> int | None:
         return None
 
 
-def _download(url: str, part: Path, hint: str) -> None:
-    """Fetch ``url`` into ``part``, resuming from its current size when the server allows."""
+def _open_resumable(url: str, part: Path, start: int):
+    """(response, status, start): the response to a request resuming at ``start`` (restarting at 0
+    when the server refuses the range or answers another one), or (None, 0, start) when the
+    server says ``part`` is already complete."""
+    try:
+        resp = _open(url, start)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or start == 0:
+            raise
+        # 416: nothing beyond our part file; either it is complete or it is junk.
+        total = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        e.close()
+        if total.isdigit() and int(total) == start:
+            return None, 0, start
+        log.info("server refused to resume %s (HTTP 416); starting over", part)
+        part.unlink()
+        start = 0
+        resp = _open(url, 0)
+    status = getattr(resp, "status", 200)
+    if start and status == 206 and _content_range_start(resp.headers.get("Content-Range")) != start:
+        log.info("server answered a different range than asked for; restarting %s", part.name)
+        resp.close()
+        resp = _open(url, 0)
+        status = getattr(resp, "status", 200)
+    return resp, status, start
+
+
+def _write_mode(part: Path, start: int, status: int) -> tuple[str, int]:
+    """("ab", start) when the server resumes at ``start`` (HTTP 206), else ("wb", 0)."""
+    if start and status == 206:
+        log.info("resuming %s at byte %d", part.name, start)
+        return "ab", start
+    if start:
+        log.info("server ignored the Range request (HTTP %s); restarting %s", status, part.name)
+    return "wb", 0
+
+
+def _stream(resp, part: Path, mode: str, start: int, url: str, hint: str) -> None:
+    """Copy the response body into ``part`` with a progress bar; DataError when it ends early."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
+    with resp:
+        length = resp.headers.get("Content-Length")
+        remaining = int(length) if length and length.isdigit() else None
+        total = start + remaining if remaining is not None else None
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        with open(part, mode) as f, Progress(*columns, transient=True,
+                                              disable=not _progress_enabled()) as bar:
+            task = bar.add_task(f"downloading {part.name[:-5]}", total=total, completed=start)
+            got = 0
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                got += len(chunk)
+                bar.advance(task, len(chunk))
+        if remaining is not None and got < remaining:
+            raise DataError(f"download of {url} stopped after {start + got} of {total} bytes; "
+                            f"run the command again to resume from {part}. {hint}")
+
+
+def _download(url: str, part: Path, hint: str) -> None:
+    """Fetch ``url`` into ``part``, resuming from its current size when the server allows."""
     start = part.stat().st_size if part.is_file() else 0
     try:
-        try:
-            resp = _open(url, start)
-        except urllib.error.HTTPError as e:
-            if e.code != 416 or start == 0:
-                raise
-            # 416: nothing beyond our part file; either it is complete or it is junk.
-            total = (e.headers.get("Content-Range") or "").rpartition("/")[2]
-            e.close()
-            if total.isdigit() and int(total) == start:
-                return
-            log.info("server refused to resume %s (HTTP 416); starting over", part)
-            part.unlink()
-            start = 0
-            resp = _open(url, 0)
-        status = getattr(resp, "status", 200)
-        if start and status == 206 and _content_range_start(resp.headers.get("Content-Range")) != start:
-            log.info("server answered a different range than asked for; restarting %s", part.name)
-            resp.close()
-            resp = _open(url, 0)
-            status = getattr(resp, "status", 200)
-        if start and status == 206:
-            mode = "ab"
-            log.info("resuming %s at byte %d", part.name, start)
-        else:
-            if start:
-                log.info("server ignored the Range request (HTTP %s); restarting %s", status, part.name)
-            mode, start = "wb", 0
-        with resp:
-            length = resp.headers.get("Content-Length")
-            remaining = int(length) if length and length.isdigit() else None
-            total = start + remaining if remaining is not None else None
-            columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn(), TimeRemainingColumn())
-            with open(part, mode) as f, Progress(*columns, transient=True,
-                                                  disable=not _progress_enabled()) as bar:
-                task = bar.add_task(f"downloading {part.name[:-5]}", total=total, completed=start)
-                got = 0
-                while chunk := resp.read(CHUNK):
-                    f.write(chunk)
-                    got += len(chunk)
-                    bar.advance(task, len(chunk))
-            if remaining is not None and got < remaining:
-                raise DataError(f"download of {url} stopped after {start + got} of {total} bytes; "
-                                f"run the command again to resume from {part}. {hint}")
+        resp, status, start = _open_resumable(url, part, start)
+        if resp is None:
+            return
+        mode, start = _write_mode(part, start, status)
+        _stream(resp, part, mode, start, url, hint)
     except urllib.error.HTTPError as e:
         raise DataError(f"cannot download {url}: HTTP {e.code} {e.reason}. {hint}") from None
     except urllib.error.URLError as e:

@@ -17,7 +17,8 @@ Layouts (auto-detected by :func:`read_stanford_cars`):
 ``cars_train/cars_train/``, ``cars_test/cars_test/``).
 
 Annotation files are recognised by their content (variables and record fields)
-and, where contents alike (train vs test annotations), by their names. Devkit
+and, where contents alike (train vs test annotations), by their names (see
+:mod:`finegrain.data.stanford_cars_files`). Devkit
 boxes and classes are 1-based; records carry 0-based labels and inclusive 0-based
 boxes. Train and test images share file names, so every record holds the full
 path into its own split's folder.
@@ -26,8 +27,6 @@ path into its own split's folder.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +34,24 @@ import scipy.io as sio
 from PIL import Image
 
 from finegrain.data.records import ImageCollection, ImageRecord
+from finegrain.data.stanford_cars_files import (  # noqa: F401 - KNOWN_MAT_NAMES re-exported
+    BOX_FIELDS,
+    KNOWN_MAT_NAMES,
+    SEARCH_DEPTH,
+    Found,
+    find_files,
+    find_mat_files,
+    is_known_name,
+    mat_int_value,
+    mat_text,
+    pick_image_dir,
+)
 from finegrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "stanford_cars"
 LAYOUTS = ("devkit", "all_images", "kaggle")
-SEARCH_DEPTH = 4
-# Record counts of the genuine devkit files, used when a file name says neither train nor test.
-OFFICIAL_TRAIN_COUNT = 8144
-OFFICIAL_TEST_COUNT = 8041
-KNOWN_MAT_NAMES = (
-    "cars_meta.mat",
-    "cars_train_annos.mat",
-    "cars_test_annos.mat",
-    "cars_test_annos_withlabels.mat",
-    "cars_annos.mat",
-)
-_BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 
 Sample = tuple[Image.Image, int, "tuple[int, int, int, int] | None"]
 
@@ -116,7 +115,7 @@ def _write_all_images(root: Path, meta: dict, splits: dict[str, list[Sample]]) -
             rel = f"car_ims/{n:06d}.jpg"
             _save_jpeg(im, root / rel)
             rows.append((rel, label, _one_based_box(bbox, im), int(split == "test")))
-    dtype = [("relative_im_path", "O")] + [(f, "O") for f in _BOX_FIELDS] + [("class", "O"), ("test", "O")]
+    dtype = [("relative_im_path", "O")] + [(f, "O") for f in BOX_FIELDS] + [("class", "O"), ("test", "O")]
     arr = np.zeros((1, len(rows)), dtype=dtype)
     for j, (rel, label, box, test) in enumerate(rows):
         arr[0, j] = (np.array([rel]), *(_mat_int(v) for v in box), _mat_int(label + 1), _mat_int(test))
@@ -124,7 +123,7 @@ def _write_all_images(root: Path, meta: dict, splits: dict[str, list[Sample]]) -
 
 
 def _devkit_struct(rows: list[tuple[str, int, tuple[int, int, int, int]]], with_class: bool) -> np.ndarray:
-    names = list(_BOX_FIELDS) + (["class"] if with_class else []) + ["fname"]
+    names = list(BOX_FIELDS) + (["class"] if with_class else []) + ["fname"]
     arr = np.zeros((1, len(rows)), dtype=[(n, "O") for n in names])
     for j, (fname, label, box) in enumerate(rows):
         vals = [_mat_int(v) for v in box] + ([_mat_int(label + 1)] if with_class else []) + [np.array([fname])]
@@ -155,136 +154,12 @@ def _save_jpeg(im: Image.Image, path: Path) -> None:
     im.save(path, format="JPEG", quality=95)
 
 
-# --------------------------------------------------------------------------- finding files
-
-
-@dataclass
-class _Found:
-    """What the search under the root turned up, by role."""
-
-    meta: list[tuple[Path, list[str]]] = field(default_factory=list)
-    train: list[tuple[Path, np.ndarray]] = field(default_factory=list)
-    test_labeled: list[tuple[Path, np.ndarray]] = field(default_factory=list)
-    test_unlabeled: list[tuple[Path, np.ndarray]] = field(default_factory=list)
-    all_images: list[tuple[Path, np.ndarray, list[str]]] = field(default_factory=list)
-    unused: list[Path] = field(default_factory=list)
-
-
-def _walk(root: Path, depth: int = SEARCH_DEPTH):
-    """Yield ``(dirpath, dirnames, filenames)`` down to ``depth`` levels below root, sorted."""
-    root_depth = len(root.parts)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        here = Path(dirpath)
-        if len(here.parts) - root_depth >= depth:
-            dirnames[:] = []
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        yield here, dirnames, sorted(filenames)
-
-
-def find_mat_files(root: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
-    """Every ``*.mat`` file within ``depth`` folders of ``root``, shallowest first."""
-    out = [d / f for d, _, files in _walk(root, depth) for f in files if f.lower().endswith(".mat")]
-    return sorted(out, key=lambda p: (len(p.parts), str(p)))
-
-
-def _is_known_name(path: Path) -> bool:
-    name = path.name.lower()
-    return name in KNOWN_MAT_NAMES or name.startswith("cars_test_annos_withlabels")
-
-
-def _load_mat(path: Path) -> dict:
-    try:
-        return sio.loadmat(path)
-    except Exception as e:  # scipy raises ValueError, TypeError, OSError, MatReadError...
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e})") from None
-
-
-def _classify(path: Path, found: _Found) -> None:
-    """Put one .mat file into its role; raise DataError for a known name that holds the wrong thing."""
-    known = _is_known_name(path)
-    try:
-        mat = _load_mat(path)
-    except DataError:
-        if known:
-            raise
-        found.unused.append(path)
-        return
-    ann = mat.get("annotations")
-    fields = set(ann.dtype.names or ()) if isinstance(ann, np.ndarray) else set()
-    if ann is not None and {"relative_im_path", "class", "test"} <= fields:
-        found.all_images.append((path, ann.ravel(), _class_names(mat, path) if "class_names" in mat else []))
-        return
-    if ann is None and "class_names" in mat:
-        found.meta.append((path, _class_names(mat, path)))
-        return
-    if ann is not None and {"fname", *_BOX_FIELDS} <= fields:
-        recs = ann.ravel()
-        name = path.name.lower()
-        if "class" not in fields:
-            found.test_unlabeled.append((path, recs))
-        elif "train" in name or ("test" not in name and recs.size == OFFICIAL_TRAIN_COUNT):
-            found.train.append((path, recs))
-        elif "test" in name or recs.size == OFFICIAL_TEST_COUNT:
-            found.test_labeled.append((path, recs))
-        else:
-            found.unused.append(path)
-        return
-    if known:
-        want = "a 'class_names' variable" if "meta" in path.name.lower() else (
-            "an 'annotations' struct array with fields " + ", ".join([*_BOX_FIELDS, "class", "fname"])
-        )
-        have = sorted(k for k in mat if not k.startswith("__"))
-        got = f"variables {have}" + (f", annotation fields {sorted(fields)}" if fields else "")
-        raise DataError(f"{path}: expected {want}; found {got}")
-    found.unused.append(path)
-
-
-def _class_names(mat: dict, path: Path) -> list[str]:
-    try:
-        return [_text(v) for v in np.asarray(mat["class_names"]).ravel()]
-    except Exception as e:
-        raise DataError(f"{path}: 'class_names' is not a list of strings ({e})") from None
-
-
-def _text(v) -> str:
-    v = np.asarray(v)
-    return str(v.ravel()[0]) if v.size else ""
-
-
-def _int(v) -> int:
-    return int(np.asarray(v).ravel()[0])
-
-
-def _find(root: Path) -> _Found:
-    found = _Found()
-    for path in find_mat_files(root):
-        _classify(path, found)
-    return found
-
-
-def _image_dirs(root: Path, name: str) -> list[Path]:
-    """Folders called ``name`` within the search depth, shallowest first."""
-    return [d / n for d, dirs, _ in _walk(root) for n in dirs if n == name]
-
-
-def _pick_image_dir(root: Path, split: str, fnames: list[str]) -> Path | None:
-    """The ``cars_<split>`` folder (at any nesting) holding the most of ``fnames``."""
-    best, best_hits = None, 0
-    sample = fnames[: min(len(fnames), 50)]
-    for d in _image_dirs(root, f"cars_{split}"):
-        hits = sum((d / f).is_file() for f in sample)
-        if hits > best_hits:
-            best, best_hits = d, hits
-    return best
-
-
 # --------------------------------------------------------------------------- reading
 
 
 def looks_like_stanford_cars(root: Path) -> bool:
     """Cheap test for detection: a known Stanford Cars ``.mat`` name within the search depth."""
-    return any(_is_known_name(p) for p in find_mat_files(Path(root)))
+    return any(is_known_name(p) for p in find_mat_files(Path(root)))
 
 
 def read_stanford_cars(root: Path) -> ImageCollection:
@@ -298,7 +173,7 @@ def read_stanford_cars(root: Path) -> ImageCollection:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"Stanford Cars root {root} is not a folder")
-    found = _find(root)
+    found = find_files(root)
     for p in found.unused:
         log.debug("ignoring unrelated .mat file %s", p)
     if found.all_images:
@@ -315,7 +190,7 @@ def read_stanford_cars(root: Path) -> ImageCollection:
 def _all_images_present(mat_path: Path, recs: np.ndarray) -> bool:
     if recs.size == 0:
         return False
-    rel = _text(recs[0]["relative_im_path"])
+    rel = mat_text(recs[0]["relative_im_path"])
     return (mat_path.parent / rel).is_file()
 
 
@@ -324,8 +199,8 @@ def _read_all_images(root: Path, mat_path: Path, recs: np.ndarray, names: list[s
     splits: dict[str, list[ImageRecord]] = {"train": [], "test": []}
     absent = {"train": 0, "test": 0}
     for r in recs:
-        split = "test" if _int(r["test"]) else "train"
-        path = base / _text(r["relative_im_path"])
+        split = "test" if mat_int_value(r["test"]) else "train"
+        path = base / mat_text(r["relative_im_path"])
         if not path.is_file():
             absent[split] += 1
             continue
@@ -341,7 +216,7 @@ def _read_all_images(root: Path, mat_path: Path, recs: np.ndarray, names: list[s
     return ImageCollection(FORMAT, root, names, splits, missing, notes)
 
 
-def _read_devkit(root: Path, found: _Found) -> ImageCollection:
+def _read_devkit(root: Path, found: Found) -> ImageCollection:
     meta_path, names = found.meta[0]
     notes: list[str] = []
     missing: dict[str, str] = {}
@@ -352,8 +227,8 @@ def _read_devkit(root: Path, found: _Found) -> ImageCollection:
             missing[split] = _missing_annos(root, split, found)
             continue
         ann_path, recs = candidates[0]
-        fnames = [_text(r["fname"]) for r in recs]
-        folder = _pick_image_dir(root, split, fnames)
+        fnames = [mat_text(r["fname"]) for r in recs]
+        folder = pick_image_dir(root, split, fnames)
         if folder is None:
             missing[split] = (
                 f"{split} images not found: looked for a folder cars_{split}/ (or cars_{split}/cars_{split}/) "
@@ -386,7 +261,7 @@ def _read_devkit(root: Path, found: _Found) -> ImageCollection:
     return ImageCollection(FORMAT, root, names, splits, missing, notes)
 
 
-def _missing_annos(root: Path, split: str, found: _Found) -> str:
+def _missing_annos(root: Path, split: str, found: Found) -> str:
     if split == "train":
         return (f"train annotations not found: looked for a .mat file with an 'annotations' struct "
                 f"(fields bbox_x1..bbox_y2, class, fname; e.g. devkit/cars_train_annos.mat) under {root}")
@@ -398,10 +273,10 @@ def _missing_annos(root: Path, split: str, found: _Found) -> str:
 
 
 def _record(path: Path, r: np.void, num_classes: int, ann_path: Path) -> ImageRecord:
-    label = _int(r["class"]) - 1
+    label = mat_int_value(r["class"]) - 1
     if not 0 <= label < num_classes:
         raise DataError(f"{ann_path}: class {label + 1} of {path.name} is outside 1..{num_classes}")
-    box = tuple(_int(r[f]) - 1 for f in _BOX_FIELDS)
+    box = tuple(mat_int_value(r[f]) - 1 for f in BOX_FIELDS)
     return ImageRecord(path=path, label=label, bbox=box)  # type: ignore[arg-type]
 
 
@@ -409,7 +284,7 @@ def _absent_notes(absent: dict[str, int], where: Path) -> list[str]:
     return [f"{n} annotated {s} images not found under {where} (dropped)" for s, n in absent.items() if n]
 
 
-def _no_layout_message(root: Path, found: _Found) -> str:
+def _no_layout_message(root: Path, found: Found) -> str:
     have = []
     if found.meta:
         have.append(f"class names in {found.meta[0][0]}")

@@ -260,6 +260,63 @@ def _fix_mat_headers(root: Path) -> None:
                 f.write(desc)
 
 
+def _check_args(format: str, num_classes: int, train_per_class: int, test_per_class: int) -> None:
+    """Refuse an unknown format, fewer than 2 classes, or no images at all."""
+    if format not in FORMATS:
+        raise DataError(f"unknown synthetic dataset format '{format}'; valid: {', '.join(FORMATS)}")
+    if num_classes < 2:
+        raise DataError(f"a synthetic dataset needs at least 2 classes, got {num_classes}")
+    if train_per_class < 0 or test_per_class < 0 or train_per_class + test_per_class == 0:
+        raise DataError("train_per_class and test_per_class must be >= 0 and not both 0")
+
+
+def _check_layout(format: str, layout: str) -> None:
+    """Refuse an unknown Stanford Cars layout."""
+    if format == "stanford_cars":
+        from finegrain.data.stanford_cars import LAYOUTS
+
+        if layout not in LAYOUTS:
+            raise DataError(f"unknown Stanford Cars layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+
+
+def _render_splits(num_classes: int, per_split: dict[str, int], size: tuple[int, int],
+                   seed: int) -> dict[str, list]:
+    """(image, label, bbox) of every image of each split with images, classes interleaved."""
+    samples: dict[str, list] = {}
+    for split, per_class in per_split.items():
+        if per_class == 0:
+            continue
+        out = []
+        for i in range(per_class):  # interleave classes, as real lists are not sorted by class
+            for label in range(num_classes):
+                rng = np.random.default_rng([seed, _SPLIT_IDS[split], label, i])
+                im, bbox = render(label, num_classes, size, rng)
+                out.append((im, label, bbox))
+        samples[split] = out
+    return samples
+
+
+def _write_format(root: Path, format: str, names: list[str], samples: dict[str, list], layout: str) -> None:
+    """Write the rendered images and their label files in ``format``'s layout."""
+    num_classes = len(names)
+    if format == "stanford_cars":
+        from finegrain.data.stanford_cars import write_stanford_cars
+
+        write_stanford_cars(root, names, samples, layout=layout)
+        _fix_mat_headers(root)
+    elif format == "tiny_imagenet":
+        from finegrain.data.tiny_imagenet import write_tiny_imagenet
+
+        wnids = [f"n{label + 1:08d}" for label in range(num_classes)]
+        words = dict(zip(wnids, names))
+        splits = {"val" if k == "test" else k: v for k, v in samples.items()}
+        write_tiny_imagenet(root, wnids, words, splits)
+    else:
+        from finegrain.data.folder import write_image_folder
+
+        write_image_folder(root, names, {k: [(im, label) for im, label, _ in v] for k, v in samples.items()})
+
+
 def make_synthetic(
     root: Path | str,
     format: str = "stanford_cars",
@@ -278,51 +335,15 @@ def make_synthetic(
     is ``(H, W)``. Same arguments, same bytes. A folder holding an earlier
     synthetic dataset is replaced; any other non-empty folder is refused.
     """
-    if format not in FORMATS:
-        raise DataError(f"unknown synthetic dataset format '{format}'; valid: {', '.join(FORMATS)}")
-    if num_classes < 2:
-        raise DataError(f"a synthetic dataset needs at least 2 classes, got {num_classes}")
-    if train_per_class < 0 or test_per_class < 0 or train_per_class + test_per_class == 0:
-        raise DataError("train_per_class and test_per_class must be >= 0 and not both 0")
+    _check_args(format, num_classes, train_per_class, test_per_class)
     size = (int(size[0]), int(size[1]))
     root = Path(root).expanduser()
-    if format == "stanford_cars":
-        from finegrain.data.stanford_cars import LAYOUTS
-
-        if layout not in LAYOUTS:
-            raise DataError(f"unknown Stanford Cars layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+    _check_layout(format, layout)
     args = {"format": format, "num_classes": num_classes, "train_per_class": train_per_class,
             "test_per_class": test_per_class, "size": list(size), "seed": seed,
             "layout": layout if format == "stanford_cars" else None}
     _prepare_root(root, args)
-
     names = class_names_for(num_classes)
-    samples: dict[str, list] = {}
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        if per_class == 0:
-            continue
-        out = []
-        for i in range(per_class):  # interleave classes, as real lists are not sorted by class
-            for label in range(num_classes):
-                rng = np.random.default_rng([seed, _SPLIT_IDS[split], label, i])
-                im, bbox = render(label, num_classes, size, rng)
-                out.append((im, label, bbox))
-        samples[split] = out
-
-    if format == "stanford_cars":
-        from finegrain.data.stanford_cars import write_stanford_cars
-
-        write_stanford_cars(root, names, samples, layout=layout)
-        _fix_mat_headers(root)
-    elif format == "tiny_imagenet":
-        from finegrain.data.tiny_imagenet import write_tiny_imagenet
-
-        wnids = [f"n{label + 1:08d}" for label in range(num_classes)]
-        words = dict(zip(wnids, names))
-        splits = {"val" if k == "test" else k: v for k, v in samples.items()}
-        write_tiny_imagenet(root, wnids, words, splits)
-    else:
-        from finegrain.data.folder import write_image_folder
-
-        write_image_folder(root, names, {k: [(im, label) for im, label, _ in v] for k, v in samples.items()})
+    samples = _render_splits(num_classes, {"train": train_per_class, "test": test_per_class}, size, seed)
+    _write_format(root, format, names, samples, layout)
     return root
