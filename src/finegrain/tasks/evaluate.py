@@ -79,37 +79,58 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
               "images_per_second": round(out.images_per_second, 2)}
 
     if protocol == "retrieval":
-        from finegrain.metrics.retrieval import retrieval_metrics
-
-        m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
-        result["protocol"]["queries"] = "every test image"
-        result["protocol"]["gallery"] = "the rest of the test set (class-disjoint from training)"
-        result["retrieval"] = {k: (int(v) if isinstance(v, (int, np.integer)) else
-                                   float(v) if isinstance(v, (float, np.floating)) else v) for k, v in m.items()}
+        add_retrieval_metrics(result, cfg, out)
     else:
-        from finegrain.metrics.classification import classification_metrics, confusion_pairs, per_class_table
-
-        num_classes = len(dm.class_names)
-        if out.logits is not None and cfg.trains:
-            t0 = time.perf_counter()
-            preds = out.logits.argmax(1)
-            m = classification_metrics(out.labels, out.logits, num_classes=num_classes, scores="logits")
-            m["prediction_seconds"] = round(out.seconds + time.perf_counter() - t0, 4)
-            result["protocol"]["method"] = "the classifier head's arg-max"
-        else:
-            m, preds = knn_metrics(encoder, dm, out)
-            result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.head != 'classifier' else 'features'}"
-                                            f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
-                                            "gallery = train split, queries = test split")
-        result["classification"] = m
-        table = per_class_table(out.labels, preds, dm.class_names)
-        write_per_class(run, table)
-        result["confused_pairs"] = [
-            {"true": dm.class_names[t], "predicted": dm.class_names[p], "count": int(c)}
-            for t, p, c in confusion_pairs(out.labels, preds, top=10)
-        ]
+        add_classification_metrics(result, run, encoder, dm, out)
     result["timing"] = timing
     result.update(training_progress(run))
+    write_metrics(run, result)
+    return result
+
+
+def add_retrieval_metrics(result: dict, cfg: ExperimentConfig, out) -> None:
+    """``result["retrieval"]``: every test image queries the rest of the test set."""
+    from finegrain.metrics.retrieval import retrieval_metrics
+
+    m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
+    result["protocol"]["queries"] = "every test image"
+    result["protocol"]["gallery"] = "the rest of the test set (class-disjoint from training)"
+    result["retrieval"] = {k: (int(v) if isinstance(v, (int, np.integer)) else
+                               float(v) if isinstance(v, (float, np.floating)) else v) for k, v in m.items()}
+
+
+def add_classification_metrics(result: dict, run: RunDir, encoder, dm, out) -> None:
+    """``result["classification"]`` and ``confused_pairs`` (by the classifier head, else kNN), and per_class.csv."""
+    from finegrain.metrics.classification import (
+        classification_metrics,
+        confusion_pairs,
+        per_class_table,
+    )
+
+    cfg = encoder.cfg
+    num_classes = len(dm.class_names)
+    if out.logits is not None and cfg.trains:
+        t0 = time.perf_counter()
+        preds = out.logits.argmax(1)
+        m = classification_metrics(out.labels, out.logits, num_classes=num_classes, scores="logits")
+        m["prediction_seconds"] = round(out.seconds + time.perf_counter() - t0, 4)
+        result["protocol"]["method"] = "the classifier head's arg-max"
+    else:
+        m, preds = knn_metrics(encoder, dm, out)
+        result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.head != 'classifier' else 'features'}"
+                                        f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
+                                        "gallery = train split, queries = test split")
+    result["classification"] = m
+    table = per_class_table(out.labels, preds, dm.class_names)
+    write_per_class(run, table)
+    result["confused_pairs"] = [
+        {"true": dm.class_names[t], "predicted": dm.class_names[p], "count": int(c)}
+        for t, p, c in confusion_pairs(out.labels, preds, top=10)
+    ]
+
+
+def write_metrics(run: RunDir, result: dict) -> None:
+    """Write metrics.json, and the DONE marker unless training had not finished (then remove it)."""
     if result["partial"]:  # an unfinished run's numbers: never DONE, so `experiments run` finishes it
         run.done_marker.unlink(missing_ok=True)
         log.warning("%s has not finished training (%d of %d epochs): metrics.json is marked partial",
@@ -117,7 +138,6 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     atomic_write_json(run.metrics, result)
     if not result["partial"]:
         atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
-    return result
 
 
 def training_progress(run: RunDir) -> dict:

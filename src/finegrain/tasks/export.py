@@ -73,16 +73,18 @@ def calibration_batches(cfg, n_images: int, seed: int = 0):
     return batches(), len(sample)
 
 
-def export_run(run_path: str | Path, fmt: str = "onnx", quantize: str | None = None,
-               calibration_images: int = DEFAULT_CALIBRATION_IMAGES, opset: int | None = None) -> dict:
-    """Write ``RUN/export/model.onnx`` (+ ``model.int8.onnx`` with ``quantize="int8"``) and
-    ``RUN/export/model.json``; returns the JSON's contents."""
+def check_request(fmt: str, quantize: str | None, calibration_images: int) -> None:
+    """Refuse an unknown format or quantization, or fewer than one calibration image."""
     if fmt not in FORMATS:
         raise FinegrainError(f"unknown export format '{fmt}'; valid: {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise FinegrainError(f"unknown quantization '{quantize}'; valid: {', '.join(QUANTIZATIONS)}")
     if calibration_images < 1:
         raise FinegrainError(f"--calibration-images must be at least 1; got {calibration_images}")
+
+
+def open_exportable(run_path: str | Path):
+    """The run, once it has a checkpoint and the onnx package is installed."""
     run = open_run(run_path)
     if not run.best_ckpt.is_file() and not run.last_ckpt.is_file():
         raise FinegrainError(f"{run.path}: no checkpoint in {run.checkpoints} to export "
@@ -91,23 +93,17 @@ def export_run(run_path: str | Path, fmt: str = "onnx", quantize: str | None = N
         import onnx  # noqa: F401 - torch's exporter writes through it
     except ImportError:
         raise FinegrainError("exporting needs the onnx package: pip install 'finegrain[train]' (or onnx)") from None
+    return run
+
+
+def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict:
+    """model.json's contents for the fp32 model: what it was made from, its input and outputs, its parity."""
     import torch
 
-    from finegrain.inference.export import DEFAULT_OPSET, check_parity, export_onnx, output_names, quantize_int8
-    from finegrain.inference.load import load_model
-    from finegrain.inference.outputs import eval_sizes
+    from finegrain.inference.export import output_names
 
-    opset = opset or DEFAULT_OPSET
-    loaded = load_model(run)
     cfg = loaded.cfg
-    sizes = eval_sizes(cfg.data)
-    dest = run.path / EXPORT_DIR
-    dest.mkdir(parents=True, exist_ok=True)
-    data = export_onnx(loaded, sizes[0], opset)
-    fp32 = dest / FP32_FILE
-    atomic_write_bytes(fp32, data)
-    parity = check_parity(fp32, loaded, sizes)
-    meta: dict = {
+    return {
         "format": "onnx", "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finegrain": __version__, "run": run.name,
         "checkpoint": str(loaded.checkpoint.relative_to(run.path)) if loaded.checkpoint.is_relative_to(run.path)
@@ -123,25 +119,57 @@ def export_run(run_path: str | Path, fmt: str = "onnx", quantize: str | None = N
         "files": {"fp32": {"file": FP32_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def add_int8(run, meta: dict, dest: Path, cfg, calibration_images: int) -> None:
+    """Write ``model.int8.onnx`` and record it and the test accuracy it loses against fp32 in ``meta``."""
+    from finegrain.inference.export import quantize_int8
+
+    fp32 = dest / FP32_FILE
+    batches, n_sample = calibration_batches(cfg, calibration_images)
+    how = quantize_int8(fp32, dest / INT8_FILE, batches)
+    how["calibration_images"] = n_sample
+    from finegrain.inference.load import file_sha256
+
+    int8 = dest / INT8_FILE
+    meta["files"]["int8"] = {"file": INT8_FILE, "sha256": file_sha256(int8), "bytes": int8.stat().st_size,
+                             "quantization": how}
+    atomic_write_json(dest / META_FILE, meta)  # the encoders below read it
+    fp32_acc = headline_accuracy(OnnxEncoder(run, meta, "32"), cfg)
+    int8_acc = headline_accuracy(OnnxEncoder(run, meta, "int8"), cfg)
+    meta["accuracy"] = {
+        "split": "test", "metric": fp32_acc["metric"], "n_images": fp32_acc["n_images"],
+        "fp32": fp32_acc["value"], "int8": int8_acc["value"],
+        "int8_drop": round(fp32_acc["value"] - int8_acc["value"], 10),
+        "how": "both ONNX models evaluated on the test split by the code of `finegrain evaluate`",
+    }
+
+
+def export_run(run_path: str | Path, fmt: str = "onnx", quantize: str | None = None,
+               calibration_images: int = DEFAULT_CALIBRATION_IMAGES, opset: int | None = None) -> dict:
+    """Write ``RUN/export/model.onnx`` (+ ``model.int8.onnx`` with ``quantize="int8"``) and
+    ``RUN/export/model.json``; returns the JSON's contents."""
+    check_request(fmt, quantize, calibration_images)
+    run = open_exportable(run_path)
+
+    from finegrain.inference.export import DEFAULT_OPSET, check_parity, export_onnx
+    from finegrain.inference.load import load_model
+    from finegrain.inference.outputs import eval_sizes
+
+    opset = opset or DEFAULT_OPSET
+    loaded = load_model(run)
+    cfg = loaded.cfg
+    sizes = eval_sizes(cfg.data)
+    dest = run.path / EXPORT_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    data = export_onnx(loaded, sizes[0], opset)
+    fp32 = dest / FP32_FILE
+    atomic_write_bytes(fp32, data)
+    parity = check_parity(fp32, loaded, sizes)
+    meta = export_metadata(run, loaded, sizes, opset, data, parity)
     stale_int8 = dest / INT8_FILE
     if quantize == "int8":
-        batches, n_sample = calibration_batches(cfg, calibration_images)
-        how = quantize_int8(fp32, dest / INT8_FILE, batches)
-        how["calibration_images"] = n_sample
-        from finegrain.inference.load import file_sha256
-
-        int8 = dest / INT8_FILE
-        meta["files"]["int8"] = {"file": INT8_FILE, "sha256": file_sha256(int8), "bytes": int8.stat().st_size,
-                                 "quantization": how}
-        atomic_write_json(dest / META_FILE, meta)  # the encoders below read it
-        fp32_acc = headline_accuracy(OnnxEncoder(run, meta, "32"), cfg)
-        int8_acc = headline_accuracy(OnnxEncoder(run, meta, "int8"), cfg)
-        meta["accuracy"] = {
-            "split": "test", "metric": fp32_acc["metric"], "n_images": fp32_acc["n_images"],
-            "fp32": fp32_acc["value"], "int8": int8_acc["value"],
-            "int8_drop": round(fp32_acc["value"] - int8_acc["value"], 10),
-            "how": "both ONNX models evaluated on the test split by the code of `finegrain evaluate`",
-        }
+        add_int8(run, meta, dest, cfg, calibration_images)
     atomic_write_json(dest / META_FILE, meta)
     if quantize is None and stale_int8.is_file():
         stale_int8.unlink()  # an int8 model of an earlier export: not of this one
