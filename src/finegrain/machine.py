@@ -116,8 +116,16 @@ def plan_threads(workers: int) -> tuple[int, int]:
     core, decoding happens in the main process between steps.
     """
     n = cores()
+    if not thread_plan_enabled():  # benchmark switch: the configured workers and torch's own default
+        return max(0, workers), n
     workers = max(0, min(workers, n - 1))
     return workers, max(1, n - workers)
+
+
+def thread_plan_enabled() -> bool:
+    """False when ``$FINEGRAIN_THREAD_PLAN=0``: a benchmark switch (``benchmarks/new_user_flow.py
+    --threads-unplanned``) that restores the behaviour before the thread plan, to measure it; not for use."""
+    return os.environ.get("FINEGRAIN_THREAD_PLAN", "1") != "0"
 
 
 def set_threads(busy_workers: int) -> int:
@@ -127,6 +135,8 @@ def set_threads(busy_workers: int) -> int:
 
     import torch
 
+    if not thread_plan_enabled():  # benchmark switch: leave torch's threads alone
+        return torch.get_num_threads()
     threads = max(1, cores() - busy_workers)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
