@@ -168,7 +168,7 @@ def run_server(args: argparse.Namespace) -> None:
     if args.run:
         from finegrain.retrieval.searcher import Searcher
 
-        searcher = Searcher(args.run, index_dir=Path(args.index) if args.index else None)
+        searcher = Searcher(args.run, index_dir=Path(args.index) if args.index else None, engine=args.engine)
     else:
         searcher = TinyCnnSearcher(Path(args.gallery_dir), gallery=args.gallery)
     app = create_app(searcher, max_concurrency=args.max_concurrency)
@@ -203,6 +203,7 @@ def start_server(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen,
         cmd += ["--run", str(args.run)]
     if args.index:
         cmd += ["--index", str(args.index)]
+    cmd += ["--engine", args.engine]
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="a running server to target (loopback only)")
     ap.add_argument("--run", help="start a server for this run directory (needs its index)")
     ap.add_argument("--index", help="index folder for --run (default RUN/index)")
+    ap.add_argument("--engine", default="auto", help="what runs the model of --run: auto, torch, onnx, onnx-int8")
     ap.add_argument("-n", "--requests", type=int, default=200)
     ap.add_argument("-c", "--concurrency", type=int, default=8)
     ap.add_argument("-k", type=int, default=8)
