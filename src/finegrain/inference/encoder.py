@@ -3,18 +3,14 @@ precision this machine runs fastest. The one place a trained model is run for in
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from finegrain.data.records import ImageRecord
-from finegrain.errors import FinegrainError
 from finegrain.inference.load import LoadedModel
-from finegrain.inference.outputs import Outputs, mean_over_sizes  # noqa: F401 - re-exported
+from finegrain.inference.outputs import EncodingLoop, Outputs, mean_over_sizes  # noqa: F401 - re-exported
 from finegrain.machine import inference_precision, resolve_precision, set_threads
-from finegrain.progress import track
 
 
 def autocast_for(precision: str):
@@ -35,7 +31,7 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, tta_flip: bool) -> dict
     return out
 
 
-class Encoder:
+class Encoder(EncodingLoop):
     """A loaded model and how it runs here: the config's sizes and flip averaging, and the
     precision of this machine (``auto`` unless ``precision`` is given), whatever it was trained in."""
 
@@ -93,42 +89,5 @@ class Encoder:
                 for size in self.sizes]
         return mean_over_sizes(outs)
 
-    def encode_records(self, records: list[ImageRecord], caches: dict | None = None,
-                       description: str = "encoding") -> Outputs:
-        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
-        from finegrain.data.module import eval_loaders
-
-        loaders = eval_loaders(records, self.cfg.data, caches)
-        runs = []
-        for loader, size in zip(loaders, self.sizes):
-            what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
-            runs.append(self.run_loader(loader, what))
-        first = runs[0]
-        if any(not np.array_equal(r.indices, first.indices) for r in runs[1:]):
-            raise FinegrainError("the loaders of the evaluation sizes gave different images")
-        if len(runs) == 1:
-            return first
-        mean = mean_over_sizes([r.arrays() for r in runs])
-        return Outputs(labels=first.labels, indices=first.indices, features=mean["features"],
-                       embeddings=mean["embedding"], logits=mean.get("logits"), seconds=sum(r.seconds for r in runs))
-
-    def run_loader(self, loader, description: str = "encoding") -> Outputs:
-        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
+    def prepare(self, loader) -> None:
         set_threads(loader.num_workers)
-        labels, indices, outs = [], [], []
-        seconds = 0.0
-        for batch in track(loader, len(loader), description):
-            if batch is None:
-                continue
-            x, y, idx = batch
-            t0 = time.perf_counter()
-            outs.append(self.forward(x))
-            seconds += time.perf_counter() - t0
-            labels.append(y.numpy())
-            indices.append(idx.numpy())
-        if not labels:
-            raise FinegrainError("no readable images to run the model on")
-        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
-        return Outputs(labels=np.concatenate(labels), indices=np.concatenate(indices), features=cat["features"],
-                       embeddings=cat["embedding"], logits=cat.get("logits"), seconds=seconds)
-

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 
 from finegrain.errors import FinegrainError
 from finegrain.inference.load import LoadedModel, check_config_copy, checkpoint_config, file_sha256
-from finegrain.inference.outputs import Outputs, eval_sizes, mean_over_sizes
+from finegrain.inference.outputs import EncodingLoop, eval_sizes, mean_over_sizes
 from finegrain.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class ExportedModel(LoadedModel):
         return self.classifier
 
 
-class OnnxEncoder:
+class OnnxEncoder(EncodingLoop):
     """The ``onnx`` engine: the same interface as :class:`~finegrain.inference.encoder.Encoder`
     (sizes, flip averaging, ``signature()``, ``forward``, ``encode_rgb``, ``encode_records``,
     ``run_loader``), running ``RUN/export/model.onnx`` (``precision="int8"``: ``model.int8.onnx``)
@@ -124,6 +123,7 @@ class OnnxEncoder:
         self.precision = precision
         self._ort = import_onnxruntime()
         self._sessions: dict[int, Any] = {}
+        self._loop_threads: int | None = None
         self.session(self._threads(0))  # load now: a corrupt file is reported here, not at the first query
 
     @property
@@ -162,7 +162,7 @@ class OnnxEncoder:
         return self._sessions[threads]
 
     def _run(self, x: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
-        sess = self.session(threads or next(iter(self._sessions)))
+        sess = self.session(threads or self._loop_threads or next(iter(self._sessions)))
         values = sess.run(None, {INPUT_NAME: x})
         return dict(zip(self._outputs, values))
 
@@ -187,46 +187,10 @@ class OnnxEncoder:
         outs = [self.forward(resize_rgb(rgb, size).transpose(2, 0, 1)[None]) for size in self.sizes]
         return mean_over_sizes(outs)
 
-    def encode_records(self, records, caches: dict | None = None, description: str = "encoding") -> Outputs:
-        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
-        from finegrain.data.module import eval_loaders  # the loaders are torch's: embedding a split needs it
-
-        loaders = eval_loaders(records, self.cfg.data, caches)
-        runs = []
-        for loader, size in zip(loaders, self.sizes):
-            what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
-            runs.append(self.run_loader(loader, what))
-        first = runs[0]
-        if any(not np.array_equal(r.indices, first.indices) for r in runs[1:]):
-            raise FinegrainError("the loaders of the evaluation sizes gave different images")
-        if len(runs) == 1:
-            return first
-        mean = mean_over_sizes([r.arrays() for r in runs])
-        return Outputs(labels=first.labels, indices=first.indices, features=mean["features"],
-                       embeddings=mean["embedding"], logits=mean.get("logits"), seconds=sum(r.seconds for r in runs))
-
-    def run_loader(self, loader, description: str = "encoding") -> Outputs:
-        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
-        from finegrain.progress import track
-
-        threads = self._threads(loader.num_workers)
-        self.session(threads)
-        labels, indices, outs = [], [], []
-        seconds = 0.0
-        for batch in track(loader, len(loader), description):
-            if batch is None:
-                continue
-            x, y, idx = batch
-            t0 = time.perf_counter()
-            outs.append(self.forward(x, threads))
-            seconds += time.perf_counter() - t0
-            labels.append(np.asarray(y))
-            indices.append(np.asarray(idx))
-        if not labels:
-            raise FinegrainError("no readable images to run the model on")
-        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
-        return Outputs(labels=np.concatenate(labels), indices=np.concatenate(indices), features=cat["features"],
-                       embeddings=cat["embedding"], logits=cat.get("logits"), seconds=seconds)
+    def prepare(self, loader) -> None:
+        """Batches of ``loader`` run with the threads its worker processes leave free."""
+        self._loop_threads = self._threads(loader.num_workers)
+        self.session(self._loop_threads)
 
 
 def bytes_sha256(data: bytes) -> str:

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from finegrain.errors import FinegrainError
 
 
 @dataclass
@@ -40,3 +43,58 @@ def eval_sizes(data) -> list[tuple[int, int]]:
     """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged);
     the same rule as :func:`finegrain.data.module.eval_sizes`, which imports torch."""
     return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
+
+
+class EncodingLoop:
+    """What both engines do alike over records: one loader per size, batches in order, bad images
+    skipped, outputs averaged over sizes. An engine defines ``sizes``, ``cfg``, ``forward(x)`` (one
+    uint8 batch ``[B, 3, H, W]`` to float32 arrays) and ``prepare(loader)`` (its threads beside the
+    loader's workers)."""
+
+    sizes: list[tuple[int, int]]
+
+    def prepare(self, loader) -> None:
+        """Get ready to run ``loader``'s batches (threads beside its worker processes)."""
+
+    def forward(self, x) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def encode_records(self, records, caches: dict | None = None, description: str = "encoding") -> Outputs:
+        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
+        from finegrain.data.module import eval_loaders  # the loaders are torch's: embedding a split needs it
+
+        loaders = eval_loaders(records, self.cfg.data, caches)
+        runs = []
+        for loader, size in zip(loaders, self.sizes):
+            what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
+            runs.append(self.run_loader(loader, what))
+        first = runs[0]
+        if any(not np.array_equal(r.indices, first.indices) for r in runs[1:]):
+            raise FinegrainError("the loaders of the evaluation sizes gave different images")
+        if len(runs) == 1:
+            return first
+        mean = mean_over_sizes([r.arrays() for r in runs])
+        return Outputs(labels=first.labels, indices=first.indices, features=mean["features"],
+                       embeddings=mean["embedding"], logits=mean.get("logits"), seconds=sum(r.seconds for r in runs))
+
+    def run_loader(self, loader, description: str = "encoding") -> Outputs:
+        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
+        from finegrain.progress import track
+
+        self.prepare(loader)
+        labels, indices, outs = [], [], []
+        seconds = 0.0
+        for batch in track(loader, len(loader), description):
+            if batch is None:
+                continue
+            x, y, idx = batch
+            t0 = time.perf_counter()
+            outs.append(self.forward(x))
+            seconds += time.perf_counter() - t0
+            labels.append(np.asarray(y))
+            indices.append(np.asarray(idx))
+        if not labels:
+            raise FinegrainError("no readable images to run the model on")
+        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
+        return Outputs(labels=np.concatenate(labels), indices=np.concatenate(indices), features=cat["features"],
+                       embeddings=cat["embedding"], logits=cat.get("logits"), seconds=seconds)
