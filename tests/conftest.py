@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from lightning.pytorch.callbacks import Callback
+
+if TYPE_CHECKING:
+    from finegrain.config import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FINEGRAIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
