@@ -21,8 +21,10 @@ def wanted() -> bool:
     return os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
 
 
-def track(items: Iterable[T], total: int, description: str, every_fraction: float = 0.1) -> Iterator[T]:
-    """Yield ``items``; show a bar on a terminal, else log about every tenth of the way (and the end)."""
+def track(items: Iterable[T], total: int, description: str, every_fraction: float = 0.1,
+          min_seconds: float = 5.0) -> Iterator[T]:
+    """Yield ``items``; show a bar on a terminal, else log about every tenth of the way, at most once
+    every ``min_seconds`` (a loop of a second says nothing until its end), and the end."""
     if not wanted() or total <= 0:
         yield from items
         return
@@ -35,12 +37,13 @@ def track(items: Iterable[T], total: int, description: str, every_fraction: floa
                 yield item
                 bar.advance(task)
         return
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     step = max(1, int(total * every_fraction))
     done = 0
     for item in items:
         yield item
         done += 1
-        if done % step == 0 or done == total:
-            elapsed = time.perf_counter() - t0
-            log.info("%s: %d/%d (%.0f%%), %.0f s elapsed", description, done, total, 100 * done / total, elapsed)
+        now = time.perf_counter()
+        if done == total or (done % step == 0 and now - last >= min_seconds):
+            last = now
+            log.info("%s: %d/%d (%.0f%%), %.0f s elapsed", description, done, total, 100 * done / total, now - t0)
