@@ -98,3 +98,15 @@ def test_benchmarks_record_the_machine_facts(monkeypatch):
     assert info["auto_precision"] == machine.auto_precision()[0]
     assert info["native_bf16"] == machine.cpu_has_native_bf16() and info["cpu_flags"] == list(machine.cpu_flags())
     assert "cpu_features" in info and "torch_threads" in info  # what it had before stays
+
+
+def test_cores_keep_to_an_explicit_thread_limit(monkeypatch):
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert machine.cores() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert machine.cores() == 1 and machine.plan_threads(2) == (0, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert machine.cores() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert machine.cores() == 4

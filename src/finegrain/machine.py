@@ -102,11 +102,16 @@ def inference_precision() -> str:
 
 
 def cores() -> int:
-    """The CPU cores this process may run on."""
+    """The CPU cores this process may run on: its affinity, or fewer where ``OMP_NUM_THREADS`` says
+    so (a job that was given one core of a shared machine keeps to it)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        n = min(n, int(limit))
+    return max(1, n)
 
 
 def plan_threads(workers: int) -> tuple[int, int]:
