@@ -58,15 +58,6 @@ class Encoder(EncodingLoop):
 
         return cls(LoadedModel(model.eval(), cfg, [], Path("-"), "-"), precision)
 
-    @property
-    def has_classifier(self) -> bool:
-        return self.loaded.has_classifier
-
-    def signature(self) -> dict:
-        """What the vectors depend on besides the model: saved beside embeddings and checked on reuse."""
-        return {"sizes": [list(s) for s in self.sizes], "tta_flip": self.tta_flip,
-                "precision": self.precision, "engine": self.engine}
-
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Outputs of one uint8 batch ``[B, 3, H, W]``: features, embedding, logits (float32 arrays)."""

@@ -126,15 +126,6 @@ class OnnxEncoder(EncodingLoop):
         self._loop_threads: int | None = None
         self.session(self._threads(0))  # load now: a corrupt file is reported here, not at the first query
 
-    @property
-    def has_classifier(self) -> bool:
-        return self.loaded.has_classifier
-
-    def signature(self) -> dict:
-        """What the vectors depend on besides the model: saved beside embeddings and checked on reuse."""
-        return {"sizes": [list(s) for s in self.sizes], "tta_flip": self.tta_flip,
-                "precision": self.precision, "engine": self.engine}
-
     @staticmethod
     def _threads(busy_workers: int) -> int:
         from finegrain.machine import cores

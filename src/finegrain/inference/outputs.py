@@ -48,10 +48,19 @@ def eval_sizes(data) -> list[tuple[int, int]]:
 class EncodingLoop:
     """What both engines do alike over records: one loader per size, batches in order, bad images
     skipped, outputs averaged over sizes. An engine defines ``sizes``, ``cfg``, ``forward(x)`` (one
-    uint8 batch ``[B, 3, H, W]`` to float32 arrays) and ``prepare(loader)`` (its threads beside the
-    loader's workers)."""
+    uint8 batch ``[B, 3, H, W]`` to float32 arrays), ``prepare(loader)`` (its threads beside the
+    loader's workers), ``loaded``, ``tta_flip``, ``precision`` and ``engine``."""
 
     sizes: list[tuple[int, int]]
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.loaded.has_classifier
+
+    def signature(self) -> dict:
+        """What the vectors depend on besides the model: saved beside embeddings and checked on reuse."""
+        return {"sizes": [list(s) for s in self.sizes], "tta_flip": self.tta_flip,
+                "precision": self.precision, "engine": self.engine}
 
     def prepare(self, loader) -> None:
         """Get ready to run ``loader``'s batches (threads beside its worker processes)."""
