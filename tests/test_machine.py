@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from finegrain import machine
+from finegrain.errors import FinegrainError
 from tests.conftest import ROOT
 
 
@@ -50,8 +51,11 @@ def test_explicit_precisions_on_cpu(cpu, caplog, monkeypatch):
     monkeypatch.setenv("FINEGRAIN_PRECISION", "32")
     cpu(True)
     assert machine.inference_precision() == "32"  # the environment overrides auto
-    with pytest.raises(ValueError, match="unknown precision"):
+    with pytest.raises(FinegrainError, match="unknown precision 'bf16'.*FINEGRAIN_PRECISION"):
         machine.resolve_precision("bf16")
+    monkeypatch.setenv("FINEGRAIN_PRECISION", "fp16")
+    with pytest.raises(FinegrainError, match="'fp16'"):  # a typo in the environment: one line, no traceback
+        machine.inference_precision()
 
 
 @pytest.mark.parametrize("bf16", [True, False])

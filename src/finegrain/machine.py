@@ -83,7 +83,10 @@ def resolve_precision(requested: str) -> str:
     """The precision to run with: ``auto`` decided by the machine, an explicit one obeyed
     (with a one-line warning where it is slow or impossible here)."""
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision '{requested}'; valid: {', '.join(PRECISIONS)}")
+        from finegrain.errors import FinegrainError
+
+        raise FinegrainError(f"unknown precision '{requested}' (train.precision or FINEGRAIN_PRECISION); "
+                             f"valid: {', '.join(PRECISIONS)}")
     if requested == "auto":
         return auto_precision()[0]
     if not cuda_available():

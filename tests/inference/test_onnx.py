@@ -188,6 +188,7 @@ def test_bad_exports_are_one_line_errors(classifier, tmp_path):
     with pytest.raises(FinegrainError, match="not the file that was exported") as e:
         open_encoder(run, "onnx")
     assert "\n" not in str(e.value)
+    assert open_encoder(run, "auto").engine == "torch"  # the checkpoint still runs: auto falls back to it
     meta_file = run.path / "export" / "model.json"  # and with a description that agrees with the damage
     meta = json.loads(meta_file.read_text())
     meta["files"]["fp32"]["sha256"] = __import__("hashlib").sha256(onnx_file.read_bytes()).hexdigest()

@@ -91,7 +91,12 @@ def open_encoder(run: RunDir | str | Path, engine: str = "auto", precision: str 
     if engine == "auto" and (run.path / "export").is_dir():
         meta, why = current_export(run)
         if meta is not None and importlib.util.find_spec("onnxruntime") is not None:
-            return _onnx(run, meta, onnx_precision)
+            try:
+                return _onnx(run, meta, onnx_precision)
+            except FinegrainError as e:  # say, a re-export that failed midway: the checkpoint still runs
+                if not torch_available():
+                    raise
+                why = str(e)
         why = why or "onnxruntime is not installed"
         log.info("not using the ONNX export: %s", why)
     if precision == "int8":

@@ -13,7 +13,6 @@ This module never imports torch: a server with only the ``serve`` extra runs it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -182,7 +181,3 @@ class OnnxEncoder(EncodingLoop):
         """Batches of ``loader`` run with the threads its worker processes leave free."""
         self._loop_threads = self._threads(loader.num_workers)
         self.session(self._loop_threads)
-
-
-def bytes_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

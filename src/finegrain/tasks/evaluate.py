@@ -109,7 +109,7 @@ def add_classification_metrics(result: dict, run: RunDir, encoder, dm, out) -> N
 
     cfg = encoder.cfg
     num_classes = len(dm.class_names)
-    if out.logits is not None and cfg.trains:
+    if out.logits is not None and cfg.predicts_with_classifier:
         t0 = time.perf_counter()
         preds = out.logits.argmax(1)
         m = classification_metrics(out.labels, out.logits, num_classes=num_classes, scores="logits")

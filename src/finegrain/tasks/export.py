@@ -46,7 +46,7 @@ def headline_accuracy(encoder, cfg) -> dict:
 
         m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
         return {"metric": "recall@1", "value": float(m["recall@1"]), "n_images": len(out.labels)}
-    if out.logits is not None and cfg.trains:
+    if out.logits is not None and cfg.predicts_with_classifier:
         m = classification_metrics(out.labels, out.logits, num_classes=len(dm.class_names), scores="logits")
     else:
         m, _ = knn_metrics(encoder, dm, out)
