@@ -39,7 +39,9 @@ def test_a_config_copy_that_changes_how_images_are_seen_is_refused(run_copy):
 
 def test_a_config_copy_that_differs_only_in_where_data_lives_loads(run_copy):
     cfg_file = run_copy / "config.yaml"
-    cfg_file.write_text(cfg_file.read_text().replace("batch_size: 16", "batch_size: 8"))
+    text = cfg_file.read_text()
+    assert "batch_size: 16" in text and "root: synthetic" in text
+    cfg_file.write_text(text.replace("batch_size: 16", "batch_size: 8").replace("root: synthetic", "root: elsewhere"))
     run = open_run(run_copy)
     check_config_copy(run, load_model(run).cfg)  # no error: batch size does not change an embedding
 

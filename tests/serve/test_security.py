@@ -136,7 +136,7 @@ def test_unknown_host_is_refused(client, host):
         body = assert_error(r, 400, "host")
         assert "fake-run" not in r.text and not r.content.startswith(b"\x89PNG")
         assert r.headers["x-frame-options"] == "DENY"
-    assert "evil" not in body["error"]  # the refused name is not echoed
+        assert "evil" not in body["error"]  # the refused name is not echoed
 
 
 @pytest.mark.parametrize("host", ["localhost", "localhost:8000", "LocalHost:8000", "127.0.0.1", "127.0.0.1:1",

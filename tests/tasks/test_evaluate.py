@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from finegrain.data.module import split_for
+
 from finegrain.errors import FinegrainError
 from finegrain.retrieval.embeddings import load_embeddings
 from finegrain.runs import open_run
@@ -30,10 +32,20 @@ def test_classification_metrics_match_the_saved_outputs(run):
     assert m["machine"]["cpu_flags"] is not None and "auto_precision" in m["machine"]
     c = m["classification"]
     assert 0 <= c["top1"] <= c["top5"] <= 1 and c["prediction_seconds"] > 0
+    from finegrain.inference.encoder import Encoder
+    from finegrain.inference.load import load_model
+
+    encoder = Encoder(load_model(run), precision="32")
+    out = encoder.encode_records(split_for(encoder.cfg.data).test, description="test")
+    preds = out.logits.argmax(1)
+    assert c["top1"] == pytest.approx(float(np.mean(preds == out.labels)))
     with (run.path / "per_class.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == p["num_classes"]
     assert sum(int(r["support"]) for r in rows) == p["n_test"]
+    for i, r in enumerate(rows):  # each class's recall is its share of correct arg-maxes
+        mine = out.labels == i
+        assert float(r["recall"]) == pytest.approx(float(np.mean(preds[mine] == i)) if mine.any() else 0.0, abs=1e-4)
 
 
 def test_retrieval_protocol_on_a_classifier_uses_the_same_saved_vectors(run):
@@ -42,6 +54,10 @@ def test_retrieval_protocol_on_a_classifier_uses_the_same_saved_vectors(run):
     assert 0 <= r["recall@1"] <= r["recall@2"] <= r["recall@4"] <= r["recall@8"] <= 1
     emb, labels, paths = load_embeddings(run, "test")
     assert len(labels) == m["protocol"]["n_test"] and emb.shape[0] == len(paths)
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # recall@1 by hand, each query left out
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    assert r["recall@1"] == pytest.approx(float(np.mean(labels[sims.argmax(1)] == labels)))
 
 
 def test_an_unknown_protocol_is_a_clear_error(run):

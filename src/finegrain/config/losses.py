@@ -44,31 +44,34 @@ class TripletLoss(Section):
     margin: float = Field(0.1, ge=0)
 
 
-class ProxyAnchorLoss(Section):
+class ProxyLoss(Section):
+    """A loss with one learned proxy per class, trained at its own learning rate."""
+
+    proxy_lr_mult: float = Field(100.0, gt=0)
+    """The proxies' learning rate relative to the head's."""
+
+
+class ProxyAnchorLoss(ProxyLoss):
     """Kim et al. 2020: one learned proxy per class."""
 
     name: Literal["proxy_anchor"]
     margin: float = 0.1
     alpha: float = 32.0
-    proxy_lr_mult: float = Field(100.0, gt=0)
-    """The proxies' learning rate relative to the head's."""
 
 
-class NormalizedSoftmaxLoss(Section):
+class NormalizedSoftmaxLoss(ProxyLoss):
     """Zhai & Wu 2018: softmax over cosine similarities to class proxies."""
 
     name: Literal["normalized_softmax"]
     temperature: float = Field(0.05, gt=0)
-    proxy_lr_mult: float = Field(100.0, gt=0)
 
 
-class ArcFaceLoss(Section):
+class ArcFaceLoss(ProxyLoss):
     """Deng et al. 2019: an additive angular margin (in degrees) on class proxies."""
 
     name: Literal["arcface"]
     margin: float = Field(28.6, ge=0)
     scale: float = Field(64.0, gt=0)
-    proxy_lr_mult: float = Field(100.0, gt=0)
 
 
 LOSS_CONFIGS: dict[str, type[Section]] = {

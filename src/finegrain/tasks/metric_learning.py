@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from finegrain.config.losses import ProxyLoss
 from finegrain.tasks.base import TASKS, FinegrainTask
 from finegrain.tasks.losses import build_loss
 
@@ -41,7 +42,8 @@ class MetricLearningTask(FinegrainTask):
         params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if not params:
             return []
-        return [{"params": params, "lr": lr * getattr(self.cfg.loss, "proxy_lr_mult", 1.0), "name": "loss"}]
+        mult = self.cfg.loss.proxy_lr_mult if isinstance(self.cfg.loss, ProxyLoss) else 1.0
+        return [{"params": params, "lr": lr * mult, "name": "loss"}]
 
     def training_step(self, batch, batch_idx):
         if batch is None:
