@@ -161,3 +161,8 @@ class ExperimentConfig(Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return v
+
+
+def eval_sizes(data: DataConfig) -> list[tuple[int, int]]:
+    """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged)."""
+    return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]

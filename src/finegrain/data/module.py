@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from finegrain.config import DataConfig, ExperimentConfig
+from finegrain.config.schema import eval_sizes
 from finegrain.data.records import ImageCollection, ImageRecord
 from finegrain.data.splits import Split, make_split
 from finegrain.errors import DataError
@@ -60,11 +61,6 @@ def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Sp
         collection or open_data(data), protocol=data.protocol, holdout=data.holdout,
         val_fraction=data.val_fraction, seed=data.split_seed,
     )
-
-
-def eval_sizes(data: DataConfig) -> list[tuple[int, int]]:
-    """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged)."""
-    return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
 
 
 def sizes_read(data: DataConfig) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finegrain.config.schema import eval_sizes  # noqa: F401 - where the ONNX engine finds it
 from finegrain.errors import FinegrainError
 
 
@@ -38,11 +39,6 @@ def mean_over_sizes(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Multi-scale testing: the outputs of the same images at each size, averaged."""
     return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
 
-
-def eval_sizes(data) -> list[tuple[int, int]]:
-    """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged);
-    the same rule as :func:`finegrain.data.module.eval_sizes`, which imports torch."""
-    return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
 
 
 class EncodingLoop:
