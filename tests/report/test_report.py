@@ -391,3 +391,16 @@ def test_class_names_come_from_what_training_logged_when_there_is_no_per_class_c
     assert logged_class_names(tmp_path) == ["AM General Hummer SUV 2000", "Acura RL"]
     (tmp_path / "logs" / "hparams.yaml").write_text("class_names: [unclosed\n")
     assert logged_class_names(tmp_path) is None
+
+
+def test_report_names_the_cpu_and_how_the_model_ran(trained_run, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    page = write_report(run).read_text()
+    assert metrics["machine"]["cpu"] in page
+    assert f"native bf16 {'yes' if metrics['machine']['native_bf16'] else 'no'}" in page
+    assert f"{metrics['inference']['engine']} engine, precision {metrics['inference']['precision']}" in page

@@ -153,8 +153,14 @@ def metrics_section(metrics: dict) -> str:
     ]
     mach = metrics.get("machine") or {}
     if mach:
-        info.append(("machine", f"{mach.get('platform', '?')}, {mach.get('cores', mach.get('cpus', '?'))} CPU cores, "
+        cpu = mach.get("cpu") or mach.get("platform", "?")
+        flags = f" ({', '.join(mach['cpu_flags'])})" if mach.get("cpu_flags") else ""
+        bf16 = "" if "native_bf16" not in mach else f", native bf16 {'yes' if mach['native_bf16'] else 'no'}"
+        info.append(("machine", f"{cpu}{flags}, {mach.get('cores', mach.get('cpus', '?'))} CPU cores{bf16}, "
                                 f"CUDA {'yes' if mach.get('cuda') else 'no'}"))
+    run_with = metrics.get("inference") or {}
+    if run_with:
+        info.append(("inference", f"{run_with.get('engine', '?')} engine, precision {run_with.get('precision', '?')}"))
     if metrics.get("checkpoint"):
         checksum = str(metrics.get("model_checksum") or "")[:12]
         info.append(("checkpoint", f"{metrics['checkpoint']}" + (f" (sha256 {checksum}…)" if checksum else "")))
