@@ -136,6 +136,14 @@ def thread_plan_enabled() -> bool:
     return os.environ.get("FINEGRAIN_THREAD_PLAN", "1") != "0"
 
 
+def model_threads(busy_workers: int) -> int:
+    """Intra-op threads for a model (torch, ONNX Runtime, FAISS) beside ``busy_workers`` loader
+    processes: the cores they leave (every core when the thread plan is switched off)."""
+    if not thread_plan_enabled():
+        return cores()
+    return max(1, cores() - busy_workers)
+
+
 def set_threads(busy_workers: int) -> int:
     """Give torch (and FAISS, when loaded) the cores that ``busy_workers`` loader processes leave;
     returns the number of threads set."""
@@ -145,7 +153,7 @@ def set_threads(busy_workers: int) -> int:
 
     if not thread_plan_enabled():  # benchmark switch: leave torch's threads alone
         return torch.get_num_threads()
-    threads = max(1, cores() - busy_workers)
+    threads = model_threads(busy_workers)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if "faiss" in sys.modules:

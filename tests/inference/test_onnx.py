@@ -255,3 +255,18 @@ def test_server_runs_without_torch(classifier, tmp_path):
         server.terminate()
         out, _ = server.communicate(timeout=30)
     assert "with the onnx engine" in out, out
+
+
+def test_int8_calibration_counts_each_readable_image_once_across_sizes(multiscale, tmp_path):
+    """Two evaluation sizes feed every image twice, and an unreadable one not at all: the export
+    records the distinct images quantization saw, not the inputs nor the sample drawn."""
+    import dataclasses
+
+    from finegrain.tasks.export import CalibrationSample
+
+    sample = CalibrationSample(load_model(multiscale).cfg, 10)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    sample.records[0] = dataclasses.replace(sample.records[0], path=bad)
+    inputs = sum(len(batch) for batch in sample)
+    assert inputs == 2 * 9 and sample.images == 9

@@ -3,7 +3,7 @@
 ``finegrain data prepare`` writes ``<cache root>/prepared/<key>/`` with
 ``images.npy`` (``[N, H, W, 3]`` uint8), ``index.json`` (the image paths in row
 order and the files that could not be read) and a ``.complete`` marker. It is written
-into a hidden sibling folder of its own (``.<key>.<pid>-<tag>.partial.tmp``), fsynced and
+into a hidden sibling folder of its own (``.<key>.<pid>@<host>@<tag>.partial.tmp``), fsynced and
 renamed into place, so a reader sees a whole cache or none; the folders of killed
 preparations are removed by the next one. The key
 hashes the image list (paths, sizes, modification times, boxes), the size and the
@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +30,7 @@ import numpy as np
 from finegrain.data.images import load_resized
 from finegrain.data.records import ImageRecord
 from finegrain.errors import ImageError
+from finegrain.progress import wanted as progress_wanted
 from finegrain.runs import atomic_write_text, fsync_dir
 
 
@@ -108,7 +111,7 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
     final = cache_dir / "prepared" / cache_key(records, size, bbox_margin)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final.parent)
-    work = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial.tmp")
+    work = work_folder(final)
     work.mkdir()
     unique = sorted({str(r.path): r for r in records}.values(), key=lambda r: str(r.path))
     h, w = size
@@ -124,7 +127,7 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
             bad[str(r.path)] = e.reason
 
     columns = (TextColumn("preparing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress or os.environ.get("FINEGRAIN_PROGRESS") == "0") as bar, \
+    with Progress(*columns, disable=not (progress and progress_wanted())) as bar, \
             ThreadPoolExecutor(max(1, num_workers)) as pool:
         task = bar.add_task(f"{h}x{w}", total=len(unique))
         for _ in pool.map(load, range(len(unique))):
@@ -136,18 +139,37 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
     atomic_write_text(work / "index.json", json.dumps(
         {"paths": [str(r.path) for r in unique], "bad": bad, "size": [h, w], "bbox_margin": bbox_margin}))
     atomic_write_text(work / ".complete", "ok\n")
-    if (final / ".complete").is_file():  # another process prepared the same cache meanwhile
-        shutil.rmtree(work, ignore_errors=True)
-        return PreparedCache(final)
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of an older version
-    try:
-        work.rename(final)
-    except OSError:  # lost a race to another process renaming its copy into place
-        shutil.rmtree(work, ignore_errors=True)
-        if not (final / ".complete").is_file():
-            raise
-    fsync_dir(final.parent)
-    return PreparedCache(final)
+    return PreparedCache(install(work, final))
+
+
+def install(work: Path, final: Path) -> Path:
+    """Rename the complete folder ``work`` to ``final``; when another process installed ``final``
+    first, keep theirs and drop ``work``. An incomplete ``final`` (of an older version) is moved
+    aside first, never deleted in place: a complete one cannot appear over it meanwhile, since a
+    rename onto a non-empty folder fails."""
+    for _ in range(2):
+        try:
+            work.rename(final)
+            fsync_dir(final.parent)
+            return final
+        except OSError:
+            if (final / ".complete").is_file():  # another process prepared the same cache meanwhile
+                shutil.rmtree(work, ignore_errors=True)
+                return final
+        aside = work_folder(final, "stale")
+        try:
+            final.rename(aside)
+        except FileNotFoundError:  # someone else moved it aside
+            continue
+        if (aside / ".complete").is_file():  # completed between our check and the move: put it back
+            try:
+                aside.rename(final)
+            except OSError:
+                pass  # another copy is in place by now, and just as good
+            shutil.rmtree(work, ignore_errors=True)
+            return final
+        shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"cannot install the prepared cache {work} as {final}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -160,12 +182,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+STALE_AFTER_SECONDS = 24 * 3600
+"""A work folder of a preparation on another host counts as killed after this long unchanged."""
+
+
+def work_folder(final: Path, kind: str = "partial") -> Path:
+    """A fresh hidden folder name beside ``final`` (``kind``: ``partial`` being written, ``stale`` set
+    aside to delete), naming this process and host, by which others tell whether it was abandoned."""
+    return final.with_name(f".{final.name}.{os.getpid()}@{socket.gethostname()}@{uuid.uuid4().hex[:8]}.{kind}.tmp")
+
+
+def _killed(work: Path) -> bool:
+    """Whether the preparation writing ``work`` is gone: its pid is dead on this host; on another
+    host (a cache on a shared disk), nothing in it has changed for :data:`STALE_AFTER_SECONDS`."""
+    owner = work.name.rsplit(".", 2)[0].split(".", 2)[-1]  # pid@host@tag (pid-tag: before hosts were named)
+    pid, _, rest = owner.partition("@") if "@" in owner else owner.partition("-")
+    host = rest.rpartition("@")[0] if "@" in owner else socket.gethostname()
+    if host == socket.gethostname():
+        return not pid.isdigit() or not _pid_alive(int(pid))
+    try:
+        newest = max([work.stat().st_mtime] + [f.stat().st_mtime for f in work.iterdir()])
+    except OSError:
+        return False  # being removed or renamed right now
+    return time.time() - newest > STALE_AFTER_SECONDS
+
+
 def remove_stale_partials(prepared: Path) -> list[Path]:
-    """Remove the work folders of preparations that were killed (their process is gone)."""
+    """Remove the work folders of preparations that were killed, and the folders they set aside
+    (:func:`install`) but did not delete (see :func:`_killed`)."""
     removed = []
-    for p in prepared.glob(".*.partial.tmp"):
-        pid = p.name.rsplit(".partial.tmp", 1)[0].rsplit(".", 1)[-1].split("-")[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+    for p in [*prepared.glob(".*.partial.tmp"), *prepared.glob(".*.stale.tmp")]:
+        if _killed(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     for p in prepared.glob("*.partial"):  # the fixed-name work folders of earlier versions

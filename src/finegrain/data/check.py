@@ -20,6 +20,7 @@ from pathlib import Path
 from finegrain.data.detect import open_collection
 from finegrain.data.images import open_rgb
 from finegrain.errors import ImageError
+from finegrain.progress import wanted as progress_wanted
 
 EXAMPLES = 3  # example paths shown per conversion kind
 
@@ -77,7 +78,7 @@ def _inspect(path: Path, hash_bytes: bool) -> tuple[str | None, str | None, str,
 
 
 def _progress_enabled(progress: bool) -> bool:
-    return progress and os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
+    return progress and progress_wanted()
 
 
 def check_dataset(

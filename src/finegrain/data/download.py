@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
 import shutil
 import socket
 import urllib.error
@@ -22,6 +21,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from finegrain.errors import DataError
+from finegrain.progress import wanted as progress_wanted
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,6 @@ def download_tiny_imagenet(dest: Path | str, url: str = TINY_IMAGENET_URL,
     return found
 
 
-def _progress_enabled() -> bool:
-    return os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
 
 
 def _open(url: str, start: int):
@@ -165,7 +163,7 @@ def _stream(resp, part: Path, mode: str, start: int, url: str, hint: str) -> Non
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), TimeRemainingColumn())
         with open(part, mode) as f, Progress(*columns, transient=True,
-                                              disable=not _progress_enabled()) as bar:
+                                              disable=not progress_wanted()) as bar:
             task = bar.add_task(f"downloading {part.name[:-5]}", total=total, completed=start)
             got = 0
             while chunk := resp.read(CHUNK):

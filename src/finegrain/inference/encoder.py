@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from finegrain.inference.load import LoadedModel
-from finegrain.inference.outputs import EncodingLoop, Outputs, mean_over_sizes  # noqa: F401 - re-exported
+from finegrain.inference.outputs import EncodingLoop, Outputs, named_outputs  # noqa: F401 - re-exported
 from finegrain.machine import inference_precision, resolve_precision, set_threads
 
 
@@ -59,26 +59,15 @@ class Encoder(EncodingLoop):
         return cls(LoadedModel(model.eval(), cfg, [], Path("-"), "-"), precision)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Outputs of one uint8 batch ``[B, 3, H, W]``: features, embedding, logits (float32 arrays)."""
-        x = x.to(self.device)
+    def forward(self, x) -> dict[str, np.ndarray]:
+        """Outputs of one uint8 batch ``[B, 3, H, W]`` (tensor or array): features, embedding, logits
+        (float32 arrays)."""
+        x = torch.as_tensor(x).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.precision):
             out = forward_tta(self.model, x, self.tta_flip)
-        res = {"features": out["features"].float().cpu().numpy()}
-        res["embedding"] = out.get("embedding", out["features"]).float().cpu().numpy()
-        if "logits" in out:
-            res["logits"] = out["logits"].float().cpu().numpy()
-        return res
-
-    def encode_rgb(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
-        """One RGB image ``[H, W, 3]`` uint8, resized to every size as its gallery was: outputs ``[1, ...]``."""
-        from finegrain.data.images import resize_rgb
-
-        outs = [self.forward(torch.from_numpy(resize_rgb(rgb, size)).permute(2, 0, 1).unsqueeze(0))
-                for size in self.sizes]
-        return mean_over_sizes(outs)
+        return named_outputs({k: v.float().cpu().numpy() for k, v in out.items()})
 
     def prepare(self, loader) -> None:
         set_threads(loader.num_workers)

@@ -147,5 +147,5 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Iterable[np.ndarray]
         if reader.count == 0:
             raise FinegrainError("no calibration images could be read for int8 quantization")
         os.replace(target, out_path)
-    settings["calibration_images"] = reader.count
+    settings["calibration_inputs"] = reader.count  # images x sizes
     return settings

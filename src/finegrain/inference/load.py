@@ -9,6 +9,7 @@ load with ``weights_only=True``: a run directory from a stranger cannot run code
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +62,19 @@ def run_checkpoint(run: RunDir) -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, unpickled with ``weights_only=True`` (tensors and plain data only)."""
+    return read_checkpoint_hashed(path)[0]
+
+
+def read_checkpoint_hashed(path: Path) -> tuple[dict[str, Any], str]:
+    """:func:`read_checkpoint`, and the sha256 of the very bytes it unpickled (one read of the file)."""
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise FinegrainError(f"cannot read checkpoint {path}: {e}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise FinegrainError(f"refusing checkpoint {path}: it is unsafe or not a finegrain checkpoint (it holds "
@@ -73,7 +83,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise FinegrainError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(state, dict):
         raise FinegrainError(f"{path} is not a finegrain checkpoint (not a mapping)")
-    return state
+    return state, hashlib.sha256(data).hexdigest()
 
 
 def checkpoint_config(state: dict[str, Any], path: Path) -> tuple[ExperimentConfig, list[str]]:
@@ -116,7 +126,7 @@ def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> Load
         if not cfg.trains:  # a kNN row trains nothing: its model is another run's, or the pretrained one
             return source_model(cfg, run)
     ckpt = checkpoint or run_checkpoint(run)
-    state = read_checkpoint(ckpt)
+    state, checksum = read_checkpoint_hashed(ckpt)
     cfg, class_names = checkpoint_config(state, ckpt)
     check_config_copy(run, cfg)
     from finegrain.models.build import build_from_config, num_outputs
@@ -133,7 +143,7 @@ def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> Load
             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
         )
     model.eval()
-    return LoadedModel(model, cfg, class_names, ckpt, file_sha256(ckpt))
+    return LoadedModel(model, cfg, class_names, ckpt, checksum)
 
 
 def source_model(cfg: ExperimentConfig, run: RunDir) -> LoadedModel:

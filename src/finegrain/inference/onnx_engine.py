@@ -23,7 +23,8 @@ import numpy as np
 
 from finegrain.errors import FinegrainError
 from finegrain.inference.load import LoadedModel, check_config_copy, checkpoint_config, file_sha256
-from finegrain.inference.outputs import EncodingLoop, eval_sizes, mean_over_sizes
+from finegrain.inference.outputs import EncodingLoop, eval_sizes, named_outputs
+from finegrain.machine import model_threads
 from finegrain.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,7 @@ class OnnxEncoder(EncodingLoop):
         self._ort = import_onnxruntime()
         self._sessions: dict[int, Any] = {}
         self._loop_threads: int | None = None
-        self.session(self._threads(0))  # load now: a corrupt file is reported here, not at the first query
-
-    @staticmethod
-    def _threads(busy_workers: int) -> int:
-        from finegrain.machine import cores
-
-        return max(1, cores() - busy_workers)
+        self.session(model_threads(0))  # load now: a corrupt file is reported here, not at the first query
 
     def session(self, threads: int):
         """The ONNX Runtime session using ``threads`` intra-op threads (made once per count)."""
@@ -139,7 +134,7 @@ class OnnxEncoder(EncodingLoop):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads < self._threads(0):  # loader workers decode meanwhile: idle threads must not spin
+            if threads < model_threads(0):  # loader workers decode meanwhile: idle threads must not spin
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -164,20 +159,9 @@ class OnnxEncoder(EncodingLoop):
         if self.tta_flip:
             flipped = self._run(np.ascontiguousarray(x[..., ::-1]), threads)
             out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
-        res = {"features": out["features"].astype(np.float32, copy=False),
-               "embedding": out.get("embedding", out["features"]).astype(np.float32, copy=False)}
-        if "logits" in out:
-            res["logits"] = out["logits"].astype(np.float32, copy=False)
-        return res
-
-    def encode_rgb(self, rgb) -> dict[str, np.ndarray]:
-        """One RGB image (Pillow), resized to every size as its gallery was: outputs ``[1, ...]``."""
-        from finegrain.data.images import resize_rgb
-
-        outs = [self.forward(resize_rgb(rgb, size).transpose(2, 0, 1)[None]) for size in self.sizes]
-        return mean_over_sizes(outs)
+        return named_outputs(out)
 
     def prepare(self, loader) -> None:
         """Batches of ``loader`` run with the threads its worker processes leave free."""
-        self._loop_threads = self._threads(loader.num_workers)
+        self._loop_threads = model_threads(loader.num_workers)
         self.session(self._loop_threads)

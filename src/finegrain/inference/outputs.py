@@ -35,6 +35,16 @@ class Outputs:
         return d
 
 
+def named_outputs(out: dict) -> dict[str, np.ndarray]:
+    """A model's outputs (arrays by name) as both engines give them: ``features``, ``embedding``
+    (the features when the model has no embedder) and, with a classifier, ``logits``; float32."""
+    res = {"features": np.asarray(out["features"], dtype=np.float32),
+           "embedding": np.asarray(out.get("embedding", out["features"]), dtype=np.float32)}
+    if "logits" in out:
+        res["logits"] = np.asarray(out["logits"], dtype=np.float32)
+    return res
+
+
 def mean_over_sizes(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Multi-scale testing: the outputs of the same images at each size, averaged."""
     return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
@@ -63,6 +73,12 @@ class EncodingLoop:
 
     def forward(self, x) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def encode_rgb(self, rgb) -> dict[str, np.ndarray]:
+        """One RGB image (Pillow), resized to every size as its gallery was: outputs ``[1, ...]``."""
+        from finegrain.data.images import resize_rgb
+
+        return mean_over_sizes([self.forward(resize_rgb(rgb, size).transpose(2, 0, 1)[None]) for size in self.sizes])
 
     def encode_records(self, records, caches: dict | None = None, description: str = "encoding") -> Outputs:
         """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, unknown_name
 from finegrain.faiss_import import import_faiss
 from finegrain.machine import package_version
 from finegrain.registry import Registry
@@ -99,7 +99,7 @@ def faiss_metric(metric: str) -> int:
         return faiss.METRIC_INNER_PRODUCT
     if metric == "euclidean":
         return faiss.METRIC_L2
-    raise FinegrainError(f"unknown metric '{metric}'. Valid: {', '.join(METRICS)}")
+    raise unknown_name("metric", metric, METRICS)
 
 
 def ivf_params(n: int) -> tuple[int, int]:
@@ -141,17 +141,13 @@ def _ivf(dim: int, metric: str, n: int) -> tuple[Any, dict]:
                    "train_points": min(n, nlist * IVF_MAX_TRAIN_POINTS_PER_LIST)}
 
 
-KINDS: tuple[str, ...] = tuple(INDEX_KINDS.names())
 
-
-def make_index(dim: int, metric: str, kind: str, n: int) -> tuple[Any, dict]:
-    """An empty FAISS index of ``kind`` and its parameters (recorded in the metadata)."""
-    faiss_metric(metric)  # an unknown metric is named before anything is built
-    try:
-        build = INDEX_KINDS.get(kind)
-    except FinegrainError:
-        raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}") from None
-    return build(dim, metric, n)
+def index_builder(kind: str, metric: str) -> Callable[[int, str, int], tuple[Any, dict]]:
+    """The builder of an empty FAISS index of ``kind`` (and its parameters, recorded in the metadata);
+    an unknown kind or metric is named, with the valid ones, before anything is built."""
+    if metric not in METRICS:
+        raise unknown_name("metric", metric, METRICS)
+    return INDEX_KINDS.get(kind)
 
 
 def _apply_search_params(index: Any, kind: str, params: dict) -> None:
@@ -233,10 +229,7 @@ class GalleryIndex:
         search is measured on up to 1,000 gallery vectors used as queries and
         stored in ``meta["approx_recall_at_10"]`` (None for ``flat``).
         """
-        if metric not in METRICS:
-            raise FinegrainError(f"unknown metric '{metric}'. Valid: {', '.join(METRICS)}")
-        if kind not in INDEX_KINDS:
-            raise FinegrainError(f"unknown index kind '{kind}'. Valid: {', '.join(KINDS)}")
+        make_index = index_builder(kind, metric)
         x = _as_matrix(embeddings, "embeddings")
         n, dim = x.shape
         if n == 0:
@@ -252,7 +245,7 @@ class GalleryIndex:
         if metric == "cosine":
             x = l2_normalize(x)
 
-        index, params = make_index(dim, metric, kind, n)
+        index, params = make_index(dim, metric, n)
         t0 = time.perf_counter()
         if kind == "ivf":
             index.train(x)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import random
 import shutil
 import sys
@@ -28,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
 from finegrain.machine import resolve_precision, set_threads
+from finegrain.progress import wanted as progress_wanted
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run, die, fault_point
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping_patience))
     # FINEGRAIN_PROGRESS=0 silences progress; a terminal gets a live bar, anything else log lines.
-    wanted = os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
+    wanted = progress_wanted()
     progress = wanted and sys.stdout.isatty()
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar

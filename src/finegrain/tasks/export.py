@@ -53,24 +53,34 @@ def headline_accuracy(encoder, cfg) -> dict:
     return {"metric": "top1", "value": float(m["top1"]), "n_images": len(out.labels)}
 
 
-def calibration_batches(cfg, n_images: int, seed: int = 0):
+class CalibrationSample:
     """uint8 batches of up to ``n_images`` training images (seeded sample), at every evaluation size,
-    decoded by the evaluation loaders: the pixels inference sees."""
-    from finegrain.data.module import FinegrainDataModule, eval_loaders
+    decoded by the evaluation loaders (the pixels inference sees); ``images`` counts the distinct
+    readable images that were fed."""
 
-    dm = FinegrainDataModule(cfg)
-    records = list(dm.train_records) or list(dm.split.train)
-    if not records:
-        raise FinegrainError("the run's dataset has no training images to calibrate int8 quantization on")
-    sample = random.Random(seed).sample(records, min(n_images, len(records)))
+    def __init__(self, cfg, n_images: int, seed: int = 0) -> None:
+        from finegrain.data.module import FinegrainDataModule
 
-    def batches():
-        for loader in eval_loaders(sample, cfg.data, dm.caches):
+        self.cfg = cfg
+        self.dm = FinegrainDataModule(cfg)
+        records = list(self.dm.train_records) or list(self.dm.split.train)
+        if not records:
+            raise FinegrainError("the run's dataset has no training images to calibrate int8 quantization on")
+        self.records = random.Random(seed).sample(records, min(n_images, len(records)))
+        self._seen: set[int] = set()
+
+    @property
+    def images(self) -> int:
+        return len(self._seen)
+
+    def __iter__(self):
+        from finegrain.data.module import eval_loaders
+
+        for loader in eval_loaders(self.records, self.cfg.data, self.dm.caches):
             for batch in loader:
                 if batch is not None:
+                    self._seen.update(int(i) for i in batch[2])
                     yield batch[0].numpy()
-
-    return batches(), len(sample)
 
 
 def check_request(fmt: str, quantize: str | None, calibration_images: int) -> None:
@@ -126,9 +136,9 @@ def add_int8(run, meta: dict, dest: Path, cfg, calibration_images: int) -> None:
     from finegrain.inference.export import quantize_int8
 
     fp32 = dest / FP32_FILE
-    batches, n_sample = calibration_batches(cfg, calibration_images)
-    how = quantize_int8(fp32, dest / INT8_FILE, batches)
-    how["calibration_images"] = n_sample
+    sample = CalibrationSample(cfg, calibration_images)
+    how = quantize_int8(fp32, dest / INT8_FILE, sample)
+    how["calibration_images"] = sample.images
     from finegrain.inference.load import file_sha256
 
     int8 = dest / INT8_FILE
