@@ -11,7 +11,9 @@ random images, which is enough for speed and meaningless for accuracy). The thre
 then timed on the same random uint8 batches through the project's own inference path:
 
 - ``torch``: ``finegrain.inference.encoder.Encoder.forward`` in the precision
-  ``finegrain.machine.inference_precision()`` picks on this machine, on channels-last input;
+  ``finegrain.machine.inference_precision()`` picks on this machine, on channels-last input (as
+  finegrain's loaders give it);
+- ``torch-nchw``: the same on a contiguous NCHW batch, plain eager PyTorch as most scripts run it;
 - ``onnx-fp32`` / ``onnx-int8``: ``finegrain.inference.onnx_engine.OnnxEncoder.forward``
   (ONNX Runtime's CPU provider, one intra-op thread per core).
 
@@ -73,7 +75,7 @@ def build_encoders(backbone: str, size: int, work: Path) -> tuple[dict, dict]:
     quant_s = time.perf_counter() - t0
     meta = {"model_checksum": "-", "config": cfg.model_dump(mode="json"), "class_names": names, "has_classifier": True,
             "files": {k: {"file": f, "sha256": file_sha256(dest / f)} for k, f in (("fp32", FP32_FILE), ("int8", INT8_FILE))}}
-    encoders = {"torch": Encoder(loaded), "onnx-fp32": OnnxEncoder(run, meta, "32"),
+    encoders = {"torch": Encoder(loaded), "torch-nchw": Encoder(loaded), "onnx-fp32": OnnxEncoder(run, meta, "32"),
                 "onnx-int8": OnnxEncoder(run, meta, "int8")}
     facts = {"export_seconds": round(export_s, 2), "quantize_seconds": round(quant_s, 2),
              "parity_max_abs_diff": parity, "torch_precision": encoders["torch"].precision,
@@ -89,10 +91,11 @@ def measure(encoders: dict, size: int, batch: int, seconds: float, rounds: int, 
     import torch
 
     torch.set_num_threads(threads)
-    kwargs = {n: ({} if n == "torch" else {"threads": threads}) for n in encoders}
+    kwargs = {n: ({} if n.startswith("torch") else {"threads": threads}) for n in encoders}
 
     x = np.random.default_rng(1).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
-    inputs = {"torch": torch.from_numpy(x).contiguous(memory_format=torch.channels_last)}  # as the loaders give it
+    inputs = {"torch": torch.from_numpy(x).contiguous(memory_format=torch.channels_last),  # as the loaders give it
+              "torch-nchw": torch.from_numpy(x)}  # plain eager: a contiguous NCHW batch, as most scripts pass it
     names = list(encoders)
     for n in names:
         encoders[n].forward(inputs.get(n, x), **kwargs[n])  # warm-up: allocations, kernel selection
@@ -140,9 +143,10 @@ def main() -> None:
                 f"{facts['quantize_seconds']} s ({facts['int8_mb']} MB); torch runs in precision {facts['torch_precision']}")
             for batch in a.batches:
                 speeds = measure(encoders, a.size, batch, a.seconds, a.rounds, threads)
-                ref = speeds["torch"]["images_per_second"]
+                ref, plain = speeds["torch"]["images_per_second"], speeds["torch-nchw"]["images_per_second"]
                 for n, s in speeds.items():
                     s["vs_torch"] = round(s["images_per_second"] / ref, 2)
+                    s["vs_torch_nchw"] = round(s["images_per_second"] / plain, 2)
                 case = {"model": backbone, "image_size": [a.size, a.size], "batch_size": batch, "threads": threads,
                         "load_average": list(os.getloadavg()), **facts,
                         "engines": speeds}
