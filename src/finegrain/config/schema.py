@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from finegrain.config.losses import CrossEntropyLoss, LossConfig
 from finegrain.config.section import Section
+from finegrain.errors import ConfigError
 
 
 class SyntheticConfig(Section):
@@ -99,6 +100,14 @@ class TrainConfig(Section):
     cutmix: float = Field(0.0, ge=0)
     head_epochs: int = Field(0, ge=0)
     """Two-stage fine-tuning: train only the head for this many epochs first."""
+    frozen_cache_views: int = Field(0, ge=0)
+    """With ``model.freeze_stages``: compute the frozen stem and stages once, at the start of training,
+    for N views of every training image (0: the image at ``data.image_size``, 1: its mirror, 2 to N-1:
+    seeded ``data.augment`` draws), keep them in memory as float16 (images x N x the frozen output's
+    size x 2 bytes), and train the rest of the model on them: each epoch every image comes as one
+    random view, its feature map randomly cropped to 75-100% of its height and width. Steps skip the
+    frozen forward pass; augmentation is limited to those N views. Validation and testing use images.
+    0 (default): off. Not with mixup, cutmix or head_epochs."""
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = 0
     accelerator: str = "auto"
@@ -144,6 +153,24 @@ class ExperimentConfig(Section):
         if isinstance(loss, dict) and "name" not in loss:  # ``loss: {label_smoothing: 0.1}``
             data = {**data, "loss": {"name": "cross_entropy", **loss}}
         return data
+
+    @model_validator(mode="after")
+    def _frozen_cache_fits(self) -> ExperimentConfig:
+        # a ConfigError (not a ValueError) leaves pydantic as it is: one clear line wherever configs are validated
+        n, t = self.train.frozen_cache_views, self.train
+        if not n:
+            return self
+        if self.model.freeze_stages < 1:
+            raise ConfigError(f"train.frozen_cache_views: {n} caches the outputs of the frozen stages, but "
+                              "model.freeze_stages is 0: set model.freeze_stages to 1 or more, or "
+                              "train.frozen_cache_views to 0")
+        for key, value in (("mixup", t.mixup), ("cutmix", t.cutmix), ("head_epochs", t.head_epochs)):
+            if value > 0:
+                raise ConfigError(f"train.frozen_cache_views cannot be combined with train.{key} ({value:g}): "
+                                  + ("it mixes images, and the cache holds the frozen stages' outputs"
+                                     if key != "head_epochs" else "the head-only epochs change what of the "
+                                     "backbone trains") + f"; set train.{key} or train.frozen_cache_views to 0")
+        return self
 
     @property
     def trains(self) -> bool:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
@@ -20,6 +21,9 @@ from finegrain.data.records import ImageCollection, ImageRecord
 from finegrain.data.splits import Split, make_split
 from finegrain.errors import DataError
 from finegrain.machine import plan_threads
+
+if TYPE_CHECKING:
+    from finegrain.data.frozen_features import FrozenViews
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,9 @@ class FinegrainDataModule(L.LightningDataModule):
         self.test_records = self.split.test
         if not self.train_records:
             raise DataError(f"no usable training images in {dataset_root(d)}")
+        self.frozen_views: FrozenViews | None = None
+        """``train.frozen_cache_views``: the frozen stages' outputs of the training images, set by the
+        task when fitting starts (it has the model); the training loader then yields them."""
 
     @property
     def class_names(self) -> list[str]:
@@ -162,24 +169,31 @@ class FinegrainDataModule(L.LightningDataModule):
         return t.world_size, t.global_rank
 
     def train_dataloader(self) -> DataLoader:
+        d, seed = self.cfg.data, self.cfg.train.seed
+        if self.cfg.train.frozen_cache_views:  # batches of the frozen stages' outputs, not images
+            from finegrain.data.frozen_features import frozen_loader
+
+            if self.frozen_views is None:
+                raise DataError("train.frozen_cache_views: the frozen stages' outputs were not computed (the task "
+                                "does it at the start of fit, FinegrainTask.on_fit_start)")
+            sampler = self._train_sampler(self.frozen_views.labels.tolist())
+            return frozen_loader(self.frozen_views, sampler, d.batch_size, seed)
+        sampler = self._train_sampler([r.label for r in self.train_records])
+        return make_loader(self.train_records, d, True, sampler=sampler, seed=seed, cache=self.cache)
+
+    def _train_sampler(self, labels: list[int]):
+        """Class-balanced batches (``data.sampler: m_per_class``) or one seeded shuffle per epoch
+        (Lightning calls ``set_epoch``), identical after a resume, over the images of ``labels``."""
         d = self.cfg.data
         replicas, rank = self._world()
         seed = self.cfg.train.seed
         if d.sampler == "m_per_class":
             from finegrain.data.samplers import DistributedMPerClassSampler
 
-            labels = [r.label for r in self.train_records]
-            sampler = DistributedMPerClassSampler(
+            return DistributedMPerClassSampler(
                 labels, m=d.m_per_class, batch_size=d.batch_size, num_replicas=replicas, rank=rank, seed=seed,
             )
-            return make_loader(self.train_records, d, True,
-                               sampler=sampler, seed=seed, cache=self.cache)
-        # One seeded shuffle per epoch (Lightning calls set_epoch), identical after a resume.
-        sampler = DistributedSampler(
-            range(len(self.train_records)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed,
-        )
-        return make_loader(self.train_records, d, True, sampler=sampler, seed=seed,
-                           cache=self.cache)
+        return DistributedSampler(range(len(labels)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:

@@ -16,7 +16,9 @@ fine-tuning. The early layers of an ImageNet network change least when fine-tune
 and cost most at high resolution; freezing them skips their backward pass
 (EfficientNet-Lite0 at 144x192 trains 1.36x faster with the stem and two stages
 frozen). Stages are timm EfficientNets' ``blocks`` and torchvision ResNets'
-``layer1``-``layer4``.
+``layer1``-``layer4``. :func:`early_forward` and :func:`late_forward` split the
+backbone's forward pass after the frozen stages (together they equal it), so the
+frozen part's outputs can be computed once and trained on (``train.frozen_cache_views``).
 
 How "stays in eval mode" is done: a :class:`~finegrain.models.model.FinegrainModel`
 records the policy in ``model.freeze_policy`` and its ``train()`` override puts
@@ -29,6 +31,9 @@ pre-hook on its backbone doing the same before every forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from finegrain.errors import ConfigError, unknown_name
@@ -53,19 +58,69 @@ def _eval_hook(policy: str):
     return hook
 
 
+Tail = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _layout(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module], Tail | None]:
+    """(stem modules in forward order, stages, the tail from the last stage's output to the pooled,
+    flattened features, or None where the forward pass is not known well enough to be split)."""
+    b = backbone
+    if hasattr(b, "conv_stem") and hasattr(b, "blocks"):  # timm EfficientNet / MobileNet
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.mobilenetv3 import MobileNetV3
+
+        tail: Tail | None = None
+        if isinstance(b, EfficientNet):  # the head convolution is part of its forward_features
+            tail = lambda x: b.forward_head(b.bn2(b.conv_head(x)))
+        elif isinstance(b, MobileNetV3):  # its forward_head holds the head convolution
+            tail = b.forward_head
+        return [b.conv_stem, b.bn1], list(b.blocks), tail
+    if all(hasattr(b, f"layer{i}") for i in range(1, 5)):
+        stages = [getattr(b, f"layer{i}") for i in range(1, 5)]
+        if hasattr(b, "act1") and hasattr(b, "forward_head"):  # timm ResNet (timm:resnet*)
+            return [b.conv1, b.bn1, b.act1, b.maxpool], stages, b.forward_head
+        # torchvision ResNet: its stem ends with relu and maxpool; fc is Identity (backbones._strip_head)
+        return [b.conv1, b.bn1, b.relu, b.maxpool], stages, lambda x: b.fc(torch.flatten(b.avgpool(x), 1))
+    raise ConfigError(f"model.freeze_stages: {type(b).__name__} has no known stages "
+                      "(supported: timm EfficientNets, torchvision ResNets)")
+
+
 def early_modules(backbone: nn.Module, stages: int) -> list[nn.Module]:
-    """The stem and the first ``stages`` stages of ``backbone``, in forward order."""
-    if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):  # timm EfficientNet / MobileNet
-        stem, all_stages = [backbone.conv_stem, backbone.bn1], list(backbone.blocks)
-    elif all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):  # torchvision ResNet
-        stem, all_stages = [backbone.conv1, backbone.bn1], [getattr(backbone, f"layer{i}") for i in range(1, 5)]
-    else:
-        raise ConfigError(f"model.freeze_stages: {type(backbone).__name__} has no known stages "
-                          "(supported: timm EfficientNets, torchvision ResNets)")
+    """The stem and the first ``stages`` stages of ``backbone``, in forward order (none for 0)."""
+    stem, all_stages, _ = _layout(backbone)
     if not 0 <= stages <= len(all_stages):
         raise ConfigError(f"model.freeze_stages must be between 0 and {len(all_stages)} for this backbone, "
                           f"got {stages}")
     return stem + all_stages[:stages] if stages else []
+
+
+def _split(backbone: nn.Module, stages: int) -> tuple[list[nn.Module], list[nn.Module], Tail]:
+    """(the frozen prefix's modules, the later ones, the tail) of a backbone whose forward pass is known."""
+    stem, all_stages, tail = _layout(backbone)
+    early = early_modules(backbone, stages)
+    if tail is None:
+        raise ConfigError(f"train.frozen_cache_views: cannot split {type(backbone).__name__}'s forward pass after "
+                          "its frozen stages (supported: timm EfficientNets and MobileNetV3s, torchvision and "
+                          "timm ResNets)")
+    return early, ([] if stages else stem) + all_stages[stages:], tail
+
+
+def early_forward(backbone: nn.Module, stages: int, x: torch.Tensor) -> torch.Tensor:
+    """The output of the stem and first ``stages`` stages for normalised images ``x`` (``x`` itself for 0)."""
+    for m in _split(backbone, stages)[0]:
+        x = m(x)
+    return x
+
+
+def late_forward(backbone: nn.Module, stages: int, f: torch.Tensor) -> torch.Tensor:
+    """The rest of ``backbone`` from :func:`early_forward`'s output ``f``: the later stages, the
+    tail and global pooling, to ``[B, out_features]``; ``late_forward(b, s, early_forward(b, s, x))``
+    is ``b(x)`` flattened. The pooling takes any map size (a cropped ``f`` too)."""
+    _, late, tail = _split(backbone, stages)
+    for m in late:
+        f = m(f)
+    out = tail(f)
+    return out.flatten(1) if out.dim() > 2 else out
 
 
 def apply_freeze(model: nn.Module, policy: str, stages: int = 0) -> nn.Module:
@@ -83,6 +138,7 @@ def apply_freeze(model: nn.Module, policy: str, stages: int = 0) -> nn.Module:
         for p in (p for m in early for p in m.parameters()):
             p.requires_grad_(False)
         model.frozen_parts = early
+        model.frozen_stages = stages
         model.train(model.training)
     if policy == "none":
         return model

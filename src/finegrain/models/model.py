@@ -7,6 +7,10 @@
 - ``embedding``: ``[B, embedding_dim]`` when the model has an embedder
   (L2-normalised when ``normalize_embedding``).
 
+With ``frozen=True`` (``forward``, ``features``, ``logits``, ``embed``) the input is the output of
+:meth:`FinegrainModel.frozen_prefix` (the frozen stem and stages of ``model.freeze_stages``) rather
+than images: training on cached frozen-stage outputs (``train.frozen_cache_views``) runs only the rest.
+
 Heads (``head``):
 
 - ``classifier``: ``Dropout(p) -> Linear(feature_dim, num_classes)`` on the features;
@@ -35,6 +39,7 @@ from finegrain.errors import ConfigError, unknown_name
 from finegrain.registry import Registry
 from finegrain.models.backbones import WEIGHT_CHOICES, _check_weights, build_backbone, load_local_weights
 from finegrain.models.cubs import VARIANTS, CUBSBlock
+from finegrain.models.freezing import early_forward, late_forward
 
 CUBS_CHOICES: tuple[str, ...] = ("none", *VARIANTS)
 
@@ -82,6 +87,7 @@ class FinegrainModel(nn.Module):
         # set by finegrain.models.freezing.apply_freeze; honoured by train()
         self.freeze_policy = "none"
         self.frozen_parts: list[nn.Module] = []  # model.freeze_stages: kept in eval mode too
+        self.frozen_stages = 0  # model.freeze_stages, set by apply_freeze
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "FinegrainModel":
@@ -108,8 +114,19 @@ class FinegrainModel(nn.Module):
         inv_std = 1 / (torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255)
         return x.float().sub_(mean).mul_(inv_std)  # in place: one float copy of the batch
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``[B, feature_dim]`` of uint8 or normalised float images."""
+    def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the frozen stem and stages (``model.freeze_stages``) for normalised images."""
+        return early_forward(self.backbone, self.frozen_stages, x)
+
+    def features_from_frozen(self, f: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[B, feature_dim]`` from :meth:`frozen_prefix`'s output (or a crop of it)."""
+        return late_forward(self.backbone, self.frozen_stages, f)
+
+    def features(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Pooled backbone features ``[B, feature_dim]`` of uint8 or normalised float images or, with
+        ``frozen``, of :meth:`frozen_prefix` outputs (every head method takes ``frozen`` too)."""
+        if frozen:
+            return self.features_from_frozen(x)
         f = self.backbone(self.normalise_input(x))
         return f.flatten(1) if f.dim() > 2 else f
 
@@ -122,23 +139,23 @@ class FinegrainModel(nn.Module):
     def _logits_from(self, f: torch.Tensor, raw_emb: torch.Tensor | None) -> torch.Tensor:
         return self.classifier(raw_emb if self.classifier_on_embedding else f)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """Class scores ``[B, num_classes]``; an error when the model has no classifier."""
         if self.classifier is None:
             raise ConfigError("this model has no classifier (head: embedding); use embed() or features()")
-        f = self.features(x)
+        f = self.features(x, frozen)
         raw = self._raw_embedding(f) if self.classifier_on_embedding else None
         return self._logits_from(f, raw)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """The embedding when the model has an embedder, else the features."""
-        f = self.features(x)
+        f = self.features(x, frozen)
         if self.embedder is None:
             return f
         return self._normalise(self._raw_embedding(f))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(x)
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> dict[str, torch.Tensor]:
+        f = self.features(x, frozen)
         out: dict[str, torch.Tensor] = {"features": f}
         raw = self._raw_embedding(f) if self.embedder is not None else None
         if raw is not None:

@@ -45,6 +45,9 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         lr += f"; {sch.name} schedule" + (f", {sch.warmup_epochs:g} warm-up epoch{'' if sch.warmup_epochs == 1 else 's'}"
                                              if sch.warmup_epochs else "")
     aug = d.augment + "".join(f", {k} {v:g}" for k, v in (("mixup", t.mixup), ("cutmix", t.cutmix)) if v)
+    if t.frozen_cache_views:
+        aug += (f"; trained on {t.frozen_cache_views} cached view(s) per image of the frozen stages' outputs, "
+                "feature maps cropped to 75-100%")
     epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
     size = list(d.image_size)
     tested = [list(t) for t in ((metrics or {}).get("protocol", {}).get("eval_image_sizes") or d.eval_image_sizes)]

@@ -1,5 +1,5 @@
-"""What every training objective shares: the model, optimiser, schedule and
-two-stage freezing. Subclasses define the loss and the validation metric."""
+"""What every training objective shares: the model, optimiser, schedule, two-stage freezing and
+training on cached outputs of the frozen stages. Subclasses define the loss and the validation metric."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from finegrain.config import ExperimentConfig
-from finegrain.errors import unknown_name
+from finegrain.errors import FinegrainError, unknown_name
 from finegrain.registry import Registry
 from finegrain.models.build import build_from_config, num_outputs
 
@@ -33,9 +33,16 @@ class FinegrainTask(L.LightningModule):
         self._trainable_after_head_stage: dict[int, bool] = {}
 
     # ---------------------------------------------------------------- inputs
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of the loader (uint8) as the model's normalised float input, channels-last when asked."""
-        x = self.model.normalise_input(x)
+    @property
+    def trains_from_cache(self) -> bool:
+        """Whether training batches are the frozen stages' cached outputs (``train.frozen_cache_views``):
+        ``training_step`` then passes ``frozen=True`` to :meth:`prepare_input` and the model."""
+        return self.cfg.train.frozen_cache_views > 0
+
+    def prepare_input(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """A batch of the loader as the model's input, channels-last when asked: uint8 images normalised,
+        or with ``frozen`` the frozen stages' cached outputs (float16) as float32."""
+        x = x.float() if frozen else self.model.normalise_input(x)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -43,6 +50,30 @@ class FinegrainTask(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.trains_from_cache:
+            self.cache_frozen_outputs()
+
+    def cache_frozen_outputs(self) -> None:
+        """Compute the frozen stages' outputs of the training images once (the frozen weights are final
+        here: restored, on their device) for the data module's training loader; in eval mode, without
+        autograd, in the training precision, channels-last as configured."""
+        from finegrain.data.frozen_features import build_frozen_views
+
+        dm, t = self.trainer.datamodule, self.cfg.train
+        if not hasattr(dm, "frozen_views"):
+            raise FinegrainError("train.frozen_cache_views needs the trainer fitted with a FinegrainDataModule")
+
+        def prefix(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), self.trainer.precision_plugin.forward_context():
+                return self.model.frozen_prefix(self.prepare_input(x.to(self.device)))
+
+        training = self.model.training
+        self.model.eval()
+        try:
+            dm.frozen_views = build_frozen_views(dm.train_records, self.cfg.data, prefix, t.frozen_cache_views,
+                                                 t.seed, cache=dm.cache)
+        finally:
+            self.model.train(training)
 
     # ---------------------------------------------------------------- two-stage fine-tuning
     def on_train_epoch_start(self) -> None:

@@ -35,10 +35,11 @@ class ClassificationTask(FinegrainTask):
         if batch is None:  # every image of the batch was unreadable
             return None
         x, y, _ = batch
-        x, target = self.prepare_input(x), y
-        if self.mixer is not None:  # mixes normalised float images
+        frozen = self.trains_from_cache  # x: the frozen stages' cached outputs rather than images
+        x, target = self.prepare_input(x, frozen), y
+        if self.mixer is not None:  # mixes normalised float images (never with the cache: config refuses it)
             x, target = self.mixer(x, y)
-        logits = self.model.logits(x)
+        logits = self.model.logits(x, frozen)
         loss = F.cross_entropy(logits, target, label_smoothing=getattr(self.cfg.loss, "label_smoothing", 0.0))
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))

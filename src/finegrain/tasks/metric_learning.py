@@ -49,7 +49,8 @@ class MetricLearningTask(FinegrainTask):
         if batch is None:
             return None
         x, y, _ = batch
-        emb = self.model.embed(self.prepare_input(x)).float()
+        frozen = self.trains_from_cache  # x: the frozen stages' cached outputs rather than images
+        emb = self.model.embed(self.prepare_input(x, frozen), frozen).float()
         labels = self.label_lookup[y]
         pairs = self.miner(emb, labels) if self.miner is not None else None
         loss = self.loss_fn(emb, labels, pairs) if pairs is not None else self.loss_fn(emb, labels)
