@@ -186,6 +186,7 @@ def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -
                         f"python benchmarks/accuracy_cars.py --only {m.name}"),
             "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
             "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{m.name}.log"),
+            "cpu": cpu_facts(result["machine"]),  # each row's CPU: rows of other runs may differ
         }
         metrics_file = args.runs / m.name / "metrics.json"
         if code != 0 or not metrics_file.is_file():
@@ -208,6 +209,11 @@ def run_methods(methods: list[Method], args: argparse.Namespace, result: dict) -
 
     jobs = [(m.name, command(m, args.runs, threads, args.parallel), args.runs / f"{m.name}.log") for m in methods]
     run_timed(jobs, args.parallel, threads, done, cwd=ROOT)
+
+
+def cpu_facts(machine: dict) -> dict[str, Any]:
+    """The facts of the CPU a method ran on that decide its speed (kept beside each method's row)."""
+    return {k: machine.get(k) for k in ("cpu_model", "cpu_flags", "native_bf16", "auto_precision", "torch")}
 
 
 def shown(path: Path) -> str:
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_time": "user + system seconds of the method's process and the processes it waited for "
                     "(os.wait4 rusage); a budget of 45 CPU-minutes is 45 minutes of one core",
         "goals": GOALS,
-        "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),
+        "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),  # of the latest run
         "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     result.setdefault("methods", {})
