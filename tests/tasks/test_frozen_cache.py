@@ -119,6 +119,28 @@ def test_classification_trains_on_the_cache_and_leaves_a_normal_checkpoint(tmp_p
     assert not torch.equal(state["model.backbone.layer4.0.conv1.weight"], start["backbone.layer4.0.conv1.weight"])
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_schedules_that_count_steps_before_fit_starts_train_on_the_cache(tmp_path, schedule):
+    """The shipped cpu45 recipes (onecycle, cosine) ask for the training loader in configure_optimizers,
+    before on_fit_start: the cache is built then, once."""
+    from finegrain.data import frozen_features
+
+    builds = []
+    real = frozen_features.build_frozen_views
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 2},
+                      schedule={"name": schedule, "warmup_epochs": 1}, train={"epochs": 2, "frozen_cache_views": 2})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(frozen_features, "build_frozen_views", counting)
+        run, _ = engine.fit(cfg, runs_root=tmp_path)
+    assert builds == [1]
+    assert len(engine.read_history(run.history)) == 2
+
+
 # ---------------------------------------------------------------------- (c) the views and their draw
 def _prefix(model):
     def run(x: torch.Tensor) -> torch.Tensor:

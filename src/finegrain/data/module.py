@@ -155,8 +155,8 @@ class FinegrainDataModule(L.LightningDataModule):
         if not self.train_records:
             raise DataError(f"no usable training images in {dataset_root(d)}")
         self.frozen_views: FrozenViews | None = None
-        """``train.frozen_cache_views``: the frozen stages' outputs of the training images, set by the
-        task when fitting starts (it has the model); the training loader then yields them."""
+        """``train.frozen_cache_views``: the frozen stages' outputs of the training images, computed by
+        the task being fitted (it has the model) when the training loader is first asked for."""
 
     @property
     def class_names(self) -> list[str]:
@@ -173,9 +173,12 @@ class FinegrainDataModule(L.LightningDataModule):
         if self.cfg.train.frozen_cache_views:  # batches of the frozen stages' outputs, not images
             from finegrain.data.frozen_features import frozen_loader
 
-            if self.frozen_views is None:
-                raise DataError("train.frozen_cache_views: the frozen stages' outputs were not computed (the task "
-                                "does it at the start of fit, FinegrainTask.on_fit_start)")
+            if self.frozen_views is None:  # first asked for: by the schedule's step count, or the fit loop
+                task = getattr(getattr(self, "trainer", None), "lightning_module", None)
+                if not callable(getattr(task, "cache_frozen_outputs", None)):
+                    raise DataError("train.frozen_cache_views: the frozen stages' outputs are computed by the task "
+                                    "being fitted (FinegrainTask.cache_frozen_outputs); there is none")
+                task.cache_frozen_outputs()
             sampler = self._train_sampler(self.frozen_views.labels.tolist())
             return frozen_loader(self.frozen_views, sampler, d.batch_size, seed)
         sampler = self._train_sampler([r.label for r in self.train_records])

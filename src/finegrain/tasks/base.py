@@ -50,18 +50,20 @@ class FinegrainTask(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.trains_from_cache:
-            self.cache_frozen_outputs()
 
     def cache_frozen_outputs(self) -> None:
-        """Compute the frozen stages' outputs of the training images once (the frozen weights are final
-        here: restored, on their device) for the data module's training loader; in eval mode, without
-        autograd, in the training precision, channels-last as configured."""
+        """Compute the frozen stages' outputs of the training images once, for the data module's
+        training loader (which asks when it is first built: the frozen weights never change, so a
+        resumed run gets the same); in eval mode, without autograd, in the training precision,
+        channels-last as configured."""
         from finegrain.data.frozen_features import build_frozen_views
 
         dm, t = self.trainer.datamodule, self.cfg.train
         if not hasattr(dm, "frozen_views"):
             raise FinegrainError("train.frozen_cache_views needs the trainer fitted with a FinegrainDataModule")
+
+        if t.channels_last:  # asked for before on_fit_start when the schedule counts the steps
+            self.model.to(memory_format=torch.channels_last)
 
         def prefix(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), self.trainer.precision_plugin.forward_context():
