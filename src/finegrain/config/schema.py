@@ -132,6 +132,10 @@ class EvalConfig(Section):
     tta_flip: bool = False
     source_run: str | None = None
     """kNN rows: the run whose model gives the embeddings (a run name in the same runs folder, or a path)."""
+    export_onnx: bool = False
+    """``finegrain train`` exports the trained model to ONNX (``RUN/export``, as ``finegrain export``
+    does) before its evaluation, which then runs on ONNX Runtime: about twice as fast on a CPU, and
+    index, search and serve use the export too."""
 
 
 class ExperimentConfig(Section):

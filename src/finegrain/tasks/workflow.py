@@ -12,7 +12,7 @@ def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), re
                        override_stored: bool = False, evaluate: bool = True) -> tuple[RunDir, dict | None]:
     """Train ``cfg`` into ``runs_root/<name>`` (a kNN row trains nothing: its run is only created;
     a resumed run whose training already ended with this config is not trained again), then
-    evaluate it on its test split. Returns the run and its metrics (None when not evaluated,
+    evaluate it on its test split (with ``eval.export_onnx``, exported first and evaluated on ONNX Runtime). Returns the run and its metrics (None when not evaluated,
     or on a DDP process other than the first)."""
     from finegrain.tasks.engine import fit
     from finegrain.tasks.evaluate import evaluate_run
@@ -25,5 +25,10 @@ def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), re
         run = create_run(cfg, runs_root, resume=resume, override_stored=override_stored)
     else:
         run, global_zero = fit(cfg, runs_root=runs_root, resume=resume, override_stored=override_stored)
-    metrics = evaluate_run(run.path) if evaluate and global_zero else None
-    return run, metrics
+    if not (evaluate and global_zero):
+        return run, None
+    if cfg.trains and cfg.eval.export_onnx:
+        from finegrain.tasks.export import export_run
+
+        export_run(run.path)  # evaluation (engine auto) then runs the export
+    return run, evaluate_run(run.path)
