@@ -23,12 +23,13 @@ def autocast_for(precision: str):
 
 
 def forward_tta(model: torch.nn.Module, x: torch.Tensor, tta_flip: bool) -> dict[str, torch.Tensor]:
-    """The model's outputs; with ``tta_flip`` the mean of the image's and its mirror's."""
-    out = model(x)
-    if tta_flip:
-        flipped = model(torch.flip(x, dims=[3]))
-        out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
-    return out
+    """The model's outputs; with ``tta_flip`` the mean of the image's and its mirror's, both in one
+    batch (one pass of twice the batch keeps the cores busier than two, above all for one query)."""
+    if not tta_flip:
+        return model(x)
+    both = model(torch.cat([x, torch.flip(x, dims=[3])]))
+    n = len(x)
+    return {k: (v[:n] + v[n:]) / 2 for k, v in both.items()}
 
 
 class Encoder(EncodingLoop):

@@ -155,11 +155,11 @@ class OnnxEncoder(EncodingLoop):
         """Outputs of one uint8 batch ``[B, 3, H, W]`` (numpy, or a torch tensor from a loader):
         features, embedding, logits (float32 arrays); flips averaged as :meth:`Encoder.forward` does."""
         x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.uint8)
-        out = self._run(x, threads)
-        if self.tta_flip:
-            flipped = self._run(np.ascontiguousarray(x[..., ::-1]), threads)
-            out = {k: (v + flipped[k]) / 2 for k, v in out.items()}
-        return named_outputs(out)
+        if not self.tta_flip:
+            return named_outputs(self._run(x, threads))
+        both = self._run(np.concatenate([x, x[..., ::-1]]), threads)  # one pass, as the torch engine
+        n = len(x)
+        return named_outputs({k: (v[:n] + v[n:]) / 2 for k, v in both.items()})
 
     def prepare(self, loader) -> None:
         """Batches of ``loader`` run with the threads its worker processes leave free."""
