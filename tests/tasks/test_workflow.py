@@ -43,3 +43,17 @@ def test_export_onnx_exports_before_evaluating_and_evaluation_runs_the_export(tm
     assert plain_metrics["inference"]["engine"] == "torch" and not (plain.path / "export").exists()
     # the same training on both: the engines agree on every test image's class
     assert abs(metrics["classification"]["top1"] - plain_metrics["classification"]["top1"]) < 1e-9
+
+
+def test_a_failed_export_still_evaluates_with_pytorch(tmp_path, monkeypatch, caplog):
+    import finegrain.tasks.export as export
+    from finegrain.errors import FinegrainError
+
+    def no_onnxruntime(*a, **k):
+        raise FinegrainError("the onnx engine needs ONNX Runtime: pip install 'finegrain[serve]'")
+
+    monkeypatch.setattr(export, "export_run", no_onnxruntime)
+    cfg = tiny_config(tmp_path, name="noort", train={"epochs": 1}, eval={"export_onnx": True})
+    run, metrics = train_and_evaluate(cfg, tmp_path / "runs")
+    assert metrics["inference"]["engine"] == "torch" and run.metrics.is_file()
+    assert "not exported" in caplog.text and "ONNX Runtime" in caplog.text

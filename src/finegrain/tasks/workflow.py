@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from finegrain.config import ExperimentConfig, config_to_yaml
+from finegrain.errors import FinegrainError
 from finegrain.runs import RunDir, create_run
+
+log = logging.getLogger(__name__)
 
 
 def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False,
@@ -30,5 +34,8 @@ def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), re
     if cfg.trains and cfg.eval.export_onnx:
         from finegrain.tasks.export import export_run
 
-        export_run(run.path)  # evaluation (engine auto) then runs the export
+        try:
+            export_run(run.path)  # evaluation (engine auto) then runs the export
+        except FinegrainError as e:  # say, ONNX Runtime not installed: the trained model still evaluates
+            log.warning("eval.export_onnx: not exported (%s); evaluating with PyTorch", e)
     return run, evaluate_run(run.path)
