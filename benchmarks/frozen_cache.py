@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from common import load_average, log, machine_info, warn_if_busy  # noqa: E402
-from throughput import alternate, summarise  # noqa: E402  (the same rotation and summary)
+from throughput import alternate, summarise, timed  # noqa: E402  (the same rotation and summary)
 
 from finegrain.runs import atomic_write_json  # noqa: E402
 
@@ -218,25 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         feats, loader_seconds = cached_batches(frozen, batch, 0, max(1, warmup + steps))
         plain, cached = train_step(cfg, precision, False), train_step(cfg, precision, True)
 
-        def run_plain(n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                plain(x, y)
-                out.append(time.perf_counter() - t0)
-            return out
-
-        def run_cached(n: int) -> list[float]:
-            out = []
-            for i in range(n):
-                f, _, _ = feats[i % len(feats)]
-                t0 = time.perf_counter()
-                cached(f, y)
-                out.append(time.perf_counter() - t0)
-            return out
-
-        per_round = alternate({"without_cache": run_plain, "with_cache": run_cached}, warmup, steps, rounds,
-                              batch, "train")
+        maps = [f for f, _, _ in feats]
+        runners = {"without_cache": lambda n: timed(plain, x, y, n), "with_cache": lambda n: timed(cached, maps, y, n)}
+        per_round = alternate(runners, warmup, steps, rounds, batch, "train")
         train = {v: summarise(r, batch) for v, r in per_round.items()}
         without = train["without_cache"]["images_per_second_median"]
         with_cache = train["with_cache"]["images_per_second_median"]

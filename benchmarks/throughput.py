@@ -131,11 +131,13 @@ def infer_step_fn(model, kind: str) -> Callable:
 
 
 def timed(step: Callable, x, y, n: int) -> list[float]:
-    """Seconds of each of ``n`` calls of ``step``."""
+    """Seconds of each of ``n`` calls ``step(x, y)``; ``x`` a batch, or a list of batches taken in turn."""
+    xs = x if isinstance(x, list) else [x]
     out = []
-    for _ in range(n):
+    for i in range(n):
+        batch = xs[i % len(xs)]
         t0 = time.perf_counter()
-        step(x, y)
+        step(batch, y)
         out.append(time.perf_counter() - t0)
     return out
 
