@@ -21,7 +21,6 @@ import asyncio
 import io
 import ipaddress
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -164,12 +163,15 @@ def run_server(args: argparse.Namespace) -> None:
 
     from finegrain.serve.app import create_app
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, args.max_concurrency)))
-    if args.run:
+    from finegrain.machine import query_threads
+
+    if args.run:  # threads per query as `finegrain serve` gives them
         from finegrain.retrieval.searcher import Searcher
 
         searcher = Searcher(args.run, index_dir=Path(args.index) if args.index else None, engine=args.engine)
+        searcher.share_cores(args.max_concurrency)
     else:
+        torch.set_num_threads(query_threads(args.max_concurrency))
         searcher = TinyCnnSearcher(Path(args.gallery_dir), gallery=args.gallery)
     app = create_app(searcher, max_concurrency=args.max_concurrency)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

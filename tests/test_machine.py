@@ -77,6 +77,17 @@ def test_plan_threads_never_oversubscribes(monkeypatch, n):
     assert machine.plan_threads(0) == (0, n)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_concurrent_queries_share_the_cores_out(monkeypatch, n):
+    monkeypatch.setattr(machine, "cores", lambda: n)
+    for concurrency in range(1, 10):
+        threads = machine.query_threads(concurrency)
+        assert threads >= 1 and (threads * concurrency <= n or threads == 1), (n, concurrency, threads)
+    assert machine.query_threads(1) == n and machine.query_threads(0) == n
+    monkeypatch.setenv("FINEGRAIN_THREAD_PLAN", "0")  # the benchmark switch: every query gets every core
+    assert machine.query_threads(2) == n
+
+
 def test_machine_info_names_the_auto_precision(cpu):
     cpu(False)
     info = machine.machine_info()

@@ -144,11 +144,17 @@ def model_threads(busy_workers: int) -> int:
     return max(1, cores() - busy_workers)
 
 
+def query_threads(concurrency: int) -> int:
+    """Intra-op threads for each of ``concurrency`` queries served at once: the cores shared out
+    (at least one each), so concurrent queries never oversubscribe the cores."""
+    if not thread_plan_enabled():
+        return cores()
+    return max(1, cores() // max(1, concurrency))
+
+
 def set_threads(busy_workers: int) -> int:
     """Give torch (and FAISS, when loaded) the cores that ``busy_workers`` loader processes leave;
     returns the number of threads set."""
-    import sys
-
     import torch
 
     if not thread_plan_enabled():  # benchmark switch: leave torch's threads alone
@@ -156,9 +162,16 @@ def set_threads(busy_workers: int) -> int:
     threads = model_threads(busy_workers)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    set_faiss_threads(threads)
+    return threads
+
+
+def set_faiss_threads(threads: int) -> None:
+    """FAISS's OpenMP threads, when FAISS is loaded (it is not imported for this)."""
+    import sys
+
     if "faiss" in sys.modules:
         sys.modules["faiss"].omp_set_num_threads(threads)
-    return threads
 
 
 def package_version(name: str) -> str | None:

@@ -133,6 +133,20 @@ def test_onnx_equals_torch_at_two_sizes_with_flips(multiscale):
     assert not np.allclose(single["embedding"], plain["embedding"], atol=1e-4)
 
 
+def test_use_threads_runs_each_later_query_on_that_many_threads(classifier):
+    _, o = both_engines(classifier)
+    asked = []
+    session = o.session
+    o.session = lambda threads: asked.append(threads) or session(threads)
+    o.use_threads(1)
+    x = np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32), np.uint8)
+    before = o.forward(x)
+    assert asked[-1] == 1 and o.session(1).get_session_options().intra_op_num_threads == 1
+    o.use_threads(2)
+    np.testing.assert_allclose(o.forward(x)["embedding"], before["embedding"], atol=1e-5)  # same answer
+    assert asked[-1] == 2 and o.session(2).get_session_options().intra_op_num_threads == 2
+
+
 def test_int8_records_the_accuracy_evaluate_measures(classifier):
     meta = json.loads((classifier.path / "export" / "model.json").read_text())
     acc = meta["accuracy"]

@@ -64,3 +64,19 @@ def test_info_names_no_server_path(searcher):
     text = repr(searcher.info)
     assert str(searcher.run.path) not in text and "/" not in str(searcher.info.get("dataset", ""))
     assert searcher.info["engine"] == "torch" and searcher.info["gallery_size"] == searcher.gallery_size
+
+
+def test_share_cores_gives_each_concurrent_search_its_share(searcher, monkeypatch):
+    import torch
+
+    from finegrain import machine
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(machine, "cores", lambda: 4)
+    try:
+        assert searcher.share_cores(2) == 2 and torch.get_num_threads() == 2
+        assert searcher.share_cores(8) == 1 and torch.get_num_threads() == 1
+        hits, _ = searcher.search(open_rgb(searcher.gallery_path(0))[0], k=2)
+        assert hits[0].same_image
+    finally:
+        torch.set_num_threads(before)

@@ -18,17 +18,20 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     import finegrain.retrieval.searcher as search_mod
     from finegrain.serve import app as app_mod
 
-    made, ran = {}, {}
+    made, ran, shared = {}, {}, []
 
     def fake_searcher(run_path, index_dir=None, engine="auto"):
         made.update(run_path=run_path, index_dir=index_dir, engine=engine)
-        return FakeSearcher(gallery_dir)
+        searcher = FakeSearcher(gallery_dir)
+        searcher.share_cores = lambda n: shared.append(n) or 1  # what a Searcher does before serving
+        return searcher
 
     monkeypatch.setattr(search_mod, "Searcher", fake_searcher)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     app_mod.serve("runs/x", index_dir=None, port=8123, max_upload_mb=0.5, max_image_mpixels=2.5,
-                  allow_hosts=["search.lan"])
+                  allow_hosts=["search.lan"], max_concurrency=3)
     assert made == {"run_path": "runs/x", "index_dir": None, "engine": "auto"}
+    assert shared == [3]  # the cores are shared out among the searches the app runs at once
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
     assert ran["app"].state.max_upload_bytes == 2**19
     assert ran["app"].state.max_image_pixels == 2_500_000
@@ -42,6 +45,7 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     ({"max_upload_mb": -5}, "--max-upload-mb"), ({"max_upload_mb": 0}, "--max-upload-mb"),
     ({"max_upload_mb": float("nan")}, "--max-upload-mb"), ({"max_upload_mb": float("inf")}, "--max-upload-mb"),
     ({"max_image_mpixels": 0}, "--max-image-mpixels"), ({"max_image_mpixels": -1}, "--max-image-mpixels"),
+    ({"max_concurrency": 0}, "--max-concurrency"), ({"max_concurrency": 1.5}, "--max-concurrency"),
     ({"allow_hosts": ["http://evil/"]}, "host name"), ({"allow_hosts": ["a b"]}, "host name"),
 ])
 def test_serve_validates_its_options_before_loading(monkeypatch, kwargs, option):

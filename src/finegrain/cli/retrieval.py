@@ -110,9 +110,12 @@ def serve(
         "--allow-host", help="Another Host name to answer to (repeatable); by default only the bound "
                              "address, localhost, 127.0.0.1 and [::1].")] = None,
     engine: EngineOpt = "auto",
+    max_concurrency: Annotated[int, typer.Option(
+        help="Searches run at once; the cores are shared out among them, the others wait.")] = 2,
 ) -> None:
     """Serve the search page and JSON API for a run (FastAPI + uvicorn)."""
     from finegrain.serve.app import serve as serve_run
 
     serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb,
-              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [], engine=engine)
+              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [], engine=engine,
+              max_concurrency=max_concurrency)

@@ -72,3 +72,6 @@ class Encoder(EncodingLoop):
 
     def prepare(self, loader) -> None:
         set_threads(loader.num_workers)
+
+    def use_threads(self, threads: int) -> None:
+        torch.set_num_threads(threads)  # process-wide: each concurrent caller runs on its own share

@@ -123,7 +123,7 @@ class OnnxEncoder(EncodingLoop):
         self.precision = precision
         self._ort = import_onnxruntime()
         self._sessions: dict[int, Any] = {}
-        self._loop_threads: int | None = None
+        self._threads: int | None = None
         self.session(model_threads(0))  # load now: a corrupt file is reported here, not at the first query
 
     def session(self, threads: int):
@@ -134,7 +134,7 @@ class OnnxEncoder(EncodingLoop):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads < model_threads(0):  # loader workers decode meanwhile: idle threads must not spin
+            if threads < model_threads(0):  # loader workers or other queries share the cores: idle threads must not spin
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -147,7 +147,7 @@ class OnnxEncoder(EncodingLoop):
         return self._sessions[threads]
 
     def _run(self, x: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
-        sess = self.session(threads or self._loop_threads or next(iter(self._sessions)))
+        sess = self.session(threads or self._threads or next(iter(self._sessions)))
         values = sess.run(None, {INPUT_NAME: x})
         return dict(zip(self._outputs, values))
 
@@ -163,5 +163,8 @@ class OnnxEncoder(EncodingLoop):
 
     def prepare(self, loader) -> None:
         """Batches of ``loader`` run with the threads its worker processes leave free."""
-        self._loop_threads = model_threads(loader.num_workers)
-        self.session(self._loop_threads)
+        self.use_threads(model_threads(loader.num_workers))
+
+    def use_threads(self, threads: int) -> None:
+        self._threads = threads
+        self.session(threads)

@@ -55,7 +55,7 @@ class EncodingLoop:
     """What both engines do alike over records: one loader per size, batches in order, bad images
     skipped, outputs averaged over sizes. An engine defines ``sizes``, ``cfg``, ``forward(x)`` (one
     uint8 batch ``[B, 3, H, W]`` to float32 arrays), ``prepare(loader)`` (its threads beside the
-    loader's workers), ``loaded``, ``tta_flip``, ``precision`` and ``engine``."""
+    loader's workers), ``use_threads(n)`` (each query's threads when serving), ``loaded``, ``tta_flip``, ``precision`` and ``engine``."""
 
     sizes: list[tuple[int, int]]
 
@@ -70,6 +70,11 @@ class EncodingLoop:
 
     def prepare(self, loader) -> None:
         """Get ready to run ``loader``'s batches (threads beside its worker processes)."""
+
+    def use_threads(self, threads: int) -> None:
+        """Run each later :meth:`forward` on ``threads`` intra-op threads (a server running
+        several queries at once shares the cores out this way)."""
+        raise NotImplementedError
 
     def forward(self, x) -> dict[str, np.ndarray]:
         raise NotImplementedError

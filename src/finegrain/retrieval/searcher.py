@@ -18,6 +18,7 @@ from PIL import Image
 
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
+from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.index import check_k
 from finegrain.runs import open_run
 
@@ -132,6 +133,14 @@ class Searcher:
     @property
     def gallery_size(self) -> int:
         return len(self.index.paths)
+
+    def share_cores(self, concurrency: int) -> int:
+        """Give each of ``concurrency`` queries answered at once its share of the cores (the model's
+        and FAISS's threads), so they never oversubscribe them; returns the threads per query."""
+        threads = query_threads(concurrency)
+        self.encoder.use_threads(threads)
+        set_faiss_threads(threads)
+        return threads
 
     def gallery_path(self, i: int) -> str:
         return self.index.paths[i]

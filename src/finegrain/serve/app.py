@@ -231,10 +231,12 @@ def _add_gallery_route(app: FastAPI, searcher: SearchService) -> None:
 
 
 def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpixels: Any,
-                        allow_hosts: Iterable[str]) -> frozenset[str]:
+                        allow_hosts: Iterable[str], max_concurrency: Any = 2) -> frozenset[str]:
     """Validate ``serve``'s options (one :class:`FinegrainError` naming the option); return the allowed hosts."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise FinegrainError(f"--port must be between 1 and 65535; got {echo(port, 12)}")
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or not 1 <= max_concurrency <= 64:
+        raise FinegrainError(f"--max-concurrency must be between 1 and 64; got {echo(max_concurrency, 12)}")
     for option, value in (("--max-upload-mb", max_upload_mb), (IMAGE_LIMIT_SETTING, max_image_mpixels)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise FinegrainError(f"{option} must be a number above 0; got {echo(value, 12)}")
@@ -245,20 +247,21 @@ def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpix
 
 def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10, max_image_mpixels: float = DEFAULT_MAX_IMAGE_MPIXELS,
-          allow_hosts: Iterable[str] = (), engine: str = "auto") -> None:
+          allow_hosts: Iterable[str] = (), engine: str = "auto", max_concurrency: int = 2) -> None:
     """Load a run's model (on ``engine``: torch, onnx or auto) and gallery index; serve the page and API
-    with uvicorn.
+    with uvicorn, ``max_concurrency`` searches at once, each on its share of the cores.
 
     Options are checked before anything loads: a bad one is a :class:`FinegrainError`."""
     import uvicorn
 
     allow_hosts = list(allow_hosts or ())
-    hosts = check_serve_options(host, port, max_upload_mb, max_image_mpixels, allow_hosts)
+    hosts = check_serve_options(host, port, max_upload_mb, max_image_mpixels, allow_hosts, max_concurrency)
 
     from finegrain.retrieval.searcher import Searcher
 
     searcher = Searcher(run_path, index_dir=Path(index_dir) if index_dir else None, engine=engine)
-    app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20),
+    threads = searcher.share_cores(max_concurrency)  # concurrent searches must not oversubscribe the cores
+    app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20), max_concurrency=max_concurrency,
                      max_image_pixels=int(max_image_mpixels * 1e6), host=host, allow_hosts=allow_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
@@ -266,5 +269,6 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
         log.warning("listening on all interfaces, but only %s are accepted as Host: add this machine's "
                     "name or address with --allow-host", ", ".join(sorted(hosts)))
     print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images) "
-          f"with the {searcher.engine} engine on http://{host}:{port}/  (API docs at /docs)")
+          f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
+          f"on http://{host}:{port}/  (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")
