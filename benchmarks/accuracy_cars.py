@@ -219,22 +219,22 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
             "protocol": m.protocol, "method": m.what, "command": job.shell, "seed": job.seed,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{m.name}.log"),
+            "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{name}.log"),
             "cpu": cpu_facts(result["machine"]),  # each row's CPU: rows of other runs may differ
         }
-        metrics_file = args.runs / m.name / "metrics.json"
+        metrics_file = args.runs / name / "metrics.json"
         if code != 0 or not metrics_file.is_file():
             entry["error"] = f"exit code {code}; see {entry['log']}"
-            log(f"FAILED {m.name}: {entry['error']}")
+            log(f"FAILED {name}: {entry['error']}")
         else:
             metrics = json.loads(metrics_file.read_text())
             entry["metrics"] = summary(m, metrics)
             if "linear_probe" in metrics:
                 entry["linear_probe"] = metrics["linear_probe"]
-            cfg = config_of(args.runs / m.name)
+            cfg = config_of(args.runs / name)
             if cfg:
                 entry["recipe"] = recipe_of(cfg)
-            log(f"done {m.name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
+            log(f"done {name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
         if name in result["methods"]:  # keep what the earlier recipe gave
             result.setdefault("earlier", []).append({"name": name, **result["methods"][name]})
         result["methods"][name] = entry
