@@ -201,7 +201,8 @@ def recipe_of(cfg: dict) -> dict[str, Any]:
               "tta_flip": cfg["eval"]["tta_flip"], "model": cfg["model"]}
     if cfg["task"] != "knn":
         recipe |= {"epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"], "optim": cfg["optim"],
-                   "loss": cfg["loss"]["name"]}
+                   "loss": cfg["loss"]["name"], "frozen_cache_views": cfg["train"].get("frozen_cache_views", 0),
+                   "eval_engine": "onnx" if cfg["eval"].get("export_onnx") else "torch"}
     return recipe
 
 

@@ -243,14 +243,15 @@ def test_the_training_loader_keeps_the_sampler_and_passes_the_epoch_on(cached):
 
 
 # ---------------------------------------------------------------------- (d) metric learning
-def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_path, spy):
+@pytest.mark.parametrize("loss", ["multi_similarity", "proxy_anchor"])  # a pair loss, and one with learned proxies
+def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_path, spy, loss):
     spy, _ = spy
     cfg = tiny_config(
         tmp_path, name="ml", task="metric_learning",
         data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
               "val_fraction": 0.0, "synthetic": {"num_classes": 6}, "augment": "light"},
         model={"backbone": "resnet18", "freeze_stages": 2, "head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity"}, train={"epochs": 2, "frozen_cache_views": 2},
+        loss={"name": loss}, train={"epochs": 2, "frozen_cache_views": 2},
     )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     assert spy.batches and spy.calls_in_steps == 0
