@@ -61,7 +61,8 @@ from finegrain.runs import atomic_write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy_cars.json"
 CARS = ROOT.parent / "shared" / "data" / "stanford_cars"
-GOALS = {"classification_top1": 0.75, "retrieval_recall@1": 0.65, "cpu_minutes": 45.0}  # issue 17 (first round: 0.65, 0.55)
+# issue 17 (the first round, issue 7, asked for 0.65 and 0.55)
+GOALS = {"classification_top1": 0.75, "retrieval_recall@1": 0.65, "cpu_minutes": 45.0}
 
 
 @dataclass(frozen=True)

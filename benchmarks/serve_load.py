@@ -161,9 +161,8 @@ def run_server(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
-    from finegrain.serve.app import create_app
-
     from finegrain.machine import query_threads
+    from finegrain.serve.app import create_app
 
     if args.run:  # threads per query as `finegrain serve` gives them
         from finegrain.retrieval.searcher import Searcher

@@ -134,7 +134,7 @@ class OnnxEncoder(EncodingLoop):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads < model_threads(0):  # loader workers or other queries share the cores: idle threads must not spin
+            if threads < model_threads(0):  # loader workers or other queries share the cores: no spinning
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])

@@ -55,7 +55,8 @@ class EncodingLoop:
     """What both engines do alike over records: one loader per size, batches in order, bad images
     skipped, outputs averaged over sizes. An engine defines ``sizes``, ``cfg``, ``forward(x)`` (one
     uint8 batch ``[B, 3, H, W]`` to float32 arrays), ``prepare(loader)`` (its threads beside the
-    loader's workers), ``use_threads(n)`` (each query's threads when serving), ``loaded``, ``tta_flip``, ``precision`` and ``engine``."""
+    loader's workers), ``use_threads(n)`` (each query's threads when serving), ``loaded``,
+    ``tta_flip``, ``precision`` and ``engine``."""
 
     sizes: list[tuple[int, int]]
 
