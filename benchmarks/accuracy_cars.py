@@ -147,7 +147,7 @@ class Job:
         return self.method.name if self.seed is None else f"{self.method.name}-seed{self.seed}"
 
     @property
-    def shell(self) -> str:
+    def command_line(self) -> str:
         """The command a user types for this row."""
         m = self.method
         if m.config is None:
@@ -218,7 +218,7 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
         job = by_name[name]
         m = job.method
         entry: dict[str, Any] = {
-            "protocol": m.protocol, "method": m.what, "command": job.shell, "seed": job.seed,
+            "protocol": m.protocol, "method": m.what, "command": job.command_line, "seed": job.seed,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
             "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{name}.log"),

@@ -90,21 +90,21 @@ def measure(encoders: dict, size: int, batch: int, seconds: float, rounds: int, 
     import numpy as np
     import torch
 
-    torch.set_num_threads(threads)
-    kwargs = {n: ({} if n.startswith("torch") else {"threads": threads}) for n in encoders}
+    for encoder in encoders.values():
+        encoder.use_threads(threads)
 
     x = np.random.default_rng(1).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
     inputs = {"torch": torch.from_numpy(x).contiguous(memory_format=torch.channels_last),  # as the loaders give it
               "torch-nchw": torch.from_numpy(x)}  # plain eager: a contiguous NCHW batch, as most scripts pass it
     names = list(encoders)
     for n in names:
-        encoders[n].forward(inputs.get(n, x), **kwargs[n])  # warm-up: allocations, kernel selection
+        encoders[n].forward(inputs.get(n, x))  # warm-up: allocations, kernel selection
     per_round: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             done, t0 = 0, time.perf_counter()
             while True:
-                encoders[n].forward(inputs.get(n, x), **kwargs[n])
+                encoders[n].forward(inputs.get(n, x))
                 done += batch
                 elapsed = time.perf_counter() - t0
                 if elapsed >= seconds:

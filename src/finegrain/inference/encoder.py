@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from finegrain.inference.load import LoadedModel
-from finegrain.inference.outputs import EncodingLoop, Outputs, named_outputs  # noqa: F401 - re-exported
+from finegrain.inference.outputs import EncodingLoop, Outputs, mean_of_halves, named_outputs  # noqa: F401 - re-exported
 from finegrain.machine import inference_precision, resolve_precision, set_threads
 
 
@@ -27,9 +27,7 @@ def forward_tta(model: torch.nn.Module, x: torch.Tensor, tta_flip: bool) -> dict
     batch (one pass of twice the batch keeps the cores busier than two, above all for one query)."""
     if not tta_flip:
         return model(x)
-    both = model(torch.cat([x, torch.flip(x, dims=[3])]))
-    n = len(x)
-    return {k: (v[:n] + v[n:]) / 2 for k, v in both.items()}
+    return mean_of_halves(model(torch.cat([x, torch.flip(x, dims=[3])])), len(x))
 
 
 class Encoder(EncodingLoop):

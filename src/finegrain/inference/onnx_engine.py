@@ -23,7 +23,7 @@ import numpy as np
 
 from finegrain.errors import FinegrainError
 from finegrain.inference.load import LoadedModel, check_config_copy, checkpoint_config, file_sha256
-from finegrain.inference.outputs import EncodingLoop, eval_sizes, named_outputs
+from finegrain.inference.outputs import EncodingLoop, eval_sizes, mean_of_halves, named_outputs
 from finegrain.machine import model_threads
 from finegrain.runs import RunDir
 
@@ -146,20 +146,18 @@ class OnnxEncoder(EncodingLoop):
             self._outputs = [o.name for o in sess.get_outputs()]
         return self._sessions[threads]
 
-    def _run(self, x: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
-        sess = self.session(threads or self._threads or next(iter(self._sessions)))
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        sess = self.session(self._threads or next(iter(self._sessions)))
         values = sess.run(None, {INPUT_NAME: x})
         return dict(zip(self._outputs, values))
 
-    def forward(self, x: Any, threads: int | None = None) -> dict[str, np.ndarray]:
+    def forward(self, x: Any) -> dict[str, np.ndarray]:
         """Outputs of one uint8 batch ``[B, 3, H, W]`` (numpy, or a torch tensor from a loader):
         features, embedding, logits (float32 arrays); flips averaged as :meth:`Encoder.forward` does."""
         x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.uint8)
         if not self.tta_flip:
-            return named_outputs(self._run(x, threads))
-        both = self._run(np.concatenate([x, x[..., ::-1]]), threads)  # one pass, as the torch engine
-        n = len(x)
-        return named_outputs({k: (v[:n] + v[n:]) / 2 for k, v in both.items()})
+            return named_outputs(self._run(x))
+        return named_outputs(mean_of_halves(self._run(np.concatenate([x, x[..., ::-1]])), len(x)))  # one pass
 
     def prepare(self, loader) -> None:
         """Batches of ``loader`` run with the threads its worker processes leave free."""

@@ -45,6 +45,12 @@ def named_outputs(out: dict) -> dict[str, np.ndarray]:
     return res
 
 
+def mean_of_halves(both: dict, n: int) -> dict:
+    """Flip averaging: outputs of a batch of ``n`` images followed by their mirrors, averaged
+    pairwise (torch tensors or numpy arrays alike)."""
+    return {k: (v[:n] + v[n:]) / 2 for k, v in both.items()}
+
+
 def mean_over_sizes(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Multi-scale testing: the outputs of the same images at each size, averaged."""
     return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}

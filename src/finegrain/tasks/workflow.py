@@ -16,8 +16,9 @@ def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), re
                        override_stored: bool = False, evaluate: bool = True) -> tuple[RunDir, dict | None]:
     """Train ``cfg`` into ``runs_root/<name>`` (a kNN row trains nothing: its run is only created;
     a resumed run whose training already ended with this config is not trained again), then
-    evaluate it on its test split (with ``eval.export_onnx``, exported first and evaluated on ONNX Runtime). Returns the run and its metrics (None when not evaluated,
-    or on a DDP process other than the first)."""
+    evaluate it on its test split (with ``eval.export_onnx``, exported first and evaluated on ONNX
+    Runtime). Returns the run and its metrics (None when not evaluated, or on a DDP process other
+    than the first)."""
     from finegrain.tasks.engine import fit
     from finegrain.tasks.evaluate import evaluate_run
 
