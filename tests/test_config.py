@@ -49,6 +49,14 @@ def test_bad_value_names_key():
         build_config({"data": {"protocol": "retreival"}})
 
 
+@pytest.mark.parametrize("task", ["metric_learning", "knn"])
+def test_mixing_is_refused_where_no_classifier_trains(task):
+    for key in ("mixup", "cutmix"):
+        with pytest.raises(ConfigError, match=f"train.{key}.*task {task}"):
+            build_config({"task": task, "train": {key: 0.5}})
+    build_config({"task": "classification", "train": {"mixup": 0.5, "cutmix": 1.0}})
+
+
 def test_override_parsing_and_precedence(tmp_path):
     assert parse_override("train.lr=0.01") == {"train": {"lr": 0.01}}
     assert parse_override("data.image_size=[64,64]") == {"data": {"image_size": [64, 64]}}

@@ -247,6 +247,39 @@ def test_freeze_stages_freezes_the_stem_and_early_stages_only():
         apply_freeze(build_model("tin_cnn", num_classes=3), "none", stages=1)
 
 
+@pytest.mark.parametrize("backbone, blocks", [("efficientnet_lite0", 16), ("timm:resnet10t", 4)])
+def test_drop_path_rises_over_the_blocks_and_acts_in_training_only(backbone, blocks):
+    from timm.layers import DropPath
+
+    torch.manual_seed(0)
+    m = build_model(backbone, num_classes=3, drop_path=0.2)
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0
+             for b in m.backbone.modules() if hasattr(b, "drop_path")]
+    assert rates == pytest.approx([0.2 * i / blocks for i in range(blocks)])
+    for bn in m.modules():  # timm starts residual branches at zero (their last BatchNorm): wake them
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+    x = torch.randn(8, 3, 64, 64)
+    m.eval()
+    assert torch.equal(m.logits(x), m.logits(x))  # no dropping at inference
+    m.train()
+    torch.manual_seed(1)
+    a = m.logits(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, m.logits(x))  # blocks dropped at random per image
+    plain = build_model(backbone, num_classes=3)
+    assert not any(isinstance(b, DropPath) for b in plain.modules())
+
+
+def test_drop_path_on_a_backbone_without_timm_blocks_is_refused():
+    with pytest.raises(ConfigError, match="model.drop_path.*'resnet18'"):
+        build_model("resnet18", num_classes=3, drop_path=0.1)
+    from finegrain.config import build_config
+
+    with pytest.raises(Exception, match="drop_path"):
+        build_config({"name": "x", "model": {"drop_path": 1.0}})
+
+
 def test_freeze_on_a_plain_module_uses_a_hook():
     class Plain(nn.Module):
         def __init__(self):

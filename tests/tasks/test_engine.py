@@ -45,8 +45,9 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path, name="unbroken", train={"epochs": 3}, model={"dropout": 0.3})
+@pytest.mark.parametrize("ema", [0.0, 0.5])  # with an average of the weights, that average resumes too
+def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch, ema):
+    cfg = tiny_config(tmp_path, name="unbroken", train={"epochs": 3, "ema_decay": ema}, model={"dropout": 0.3})
     unbroken, _ = engine.fit(cfg, runs_root=tmp_path)
 
     crashed_cfg = cfg.model_copy(update={"name": "crashed"})
@@ -76,6 +77,33 @@ def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
     ha, hb = engine.read_history(unbroken.history), engine.read_history(resumed.history)
     assert [r["epoch"] for r in hb] == ["1", "2", "3"]
     assert float(ha[-1]["val/acc"]) == pytest.approx(float(hb[-1]["val/acc"]), abs=1e-6)
+
+
+def test_an_average_of_the_weights_is_what_validates_and_is_saved(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import Callback
+
+    decay, seen = 0.6, []
+
+    class Watch(Callback):  # the weights after every optimizer step
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            seen.append(pl_module.model.classifier[1].weight.detach().clone())
+
+    original = engine.trainer_for
+
+    def watched_trainer(*args, **kwargs):
+        t = original(*args, **kwargs)
+        t.callbacks.append(Watch())
+        return t
+
+    monkeypatch.setattr(engine, "trainer_for", watched_trainer)
+    run, _ = engine.fit(tiny_config(tmp_path, train={"epochs": 2, "ema_decay": decay}), runs_root=tmp_path)
+    ema = seen[0]
+    for w in seen[1:]:
+        ema = decay * ema + (1 - decay) * w
+    last = torch.load(run.last_ckpt, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(last["state_dict"]["model.classifier.1.weight"], ema)  # what is evaluated
+    torch.testing.assert_close(last["current_model_state"]["model.classifier.1.weight"], seen[-1])
+    assert not torch.allclose(ema, seen[-1])
 
 
 def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):

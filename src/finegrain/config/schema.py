@@ -70,6 +70,9 @@ class ModelConfig(Section):
     freeze: Literal["none", "backbone", "bn"] = "none"
     freeze_stages: int = Field(0, ge=0)
     """Partial fine-tuning: freeze the backbone's stem and first N stages."""
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    """Stochastic depth of timm backbones (``efficientnet_lite*``, ``timm:*``): during training each
+    residual block is skipped with a probability rising linearly from 0 to this over the blocks."""
 
 
 class OptimConfig(Section):
@@ -97,17 +100,24 @@ class TrainConfig(Section):
     channels_last: bool = False
     grad_clip: float | None = Field(None, gt=0)
     mixup: float = Field(0.0, ge=0)
+    """Classification: mixup's alpha (0: off). With ``cutmix`` too, each batch uses one of the two."""
     cutmix: float = Field(0.0, ge=0)
+    """Classification: CutMix's alpha (0: off)."""
     head_epochs: int = Field(0, ge=0)
     """Two-stage fine-tuning: train only the head for this many epochs first."""
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    """An exponential moving average of the weights, updated after every step with this decay (for
+    example 0.99 for a horizon of about 100 steps), validates, is checkpointed and is the trained model
+    (Lightning's ``EMAWeightAveraging``). 0 (default): off."""
     frozen_cache_views: int = Field(0, ge=0)
     """With ``model.freeze_stages``: compute the frozen stem and stages once, at the start of training,
     for N views of every training image (0: the image at ``data.image_size``, 1: its mirror, 2 to N-1:
     seeded ``data.augment`` draws), keep them in memory as float16 (images x N x the frozen output's
     size x 2 bytes), and train the rest of the model on them: each epoch every image comes as one
     random view, its feature map randomly cropped to 75-100% of its height and width. Steps skip the
-    frozen forward pass; augmentation is limited to those N views. Validation and testing use images.
-    0 (default): off. Not with mixup, cutmix or head_epochs."""
+    frozen forward pass; augmentation is limited to those N views, and ``mixup`` / ``cutmix`` mix the
+    cached maps (as manifold mixup does). Validation and testing use images. 0 (default): off. Not
+    with head_epochs."""
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = 0
     accelerator: str = "auto"
@@ -159,6 +169,15 @@ class ExperimentConfig(Section):
         return data
 
     @model_validator(mode="after")
+    def _mixing_classifies(self) -> ExperimentConfig:
+        t = self.train
+        for key, value in (("mixup", t.mixup), ("cutmix", t.cutmix)):
+            if value > 0 and self.task != "classification":
+                raise ConfigError(f"train.{key} ({value:g}) mixes the images and labels of a classifier's batch; "
+                                  f"task {self.task} does not use it: set train.{key} to 0")
+        return self
+
+    @model_validator(mode="after")
     def _frozen_cache_fits(self) -> ExperimentConfig:
         # a ConfigError (not a ValueError) leaves pydantic as it is: one clear line wherever configs are validated
         n, t = self.train.frozen_cache_views, self.train
@@ -168,12 +187,10 @@ class ExperimentConfig(Section):
             raise ConfigError(f"train.frozen_cache_views: {n} caches the outputs of the frozen stages, but "
                               "model.freeze_stages is 0: set model.freeze_stages to 1 or more, or "
                               "train.frozen_cache_views to 0")
-        for key, value in (("mixup", t.mixup), ("cutmix", t.cutmix), ("head_epochs", t.head_epochs)):
-            if value > 0:
-                raise ConfigError(f"train.frozen_cache_views cannot be combined with train.{key} ({value:g}): "
-                                  + ("it mixes images, and the cache holds the frozen stages' outputs"
-                                     if key != "head_epochs" else "the head-only epochs change what of the "
-                                     "backbone trains") + f"; set train.{key} or train.frozen_cache_views to 0")
+        if t.head_epochs > 0:
+            raise ConfigError(f"train.frozen_cache_views cannot be combined with train.head_epochs "
+                              f"({t.head_epochs}): the head-only epochs change what of the backbone trains; "
+                              "set train.head_epochs or train.frozen_cache_views to 0")
         return self
 
     @property

@@ -318,6 +318,21 @@ def _timm(name: str, weights: str) -> Built:
     return module, module.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
+def set_drop_path(module: nn.Module, rate: float, name: str) -> int:
+    """Stochastic depth on a timm backbone, as timm's own ``drop_path_rate``: the residual branch of
+    block i of n is dropped with probability ``rate * i / n`` during training. Returns n."""
+    from timm.layers import DropPath
+
+    blocks = [m for m in module.modules()  # timm blocks hold an Identity, a DropPath or None (ResNets)
+              if hasattr(m, "drop_path") and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))]
+    if not blocks:
+        raise ConfigError(f"model.drop_path needs a backbone of timm residual blocks (efficientnet_lite0-"
+                          f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' has none: set model.drop_path to 0")
+    for i, block in enumerate(blocks):
+        block.drop_path = DropPath(rate * i / len(blocks)) if i else block.drop_path
+    return len(blocks)
+
+
 # ---------------------------------------------------------------------- entry point
 def _check_weights(weights: str) -> str:
     w = str(weights).strip()

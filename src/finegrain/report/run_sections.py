@@ -34,9 +34,13 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         backbone += f" (frozen: {m.freeze})"
     if m.freeze_stages:
         backbone += f" (stem and first {m.freeze_stages} stages frozen)"
+    if m.drop_path:
+        backbone += f", stochastic depth up to {m.drop_path:g}"
     opt = o.name + (f", weight decay {o.weight_decay:g}" if o.weight_decay else "")
     if o.name == "sgd":
         opt += f", momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}"
+    if t.ema_decay:
+        opt += f"; the model is the moving average of its weights (EMA, decay {t.ema_decay:g})"
     lr = f"{o.lr:g}" + (f" (backbone × {o.backbone_lr_mult:g})" if o.backbone_lr_mult != 1 else "")
     sch = cfg.schedule
     if sch.name == "step":
@@ -67,6 +71,7 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         ("loss", cfg.loss.name + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in cfg.loss.model_dump().items()
                                          if k != "name" and isinstance(v, (int, float)) and v)),
         ("precision", t.precision),
+        ("seed", str(t.seed)),
     ]
     if not cfg.trains:
         e = cfg.eval

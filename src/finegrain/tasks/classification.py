@@ -37,7 +37,7 @@ class ClassificationTask(FinegrainTask):
         x, y, _ = batch
         frozen = self.trains_from_cache  # x: the frozen stages' cached outputs rather than images
         x, target = self.prepare_input(x, frozen), y
-        if self.mixer is not None:  # mixes normalised float images (never with the cache: config refuses it)
+        if self.mixer is not None:  # mixes normalised images, or the cached maps (manifold mixup)
             x, target = self.mixer(x, y)
         logits = self.model.logits(x, frozen)
         loss = F.cross_entropy(logits, target, label_smoothing=getattr(self.cfg.loss, "label_smoothing", 0.0))

@@ -244,6 +244,10 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         ThreadPlan(),
         RunState(run),
     ]
+    if t.ema_decay:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping_patience))
     # FINEGRAIN_PROGRESS=0 silences progress; a terminal gets a live bar, anything else log lines.
