@@ -415,3 +415,18 @@ def test_the_settings_table_names_the_seed_and_the_regularisers():
     rows = dict(config_brief(cfg, None))
     assert rows["seed"] == "3" and rows["backbone"].endswith("stochastic depth up to 0.2")
     assert rows["augmentation"].endswith("cutmix 1") and rows["optimiser"].endswith("(EMA, decay 0.99)")
+
+
+def test_the_contact_sheet_titles_say_which_neighbour_is_the_query_itself(tmp_path):
+    from PIL import Image
+
+    from finegrain.report.contact_sheet import contact_sheet, hit_title
+    from finegrain.retrieval.searcher import Hit
+
+    img = tmp_path / "car.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(img)
+    hits = [Hit(1, 0, "Audi A4", 1.0, str(img), same_image=True), Hit(2, 1, "Audi A5", 0.8, str(img))]
+    assert hit_title(hits[0]).endswith("(the query itself)") and "Audi A4" in hit_title(hits[0])
+    assert "query itself" not in hit_title(hits[1]) and "score 0.800" in hit_title(hits[1])
+    out = contact_sheet(Image.open(img), hits, tmp_path / "sheet")
+    assert out.suffix == ".png" and Image.open(out).size[0] > 0

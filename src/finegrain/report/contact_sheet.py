@@ -10,6 +10,11 @@ from finegrain.errors import FinegrainError
 from finegrain.retrieval.searcher import Hit
 
 
+def hit_title(h: Hit) -> str:
+    """A neighbour's title: rank, class, score, and whether it is the query's own file."""
+    return f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}" + (" (the query itself)" if h.same_image else "")
+
+
 def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: str | None = None) -> Path:
     """A PNG of the query and its neighbours, each titled with rank, class and score."""
     import matplotlib
@@ -33,7 +38,7 @@ def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: s
         except FinegrainError:
             continue
         ax.imshow(img)
-        ax.set_title(f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}", fontsize=8)
+        ax.set_title(hit_title(h), fontsize=8)
     fig.tight_layout()
     out = out if out.suffix else out.with_suffix(".png")  # what savefig writes to a name without one
     out.parent.mkdir(parents=True, exist_ok=True)
