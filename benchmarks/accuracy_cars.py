@@ -1,6 +1,7 @@
 """Benchmark: accuracy on the real Stanford Cars, the seeds' methods against ours, with the CPU time each took.
 
-    python benchmarks/accuracy_cars.py [--parallel 2] [--only NAME ...] [--runs DIR] [--out PATH]
+    python benchmarks/accuracy_cars.py [--parallel 2] [--only NAME ...] [--seeds N ...]
+        [--set KEY=VALUE ... --tag LEVER] [--runs DIR] [--out PATH]
 
 The data is ``../shared/data/stanford_cars`` (the 8,144 official training images at
 128x96). Two protocols, every method on the same split:
@@ -37,6 +38,11 @@ mean and sample standard deviation in ``seed_spread``). Results go to ``--out`` 
 ``benchmarks/results/accuracy_cars.json``), merged with the methods already there and
 written after each method; ``--only`` reruns some methods and keeps the others (a rerun
 method's previous entry moves to ``earlier``, so what each recipe gave stays on record).
+
+A lever (issue 17 asks what each gained or cost) is our recipes with config overrides, named by a tag:
+``--only ours-classification --set train.cutmix=1.0 --tag cutmix --seeds 0 --out
+benchmarks/results/cars_levers.json`` writes the row ``ours-classification-cutmix-seed0``, its
+command line the one a user would type.
 """
 
 from __future__ import annotations
@@ -138,13 +144,27 @@ def linear_probe(run_dir: Path, threads: int) -> None:
 # ---------------------------------------------------------------------- the driver
 @dataclass(frozen=True)
 class Job:
-    """One process of the benchmark: a method, and the training seed of ``--seeds`` (None: the config's)."""
+    """One process of the benchmark: a method, the training seed of ``--seeds`` (None: the config's),
+    and for our recipes the ``--set`` overrides of a lever under its ``--tag``."""
     method: Method
     seed: int | None = None
+    tag: str | None = None
+    overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return self.method.name if self.seed is None else f"{self.method.name}-seed{self.seed}"
+        return (self.method.name + (f"-{self.tag}" if self.tag else "")
+                + (f"-seed{self.seed}" if self.seed is not None else ""))
+
+    @property
+    def stem(self) -> str:
+        """The name of the recipe: the row's name without its seed."""
+        return self.method.name + (f"-{self.tag}" if self.tag else "")
+
+    @property
+    def settings(self) -> list[str]:
+        """The ``--set`` arguments of the row (data loading aside)."""
+        return [*self.overrides, *([f"train.seed={self.seed}"] if self.seed is not None else [])]
 
     @property
     def command_line(self) -> str:
@@ -152,15 +172,16 @@ class Job:
         m = self.method
         if m.config is None:
             return f"python benchmarks/accuracy_cars.py --only {m.name}"
-        return f"finegrain train {m.config} --profile {m.profile}" + (
-            "" if self.seed is None else f" --set train.seed={self.seed}")
+        return f"finegrain train {m.config} --profile {m.profile}" + "".join(f" --set {s}" for s in self.settings)
 
 
-def jobs_of(methods: list[Method], seeds: list[int] | None) -> list[Job]:
+def jobs_of(methods: list[Method], seeds: list[int] | None, tag: str | None = None,
+            overrides: tuple[str, ...] = ()) -> list[Job]:
     """One job per method; with ``seeds``, one per seed for each of our recipes, seed by seed (so an
-    interrupted benchmark has the same seeds of both)."""
+    interrupted benchmark has the same seeds of both); ``overrides`` (named by ``tag``) change our recipes."""
     ours = [m for m in methods if m.name.startswith("ours-")]
-    seeded = [Job(m, s) for s in seeds for m in ours] if seeds else [Job(m) for m in ours]
+    seeded = [Job(m, s, tag, overrides) for s in seeds for m in ours] if seeds else [
+        Job(m, None, tag, overrides) for m in ours]
     return seeded + [Job(m) for m in methods if m not in ours]
 
 
@@ -170,8 +191,8 @@ def command(job: Job, runs: Path, threads: int, parallel: int) -> list[str]:
         return [sys.executable, __file__, "--linear-probe", str(runs / job.name), "--threads", str(threads)]
     cmd = [sys.executable, "-m", "finegrain", "train", method.config, "--profile", method.profile,
            "--runs", str(runs), "--name", job.name]
-    if job.seed is not None:
-        cmd += ["--set", f"train.seed={job.seed}"]
+    for setting in job.settings:
+        cmd += ["--set", setting]
     if parallel > 1:
         cmd += ["--set", "data.num_workers=0"]
     return cmd
@@ -195,15 +216,23 @@ def config_of(run_dir: Path) -> dict | None:
     return yaml.safe_load(path.read_text())
 
 
+# Settings added after rows were recorded: at their defaults they are left out of a row's recipe, so
+# that rows of an unchanged recipe still compare equal (seed_spread groups rows by recipe).
+LATER_SETTINGS = {"model": {"drop_path": 0.0}, "train": {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0}}
+
+
 def recipe_of(cfg: dict) -> dict[str, Any]:
     """What a run's config says about how it was made (a kNN run trains nothing: no epochs, optimiser or loss)."""
+    model = {k: v for k, v in cfg["model"].items() if LATER_SETTINGS["model"].get(k, object()) != v}
     recipe = {"task": cfg["task"], "image_size": cfg["data"]["image_size"],
               "eval_image_sizes": cfg["data"].get("eval_image_sizes") or [cfg["data"]["image_size"]],
-              "tta_flip": cfg["eval"]["tta_flip"], "model": cfg["model"]}
+              "tta_flip": cfg["eval"]["tta_flip"], "model": model}
     if cfg["task"] != "knn":
         recipe |= {"epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"], "optim": cfg["optim"],
                    "loss": cfg["loss"]["name"], "frozen_cache_views": cfg["train"].get("frozen_cache_views", 0),
                    "eval_engine": "onnx" if cfg["eval"].get("export_onnx") else "torch"}
+        recipe |= {k: cfg["train"][k] for k, default in LATER_SETTINGS["train"].items()
+                   if cfg["train"].get(k, default) != default}
     return recipe
 
 
@@ -219,6 +248,7 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
         m = job.method
         entry: dict[str, Any] = {
             "protocol": m.protocol, "method": m.what, "command": job.command_line, "seed": job.seed,
+            "recipe_name": job.stem,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
             "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{name}.log"),
@@ -249,20 +279,27 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
 
 
 def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
-    """Mean and spread (sample standard deviation) over the seeded rows of each of our recipes,
-    counting only rows whose recipe equals the last finished seeded row's (an older recipe is history)."""
+    """Mean and spread (sample standard deviation) over the seeded rows of each recipe (our method, or
+    a lever of it under its tag), counting only rows whose recipe equals the last finished seeded row's
+    of that name (an older recipe is history)."""
     out: dict[str, Any] = {}
-    for name, metric, goal in (("ours-classification", "top1", "classification_top1"),
-                               ("ours-retrieval", "recall@1", "retrieval_recall@1")):
-        rows = [e for key, e in methods.items() if key.startswith(f"{name}-seed") and e.get("metrics")]
-        if not rows:
+    goal_of = {"ours-classification": ("top1", "classification_top1"),
+               "ours-retrieval": ("recall@1", "retrieval_recall@1")}
+    stems = sorted({e.get("recipe_name") or key.rsplit("-seed", 1)[0] for key, e in methods.items()
+                    if e.get("seed") is not None and e.get("metrics")})
+    for stem in stems:
+        method = next((m for m in goal_of if stem == m or stem.startswith(f"{m}-")), None)
+        if method is None:
             continue
+        metric, goal = goal_of[method]
+        rows = [e for key, e in methods.items() if e.get("seed") is not None and e.get("metrics")
+                and (e.get("recipe_name") or key.rsplit("-seed", 1)[0]) == stem]
         recipe = max(rows, key=lambda e: e.get("finished_at", "")).get("recipe")
         rows = [e for e in rows if e.get("recipe") == recipe]
         values = [e["metrics"][metric] for e in rows]
         minutes = [e["cpu_minutes"] for e in rows]
         mean = statistics.fmean(values)
-        out[name] = {"metric": metric, "seeds": [e["seed"] for e in rows], "values": values, "mean": round(mean, 4),
+        out[stem] = {"metric": metric, "seeds": [e["seed"] for e in rows], "values": values, "mean": round(mean, 4),
                      "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
                      "cpu_minutes": minutes, "cpu_minutes_max": max(minutes),
                      "met": bool(mean >= GOALS[goal] and max(minutes) <= GOALS["cpu_minutes"])}
@@ -300,11 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=[m.name for m in METHODS], help="run these methods only")
     ap.add_argument("--seeds", nargs="+", type=int, help="train our recipes once per seed (train.seed); the "
                     "rows are named METHOD-seedN and their mean and spread are recorded")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a lever: override a config key of our recipes (repeatable; needs --tag)")
+    ap.add_argument("--tag", help="the lever's name: its rows are METHOD-TAG[-seedN]")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-cars")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--linear-probe", type=Path, help=argparse.SUPPRESS)  # the child process of linear-probe
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if bool(args.overrides) != bool(args.tag):
+        ap.error("--set and --tag go together: a lever's rows need a name of their own")
+    if args.tag and args.tag.startswith("seed"):
+        ap.error(f"--tag {args.tag}: a tag may not start with 'seed' (rows end in -seedN)")
     if args.linear_probe:
         linear_probe(args.linear_probe, args.threads)
         return 0
@@ -331,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     result.setdefault("methods", {})
     methods = [m for m in METHODS if not args.only or m.name in args.only]
-    run_methods(jobs_of(methods, args.seeds), args, result)
+    run_methods(jobs_of(methods, args.seeds, args.tag, tuple(args.overrides)), args, result)
     for name, e in result["methods"].items():
         log(f"{name:22s} {e.get('metrics') or e.get('error')}  {e['cpu_minutes']} CPU-min")
     return 0
