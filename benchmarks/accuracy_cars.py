@@ -54,6 +54,7 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -267,15 +268,38 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
             if cfg:
                 entry["recipe"] = recipe_of(cfg)
             log(f"done {name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
-        if name in result["methods"]:  # keep what the earlier recipe gave
-            result.setdefault("earlier", []).append({"name": name, **result["methods"][name]})
-        result["methods"][name] = entry
-        result["goals_met"] = goals_met(result["methods"])
-        result["seed_spread"] = seed_spread(result["methods"])
-        atomic_write_json(args.out, result)
+        with locked(args.out):  # another run of this benchmark may have added rows since this one started
+            if args.out.is_file():
+                on_disk = json.loads(args.out.read_text())
+                result["methods"] = on_disk.get("methods", {})
+                if "earlier" in on_disk:
+                    result["earlier"] = on_disk["earlier"]
+            if name in result["methods"]:  # keep what the earlier recipe gave
+                result.setdefault("earlier", []).append({"name": name, **result["methods"][name]})
+            result["methods"][name] = entry
+            result["goals_met"] = goals_met(result["methods"])
+            result["seed_spread"] = seed_spread(result["methods"])
+            atomic_write_json(args.out, result)
 
     commands = [(j.name, command(j, args.runs, threads, args.parallel), args.runs / f"{j.name}.log") for j in jobs]
     run_timed(commands, args.parallel, threads, done, cwd=ROOT)
+
+
+@contextmanager
+def locked(path: Path):
+    """Exclusive use of the results file ``path`` among processes (a lock file beside the system's temp files)."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    lock = Path(tempfile.gettempdir()) / f"finegrain-bench-{key}.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
