@@ -113,6 +113,12 @@ def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
     with pytest.raises(FinegrainError, match="another model architecture.*backbone"):
         engine.check_resumable(run.last_ckpt, other)
 
+    # a checkpoint of an older finegrain, whose model config lacks a key added since, still resumes
+    state = torch.load(run.last_ckpt, map_location="cpu", weights_only=True)
+    del state["hyper_parameters"]["config"]["model"]["drop_path"]
+    torch.save(state, run.last_ckpt)
+    engine.check_resumable(run.last_ckpt, tiny_config(tmp_path, name="arch", model={"drop_path": 0.0}))
+
 
 @pytest.mark.parametrize("eval_sizes", [[], [[40, 40], [32, 32]]], ids=["train-size", "two-sizes"])
 def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, eval_sizes):

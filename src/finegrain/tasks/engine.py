@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from finegrain.config import ExperimentConfig
+from finegrain.config import ExperimentConfig, ModelConfig
 from finegrain.errors import FinegrainError
 from finegrain.machine import resolve_precision, set_threads
 from finegrain.progress import wanted as progress_wanted
@@ -221,7 +221,9 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
     new = cfg.model.model_dump(mode="json")
     if old is None:
         raise FinegrainError(f"{ckpt} is not a finegrain checkpoint (no model config in it)")
-    diff = [k for k in new if old.get(k) != new[k] and k not in ("weights", "freeze")]
+    old = ModelConfig().model_dump(mode="json") | old  # a key added since the checkpoint: its default
+    # the weights' source, the freeze policy and stochastic depth change training, not the architecture
+    diff = [k for k in new if old.get(k) != new[k] and k not in ("weights", "freeze", "drop_path")]
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} in checkpoint vs {new[k]!r} now" for k in diff)
         raise FinegrainError(f"checkpoint {ckpt} was written by another model architecture ({detail})")
