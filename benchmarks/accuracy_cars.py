@@ -309,15 +309,15 @@ def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     goal_of = {"ours-classification": ("top1", "classification_top1"),
                "ours-retrieval": ("recall@1", "retrieval_recall@1")}
-    stems = sorted({e.get("recipe_name") or key.rsplit("-seed", 1)[0] for key, e in methods.items()
-                    if e.get("seed") is not None and e.get("metrics")})
+    seeded = {key: e for key, e in methods.items() if e.get("seed") is not None and e.get("metrics")}
+    name_of = {key: e.get("recipe_name") or key.rsplit("-seed", 1)[0] for key, e in seeded.items()}  # older rows
+    stems = sorted(set(name_of.values()))
     for stem in stems:
         method = next((m for m in goal_of if stem == m or stem.startswith(f"{m}-")), None)
         if method is None:
             continue
         metric, goal = goal_of[method]
-        rows = [e for key, e in methods.items() if e.get("seed") is not None and e.get("metrics")
-                and (e.get("recipe_name") or key.rsplit("-seed", 1)[0]) == stem]
+        rows = [e for key, e in seeded.items() if name_of[key] == stem]
         recipe = max(rows, key=lambda e: e.get("finished_at", "")).get("recipe")
         rows = [e for e in rows if e.get("recipe") == recipe]
         values = [e["metrics"][metric] for e in rows]

@@ -276,7 +276,7 @@ def test_drop_path_on_a_backbone_without_timm_blocks_is_refused():
         build_model("resnet18", num_classes=3, drop_path=0.1)
     from finegrain.config import build_config
 
-    with pytest.raises(Exception, match="drop_path"):
+    with pytest.raises(ConfigError, match="model.drop_path"):
         build_config({"name": "x", "model": {"drop_path": 1.0}})
 
 

@@ -133,7 +133,7 @@ def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing
     spy, _ = spy
     cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 2},
                       data={"image_size": [64, 64]}, train={"epochs": 2, "frozen_cache_views": 2, **mixing})
-    run, _ = engine.fit(cfg, runs_root=tmp_path)
+    engine.fit(cfg, runs_root=tmp_path)
     assert mixed and len(mixed) == len(spy.batches) and spy.calls_in_steps == 0
     for x, y, xm, target in mixed:
         assert x.dtype == torch.float32 and x.shape[1] == 128  # the cached layer2 maps, not images
@@ -141,7 +141,6 @@ def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing
         assert target.shape == (len(y), 4) and torch.allclose(target.sum(1), torch.ones(len(y)))
     # mixed with another image of the batch, with soft targets (each class's share)
     assert any(not torch.equal(xm, x) and (target.max(1).values < 1).any() for x, _, xm, target in mixed)
-    assert 0.0 <= evaluate_run(run.path)["classification"]["top1"] <= 1.0
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
