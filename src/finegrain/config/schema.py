@@ -38,6 +38,11 @@ class DataConfig(Section):
     augmentation). Validation uses the first. Testing above the training size can help:
     random-resized-crop training shows objects larger than a whole test image does (Touvron et
     al. 2019, "Fixing the train-test resolution discrepancy")."""
+    progressive_sizes: list[tuple[int, int, int]] = []
+    """Progressive resizing: ``(height, width, epochs)`` stages, in order, that train the first epochs
+    on smaller images before the rest train at ``image_size`` (for example ``[[128, 171, 4], [160, 213,
+    3]]``: epochs 0-3 at 128x171, 4-6 at 160x213, then ``image_size``). A step on smaller images costs
+    about their share of the pixels. Not with ``train.frozen_cache_views`` (its cache holds one size)."""
     crop_bbox: bool = False
     bbox_margin: float = Field(0.1, ge=0)
     augment: Literal["plain", "light", "seed", "strong"] = "plain"
@@ -191,6 +196,26 @@ class ExperimentConfig(Section):
             raise ConfigError(f"train.frozen_cache_views cannot be combined with train.head_epochs "
                               f"({t.head_epochs}): the head-only epochs change what of the backbone trains; "
                               "set train.head_epochs or train.frozen_cache_views to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _progressive_sizes_fit(self) -> ExperimentConfig:
+        stages, t = self.data.progressive_sizes, self.train
+        if not stages:
+            return self
+        for h, w, n in stages:
+            if min(h, w) < 8 or n < 1:
+                raise ConfigError(f"data.progressive_sizes: the stage {[h, w, n]} needs a height and width of "
+                                  "8 or more and 1 epoch or more")
+        early = sum(n for _, _, n in stages)
+        if early >= t.epochs:
+            raise ConfigError(f"data.progressive_sizes: its stages take {early} epoch(s) of train.epochs ({t.epochs}), "
+                              f"so none would train at data.image_size {list(self.data.image_size)}: shorten the "
+                              "stages or raise train.epochs")
+        if t.frozen_cache_views:
+            raise ConfigError("data.progressive_sizes cannot be combined with train.frozen_cache_views "
+                              f"({t.frozen_cache_views}): the cache holds the frozen stages' outputs at one image "
+                              "size; set one of them to 0 / []")
         return self
 
     @property

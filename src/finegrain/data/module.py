@@ -68,8 +68,20 @@ def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Sp
 
 
 def sizes_read(data: DataConfig) -> list[tuple[int, int]]:
-    """Every size a config reads images at (what ``data prepare`` caches): training, then evaluation."""
-    return list(dict.fromkeys([tuple(data.image_size), *eval_sizes(data)]))
+    """Every size a config reads images at (what ``data prepare`` caches): training, then evaluation,
+    then the progressive-resizing stages'."""
+    return list(dict.fromkeys([tuple(data.image_size), *eval_sizes(data),
+                               *((h, w) for h, w, _ in data.progressive_sizes)]))
+
+
+def train_size(data: DataConfig, epoch: int) -> tuple[int, int]:
+    """The training image size of ``epoch`` (0-based): a ``data.progressive_sizes`` stage's, else ``image_size``."""
+    end = 0
+    for h, w, n in data.progressive_sizes:
+        end += n
+        if epoch < end:
+            return h, w
+    return tuple(data.image_size)
 
 
 def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, int] | None = None):
@@ -99,12 +111,12 @@ def make_loader(
     cache=None,
     size: tuple[int, int] | None = None,
 ) -> DataLoader:
-    """A loader over ``records`` with the config's augmentation and its training size, or (for
-    evaluation) ``size``, by default the first evaluation size; ``cache`` is read if it holds that size."""
+    """A loader over ``records`` at ``size``, by default the training size (with the config's
+    augmentation) or the first evaluation size; ``cache`` is read if it holds that size."""
     from finegrain.data.dataset import build_loader
 
     return build_loader(
-        records, size=tuple(data.image_size) if train else tuple(size or eval_sizes(data)[0]),
+        records, size=tuple(size or (data.image_size if train else eval_sizes(data)[0])),
         preset=data.augment if train else "plain", train=train,
         batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
         num_workers=plan_threads(data.num_workers)[0], sampler=sampler, batch_sampler=batch_sampler,
@@ -182,7 +194,12 @@ class FinegrainDataModule(L.LightningDataModule):
             sampler = self._train_sampler(self.frozen_views.labels.tolist())
             return frozen_loader(self.frozen_views, sampler, d.batch_size, seed)
         sampler = self._train_sampler([r.label for r in self.train_records])
-        return make_loader(self.train_records, d, True, sampler=sampler, seed=seed, cache=self.cache)
+        trainer = getattr(self, "trainer", None)
+        size = train_size(d, trainer.current_epoch if trainer is not None else 0)
+        if d.progressive_sizes:
+            log.info("training images at %dx%d this epoch (data.progressive_sizes)", *size)
+        return make_loader(self.train_records, d, True, sampler=sampler, seed=seed, cache=self.caches.get(size),
+                           size=size)
 
     def _train_sampler(self, labels: list[int]):
         """Class-balanced batches (``data.sampler: m_per_class``) or one seeded shuffle per epoch

@@ -53,6 +53,9 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         aug += (f"; trained on {t.frozen_cache_views} cached view(s) per image of the frozen stages' outputs, "
                 "feature maps cropped to 75-100%")
     epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
+    if d.progressive_sizes:
+        epochs += " (progressive resizing: " + ", ".join(f"{n} at {h}x{w}" for h, w, n in d.progressive_sizes)
+        epochs += f", then {t.epochs - sum(n for *_, n in d.progressive_sizes)} at {d.image_size[0]}x{d.image_size[1]})"
     size = list(d.image_size)
     tested = [list(t) for t in ((metrics or {}).get("protocol", {}).get("eval_image_sizes") or d.eval_image_sizes)]
     rows = [

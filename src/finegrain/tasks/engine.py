@@ -279,6 +279,7 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
+        reload_dataloaders_every_n_epochs=1 if cfg.data.progressive_sizes else 0,  # a new size per stage
         use_distributed_sampler=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
