@@ -27,6 +27,11 @@ class MultiSimilarityLoss(Section):
     base: float = 0.5
     """The similarity offset (lambda in the paper)."""
     miner_epsilon: float = 0.1
+    xbm_size: int = Field(0, ge=0)
+    """A cross-batch memory (XBM, Wang et al. 2020) of this many past embeddings, which each batch's
+    pairs are also mined against and weighed with; at least one training batch (``data.batch_size`` x
+    devices). Not checkpointed: a resumed run starts with an empty memory, full again after
+    xbm_size / data.batch_size steps (a resumed run is not the unbroken one). 0 (default): off."""
 
 
 class ContrastiveLoss(Section):

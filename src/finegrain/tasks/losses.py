@@ -21,10 +21,24 @@ Built = tuple[torch.nn.Module, torch.nn.Module | None]
 LOSSES: Registry[Callable[..., Built]] = Registry("metric-learning loss")
 
 
+class CrossBatchMemory(losses.CrossBatchMemory):
+    """pytorch-metric-learning's cross-batch memory, its memory left out of the state dict: pml does
+    not save where the queue stands, so a restored memory would be ignored until overwritten anyway,
+    and checkpoints stay the size (and keys) of a run without one."""
+
+    def reset_queue(self) -> None:
+        super().reset_queue()
+        for name in ("embedding_memory", "label_memory"):
+            self.register_buffer(name, getattr(self, name), persistent=False)
+
+
 @LOSSES.register("multi_similarity")
 def _multi_similarity(cfg: C.MultiSimilarityLoss, num_classes: int, dim: int) -> Built:
-    return (losses.MultiSimilarityLoss(alpha=cfg.alpha, beta=cfg.beta, base=cfg.base),
-            miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon))
+    loss = losses.MultiSimilarityLoss(alpha=cfg.alpha, beta=cfg.beta, base=cfg.base)
+    miner = miners.MultiSimilarityMiner(epsilon=cfg.miner_epsilon)
+    if cfg.xbm_size:  # the memory mines the batch's pairs itself, against the batch and the memory
+        return CrossBatchMemory(loss, dim, memory_size=cfg.xbm_size, miner=miner), None
+    return loss, miner
 
 
 @LOSSES.register("contrastive")

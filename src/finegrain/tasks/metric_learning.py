@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from finegrain.config.losses import ProxyLoss
+from finegrain.errors import ConfigError
 from finegrain.tasks.base import TASKS, FinegrainTask
 from finegrain.tasks.losses import build_loss
 
@@ -31,12 +32,25 @@ class MetricLearningTask(FinegrainTask):
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._check_xbm_fits(self.trainer.world_size if self.trainer is not None else 1)
         if self.trainer is not None and self.trainer.world_size > 1:
             from pytorch_metric_learning.utils import distributed as pml_dist
 
             self.loss_fn = pml_dist.DistributedLossWrapper(self.loss_fn)
             if self.miner is not None:
                 self.miner = pml_dist.DistributedMinerWrapper(self.miner)
+
+    def _check_xbm_fits(self, world_size: int) -> None:
+        """A cross-batch memory enqueues every step's embeddings, all devices' together (pml's
+        distributed wrapper gathers them first): it must hold at least one such batch."""
+        size = getattr(self.cfg.loss, "xbm_size", 0)
+        batch = self.cfg.data.batch_size * world_size
+        if size and size < batch:
+            devices = f" x {world_size} devices" if world_size > 1 else ""
+            raise ConfigError(f"loss.xbm_size ({size}) is smaller than a training batch ({batch} embeddings: "
+                              f"data.batch_size {self.cfg.data.batch_size}{devices}): the memory holds at least "
+                              f"one batch; raise loss.xbm_size to {batch} or more, or set it to 0")
 
     def extra_param_groups(self, lr: float) -> list[dict]:
         params = [p for p in self.loss_fn.parameters() if p.requires_grad]
