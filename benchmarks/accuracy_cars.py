@@ -234,6 +234,10 @@ def recipe_of(cfg: dict) -> dict[str, Any]:
                    "eval_engine": "onnx" if cfg["eval"].get("export_onnx") else "torch"}
         recipe |= {k: cfg["train"][k] for k, default in LATER_SETTINGS["train"].items()
                    if cfg["train"].get(k, default) != default}
+        if cfg["data"].get("progressive_sizes"):
+            recipe["progressive_sizes"] = cfg["data"]["progressive_sizes"]
+        if cfg["loss"].get("xbm_size"):
+            recipe["xbm_size"] = cfg["loss"]["xbm_size"]
     return recipe
 
 
