@@ -67,12 +67,27 @@ def multiscale(tmp_path_factory) -> RunDir:
     return run
 
 
-def top5(embeddings: np.ndarray) -> np.ndarray:
-    """Each vector's five nearest others by cosine similarity."""
+def cosine(embeddings: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every vector with every other (minus infinity with itself)."""
     x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     s = x @ x.T
     np.fill_diagonal(s, -np.inf)
-    return np.argsort(-s, axis=1, kind="stable")[:, :5]
+    return s
+
+
+def top5(embeddings: np.ndarray) -> np.ndarray:
+    """Each vector's five nearest others by cosine similarity."""
+    return np.argsort(-cosine(embeddings), axis=1, kind="stable")[:, :5]
+
+
+def assert_same_top5(got: np.ndarray, want: np.ndarray, tol: float = 1e-3) -> None:
+    """The same five nearest neighbours; two neighbours may trade places only where they are tied (their
+    similarities within ``tol``), as happens when a model trained in bf16 places them that close."""
+    rows = np.arange(len(want))[:, None]
+    s = cosine(want)
+    g, w = top5(got), top5(want)
+    np.testing.assert_allclose(s[rows, g], s[rows, w], atol=tol, rtol=0)  # every rank as near as torch's pick
+    assert (g == w).mean() > 0.9  # and nearly all the very same images
 
 
 def both_engines(run: RunDir):
@@ -111,7 +126,7 @@ def test_onnx_equals_torch_on_a_classifier(classifier):
     np.testing.assert_allclose(b.embeddings, a.embeddings, atol=1e-4, rtol=0)
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(b.logits.argmax(1), a.logits.argmax(1))
-    np.testing.assert_array_equal(top5(b.embeddings), top5(a.embeddings))
+    assert_same_top5(b.embeddings, a.embeddings)
 
 
 def test_onnx_equals_torch_at_two_sizes_with_flips(multiscale):
@@ -123,7 +138,7 @@ def test_onnx_equals_torch_at_two_sizes_with_flips(multiscale):
     records = split_for(t.cfg.data).test
     a, b = t.encode_records(records), o.encode_records(records)
     np.testing.assert_allclose(b.embeddings, a.embeddings, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(top5(b.embeddings), top5(a.embeddings))
+    assert_same_top5(b.embeddings, a.embeddings)
     image = open_rgb(records[0].path)[0]  # the search path: one image, every size, flips
     np.testing.assert_allclose(o.encode_rgb(image)["embedding"], t.encode_rgb(image)["embedding"], atol=1e-4, rtol=0)
     # and what the flips and the second size do is really done by the onnx engine

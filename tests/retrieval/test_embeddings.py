@@ -31,16 +31,17 @@ def test_evaluate_saved_test_embeddings_with_how_they_were_made(run):
 
 
 def test_reused_only_when_model_sizes_precision_and_images_match(run):
-    encoder = Encoder(load_model(run), precision="32")
+    encoder = Encoder(load_model(run))  # the precision this machine infers in, as the run's evaluation did
+    made_in = encoder.precision
     records = split_for(encoder.cfg.data).test
     assert reusable_embeddings(run, "test", records, encoder) is not None
     assert reusable_embeddings(run, "test", records[1:], encoder) is None  # other images
-    other_precision = Encoder(load_model(run), precision="bf16-mixed")
+    other_precision = Encoder(load_model(run), precision="bf16-mixed" if made_in == "32" else "32")
     assert reusable_embeddings(run, "test", records, other_precision) is None
-    other_sizes = Encoder(load_model(run), precision="32")
+    other_sizes = Encoder(load_model(run), precision=made_in)
     other_sizes.sizes = [(40, 40)]
     assert reusable_embeddings(run, "test", records, other_sizes) is None
-    flips = Encoder(load_model(run), precision="32")
+    flips = Encoder(load_model(run), precision=made_in)
     flips.tta_flip = not flips.tta_flip
     assert reusable_embeddings(run, "test", records, flips) is None
 
