@@ -175,6 +175,28 @@ def test_knn_train_honours_resume_and_no_evaluate(tmp_path, monkeypatch, capsys)
     assert code == 2 and "eval.k: 10 -> 3" in err
 
 
+def test_a_run_trained_with_set_says_so_in_its_description(tmp_path, monkeypatch, capsys):
+    """The config file's description describes the file; a run made with --set names what it changed."""
+    import yaml
+
+    from finegrain.config import config_to_yaml
+
+    knn = tiny_config(tmp_path, name="k", task="knn", model={"backbone": "cars_cnn4"}, description="kNN on cnn4")
+    path = tmp_path / "k.yaml"
+    path.write_text(config_to_yaml(knn))
+    runs = tmp_path / "runs"
+    code, err = run_cli(monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--no-evaluate",
+                        "--name", "plain")
+    assert code == 0, err
+    assert yaml.safe_load((runs / "plain" / "config.yaml").read_text())["description"] == "kNN on cnn4"
+    code, err = run_cli(monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--no-evaluate",
+                        "--name", "changed", "--set", "eval.k=3", "--set", "eval.metric=cosine")
+    assert code == 0, err
+    stored = yaml.safe_load((runs / "changed" / "config.yaml").read_text())
+    assert stored["eval"]["k"] == 3
+    assert stored["description"] == "kNN on cnn4; with --set eval.k=3, eval.metric=cosine"
+
+
 def test_stale_temporary_files_are_removed_on_start_and_resume(tmp_path):
     cfg = tiny_config(tmp_path, name="t")
     run = create_run(cfg, tmp_path)

@@ -37,6 +37,9 @@ def train(
     if name:
         sets.append(f"name={name}")
     cfg = load_config(config, profile=profile, overrides=sets)
+    changed = [s for s in set_ or [] if not s.startswith("description=")]
+    if changed and cfg.description:  # the file's words describe the file: say what this run changed
+        cfg = cfg.model_copy(update={"description": f"{cfg.description}; with --set {', '.join(changed)}"})
     run, metrics = train_and_evaluate(cfg, runs, resume=resume, override_stored=override_stored,
                                       evaluate=evaluate_after)
     if metrics is not None or not evaluate_after:  # a DDP process other than the first says nothing
