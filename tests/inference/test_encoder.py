@@ -67,3 +67,29 @@ def test_sizes_are_averaged_for_one_image_as_for_a_loader(trained_run):
         per_size.append(one.encode_rgb(rgb)["embedding"])
     assert not np.allclose(per_size[0], per_size[1], atol=1e-3)
     np.testing.assert_allclose(single["embedding"], np.mean(per_size, axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("tta_flip, most", [(True, 16), (False, 32)])
+def test_a_large_batch_runs_in_slices_that_bound_memory(tta_flip, most):
+    """Activations grow with the pass: a loader's batch of 70 runs in passes of at most 32 images,
+    mirrors included, and gives the outputs of one pass in the loader's order."""
+    from finegrain.inference.outputs import PASS_IMAGES, EncodingLoop
+
+    class Probe(EncodingLoop):
+        def __init__(self):
+            self.tta_flip, self.seen = tta_flip, []
+
+        def forward(self, x):
+            self.seen.append(len(x))
+            v = np.asarray(x, dtype=np.float32).reshape(len(x), -1)[:, :4]
+            return {"features": v, "embedding": v * 2}
+
+    x = np.random.default_rng(0).integers(0, 256, (70, 3, 4, 4), dtype=np.uint8)
+    loader = [(x, np.arange(70) % 3, np.arange(70)), None, (x[:5], np.zeros(5), np.arange(70, 75))]
+    probe = Probe()
+    out = probe.run_loader(loader)
+    assert PASS_IMAGES == 32 and max(probe.seen) == most and sum(probe.seen) == 75
+    whole = x.reshape(70, -1)[:, :4].astype(np.float32)
+    np.testing.assert_array_equal(out.features[:70], whole)
+    np.testing.assert_array_equal(out.embeddings[:70], whole * 2)
+    np.testing.assert_array_equal(out.indices, np.arange(75))

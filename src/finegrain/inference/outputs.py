@@ -11,6 +11,11 @@ import numpy as np
 from finegrain.config.schema import eval_sizes  # noqa: F401 - where the ONNX engine finds it
 from finegrain.errors import FinegrainError
 
+PASS_IMAGES = 32
+"""Images in one forward pass, mirrors included: a loader's batch is run in slices of this many.
+Activations grow with the batch: Lite0 at 288x384 peaked at 8.2 GB of memory for 64 images and
+their mirrors in one ONNX Runtime pass, 1.8 GB for 32 (and ran no slower)."""
+
 
 @dataclass
 class Outputs:
@@ -122,7 +127,9 @@ class EncodingLoop:
                 continue
             x, y, idx = batch
             t0 = time.perf_counter()
-            outs.append(self.forward(x))
+            step = max(1, PASS_IMAGES // (2 if self.tta_flip else 1))
+            parts = [self.forward(x[i:i + step]) for i in range(0, len(x), step)]
+            outs.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
             seconds += time.perf_counter() - t0
             labels.append(np.asarray(y))
             indices.append(np.asarray(idx))
