@@ -219,7 +219,7 @@ def config_of(run_dir: Path) -> dict | None:
 
 # Settings added after rows were recorded: at their defaults they are left out of a row's recipe, so
 # that rows of an unchanged recipe still compare equal (seed_spread groups rows by recipe).
-LATER_SETTINGS = {"model": {"drop_path": 0.0}, "train": {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0}}
+LATER_SETTINGS = {"model": {"drop_path": 0.0, "global_pool": "avg"}, "train": {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0}}
 
 
 def recipe_of(cfg: dict) -> dict[str, Any]:

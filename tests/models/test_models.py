@@ -280,6 +280,32 @@ def test_drop_path_on_a_backbone_without_timm_blocks_is_refused():
         build_config({"name": "x", "model": {"drop_path": 1.0}})
 
 
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_global_pool_pools_the_last_map_as_named(pool):
+    torch.manual_seed(0)
+    plain = build_model("efficientnet_lite0", num_classes=3).eval()
+    pooled = build_model("efficientnet_lite0", num_classes=3, global_pool=pool).eval()
+    pooled.load_state_dict(plain.state_dict())  # same weights: only the pooling differs
+    x = torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8)
+    with torch.no_grad():
+        fmap = plain.backbone.forward_features(plain.normalise_input(x))
+        avg, mx = fmap.mean((2, 3)), fmap.amax((2, 3))
+        torch.testing.assert_close(plain.features(x), avg)
+        torch.testing.assert_close(pooled.features(x), mx if pool == "max" else (avg + mx) / 2)
+        # the frozen-stage cache's split forward pass pools the same way
+        f = apply_freeze(pooled, "none", 3).frozen_prefix(pooled.normalise_input(x))
+        torch.testing.assert_close(pooled.features_from_frozen(f), pooled.features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_global_pool_on_a_backbone_that_pools_on_its_own_is_refused():
+    with pytest.raises(ConfigError, match="model.global_pool: max.*'resnet18'"):
+        build_model("resnet18", num_classes=3, global_pool="max")
+    from finegrain.config import build_config
+
+    with pytest.raises(ConfigError, match="model.global_pool"):
+        build_config({"name": "x", "model": {"global_pool": "gem"}})
+
+
 def test_freeze_on_a_plain_module_uses_a_hook():
     class Plain(nn.Module):
         def __init__(self):

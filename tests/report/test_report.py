@@ -410,10 +410,11 @@ def test_the_settings_table_names_the_seed_and_the_regularisers():
     from finegrain.config import build_config
     from finegrain.report.run_sections import config_brief
 
-    cfg = build_config({"name": "x", "model": {"backbone": "efficientnet_lite0", "drop_path": 0.2},
+    cfg = build_config({"name": "x", "model": {"backbone": "efficientnet_lite0", "drop_path": 0.2,
+                                                       "global_pool": "avgmax"},
                         "train": {"seed": 3, "cutmix": 1.0, "ema_decay": 0.99}})
     rows = dict(config_brief(cfg, None))
-    assert rows["seed"] == "3" and rows["backbone"].endswith("stochastic depth up to 0.2")
+    assert rows["seed"] == "3" and rows["backbone"].endswith("stochastic depth up to 0.2, avgmax pooling")
     assert rows["augmentation"].endswith("cutmix 1") and rows["optimiser"].endswith("(EMA, decay 0.99)")
 
 

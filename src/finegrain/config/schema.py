@@ -78,6 +78,10 @@ class ModelConfig(Section):
     drop_path: float = Field(0.0, ge=0, lt=1)
     """Stochastic depth of timm backbones (``efficientnet_lite*``, ``timm:*``): during training each
     residual block is skipped with a probability rising linearly from 0 to this over the blocks."""
+    global_pool: Literal["avg", "max", "avgmax"] = "avg"
+    """How a timm backbone (``efficientnet_lite*``, ``timm:*``) pools its last feature map: average,
+    maximum, or the mean of the two (``avgmax``, the average plus max pooling of many metric-learning
+    papers' code)."""
 
 
 class OptimConfig(Section):

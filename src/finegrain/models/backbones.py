@@ -333,6 +333,17 @@ def set_drop_path(module: nn.Module, rate: float, name: str) -> int:
     return len(blocks)
 
 
+def set_global_pool(module: nn.Module, pool: str, name: str) -> None:
+    """Make a timm backbone pool its last feature map by ``pool`` (``avg``, ``max`` or ``avgmax``);
+    the feature width is unchanged."""
+    from timm.layers import SelectAdaptivePool2d
+
+    if not isinstance(getattr(module, "global_pool", None), SelectAdaptivePool2d):
+        raise ConfigError(f"model.global_pool: {pool} needs a timm backbone (efficientnet_lite0-"
+                          f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' pools on its own: set model.global_pool to avg")
+    module.global_pool = SelectAdaptivePool2d(pool_type=pool, flatten=True)
+
+
 # ---------------------------------------------------------------------- entry point
 def _check_weights(weights: str) -> str:
     w = str(weights).strip()

@@ -38,7 +38,7 @@ from torch import nn
 from finegrain.errors import ConfigError, unknown_name
 from finegrain.registry import Registry
 from finegrain.models.backbones import (WEIGHT_CHOICES, _check_weights, build_backbone, load_local_weights,
-                                        set_drop_path)
+                                        set_drop_path, set_global_pool)
 from finegrain.models.cubs import VARIANTS, CUBSBlock
 from finegrain.models.freezing import early_forward, late_forward
 
@@ -242,6 +242,7 @@ def build_model(
     cubs: str = "none",
     cubs_stages=(3, 4),
     drop_path: float = 0.0,
+    global_pool: str = "avg",
 ) -> FinegrainModel:
     """A :class:`FinegrainModel` from the ``model`` section of a config."""
     make_head = HEADS.get(head)
@@ -268,6 +269,8 @@ def build_model(
 
     if drop_path > 0:
         set_drop_path(body, float(drop_path), backbone)
+    if global_pool != "avg":
+        set_global_pool(body, global_pool, backbone)
     embedder, classifier = make_head(feature_dim, num_classes, int(embedding_dim), float(dropout), bn_neck)
     return FinegrainModel(
         body, feature_dim, classifier=classifier, embedder=embedder, normalize_embedding=normalize_embedding,

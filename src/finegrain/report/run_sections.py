@@ -36,6 +36,8 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         backbone += f" (stem and first {m.freeze_stages} stages frozen)"
     if m.drop_path:
         backbone += f", stochastic depth up to {m.drop_path:g}"
+    if m.global_pool != "avg":
+        backbone += f", {m.global_pool} pooling"
     opt = o.name + (f", weight decay {o.weight_decay:g}" if o.weight_decay else "")
     if o.name == "sgd":
         opt += f", momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}"
