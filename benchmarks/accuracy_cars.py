@@ -248,7 +248,7 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
         if (args.runs / j.name).exists():
             shutil.rmtree(args.runs / j.name)  # a fresh run: no resumed checkpoint, an honest time
 
-    def done(name: str, code: int, wall: float, cpu: float) -> None:
+    def done(name: str, code: int, wall: float, cpu: float, peak_gb: float) -> None:
         job = by_name[name]
         m = job.method
         entry: dict[str, Any] = {
@@ -256,7 +256,8 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
             "recipe_name": job.stem,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "cpu_minutes": round(cpu / 60, 1), "log": shown(args.runs / f"{name}.log"),
+            "cpu_minutes": round(cpu / 60, 1), "peak_memory_gb": round(peak_gb, 2),
+            "log": shown(args.runs / f"{name}.log"),
             "cpu": cpu_facts(result["machine"]),  # each row's CPU: rows of other runs may differ
         }
         metrics_file = args.runs / name / "metrics.json"

@@ -135,9 +135,11 @@ def usable_cores() -> int:
 
 
 def run_timed(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int,
-              on_done: Callable[[str, int, float, float], None], cwd: Path | None = None) -> None:
+              on_done: Callable[[str, int, float, float, float], None], cwd: Path | None = None) -> None:
     """Run commands ``(name, argv, log file)``, ``parallel`` at a time, each limited to ``threads``
-    threads (``OMP_NUM_THREADS``); call ``on_done(name, exit code, wall seconds, CPU seconds)`` as each ends.
+    threads (``OMP_NUM_THREADS``); call ``on_done(name, exit code, wall seconds, CPU seconds, peak GB)``
+    as each ends (peak GB: the largest resident memory of the process or one it waited for; Linux
+    counts a forked child's pages before its exec too, so it is at least this process's size).
 
     CPU seconds are the ``rusage`` of the process and of every process it waited for (its
     data-loading workers): user + system time, whatever else the machine runs.
@@ -160,4 +162,5 @@ def run_timed(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: i
         name, p, t0, logf = running.pop(pid)
         p.returncode = os.waitstatus_to_exitcode(status)
         logf.close()
-        on_done(name, p.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime)
+        on_done(name, p.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime,
+                usage.ru_maxrss / 1e6)  # kilobytes on Linux

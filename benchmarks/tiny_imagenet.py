@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((name, argv_, args.runs / f"{name}.log"))
     atomic_write_json(args.out, result)
 
-    def done(name: str, code: int, wall: float, cpu: float) -> None:
+    def done(name: str, code: int, wall: float, cpu: float, peak_gb: float) -> None:
         entry = result["models"][name]
         entry.update({"command": f"finegrain train {name} --profile quick --set train.epochs={entry['epochs']}",
-                      "threads": threads, "wall_seconds": round(wall, 1), "cpu_minutes": round(cpu / 60, 2)})
+                      "threads": threads, "wall_seconds": round(wall, 1), "cpu_minutes": round(cpu / 60, 2),
+                      "peak_memory_gb": round(peak_gb, 2)})
         metrics_file = args.runs / name / "metrics.json"
         if code != 0 or not metrics_file.is_file():
             entry["error"] = f"exit code {code}; see {args.runs / f'{name}.log'}"
