@@ -122,14 +122,13 @@ class EncodingLoop:
         self.prepare(loader)
         labels, indices, outs = [], [], []
         seconds = 0.0
+        step = max(1, PASS_IMAGES // (2 if self.tta_flip else 1))  # images per pass, before their mirrors
         for batch in track(loader, len(loader), description):
             if batch is None:
                 continue
             x, y, idx = batch
             t0 = time.perf_counter()
-            step = max(1, PASS_IMAGES // (2 if self.tta_flip else 1))
-            parts = [self.forward(x[i:i + step]) for i in range(0, len(x), step)]
-            outs.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            outs.extend(self.forward(x[i:i + step]) for i in range(0, len(x), step))
             seconds += time.perf_counter() - t0
             labels.append(np.asarray(y))
             indices.append(np.asarray(idx))

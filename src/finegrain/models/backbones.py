@@ -336,12 +336,10 @@ def set_drop_path(module: nn.Module, rate: float, name: str) -> int:
 def set_global_pool(module: nn.Module, pool: str, name: str) -> None:
     """Make a timm backbone pool its last feature map by ``pool`` (``avg``, ``max`` or ``avgmax``);
     the feature width is unchanged."""
-    from timm.layers import SelectAdaptivePool2d
-
-    if not isinstance(getattr(module, "global_pool", None), SelectAdaptivePool2d):
+    if not (hasattr(module, "global_pool") and hasattr(module, "reset_classifier")):
         raise ConfigError(f"model.global_pool: {pool} needs a timm backbone (efficientnet_lite0-"
                           f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' pools on its own: set model.global_pool to avg")
-    module.global_pool = SelectAdaptivePool2d(pool_type=pool, flatten=True)
+    module.reset_classifier(0, global_pool=pool)  # timm's own way; no classifier, as the backbone was built
 
 
 # ---------------------------------------------------------------------- entry point
