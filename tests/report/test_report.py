@@ -242,6 +242,16 @@ def test_learning_curves_png(runs, tmp_path):
     assert_png(figures.learning_curves(runs["ret"] / "history.csv", tmp_path / "lc2.png"))
 
 
+def test_learning_rate_groups_sharing_a_rate_are_drawn_once():
+    cols = {"lr-AdamW/backbone": np.array([1e-3, 5e-4]), "lr-AdamW/head": np.array([1e-3, 5e-4]),
+            "lr-AdamW/proxies": np.array([1e-1, 5e-2]), "lr-SGD/0": np.array([1e-3, 5e-4])}
+    assert figures._lr_series(list(cols), cols) == [("lr-AdamW/backbone", "backbone, head and param group 0"),
+                                                     ("lr-AdamW/proxies", "proxies")]
+    cols["lr-AdamW/head"] = np.array([2e-3, 1e-3])
+    assert [label for _, label in figures._lr_series(list(cols), cols)] == [
+        "backbone and param group 0", "head", "proxies"]
+
+
 def test_learning_curves_tolerates_missing_columns_and_cells(tmp_path):
     hist = tmp_path / "history.csv"
     write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "val/acc": ""}, {"epoch": 2, "train/loss": 1.5, "val/acc": 0.4}])

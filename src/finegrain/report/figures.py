@@ -167,12 +167,27 @@ def _style_epoch_axis(ax, x: np.ndarray) -> None:
         ax.set_xlim(x[0] - 1, x[0] + 1)
 
 
+def _lr_series(names: list[str], cols: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """(column, label) per distinct learning-rate curve: parameter groups that share one rate are
+    drawn once, labelled with all their names ("backbone and head"), not as lines hiding each other."""
+    merged: list[tuple[str, list[str]]] = []
+    for c in names:
+        group = c.partition("/")[2] or c
+        group = f"param group {group}" if group.isdigit() else group
+        same = next((m for m in merged if np.allclose(cols[m[0]], cols[c], rtol=1e-9, atol=0, equal_nan=True)), None)
+        if same:
+            same[1].append(group)
+        else:
+            merged.append((c, [group]))
+    return [(c, groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1])
+            for c, groups in merged]
+
+
 def _draw_curve_panel(ax, kind: str, names: list[str], cols: dict[str, np.ndarray], x: np.ndarray) -> None:
     """One panel of the learning curves: its series (train dashed), axes and legend."""
-    for c in names:
+    series = _lr_series(names, cols) if kind == "lr" else [(c, _pretty(c)) for c in names]
+    for c, label in series:
         y = cols[c] * (100.0 if kind == "metric" else 1.0)
-        group = c.partition("/")[2] or c
-        label = _pretty(c) if kind != "lr" else (f"param group {group}" if group.isdigit() else group)
         _plot_series(ax, x, y, label, linestyle="--" if c.startswith("train") and kind != "lr" else "-")
     ax.set_xlabel("epoch")
     if kind == "loss":
