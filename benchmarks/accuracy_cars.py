@@ -20,7 +20,8 @@ The data is ``../shared/data/stanford_cars`` (the 8,144 official training images
   99-196 test, every test image a query against the rest): Recall@1/2/4/8 and MAP@R;
 
   * ``frozen-retrieval``: frozen ImageNet features, ``finegrain train cars196-lite0-frozen --profile quick``;
-  * ``ours-retrieval``: our metric-learning recipe, ``finegrain train cars196-lite0-ms --profile cpu45``.
+  * ``ours-retrieval``: our metric-learning recipe, ``finegrain train cars196-lite0-nsm --profile cpu45``
+    (until 2026-12-04 ``cars196-lite0-ms``, multi-similarity: the earlier rows).
 
 Every method runs as its own process through the command users run, in a fresh run
 folder under ``--runs`` (default ``runs/bench-cars``); its metrics are read from the
@@ -85,7 +86,7 @@ METHODS = (
     Method("ours-classification", "classification", "ours: fine-tuned EfficientNet-Lite0 (ImageNet)", "cars-lite0",
            "cpu45"),
     Method("ours-retrieval", "retrieval", "ours: metric learning on EfficientNet-Lite0 (ImageNet)",
-           "cars196-lite0-ms", "cpu45"),
+           "cars196-lite0-nsm", "cpu45"),
     Method("seed-knn", "classification", "seed: frozen ImageNet features + kNN (k=10, Euclidean)", "cars-lite0-knn",
            "quick"),
     Method("linear-probe", "classification", "frozen ImageNet features + linear head (logistic regression)",

@@ -2,7 +2,7 @@
 
     python benchmarks/engines_recall.py RUN [--engines torch onnx onnx-int8] [--out PATH]
 
-For a retrieval run (say the one ``accuracy_cars.py`` trains with ``cars196-lite0-ms --profile
+For a retrieval run (say the one ``accuracy_cars.py`` trains with ``cars196-lite0-nsm --profile
 cpu45``), this exports the run with its int8 model (``finegrain export RUN --quantize int8``, whose
 model.json records the accuracy int8 loses), then runs ``finegrain
 evaluate RUN --engine E --json`` for each engine, one after the other, through the command users

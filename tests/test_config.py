@@ -94,6 +94,17 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
+def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss():
+    """cars196-lite0-nsm (the shipped retrieval recipe) changes only the loss of cars196-lite0-ms, in every profile,
+    so the two stay comparable when the multi-similarity recipe changes."""
+    for profile in (None, "quick", "cpu45"):
+        ms, nsm = load_config("cars196-lite0-ms", profile), load_config("cars196-lite0-nsm", profile)
+        assert nsm.loss.name == "normalized_softmax" and ms.loss.name == "multi_similarity"
+        skip = {"name", "description", "loss"}
+        assert nsm.model_dump(exclude=skip) == ms.model_dump(exclude=skip), profile
+        assert nsm.description != ms.description and "normalized softmax" in nsm.description
+
+
 def test_shipped_configs_are_package_data():
     """The shipped configs live inside the package (so a wheel has them), extends included."""
     import finegrain

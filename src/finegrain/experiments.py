@@ -23,7 +23,8 @@ SUITES: dict[str, list[str]] = {
     "seed-000": ["cars-tl-1", "cars-tl-2", "cars-tl-3", "cars-densenet121", "cars-knn-1", "cars-knn-2",
                  "cars-knn-3", "cars-cnn-1", "cars-cnn-2", "cars-cnn-3"],
     "seed-001": ["tin-cnn", "tin-resnet18", "tin-cubs-1", "tin-cubs-2", "tin-cubs-3", "cars196-ms"],
-    "ours": ["cars-lite0", "cars-lite0-knn", "cars196-lite0-frozen", "cars196-lite0-ms", "tin-ours"],
+    "ours": ["cars-lite0", "cars-lite0-knn", "cars196-lite0-frozen", "cars196-lite0-ms", "cars196-lite0-nsm",
+             "tin-ours"],
 }
 SUITES["all"] = SUITES["seed-000"] + SUITES["seed-001"] + SUITES["ours"]
 
