@@ -78,6 +78,17 @@ def test_arcface_uses_its_margin():
     assert loss.margin == pytest.approx(np.radians(10.0))
 
 
+def test_proxies_learn_at_their_own_rate_in_a_group_named_for_them():
+    from finegrain.tasks.engine import make_task
+
+    cfg = C.build_config({"name": "x", "task": "metric_learning", "model": {"backbone": "cars_cnn4", "head": "embedding"},
+                          "optim": {"lr": 1e-3}, "loss": {"name": "normalized_softmax", "proxy_lr_mult": 33}})
+    task = make_task(cfg, ["a", "b", "c"], [0, 1, 2])
+    groups = {g["name"]: g for g in task.param_groups()}
+    assert groups["proxies"]["lr"] == pytest.approx(0.033)
+    assert [tuple(p.shape) for p in groups["proxies"]["params"]] == [(cfg.model.embedding_dim, 3)]
+
+
 def test_another_loss_in_a_profile_replaces_the_old_losss_settings():
     raw = {"name": "x", "task": "metric_learning", "loss": {"name": "multi_similarity", "alpha": 5.0},
            "profiles": {"p": {"loss": {"name": "triplet"}}}}

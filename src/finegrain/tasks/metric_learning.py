@@ -56,8 +56,9 @@ class MetricLearningTask(FinegrainTask):
         params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if not params:
             return []
-        mult = self.cfg.loss.proxy_lr_mult if isinstance(self.cfg.loss, ProxyLoss) else 1.0
-        return [{"params": params, "lr": lr * mult, "name": "loss"}]
+        if isinstance(self.cfg.loss, ProxyLoss):  # named for the learning-rate figure and log
+            return [{"params": params, "lr": lr * self.cfg.loss.proxy_lr_mult, "name": "proxies"}]
+        return [{"params": params, "lr": lr, "name": "loss"}]
 
     def training_step(self, batch, batch_idx):
         if batch is None:
