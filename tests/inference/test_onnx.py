@@ -129,6 +129,20 @@ def test_onnx_equals_torch_on_a_classifier(classifier):
     assert_same_top5(b.embeddings, a.embeddings)
 
 
+def test_a_cosine_classifier_trains_exports_and_scores_alike_on_both_engines(tmp_path):
+    from finegrain.data.module import split_for
+
+    run, _ = engine.fit(tiny_config(tmp_path, name="cos", model={"head": "cosine"}, train={"epochs": 1}),
+                        runs_root=tmp_path)
+    export_run(run.path)
+    t, o = both_engines(run)
+    records = split_for(t.cfg.data).test
+    a, b = t.encode_records(records), o.encode_records(records)
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-3, rtol=0)
+    # scores are cosines over the temperature: within +-20, whatever the class vectors' lengths
+    assert np.abs(a.logits).max() <= 20.0 + 1e-3 and np.abs(a.logits).max() > 1.0
+
+
 def test_onnx_equals_torch_at_two_sizes_with_flips(multiscale):
     from finegrain.data.images import open_rgb
     from finegrain.data.module import split_for

@@ -140,6 +140,7 @@ def test_efficientnet_lite0_imagenet_offline():
 # ---------------------------------------------------------------------- the model
 @pytest.mark.parametrize("head,keys", [
     ("classifier", {"features", "logits"}),
+    ("cosine", {"features", "logits"}),
     ("embedding", {"features", "embedding"}),
     ("both", {"features", "embedding", "logits"}),
 ])
@@ -181,6 +182,19 @@ def test_head_options():
         build_model("cars_cnn3", head="classifier")
     with pytest.raises(ConfigError, match="head"):
         build_model("cars_cnn3", num_classes=3, head="proxy")
+
+
+def test_cosine_head_scores_are_cosines_over_the_temperature():
+    torch.manual_seed(0)
+    m = build_model("cars_cnn3", num_classes=4, head="cosine", dropout=0.2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    f, w = m.features(x), m.classifier[1].weight
+    cos = torch.nn.functional.cosine_similarity(f[:, None, :], w[None, :, :], dim=2)
+    assert m.num_classes == 4 and m.classifier[1].bias is None
+    assert torch.allclose(m(x)["logits"], cos / 0.05, atol=1e-4)
+    with torch.no_grad():
+        w.mul_(7.0)  # the class vectors' lengths do not change the scores
+    assert torch.allclose(m(x)["logits"], cos / 0.05, atol=1e-4)
 
 
 def test_head_both_classifies_the_unnormalised_embedding():

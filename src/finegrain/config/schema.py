@@ -64,7 +64,10 @@ class ModelConfig(Section):
     backbone: str = "resnet50"
     weights: str = "none"
     """``imagenet``, ``none``, or a path to a local weights file."""
-    head: Literal["classifier", "embedding", "both"] = "classifier"
+    head: Literal["classifier", "cosine", "embedding", "both"] = "classifier"
+    """``classifier``: a linear layer on the features; ``cosine``: a cosine classifier on them (class
+    scores are cosine similarities over a temperature of 0.05); ``embedding``: an embedder;
+    ``both``: an embedder and a linear classifier on the embedding."""
     dropout: float = Field(0.0, ge=0, lt=1)
     embedding_dim: int = Field(512, ge=2)
     normalize_embedding: bool = True

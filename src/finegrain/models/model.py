@@ -14,6 +14,9 @@ than images: training on cached frozen-stage outputs (``train.frozen_cache_views
 Heads (``head``):
 
 - ``classifier``: ``Dropout(p) -> Linear(feature_dim, num_classes)`` on the features;
+- ``cosine``: ``Dropout(p) ->`` :class:`CosineLinear` on the features: each logit is the cosine
+  similarity of the features to a learned class vector over a temperature of 0.05 (a cosine
+  classifier; the normalized softmax of Zhai & Wu 2018 with a class's vector as its proxy);
 - ``embedding``: ``Linear(feature_dim, embedding_dim)`` (``-> BatchNorm1d`` with
   ``bn_neck``), then L2 normalisation when ``normalize_embedding``;
 - ``both``: the embedder, plus a classifier ``Dropout(p) -> Linear(embedding_dim,
@@ -58,6 +61,18 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc(x)
         return self.bn(x) if self.bn is not None else x
+
+
+class CosineLinear(nn.Linear):
+    """A cosine classifier: ``cos(x, w_c) / temperature`` for each class vector ``w_c`` (no bias).
+    Being an ``nn.Linear``, it names its number of classes as a linear layer does."""
+
+    def __init__(self, in_features: int, num_classes: int, temperature: float = 0.05) -> None:
+        super().__init__(in_features, num_classes, bias=False)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) / self.temperature
 
 
 class FinegrainModel(nn.Module):
@@ -218,6 +233,11 @@ def _classifier_head(feature_dim: int, num_classes: int | None, dim: int, dropou
     return None, _classifier(feature_dim, num_classes, dropout)
 
 
+@HEADS.register("cosine")
+def _cosine_head(feature_dim: int, num_classes: int | None, dim: int, dropout: float, bn_neck: bool) -> HeadParts:
+    return None, nn.Sequential(nn.Dropout(dropout), CosineLinear(feature_dim, int(num_classes or 0)))
+
+
 @HEADS.register("embedding")
 def _embedding_head(feature_dim: int, num_classes: int | None, dim: int, dropout: float, bn_neck: bool) -> HeadParts:
     return Embedder(feature_dim, dim, bn_neck), None
@@ -248,11 +268,11 @@ def build_model(
     make_head = HEADS.get(head)
     if cubs not in CUBS_CHOICES:
         raise ConfigError(str(unknown_name("CUBS variant (model.cubs)", cubs, CUBS_CHOICES)))
-    if head in ("classifier", "both") and (num_classes is None or int(num_classes) < 1):
+    if head in ("classifier", "cosine", "both") and (num_classes is None or int(num_classes) < 1):
         raise ConfigError(f"head: {head} needs num_classes (a positive number of classes), got {num_classes!r}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
-    if head != "classifier" and int(embedding_dim) < 1:
+    if head in ("embedding", "both") and int(embedding_dim) < 1:
         raise ConfigError(f"embedding_dim must be positive, got {embedding_dim}")
 
     w = str(weights)

@@ -24,7 +24,7 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         return [("config", "config.yaml missing or invalid")]
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     head = m.head + (f" ({m.embedding_dim}-d embedding{', L2-normalised' if m.normalize_embedding else ''})"
-                     if m.head != "classifier" else "")
+                     if m.head in ("embedding", "both") else "")
     if m.dropout:
         head += f", dropout {m.dropout}"
     backbone = m.backbone
