@@ -426,6 +426,8 @@ def test_the_settings_table_names_the_seed_and_the_regularisers():
     rows = dict(config_brief(cfg, None))
     assert rows["seed"] == "3" and rows["backbone"].endswith("stochastic depth up to 0.2, avgmax pooling")
     assert rows["augmentation"].endswith("cutmix 1") and rows["optimiser"].endswith("(EMA, decay 0.99)")
+    cosine = build_config({"name": "x", "model": {"backbone": "efficientnet_lite0", "head": "cosine", "dropout": 0.2}})
+    assert dict(config_brief(cosine, None))["head"] == "cosine classifier, dropout 0.2"
 
 
 def test_the_contact_sheet_titles_say_which_neighbour_is_the_query_itself(tmp_path):

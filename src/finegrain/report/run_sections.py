@@ -23,8 +23,9 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     if cfg is None:
         return [("config", "config.yaml missing or invalid")]
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    head = m.head + (f" ({m.embedding_dim}-d embedding{', L2-normalised' if m.normalize_embedding else ''})"
-                     if m.head in ("embedding", "both") else "")
+    head = ("cosine classifier" if m.head == "cosine" else m.head) + (
+        f" ({m.embedding_dim}-d embedding{', L2-normalised' if m.normalize_embedding else ''})"
+        if m.head in ("embedding", "both") else "")
     if m.dropout:
         head += f", dropout {m.dropout}"
     backbone = m.backbone
