@@ -86,6 +86,11 @@ class ModelConfig(Section):
     maximum, or the mean of the two (``avgmax``, the average plus max pooling of many metric-learning
     papers' code)."""
 
+    @property
+    def has_embedder(self) -> bool:
+        """Whether the head has an embedder (``embedding``, ``both``); else the features are the vectors."""
+        return self.head in ("embedding", "both")
+
 
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"

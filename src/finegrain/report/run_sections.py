@@ -25,7 +25,7 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     head = ("cosine classifier" if m.head == "cosine" else m.head) + (
         f" ({m.embedding_dim}-d embedding{', L2-normalised' if m.normalize_embedding else ''})"
-        if m.head in ("embedding", "both") else "")
+        if m.has_embedder else "")
     if m.dropout:
         head += f", dropout {m.dropout}"
     backbone = m.backbone

@@ -117,7 +117,7 @@ def add_classification_metrics(result: dict, run: RunDir, encoder, dm, out) -> N
         result["protocol"]["method"] = "the classifier head's arg-max"
     else:
         m, preds = knn_metrics(encoder, dm, out)
-        result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.head in ('embedding', 'both') else 'features'}"
+        result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.has_embedder else 'features'}"
                                         f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
                                         "gallery = train split, queries = test split")
     result["classification"] = m

@@ -27,7 +27,7 @@ class MetricLearningTask(FinegrainTask):
         lookup = torch.full((len(class_names),), -1, dtype=torch.long)
         lookup[torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("label_lookup", lookup, persistent=False)
-        dim = self.cfg.model.embedding_dim if self.cfg.model.head in ("embedding", "both") else self.model.feature_dim
+        dim = self.cfg.model.embedding_dim if self.cfg.model.has_embedder else self.model.feature_dim
         self.loss_fn, self.miner = build_loss(self.cfg.loss, len(classes), dim)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
