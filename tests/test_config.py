@@ -97,7 +97,8 @@ def test_missing_and_malformed_files(tmp_path):
 def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss():
     """cars196-lite0-nsm (the shipped retrieval recipe) changes only the loss of cars196-lite0-ms, in every profile,
     so the two stay comparable when the multi-similarity recipe changes; its cpu45 profile also freezes a
-    fourth stage and trains and tests on larger images (what its benchmark rows measured)."""
+    fourth stage, trains and tests on larger images and keeps no validation carve-out (what its benchmark
+    rows measured)."""
     for profile in (None, "quick", "cpu45"):
         ms, nsm = load_config("cars196-lite0-ms", profile), load_config("cars196-lite0-nsm", profile)
         assert nsm.loss.name == "normalized_softmax" and ms.loss.name == "multi_similarity"
@@ -105,8 +106,9 @@ def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss(
         if profile == "cpu45":
             assert (nsm.model.freeze_stages, ms.model.freeze_stages) == (4, 3)
             assert nsm.data.image_size == (224, 299) and ms.data.image_size == (192, 256)
-            assert nsm.data.eval_image_sizes == [(224, 299), (288, 384)]
-            skip |= {"model": {"freeze_stages"}, "data": {"image_size", "eval_image_sizes"}}
+            assert nsm.data.eval_image_sizes == [(224, 299), (256, 341), (288, 384)]
+            assert (nsm.data.val_fraction, ms.data.val_fraction) == (0, 0.05)
+            skip |= {"model": {"freeze_stages"}, "data": {"image_size", "eval_image_sizes", "val_fraction"}}
         assert nsm.model_dump(exclude=skip) == ms.model_dump(exclude=skip), profile
         assert nsm.description != ms.description and "normalized softmax" in nsm.description
 
