@@ -239,6 +239,8 @@ def recipe_of(cfg: dict) -> dict[str, Any]:
             recipe["progressive_sizes"] = cfg["data"]["progressive_sizes"]
         if cfg["loss"].get("xbm_size"):
             recipe["xbm_size"] = cfg["loss"]["xbm_size"]
+        if cfg["data"].get("val_fraction") == 0:  # no carve-out (every recipe before 2026-12-05 had one)
+            recipe["val_fraction"] = 0
     return recipe
 
 
