@@ -261,6 +261,16 @@ def test_learning_curves_tolerates_missing_columns_and_cells(tmp_path):
         figures.learning_curves(hist, tmp_path / "none.png")
 
 
+def test_learning_curves_caption_says_whether_the_run_validated(tmp_path):
+    hist = tmp_path / "history.csv"
+    write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "val/acc": 0.3}, {"epoch": 2, "train/loss": 1.5, "val/acc": 0.4}])
+    assert "validation metric" in figures.learning_curves_caption(hist)
+    write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "train/acc": 0.3}, {"epoch": 2, "train/loss": 1.5, "train/acc": 0.5}])
+    caption = figures.learning_curves_caption(hist)
+    assert "validation metric" not in caption and "data.val_fraction: 0" in caption
+    assert "per epoch" in figures.learning_curves_caption(tmp_path / "missing.csv")
+
+
 def test_per_class_accuracy_png(runs, tmp_path):
     assert_png(figures.per_class_accuracy(runs["cls"] / "per_class.csv", tmp_path / "pc.png"))
     # more classes than 2n: worst and best panels

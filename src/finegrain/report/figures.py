@@ -130,11 +130,27 @@ def _curve_panels(cols: dict[str, np.ndarray], history_csv: Path) -> list[tuple[
     return panels
 
 
+def learning_curves_caption(history_csv: Path) -> str:
+    """What the learning-curve figure of ``history_csv`` shows, in words: a run without a validation
+    split (``data.val_fraction: 0``) has only training curves, and the caption says so."""
+    try:
+        cols = read_history_csv(history_csv)
+        drawn = [c for _, names in _curve_panels(cols, history_csv) for c in names]
+    except (OSError, ValueError):
+        return "Loss, metric and learning rate per epoch (from history.csv)."
+    if any(c.startswith("val") for c in drawn):
+        return "Loss, validation metric and learning rate per epoch (from history.csv)."
+    return ("Training loss, training accuracy where logged, and learning rate per epoch (from history.csv). "
+            "The run held no images out for validation (data.val_fraction: 0), so there are no "
+            "validation curves; the checkpoint kept is the epoch with the lowest training loss.")
+
+
 def _style_metric_axis(ax, cols: dict[str, np.ndarray], names: list[str]) -> None:
     """Title, label and a y range in % around the metric's values."""
     names_only = {c.split("/")[-1] for c in names}
     is_acc = names_only <= {"acc", "top1"}
-    ax.set_title("Accuracy" if is_acc else "Validation metric")
+    has_val = any(c.startswith("val") for c in names)
+    ax.set_title("Accuracy" if is_acc else "Validation metric" if has_val else "Training metric")
     ax.set_ylabel("accuracy (%)" if is_acc else "metric value (%)")
     lo = min(float(np.nanmin(cols[c])) for c in names) * 100
     hi = max(float(np.nanmax(cols[c])) for c in names) * 100

@@ -233,7 +233,7 @@ def training_section(inp: RunInputs) -> list[str]:
     png = inp.out_dir / "learning_curves.png"
     if run.history.is_file():
         body.append(try_figure("Learning curves", lambda: figures.learning_curves(run.history, png), png,
-                               "Loss, validation metric and learning rate per epoch (from history.csv)."))
+                               figures.learning_curves_caption(run.history)))
     else:
         why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains
                                          else "")
