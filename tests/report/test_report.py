@@ -267,7 +267,9 @@ def test_learning_curves_caption_says_whether_the_run_validated(tmp_path):
     assert "validation metric" in figures.learning_curves_caption(hist)
     write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "train/acc": 0.3}, {"epoch": 2, "train/loss": 1.5, "train/acc": 0.5}])
     caption = figures.learning_curves_caption(hist)
-    assert "validation metric" not in caption and "data.val_fraction: 0" in caption
+    assert caption.startswith("Training loss and training accuracy per epoch") and "data.val_fraction: 0" in caption
+    write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "lr/backbone": 1e-3}, {"epoch": 2, "train/loss": 1.5, "lr/backbone": 5e-4}])
+    assert figures.learning_curves_caption(hist).startswith("Training loss and learning rate per epoch")
     assert "per epoch" in figures.learning_curves_caption(tmp_path / "missing.csv")
 
 

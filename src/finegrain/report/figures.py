@@ -135,14 +135,18 @@ def learning_curves_caption(history_csv: Path) -> str:
     split (``data.val_fraction: 0``) has only training curves, and the caption says so."""
     try:
         cols = read_history_csv(history_csv)
-        drawn = [c for _, names in _curve_panels(cols, history_csv) for c in names]
+        panels = _curve_panels(cols, history_csv)
     except (OSError, ValueError):
         return "Loss, metric and learning rate per epoch (from history.csv)."
+    drawn, kinds = [c for _, names in panels for c in names], {kind for kind, _ in panels}
     if any(c.startswith("val") for c in drawn):
         return "Loss, validation metric and learning rate per epoch (from history.csv)."
-    return ("Training loss, training accuracy where logged, and learning rate per epoch (from history.csv). "
-            "The run held no images out for validation (data.val_fraction: 0), so there are no "
-            "validation curves; the checkpoint kept is the epoch with the lowest training loss.")
+    shown = [what for kind, what in (("loss", "training loss"), ("metric", "training accuracy"),
+                                     ("lr", "learning rate")) if kind in kinds]
+    listed = ", ".join(shown[:-1]) + " and " + shown[-1] if len(shown) > 1 else shown[0]
+    return (f"{listed[0].upper()}{listed[1:]} per epoch (from history.csv). The run held no images out for "
+            "validation (data.val_fraction: 0), so there are no validation curves; the checkpoint kept is "
+            "the epoch with the lowest training loss.")
 
 
 def _style_metric_axis(ax, cols: dict[str, np.ndarray], names: list[str]) -> None:
