@@ -4,6 +4,9 @@ a client sees, on hand-built ASGI requests, then through the whole service over 
 from __future__ import annotations
 
 import asyncio
+import io
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from finegrain.errors import FinegrainError, ImageError
+from finegrain.serve import uploads
 from finegrain.serve.errors import ApiError
 from finegrain.serve.uploads import (
     DEFAULT_K,
@@ -237,3 +241,18 @@ def test_16bit_png_over_the_default_limit_is_400(client):
     deep = Image.fromarray(np.zeros((3000, 6000), dtype=np.uint16))  # 18 Mpixel of 16-bit, a few KB
     body = assert_error(post_image(client, png_bytes(deep), name="deep.png"), 400, "too many pixels")
     assert "16 Mpixel" in body["error"] and "--max-image-mpixels" in body["error"]
+
+
+def test_every_format_the_page_and_the_refusal_name_is_one_an_upload_decodes():
+    page = (Path(uploads.__file__).parent / "static" / "index.html").read_text()
+    on_page = re.search(r'class="dz-sub">.*?· ([^<]+)</p>', page).group(1)
+    in_refusal = re.search(r"Upload an? (.+) picture", image_error_message(ImageError("q", "not-an-image"))).group(1)
+    assert on_page == in_refusal
+    names = re.split(r", | or ", on_page)
+    assert names == ["JPEG", "PNG", "WebP", "GIF", "BMP"]
+    for fmt in names:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 30, 10)).save(buf, format=fmt.upper())
+        rec = _Recorder()
+        _search(rec, buf.getvalue(), k=1)
+        assert rec.seen == [((40, 30), 1)], fmt
