@@ -350,9 +350,17 @@ def shown(path: Path) -> str:
 
 
 def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
+    """Each goal against our recipe: the mean over its seeds when it has seeded rows (the goal is
+    judged so), else its one unseeded row."""
+    spread = seed_spread(methods)
     out: dict[str, Any] = {}
     for name, key, metric in (("ours-classification", "classification_top1", "top1"),
                               ("ours-retrieval", "retrieval_recall@1", "recall@1")):
+        if name in spread:
+            sp = spread[name]
+            out[key] = {"value": sp["mean"], "seeds": sp["seeds"], "goal": GOALS[key],
+                        "cpu_minutes": sp["cpu_minutes_max"], "met": sp["met"]}
+            continue
         e = methods.get(name, {})
         value = e.get("metrics", {}).get(metric)
         if value is None:
