@@ -181,3 +181,23 @@ def test_search_json_and_sheet(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"contact sheet: {tmp_path / 's2.png'}" in r.stdout and (tmp_path / "s2.png").is_file()
     assert f"{gallery_image} (the query itself)" in r.stdout  # the whole path, though the output is no terminal
+
+
+def test_a_command_that_needs_the_training_stack_says_so_on_a_serving_only_install(tmp_path):
+    # as where only finegrain[serve] is installed: the training stack's modules are not found
+    prelude = (
+        "import sys\n"
+        "class _NotInstalled:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'lightning', 'matplotlib'}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _NotInstalled())\n"
+        "sys.argv = ['finegrain', *sys.argv[1:]]\n"
+        "from finegrain.cli import main; main()\n"
+    )
+    for command in ("index", "evaluate", "report"):
+        r = subprocess.run([sys.executable, "-c", prelude, command, str(tmp_path)], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert r.returncode == 2, (command, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert f"`finegrain {command}` needs" in r.stderr and "pip install 'finegrain[train]'" in r.stderr, r.stderr

