@@ -1,11 +1,12 @@
 """Benchmark: training images/s with and without the frozen-stage cache (``train.frozen_cache_views``).
 
     python benchmarks/frozen_cache.py [--quick] [--image-size 192x256] [--batch-size 32] [--views 3]
-                                      [--cache-images 256] [--steps N] [--warmup N] [--rounds N]
+                                      [--cache-images 256] [--steps N] [--warmup N] [--rounds N] [--freeze-stages 3]
                                       [--threads 1] [--out PATH]
 
-The settings of ``cars-lite0 --profile cpu45``: EfficientNet-Lite0 (random weights, 196 classes,
-dropout 0.2), 192x256 images, stem and first three stages frozen (``model.freeze_stages: 3``),
+The settings of an earlier ``cars-lite0 --profile cpu45``: EfficientNet-Lite0 (random weights, 196 classes,
+dropout 0.2), 192x256 images, stem and first three stages frozen (``--freeze-stages``; the profile now
+trains at 256x341 with four: ``--image-size 256x341 --freeze-stages 4``),
 batch 32, model and inputs channels-last, the precision ``auto`` picks on this machine
 (``finegrain.machine.auto_precision``), AdamW and cross-entropy with label smoothing 0.1, on one
 torch thread by default (the recipe's budget is one core). Two variants, each its own model (seed 0):
@@ -43,7 +44,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from common import load_average, log, machine_info, warn_if_busy  # noqa: E402
+from common import load_average, log, machine_info, pin_threads, warn_if_busy  # noqa: E402
 from throughput import alternate, summarise, timed  # noqa: E402  (the same rotation and summary)
 
 from finegrain.runs import atomic_write_json  # noqa: E402
@@ -52,7 +53,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "frozen_cache.json"
 CLASSES = 196
 
 
-def make_config(size: tuple[int, int], batch: int, views: int, cache_images: int):
+def make_config(size: tuple[int, int], batch: int, views: int, cache_images: int, freeze_stages: int = 3):
     """The cpu45 profile's training settings, on the synthetic dataset (``cache_images`` training images)."""
     from finegrain.config import build_config
 
@@ -63,7 +64,7 @@ def make_config(size: tuple[int, int], batch: int, views: int, cache_images: int
                  "num_workers": 0, "val_fraction": 0.0, "cache": "off",
                  "synthetic": {"num_classes": 8, "train_per_class": per_class, "test_per_class": 1,
                                "image_size": [96, 128]}},
-        "model": {"backbone": "efficientnet_lite0", "weights": "none", "dropout": 0.2, "freeze_stages": 3},
+        "model": {"backbone": "efficientnet_lite0", "weights": "none", "dropout": 0.2, "freeze_stages": freeze_stages},
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
         "loss": {"label_smoothing": 0.1},
         "train": {"precision": "auto", "channels_last": True, "frozen_cache_views": views, "accelerator": "cpu"},
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="96x128, batch 8, 32 images, one round of one step")
     ap.add_argument("--image-size", default=None, help="HxW (default 192x256; quick 96x128)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 32 (quick 8)")
+    ap.add_argument("--freeze-stages", type=int, default=3,
+                    help="stages frozen and cached (default 3; cars-lite0 -p cpu45 freezes 4)")
     ap.add_argument("--views", type=int, default=3, help="cached views per image (default 3)")
     ap.add_argument("--cache-images", type=int, default=None, help="images the cache build runs over (default 256; "
                                                                    "quick 32)")
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     rounds = args.rounds or (1 if q else 4)
 
+    if argv is None:  # run as a script (a caller in-process keeps its own threads)
+        pin_threads(args.threads)
     warnings.filterwarnings("ignore", message=r".*In CPU autocast.*")
     os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
     tmp = Path(tempfile.mkdtemp(prefix="finegrain-bench-frozen-"))
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     precision = machine.resolve_precision("auto")
     busy = warn_if_busy()
-    cfg = make_config((h, w), batch, args.views, images)
+    cfg = make_config((h, w), batch, args.views, images, args.freeze_stages)
     result: dict[str, Any] = {
         "benchmark": "frozen_cache",
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine_busy": busy is not None,
         "busy_warning_at_start": busy,
         "settings": {"backbone": "efficientnet_lite0", "weights": "none (random, seed 0)", "classes": CLASSES,
-                     "image_size": [h, w], "batch_size": batch, "freeze_stages": 3, "channels_last": True,
+                     "image_size": [h, w], "batch_size": batch, "freeze_stages": args.freeze_stages, "channels_last": True,
                      "precision": precision, "torch_threads": torch.get_num_threads(), "views": args.views,
                      "warmup_steps": warmup, "rounds": rounds, "timed_steps_per_round": steps,
                      "optimiser": "AdamW(lr 0.002, wd 0.01) over the trainable parameters",
