@@ -201,3 +201,25 @@ def test_a_command_that_needs_the_training_stack_says_so_on_a_serving_only_insta
         assert r.returncode == 2, (command, r.stderr)
         assert "Traceback" not in r.stderr
         assert f"`finegrain {command}` needs" in r.stderr and "pip install 'finegrain[train]'" in r.stderr, r.stderr
+
+
+def test_the_train_extra_modules_named_by_the_cli_cover_the_train_extra():
+    # the CLI names a missing module of the `train` extra; a package added to the extra (and not also
+    # in `serve`) without its import name here would end in a traceback on a serving-only install
+    import importlib.metadata as md
+    import tomllib
+
+    from finegrain.cli import TRAIN_EXTRA_MODULES
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    name = lambda req: re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+    train_only = {name(r) for r in extras["train"]} - {name(r) for r in extras["serve"]}
+    imports_of: dict[str, set[str]] = {}
+    for module, dists in md.packages_distributions().items():
+        for dist in dists:
+            imports_of.setdefault(dist.lower().replace("_", "-"), set()).add(module)
+    for dist in sorted(train_only):
+        modules = {m for m in imports_of.get(dist, set()) if not m.startswith("_")}
+        assert modules, f"{dist} is not installed in the test environment"
+        assert modules & TRAIN_EXTRA_MODULES, (dist, modules)
