@@ -177,6 +177,11 @@ class RunDir:
         return self.path / "DONE"
 
     @property
+    def precision_file(self) -> Path:
+        """What ``precision: auto`` chose for each phase and measured (only where it probed)."""
+        return self.path / "precision.json"
+
+    @property
     def state_file(self) -> Path:
         return self.path / "state.json"
 
@@ -186,6 +191,14 @@ class RunDir:
             "status": status, "epochs_done": int(epochs_done), "epochs_planned": int(epochs_planned),
             "stopped_early": bool(stopped_early),
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def training_precision(self) -> dict[str, Any] | None:
+        """``precision.json`` (what ``precision: auto`` chose per phase), or None when absent or unreadable."""
+        try:
+            phases = json.loads(self.precision_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return phases if isinstance(phases, dict) else None
 
     def training_state(self) -> dict[str, Any]:
         """``status`` (``not started``, ``training``, ``finished``), ``epochs_done``, ``epochs_planned``,

@@ -76,13 +76,22 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         ("augmentation", aug),
         ("loss", cfg.loss.name + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in cfg.loss.model_dump().items()
                                          if k != "name" and isinstance(v, (int, float)) and v)),
-        ("precision", t.precision),
+        ("precision", precision_words(t.precision, (metrics or {}).get("training_precision"))),
         ("seed", str(t.seed)),
     ]
     if not cfg.trains:
         e = cfg.eval
         rows.append(("kNN", f"k={e.k}, {e.metric}, {e.weights} votes, embeddings of run {e.source_run}"))
     return rows
+
+
+def precision_words(requested: str, phases: Any) -> str:
+    """The configured precision, with what ``auto`` chose for each phase where it chose per phase."""
+    if not isinstance(phases, dict) or not isinstance(phases.get("images_per_second"), dict):
+        return requested
+    speeds = ", ".join(f"{p} {v}" for p, v in phases["images_per_second"].items())
+    return (f"{requested}: frozen cache in {phases.get('cache', '?')}, training steps in {phases.get('steps', '?')} "
+            f"(the faster cached step on {phases.get('cpu') or 'the training CPU'}, images/s: {speeds})")
 
 
 def definition_for(key: str, definitions: dict[str, str]) -> str:

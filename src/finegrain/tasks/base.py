@@ -31,6 +31,9 @@ class FinegrainTask(L.LightningModule):
         self.model = build_from_config(self.cfg, num_outputs(self.cfg, len(class_names)), weights)
         self._frozen_for_head_stage = False
         self._trainable_after_head_stage: dict[int, bool] = {}
+        self.cache_precision: str | None = None
+        """The precision the frozen cache is built in, when it differs from the trainer's
+        (:mod:`finegrain.tasks.phase_precision`); None: the trainer's."""
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -54,9 +57,10 @@ class FinegrainTask(L.LightningModule):
     def cache_frozen_outputs(self) -> None:
         """Compute the frozen stages' outputs of the training images once, for the data module's
         training loader (which asks when it is first built: the frozen weights never change, so a
-        resumed run gets the same); in eval mode, without autograd, in the training precision,
-        channels-last as configured."""
+        resumed run gets the same); in eval mode, without autograd, in :attr:`cache_precision` (else
+        the training precision), channels-last as configured."""
         from finegrain.data.frozen_features import build_frozen_views
+        from finegrain.tasks.phase_precision import autocast
 
         dm, t = self.trainer.datamodule, self.cfg.train
         if not hasattr(dm, "frozen_views"):
@@ -66,7 +70,9 @@ class FinegrainTask(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
         def prefix(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), self.trainer.precision_plugin.forward_context():
+            precision = (autocast(self.cache_precision, self.device) if self.cache_precision
+                         else self.trainer.precision_plugin.forward_context())
+            with torch.inference_mode(), precision:
                 return self.model.frozen_prefix(self.prepare_input(x.to(self.device)))
 
         training = self.model.training

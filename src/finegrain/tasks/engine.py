@@ -28,7 +28,9 @@ from finegrain.config import ExperimentConfig, ModelConfig
 from finegrain.errors import FinegrainError
 from finegrain.machine import resolve_precision, set_threads
 from finegrain.progress import wanted as progress_wanted
-from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run, die, fault_point
+from finegrain.runs import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run, die,
+                            fault_point)
+from finegrain.tasks import phase_precision
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,9 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
         raise FinegrainError(f"checkpoint {ckpt} was written by another model architecture ({detail})")
 
 
-def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has_val: bool) -> L.Trainer:
+def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has_val: bool,
+                precision: str | None = None) -> L.Trainer:
+    """The Lightning trainer of a run, in ``precision`` (default: ``train.precision`` resolved)."""
     t = cfg.train
     if not has_val:
         monitor, mode = "train/loss_epoch", "min"
@@ -272,7 +276,7 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=resolve_precision(t.precision),
+        precision=precision or resolve_precision(t.precision),
         gradient_clip_val=t.grad_clip,
         callbacks=callbacks,
         logger=[CSVLogger(run.path, name="logs", version=""), TensorBoardLogger(run.path, name="logs", version="")],
@@ -315,7 +319,12 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
         dm = FinegrainDataModule(cfg)
         train_labels = sorted({r.label for r in dm.train_records})
         task = make_task(cfg, dm.class_names, train_labels)
-        trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records))
+        phases = phase_precision.choose(cfg, task.model)
+        task.cache_precision = phases.cache if phases.cache != phases.steps else None
+        if phases.images_per_second:
+            atomic_write_json(run.precision_file, phases.as_dict())
+        trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records),
+                              precision=phases.steps)
         trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except BaseException:
         if not run.has_started() and not run.metrics.is_file():

@@ -72,6 +72,8 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
         "protocol": protocol_of(cfg, dm.split, dataset_root(cfg.data), protocol, fmt),
         "definitions": DEFINITIONS,
     }
+    if phases := run.training_precision():
+        result["training_precision"] = phases
     out = encoder.encode_records(dm.test_records, dm.caches, "test images")
     paths = [str(dm.test_records[i].path) for i in out.indices]
     save_embeddings(run, "test", out, paths, encoder)
