@@ -275,6 +275,9 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
             cfg = config_of(args.runs / name)
             if cfg:
                 entry["recipe"] = recipe_of(cfg)
+            phases = args.runs / name / "precision.json"  # what precision auto chose per phase, and measured
+            if phases.is_file():
+                entry["phase_precision"] = json.loads(phases.read_text())
             log(f"done {name}: {entry['metrics']} in {cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall)")
         with locked(args.out):  # another run of this benchmark may have added rows since this one started
             if args.out.is_file():
