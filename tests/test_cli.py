@@ -125,6 +125,15 @@ def test_info_measures_fp32_and_bf16(monkeypatch):
     assert re.search(rf"precision auto +│ {re.escape(machine.auto_precision()[0])}: ", r.stdout)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_info_says_cached_runs_choose_their_step_precision_only_where_auto_is_bf16(monkeypatch, native):
+    monkeypatch.setattr(machine, "cuda_available", lambda: False)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native)
+    r = CliRunner().invoke(app, ["info", "--no-bench"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert ("a probe at its start finds faster" in r.stdout) is native
+
+
 # ----------------------------------------------------------------------------- a tiny trained run
 
 

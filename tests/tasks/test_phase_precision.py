@@ -65,6 +65,7 @@ def test_auto_on_a_native_bf16_cpu_caches_in_bf16_and_trains_in_the_faster(tmp_p
     (True, "auto", {"train": {"epochs": 1}}, "bf16-mixed"),  # no cache: one workload
     (True, "32", CACHED, "32"),  # explicit precisions are obeyed in both phases
     (True, "bf16-mixed", CACHED, "bf16-mixed"),
+    (True, "auto", {**CACHED, "train": {**CACHED["train"], "devices": 2}}, "bf16-mixed"),  # processes train alike
 ])
 def test_no_probe_where_there_is_nothing_to_choose(tmp_path, cpu, probe, native, precision, sections, expected):
     cpu(native)

@@ -65,11 +65,13 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.A
 def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
     """Each phase's precision: ``train.precision`` resolved as usual for both, except that ``auto``
     on a CPU that picks bf16 times the cached training step in bf16 and in fp32 when the run trains
-    on the cache (:func:`time_cached_step`), and trains in the faster."""
+    on the cache (:func:`time_cached_step`), and trains in the faster (in a one-process run)."""
     requested = cfg.train.precision
     precision = machine.resolve_precision(requested)
     one_choice = requested != "auto" or precision != "bf16-mixed" or machine.cuda_available()
-    if one_choice or cfg.train.frozen_cache_views <= 0:
+    # the processes of a multi-process run must train alike, and a probe in each could disagree
+    several = cfg.train.num_nodes > 1 or (isinstance(cfg.train.devices, int) and cfg.train.devices > 1)
+    if one_choice or several or cfg.train.frozen_cache_views <= 0:
         return PhasePrecision(requested, precision, precision)
     speeds = time_cached_step(model, cfg)
     steps = max(CANDIDATES, key=lambda p: speeds[p])
