@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from finegrain.config import ExperimentConfig
 from finegrain import machine
+from finegrain.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
