@@ -60,7 +60,7 @@ class FinegrainTask(L.LightningModule):
         resumed run gets the same); in eval mode, without autograd, in :attr:`cache_precision` (else
         the training precision), channels-last as configured."""
         from finegrain.data.frozen_features import build_frozen_views
-        from finegrain.tasks.phase_precision import autocast
+        from finegrain.inference.encoder import autocast_for
 
         dm, t = self.trainer.datamodule, self.cfg.train
         if not hasattr(dm, "frozen_views"):
@@ -70,7 +70,7 @@ class FinegrainTask(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
         def prefix(x: torch.Tensor) -> torch.Tensor:
-            precision = (autocast(self.cache_precision, self.device) if self.cache_precision
+            precision = (autocast_for(self.cache_precision) if self.cache_precision
                          else self.trainer.precision_plugin.forward_context())
             with torch.inference_mode(), precision:
                 return self.model.frozen_prefix(self.prepare_input(x.to(self.device)))

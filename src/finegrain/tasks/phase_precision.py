@@ -11,7 +11,6 @@ training takes the faster. Nothing is pinned: each machine decides, and says wha
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import statistics
@@ -22,6 +21,7 @@ import torch
 
 from finegrain import machine
 from finegrain.config import ExperimentConfig
+from finegrain.inference.encoder import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class PhasePrecision:
                 f"(cached step measured on this CPU, images/s: {speeds})")
 
 
-def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """The autocast context of a Lightning precision name (``32``: none)."""
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
     """Each phase's precision: ``train.precision`` resolved as usual for both, except that ``auto``
     on a CPU that picks bf16 times the cached training step in bf16 and in fp32 when the run trains
@@ -90,7 +82,7 @@ def time_cached_step(model: torch.nn.Module, cfg: ExperimentConfig, batch: int =
     times: dict[str, list[float]] = {p: [] for p in CANDIDATES}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        with torch.no_grad(), autocast(CANDIDATES[0]):
+        with torch.no_grad(), autocast_for(CANDIDATES[0]):
             image = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8)
             maps = probe.frozen_prefix(probe.normalise_input(image)).float().repeat(batch, 1, 1, 1)
         if cfg.train.channels_last:
@@ -99,7 +91,7 @@ def time_cached_step(model: torch.nn.Module, cfg: ExperimentConfig, batch: int =
         for r in range(rounds + 1):
             for p in CANDIDATES:
                 start = time.perf_counter()
-                with autocast(p):
+                with autocast_for(p):
                     out = probe(maps, frozen=True)
                     score = out.get("logits", out.get("embedding", out["features"]))
                 loss = score.float().square().mean()
