@@ -89,9 +89,13 @@ def precision_words(requested: str, phases: Any) -> str:
     """The configured precision, with what ``auto`` chose for each phase where it chose per phase."""
     if not isinstance(phases, dict) or not isinstance(phases.get("images_per_second"), dict):
         return requested
-    speeds = ", ".join(f"{p} {v}" for p, v in phases["images_per_second"].items())
-    return (f"{requested}: frozen cache in {phases.get('cache', '?')}, training steps in {phases.get('steps', '?')} "
-            f"(the faster cached step on {phases.get('cpu') or 'the training CPU'}, images/s: {speeds})")
+    def name(p: Any) -> str:
+        return {"32": "fp32", "bf16-mixed": "bf16"}.get(str(p), str(p))
+
+    speeds = ", ".join(f"{name(p)} {v}" for p, v in phases["images_per_second"].items())
+    return (f"{requested}: frozen cache in {name(phases.get('cache', '?'))}, training steps in "
+            f"{name(phases.get('steps', '?'))} (the faster cached step on {phases.get('cpu') or 'the training CPU'}, "
+            f"images/s: {speeds})")
 
 
 def definition_for(key: str, definitions: dict[str, str]) -> str:
