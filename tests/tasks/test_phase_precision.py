@@ -1,6 +1,7 @@
 """Precision ``auto`` per phase (finegrain.tasks.phase_precision): where the CPU computes bf16 natively,
-the frozen cache is built in bf16 and the cached training steps run in whichever precision a probe
-found faster; elsewhere, and for explicit precisions, one precision for both. The CPU's detection and
+the frozen cache is built in the evaluation's precision (fp32 on the ONNX export, else bf16) and the
+cached training steps run in whichever precision a probe found faster; elsewhere, and for explicit
+precisions, one precision for both. The CPU's detection and
 the probe's timings are patched both ways: the decision must follow them, whatever CPU runs the tests."""
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ def model_of(cfg):
     return build_from_config(cfg, num_outputs(cfg, 4), None)
 
 
+@pytest.mark.parametrize("export_onnx, cache", [(False, "bf16-mixed"), (True, "32")])
 @pytest.mark.parametrize("faster", ["32", "bf16-mixed"])
-def test_auto_on_a_native_bf16_cpu_caches_in_bf16_and_trains_in_the_faster(tmp_path, cpu, probe, faster):
+def test_auto_on_a_native_bf16_cpu_caches_as_the_evaluation_runs_and_trains_in_the_faster(
+        tmp_path, cpu, probe, faster, export_onnx, cache):
     cpu(True)
     calls = probe(faster)
-    cfg = tiny_config(tmp_path, **CACHED)
+    cfg = tiny_config(tmp_path, **CACHED, eval={"export_onnx": export_onnx})
     chosen = phase_precision.choose(cfg, model_of(cfg))
-    assert (chosen.cache, chosen.steps) == ("bf16-mixed", faster)
+    assert (chosen.cache, chosen.steps) == (cache, faster)
     assert chosen.images_per_second[faster] == 30.0 and len(calls) == 1
-    assert faster in chosen.words() and "frozen cache in bf16-mixed" in chosen.words()
+    assert faster in chosen.words() and f"frozen cache in {cache}," in chosen.words()
 
 
 @pytest.mark.parametrize("native, precision, sections, expected", [
@@ -94,8 +97,9 @@ def test_the_probe_times_both_and_leaves_the_model_and_the_random_state_alone(tm
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("faster", ["32", "bf16-mixed"])
-def test_a_run_builds_its_cache_in_bf16_and_trains_in_the_probes_choice(tmp_path, cpu, probe, monkeypatch, faster):
+@pytest.mark.parametrize("faster, export_onnx", [("32", False), ("bf16-mixed", False), ("bf16-mixed", True)])
+def test_a_run_builds_its_cache_as_evaluated_and_trains_in_the_probes_choice(tmp_path, cpu, probe, monkeypatch,
+                                                                               faster, export_onnx):
     cpu(True)
     probe(faster)
     seen: dict[str, object] = {"cache": []}
@@ -119,12 +123,14 @@ def test_a_run_builds_its_cache_in_bf16_and_trains_in_the_probes_choice(tmp_path
 
     monkeypatch.setattr(engine, "make_task", spying_task)
     monkeypatch.setattr(engine, "trainer_for", spying_trainer)
-    run, _ = engine.fit(tiny_config(tmp_path, **CACHED), runs_root=tmp_path)
+    run, _ = engine.fit(tiny_config(tmp_path, **CACHED, eval={"export_onnx": export_onnx}), runs_root=tmp_path)
 
     assert seen["trainer"] == {"32": "32-true"}.get(faster, faster)  # Lightning's name for fp32
-    assert seen["cache"] and set(seen["cache"]) == {torch.bfloat16}  # every cache batch ran in bf16
+    cache = "32" if export_onnx else "bf16-mixed"
+    # every cache batch ran in bf16, or without autocast for an fp32 ONNX test
+    assert seen["cache"] and set(seen["cache"]) == {torch.bfloat16 if cache == "bf16-mixed" else False}
     recorded = json.loads(run.precision_file.read_text())
-    assert (recorded["requested"], recorded["cache"], recorded["steps"]) == ("auto", "bf16-mixed", faster)
+    assert (recorded["requested"], recorded["cache"], recorded["steps"]) == ("auto", cache, faster)
     assert run.training_finished()
 
     # evaluation keeps the choice beside the metrics, and the report says it
@@ -134,7 +140,8 @@ def test_a_run_builds_its_cache_in_bf16_and_trains_in_the_probes_choice(tmp_path
     metrics = evaluate_run(run.path)
     assert metrics["training_precision"]["steps"] == faster
     row = dict(config_brief(run.load_config(), metrics))["precision"]
-    assert row.startswith("auto: frozen cache in bf16, training steps in " + {"32": "fp32"}.get(faster, "bf16")), row
+    words = {"32": "fp32", "bf16-mixed": "bf16"}
+    assert row.startswith(f"auto: frozen cache in {words[cache]}, training steps in {words[faster]}"), row
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"images_per_second": "fast"}'])

@@ -4,9 +4,14 @@ precisions.
 
 On an Intel Xeon with AMX (one thread, EfficientNet-Lite0 at 256x341, four stages frozen) the cache
 is built 1.4x faster in bf16 than in fp32, yet the cached step (the trained stages' forward and
-backward) runs 1.47x faster in fp32. So where ``auto`` picks bf16 for this CPU, the cache is built in
-bf16, and a short probe before training times the cached step both ways on a copy of the model;
-training takes the faster. Nothing is pinned: each machine decides, and says what it measured.
+backward) runs 1.47x faster in fp32. So where ``auto`` picks bf16 for this CPU, a short probe before
+training times the cached step both ways on a copy of the model, and training takes the faster.
+Nothing is pinned: each machine decides, and says what it measured.
+
+The cache is built in the precision the evaluation will run the frozen stages in: fp32 when the run
+is evaluated on its ONNX export (``eval.export_onnx``), else ``auto``'s bf16, as PyTorch inference
+runs here. Trained heads then see the same frozen maps in training and at test time: on the Xeon a
+bf16 cache under an fp32 test cost 0.9 points of top-1 over three seeds (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ class PhasePrecision:
 
 def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
     """Each phase's precision: ``train.precision`` resolved as usual for both, except that ``auto``
-    on a CPU that picks bf16 times the cached training step in bf16 and in fp32 when the run trains
-    on the cache (:func:`time_cached_step`), and trains in the faster (in a one-process run)."""
+    on a CPU that picks bf16, in a one-process run that trains on the cache, times the cached
+    training step in bf16 and in fp32 (:func:`time_cached_step`) and trains in the faster, and
+    builds the cache in the evaluation's precision (fp32 with ``eval.export_onnx``)."""
     requested = cfg.train.precision
     precision = machine.resolve_precision(requested)
     one_choice = requested != "auto" or precision != "bf16-mixed" or machine.cuda_available()
@@ -67,7 +73,8 @@ def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
         return PhasePrecision(requested, precision, precision)
     speeds = time_cached_step(model, cfg)
     steps = max(CANDIDATES, key=lambda p: speeds[p])
-    chosen = PhasePrecision(requested, precision, steps, speeds, machine.cpu_model())
+    cache = "32" if cfg.eval.export_onnx else precision  # as the evaluation's frozen stages run
+    chosen = PhasePrecision(requested, cache, steps, speeds, machine.cpu_model())
     log.info("%s", chosen.words())
     return chosen
 
