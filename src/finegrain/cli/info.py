@@ -101,8 +101,8 @@ def add_cpu_rows(t, facts: dict) -> None:
     t.add_row("gpu", facts.get("gpu") or "none")
     t.add_row("precision auto", Text.assemble((facts["auto_precision"], "bold"), f": {facts['auto_precision_reason']}"))
     if facts["auto_precision"] == "bf16-mixed" and not facts["cuda"]:
-        t.add_row("", "a run on the frozen cache builds it in bf16 and trains in whichever of bf16 and fp32 "
-                      "a probe at its start finds faster")
+        t.add_row("", "a run on the frozen cache builds it in its evaluation's precision (fp32 on an ONNX "
+                      "export, else bf16) and trains in whichever of bf16 and fp32 a probe at its start finds faster")
     t.add_row("engines", ", ".join(f"{e} ({facts['versions'].get(p) or 'not installed'})" for e, p in
                                    (("torch", "torch"), ("onnx", "onnxruntime"))) + "; --engine auto: onnx for a run "
               "with an export of its current checkpoint")
