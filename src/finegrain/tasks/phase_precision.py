@@ -10,7 +10,7 @@ Nothing is pinned: each machine decides, and says what it measured.
 
 The cache is built in the precision the evaluation will run the frozen stages in: fp32 when the run
 is evaluated on its ONNX export (``eval.export_onnx``), else ``auto``'s bf16, as PyTorch inference
-runs here. Trained heads then see the same frozen maps in training and at test time: on the Xeon a
+runs here. The trained stages then meet the same frozen maps in training and at test: on the Xeon a
 bf16 cache under an fp32 test cost 0.9 points of top-1 over three seeds (BENCHMARKS.md).
 """
 
