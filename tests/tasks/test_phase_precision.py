@@ -60,7 +60,9 @@ def test_auto_on_a_native_bf16_cpu_caches_as_the_evaluation_runs_and_trains_in_t
     chosen = phase_precision.choose(cfg, model_of(cfg))
     assert (chosen.cache, chosen.steps) == (cache, faster)
     assert chosen.images_per_second[faster] == 30.0 and len(calls) == 1
-    assert faster in chosen.words() and f"frozen cache in {cache}," in chosen.words()
+    words = {"32": "fp32", "bf16-mixed": "bf16"}
+    assert chosen.words().startswith(f"precision auto: frozen cache in {words[cache]}, training steps in "
+                                     f"{words[faster]} (")
 
 
 @pytest.mark.parametrize("native, precision, sections, expected", [

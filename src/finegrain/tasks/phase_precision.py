@@ -52,11 +52,12 @@ class PhasePrecision:
         return asdict(self)
 
     def words(self) -> str:
+        """The choice as the log line and the report word it (``report.run_sections.precision_words``)."""
+        from finegrain.report.run_sections import precision_words
+
         if not self.images_per_second:
             return f"precision {self.steps}"
-        speeds = ", ".join(f"{p} {v:.1f}" for p, v in self.images_per_second.items())
-        return (f"precision auto: frozen cache in {self.cache}, training steps in {self.steps} "
-                f"(cached step measured on this CPU, images/s: {speeds})")
+        return "precision " + precision_words(self.requested, self.as_dict())
 
 
 def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
