@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from finegrain import machine
+from finegrain.inference import engines
 from finegrain.models.build import build_from_config, num_outputs
 from finegrain.tasks import engine, phase_precision
 from tests.conftest import tiny_config
 
+SHORT = {"32": "fp32", "bf16-mixed": "bf16"}
+"""How the log line and the report name Lightning's precisions."""
 CACHED = {"model": {"backbone": "resnet18", "freeze_stages": 3}, "train": {"epochs": 1, "frozen_cache_views": 2}}
 
 
@@ -50,19 +53,23 @@ def model_of(cfg):
     return build_from_config(cfg, num_outputs(cfg, 4), None)
 
 
-@pytest.mark.parametrize("export_onnx, cache", [(False, "bf16-mixed"), (True, "32")])
+@pytest.mark.parametrize("export_onnx, onnxruntime, cache", [
+    (False, True, "bf16-mixed"),
+    (True, True, "32"),  # evaluated on ONNX Runtime, in fp32
+    (True, False, "bf16-mixed"),  # no ONNX Runtime: the evaluation runs on PyTorch, in bf16 here
+])
 @pytest.mark.parametrize("faster", ["32", "bf16-mixed"])
 def test_auto_on_a_native_bf16_cpu_caches_as_the_evaluation_runs_and_trains_in_the_faster(
-        tmp_path, cpu, probe, faster, export_onnx, cache):
+        tmp_path, cpu, probe, monkeypatch, faster, export_onnx, onnxruntime, cache):
     cpu(True)
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: onnxruntime)
     calls = probe(faster)
     cfg = tiny_config(tmp_path, **CACHED, eval={"export_onnx": export_onnx})
     chosen = phase_precision.choose(cfg, model_of(cfg))
     assert (chosen.cache, chosen.steps) == (cache, faster)
     assert chosen.images_per_second[faster] == 30.0 and len(calls) == 1
-    words = {"32": "fp32", "bf16-mixed": "bf16"}
-    assert chosen.words().startswith(f"precision auto: frozen cache in {words[cache]}, training steps in "
-                                     f"{words[faster]} (")
+    assert chosen.words().startswith(f"precision auto: frozen cache in {SHORT[cache]}, training steps in "
+                                     f"{SHORT[faster]} (")
 
 
 @pytest.mark.parametrize("native, precision, sections, expected", [
@@ -103,6 +110,7 @@ def test_the_probe_times_both_and_leaves_the_model_and_the_random_state_alone(tm
 def test_a_run_builds_its_cache_as_evaluated_and_trains_in_the_probes_choice(tmp_path, cpu, probe, monkeypatch,
                                                                                faster, export_onnx):
     cpu(True)
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: True)
     probe(faster)
     seen: dict[str, object] = {"cache": []}
     make_task, trainer_for = engine.make_task, engine.trainer_for
@@ -142,8 +150,7 @@ def test_a_run_builds_its_cache_as_evaluated_and_trains_in_the_probes_choice(tmp
     metrics = evaluate_run(run.path)
     assert metrics["training_precision"]["steps"] == faster
     row = dict(config_brief(run.load_config(), metrics))["precision"]
-    words = {"32": "fp32", "bf16-mixed": "bf16"}
-    assert row.startswith(f"auto: frozen cache in {words[cache]}, training steps in {words[faster]}"), row
+    assert row.startswith(f"auto: frozen cache in {SHORT[cache]}, training steps in {SHORT[faster]}"), row
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"images_per_second": "fast"}'])

@@ -36,6 +36,19 @@ def torch_available() -> bool:
         return False
 
 
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def evaluation_precision(export_onnx: bool) -> str:
+    """The precision a run's own evaluation will run its model in on this machine: ``32`` on ONNX
+    Runtime for a run exported at the end of training (``eval.export_onnx``) where ONNX Runtime is
+    installed (:func:`open_encoder`'s ``auto``), else PyTorch's :func:`machine.inference_precision`."""
+    from finegrain import machine
+
+    return "32" if export_onnx and onnxruntime_available() else machine.inference_precision()
+
+
 def _require_torch(why: str) -> None:
     if not torch_available():
         raise FinegrainError(f"{why} needs PyTorch, which is not installed here: pip install 'finegrain[train]', "
@@ -90,7 +103,7 @@ def open_encoder(run: RunDir | str | Path, engine: str = "auto", precision: str 
     why = ""
     if engine == "auto" and (run.path / "export").is_dir():
         meta, why = current_export(run)
-        if meta is not None and importlib.util.find_spec("onnxruntime") is not None:
+        if meta is not None and onnxruntime_available():
             try:
                 return _onnx(run, meta, onnx_precision)
             except FinegrainError as e:  # say, a re-export that failed midway: the checkpoint still runs

@@ -89,7 +89,7 @@ def precision_words(requested: str, phases: Any) -> str:
     """The configured precision, with what ``auto`` chose for each phase where it chose per phase."""
     if not isinstance(phases, dict) or not isinstance(phases.get("images_per_second"), dict):
         return requested
-    def name(p: Any) -> str:
+    def name(p: Any) -> str:  # Lightning's precision names, as people say them
         return {"32": "fp32", "bf16-mixed": "bf16"}.get(str(p), str(p))
 
     speeds = ", ".join(f"{name(p)} {v}" for p, v in phases["images_per_second"].items())

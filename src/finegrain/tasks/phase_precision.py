@@ -8,9 +8,9 @@ backward) runs 1.47x faster in fp32. So where ``auto`` picks bf16 for this CPU, 
 training times the cached step both ways on a copy of the model, and training takes the faster.
 Nothing is pinned: each machine decides, and says what it measured.
 
-The cache is built in the precision the evaluation will run the frozen stages in: fp32 when the run
-is evaluated on its ONNX export (``eval.export_onnx``), else ``auto``'s bf16, as PyTorch inference
-runs here. The trained stages then meet the same frozen maps in training and at test: on the Xeon a
+The cache is built in the precision the run's evaluation will run the frozen stages in
+(:func:`finegrain.inference.engines.evaluation_precision`): fp32 when the run is evaluated on its
+ONNX export (``eval.export_onnx`` with ONNX Runtime installed), else PyTorch inference's, bf16 here. The trained stages then meet the same frozen maps in training and at test: on the Xeon a
 bf16 cache under an fp32 test cost 0.9 points of top-1 over three seeds (BENCHMARKS.md).
 """
 
@@ -27,6 +27,7 @@ import torch
 from finegrain import machine
 from finegrain.config import ExperimentConfig
 from finegrain.inference.encoder import autocast_for
+from finegrain.inference.engines import evaluation_precision
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
     """Each phase's precision: ``train.precision`` resolved as usual for both, except that ``auto``
     on a CPU that picks bf16, in a one-process run that trains on the cache, times the cached
     training step in bf16 and in fp32 (:func:`time_cached_step`) and trains in the faster, and
-    builds the cache in the evaluation's precision (fp32 with ``eval.export_onnx``)."""
+    builds the cache in the evaluation's precision (fp32 on ONNX Runtime with ``eval.export_onnx``)."""
     requested = cfg.train.precision
     precision = machine.resolve_precision(requested)
     one_choice = requested != "auto" or precision != "bf16-mixed" or machine.cuda_available()
@@ -74,7 +75,7 @@ def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
         return PhasePrecision(requested, precision, precision)
     speeds = time_cached_step(model, cfg)
     steps = max(CANDIDATES, key=lambda p: speeds[p])
-    cache = "32" if cfg.eval.export_onnx else precision  # as the evaluation's frozen stages run
+    cache = evaluation_precision(cfg.eval.export_onnx)
     chosen = PhasePrecision(requested, cache, steps, speeds, machine.cpu_model())
     log.info("%s", chosen.words())
     return chosen
