@@ -11,7 +11,8 @@ Nothing is pinned: each machine decides, and says what it measured.
 The cache is built in the precision the run's evaluation will run the frozen stages in
 (:func:`finegrain.inference.engines.evaluation_precision`): fp32 when the run is evaluated on its
 ONNX export (``eval.export_onnx`` with ONNX Runtime installed), else PyTorch inference's, bf16 here. The trained stages then meet the same frozen maps in training and at test: on the Xeon a
-bf16 cache under an fp32 test cost 0.9 points of top-1 over three seeds (BENCHMARKS.md).
+bf16 cache under an fp32 test cost the classifier 0.9 points of top-1 over three seeds (retrieval's
+seeds did not tell the two apart; BENCHMARKS.md).
 """
 
 from __future__ import annotations
