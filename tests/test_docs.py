@@ -18,8 +18,8 @@ USER_DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 ALL_DOCS = sorted(
     [*USER_DOCS, *(ROOT / name for name in ("CONTRIBUTING.md", "CHANGELOG.md", "RESULTS.md", "BENCHMARKS.md"))]
 )
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
-SHELL_FENCE = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^[ \t]*```.*?^[ \t]*```", re.S | re.M)
+SHELL_FENCE = re.compile(r"^[ \t]*```(?:bash|sh|shell|console)\n(.*?)^[ \t]*```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]+`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 COMMAND = re.compile(r"(?:^|\s)finegrain\s+(.+)")
