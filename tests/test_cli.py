@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from finegrain import machine
 from finegrain.cli import app
+from finegrain.inference import speed as speed_module
 from finegrain.data.folder import write_image_folder
 from tests.conftest import tiny_config
 from tests.data.conftest import make_samples
@@ -31,8 +32,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m finegrain ARGS`` with stdout and stderr piped (not terminals), no COLUMNS set."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")}
     env["FINEGRAIN_PROGRESS"] = "1"  # the progress bar must not reach stdout either
-    return subprocess.run([sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_info_json_no_bench(tmp_path):
 def test_info_measures_fp32_and_bf16(monkeypatch):
     """The bench path end to end, at 32x32 to stay fast: the real measurement, JSON and table."""
     calls, measured = [], []
-    real = machine.measure_inference_speed
+    real = speed_module.measure_inference_speed
 
     def small(seconds, precisions, batch_size, image_size):
         calls.append((seconds, tuple(precisions), batch_size, image_size))
@@ -110,13 +111,13 @@ def test_info_measures_fp32_and_bf16(monkeypatch):
             measured.append(real(seconds, precisions, batch_size=1, image_size=16))
         return measured[0]
 
-    monkeypatch.setattr(machine, "measure_inference_speed", small)
+    monkeypatch.setattr(speed_module, "measure_inference_speed", small)
     runner = CliRunner()
     r = runner.invoke(app, ["info", "--json", "--seconds", "0.05"])
     assert r.exit_code == 0, r.output
     assert calls == [(0.05, ("32", "bf16-mixed"), 8, 224)]  # what the CLI asks for
     speed = json.loads(r.stdout)["inference_speed"]
-    assert speed["model"] == machine.BENCH_BACKBONE and speed["batch_size"] == 8
+    assert speed["model"] == speed_module.BENCH_BACKBONE and speed["batch_size"] == 8
     assert set(speed["images_per_second"]) == {"32", "bf16-mixed"}
     assert all(v > 0 and math.isfinite(v) for v in speed["images_per_second"].values())
     r = runner.invoke(app, ["info", "--seconds", "0.05"])
@@ -206,7 +207,7 @@ def test_a_command_that_needs_the_training_stack_says_so_on_a_serving_only_insta
     )
     for command in ("index", "evaluate", "report"):
         r = subprocess.run([sys.executable, "-c", prelude, command, str(tmp_path)], cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (command, r.stderr)
         assert "Traceback" not in r.stderr
         assert f"`finegrain {command}` needs" in r.stderr and "pip install 'finegrain[train]'" in r.stderr, r.stderr
