@@ -204,7 +204,9 @@ class RunDir:
         """``status`` (``not started``, ``training``, ``finished``), ``epochs_done``, ``epochs_planned``,
         ``stopped_early``. Runs older than ``state.json`` are judged by history.csv's epochs."""
         raw = _read_yaml_or_none(self.config_file) or {}
-        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        train = raw.get("train")
+        if not isinstance(train, dict):
+            train = {}
         planned = int(train.get("epochs", 0) or 0)
         if raw.get("task") == "knn":  # trains nothing
             return {"status": "finished", "epochs_done": 0, "epochs_planned": 0, "stopped_early": False}

@@ -203,7 +203,7 @@ def test_search_upload_turns_a_searcher_refusal_into_422_without_paths():
     assert e.value.status == 422 and e.value.message == "the index in index was built by another model"
 
 
-# ----------------------------------------------------------------------------- the service: bounded echo of k, decode budget
+# ------------------------------------------------------------------ the service: bounded echo of k, decode budget
 
 
 @pytest.mark.parametrize("k", ["9" * 400, "a" * 400, "1" * 5000, " " * 50 + "x" * 300, "<script>alert(1)</script>"])

@@ -195,7 +195,7 @@ def test_views_are_the_image_its_mirror_and_seeded_augmentations(cached):
     np.testing.assert_allclose(views.features[:, 1], mirror, atol=1e-3, rtol=1e-3)
     assert not np.allclose(mirror, plain, atol=1e-2)
     augmented = views.features[:, 2].astype(np.float32)
-    assert np.mean([not np.allclose(a, p, atol=1e-2) for a, p in zip(augmented, plain)]) > 0.8
+    assert np.mean([not np.allclose(a, p, atol=1e-2) for a, p in zip(augmented, plain, strict=True)]) > 0.8
 
     again = build_frozen_views(dm.train_records, cfg.data, prefix, 3, seed=0)
     other = build_frozen_views(dm.train_records, cfg.data, prefix, 3, seed=1)
@@ -220,7 +220,7 @@ def test_the_view_drawn_depends_on_seed_and_epoch_only(cached):
     b.set_epoch(3)  # another instance (a resumed run) at the same epoch
     assert np.array_equal(a.view_of, b.view_of) and set(a.view_of.tolist()) == {0, 1, 2}
     batch = list(range(0, 40, 3))
-    for xa, xb in zip(a.__getitems__(batch), b.__getitems__(batch)):
+    for xa, xb in zip(a.__getitems__(batch), b.__getitems__(batch), strict=True):
         assert torch.equal(xa, xb)
     b.set_epoch(4)
     assert not np.array_equal(a.view_of, b.view_of)
@@ -245,7 +245,7 @@ def test_batches_are_cropped_to_75_to_100_percent_of_the_map(cached):
         kh, kw = x.shape[2:]
         assert math.ceil(0.75 * 8) <= min(kh, kw) and max(kh, kw) <= 8
         sizes.add((kh, kw))
-        for crop, i in zip(x, idx.tolist()):  # each a window of its image's drawn view
+        for crop, i in zip(x, idx.tolist(), strict=True):  # each a window of its image's drawn view
             full = torch.from_numpy(views.features[i, ds.view_of[i]])
             assert any(torch.equal(crop, full[:, t:t + kh, s:s + kw])
                        for t in range(8 - kh + 1) for s in range(8 - kw + 1))

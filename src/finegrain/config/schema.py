@@ -250,4 +250,4 @@ class ExperimentConfig(Section):
 
 def eval_sizes(data: DataConfig) -> list[tuple[int, int]]:
     """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged)."""
-    return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
+    return list(data.eval_image_sizes) or [data.image_size]

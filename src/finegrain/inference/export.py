@@ -57,7 +57,9 @@ def export_onnx(loaded: LoadedModel, size: tuple[int, int], opset: int = DEFAULT
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(graph, (x,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=names,
+            # the TorchScript exporter writes to a file object too; torch types only paths
+            torch.onnx.export(graph, (x,), buf, dynamo=False,  # type: ignore[arg-type]
+                              input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 - an operator ONNX cannot express, an unsupported opset...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -76,12 +78,12 @@ def check_parity(onnx_path: Path, loaded: LoadedModel, sizes: Iterable[tuple[int
     names = [o.name for o in sess.get_outputs()]
     gen = torch.Generator().manual_seed(seed)
     sizes = list(sizes)
-    sizes = list(dict.fromkeys([*sizes, tuple(s + 8 for s in sizes[0])]))
+    sizes = list(dict.fromkeys([*sizes, (sizes[0][0] + 8, sizes[0][1] + 8)]))
     worst = 0.0
     for size in sizes:
         x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=gen)
         try:
-            got = dict(zip(names, sess.run(None, {INPUT_NAME: x.numpy()})))
+            got = dict(zip(names, sess.run(None, {INPUT_NAME: x.numpy()}), strict=True))
         except Exception as e:  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise FinegrainError(f"the ONNX export of {loaded.cfg.model.backbone} does not run at "

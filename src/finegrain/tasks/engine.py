@@ -15,13 +15,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
@@ -97,7 +98,9 @@ class RngState(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Plain types and tensors only, so Lightning's ``torch.load(weights_only=True)`` accepts them.
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = np.random.get_state(legacy=True)
+        assert isinstance(state, tuple)  # legacy=True: (kind, keys, pos, has_gauss, gauss)
+        kind, keys, pos, has_gauss, gauss = state
         return {
             "python": random.getstate(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
@@ -276,7 +279,8 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=precision or resolve_precision(t.precision),
+        # one of machine.PRECISIONS (less auto), all of which Lightning accepts
+        precision=cast(_PRECISION_INPUT, precision or resolve_precision(t.precision)),
         gradient_clip_val=t.grad_clip,
         callbacks=callbacks,
         logger=[CSVLogger(run.path, name="logs", version=""), TensorBoardLogger(run.path, name="logs", version="")],
