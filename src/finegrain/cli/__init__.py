@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from finegrain.cli import data, info, retrieval, train
+from finegrain.cli import data, info, registries, retrieval, train
 from finegrain.cli.common import console, err_console, setup_logging
 from finegrain.errors import FinegrainError
 
@@ -53,7 +53,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "train": train.train, "evaluate": train.evaluate,
     "embed": retrieval.embed, "index": retrieval.index, "search": retrieval.search,
     "demo": train.demo, "report": train.report, "export": train.export, "serve": retrieval.serve,
-    "configs": train.configs, "info": info.info,
+    "configs": train.configs, "info": info.info, "list": registries.list_names,
 }
 DATA_COMMANDS: dict[str, Callable[..., None]] = {
     "check": data.data_check, "prepare": data.data_prepare, "synth": data.data_synth,
