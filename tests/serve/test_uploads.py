@@ -101,7 +101,8 @@ def test_parse_k_refuses_bad_values_with_422(form_k, query_k, gallery, fragment)
 
 
 def test_human_sizes():
-    assert (human(10 * 2**20), human(200_000), human(12)) == ("10 MB", "195 KB", "12 bytes")
+    sizes = (10 * 2**20, 200_000, 12, 2**20 - 1)
+    assert [human(n) for n in sizes] == ["10 MB", "195.3 KB", "12 bytes", "1024 KB"]
 
 
 def test_headers_refuse_a_declared_oversize_body_a_bad_length_or_no_multipart():
