@@ -20,17 +20,16 @@ from typing import Any, cast
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
 from finegrain.errors import FinegrainError
 from finegrain.machine import resolve_precision, set_threads
 from finegrain.progress import wanted as progress_wanted
-from finegrain.runs import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run, die,
-                            fault_point)
+from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run
 from finegrain.tasks import phase_precision
 
 log = logging.getLogger(__name__)
@@ -82,8 +81,6 @@ class RunState(Callback):
         self._recorded = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if fault_point(f"batch:{trainer.current_epoch}:{batch_idx}"):  # test hook (runs.fault_point)
-            die()
         if not self._recorded and trainer.is_global_zero:
             self.run.write_state("training", trainer.current_epoch, trainer.max_epochs)
             self._recorded = True
