@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from finegrain import machine
 from finegrain.cli import app
-from finegrain.inference import speed as speed_module
 from finegrain.data.folder import write_image_folder
+from finegrain.inference import speed as speed_module
 from tests.conftest import tiny_config
 from tests.data.conftest import make_samples
 
@@ -63,6 +63,7 @@ def deep_bad(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, {str(p): reason for p, reason in bad.items()}
 
 
+@pytest.mark.slow
 def test_data_check_piped_prints_whole_file_names(deep_bad):
     root, bad = deep_bad
     r = _cli("data", "check", str(root), cwd=root.parent)
@@ -86,6 +87,7 @@ def test_data_check_json(deep_bad):
     assert doc["images"] == {"train": 2 * 2 + 4, "test": 2} and doc["classes"] == {"train": 2, "test": 2}
 
 
+@pytest.mark.slow
 def test_info_json_no_bench(tmp_path):
     r = _cli("info", "--json", "--no-bench", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -100,6 +102,7 @@ def test_info_json_no_bench(tmp_path):
     assert doc["inference_speed"] is None
 
 
+@pytest.mark.slow
 def test_info_measures_fp32_and_bf16(monkeypatch):
     """The bench path end to end, at 32x32 to stay fast: the real measurement, JSON and table."""
     calls, measured = [], []
@@ -165,6 +168,7 @@ def test_evaluate_json(tiny_run):
     assert "native_bf16" in m and m["cores"] == machine.cores()
 
 
+@pytest.mark.slow
 def test_search_json_and_sheet(tiny_run, tmp_path):
     runner = CliRunner()
     query = tmp_path / "query.png"
@@ -216,6 +220,7 @@ def test_a_command_that_needs_the_training_stack_says_so_on_a_serving_only_insta
         assert says_why in r.stderr and "pip install 'finegrain[train]'" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_the_train_extra_modules_named_by_the_cli_cover_the_train_extra():
     # the CLI names a missing module of the `train` extra; a package added to the extra (and not also
     # in `serve`) without its import name here would end in a traceback on a serving-only install

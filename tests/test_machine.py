@@ -129,6 +129,7 @@ def test_cores_keep_to_an_explicit_thread_limit(monkeypatch):
     assert machine.cores() == 4
 
 
+@pytest.mark.slow
 def test_timed_benchmark_runs_report_each_process_peak_memory(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     sys.modules.pop("common", None)

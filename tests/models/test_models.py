@@ -336,6 +336,7 @@ def test_freeze_on_a_plain_module_uses_a_hook():
 
 
 # ---------------------------------------------------------------------- shipped configs
+@pytest.mark.slow
 def test_every_shipped_config_builds_and_trains_one_step():
     from finegrain.config import load_config, shipped_configs
     from finegrain.models.build import build_from_config

@@ -28,6 +28,7 @@ from tests.conftest import tiny_config
     ("efficientnet_lite0", 1), ("efficientnet_lite0", 3), ("efficientnet_lite0", 5),
     ("resnet18", 1), ("resnet18", 2), ("resnet18", 4), ("timm:resnet10t", 2),
 ])
+@pytest.mark.slow
 def test_frozen_prefix_then_the_rest_is_the_whole_model(backbone, stages):
     torch.manual_seed(0)
     model = apply_freeze(build_model(backbone, num_classes=5, head="both", embedding_dim=8), "none", stages).eval()
@@ -94,6 +95,7 @@ def spy(monkeypatch):
     return spy, start
 
 
+@pytest.mark.slow
 def test_classification_trains_on_the_cache_and_leaves_a_normal_checkpoint(tmp_path, spy):
     spy, start = spy
     cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 3},
@@ -119,6 +121,7 @@ def test_classification_trains_on_the_cache_and_leaves_a_normal_checkpoint(tmp_p
     assert not torch.equal(state["model.backbone.layer4.0.conv1.weight"], start["backbone.layer4.0.conv1.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixing", [{"cutmix": 1.0}, {"mixup": 0.4}])
 def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing):
     mixed = []
@@ -143,6 +146,7 @@ def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing
     assert any(not torch.equal(xm, x) and (target.max(1).values < 1).any() for x, _, xm, target in mixed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_schedules_that_count_steps_before_fit_starts_train_on_the_cache(tmp_path, schedule):
     """The shipped cpu45 recipes (onecycle, cosine) ask for the training loader in configure_optimizers,
@@ -173,9 +177,10 @@ def _prefix(model):
     return run
 
 
-@pytest.fixture
-def cached(tmp_path):
-    cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 2},
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """Read only (a test may set the data module's frozen_views): built once for the module."""
+    cfg = tiny_config(tmp_path_factory.mktemp("cached"), model={"backbone": "resnet18", "freeze_stages": 2},
                       data={"augment": "light", "image_size": [64, 64]}, train={"frozen_cache_views": 3})
     dm = FinegrainDataModule(cfg)
     torch.manual_seed(0)
@@ -183,6 +188,7 @@ def cached(tmp_path):
     return cfg, dm, model, build_frozen_views(dm.train_records, cfg.data, _prefix(model), 3, seed=0)
 
 
+@pytest.mark.slow
 def test_views_are_the_image_its_mirror_and_seeded_augmentations(cached):
     cfg, dm, model, views = cached
     n = len(dm.train_records)
@@ -267,6 +273,7 @@ def test_the_training_loader_keeps_the_sampler_and_passes_the_epoch_on(cached):
 
 
 # ---------------------------------------------------------------------- (d) metric learning
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["multi_similarity", "proxy_anchor"])  # a pair loss, and one with learned proxies
 def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_path, spy, loss):
     spy, _ = spy
