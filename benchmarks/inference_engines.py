@@ -140,11 +140,12 @@ def main() -> None:
             log(f"{backbone}: export and int8 quantization")
             encoders, facts = build_encoders(backbone, a.size, Path(tmp))
             log(f"{backbone}: exported in {facts['export_seconds']} s ({facts['fp32_mb']} MB), int8 in "
-                f"{facts['quantize_seconds']} s ({facts['int8_mb']} MB); torch runs in precision {facts['torch_precision']}")
+                f"{facts['quantize_seconds']} s ({facts['int8_mb']} MB); "
+                f"torch runs in precision {facts['torch_precision']}")
             for batch in a.batches:
                 speeds = measure(encoders, a.size, batch, a.seconds, a.rounds, threads)
                 ref, plain = speeds["torch"]["images_per_second"], speeds["torch-nchw"]["images_per_second"]
-                for n, s in speeds.items():
+                for s in speeds.values():
                     s["vs_torch"] = round(s["images_per_second"] / ref, 2)
                     s["vs_torch_nchw"] = round(s["images_per_second"] / plain, 2)
                 case = {"model": backbone, "image_size": [a.size, a.size], "batch_size": batch, "threads": threads,

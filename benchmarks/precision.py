@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     result["conclusion"] = (
         f"auto chose precision {auto} here ({why}); its best variant was "
         + ("the fastest or within 10% of it in every case" if result["auto_is_right_here"] else
-           "NOT within 10% of the fastest in: " + ", ".join(n for n, g in zip(result["cases"], good) if not g))
+           "NOT within 10% of the fastest in: " + ", ".join(n for n, g in zip(result["cases"], good, strict=True) if not g))
         + f" by the median round; by the best round: {'yes' if result['auto_is_right_here_best_round'] else 'no'}"
         + (" (measured on a busy machine)" if result["machine_busy"] else ""))
     atomic_write_json(args.out, result)

@@ -1,4 +1,5 @@
-"""Benchmark: training and inference images/s, plain fp32 PyTorch against the engine's precision ``auto`` + channels_last.
+"""Benchmark: training and inference images/s, plain fp32 PyTorch against the engine's precision
+``auto`` + channels_last.
 
 ``auto`` is what this machine runs fastest (``finegrain.machine.auto_precision``): bf16 autocast on
 a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere; the JSON records which it was. The
@@ -263,7 +264,8 @@ def engine_inference(arch: str, classes: int, x, y) -> Runner:
 
 # ----------------------------------------------------------------------------- driver
 ENGINE_HOW = {
-    "train": "ClassificationTask fitted by finegrain.tasks.engine.trainer_for's Trainer (precision auto, channels_last), "
+    "train": "ClassificationTask fitted by finegrain.tasks.engine.trainer_for's Trainer "
+             "(precision auto, channels_last), "
              "one fit of 1 + n batches per round, first batch discarded; on_train_batch_start..on_train_batch_end",
     "inference": "finegrain.inference.encoder.Encoder.run_loader(precision=auto's choice, channels_last=True), its own "
                  "forward-pass timer; step_seconds are the mean per batch",

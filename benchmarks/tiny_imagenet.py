@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": "each shipped config's (the seed's: Adam 1e-3, seed augmentations, batch 128) with the quick "
                   "profile's data, bf16-mixed and channels-last; only the epochs differ, set by the budget",
         "budget_cpu_minutes": args.budget,
-        "budget_rule": f"whole epochs that fit {BUDGET_SHARE_FOR_TRAINING:.0%} of the budget at the model's measured "
+        "budget_rule": f"whole epochs that fit {BUDGET_SHARE_FOR_TRAINING:.0%} of the budget "
+                           f"at the model's measured "
                        "training speed (images per CPU-second), at least one",
         "cpu_time": "user + system seconds of the training process and the processes it waited for (os.wait4)",
         "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),

@@ -38,7 +38,7 @@ def test_misspelt_key_names_key_and_closest():
 
 
 def test_misspelt_section_is_caught():
-    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+    with pytest.raises(ConfigError, match="Did you mean 'optim'"):
         build_config({"optimm": {"lr": 0.1}})
 
 

@@ -265,6 +265,7 @@ def test_suite_is_checked_before_the_first_run(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- 3. the CLI
 
+@pytest.mark.slow
 def test_cli_unknown_suite_lists_the_valid_ones(tmp_path):
     env = {**os.environ, "FINEGRAIN_PROGRESS": "0", "COLUMNS": "200",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -278,6 +279,7 @@ def test_cli_unknown_suite_lists_the_valid_ones(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_listed_and_the_suite_goes_on(tmp_path):
     broken = {"t-broken": "description: weights that are not there\n"
                           f"model: {{weights: {tmp_path / 'missing.pt'}}}\n",

@@ -1,5 +1,6 @@
 """Fault injection: ``finegrain train``, ``index`` and ``data prepare`` killed with SIGKILL at chosen
-points (``FINEGRAIN_FAULT``, the test hook in finegrain.runs), then run again.
+points (``FINEGRAIN_FAULT``, read by tests/fault_hook/sitecustomize.py, which these tests put on
+``PYTHONPATH``: the shipped package has no fault hook), then run again.
 
 Every run must end with the numbers of an uninterrupted one, nothing half-written and no
 orphan files. Tiny synthetic data, a few seconds per process.
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 def finegrain(*args: str, fault: str | None = None, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FINEGRAIN_PROGRESS": "0", "PYTHONPATH": str(ROOT / "src")}
+    hook = ROOT / "tests" / "fault_hook"  # its sitecustomize injects the fault
+    env = {**os.environ, "FINEGRAIN_PROGRESS": "0", "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT / "src")])}
     env.pop("FINEGRAIN_FAULT", None)
     if fault:
         env["FINEGRAIN_FAULT"] = fault

@@ -97,11 +97,13 @@ def test_machine_info_names_the_auto_precision(cpu):
 
 
 def test_measure_inference_speed_small():
-    speeds = machine.measure_inference_speed(0.05, batch_size=2, image_size=32)
+    from finegrain.inference.speed import measure_inference_speed
+
+    speeds = measure_inference_speed(0.05, batch_size=2, image_size=32)
     assert set(speeds) == {"32", "bf16-mixed"}
     assert all(v > 0 and math.isfinite(v) for v in speeds.values())
     with pytest.raises(ValueError, match="16-mixed"):
-        machine.measure_inference_speed(0.05, precisions=("16-mixed",))  # fp16 autocast needs a GPU
+        measure_inference_speed(0.05, precisions=("16-mixed",))  # fp16 autocast needs a GPU
 
 
 def test_benchmarks_record_the_machine_facts(monkeypatch):
@@ -127,6 +129,7 @@ def test_cores_keep_to_an_explicit_thread_limit(monkeypatch):
     assert machine.cores() == 4
 
 
+@pytest.mark.slow
 def test_timed_benchmark_runs_report_each_process_peak_memory(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     sys.modules.pop("common", None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finegrain import config as C
-from finegrain.errors import ConfigError
+from finegrain.errors import ConfigError, FinegrainError
 from finegrain.models.backbones import BACKBONES, LITE_VARIANTS, build_backbone
 from finegrain.models.model import HEADS, build_model
 from finegrain.retrieval.index import INDEX_KINDS, GalleryIndex
@@ -23,6 +23,7 @@ def test_every_named_backbone_builds_and_runs(name):
     assert module.eval()(x).shape == (2, out) and len(mean) == len(std) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", LITE_VARIANTS)
 def test_every_efficientnet_lite_loads_its_offline_imagenet_weights(variant):
     from finegrain.models.backbones import lite_checkpoint_path
@@ -121,3 +122,38 @@ def test_every_trained_task_is_registered():
     assert set(TASKS.names()) == {"classification", "metric_learning"}
     knn = C.build_config({"name": "x", "task": "knn"})
     assert not knn.trains
+
+
+# ---------------------------------------------------------------- finegrain list, model.backbone at load
+def test_list_prints_each_registry_from_the_registry_itself():
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+    from finegrain.cli.registries import REGISTRIES, registry_names
+
+    runner = CliRunner()
+    for kind in REGISTRIES:
+        r = runner.invoke(app, ["list", kind])
+        assert r.exit_code == 0, r.output
+        assert r.stdout.split() == registry_names(kind) and registry_names(kind)
+    assert "arcface" in registry_names("losses") and "hnsw" in registry_names("index-kinds")
+    r = runner.invoke(app, ["list", "lossses"])  # main() turns this into one line and exit code 2
+    assert isinstance(r.exception, FinegrainError) and "Did you mean 'losses'?" in str(r.exception)
+
+
+def test_own_backbone_names_are_the_registered_ones():
+    from finegrain.config.backbone_names import OWN_BACKBONES
+    from finegrain.models.backbones import BACKBONES
+
+    assert sorted(OWN_BACKBONES) == sorted(BACKBONES.names())
+
+
+@pytest.mark.parametrize(("name", "closest"), [("resnet5O", "resnet50"), ("efficientnet_lite9", "efficientnet_lite"),
+                                               ("timm:resnet1800", "timm:resnet18")])
+def test_an_unknown_backbone_fails_when_the_config_loads(name, closest):
+    from finegrain.config import build_config
+
+    with pytest.raises(ConfigError, match="model.backbone") as e:
+        build_config({"model": {"backbone": name}})
+    assert f"Did you mean '{closest}" in str(e.value) and "\n" not in str(e.value)
+    assert build_config({"model": {"backbone": "timm:resnet18"}}).model.backbone == "timm:resnet18"

@@ -119,6 +119,7 @@ def test_the_memory_must_hold_a_batch_of_every_device(tmp_path):
         task.setup("fit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [0.0, 0.5])  # an average of the weights copies (and averages) the memory too
 def test_metric_learning_trains_an_epoch_with_xbm(tmp_path, monkeypatch, ema):
     from finegrain.tasks import engine

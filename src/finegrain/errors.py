@@ -6,6 +6,8 @@ message (no traceback) and ends the program with exit code 2.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -38,10 +40,12 @@ class ImageError(DataError):
         super().__init__(msg)
 
 
+def did_you_mean(name: str, valid: Iterable[str], cutoff: float = 0.6, prefix: str = "") -> str:
+    """`` Did you mean '<prefix><closest>'?`` for the valid name closest to ``name``, else ``""``."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=cutoff)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> FinegrainError:
     """An error for an unknown registry name that lists the valid ones."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return FinegrainError(f"unknown {kind} '{name}'.{hint} Valid: {', '.join(sorted(valid))}")
+    return FinegrainError(f"unknown {kind} '{name}'.{did_you_mean(name, valid)} Valid: {', '.join(sorted(valid))}")

@@ -2,7 +2,8 @@
 
 A finished run (trained to its end, ``state.json``, and evaluated after that: ``DONE`` +
 a ``metrics.json`` that is not partial) is skipped; an interrupted one is resumed from its
-last checkpoint (or only evaluated, when training ended but evaluation did not); kNN rows run after the run whose model they use.
+last checkpoint (or only evaluated, when training ended but evaluation did not); kNN rows run after
+the run whose model they use.
 Every run gets its report, and the comparison table links each row to it.
 """
 

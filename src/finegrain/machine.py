@@ -51,13 +51,15 @@ def cpu_flags() -> tuple[str, ...]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch detects it."""
+    """True where the CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch detects it
+    (``torch.cpu.get_capabilities``, torch 2.10 and later); from the CPU's flags without torch or
+    with an older one (an ONNX-only server has no torch)."""
     try:
-        import torch._C._cpu as cpu  # the detection torch's own kernels dispatch on
-
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    except (ImportError, AttributeError):
+        from torch.cpu import get_capabilities  # optional: the serve extra has no torch
+    except ImportError:
         return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+    caps = get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def cuda_available() -> bool:
@@ -196,56 +198,3 @@ def machine_info() -> dict:
 
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-BENCH_BACKBONE = "efficientnet_lite0"  # timm's tf_efficientnet_lite0: the project's CPU recipes' backbone
-
-
-def measure_inference_speed(seconds: float = 5.0, precisions: tuple[str, ...] = ("32", "bf16-mixed"),
-                            batch_size: int = 8, image_size: int = 224) -> dict[str, float]:
-    """Images/s of EfficientNet-Lite0 inference (random weights: speed only) per precision, on uint8
-    channels-last batches as the loaders give them, under ``torch.inference_mode``: one warm-up
-    batch, then batches for ``seconds / len(precisions)``. Where the warm-up batch alone outlasts
-    that share (bf16 emulated on a CPU without it: one batch of 8 takes 10 s or more), it is the
-    measurement, so the whole takes about one batch of each precision at worst."""
-    import time
-    from contextlib import nullcontext
-
-    import torch
-
-    from finegrain.models.model import build_model
-
-    device = "cuda" if cuda_available() else "cpu"
-    dtypes = {"32": None, "bf16-mixed": torch.bfloat16, **({"16-mixed": torch.float16} if device == "cuda" else {})}
-    for p in precisions:
-        if p not in dtypes:
-            raise ValueError(f"cannot measure precision '{p}' on {device}; valid: {', '.join(dtypes)}")
-    model = build_model(BENCH_BACKBONE, weights="none", num_classes=196).eval().to(device)
-    x = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    budget = seconds / max(1, len(precisions))
-    speeds: dict[str, float] = {}
-
-    def step(dtype) -> None:
-        with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
-            model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    with torch.inference_mode():
-        for p in precisions:
-            t0 = time.perf_counter()
-            step(dtypes[p])  # warm-up: allocations, oneDNN kernel selection
-            elapsed = time.perf_counter() - t0
-            if elapsed >= budget:
-                speeds[p] = batch_size / elapsed
-                continue
-            n, t0 = 0, time.perf_counter()
-            while True:
-                step(dtypes[p])
-                n += batch_size
-                elapsed = time.perf_counter() - t0
-                if elapsed >= budget:
-                    break
-            speeds[p] = n / elapsed
-    return speeds

@@ -28,7 +28,6 @@ import csv
 import json
 import logging
 import os
-import signal
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,44 +43,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_ROOT = Path("runs")
 
-FAULT_ENV = "FINEGRAIN_FAULT"
-_fault_counts: dict[str, int] = {}
-
-
-def fault_point(point: str) -> bool:
-    """Test hook (fault injection), inert unless ``$FINEGRAIN_FAULT`` is set: true when this is the
-    moment the tests asked the process to die at.
-
-    ``FINEGRAIN_FAULT=<point>[@<n>]`` names a point and which time it is reached (default the
-    first): ``write:<file name>`` (the atomic writer, after writing half the temporary file) or
-    ``batch:<epoch>:<batch>`` (training, after that batch; both counted from 0).
-    """
-    want = os.environ.get(FAULT_ENV)
-    if not want:
-        return False
-    name, _, nth = want.partition("@")
-    if name != point:
-        return False
-    _fault_counts[point] = _fault_counts.get(point, 0) + 1
-    return _fault_counts[point] == int(nth or 1)
-
-
-def die() -> None:
-    """SIGKILL this process (the fault-injection tests' crash: no cleanup, no ``finally``)."""
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            if fault_point(f"write:{path.name}"):  # test hook: die with half the file written
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                die()
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -204,7 +171,9 @@ class RunDir:
         """``status`` (``not started``, ``training``, ``finished``), ``epochs_done``, ``epochs_planned``,
         ``stopped_early``. Runs older than ``state.json`` are judged by history.csv's epochs."""
         raw = _read_yaml_or_none(self.config_file) or {}
-        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        train = raw.get("train")
+        if not isinstance(train, dict):
+            train = {}
         planned = int(train.get("epochs", 0) or 0)
         if raw.get("task") == "knn":  # trains nothing
             return {"status": "finished", "epochs_done": 0, "epochs_planned": 0, "stopped_early": False}

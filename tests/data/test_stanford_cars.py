@@ -35,7 +35,7 @@ def test_round_trip_every_layout(tmp_path, layout):
         assert [r.label for r in recs] == [s[1] for s in samples]
         assert [r.bbox for r in recs] == [s[2] for s in samples]
         # pixels of each record are those written for that split (JPEG: approximately)
-        for r, (im, _, _) in zip(recs, samples):
+        for r, (im, _, _) in zip(recs, samples, strict=True):
             got = np.asarray(Image.open(r.path).convert("RGB"), dtype=float)
             assert np.abs(got - np.asarray(im, dtype=float)).mean() < 12
 

@@ -129,6 +129,7 @@ def test_onnx_equals_torch_on_a_classifier(classifier):
     assert_same_top5(b.embeddings, a.embeddings)
 
 
+@pytest.mark.slow
 def test_a_cosine_classifier_trains_exports_and_scores_alike_on_both_engines(tmp_path):
     from finegrain.data.module import split_for
 
@@ -143,6 +144,7 @@ def test_a_cosine_classifier_trains_exports_and_scores_alike_on_both_engines(tmp
     assert np.abs(a.logits).max() <= 20.0 + 1e-3 and np.abs(a.logits).max() > 1.0
 
 
+@pytest.mark.slow
 def test_onnx_equals_torch_at_two_sizes_with_flips(multiscale):
     from finegrain.data.images import open_rgb
     from finegrain.data.module import split_for
@@ -262,6 +264,7 @@ def _without_torch(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_server_runs_without_torch(classifier, tmp_path):
     from finegrain.retrieval.gallery import build_index
 

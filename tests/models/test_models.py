@@ -98,7 +98,7 @@ def test_local_weights_round_trip(tmp_path):
     path = tmp_path / "r18.pt"
     torch.save(src.state_dict(), path)
     dst, *_ = build_backbone("resnet18", str(path), stem="small")
-    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     # a checkpoint-like dict of a whole FinegrainModel ("state_dict", "model.backbone." prefixes)
     model = build_model("resnet18", num_classes=3, stem="small", cubs="cubs1", cubs_stages=[4])
@@ -336,6 +336,7 @@ def test_freeze_on_a_plain_module_uses_a_hook():
 
 
 # ---------------------------------------------------------------------- shipped configs
+@pytest.mark.slow
 def test_every_shipped_config_builds_and_trains_one_step():
     from finegrain.config import load_config, shipped_configs
     from finegrain.models.build import build_from_config

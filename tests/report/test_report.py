@@ -282,6 +282,7 @@ def test_per_class_accuracy_png(runs, tmp_path):
     assert w > h
 
 
+@pytest.mark.slow
 def test_confused_pairs_and_gallery_png(runs, tmp_path):
     with np.load(runs["cls"] / "embeddings" / "test.npz") as z:
         emb, labels, paths = z["embeddings"], z["labels"], [str(p) for p in z["paths"]]
@@ -314,6 +315,7 @@ def _data_uris(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
 
 
+@pytest.mark.slow
 def test_write_report_classification(runs):
     out = write_report(runs["cls"])
     assert out == runs["cls"] / "report" / "index.html"
@@ -331,6 +333,7 @@ def test_write_report_classification(runs):
     assert not re.search(r'(src|href)="(https?:)?//', page)
 
 
+@pytest.mark.slow
 def test_write_report_retrieval_without_per_class(runs):
     page = write_report(runs["ret"]).read_text()
     assert len(_data_uris(page)) == 2  # learning curves + retrieval gallery
@@ -415,6 +418,7 @@ def test_class_names_come_from_what_training_logged_when_there_is_no_per_class_c
     assert logged_class_names(tmp_path) is None
 
 
+@pytest.mark.slow
 def test_report_names_the_cpu_and_how_the_model_ran(trained_run, tmp_path):
     import json
     import shutil

@@ -76,7 +76,7 @@ class FakeSearcher:
                  dataset: str = "synthetic-birds") -> None:
         root.mkdir(parents=True, exist_ok=True)
         paths, labels = [], []
-        for c, (name, color) in enumerate(CLASSES):
+        for c, (_name, color) in enumerate(CLASSES):
             for v in range(PER_CLASS):
                 ext = "jpg" if (c, v) == (0, 1) else "png"
                 p = root / f"{c:02d}_{v}.{ext}"

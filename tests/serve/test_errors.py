@@ -90,7 +90,7 @@ def test_a_bug_is_500_without_details(client, caplog):
     assert any("unexpected error on GET /bug" in rec.getMessage() for rec in caplog.records)
 
 
-# ----------------------------------------------------------------------------- the service: JSON errors, no server paths
+# ------------------------------------------------------------------ the service: JSON errors, no server paths
 
 
 def test_json_error_bodies_are_valid_json(client):

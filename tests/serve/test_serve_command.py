@@ -60,6 +60,7 @@ def test_serve_validates_its_options_before_loading(monkeypatch, kwargs, option)
         app_mod.serve("runs/x", **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_port_in_one_line(tmp_path):
     import subprocess
     import sys

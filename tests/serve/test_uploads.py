@@ -101,7 +101,8 @@ def test_parse_k_refuses_bad_values_with_422(form_k, query_k, gallery, fragment)
 
 
 def test_human_sizes():
-    assert (human(10 * 2**20), human(200_000), human(12)) == ("10 MB", "195 KB", "12 bytes")
+    sizes = (10 * 2**20, 200_000, 12, 2**20 - 1)
+    assert [human(n) for n in sizes] == ["10 MB", "195.3 KB", "12 bytes", "1024 KB"]
 
 
 def test_headers_refuse_a_declared_oversize_body_a_bad_length_or_no_multipart():
@@ -203,7 +204,7 @@ def test_search_upload_turns_a_searcher_refusal_into_422_without_paths():
     assert e.value.status == 422 and e.value.message == "the index in index was built by another model"
 
 
-# ----------------------------------------------------------------------------- the service: bounded echo of k, decode budget
+# ------------------------------------------------------------------ the service: bounded echo of k, decode budget
 
 
 @pytest.mark.parametrize("k", ["9" * 400, "a" * 400, "1" * 5000, " " * 50 + "x" * 300, "<script>alert(1)</script>"])

@@ -18,6 +18,7 @@ from finegrain.tasks.evaluate import evaluate_run
 from tests.conftest import ROOT, CrashAt, tiny_config
 
 
+@pytest.mark.slow
 def test_tiny_cnn_learns_synthetic_classes(tmp_path):
     cfg = tiny_config(tmp_path, train={"epochs": 6}, optim={"lr": 0.003},
                       schedule={"name": "step", "step_size": 3, "gamma": 0.1})
@@ -45,6 +46,7 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [0.0, 0.5])  # with an average of the weights, that average resumes too
 def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch, ema):
     cfg = tiny_config(tmp_path, name="unbroken", train={"epochs": 3, "ema_decay": ema}, model={"dropout": 0.3})
@@ -79,6 +81,7 @@ def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch, 
     assert float(ha[-1]["val/acc"]) == pytest.approx(float(hb[-1]["val/acc"]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_an_average_of_the_weights_is_what_validates_and_is_saved(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import Callback
 
@@ -106,6 +109,7 @@ def test_an_average_of_the_weights_is_what_validates_and_is_saved(tmp_path, monk
     assert not torch.allclose(ema, seen[-1])
 
 
+@pytest.mark.slow
 def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
     cfg = tiny_config(tmp_path, name="arch", train={"epochs": 1})
     run, _ = engine.fit(cfg, runs_root=tmp_path)
@@ -120,6 +124,7 @@ def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
     engine.check_resumable(run.last_ckpt, tiny_config(tmp_path, name="arch", model={"drop_path": 0.0}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_sizes", [[], [[40, 40], [32, 32]]], ids=["train-size", "two-sizes"])
 def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, eval_sizes):
     cfg = tiny_config(
@@ -180,6 +185,7 @@ def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_unknown_names_are_clear_errors(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: c\ndata: {root: synthetic}\nmodel: {backbone: resnet5O}\n")
@@ -212,6 +218,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert "MEMBER: 1/2" in out and "MEMBER: 2/2" in out, out[-2000:]  # two processes joined
 
 
+@pytest.mark.slow
 def test_progress_is_logged_when_output_is_not_a_terminal(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FINEGRAIN_PROGRESS", "1")  # pytest's captured stdout is not a terminal
     cfg = tiny_config(tmp_path, name="plain", train={"epochs": 1})

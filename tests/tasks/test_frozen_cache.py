@@ -28,6 +28,7 @@ from tests.conftest import tiny_config
     ("efficientnet_lite0", 1), ("efficientnet_lite0", 3), ("efficientnet_lite0", 5),
     ("resnet18", 1), ("resnet18", 2), ("resnet18", 4), ("timm:resnet10t", 2),
 ])
+@pytest.mark.slow
 def test_frozen_prefix_then_the_rest_is_the_whole_model(backbone, stages):
     torch.manual_seed(0)
     model = apply_freeze(build_model(backbone, num_classes=5, head="both", embedding_dim=8), "none", stages).eval()
@@ -94,6 +95,7 @@ def spy(monkeypatch):
     return spy, start
 
 
+@pytest.mark.slow
 def test_classification_trains_on_the_cache_and_leaves_a_normal_checkpoint(tmp_path, spy):
     spy, start = spy
     cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 3},
@@ -119,6 +121,7 @@ def test_classification_trains_on_the_cache_and_leaves_a_normal_checkpoint(tmp_p
     assert not torch.equal(state["model.backbone.layer4.0.conv1.weight"], start["backbone.layer4.0.conv1.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixing", [{"cutmix": 1.0}, {"mixup": 0.4}])
 def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing):
     mixed = []
@@ -143,6 +146,7 @@ def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing
     assert any(not torch.equal(xm, x) and (target.max(1).values < 1).any() for x, _, xm, target in mixed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_schedules_that_count_steps_before_fit_starts_train_on_the_cache(tmp_path, schedule):
     """The shipped cpu45 recipes (onecycle, cosine) ask for the training loader in configure_optimizers,
@@ -173,9 +177,10 @@ def _prefix(model):
     return run
 
 
-@pytest.fixture
-def cached(tmp_path):
-    cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 2},
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """Read only (a test may set the data module's frozen_views): built once for the module."""
+    cfg = tiny_config(tmp_path_factory.mktemp("cached"), model={"backbone": "resnet18", "freeze_stages": 2},
                       data={"augment": "light", "image_size": [64, 64]}, train={"frozen_cache_views": 3})
     dm = FinegrainDataModule(cfg)
     torch.manual_seed(0)
@@ -183,6 +188,7 @@ def cached(tmp_path):
     return cfg, dm, model, build_frozen_views(dm.train_records, cfg.data, _prefix(model), 3, seed=0)
 
 
+@pytest.mark.slow
 def test_views_are_the_image_its_mirror_and_seeded_augmentations(cached):
     cfg, dm, model, views = cached
     n = len(dm.train_records)
@@ -195,7 +201,7 @@ def test_views_are_the_image_its_mirror_and_seeded_augmentations(cached):
     np.testing.assert_allclose(views.features[:, 1], mirror, atol=1e-3, rtol=1e-3)
     assert not np.allclose(mirror, plain, atol=1e-2)
     augmented = views.features[:, 2].astype(np.float32)
-    assert np.mean([not np.allclose(a, p, atol=1e-2) for a, p in zip(augmented, plain)]) > 0.8
+    assert np.mean([not np.allclose(a, p, atol=1e-2) for a, p in zip(augmented, plain, strict=True)]) > 0.8
 
     again = build_frozen_views(dm.train_records, cfg.data, prefix, 3, seed=0)
     other = build_frozen_views(dm.train_records, cfg.data, prefix, 3, seed=1)
@@ -220,7 +226,7 @@ def test_the_view_drawn_depends_on_seed_and_epoch_only(cached):
     b.set_epoch(3)  # another instance (a resumed run) at the same epoch
     assert np.array_equal(a.view_of, b.view_of) and set(a.view_of.tolist()) == {0, 1, 2}
     batch = list(range(0, 40, 3))
-    for xa, xb in zip(a.__getitems__(batch), b.__getitems__(batch)):
+    for xa, xb in zip(a.__getitems__(batch), b.__getitems__(batch), strict=True):
         assert torch.equal(xa, xb)
     b.set_epoch(4)
     assert not np.array_equal(a.view_of, b.view_of)
@@ -245,7 +251,7 @@ def test_batches_are_cropped_to_75_to_100_percent_of_the_map(cached):
         kh, kw = x.shape[2:]
         assert math.ceil(0.75 * 8) <= min(kh, kw) and max(kh, kw) <= 8
         sizes.add((kh, kw))
-        for crop, i in zip(x, idx.tolist()):  # each a window of its image's drawn view
+        for crop, i in zip(x, idx.tolist(), strict=True):  # each a window of its image's drawn view
             full = torch.from_numpy(views.features[i, ds.view_of[i]])
             assert any(torch.equal(crop, full[:, t:t + kh, s:s + kw])
                        for t in range(8 - kh + 1) for s in range(8 - kw + 1))
@@ -267,6 +273,7 @@ def test_the_training_loader_keeps_the_sampler_and_passes_the_epoch_on(cached):
 
 
 # ---------------------------------------------------------------------- (d) metric learning
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["multi_similarity", "proxy_anchor"])  # a pair loss, and one with learned proxies
 def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_path, spy, loss):
     spy, _ = spy

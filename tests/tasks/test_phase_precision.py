@@ -88,6 +88,7 @@ def test_no_probe_where_there_is_nothing_to_choose(tmp_path, cpu, probe, native,
     assert calls == []
 
 
+@pytest.mark.slow
 def test_the_probe_times_both_and_leaves_the_model_and_the_random_state_alone(tmp_path):
     cfg = tiny_config(tmp_path, **CACHED)
     model = model_of(cfg)
@@ -106,6 +107,7 @@ def test_the_probe_times_both_and_leaves_the_model_and_the_random_state_alone(tm
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faster, export_onnx", [("32", False), ("bf16-mixed", False), ("bf16-mixed", True)])
 def test_a_run_builds_its_cache_as_evaluated_and_trains_in_the_probes_choice(tmp_path, cpu, probe, monkeypatch,
                                                                                faster, export_onnx):

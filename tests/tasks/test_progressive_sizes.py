@@ -38,6 +38,7 @@ def test_each_epoch_trains_at_its_stage_size_then_at_image_size():
     assert sizes_read(cfg.data) == [(32, 48), (16, 20), (24, 24)]
 
 
+@pytest.mark.slow
 def test_a_run_trains_each_stage_at_its_size_and_resumes_at_the_right_one(tmp_path, monkeypatch):
     original = engine.trainer_for
     spies: list[TrainingSizes] = []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import finegrain.tasks.engine as engine
 from finegrain.tasks.workflow import train_and_evaluate
 from tests.conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_trains_evaluates_and_does_not_train_a_finished_run_again(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, name="wf", train={"epochs": 1})
     run, metrics = train_and_evaluate(cfg, tmp_path / "runs")
@@ -29,6 +32,7 @@ def test_a_knn_row_trains_nothing_and_can_skip_evaluation(tmp_path, monkeypatch)
     assert metrics["protocol"]["method"].startswith("kNN")
 
 
+@pytest.mark.slow
 def test_export_onnx_exports_before_evaluating_and_evaluation_runs_the_export(tmp_path):
     import json
 
@@ -45,6 +49,7 @@ def test_export_onnx_exports_before_evaluating_and_evaluation_runs_the_export(tm
     assert abs(metrics["classification"]["top1"] - plain_metrics["classification"]["top1"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_a_failed_export_still_evaluates_with_pytorch(tmp_path, monkeypatch, caplog):
     import finegrain.tasks.export as export
     from finegrain.errors import FinegrainError

@@ -11,12 +11,13 @@ machine with only ``finegrain[serve]`` installed (which module is missing, and w
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from finegrain.cli import data, info, retrieval, train
+from finegrain.cli import data, info, registries, retrieval, train
 from finegrain.cli.common import console, err_console, setup_logging
 from finegrain.errors import FinegrainError
 
@@ -48,17 +49,19 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More lo
     setup_logging(verbose)
 
 
-for _name, _command in (
-    ("train", train.train), ("evaluate", train.evaluate),
-    ("embed", retrieval.embed), ("index", retrieval.index), ("search", retrieval.search),
-    ("demo", train.demo), ("report", train.report), ("export", train.export), ("serve", retrieval.serve),
-    ("configs", train.configs), ("info", info.info),
-):
+COMMANDS: dict[str, Callable[..., None]] = {
+    "train": train.train, "evaluate": train.evaluate,
+    "embed": retrieval.embed, "index": retrieval.index, "search": retrieval.search,
+    "demo": train.demo, "report": train.report, "export": train.export, "serve": retrieval.serve,
+    "configs": train.configs, "info": info.info, "list": registries.list_names,
+}
+DATA_COMMANDS: dict[str, Callable[..., None]] = {
+    "check": data.data_check, "prepare": data.data_prepare, "synth": data.data_synth,
+    "download": data.data_download,
+}
+for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
-for _name, _command in (
-    ("check", data.data_check), ("prepare", data.data_prepare), ("synth", data.data_synth),
-    ("download", data.data_download),
-):
+for _name, _command in DATA_COMMANDS.items():
     data_app.command(_name)(_command)
 experiments_app.command("run")(train.experiments_run)
 del _name, _command

@@ -79,8 +79,7 @@ def data_download(
         return
     if dataset not in ("tiny-imagenet", "tiny_imagenet", "tiny-imagenet-200"):
         raise FinegrainError(f"unknown dataset '{dataset}'; valid: tiny-imagenet, stanford-cars")
-    kwargs = {"url": url, "md5": None} if url else {}
-    root = download.download_tiny_imagenet(dest, **kwargs)
+    root = download.download_tiny_imagenet(dest, url=url, md5=None) if url else download.download_tiny_imagenet(dest)
     console.print(f"Tiny ImageNet is ready at [bold]{root}[/]")
 
 
@@ -94,5 +93,5 @@ def config_for_data(source: str, profile: str | None, sets: list[str], size: tup
     else:
         cfg = load_config(source, profile=profile, overrides=sets)
     if size is not None:
-        cfg.data.image_size = tuple(size)
+        cfg.data.image_size = size
     return cfg

@@ -47,16 +47,16 @@ def machine_facts(workers: int = 2, bench_seconds: float | None = 5.0, quiet: bo
 
 def inference_speed(seconds: float, quiet: bool = False) -> dict:
     """Images per second of the bench backbone in fp32 and bf16 autocast, measured for about ``seconds``."""
-    from finegrain import machine
+    from finegrain.inference import speed  # torch and the model: only when --bench asks
 
     batch, size = 8, 224
     if not quiet:
-        err_console.print(f"measuring {machine.BENCH_BACKBONE} inference (batches of {batch} at {size}x{size}) "
+        err_console.print(f"measuring {speed.BENCH_BACKBONE} inference (batches of {batch} at {size}x{size}) "
                           f"in fp32 and bf16 autocast for about {seconds:g} s...", highlight=False)
     with stdout_for(True):
-        speeds = machine.measure_inference_speed(seconds, ("32", "bf16-mixed"), batch, size)
+        speeds = speed.measure_inference_speed(seconds, ("32", "bf16-mixed"), batch, size)
     return {
-        "model": machine.BENCH_BACKBONE, "weights": "random", "batch_size": batch, "image_size": [size, size],
+        "model": speed.BENCH_BACKBONE, "weights": "random", "batch_size": batch, "image_size": [size, size],
         "input": "uint8, channels-last", "seconds": seconds, "images_per_second": speeds,
     }
 

@@ -3,7 +3,6 @@ and the configs shipped with the package."""
 
 from __future__ import annotations
 
-import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from finegrain.config.losses import loss_model
 from finegrain.config.schema import ExperimentConfig
-from finegrain.errors import ConfigError
+from finegrain.errors import ConfigError, did_you_mean
 
 META_KEYS = ("extends", "profiles")
 
@@ -70,10 +69,9 @@ def check_keys(data: Any, model: type[BaseModel], where: str = "") -> None:
     for key, value in data.items():
         dotted = f"{where}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+            hint = did_you_mean(str(key), fields, cutoff=0.5, prefix=where)
             valid = ", ".join(fields)
-            raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {valid})")
+            raise ConfigError(f"unknown config key '{dotted}'.{hint} (valid keys here: {valid})")
         sub = fields[key].annotation
         if model is ExperimentConfig and key == "loss" and isinstance(value, dict):
             sub = loss_model(value.get("name", "cross_entropy"))
@@ -212,8 +210,7 @@ def resolve_config_path(name: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{p.stem if p.suffix in ('.yaml', '.yml') else p.name}.yaml"
     if shipped.is_file():
         return shipped
-    close = difflib.get_close_matches(str(name), shipped_configs(), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(str(name), shipped_configs())
     raise ConfigError(
         f"config not found: '{name}' is neither a file nor a shipped config in {CONFIG_DIR}.{hint}"
     )

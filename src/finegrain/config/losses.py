@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from finegrain.config.section import Section
-from finegrain.errors import ConfigError
+from finegrain.errors import ConfigError, did_you_mean
 
 
 class CrossEntropyLoss(Section):
@@ -96,8 +95,7 @@ LossConfig = Annotated[
 def loss_model(name: Any) -> type[Section]:
     """The settings model of a loss name; an unknown name is an error with the valid ones."""
     if name not in LOSS_CONFIGS:
-        close = difflib.get_close_matches(str(name), list(LOSS_CONFIGS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(str(name), LOSS_CONFIGS)
         raise ConfigError(f"unknown loss '{name}' (config key 'loss.name').{hint} Valid: {', '.join(LOSS_CONFIGS)}")
     return LOSS_CONFIGS[name]
 

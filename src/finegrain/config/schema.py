@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from finegrain.config.backbone_names import check_backbone
 from finegrain.config.losses import CrossEntropyLoss, LossConfig
 from finegrain.config.section import Section
 from finegrain.errors import ConfigError
@@ -64,6 +65,11 @@ class ModelConfig(Section):
     backbone: str = "resnet50"
     weights: str = "none"
     """``imagenet``, ``none``, or a path to a local weights file."""
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        return check_backbone(v)
     head: Literal["classifier", "cosine", "embedding", "both"] = "classifier"
     """``classifier``: a linear layer on the features; ``cosine``: a cosine classifier on them (class
     scores are cosine similarities over a temperature of 0.05); ``embedding``: an embedder;
@@ -250,4 +256,4 @@ class ExperimentConfig(Section):
 
 def eval_sizes(data: DataConfig) -> list[tuple[int, int]]:
     """The (height, width) sizes images are evaluated, embedded and searched at (outputs averaged)."""
-    return [tuple(s) for s in data.eval_image_sizes] or [tuple(data.image_size)]
+    return list(data.eval_image_sizes) or [data.image_size]

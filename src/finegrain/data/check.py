@@ -107,7 +107,7 @@ def check_dataset(
     hashes: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda job: _inspect(job[1], hash_duplicates), jobs, chunksize=64)
-        for (split, path), (conv, reason, detail, digest) in _tracked(zip(jobs, results), len(jobs), progress):
+        for (split, path), (conv, reason, detail, digest) in _tracked(zip(jobs, results, strict=True), len(jobs), progress):
             if reason is not None:
                 report.bad_files.append(BadFile(path, split, reason, detail))
                 continue
@@ -212,8 +212,8 @@ def render_check(report: CheckReport):
                   show_edge=False, title_style="bold red")
         t.add_column("train", overflow="fold")
         t.add_column("test", overflow="fold")
-        for a, b in report.duplicates:
-            t.add_row(Text(str(a)), Text(str(b)))
+        for train_path, test_path in report.duplicates:
+            t.add_row(Text(str(train_path)), Text(str(test_path)))
         parts.append(t)
     elif not report.hashed:
         parts.append(Text("Duplicate check skipped (hashing disabled).", style="dim"))

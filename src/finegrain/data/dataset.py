@@ -33,7 +33,8 @@ class ImageDataset(Dataset):
     def __init__(self, records: list[ImageRecord], size: tuple[int, int], transform,
                  bbox_margin: float | None = None, cache: PreparedCache | None = None,
                  on_bad_image: str = "skip") -> None:
-        self.records, self.size, self.transform = records, tuple(size), transform
+        self.records, self.transform = records, transform
+        self.size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.bbox_margin, self.cache, self.on_bad_image = bbox_margin, cache, on_bad_image
 
     def __len__(self) -> int:

@@ -24,15 +24,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finegrain.config import DataConfig
+from finegrain.data.loaders import make_loader
 from finegrain.data.records import ImageRecord
+from finegrain.data.transforms import build_transform
 from finegrain.errors import ConfigError
 from finegrain.machine import set_threads
 from finegrain.progress import track
@@ -89,16 +92,13 @@ def build_frozen_views(records: list[ImageRecord], data: DataConfig, prefix: Cal
                        views: int, seed: int, cache=None) -> FrozenViews:
     """Run ``prefix`` (uint8 images ``[B, 3, H, W]`` to the frozen stages' output) over ``views`` views of
     every readable record (see the module docstring); ``cache``: the prepared cache at ``data.image_size``."""
-    from finegrain.data.module import make_loader
-    from finegrain.data.transforms import build_transform
-
     if views < 1:
         raise ConfigError(f"train.frozen_cache_views must be 1 or more to build a cache, got {views}")
     if views > 2 and data.augment == "plain":
         log.warning("train.frozen_cache_views: %d with data.augment: plain: views 2 to %d repeat view 0",
                     views, views - 1)
-    augment = build_transform(data.augment, tuple(data.image_size), train=True)
-    loader = make_loader(records, data, False, size=tuple(data.image_size), cache=cache, seed=seed)
+    augment = build_transform(data.augment, data.image_size, train=True)
+    loader = make_loader(records, data, False, size=data.image_size, cache=cache, seed=seed)
     set_threads(loader.num_workers)  # torch's threads and the decoding workers share the cores
     features: np.ndarray | None = None
     labels, indices, done, t0 = [], [], 0, time.perf_counter()
@@ -161,20 +161,29 @@ class FrozenViewDataset(Dataset):
         kh, kw = (int(rng.integers(math.ceil(self.min_keep * s), s + 1)) for s in (h, w))
         tops, lefts = rng.integers(0, h - kh + 1, len(idx)), rng.integers(0, w - kw + 1, len(idx))
         out = np.empty((len(idx), c, kh, kw), dtype=np.float16)
-        for row, (i, t, left) in enumerate(zip(idx, tops, lefts)):
+        for row, (i, t, left) in enumerate(zip(idx, tops, lefts, strict=True)):
             out[row] = f.features[i, self.view_of[i], :, t:t + kh, left:left + kw]
         return torch.from_numpy(out), torch.from_numpy(f.labels[idx]), torch.from_numpy(f.indices[idx])
+
+
+class EpochOrder(Protocol):
+    """A sampler with a new order each epoch (torch's DistributedSampler, the m-per-class one)."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 class _EpochSampler(Sampler[int]):
     """``sampler``'s order; :meth:`set_epoch` (Lightning calls it each epoch) reaches the dataset too."""
 
-    def __init__(self, sampler: Sampler[int], dataset: FrozenViewDataset) -> None:
+    def __init__(self, sampler: EpochOrder, dataset: FrozenViewDataset) -> None:
         self.sampler, self.dataset = sampler, dataset
 
     def set_epoch(self, epoch: int) -> None:
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
 
     def __iter__(self):
@@ -188,7 +197,7 @@ def _batch_as_is(batch):
     return batch
 
 
-def frozen_loader(frozen: FrozenViews, sampler: Sampler[int], batch_size: int, seed: int = 0) -> DataLoader:
+def frozen_loader(frozen: FrozenViews, sampler: EpochOrder, batch_size: int, seed: int = 0) -> DataLoader:
     """Training batches of cached features in ``sampler``'s order (over ``range(len(frozen))``),
     in the main process: the features are in its memory already."""
     ds = FrozenViewDataset(frozen, seed)

@@ -87,7 +87,7 @@ def decode(source: BinaryIO, name: str | Path, max_pixels: int | None = None) ->
             _reduce_or_refuse(im, name, int(max_pixels))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
-        holder = [im]
+        holder: list[Image.Image] = [im]
         del im  # the conversion may then free a deep source as soon as its 8-bit copy exists
         return _to_rgb_consuming(holder)
     except ImageError:

@@ -10,20 +10,17 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from finegrain.config import DataConfig, ExperimentConfig
 from finegrain.config.schema import eval_sizes
+from finegrain.data.frozen_features import FrozenViews, frozen_loader
+from finegrain.data.loaders import bbox_margin, eval_loaders, make_loader
 from finegrain.data.records import ImageCollection, ImageRecord
 from finegrain.data.splits import Split, make_split
 from finegrain.errors import DataError
-from finegrain.machine import plan_threads
-
-if TYPE_CHECKING:
-    from finegrain.data.frozen_features import FrozenViews
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +40,7 @@ def synthetic_root(data: DataConfig, cache_root: Path | None = None) -> Path:
         log.info("writing the built-in synthetic dataset to %s", root)
         make_synthetic(
             root, format="stanford_cars", num_classes=s.num_classes, train_per_class=s.train_per_class,
-            test_per_class=s.test_per_class, size=tuple(s.image_size), seed=s.seed,
+            test_per_class=s.test_per_class, size=s.image_size, seed=s.seed,
         )
         marker.write_text("ok\n")
     return root
@@ -70,7 +67,7 @@ def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Sp
 def sizes_read(data: DataConfig) -> list[tuple[int, int]]:
     """Every size a config reads images at (what ``data prepare`` caches): training, then evaluation,
     then the progressive-resizing stages'."""
-    return list(dict.fromkeys([tuple(data.image_size), *eval_sizes(data),
+    return list(dict.fromkeys([data.image_size, *eval_sizes(data),
                                *((h, w) for h, w, _ in data.progressive_sizes)]))
 
 
@@ -81,7 +78,7 @@ def train_size(data: DataConfig, epoch: int) -> tuple[int, int]:
         end += n
         if epoch < end:
             return h, w
-    return tuple(data.image_size)
+    return data.image_size
 
 
 def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, int] | None = None):
@@ -91,43 +88,8 @@ def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, in
         return None
     from finegrain.data.cache import default_cache_root, find_cache
 
-    size = tuple(size or data.image_size)
+    size = size or data.image_size
     return find_cache(collection.all_records(), size, default_cache_root(), bbox_margin(data))
-
-
-def bbox_margin(data: DataConfig) -> float | None:
-    return data.bbox_margin if data.crop_bbox else None
-
-
-def make_loader(
-    records: list[ImageRecord],
-    data: DataConfig,
-    train: bool,
-    *,
-    sampler=None,
-    batch_sampler=None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    cache=None,
-    size: tuple[int, int] | None = None,
-) -> DataLoader:
-    """A loader over ``records`` at ``size``, by default the training size (with the config's
-    augmentation) or the first evaluation size; ``cache`` is read if it holds that size."""
-    from finegrain.data.dataset import build_loader
-
-    return build_loader(
-        records, size=tuple(size or (data.image_size if train else eval_sizes(data)[0])),
-        preset=data.augment if train else "plain", train=train,
-        batch_size=batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size)),
-        num_workers=plan_threads(data.num_workers)[0], sampler=sampler, batch_sampler=batch_sampler,
-        bbox_margin=bbox_margin(data), cache=cache,
-        on_bad_image=data.on_bad_image, drop_last=False, seed=seed,
-    )
-
-
-def eval_loaders(records: list[ImageRecord], data: DataConfig, caches: dict | None = None) -> list[DataLoader]:
-    """One evaluation loader per evaluation size (``caches``: prepared caches by size)."""
-    return [make_loader(records, data, False, size=s, cache=(caches or {}).get(s)) for s in eval_sizes(data)]
 
 
 def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> list[ImageRecord]:
@@ -155,7 +117,7 @@ class FinegrainDataModule(L.LightningDataModule):
         self.split: Split = split_for(d, collection)
         self.caches = {size: cache_for(collection, d, size) for size in sizes_read(d)}
         """Prepared caches by (height, width), None where there is none."""
-        self.cache = self.caches[tuple(d.image_size)]
+        self.cache = self.caches[d.image_size]
         for (h, w), c in self.caches.items():
             if c is not None:
                 log.info("using the prepared cache %s (%dx%d)", c.path, h, w)
@@ -183,16 +145,18 @@ class FinegrainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         d, seed = self.cfg.data, self.cfg.train.seed
         if self.cfg.train.frozen_cache_views:  # batches of the frozen stages' outputs, not images
-            from finegrain.data.frozen_features import frozen_loader
-
             if self.frozen_views is None:  # first asked for: by the schedule's step count, or the fit loop
                 task = getattr(getattr(self, "trainer", None), "lightning_module", None)
-                if not callable(getattr(task, "cache_frozen_outputs", None)):
+                cache_outputs = getattr(task, "cache_frozen_outputs", None)
+                if not callable(cache_outputs):
                     raise DataError("train.frozen_cache_views: the frozen stages' outputs are computed by the task "
                                     "being fitted (FinegrainTask.cache_frozen_outputs); there is none")
-                task.cache_frozen_outputs()
-            sampler = self._train_sampler(self.frozen_views.labels.tolist())
-            return frozen_loader(self.frozen_views, sampler, d.batch_size, seed)
+                cache_outputs()  # sets self.frozen_views
+            views = self.frozen_views
+            if views is None:
+                raise DataError("train.frozen_cache_views: the task computed no frozen stages' outputs")
+            sampler = self._train_sampler(views.labels.tolist())
+            return frozen_loader(views, sampler, d.batch_size, seed)
         sampler = self._train_sampler([r.label for r in self.train_records])
         trainer = getattr(self, "trainer", None)
         size = train_size(d, trainer.current_epoch if trainer is not None else 0)
@@ -213,7 +177,9 @@ class FinegrainDataModule(L.LightningDataModule):
             return DistributedMPerClassSampler(
                 labels, m=d.m_per_class, batch_size=d.batch_size, num_replicas=replicas, rank=rank, seed=seed,
             )
-        return DistributedSampler(range(len(labels)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        # DistributedSampler takes only len() of its dataset (torch types it as a Dataset)
+        return DistributedSampler(range(len(labels)),  # type: ignore[arg-type]
+                                  num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:

@@ -1,9 +1,10 @@
 """Class-balanced batches (m images per class) that also work under DDP.
 
-pytorch-metric-learning's :class:`MPerClassSampler` draws the index list; this
-wrapper seeds it per epoch (so runs and resumes are reproducible) and deals its
-batches out to the processes of a distributed run, each process getting whole
-class-balanced batches.
+Each batch is drawn as pytorch-metric-learning's :class:`MPerClassSampler` draws it (shuffle the
+classes, take ``batch_size // m`` of them, ``m`` images of each, with replacement only for a class
+with fewer), from a generator seeded per epoch (pml's sampler reads a module-wide random state
+that cannot be seeded per sampler), so runs and resumes are reproducible; the batches are dealt
+out to the processes of a distributed run, each process getting whole class-balanced batches.
 """
 
 from __future__ import annotations
@@ -11,12 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-
-from finegrain.faiss_import import import_faiss
-
-import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
-from pytorch_metric_learning.samplers import MPerClassSampler
-from pytorch_metric_learning.utils import common_functions as c_f
 from torch.utils.data import Sampler
 
 from finegrain.errors import ConfigError
@@ -31,8 +26,8 @@ class DistributedMPerClassSampler(Sampler[int]):
 
     def __init__(self, labels: Sequence[int], m: int, batch_size: int, num_replicas: int = 1,
                  rank: int = 0, seed: int = 0) -> None:
-        labels = np.asarray(labels)
-        n_classes = len(np.unique(labels))
+        label_array = np.asarray(labels)
+        n_classes = len(np.unique(label_array))
         if batch_size % m:
             raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of data.m_per_class ({m})")
         if m * n_classes < batch_size:
@@ -40,7 +35,7 @@ class DistributedMPerClassSampler(Sampler[int]):
                 f"data.batch_size ({batch_size}) needs {batch_size // m} classes per batch but the training "
                 f"split has {n_classes}; lower data.batch_size or raise data.m_per_class"
             )
-        self.labels, self.m, self.batch_size = labels, m, batch_size
+        self.labels, self.m, self.batch_size = label_array, m, batch_size
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         total = max(len(labels), batch_size * num_replicas)
         self.batches_per_rank = total // (batch_size * num_replicas)
@@ -53,13 +48,14 @@ class DistributedMPerClassSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         length = self.batches_per_rank * self.batch_size * self.num_replicas
-        sampler = MPerClassSampler(self.labels, self.m, batch_size=self.batch_size, length_before_new_iter=length)
-        saved = c_f.NUMPY_RANDOM
-        c_f.NUMPY_RANDOM = np.random.RandomState((self.seed * 100_003 + self.epoch) % 2**32)
-        try:
-            order = list(iter(sampler))
-        finally:
-            c_f.NUMPY_RANDOM = saved
+        rng = np.random.default_rng([self.seed, self.epoch])
+        classes = np.unique(self.labels)
+        members = {c: np.flatnonzero(self.labels == c) for c in classes}
+        order: list[int] = []
+        while len(order) < length:
+            for c in rng.permutation(classes)[: self.batch_size // self.m]:
+                pool = members[c]
+                order.extend(rng.choice(pool, size=self.m, replace=len(pool) < self.m).tolist())
         b = self.batch_size
         batches = [order[i:i + b] for i in range(0, len(order), b)]
         mine = batches[self.rank::self.num_replicas][: self.batches_per_rank]

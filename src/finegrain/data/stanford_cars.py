@@ -238,7 +238,7 @@ def _read_devkit(root: Path, found: Found) -> ImageCollection:
             continue
         nested = nested or folder.parent.name == folder.name
         records, absent = [], 0
-        for r, fname in zip(recs, fnames):
+        for r, fname in zip(recs, fnames, strict=True):
             path = folder / fname
             if not path.is_file():
                 absent += 1

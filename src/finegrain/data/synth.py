@@ -308,7 +308,7 @@ def _write_format(root: Path, format: str, names: list[str], samples: dict[str, 
         from finegrain.data.tiny_imagenet import write_tiny_imagenet
 
         wnids = [f"n{label + 1:08d}" for label in range(num_classes)]
-        words = dict(zip(wnids, names))
+        words = dict(zip(wnids, names, strict=True))
         splits = {"val" if k == "test" else k: v for k, v in samples.items()}
         write_tiny_imagenet(root, wnids, words, splits)
     else:

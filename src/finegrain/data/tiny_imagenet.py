@@ -111,7 +111,7 @@ def class_names_for(wnids: list[str], words: dict[str, str]) -> list[str]:
     """First synonym per wnid, with the wnid appended where needed to stay unique."""
     first = [words[w].split(",")[0].strip() if words.get(w, "").strip() else w for w in wnids]
     counts = Counter(first)
-    return [f"{n} ({w})" if counts[n] > 1 and n != w else n for n, w in zip(first, wnids)]
+    return [f"{n} ({w})" if counts[n] > 1 and n != w else n for n, w in zip(first, wnids, strict=True)]
 
 
 def _read_words(root: Path) -> dict[str, str]:

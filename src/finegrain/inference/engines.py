@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from finegrain.errors import FinegrainError
 from finegrain.runs import RunDir, open_run
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from finegrain.inference.encoder import Encoder
     from finegrain.inference.onnx_engine import OnnxEncoder
 
-    AnyEncoder = Union[Encoder, OnnxEncoder]
+    AnyEncoder = Encoder | OnnxEncoder
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,10 +55,11 @@ def export_onnx(loaded: LoadedModel, size: tuple[int, int], opset: int = DEFAULT
     x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
     buf = io.BytesIO()
+    target: Any = buf  # the TorchScript exporter writes to a file object too; torch types only paths
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(graph, (x,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=names,
+            torch.onnx.export(graph, (x,), target, dynamo=False, input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 - an operator ONNX cannot express, an unsupported opset...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -76,12 +78,12 @@ def check_parity(onnx_path: Path, loaded: LoadedModel, sizes: Iterable[tuple[int
     names = [o.name for o in sess.get_outputs()]
     gen = torch.Generator().manual_seed(seed)
     sizes = list(sizes)
-    sizes = list(dict.fromkeys([*sizes, tuple(s + 8 for s in sizes[0])]))
+    sizes = list(dict.fromkeys([*sizes, (sizes[0][0] + 8, sizes[0][1] + 8)]))
     worst = 0.0
     for size in sizes:
         x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=gen)
         try:
-            got = dict(zip(names, sess.run(None, {INPUT_NAME: x.numpy()})))
+            got = dict(zip(names, sess.run(None, {INPUT_NAME: x.numpy()}), strict=True))
         except Exception as e:  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise FinegrainError(f"the ONNX export of {loaded.cfg.model.backbone} does not run at "

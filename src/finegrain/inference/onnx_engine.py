@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
-from finegrain.inference.load import LoadedModel, check_config_copy, checkpoint_config, file_sha256
+from finegrain.inference.load import check_config_copy, checkpoint_config, file_sha256
 from finegrain.inference.outputs import EncodingLoop, eval_sizes, mean_of_halves, named_outputs
 from finegrain.machine import model_threads
 from finegrain.runs import RunDir
@@ -75,9 +76,13 @@ def import_onnxruntime():
 
 
 @dataclass
-class ExportedModel(LoadedModel):
-    """What :class:`LoadedModel` says about a run's model, for an exported one (``model`` is None)."""
+class ExportedModel:
+    """What :class:`LoadedModel` says about a run's model, for an exported one (without the torch model)."""
 
+    cfg: ExperimentConfig
+    class_names: list[str]
+    checkpoint: Path
+    checksum: str
     classifier: bool = False
     onnx_file: Path | None = None
 
@@ -116,7 +121,7 @@ class OnnxEncoder(EncodingLoop):
         cfg, class_names = checkpoint_config(fake_state, folder / META_FILE)
         check_config_copy(run, cfg)
         self.cfg = cfg
-        self.loaded = ExportedModel(None, cfg, class_names, Path(meta.get("checkpoint", "-")), meta["model_checksum"],
+        self.loaded = ExportedModel(cfg, class_names, Path(meta.get("checkpoint", "-")), meta["model_checksum"],
                                     classifier=bool(meta.get("has_classifier")), onnx_file=path)
         self.sizes: list[tuple[int, int]] = eval_sizes(cfg.data)
         self.tta_flip = cfg.eval.tta_flip
@@ -149,7 +154,7 @@ class OnnxEncoder(EncodingLoop):
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         sess = self.session(self._threads or next(iter(self._sessions)))
         values = sess.run(None, {INPUT_NAME: x})
-        return dict(zip(self._outputs, values))
+        return dict(zip(self._outputs, values, strict=True))
 
     def forward(self, x: Any) -> dict[str, np.ndarray]:
         """Outputs of one uint8 batch ``[B, 3, H, W]`` (numpy, or a torch tensor from a loader):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from finegrain.config.schema import ExperimentConfig
 from finegrain.config.schema import eval_sizes  # noqa: F401 - where the ONNX engine finds it
 from finegrain.errors import FinegrainError
 
@@ -61,6 +64,17 @@ def mean_over_sizes(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
 
 
+class ModelFacts(Protocol):
+    """What an engine says about the model it runs (a run's checkpoint, or its ONNX export)."""
+
+    cfg: ExperimentConfig
+    class_names: list[str]
+    checkpoint: Path
+    checksum: str
+
+    @property
+    def has_classifier(self) -> bool: ...
+
 
 class EncodingLoop:
     """What both engines do alike over records: one loader per size, batches in order, bad images
@@ -70,6 +84,11 @@ class EncodingLoop:
     ``tta_flip``, ``precision`` and ``engine``."""
 
     sizes: list[tuple[int, int]]
+    cfg: ExperimentConfig
+    loaded: ModelFacts
+    tta_flip: bool
+    precision: str
+    engine: str
 
     @property
     def has_classifier(self) -> bool:
@@ -103,7 +122,7 @@ class EncodingLoop:
 
         loaders = eval_loaders(records, self.cfg.data, caches)
         runs = []
-        for loader, size in zip(loaders, self.sizes):
+        for loader, size in zip(loaders, self.sizes, strict=True):
             what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
             runs.append(self.run_loader(loader, what))
         first = runs[0]
@@ -120,7 +139,9 @@ class EncodingLoop:
         from finegrain.progress import track
 
         self.prepare(loader)
-        labels, indices, outs = [], [], []
+        labels: list[np.ndarray] = []
+        indices: list[np.ndarray] = []
+        outs: list[dict[str, np.ndarray]] = []
         seconds = 0.0
         step = max(1, PASS_IMAGES // (2 if self.tta_flip else 1))  # images per pass, before their mirrors
         for batch in track(loader, len(loader), description):

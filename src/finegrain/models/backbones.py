@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -155,7 +156,7 @@ def _strip_head(model: nn.Module) -> int:
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
             return head.in_features
-        last_name, last = None, None
+        last_name, last = "", None
         for n, m in head.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 last_name, last = n, m
@@ -173,7 +174,9 @@ def _strip_head(model: nn.Module) -> int:
 
 def _drop_aux(model: nn.Module) -> None:
     """Inception/GoogLeNet: no auxiliary classifiers, so training returns a plain tensor."""
-    if getattr(model, "aux_logits", False):
+    from torchvision.models import GoogLeNet, Inception3  # the train extra's, as in _torchvision
+
+    if isinstance(model, (GoogLeNet, Inception3)) and model.aux_logits:
         model.aux_logits = False
         for attr in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, attr):
@@ -183,7 +186,8 @@ def _drop_aux(model: nn.Module) -> None:
 def _torchvision(name: str, weights: str) -> tuple[nn.Module, tuple, tuple]:
     import torchvision
 
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     if weights == "imagenet":
         try:
             w = torchvision.models.get_model_weights(name).DEFAULT
@@ -258,7 +262,7 @@ def load_lite_imagenet(model: nn.Module, variant: int = 0) -> None:
         raise ConfigError(f"{name} checkpoint has {len(src_items)} tensors, "
                           f"the timm model {len(dst_keys)}: incompatible versions")
     new = {}
-    for (sk, sv), dk in zip(src_items, dst_keys):
+    for (sk, sv), dk in zip(src_items, dst_keys, strict=True):
         if tuple(sv.shape) != tuple(dst[dk].shape):
             raise ConfigError(f"{name} checkpoint: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
         new[dk] = sv.to(dst[dk].dtype)
@@ -266,7 +270,7 @@ def load_lite_imagenet(model: nn.Module, variant: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------- registry
-Built = tuple[nn.Module, int, tuple, tuple]
+Built = tuple[nn.Module, int, tuple[float, ...], tuple[float, ...]]
 BACKBONES: Registry[Callable[[str], Built]] = Registry("backbone")
 """finegrain's named backbones: name → builder(weights) → (module, out_features, mean, std). Besides
 these, every torchvision classification model by name and every timm model as ``timm:<name>``."""
@@ -288,7 +292,7 @@ def _register_lite(variant: int) -> None:
     def build(weights: str) -> Built:
         import timm
 
-        module = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
+        module: Any = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
         if weights == "imagenet":
             load_lite_imagenet(module, variant)
         return module, module.num_features, LITE_MEAN, LITE_STD
@@ -307,7 +311,7 @@ def _timm(name: str, weights: str) -> Built:
     if not tname or not timm.is_model(tname):
         raise _unknown_backbone(name, [f"timm:{n}" for n in timm.list_models()], timm_pool=True)
     try:
-        module = timm.create_model(tname, pretrained=(weights == "imagenet"), num_classes=0)
+        module: Any = timm.create_model(tname, pretrained=(weights == "imagenet"), num_classes=0)
     except (OSError, RuntimeError) as e:
         if weights != "imagenet":
             raise
@@ -339,7 +343,8 @@ def set_global_pool(module: nn.Module, pool: str, name: str) -> None:
     if not (hasattr(module, "global_pool") and hasattr(module, "reset_classifier")):
         raise ConfigError(f"model.global_pool: {pool} needs a timm backbone (efficientnet_lite0-"
                           f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' pools on its own: set model.global_pool to avg")
-    module.reset_classifier(0, global_pool=pool)  # timm's own way; no classifier, as the backbone was built
+    timm_model: Any = module  # a timm model: reset_classifier tested above
+    timm_model.reset_classifier(0, global_pool=pool)  # timm's own way; no classifier, as the backbone was built
 
 
 # ---------------------------------------------------------------------- entry point
@@ -377,5 +382,5 @@ def build_backbone(name: str, weights: str = "none", stem: str = "stock") -> tup
         _small_stem(module, name)
     if local:
         load_local_weights(module, weights)
-    module.out_features = int(out)
+    module.out_features = int(out)  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     return module, int(out), tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from finegrain.config import ExperimentConfig
 
+if TYPE_CHECKING:
+    from finegrain.models.model import FinegrainModel
 
-def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: str | None = None) -> nn.Module:
+
+def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: str | None = None) -> FinegrainModel:
     """The config's model (backbone + heads), with its freeze policy applied."""
     from finegrain.models.freezing import apply_freeze
     from finegrain.models.model import build_model

@@ -125,7 +125,7 @@ class TinCNN(nn.Module):
         return self.fc(self.pool(self.features(x)))
 
 
-CNNS: dict[str, type[nn.Module]] = {"cars_cnn3": CarsCNN3, "cars_cnn4": CarsCNN4, "tin_cnn": TinCNN}
+CNNS: dict[str, type[CarsCNN3 | CarsCNN4 | TinCNN]] = {"cars_cnn3": CarsCNN3, "cars_cnn4": CarsCNN4, "tin_cnn": TinCNN}
 
 
 def cars_cnn3() -> CarsCNN3:

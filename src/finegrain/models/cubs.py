@@ -241,16 +241,18 @@ class CUBSBlock(nn.Module):
         self.cubs2 = CUBS2(channels, **cubs2_kwargs) if variant != "cubs1" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.variant
+        v, one, two = self.variant, self.cubs1, self.cubs2
+        if v == "cubs1" and one is not None:
+            return one(x)
+        if v == "cubs2" and two is not None:
+            return two(x)
+        if one is None or two is None:  # pragma: no cover - __init__ builds what the variant uses
+            raise ConfigError(f"CUBS variant {v!r} is missing a block")
         if v == "sum":
-            return self.cubs1(x) + self.cubs2(x)
-        if v == "cubs1":
-            return self.cubs1(x)
-        if v == "cubs2":
-            return self.cubs2(x)
+            return one(x) + two(x)
         if v == "cubs1_then_cubs2":
-            return self.cubs2(self.cubs1(x))
-        return self.cubs1(self.cubs2(x))
+            return two(one(x))
+        return one(two(x))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, variant={self.variant!r}"

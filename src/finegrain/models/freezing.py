@@ -32,6 +32,7 @@ pre-hook on its backbone doing the same before every forward pass.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,14 +65,17 @@ Tail = Callable[[torch.Tensor], torch.Tensor]
 def _layout(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module], Tail | None]:
     """(stem modules in forward order, stages, the tail from the last stage's output to the pooled,
     flattened features, or None where the forward pass is not known well enough to be split)."""
-    b = backbone
+    b: Any = backbone  # duck-typed: the attributes tested with hasattr below
     if hasattr(b, "conv_stem") and hasattr(b, "blocks"):  # timm EfficientNet / MobileNet
         from timm.models.efficientnet import EfficientNet
         from timm.models.mobilenetv3 import MobileNetV3
 
         tail: Tail | None = None
         if isinstance(b, EfficientNet):  # the head convolution is part of its forward_features
-            tail = lambda x: b.forward_head(b.bn2(b.conv_head(x)))
+
+            def tail(x: torch.Tensor) -> torch.Tensor:
+                return b.forward_head(b.bn2(b.conv_head(x)))
+
         elif isinstance(b, MobileNetV3):  # its forward_head holds the head convolution
             tail = b.forward_head
         return [b.conv_stem, b.bn1], list(b.blocks), tail
@@ -132,13 +136,14 @@ def apply_freeze(model: nn.Module, policy: str, stages: int = 0) -> nn.Module:
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"cannot apply freeze policy '{policy}': the model has no backbone")
     early = early_modules(backbone, stages) if stages else []
+    target: Any = model  # a FinegrainModel's attributes, tested with hasattr (model.py imports this module)
     if early:
         if not hasattr(model, "frozen_parts"):
             raise ConfigError("model.freeze_stages needs a finegrain model")
         for p in (p for m in early for p in m.parameters()):
             p.requires_grad_(False)
-        model.frozen_parts = early
-        model.frozen_stages = stages
+        target.frozen_parts = early
+        target.frozen_stages = stages
         model.train(model.training)
     if policy == "none":
         return model
@@ -151,7 +156,7 @@ def apply_freeze(model: nn.Module, policy: str, stages: int = 0) -> nn.Module:
                 p.requires_grad_(False)
 
     if hasattr(model, "freeze_policy"):
-        model.freeze_policy = policy
+        target.freeze_policy = policy
         model.train(model.training)  # re-apply the current mode through the override
     else:
         backbone.register_forward_pre_hook(_eval_hook(policy))

@@ -147,13 +147,17 @@ class FinegrainModel(nn.Module):
         return f.flatten(1) if f.dim() > 2 else f
 
     def _raw_embedding(self, f: torch.Tensor) -> torch.Tensor:
+        if self.embedder is None:
+            raise ConfigError("this model has no embedder (head: classifier)")
         return self.embedder(f)
 
     def _normalise(self, e: torch.Tensor) -> torch.Tensor:
         return F.normalize(e, dim=1) if self.normalize_embedding else e
 
     def _logits_from(self, f: torch.Tensor, raw_emb: torch.Tensor | None) -> torch.Tensor:
-        return self.classifier(raw_emb if self.classifier_on_embedding else f)
+        if self.classifier is None:
+            raise ConfigError("this model has no classifier (head: embedding); use embed() or features()")
+        return self.classifier(raw_emb if self.classifier_on_embedding and raw_emb is not None else f)
 
     def logits(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """Class scores ``[B, num_classes]``; an error when the model has no classifier."""

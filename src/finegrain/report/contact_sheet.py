@@ -32,7 +32,7 @@ def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: s
         ax.axis("off")
     axes.flat[0].imshow(query)
     axes.flat[0].set_title("query" + (f"\n{query_label}" if query_label else ""), fontsize=9, fontweight="bold")
-    for ax, h in zip(list(axes.flat)[1:], hits):
+    for ax, h in zip(list(axes.flat)[1:], hits, strict=False):
         try:
             img, _ = open_rgb(h.path)
         except FinegrainError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -17,10 +18,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 from finegrain.report.thumbnails import load_thumb, placeholder, show_image  # noqa: F401 - load_thumb, placeholder re-exported
 
 DPI = 110
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 10,
     "axes.titlesize": 11,
     "axes.labelsize": 10,
@@ -235,7 +239,7 @@ def learning_curves(history_csv: Path, out_png: Path, title: str | None = None) 
     with matplotlib.rc_context(STYLE):
         fig = _new_figure(4.3 * len(panels) + 0.4, 3.8, layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (kind, names) in zip(axes, panels):
+        for ax, (kind, names) in zip(axes, panels, strict=True):
             _draw_curve_panel(ax, kind, names, cols, x)
         if title:
             fig.suptitle(title)
@@ -244,25 +248,28 @@ def learning_curves(history_csv: Path, out_png: Path, title: str | None = None) 
 
 # ---------------------------------------------------------------- per-class accuracy
 
+def _number(text: str | None) -> float | None:
+    """A CSV cell as a float; None when empty or not a number."""
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
 def read_per_class_csv(per_class_csv: Path) -> list[dict]:
     """per_class.csv rows with ``accuracy`` as a float in [0, 1] (from correct/support when absent)."""
     out = []
     with Path(per_class_csv).open(newline="") as f:
         for i, r in enumerate(csv.DictReader(f)):
-            def num(k: str) -> float | None:
-                try:
-                    return float(r[k]) if r.get(k) not in (None, "") else None
-                except ValueError:
-                    return None
-
-            acc = num("accuracy")
+            num = {k: _number(r.get(k)) for k in ("accuracy", "recall", "support", "correct", "precision", "f1")}
+            acc, support = num["accuracy"], num["support"]
             if acc is None:
-                acc = num("recall")
-            if acc is None and num("support"):
-                acc = (num("correct") or 0.0) / num("support")
+                acc = num["recall"]
+            if acc is None and support:
+                acc = (num["correct"] or 0.0) / support
             out.append({"index": i, "class": r.get("class") or f"class {i}", "accuracy": acc,
-                        "support": num("support"), "correct": num("correct"),
-                        "precision": num("precision"), "recall": num("recall"), "f1": num("f1")})
+                        "support": support, "correct": num["correct"],
+                        "precision": num["precision"], "recall": num["recall"], "f1": num["f1"]})
     return out
 
 
@@ -287,7 +294,7 @@ def per_class_accuracy(per_class_csv: Path, out_png: Path, n: int = 15) -> Path:
     with matplotlib.rc_context({**STYLE, "axes.grid": False}):
         fig = _new_figure(width_each * len(groups) + 0.6, height, layout="constrained")
         axes = fig.subplots(1, len(groups), squeeze=False)[0]
-        for ax, (title, group) in zip(axes, groups):
+        for ax, (title, group) in zip(axes, groups, strict=True):
             y = np.arange(len(group))
             acc = np.array([r["accuracy"] for r in group]) * 100
             ax.barh(y, acc, color=[cmap(0.1 + 0.8 * a / 100) for a in acc], edgecolor="#444", linewidth=0.4,
@@ -299,7 +306,7 @@ def per_class_accuracy(per_class_csv: Path, out_png: Path, n: int = 15) -> Path:
             ax.grid(True, axis="x", alpha=0.3)
             ax.set_xlabel("test accuracy (%)")
             ax.set_title(title)
-            for yi, r, a in zip(y, group, acc):
+            for yi, r, a in zip(y, group, acc, strict=True):
                 sup = f" ({int(r['correct'])}/{int(r['support'])})" if r["support"] and r["correct"] is not None else ""
                 ax.text(a + 1.5, yi, f"{a:.0f}%{sup}", va="center", fontsize=8, color="#222")
         return _save(fig, out_png)
@@ -323,7 +330,7 @@ def confused_pairs_figure(pairs: Sequence[dict], examples: dict[str, list[Path]]
         fig = _new_figure(2 * per_class * 1.75 + 0.8, 2.45 * len(pairs) + 0.7, layout="constrained")
         fig.suptitle("Most confused class pairs (test set)", fontweight="bold")
         subs = fig.subfigures(len(pairs), 1, squeeze=False)[:, 0]
-        for i, (sub, p) in enumerate(zip(subs, pairs)):
+        for i, (sub, p) in enumerate(zip(subs, pairs, strict=True)):
             t, pr, cnt = str(p.get("true")), str(p.get("predicted")), p.get("count")
             sub.suptitle(f"#{i + 1}: true “{_short(t, 40)}”\npredicted as “{_short(pr, 40)}”"
                          + (f" ({int(cnt)} test image{'s' if int(cnt) != 1 else ''})" if cnt is not None else ""),

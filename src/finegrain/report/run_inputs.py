@@ -69,7 +69,7 @@ def names_from_folders(labels: np.ndarray, paths: list[str]) -> list[str] | None
     if not len(labels):
         return None
     counts: dict[int, Counter] = {}
-    for lab, p in zip(np.asarray(labels).tolist(), paths):
+    for lab, p in zip(np.asarray(labels).tolist(), paths, strict=True):
         counts.setdefault(int(lab), Counter())[Path(p).parent.name] += 1
     folder = {}
     for lab, c in counts.items():

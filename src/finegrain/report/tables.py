@@ -117,7 +117,7 @@ def protocol_words(protocol: dict) -> str:
     else:
         counts = ", ".join(f"{protocol[k]} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test")
                            if protocol.get(k) is not None)
-        what = {"retrieval": "Class-disjoint retrieval", "classification": "Classification"}.get(kind, str(kind))
+        what = {"retrieval": "Class-disjoint retrieval", "classification": "Classification"}.get(str(kind), str(kind))
         ncls = protocol.get("num_classes")
         parts.append(f"{what}" + (f" ({ncls} classes)" if ncls else "") + (f": {counts} images." if counts else "."))
     if kind == "retrieval":

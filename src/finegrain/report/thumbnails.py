@@ -26,9 +26,9 @@ def thumb(path: str | Path | None, size: int) -> tuple[np.ndarray, str | None]:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im = ImageOps.contain(im, (size, size), method=Image.Resampling.LANCZOS)
+        with Image.open(path) as source:
+            im = ImageOps.contain(ImageOps.exif_transpose(source).convert("RGB"), (size, size),
+                                  method=Image.Resampling.LANCZOS)
             canvas = Image.new("RGB", (size, size), (255, 255, 255))
             canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
             return np.asarray(canvas), None

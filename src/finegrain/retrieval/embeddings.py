@@ -11,13 +11,13 @@ import numpy as np
 
 from finegrain.data.records import ImageRecord
 from finegrain.errors import FinegrainError
-from finegrain.inference.encoder import Encoder, Outputs
+from finegrain.inference.outputs import EncodingLoop, Outputs
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_json
 
 SPLITS = ("train", "val", "test")
 
 
-def save_embeddings(run: RunDir, split: str, out: Outputs, paths: list[str], encoder: Encoder) -> None:
+def save_embeddings(run: RunDir, split: str, out: Outputs, paths: list[str], encoder: EncodingLoop) -> None:
     """``embeddings/<split>.npz`` (vectors, labels, paths) + ``<split>.json`` naming the model and settings."""
     buf = io.BytesIO()
     np.savez(buf, embeddings=out.embeddings, labels=out.labels, paths=np.array(paths))
@@ -41,7 +41,7 @@ def load_embeddings(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray, li
 
 
 def reusable_embeddings(run: RunDir, split: str, records: list[ImageRecord],
-                        encoder: Encoder) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+                        encoder: EncodingLoop) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
     """A split's saved embeddings if this encoder (same model, sizes, flips, precision, engine)
     made them from exactly these images; else None."""
     meta = run.embeddings / f"{split}.json"

@@ -9,7 +9,7 @@ from finegrain.config import ExperimentConfig
 from finegrain.data.records import ImageRecord
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
-from finegrain.inference.encoder import Encoder, Outputs
+from finegrain.inference.outputs import EncodingLoop, Outputs
 from finegrain.retrieval.embeddings import SPLITS, reusable_embeddings, save_embeddings
 from finegrain.runs import open_run
 
@@ -36,7 +36,7 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     return coll.all_records(), coll.class_names, f"all images of {path}"
 
 
-def embed_records(encoder: Encoder, records: list[ImageRecord], description: str = "embedding") -> Outputs:
+def embed_records(encoder: EncodingLoop, records: list[ImageRecord], description: str = "embedding") -> Outputs:
     """Embeddings of ``records`` (eval transform, every configured size)."""
     return encoder.encode_records(records, description=description)
 

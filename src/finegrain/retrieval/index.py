@@ -170,7 +170,7 @@ def exact_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str)
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean fraction of the exact k neighbours that the approximate search also returned."""
     k = exact_ids.shape[1]
-    hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx_ids, exact_ids))
+    hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx_ids, exact_ids, strict=True))
     return float(hits) / float(k * len(exact_ids))
 
 

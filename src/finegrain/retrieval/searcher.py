@@ -72,7 +72,9 @@ class NamedRun(Protocol):
 class SearchService(Protocol):
     """What the web service needs of a searcher, and all it uses."""
 
-    run: NamedRun
+    @property
+    def run(self) -> NamedRun: ...
+
     prediction_source: str
     """``classifier`` (the trained head's probabilities) or ``neighbours`` (their vote)."""
     engine: str
@@ -97,7 +99,7 @@ def dataset_name(root: str | Path) -> str:
     return re.split(r"[\\/]", text)[-1] or text
 
 
-def _same_image(query_rgb: np.ndarray, path: str, size: tuple[int, int]) -> bool:
+def _same_image(query_rgb: Image.Image, path: str, size: tuple[int, int]) -> bool:
     from finegrain.data.images import load_resized, resize_rgb
 
     try:
@@ -178,7 +180,7 @@ class Searcher:
         names = self.index.class_names or self.class_names
         hits = [Hit(rank=r + 1, id=int(i), label=_name(names, int(self.index.labels[i])), score=float(s),
                     path=self.index.paths[i])
-                for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
+                for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True)) if i >= 0]
         rgb = None
         for h in hits:  # an exact copy scores 1 (cosine) or 0 (L2), up to bf16 rounding: check its pixels
             close = h.score >= 0.999 if self.index.metric == "cosine" else h.score <= 1e-3

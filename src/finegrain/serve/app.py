@@ -88,7 +88,7 @@ def service_info(searcher: SearchService, max_upload_bytes: int, max_k: int,
     missing = sorted(ServiceInfo.__required_keys__ - set(info))
     if missing:
         raise TypeError(f"{type(searcher).__name__}.info lacks {', '.join(missing)}")
-    info["dataset"] = dataset_name(info["dataset"])
+    info["dataset"] = dataset_name(str(info["dataset"]))
     return {**info, "max_upload_bytes": max_upload_bytes, "max_k": max_k, "max_image_pixels": max_image_pixels}
 
 

@@ -9,7 +9,7 @@ Both are done by :class:`Guard`, the outermost ASGI layer of :class:`GuardedFast
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -94,7 +94,7 @@ class Guard:
         host = host_of(values[0].decode("latin-1")) if len(values) == 1 else None
         extra = self.docs_headers if scope.get("path") in self.docs_paths else self.page_headers
 
-        async def send_with_headers(message: dict) -> None:
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in self.names]
                 message = {**message, "headers": kept + extra}

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 from fastapi import Request
+from rich import filesize
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -48,12 +49,10 @@ class Upload:
 
 
 def human(n: int) -> str:
-    """A byte count for people: ``10 MB``, ``200 KB``, ``12 bytes``."""
-    if n >= 2**20:
-        return f"{n / 2**20:.3g} MB"
-    if n >= 2**10:
-        return f"{n / 2**10:.0f} KB"
-    return f"{n} bytes"
+    """A byte count for people, in the binary units ``--max-upload-mb`` is set in (rich picks the
+    unit): ``10 MB``, ``195.3 KB``, ``12 bytes``."""
+    unit, suffix = filesize.pick_unit_and_suffix(n, ["bytes", "KB", "MB", "GB"], 1024)
+    return f"{n / unit:.4g} {suffix}"
 
 
 def too_large(max_bytes: int) -> ApiError:

@@ -24,7 +24,9 @@ class FinegrainTask(L.LightningModule):
     monitor: str = "val/acc"
     monitor_mode: str = "max"
 
-    def __init__(self, config: dict, class_names: list[str], weights: str | None = None) -> None:
+    def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
+                 train_labels: list[int] | None = None) -> None:
+        """``train_labels``: the classes of the training split (used by tasks that need them)."""
         super().__init__()
         self.save_hyperparameters({"config": config, "class_names": class_names})
         self.cfg = ExperimentConfig.model_validate(config)
@@ -34,6 +36,12 @@ class FinegrainTask(L.LightningModule):
         self.cache_precision: str | None = None
         """The precision the frozen cache is built in, when it differs from the trainer's
         (:mod:`finegrain.tasks.phase_precision`); None: the trainer's."""
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``all_gather`` of one tensor (Lightning types it for collections too)."""
+        out = self.all_gather(t)
+        assert isinstance(out, torch.Tensor)
+        return out
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -62,7 +70,8 @@ class FinegrainTask(L.LightningModule):
         from finegrain.data.frozen_features import build_frozen_views
         from finegrain.inference.encoder import autocast_for
 
-        dm, t = self.trainer.datamodule, self.cfg.train
+        # Lightning sets Trainer.datamodule when fitting, without declaring it on the class
+        dm, t = self.trainer.datamodule, self.cfg.train  # type: ignore[attr-defined]
         if not hasattr(dm, "frozen_views"):
             raise FinegrainError("train.frozen_cache_views needs the trainer fitted with a FinegrainDataModule")
 
@@ -126,6 +135,8 @@ class FinegrainTask(L.LightningModule):
     def configure_optimizers(self):
         o, s = self.cfg.optim, self.cfg.schedule
         groups = self.param_groups()
+        opt: torch.optim.Optimizer
+        sched: torch.optim.lr_scheduler.LRScheduler
         if o.name == "adam":
             opt = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
         elif o.name == "adamw":

@@ -60,7 +60,7 @@ class ClassificationTask(FinegrainTask):
         labels = torch.cat(self._val_labels)
         self._val_logits.clear()
         self._val_labels.clear()
-        logits, labels = self.all_gather(logits), self.all_gather(labels)
+        logits, labels = self.gather(logits), self.gather(labels)
         logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=False, sync_dist=False)
         self.log("val/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True, sync_dist=False)

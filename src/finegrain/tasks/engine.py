@@ -15,11 +15,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -28,8 +29,7 @@ from finegrain.config import ExperimentConfig, ModelConfig
 from finegrain.errors import FinegrainError
 from finegrain.machine import resolve_precision, set_threads
 from finegrain.progress import wanted as progress_wanted
-from finegrain.runs import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run, die,
-                            fault_point)
+from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run
 from finegrain.tasks import phase_precision
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,6 @@ class RunState(Callback):
         self._recorded = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if fault_point(f"batch:{trainer.current_epoch}:{batch_idx}"):  # test hook (runs.fault_point)
-            die()
         if not self._recorded and trainer.is_global_zero:
             self.run.write_state("training", trainer.current_epoch, trainer.max_epochs)
             self._recorded = True
@@ -97,7 +95,9 @@ class RngState(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Plain types and tensors only, so Lightning's ``torch.load(weights_only=True)`` accepts them.
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = np.random.get_state(legacy=True)
+        assert isinstance(state, tuple)  # legacy=True: (kind, keys, pos, has_gauss, gauss)
+        kind, keys, pos, has_gauss, gauss = state
         return {
             "python": random.getstate(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
@@ -276,7 +276,8 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         devices=devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=precision or resolve_precision(t.precision),
+        # one of machine.PRECISIONS (less auto), all of which Lightning accepts
+        precision=cast(_PRECISION_INPUT, precision or resolve_precision(t.precision)),
         gradient_clip_val=t.grad_clip,
         callbacks=callbacks,
         logger=[CSVLogger(run.path, name="logs", version=""), TensorBoardLogger(run.path, name="logs", version="")],

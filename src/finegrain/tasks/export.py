@@ -13,6 +13,8 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rich import filesize
+
 from finegrain import __version__
 from finegrain.errors import FinegrainError
 from finegrain.inference.onnx_engine import (
@@ -191,12 +193,13 @@ def render_export(meta: dict, run_path: Path) -> list[str]:
     dest = Path(run_path) / EXPORT_DIR
     sizes = ", ".join(f"{h}x{w}" for h, w in meta["image_sizes"])
     lines = [f"exported {meta['backbone']} to {dest / meta['files']['fp32']['file']} "
-             f"({meta['files']['fp32']['bytes'] / 1e6:.1f} MB, opset {meta['opset']}, sizes {sizes}); "
+             f"({filesize.decimal(meta['files']['fp32']['bytes'])}, opset {meta['opset']}, sizes {sizes}); "
              f"max difference to PyTorch {meta['parity']['max_abs_diff']:.2g}"]
     if "int8" in meta["files"]:
         acc = meta["accuracy"]
-        lines.append(f"int8: {dest / meta['files']['int8']['file']} ({meta['files']['int8']['bytes'] / 1e6:.1f} MB, "
-                     f"{meta['files']['int8']['quantization']['calibration_images']} calibration images); test "
+        int8 = meta["files"]["int8"]
+        lines.append(f"int8: {dest / int8['file']} ({filesize.decimal(int8['bytes'])}, "
+                     f"{int8['quantization']['calibration_images']} calibration images); test "
                      f"{acc['metric']} {acc['fp32']:.4f} in fp32, {acc['int8']:.4f} in int8 "
                      f"(drop {acc['int8_drop']:+.4f})")
     lines.append(f"described in {dest / META_FILE}")

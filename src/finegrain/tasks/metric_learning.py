@@ -18,12 +18,13 @@ from finegrain.tasks.losses import build_loss
 class MetricLearningTask(FinegrainTask):
     monitor = "val/recall@1"
     monitor_mode = "max"
+    label_lookup: torch.Tensor  # a buffer: class id -> its index among the training classes
 
     def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
                  train_labels: list[int] | None = None) -> None:
         super().__init__(config, class_names, weights)
-        self.save_hyperparameters({"train_labels": sorted(set(train_labels or range(len(class_names))))})
-        classes = self.hparams.train_labels
+        classes = sorted(set(train_labels or range(len(class_names))))
+        self.save_hyperparameters({"train_labels": classes})
         lookup = torch.full((len(class_names),), -1, dtype=torch.long)
         lookup[torch.tensor(classes)] = torch.arange(len(classes))
         self.register_buffer("label_lookup", lookup, persistent=False)
@@ -86,7 +87,7 @@ class MetricLearningTask(FinegrainTask):
         emb = torch.cat([e for e, _ in self._val])
         labels = torch.cat([y for _, y in self._val])
         self._val.clear()
-        emb, labels = self.all_gather(emb), self.all_gather(labels)
+        emb, labels = self.gather(emb), self.gather(labels)
         emb, labels = emb.reshape(-1, emb.shape[-1]), labels.reshape(-1)
         m = retrieval_metrics(emb.cpu().numpy(), labels.cpu().numpy(), ks=(1,), metric="cosine")
         self.log("val/recall@1", float(m["recall@1"]), prog_bar=True, sync_dist=False)

@@ -10,7 +10,8 @@ Nothing is pinned: each machine decides, and says what it measured.
 
 The cache is built in the precision the run's evaluation will run the frozen stages in
 (:func:`finegrain.inference.engines.evaluation_precision`): fp32 when the run is evaluated on its
-ONNX export (``eval.export_onnx`` with ONNX Runtime installed), else PyTorch inference's, bf16 here. The trained stages then meet the same frozen maps in training and at test: on the Xeon a
+ONNX export (``eval.export_onnx`` with ONNX Runtime installed), else PyTorch inference's, bf16 here.
+The trained stages then meet the same frozen maps in training and at test: on the Xeon a
 bf16 cache under an fp32 test cost the classifier 0.9 points of top-1 over three seeds (retrieval's
 seeds did not tell the two apart; BENCHMARKS.md).
 """
@@ -29,6 +30,7 @@ from finegrain import machine
 from finegrain.config import ExperimentConfig
 from finegrain.inference.encoder import autocast_for
 from finegrain.inference.engines import evaluation_precision
+from finegrain.models.model import FinegrainModel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class PhasePrecision:
         return "precision " + precision_words(self.requested, self.as_dict())
 
 
-def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
+def choose(cfg: ExperimentConfig, model: FinegrainModel) -> PhasePrecision:
     """Each phase's precision: ``train.precision`` resolved as usual for both, except that ``auto``
     on a CPU that picks bf16, in a one-process run that trains on the cache, times the cached
     training step in bf16 and in fp32 (:func:`time_cached_step`) and trains in the faster, and
@@ -82,7 +84,7 @@ def choose(cfg: ExperimentConfig, model: torch.nn.Module) -> PhasePrecision:
     return chosen
 
 
-def time_cached_step(model: torch.nn.Module, cfg: ExperimentConfig, batch: int = PROBE_BATCH,
+def time_cached_step(model: FinegrainModel, cfg: ExperimentConfig, batch: int = PROBE_BATCH,
                      rounds: int = PROBE_ROUNDS) -> dict[str, float]:
     """Images per second of a cached training step (the stages after ``model.freeze_stages`` and the
     heads, forward and backward, at ``data.image_size``) in each of :data:`CANDIDATES`; on a copy of

@@ -1,0 +1,70 @@
+"""Fault injection for tests/test_faults.py, kept out of the shipped package.
+
+The fault tests put this folder first on ``PYTHONPATH``; Python imports ``sitecustomize`` at start-up,
+and this one, when ``FINEGRAIN_FAULT=<point>[@<n>]`` is set, SIGKILLs the process (no cleanup, no
+``finally``) the n-th time (default the first) the point is reached:
+
+- ``write:<file name>``: finegrain's atomic writer, with half the temporary file written;
+- ``batch:<epoch>:<batch>``: training, after that batch (both counted from 0).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+FAULT = os.environ.get("FINEGRAIN_FAULT", "")
+POINT, _, NTH = FAULT.partition("@")
+_reached = 0
+
+
+def _due(point: str) -> bool:
+    global _reached
+    if point != POINT:
+        return False
+    _reached += 1
+    return _reached == int(NTH or 1)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install_write_fault() -> None:
+    from finegrain import runs  # before any module imports atomic_write_bytes by name
+
+    real = runs.atomic_write_bytes
+
+    def atomic_write_bytes(path: Path, data: bytes) -> None:
+        if _due(f"write:{path.name}"):  # as the real writer leaves it, killed half-way through the temporary file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                _die()
+        real(path, data)
+
+    runs.atomic_write_bytes = atomic_write_bytes
+
+
+def _install_batch_fault() -> None:
+    from finegrain.tasks import engine
+
+    real = engine.RunState.on_train_batch_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _due(f"batch:{trainer.current_epoch}:{batch_idx}"):
+            _die()
+        real(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    engine.RunState.on_train_batch_end = on_train_batch_end
+
+
+if POINT.startswith("write:"):
+    _install_write_fault()
+elif POINT.startswith("batch:"):
+    _install_batch_fault()
