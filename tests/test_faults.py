@@ -129,3 +129,19 @@ def test_data_prepare_killed_leaves_no_cache_then_completes(tmp_path):
     assert ref.name == done.name
     assert np.array_equal(np.load(done / "images.npy"), np.load(ref / "images.npy"))
     assert PreparedCache(done).paths == PreparedCache(ref).paths
+
+
+def test_a_run_whose_config_is_an_alias_bomb_is_refused_in_one_line(trained_run, tmp_path):
+    """A stranger's run whose config.yaml is 400 bytes of nested aliases: search, evaluate and train
+    answer at once with one line naming the file (a hang here ends in the subprocess timeout)."""
+    from tests.conftest import alias_bomb
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "config.yaml").write_text(alias_bomb())
+    query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
+    for args in (("search", str(run), query), ("evaluate", str(run)), ("train", str(run / "config.yaml"))):
+        r = finegrain(*args, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert "config.yaml" in r.stderr and "expands to more than" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from finegrain.config import ExperimentConfig, build_config, config_to_yaml, migrate_stored, read_yaml
+from finegrain.config import ExperimentConfig, build_config, config_to_yaml, load_yaml, migrate_stored, read_yaml
 from finegrain.errors import FinegrainError
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def open_run(path: str | Path) -> RunDir:
 
 def _read_yaml_or_none(path: Path) -> dict | None:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
@@ -290,7 +290,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     """The dotted keys whose values differ between two resolved configs (``a: 1 -> 2``)."""
-    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+    old, new = _flatten(load_yaml(old_yaml) or {}), _flatten(load_yaml(new_yaml) or {})
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
