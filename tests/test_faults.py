@@ -145,3 +145,18 @@ def test_a_run_whose_config_is_an_alias_bomb_is_refused_in_one_line(trained_run,
         assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         assert "config.yaml" in r.stderr and "expands to more than" in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_index_killed_between_the_renames_is_found_by_search(trained_run, tmp_path):
+    """Killed after moving the old index aside and before moving the new one in: no ``index/`` but a
+    complete new one beside it, which search (and so serve) must find, not report "no index"."""
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
+    r = finegrain("index", str(run), "--kind", "hnsw", fault="swap:index", cwd=tmp_path)
+    assert killed(r), r.stderr[-2000:]
+    assert not (run / "index").exists() and list(run.glob(".index.*.new.tmp/meta.json"))
+    r = finegrain("search", str(run), query, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["hits"][0]["path"] == query
+    assert json.loads((run / "index" / "meta.json").read_text())["kind"] == "hnsw"  # the new one, completed

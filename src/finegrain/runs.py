@@ -53,7 +53,8 @@ def fault_point(point: str) -> bool:
     moment the tests asked the process to die at.
 
     ``FINEGRAIN_FAULT=<point>[@<n>]`` names a point and which time it is reached (default the
-    first): ``write:<file name>`` (the atomic writer, after writing half the temporary file) or
+    first): ``write:<file name>`` (the atomic writer, after writing half the temporary file),
+    ``swap:<folder name>`` (an index save, between moving the old index aside and the new one in) or
     ``batch:<epoch>:<batch>`` (training, after that batch; both counted from 0).
     """
     want = os.environ.get(FAULT_ENV)

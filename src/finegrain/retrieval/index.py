@@ -57,7 +57,7 @@ from finegrain.retrieval.index_files import (
     recover_swap,
     sha256,
 )
-from finegrain.runs import atomic_write_bytes, atomic_write_json, fsync_dir
+from finegrain.runs import atomic_write_bytes, atomic_write_json, die, fault_point, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,8 @@ class GalleryIndex:
         old = d.with_name(f".{d.name}.{tag}.old.tmp")
         if d.exists():
             os.rename(d, old)
+        if fault_point(f"swap:{d.name}"):  # test hook: die between the renames
+            die()
         os.rename(new, d)  # a kill between the renames leaves the new one whole; recover_swap finds it
         fsync_dir(d.parent)
         shutil.rmtree(old, ignore_errors=True)
@@ -354,8 +356,9 @@ class GalleryIndex:
     @classmethod
     def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
         """Reopen a saved index, refusing damaged files and indexes built by another model."""
-        d = Path(directory)
-        recover_swap(d)
+        d = recover_swap(Path(directory))
+        if not d.is_dir():
+            raise FinegrainError(f"no index in {d} (build one with `finegrain index RUN`)")
         check_complete(d)
         meta = read_meta(d, METRICS, INDEX_KINDS)
         check_model(d, meta, expected_model_checksum)

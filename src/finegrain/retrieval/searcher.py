@@ -20,6 +20,7 @@ from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.index import check_k
+from finegrain.retrieval.index_files import recover_swap
 from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Searcher:
         self.encoder = open_encoder(self.run, engine, precision)  # torch or ONNX Runtime
         self.engine = self.encoder.engine
         self.cfg = self.encoder.cfg
-        index_dir = index_dir or self.run.index
+        index_dir = recover_swap(index_dir or self.run.index)  # before looking: a killed save may hide it
         if not (index_dir / "meta.json").is_file():
             raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
         self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
