@@ -160,3 +160,25 @@ def test_index_killed_between_the_renames_is_found_by_search(trained_run, tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["hits"][0]["path"] == query
     assert json.loads((run / "index" / "meta.json").read_text())["kind"] == "hnsw"  # the new one, completed
+
+
+def test_index_with_an_empty_or_other_gallery_keeps_the_old_index(trained_run, tmp_path):
+    """``--gallery ''`` once indexed the current folder (reports, anything) in place of the run's index."""
+    from PIL import Image
+
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "index").iterdir()}
+    (tmp_path / "photos" / "red").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "photos" / "red" / "a.png")
+    (tmp_path / "empty").mkdir()
+    for gallery, said in (("", "the gallery is empty"), ("  ", "the gallery is empty"),
+                          ("empty", "cannot tell the dataset format of empty"), ("photos", "pass --replace")):
+        r = finegrain("index", str(run), "--gallery", gallery, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (gallery, r.stderr[-2000:])
+        assert said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (gallery, r.stderr)
+        assert {p.name: p.read_bytes() for p in (run / "index").iterdir()} == before
+    r = finegrain("index", str(run), "--gallery", "photos", "--replace", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((run / "index" / "meta.json").read_text())
+    assert meta["n"] == 1 and meta["gallery"] == f"all images of {tmp_path.resolve() / 'photos'}"

@@ -29,11 +29,13 @@ def index(
     kind: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf.")] = "flat",
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
     engine: EngineOpt = "auto",
+    replace: Annotated[bool, typer.Option(
+        help="Replace RUN/index even when it holds another gallery or one of a very different size.")] = False,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     from finegrain.retrieval.gallery import build_index
 
-    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine)
+    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
