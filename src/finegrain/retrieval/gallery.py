@@ -12,6 +12,7 @@ from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.inference.encoder import Encoder, Outputs
 from finegrain.retrieval.embeddings import SPLITS, reusable_embeddings, save_embeddings
+from finegrain.retrieval.gallery_root import common_root
 from finegrain.retrieval.index_files import META_FILE, recover_swap
 from finegrain.runs import open_run
 
@@ -103,6 +104,7 @@ def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat",
     index = GalleryIndex.build(embeddings, labels, paths, metric=metric, kind=kind,
                                model_checksum=encoder.loaded.checksum, class_names=class_names)
     index.meta["gallery"] = description
+    index.meta["gallery_root"] = str(common_root(paths))  # the only folder a service hands files out of
     index.save(dest)
     info = {"n": len(paths), "dim": int(embeddings.shape[1]), "kind": kind, "metric": metric,
             "gallery": description, "approx_recall_at_10": index.meta.get("approx_recall_at_10")}

@@ -130,6 +130,12 @@ def read_paths(d: Path) -> tuple[list, list[str] | None]:
         class_names = p.get("class_names")
         if not isinstance(paths, list):
             raise ValueError("'paths' is not a list")
+        bad = next((i for i, x in enumerate(paths) if not isinstance(x, str)), None)
+        if bad is not None:
+            raise ValueError(f"path {bad} is not a string")
+        if class_names is not None and not (isinstance(class_names, list)
+                                            and all(isinstance(x, str) for x in class_names)):
+            raise ValueError("'class_names' is not a list of strings")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise FinegrainError(f"damaged index file {d / PATHS_FILE}: {e}") from e
     return paths, class_names

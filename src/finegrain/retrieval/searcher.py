@@ -19,6 +19,7 @@ from PIL import Image
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
+from finegrain.retrieval.gallery_root import inside, served_root
 from finegrain.retrieval.index import check_k
 from finegrain.retrieval.index_files import recover_swap
 from finegrain.runs import open_run
@@ -127,6 +128,7 @@ class Searcher:
             raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
         self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
         self.class_names = self.encoder.loaded.class_names
+        self._gallery_root: Path | None = None
         self.sizes = self.encoder.sizes
         has_head = self.encoder.has_classifier
         self.prediction_source = "classifier" if has_head and self.cfg.predicts_with_classifier else "neighbours"
@@ -143,8 +145,20 @@ class Searcher:
         set_faiss_threads(threads)
         return threads
 
+    @property
+    def gallery_root(self) -> Path:
+        """The folder the gallery's images lie in (recorded when the index was built); FinegrainError
+        when it is too wide to hand files out of."""
+        if self._gallery_root is None:
+            self._gallery_root = served_root(self.index.meta.get("gallery_root"), self.index.paths)
+        return self._gallery_root
+
     def gallery_path(self, i: int) -> str:
-        return self.index.paths[i]
+        """Gallery image ``i``'s file, only when it lies in :attr:`gallery_root` (else FinegrainError)."""
+        path = self.index.paths[i]
+        if not inside(self.gallery_root, path):
+            raise FinegrainError(f"gallery image {i} lies outside the gallery folder {self.gallery_root}")
+        return path
 
     @property
     def info(self) -> ServiceInfo:

@@ -218,7 +218,10 @@ def _add_gallery_route(app: FastAPI, searcher: SearchService) -> None:
         """The indexed image with this integer id (as in ``results[].id``)."""
         if not _ID_RE.fullmatch(image_id) or int(image_id) >= searcher.gallery_size:
             raise ApiError(404, "no gallery image with this id")
-        path = Path(searcher.gallery_path(int(image_id)))
+        try:
+            path = Path(searcher.gallery_path(int(image_id)))
+        except FinegrainError:  # outside the gallery folder recorded with the index
+            raise ApiError(404, "this gallery entry is not served") from None
         if not path.is_file():
             raise ApiError(404, "this gallery image is no longer on disk")
         media_type = await anyio.to_thread.run_sync(image_media_type, path)
@@ -268,7 +271,12 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     if host.strip().lower() in WILDCARD_BINDS and not allow_hosts:
         log.warning("listening on all interfaces, but only %s are accepted as Host: add this machine's "
                     "name or address with --allow-host", ", ".join(sorted(hosts)))
-    print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images) "
+    try:
+        where = f" in {searcher.gallery_root}"
+    except FinegrainError as e:
+        log.warning("%s; the gallery images will not be shown", e)
+        where = ""
+    print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
           f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
           f"on http://{host}:{port}/  (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="info")
