@@ -25,9 +25,11 @@ nothing) and ``metrics.json`` evaluates that final model. Anything else is unfin
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -54,7 +56,8 @@ def fault_point(point: str) -> bool:
 
     ``FINEGRAIN_FAULT=<point>[@<n>]`` names a point and which time it is reached (default the
     first): ``write:<file name>`` (the atomic writer, after writing half the temporary file),
-    ``swap:<folder name>`` (an index save, between moving the old index aside and the new one in) or
+    ``swap:<folder name>`` (an index save, between moving the old index aside and the new one in),
+    ``nospace:<file name>`` (the atomic writer fails as on a full disk, after writing half) or
     ``batch:<epoch>:<batch>`` (training, after that batch; both counted from 0).
     """
     want = os.environ.get(FAULT_ENV)
@@ -72,8 +75,34 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``13.2 MB``, ``800 KB``, ``12 bytes``."""
+    if n >= 2**30:
+        return f"{n / 2**30:.3g} GB"
+    if n >= 2**20:
+        return f"{n / 2**20:.3g} MB"
+    if n >= 2**10:
+        return f"{n / 2**10:.0f} KB"
+    return f"{int(n)} bytes"
+
+
+def no_space_error(path: Path, needed: int | None = None) -> FinegrainError:
+    """One line for a write that found the disk full: the file, the space it needs and what is free."""
+    try:
+        free = f", {human_bytes(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = ""
+    need = f"it needs {human_bytes(needed)}" if needed is not None else "it needs more room"
+    return FinegrainError(f"no space left on the device to write {path} ({need}{free}); "
+                          "free some space and run the command again (nothing already written was lost)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename.
+    A full disk is a one-line :class:`FinegrainError` naming the file and the space it needs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -83,11 +112,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
                 die()
+            if fault_point(f"nospace:{path.name}"):  # test hook: the disk fills up halfway
+                f.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space_error(path, len(data)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -247,7 +284,11 @@ class RunDir:
     def load_config(self) -> ExperimentConfig:
         if not self.config_file.is_file():
             raise FinegrainError(f"{self.path} is not a run directory: no config.yaml in it")
-        return build_config(migrate_stored(read_yaml(self.config_file)))
+        raw = read_yaml(self.config_file)
+        if not raw:
+            raise FinegrainError(f"{self.config_file}: empty config (a run's config.yaml holds the config it was "
+                                 "trained with; this run's is lost or was never written)")
+        return build_config(migrate_stored(raw))
 
     def read_metrics(self) -> dict:
         if not self.metrics.is_file():

@@ -11,6 +11,7 @@ machine with only ``finegrain[serve]`` installed (which module is missing, and w
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -75,6 +76,12 @@ def main() -> None:
         app()
     except FinegrainError as e:
         _fail(str(e))
+    except OSError as e:  # a writer outside finegrain's own (ONNX, FAISS, matplotlib) found the disk full
+        from finegrain.runs import NO_SPACE_ERRNOS, no_space_error
+
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        _fail(str(no_space_error(Path(e.filename or "."))))
     except ModuleNotFoundError as e:
         missing = (e.name or "").split(".")[0]
         if missing not in TRAIN_EXTRA_MODULES:

@@ -336,10 +336,14 @@ class GalleryIndex:
         tag = uuid.uuid4().hex[:8]
         new = d.with_name(f".{d.name}.{tag}.new.tmp")
         new.mkdir()
-        atomic_write_bytes(new / INDEX_FILE, data)
-        atomic_write_bytes(new / LABELS_FILE, labels)
-        atomic_write_bytes(new / PATHS_FILE, paths)
-        atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
+        try:
+            atomic_write_bytes(new / INDEX_FILE, data)
+            atomic_write_bytes(new / LABELS_FILE, labels)
+            atomic_write_bytes(new / PATHS_FILE, paths)
+            atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
+        except Exception:  # a full disk, say: the old index stays, nothing half-written beside it
+            shutil.rmtree(new, ignore_errors=True)
+            raise
         old = d.with_name(f".{d.name}.{tag}.old.tmp")
         if d.exists():
             os.rename(d, old)

@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
 from finegrain.retrieval.searcher import Hit, Prediction, SearchService
+from finegrain.runs import human_bytes as human
 from finegrain.serve.connections import BODY_TIMEOUT
 from finegrain.serve.errors import ApiError, echo, no_paths
 
@@ -46,15 +47,6 @@ class Upload:
     data: bytes
     name: str
     k: int
-
-
-def human(n: int) -> str:
-    """A byte count for people: ``10 MB``, ``200 KB``, ``12 bytes``."""
-    if n >= 2**20:
-        return f"{n / 2**20:.3g} MB"
-    if n >= 2**10:
-        return f"{n / 2**10:.0f} KB"
-    return f"{n} bytes"
 
 
 def too_large(max_bytes: int) -> ApiError:
