@@ -131,3 +131,26 @@ def test_an_index_whose_paths_are_not_strings_is_refused_in_one_line(trained_run
     _rewrite_paths(run / "index", number)
     with pytest.raises(FinegrainError, match=r"paths\.json: path 3 is not a string"):
         Searcher(run, engine="torch")
+
+
+def test_same_image_is_decided_by_content_and_an_engine_mismatch_warns(trained_run, tmp_path, caplog):
+    """The index records the engine and precision it was built with; a search in another precision
+    says so, and marks each gallery image's own copy (and nothing else) whatever the scores."""
+    import json
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "index" / "meta.json").read_text())
+    assert meta["engine"] == "torch" and meta["precision"] in ("32", "bf16-mixed")
+    other = "bf16-mixed" if meta["precision"] == "32" else "32"
+    with caplog.at_level(logging.WARNING, logger="finegrain.retrieval.searcher"):
+        searcher = Searcher(run, engine="torch", precision=other)
+    assert f"built with torch in {meta['precision']} and this search runs torch in {other}" in caplog.text
+    for i in range(searcher.gallery_size):
+        hits, _ = searcher.search(open_rgb(searcher.gallery_path(i))[0], k=3)
+        assert [h.id for h in hits if h.same_image] == [i]
+    image = open_rgb(searcher.gallery_path(0))[0].copy()
+    image.putpixel((0, 0), tuple(255 - v for v in image.getpixel((0, 0))))  # one pixel differs: not the same
+    hits, _ = searcher.search(image, k=3)
+    assert hits[0].id == 0 and not any(h.same_image for h in hits)

@@ -86,8 +86,9 @@ def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat",
     """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
     way) and save a FAISS index with its metadata (the gallery it holds among them). An existing
     index of another gallery or of a very different size is replaced only with ``replace``."""
-    from finegrain.retrieval.index import GalleryIndex
+    from finegrain.retrieval.index import GalleryIndex, index_builder
 
+    index_builder(kind, metric)  # a bad kind or metric is refused before the gallery is embedded
     run = open_run(run_path)
     encoder = open_encoder(run, engine, precision)
     records, class_names, description = gallery_records(encoder.cfg, gallery)
@@ -104,6 +105,7 @@ def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat",
     index = GalleryIndex.build(embeddings, labels, paths, metric=metric, kind=kind,
                                model_checksum=encoder.loaded.checksum, class_names=class_names)
     index.meta["gallery"] = description
+    index.meta["engine"], index.meta["precision"] = encoder.engine, str(encoder.precision)  # searches compare
     index.meta["gallery_root"] = str(common_root(paths))  # the only folder a service hands files out of
     index.save(dest)
     info = {"n": len(paths), "dim": int(embeddings.shape[1]), "kind": kind, "metric": metric,
