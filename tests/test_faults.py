@@ -182,3 +182,38 @@ def test_index_with_an_empty_or_other_gallery_keeps_the_old_index(trained_run, t
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((run / "index" / "meta.json").read_text())
     assert meta["n"] == 1 and meta["gallery"] == f"all images of {tmp_path.resolve() / 'photos'}"
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space_it_needs(trained_run, tmp_path):
+    """The atomic writer fails as on a full disk (``nospace:``, after writing half) in index, export and
+    train; and a --sheet path that cannot be written is refused before the search."""
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "index").iterdir()}
+    cfg = tiny_config(tmp_path, name="full", train={"epochs": 1})
+    config = tmp_path / "full.yaml"
+    config.write_text(config_to_yaml(cfg))
+    query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
+    for args, fault, file in ((("index", str(run), "--kind", "hnsw"), "nospace:index.faiss", "index.faiss"),
+                              (("export", str(run)), "nospace:model.onnx", str(run / "export" / "model.onnx")),
+                              (("train", str(config)), "nospace:last.ckpt", "last.ckpt"),
+                              (("search", str(run), query, "--sheet", str(tmp_path / "nope" / "s.png")), None,
+                               "the folder")):
+        r = finegrain(*args, fault=fault, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-3000:])
+        [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert file in line, (args, line)
+        assert fault is None or ("no space left" in line and "it needs" in line and "free" in line), line
+    assert {p.name: p.read_bytes() for p in (run / "index").iterdir()} == before
+    assert not leftovers(tmp_path)
+
+
+def test_a_re_export_removes_a_killed_exports_temporary_file(trained_run, tmp_path):
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    r = finegrain("export", str(run), fault="write:model.onnx", cwd=tmp_path)
+    assert killed(r), r.stderr[-2000:]
+    assert leftovers(run / "export")  # half a model file
+    r = finegrain("export", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "export" / "model.onnx").is_file() and not leftovers(run)

@@ -53,6 +53,8 @@ def open_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Ima
         raise ImageError(path, "missing", "no such file") from None
     except OSError as e:
         raise ImageError(path, "missing", str(e)) from None
+    if path.is_dir():
+        raise ImageError(path, "not-an-image", "a folder, not an image file")
     if size == 0:
         raise ImageError(path, "empty", "zero-byte file")
     try:
