@@ -57,7 +57,13 @@ from finegrain.retrieval.index_files import (
     recover_swap,
     sha256,
 )
-from finegrain.runs import atomic_write_bytes, atomic_write_json, die, fault_point, fsync_dir
+from finegrain.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    die,
+    fault_point,
+    fsync_dir,
+)
 
 log = logging.getLogger(__name__)
 

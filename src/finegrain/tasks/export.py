@@ -24,7 +24,12 @@ from finegrain.inference.onnx_engine import (
     OnnxEncoder,
     onnxruntime_version,
 )
-from finegrain.runs import atomic_write_bytes, atomic_write_json, clean_stale_tmp, open_run
+from finegrain.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_tmp,
+    open_run,
+)
 
 log = logging.getLogger(__name__)
 
