@@ -81,6 +81,14 @@ def tiny_config(tmp_path: Path, **sections) -> "ExperimentConfig":
     return build_config(deep_merge(base, sections))
 
 
+def alias_bomb(levels: int = 9) -> str:
+    """A config of about 400 bytes whose anchors and aliases stand for 9**levels values
+    (``&a0 [x, ...]``, ``&a1 [*a0, ...]``, ...) under ``train.epochs``, which must be a number."""
+    items = ["&a0 [x,x,x,x,x,x,x,x,x]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "name: bomb\ndata: {root: synthetic}\nmodel: {backbone: cars_cnn4}\ntrain:\n  epochs: [" \
+        + ", ".join(items) + "]\n"
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A tiny classifier trained for one epoch, evaluated and indexed (test split), shared by the

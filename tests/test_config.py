@@ -9,6 +9,7 @@ import yaml
 
 from finegrain.config import ExperimentConfig, build_config, config_to_yaml, load_config, parse_override
 from finegrain.errors import ConfigError
+from tests.conftest import alias_bomb
 
 
 def write(path: Path, data: dict) -> Path:
@@ -92,6 +93,35 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    assert bomb.stat().st_size < 500
+    with pytest.raises(ConfigError, match=r"bomb\.yaml.*expands to more than"):
+        load_config(bomb)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("name: loop\ntrain: {epochs: &a [*a]}\n")
+    with pytest.raises(ConfigError, match=r"loop\.yaml.*alias refers to the anchor that contains it"):
+        load_config(loop)
+    value = alias_bomb().split("epochs: ", 1)[1].strip()
+    assert parse_override("train.epochs=" + value) == {"train": {"epochs": value}}  # kept as text, not expanded
+
+
+def test_a_bad_value_is_quoted_in_a_few_characters_never_whole(tmp_path):
+    """A value under the expansion limit that is still wrong: the error quotes a short part of it."""
+    small = tmp_path / "small.yaml"
+    small.write_text(alias_bomb(levels=5))  # 9**5 values: allowed, and not a number
+    with pytest.raises(ConfigError) as e:
+        load_config(small)
+    message = str(e.value)
+    assert "train.epochs" in message and "valid integer" in message and len(message) < 400
+    long = tmp_path / "long.yaml"
+    write(long, {**REQUIRED, "description": ["x" * 100_000]})
+    with pytest.raises(ConfigError) as e:
+        load_config(long)
+    assert "description" in str(e.value) and len(str(e.value)) < 400
 
 
 def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss():

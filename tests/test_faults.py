@@ -131,3 +131,91 @@ def test_data_prepare_killed_leaves_no_cache_then_completes(tmp_path):
     assert ref.name == done.name
     assert np.array_equal(np.load(done / "images.npy"), np.load(ref / "images.npy"))
     assert PreparedCache(done).paths == PreparedCache(ref).paths
+
+
+def test_a_run_whose_config_is_an_alias_bomb_is_refused_in_one_line(trained_run, tmp_path):
+    """A stranger's run whose config.yaml is 400 bytes of nested aliases: search, evaluate and train
+    answer at once with one line naming the file (a hang here ends in the subprocess timeout)."""
+    from tests.conftest import alias_bomb
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "config.yaml").write_text(alias_bomb())
+    query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
+    for args in (("search", str(run), query), ("evaluate", str(run)), ("train", str(run / "config.yaml"))):
+        r = finegrain(*args, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert "config.yaml" in r.stderr and "expands to more than" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_index_killed_between_the_renames_is_found_by_search(trained_run, tmp_path):
+    """Killed after moving the old index aside and before moving the new one in: no ``index/`` but a
+    complete new one beside it, which search (and so serve) must find, not report "no index"."""
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
+    r = finegrain("index", str(run), "--kind", "hnsw", fault="swap:index", cwd=tmp_path)
+    assert killed(r), r.stderr[-2000:]
+    assert not (run / "index").exists() and list(run.glob(".index.*.new.tmp/meta.json"))
+    r = finegrain("search", str(run), query, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["hits"][0]["path"] == query
+    assert json.loads((run / "index" / "meta.json").read_text())["kind"] == "hnsw"  # the new one, completed
+
+
+def test_index_with_an_empty_or_other_gallery_keeps_the_old_index(trained_run, tmp_path):
+    """``--gallery ''`` once indexed the current folder (reports, anything) in place of the run's index."""
+    from PIL import Image
+
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "index").iterdir()}
+    (tmp_path / "photos" / "red").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "photos" / "red" / "a.png")
+    (tmp_path / "empty").mkdir()
+    for gallery, said in (("", "the gallery is empty"), ("  ", "the gallery is empty"),
+                          ("empty", "cannot tell the dataset format of empty"), ("photos", "pass --replace")):
+        r = finegrain("index", str(run), "--gallery", gallery, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (gallery, r.stderr[-2000:])
+        assert said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (gallery, r.stderr)
+        assert {p.name: p.read_bytes() for p in (run / "index").iterdir()} == before
+    r = finegrain("index", str(run), "--gallery", "photos", "--replace", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((run / "index" / "meta.json").read_text())
+    assert meta["n"] == 1 and meta["gallery"] == f"all images of {tmp_path.resolve() / 'photos'}"
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space_it_needs(trained_run, tmp_path):
+    """The atomic writer fails as on a full disk (``nospace:``, after writing half) in index, export and
+    train; and a --sheet path that cannot be written is refused before the search."""
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "index").iterdir()}
+    cfg = tiny_config(tmp_path, name="full", train={"epochs": 1})
+    config = tmp_path / "full.yaml"
+    config.write_text(config_to_yaml(cfg))
+    query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
+    for args, fault, file in ((("index", str(run), "--kind", "hnsw"), "nospace:index.faiss", "index.faiss"),
+                              (("export", str(run)), "nospace:model.onnx", str(run / "export" / "model.onnx")),
+                              (("train", str(config)), "nospace:last.ckpt", "last.ckpt"),
+                              (("search", str(run), query, "--sheet", str(tmp_path / "nope" / "s.png")), None,
+                               "the folder")):
+        r = finegrain(*args, fault=fault, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-3000:])
+        [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert file in line, (args, line)
+        assert fault is None or ("no space left" in line and "it needs" in line and "free" in line), line
+    assert {p.name: p.read_bytes() for p in (run / "index").iterdir()} == before
+    assert not leftovers(tmp_path)
+
+
+def test_a_re_export_removes_a_killed_exports_temporary_file(trained_run, tmp_path):
+    run = tmp_path / "trained"
+    shutil.copytree(trained_run, run)
+    r = finegrain("export", str(run), fault="write:model.onnx", cwd=tmp_path)
+    assert killed(r), r.stderr[-2000:]
+    assert leftovers(run / "export")  # half a model file
+    r = finegrain("export", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "export" / "model.onnx").is_file() and not leftovers(run)

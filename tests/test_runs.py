@@ -287,3 +287,22 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_an_empty_config_in_a_run_says_so(tmp_path):
+    from finegrain.runs import RunDir
+
+    (tmp_path / "config.yaml").write_text("\n")
+    with pytest.raises(FinegrainError, match=r"config\.yaml: empty config") as e:
+        RunDir(tmp_path).load_config()
+    assert len(str(e.value)) < 300
+
+
+def test_a_bad_index_kind_or_metric_is_refused_before_anything_is_embedded(tmp_path):
+    from finegrain.retrieval.gallery import build_index
+
+    # the run does not even exist: the options are checked first
+    with pytest.raises(FinegrainError, match="kind"):
+        build_index(tmp_path / "no-run", kind="bogus")
+    with pytest.raises(FinegrainError, match="metric"):
+        build_index(tmp_path / "no-run", metric="manhattan")

@@ -25,9 +25,11 @@ nothing) and ``metrics.json`` evaluates that final model. Anything else is unfin
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,16 +37,38 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich import filesize
 
-from finegrain.config import ExperimentConfig, build_config, config_to_yaml, migrate_stored, read_yaml
+from finegrain.config import ExperimentConfig, build_config, config_to_yaml, load_yaml, migrate_stored, read_yaml
 from finegrain.errors import FinegrainError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_ROOT = Path("runs")
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people, in binary units (rich picks the unit): ``13.2 MB``, ``800 KB``, ``12 bytes``."""
+    unit, suffix = filesize.pick_unit_and_suffix(int(n), ["bytes", "KB", "MB", "GB", "TB"], 1024)
+    return f"{n / unit:.4g} {suffix}"
+
+
+def no_space_error(path: Path, needed: int | None = None) -> FinegrainError:
+    """One line for a write that found the disk full: the file, the space it needs and what is free."""
+    try:
+        free = f", {human_bytes(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = ""
+    need = f"it needs {human_bytes(needed)}" if needed is not None else "it needs more room"
+    return FinegrainError(f"no space left on the device to write {path} ({need}{free}); "
+                          "free some space and run the command again (nothing already written was lost)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename.
+    A full disk is a one-line :class:`FinegrainError` naming the file and the space it needs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -54,6 +78,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space_error(path, len(data)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -215,7 +244,11 @@ class RunDir:
     def load_config(self) -> ExperimentConfig:
         if not self.config_file.is_file():
             raise FinegrainError(f"{self.path} is not a run directory: no config.yaml in it")
-        return build_config(migrate_stored(read_yaml(self.config_file)))
+        raw = read_yaml(self.config_file)
+        if not raw:
+            raise FinegrainError(f"{self.config_file}: empty config (a run's config.yaml holds the config it was "
+                                 "trained with; this run's is lost or was never written)")
+        return build_config(migrate_stored(raw))
 
     def read_metrics(self) -> dict:
         if not self.metrics.is_file():
@@ -235,7 +268,7 @@ def open_run(path: str | Path) -> RunDir:
 
 def _read_yaml_or_none(path: Path) -> dict | None:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
@@ -259,7 +292,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     """The dotted keys whose values differ between two resolved configs (``a: 1 -> 2``)."""
-    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+    old, new = _flatten(load_yaml(old_yaml) or {}), _flatten(load_yaml(new_yaml) or {})
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

@@ -223,3 +223,9 @@ def test_big_jpeg_is_reduced_within_the_budget(big_files):
     r = decode_peak(big_files["jpeg24"])
     assert r["size"] == [3000, 2000], r  # 24 Mpixel decoded at 1/2 scale
     assert r["peak_mb"] < 100, r  # a full decode alone would hold 96 MB
+
+
+def test_a_folder_given_as_the_image_is_named_a_folder_not_missing(tmp_path):
+    with pytest.raises(ImageError) as e:
+        images.open_rgb(tmp_path)
+    assert e.value.reason == "not-an-image" and "a folder, not an image file" in str(e.value)

@@ -5,11 +5,16 @@ and this one, when ``FINEGRAIN_FAULT=<point>[@<n>]`` is set, SIGKILLs the proces
 ``finally``) the n-th time (default the first) the point is reached:
 
 - ``write:<file name>``: finegrain's atomic writer, with half the temporary file written;
-- ``batch:<epoch>:<batch>``: training, after that batch (both counted from 0).
+- ``batch:<epoch>:<batch>``: training, after that batch (both counted from 0);
+- ``swap:<folder name>``: an index save, between moving the old index aside and the new one in.
+
+and ``nospace:<file name>`` makes the atomic writer fail as on a full disk, with half the
+temporary file written (an ``OSError`` ENOSPC, not a kill).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import tempfile
@@ -64,7 +69,67 @@ def _install_batch_fault() -> None:
     engine.RunState.on_train_batch_end = on_train_batch_end
 
 
+class _FullDisk:
+    """A file whose next write fills the disk: half the data lands, then ENOSPC."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def _install_nospace_fault() -> None:
+    from finegrain import runs
+
+    real = runs.atomic_write_bytes
+    real_fdopen = os.fdopen
+
+    def atomic_write_bytes(path: Path, data: bytes) -> None:
+        if not _due(f"nospace:{path.name}"):
+            return real(path, data)
+        os.fdopen = lambda *a, **k: _FullDisk(real_fdopen(*a, **k))
+        try:
+            return real(path, data)
+        finally:
+            os.fdopen = real_fdopen
+
+    runs.atomic_write_bytes = atomic_write_bytes
+
+
+class _SwapOs:
+    """``os`` for the index module, dying at the rename that moves a new index into place."""
+
+    def rename(self, src, dst) -> None:
+        if str(src).endswith(".new.tmp") and _due(f"swap:{Path(dst).name}"):
+            _die()
+        os.rename(src, dst)
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def _install_swap_fault() -> None:
+    from finegrain.retrieval import index
+
+    index.os = _SwapOs()
+
+
 if POINT.startswith("write:"):
     _install_write_fault()
 elif POINT.startswith("batch:"):
     _install_batch_fault()
+elif POINT.startswith("nospace:"):
+    _install_nospace_fault()
+elif POINT.startswith("swap:"):
+    _install_swap_fault()

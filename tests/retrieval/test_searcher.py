@@ -80,3 +80,77 @@ def test_share_cores_gives_each_concurrent_search_its_share(searcher, monkeypatc
         assert hits[0].same_image
     finally:
         torch.set_num_threads(before)
+
+
+def _rewrite_paths(index_dir, edit) -> None:
+    """Edit paths.json as a stranger would, meta.json's sha256 of it included."""
+    import hashlib
+    import json
+
+    data = json.loads((index_dir / "paths.json").read_text())
+    edit(data["paths"])
+    raw = (json.dumps(data) + "\n").encode()
+    (index_dir / "paths.json").write_bytes(raw)
+    meta = json.loads((index_dir / "meta.json").read_text())
+    meta["files_sha256"]["paths.json"] = hashlib.sha256(raw).hexdigest()
+    (index_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_the_service_hands_out_only_files_in_the_recorded_gallery_folder(trained_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.serve.fakes import make_app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (20, 20), "red").save(secret)
+
+    def point_at_secret(paths: list) -> None:
+        paths[0] = str(secret)
+
+    _rewrite_paths(run / "index", point_at_secret)
+    searcher = Searcher(run, engine="torch")
+    assert searcher.gallery_root == searcher.gallery_root.resolve() and not secret.is_relative_to(searcher.gallery_root)
+    with TestClient(make_app(searcher)) as client:
+        assert client.get("/gallery/1").status_code == 200
+        r = client.get("/gallery/0")
+        assert r.status_code == 404 and r.content != secret.read_bytes()
+    with pytest.raises(FinegrainError, match="outside the gallery folder"):
+        searcher.gallery_path(0)
+
+
+def test_an_index_whose_paths_are_not_strings_is_refused_in_one_line(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+
+    def number(paths: list) -> None:
+        paths[3] = 5
+
+    _rewrite_paths(run / "index", number)
+    with pytest.raises(FinegrainError, match=r"paths\.json: path 3 is not a string"):
+        Searcher(run, engine="torch")
+
+
+def test_same_image_is_decided_by_content_and_an_engine_mismatch_warns(trained_run, tmp_path, caplog):
+    """The index records the engine and precision it was built with; a search in another precision
+    says so, and marks each gallery image's own copy (and nothing else) whatever the scores."""
+    import json
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "index" / "meta.json").read_text())
+    assert meta["engine"] == "torch" and meta["precision"] in ("32", "bf16-mixed")
+    other = "bf16-mixed" if meta["precision"] == "32" else "32"
+    with caplog.at_level(logging.WARNING, logger="finegrain.retrieval.searcher"):
+        searcher = Searcher(run, engine="torch", precision=other)
+    assert f"built with torch in {meta['precision']} and this search runs torch in {other}" in caplog.text
+    for i in range(searcher.gallery_size):
+        hits, _ = searcher.search(open_rgb(searcher.gallery_path(i))[0], k=3)
+        assert [h.id for h in hits if h.same_image] == [i]
+    image = open_rgb(searcher.gallery_path(0))[0].copy()
+    image.putpixel((0, 0), tuple(255 - v for v in image.getpixel((0, 0))))  # one pixel differs: not the same
+    hits, _ = searcher.search(image, k=3)
+    assert hits[0].id == 0 and not any(h.same_image for h in hits)

@@ -33,6 +33,7 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     assert made == {"run_path": "runs/x", "index_dir": None, "engine": "auto"}
     assert shared == [3]  # the cores are shared out among the searches the app runs at once
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
+    assert ran["server_header"] is False and ran["http"].__name__ == "GuardedH11Protocol"  # tests/serve/test_connections.py
     assert ran["app"].state.max_upload_bytes == 2**19
     assert ran["app"].state.max_image_pixels == 2_500_000
     assert ran["app"].state.allowed_hosts == {"127.0.0.1", "localhost", "[::1]", "search.lan"}

@@ -257,3 +257,37 @@ def test_every_format_the_page_and_the_refusal_name_is_one_an_upload_decodes():
         rec = _Recorder()
         _search(rec, buf.getvalue(), k=1)
         assert rec.seen == [((40, 30), 1)], fmt
+
+
+@pytest.fixture(scope="module")
+def jpeg_100_mpixel() -> bytes:
+    """An 11648x8736 photo (a 100-Mpixel camera's size, over Pillow's 89.5-Mpixel bomb limit), ~1 MB."""
+    return png_bytes(Image.new("L", (11648, 8736), 128), "JPEG")
+
+
+def test_a_100_mpixel_jpeg_is_decoded_reduced_not_refused(searcher, jpeg_100_mpixel):
+    rec = _Recorder()
+    _search(rec, jpeg_100_mpixel, max_pixels=16_000_000, k=1)  # 1/4 scale: 1/2 is still 25 Mpixel
+    _search(rec, jpeg_100_mpixel, max_pixels=100_000_000, k=1)  # 1/2 scale: whole, it is over Pillow's limit
+    assert rec.seen == [((2912, 2184), 1), ((5824, 4368), 1)]
+    with TestClient(make_app(searcher, max_upload_bytes=4 * 2**20)) as c:
+        r = post_image(c, jpeg_100_mpixel, name="camera.jpg", ctype="image/jpeg", k=2)
+        assert r.status_code == 200, r.text
+
+
+def test_raising_the_pixel_limit_keeps_the_decode_memory_budget(searcher):
+    """At --max-image-mpixels 100, a 9400x9400 16-bit PNG (88 Mpixel, 7 bytes a pixel to decode: over
+    600 MB) is refused naming the memory budget; a JPEG as large is decoded reduced instead."""
+    from finegrain.data.images import DECODE_BUDGET_BYTES, decode_bytes_per_pixel
+
+    deep = png_bytes(Image.new("I;16", (9400, 9400), 300))
+    assert 9400 * 9400 * decode_bytes_per_pixel("I;16") > DECODE_BUDGET_BYTES
+    with TestClient(make_app(searcher, max_image_pixels=100_000_000)) as c:
+        body = assert_error(post_image(c, deep, name="deep.png", k=2), 400, "too many pixels")
+        assert "9400x9400" in body["error"] and "300 MB" in body["error"]
+    rec = _Recorder()
+    small_deep = png_bytes(Image.new("I;16", (5000, 4000), 300))  # 20 Mpixel, 140 MB: within the budget
+    _search(rec, small_deep, max_pixels=100_000_000, k=1)
+    grey = png_bytes(Image.new("L", (8000, 8000), 3), "JPEG")  # 64 Mpixel, 5 bytes a pixel: 320 MB whole
+    _search(rec, grey, max_pixels=100_000_000, k=1)
+    assert rec.seen == [((5000, 4000), 1), ((4000, 4000), 1)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -78,6 +79,12 @@ def main() -> None:
         app()
     except FinegrainError as e:
         _fail(str(e))
+    except OSError as e:  # a writer outside finegrain's own (ONNX, FAISS, matplotlib) found the disk full
+        from finegrain.runs import NO_SPACE_ERRNOS, no_space_error
+
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        _fail(str(no_space_error(Path(e.filename or "."))))
     except ModuleNotFoundError as e:
         missing = (e.name or "").split(".")[0]
         if missing not in TRAIN_EXTRA_MODULES:

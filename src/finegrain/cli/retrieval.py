@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
+from finegrain.errors import FinegrainError
 
 
 def embed(
@@ -29,11 +31,13 @@ def index(
     kind: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf.")] = "flat",
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
     engine: EngineOpt = "auto",
+    replace: Annotated[bool, typer.Option(
+        help="Replace RUN/index even when it holds another gallery or one of a very different size.")] = False,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     from finegrain.retrieval.gallery import build_index
 
-    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine)
+    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
@@ -54,15 +58,31 @@ def search(
     from finegrain.report.contact_sheet import contact_sheet
     from finegrain.retrieval.searcher import Searcher
 
+    if sheet is not None:
+        check_sheet_path(sheet)
     with stdout_for(as_json):
         query, _ = open_rgb(image)
         searcher = Searcher(run, index_dir, engine=engine)
         hits, top = searcher.search(query, k=k)
-        written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
+        try:
+            written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
+        except OSError as e:
+            raise FinegrainError(f"--sheet: cannot write {e.filename or sheet}: {e.strerror or e}") from None
     if as_json:
         print_json(search_to_dict(image, searcher.gallery_size, searcher.prediction_source, hits, top, written))
     else:
         print_search(searcher.gallery_size, searcher.prediction_source, hits, top, written)
+
+
+def check_sheet_path(sheet: Path) -> None:
+    """Refuse a ``--sheet`` path that cannot be written before anything is searched."""
+    folder = sheet.parent
+    if sheet.is_dir():
+        raise FinegrainError(f"--sheet {sheet} is a folder; give a file name such as {sheet / 'results.png'}")
+    if not folder.is_dir():
+        raise FinegrainError(f"--sheet {sheet}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise FinegrainError(f"--sheet {sheet}: the folder {folder} is not writable")
 
 
 def print_search(gallery_size: int, prediction_source: str, hits: list,

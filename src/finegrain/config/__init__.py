@@ -18,6 +18,7 @@ this module offers them all under one name. (The shipped YAML files are package 
 
 from __future__ import annotations
 
+from finegrain.config.bounded_yaml import MAX_YAML_NODES, load_yaml
 from finegrain.config.files import (
     CONFIG_DIR,
     META_KEYS,
@@ -63,12 +64,12 @@ from finegrain.config.section import Section
 from finegrain.errors import ConfigError
 
 __all__ = [
-    "CONFIG_DIR", "LOSS_CONFIGS", "META_KEYS", "REQUIRED_KEYS",
+    "CONFIG_DIR", "LOSS_CONFIGS", "MAX_YAML_NODES", "META_KEYS", "REQUIRED_KEYS",
     "ArcFaceLoss", "ConfigError", "ContrastiveLoss", "CrossEntropyLoss", "DataConfig", "EvalConfig",
     "ExperimentConfig", "LossConfig", "ModelConfig", "MultiSimilarityLoss", "NormalizedSoftmaxLoss",
     "OptimConfig", "ProxyAnchorLoss", "ScheduleConfig", "Section", "SyntheticConfig", "TrainConfig",
     "TripletLoss",
     "build_config", "check_keys", "config_to_yaml", "deep_merge", "format_validation_error", "load_config",
-    "load_raw", "loss_model", "migrate_stored", "missing_required_keys", "parse_override", "profiles_of",
+    "load_raw", "load_yaml", "loss_model", "migrate_stored", "missing_required_keys", "parse_override", "profiles_of",
     "read_yaml", "resolve_config_path", "shipped_configs",
 ]

@@ -3,6 +3,7 @@ and the configs shipped with the package."""
 
 from __future__ import annotations
 
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from finegrain.config.bounded_yaml import load_yaml
 from finegrain.config.losses import loss_model
 from finegrain.config.schema import ExperimentConfig
 from finegrain.errors import ConfigError, did_you_mean
@@ -38,7 +40,7 @@ def read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -88,7 +90,7 @@ def parse_override(item: str) -> dict:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{item}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     out: dict = {}
@@ -174,13 +176,30 @@ def profiles_of(path: str | Path) -> list[str]:
     return list((load_raw(resolve_config_path(path)).get("profiles") or {}).keys())
 
 
+def _short_repr() -> reprlib.Repr:
+    """Quotes a value in an error within a line: never the repr of a whole input."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 2, 60, 60
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 4
+    return r
+
+
+_SHORT = _short_repr()
+
+MAX_ERRORS_SHOWN = 5
+
+
 def format_validation_error(e: ValidationError) -> str:
+    """One line per problem (the first few), each quoting at most a short part of the value."""
     lines = []
-    for err in e.errors():
+    errors = e.errors(include_url=False, include_context=False)
+    for err in errors[:MAX_ERRORS_SHOWN]:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         got = err.get("input")
-        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        shown = f" (got {_SHORT.repr(got)})" if not isinstance(got, dict) else ""
         lines.append(f"config key '{loc}': {err['msg']}{shown}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "; ".join(lines)
 
 

@@ -26,6 +26,11 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 # or 1/8 scale instead (libjpeg's draft mode), so camera photos are not refused.
 DEFAULT_MAX_IMAGE_MPIXELS = 16.0
 
+# The memory one decode of an untrusted image may take, whatever ``--max-image-mpixels`` says:
+# an image whose decode would take more (see :func:`decode_bytes_per_pixel`) is decoded reduced
+# (a JPEG) or refused, naming the reason.
+DECODE_BUDGET_BYTES = 300 * 2**20
+
 # Rows are converted in strips of about this many pixels, so no conversion holds a
 # second full-size copy of a big image (or a float64 one: 8 bytes a pixel).
 _STRIP_PIXELS = 1 << 21
@@ -48,6 +53,8 @@ def open_rgb(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Ima
         raise ImageError(path, "missing", "no such file") from None
     except OSError as e:
         raise ImageError(path, "missing", str(e)) from None
+    if path.is_dir():
+        raise ImageError(path, "not-an-image", "a folder, not an image file")
     if size == 0:
         raise ImageError(path, "empty", "zero-byte file")
     try:
@@ -77,14 +84,10 @@ def decode(source: BinaryIO, name: str | Path, max_pixels: int | None = None) ->
     """
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(source)  # header only: the bomb check happens here
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and im.width * im.height > limit:  # also when another thread's filters were in force
-            raise Image.DecompressionBombError(
-                f"image of {im.width}x{im.height} = {im.width * im.height} pixels is over the limit of {limit}")
-        if max_pixels is not None and im.width * im.height > max_pixels:
-            _reduce_or_refuse(im, name, int(max_pixels))
+            # over Pillow's limit, a JPEG may still be decoded reduced (below); twice over it, Pillow refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)  # header only
+        _reduce_or_refuse(im, name, max_pixels)
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
         holder: list[Image.Image] = [im]
@@ -94,7 +97,7 @@ def decode(source: BinaryIO, name: str | Path, max_pixels: int | None = None) ->
         raise
     except UnidentifiedImageError:
         raise ImageError(name, "not-an-image", "not a format Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(name, "too-large", str(e)) from None
     except OSError as e:
         reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
@@ -107,16 +110,37 @@ def _mpixels(n: float) -> str:
     return f"{n / 1e6:.3g} Mpixel"
 
 
-def _reduce_or_refuse(im: Image.Image, name: str | Path, max_pixels: int) -> None:
-    """Set a JPEG's draft scale so it decodes within ``max_pixels``, or raise ``too-large``."""
+def decode_bytes_per_pixel(mode: str) -> int:
+    """About what decoding a pixel of ``mode`` to 8-bit RGB takes: the source as Pillow stores it,
+    the RGB result (4 bytes a pixel) unless the source is RGB, and an 8-bit step for deep images."""
+    source = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    deep = mode.startswith("I;16") or mode in ("I", "F")
+    return source + (0 if mode == "RGB" else 4) + (1 if deep else 0)
+
+
+def _reduce_or_refuse(im: Image.Image, name: str | Path, max_pixels: int | None) -> None:
+    """Keep a decode within Pillow's bomb limit and, with ``max_pixels`` (an untrusted image),
+    within ``max_pixels`` and :data:`DECODE_BUDGET_BYTES`: set a JPEG's draft scale so it fits,
+    or raise ``too-large`` naming the limit it is over."""
     w, h = im.size
+    limits = [(Image.MAX_IMAGE_PIXELS, "the limit of {}")] if Image.MAX_IMAGE_PIXELS else []
+    if max_pixels is not None:
+        per_pixel = decode_bytes_per_pixel(im.mode)
+        budget = (f"the {DECODE_BUDGET_BYTES // 2**20} MB one decode may take "
+                  f"({per_pixel} bytes a pixel for {im.mode}: {{}})")
+        limits += [(max_pixels, "the limit of {}"), (DECODE_BUDGET_BYTES // per_pixel, budget)]
+    if not limits:
+        return
+    fit, words = min(limits)
+    if w * h <= fit:
+        return
     if im.format in ("JPEG", "MPO"):
         for s in (2, 4, 8):
-            if -(-w // s) * -(-h // s) <= max_pixels:
+            if -(-w // s) * -(-h // s) <= fit:
                 im.draft(None, (max(1, w // s), max(1, h // s)))
                 break
-    if im.width * im.height > max_pixels:
-        raise ImageError(name, "too-large", f"{w}x{h} = {_mpixels(w * h)}, over the limit of {_mpixels(max_pixels)}")
+    if im.width * im.height > fit:
+        raise ImageError(name, "too-large", f"{w}x{h} = {_mpixels(w * h)}, over {words.format(_mpixels(fit))}")
 
 
 def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:

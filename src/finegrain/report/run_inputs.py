@@ -54,8 +54,10 @@ def logged_class_names(run_dir: Path) -> list[str] | None:
         return None
     import yaml
 
+    from finegrain.config import load_yaml
+
     try:
-        names = (yaml.safe_load(path.read_text()) or {}).get("class_names")
+        names = (load_yaml(path.read_text()) or {}).get("class_names")
     except yaml.YAMLError:
         return None
     return [str(n) for n in names] if isinstance(names, list) and names else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.inference.outputs import EncodingLoop, Outputs
 from finegrain.retrieval.embeddings import SPLITS, reusable_embeddings, save_embeddings
+from finegrain.retrieval.gallery_root import common_root
+from finegrain.retrieval.index_files import META_FILE, recover_swap
 from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,8 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     """
     from finegrain.data.module import split_for
 
+    if not gallery.strip():
+        raise FinegrainError(f"the gallery is empty: give a split ({', '.join(SPLITS)}, all) or an image folder")
     if gallery in SPLITS or gallery == "all":
         split = split_for(cfg.data)
         records = (split.train + split.val + split.test) if gallery == "all" else getattr(split, gallery)
@@ -33,7 +38,10 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     from finegrain.data.detect import open_collection
 
     coll = open_collection(path)
-    return coll.all_records(), coll.class_names, f"all images of {path}"
+    records = coll.all_records()
+    if not records:
+        raise FinegrainError(f"gallery folder {path} holds no images")
+    return records, coll.class_names, f"all images of {path.resolve()}"
 
 
 def embed_records(encoder: EncodingLoop, records: list[ImageRecord], description: str = "embedding") -> Outputs:
@@ -51,16 +59,42 @@ def embed_split(run_path: str | Path, split: str, precision: str | None = None, 
     return run.embeddings / f"{split}.npz"
 
 
+REPLACE_RATIO = 2.0
+"""An index replaced by one this many times smaller or larger needs ``replace``."""
+
+
+def check_replacement(dest: Path, description: str, n: int) -> None:
+    """Refuse to replace the index in ``dest`` by one of another gallery source or of a very
+    different size (``REPLACE_RATIO``): a mistyped ``--gallery`` must not silently discard it."""
+    old = recover_swap(dest) / META_FILE
+    try:
+        meta = json.loads(old.read_text())
+        old_n, old_source = int(meta["n"]), meta.get("gallery")
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no index, or a damaged one: nothing worth keeping
+    other_source = old_source is not None and old_source != description
+    if not other_source and old_n / REPLACE_RATIO <= n <= old_n * REPLACE_RATIO:
+        return
+    source = f" from the {old_source}" if old_source else ""
+    raise FinegrainError(f"{dest} holds an index of {old_n} images{source}; the new one would hold {n} from the "
+                         f"{description}: pass --replace to replace it")
+
+
 def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat", metric: str = "cosine",
                 out_dir: Path | None = None, precision: str | None = None,
-                engine: str = "auto") -> tuple[Path, dict]:
+                engine: str = "auto", replace: bool = False) -> tuple[Path, dict]:
     """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
-    way) and save a FAISS index with its metadata."""
-    from finegrain.retrieval.index import GalleryIndex
+    way) and save a FAISS index with its metadata (the gallery it holds among them). An existing
+    index of another gallery or of a very different size is replaced only with ``replace``."""
+    from finegrain.retrieval.index import GalleryIndex, index_builder
 
+    index_builder(kind, metric)  # a bad kind or metric is refused before the gallery is embedded
     run = open_run(run_path)
     encoder = open_encoder(run, engine, precision)
     records, class_names, description = gallery_records(encoder.cfg, gallery)
+    dest = out_dir or run.index
+    if not replace:
+        check_replacement(dest, description, len(records))
     saved = reusable_embeddings(run, gallery, records, encoder)
     if saved is not None:
         embeddings, labels, paths = saved
@@ -70,7 +104,9 @@ def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat",
         embeddings, labels, paths = out.embeddings, out.labels, [str(records[i].path) for i in out.indices]
     index = GalleryIndex.build(embeddings, labels, paths, metric=metric, kind=kind,
                                model_checksum=encoder.loaded.checksum, class_names=class_names)
-    dest = out_dir or run.index
+    index.meta["gallery"] = description
+    index.meta["engine"], index.meta["precision"] = encoder.engine, str(encoder.precision)  # searches compare
+    index.meta["gallery_root"] = str(common_root(paths))  # the only folder a service hands files out of
     index.save(dest)
     info = {"n": len(paths), "dim": int(embeddings.shape[1]), "kind": kind, "metric": metric,
             "gallery": description, "approx_recall_at_10": index.meta.get("approx_recall_at_10")}

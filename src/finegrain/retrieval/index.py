@@ -57,7 +57,11 @@ from finegrain.retrieval.index_files import (
     recover_swap,
     sha256,
 )
-from finegrain.runs import atomic_write_bytes, atomic_write_json, fsync_dir
+from finegrain.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +340,14 @@ class GalleryIndex:
         tag = uuid.uuid4().hex[:8]
         new = d.with_name(f".{d.name}.{tag}.new.tmp")
         new.mkdir()
-        atomic_write_bytes(new / INDEX_FILE, data)
-        atomic_write_bytes(new / LABELS_FILE, labels)
-        atomic_write_bytes(new / PATHS_FILE, paths)
-        atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
+        try:
+            atomic_write_bytes(new / INDEX_FILE, data)
+            atomic_write_bytes(new / LABELS_FILE, labels)
+            atomic_write_bytes(new / PATHS_FILE, paths)
+            atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
+        except Exception:  # a full disk, say: the old index stays, nothing half-written beside it
+            shutil.rmtree(new, ignore_errors=True)
+            raise
         old = d.with_name(f".{d.name}.{tag}.old.tmp")
         if d.exists():
             os.rename(d, old)
@@ -354,8 +362,9 @@ class GalleryIndex:
     @classmethod
     def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
         """Reopen a saved index, refusing damaged files and indexes built by another model."""
-        d = Path(directory)
-        recover_swap(d)
+        d = recover_swap(Path(directory))
+        if not d.is_dir():
+            raise FinegrainError(f"no index in {d} (build one with `finegrain index RUN`)")
         check_complete(d)
         meta = read_meta(d, METRICS, INDEX_KINDS)
         check_model(d, meta, expected_model_checksum)

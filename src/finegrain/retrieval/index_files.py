@@ -38,16 +38,23 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def recover_swap(d: Path) -> None:
+def recover_swap(d: Path) -> Path:
     """A save killed between moving the old index aside and moving the new one in leaves no ``d``
-    but a complete ``.<name>.*.new.tmp`` (meta.json is written last): put it in place."""
+    but a complete ``.<name>.*.new.tmp`` (meta.json is written last): put it in place. Returns the
+    folder that holds the index: ``d``, or the complete new one where ``d``'s folder is read-only."""
     if d.exists():
-        return
+        return d
     done = [p for p in d.parent.glob(f".{d.name}.*.new.tmp") if (p / META_FILE).is_file()]
-    if done:
-        newest = max(done, key=lambda p: (p / META_FILE).stat().st_mtime)
+    if not done:
+        return d
+    newest = max(done, key=lambda p: (p / META_FILE).stat().st_mtime)
+    try:
         os.rename(newest, d)
-        log.info("completed the interrupted index save into %s", d)
+    except OSError as e:
+        log.warning("cannot complete the interrupted index save into %s (%s); reading %s", d, e.strerror, newest)
+        return newest
+    log.info("completed the interrupted index save into %s", d)
+    return d
 
 
 def encode_labels(labels: np.ndarray) -> bytes:
@@ -123,6 +130,12 @@ def read_paths(d: Path) -> tuple[list, list[str] | None]:
         class_names = p.get("class_names")
         if not isinstance(paths, list):
             raise ValueError("'paths' is not a list")
+        bad = next((i for i, x in enumerate(paths) if not isinstance(x, str)), None)
+        if bad is not None:
+            raise ValueError(f"path {bad} is not a string")
+        if class_names is not None and not (isinstance(class_names, list)
+                                            and all(isinstance(x, str) for x in class_names)):
+            raise ValueError("'class_names' is not a list of strings")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise FinegrainError(f"damaged index file {d / PATHS_FILE}: {e}") from e
     return paths, class_names

@@ -7,6 +7,7 @@ demo and the web service all query through it (the service uses only what
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from PIL import Image
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
+from finegrain.retrieval.gallery_root import inside, served_root
 from finegrain.retrieval.index import check_k
+from finegrain.retrieval.index_files import recover_swap
 from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ class Hit:
     score: float
     path: str
     same_image: bool = False
-    """The gallery image is the query itself: the same pixels at the size the model sees."""
+    """The gallery image is the query itself: the same decoded pixels (:func:`pixels_digest`)."""
 
 
 Prediction = list[tuple[str, float]]
@@ -99,13 +102,19 @@ def dataset_name(root: str | Path) -> str:
     return re.split(r"[\\/]", text)[-1] or text
 
 
-def _same_image(query_rgb: Image.Image, path: str, size: tuple[int, int]) -> bool:
-    from finegrain.data.images import load_resized, resize_rgb
+def pixels_digest(image: Image.Image) -> str:
+    """sha256 of an 8-bit RGB image's size and pixels: equal for the same picture however it was
+    read (a file, an upload of its bytes), whatever engine or precision embeds it."""
+    return hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
+
+
+def _file_digest(path: str) -> str | None:
+    from finegrain.data.images import open_rgb
 
     try:
-        return np.array_equal(resize_rgb(query_rgb, size), load_resized(Path(path), size))
+        return pixels_digest(open_rgb(path)[0])
     except FinegrainError:  # the gallery file is gone or unreadable: not provably the same
-        return False
+        return None
 
 
 def _name(names: list[str] | None, label: int) -> str:
@@ -123,11 +132,14 @@ class Searcher:
         self.encoder = open_encoder(self.run, engine, precision)  # torch or ONNX Runtime
         self.engine = self.encoder.engine
         self.cfg = self.encoder.cfg
-        index_dir = index_dir or self.run.index
+        index_dir = recover_swap(index_dir or self.run.index)  # before looking: a killed save may hide it
         if not (index_dir / "meta.json").is_file():
             raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
         self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
         self.class_names = self.encoder.loaded.class_names
+        self._gallery_root: Path | None = None
+        self._digests: dict[int, str | None] = {}  # gallery id -> pixels_digest, filled as hits need them
+        self.warn_on_mismatch()
         self.sizes = self.encoder.sizes
         has_head = self.encoder.has_classifier
         self.prediction_source = "classifier" if has_head and self.cfg.predicts_with_classifier else "neighbours"
@@ -144,8 +156,33 @@ class Searcher:
         set_faiss_threads(threads)
         return threads
 
+    def warn_on_mismatch(self) -> str | None:
+        """Log (and return) a warning when this search embeds with another engine or precision than
+        the index was built with: scores then differ slightly from the index's own."""
+        built = (self.index.meta.get("engine"), self.index.meta.get("precision"))
+        now = (self.engine, str(self.encoder.precision))
+        if None in built or built == now:
+            return None
+        message = (f"the index was built with {built[0]} in {built[1]} and this search runs {now[0]} in {now[1]}: "
+                   f"scores differ slightly from the index's own (rebuild it with `finegrain index "
+                   f"{self.run.path} --engine {now[0]}` to match)")
+        log.warning(message)
+        return message
+
+    @property
+    def gallery_root(self) -> Path:
+        """The folder the gallery's images lie in (recorded when the index was built); FinegrainError
+        when it is too wide to hand files out of."""
+        if self._gallery_root is None:
+            self._gallery_root = served_root(self.index.meta.get("gallery_root"), self.index.paths)
+        return self._gallery_root
+
     def gallery_path(self, i: int) -> str:
-        return self.index.paths[i]
+        """Gallery image ``i``'s file, only when it lies in :attr:`gallery_root` (else FinegrainError)."""
+        path = self.index.paths[i]
+        if not inside(self.gallery_root, path):
+            raise FinegrainError(f"gallery image {i} lies outside the gallery folder {self.gallery_root}")
+        return path
 
     @property
     def info(self) -> ServiceInfo:
@@ -181,12 +218,11 @@ class Searcher:
         hits = [Hit(rank=r + 1, id=int(i), label=_name(names, int(self.index.labels[i])), score=float(s),
                     path=self.index.paths[i])
                 for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True)) if i >= 0]
-        rgb = None
-        for h in hits:  # an exact copy scores 1 (cosine) or 0 (L2), up to bf16 rounding: check its pixels
-            close = h.score >= 0.999 if self.index.metric == "cosine" else h.score <= 1e-3
-            if close:
-                rgb = to_rgb(image)[0] if rgb is None else rgb
-                h.same_image = _same_image(rgb, h.path, self.sizes[0])
+        query = pixels_digest(to_rgb(image)[0])
+        for h in hits:  # by content, not score: scores of a copy vary with the engine and precision
+            if h.id not in self._digests:
+                self._digests[h.id] = _file_digest(h.path)
+            h.same_image = self._digests[h.id] == query
         if probs is not None and self.prediction_source == "classifier":
             order = np.argsort(-probs)[:5]
             return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]

@@ -45,6 +45,7 @@ from finegrain.retrieval.searcher import (
     ServiceInfo,
     dataset_name,
 )
+from finegrain.serve.connections import BODY_TIMEOUT, guarded_protocol
 from finegrain.serve.errors import ApiError, echo, install_error_handlers
 from finegrain.serve.security import WILDCARD_BINDS, GuardedFastAPI, allowed_hosts
 from finegrain.serve.uploads import (
@@ -146,7 +147,8 @@ def image_media_type(path: Path) -> str | None:
 
 def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_concurrency: int = 2,
                max_k: int = 50, max_image_pixels: int | None = int(DEFAULT_MAX_IMAGE_MPIXELS * 1e6),
-               host: str = "127.0.0.1", allow_hosts: Iterable[str] = ()) -> FastAPI:
+               host: str = "127.0.0.1", allow_hosts: Iterable[str] = (),
+               body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The FastAPI application serving ``searcher``.
 
     Uploads over ``max_image_pixels`` are refused (JPEGs decoded reduced); requests are answered
@@ -165,6 +167,7 @@ def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_
     app.state.max_upload_bytes = max_upload_bytes
     app.state.max_k = max_k
     app.state.max_image_pixels = max_image_pixels
+    app.state.body_timeout = float(body_timeout)
     app.state.allowed_hosts = allowed_hosts(host, allow_hosts)
     install_error_handlers(app)
     _add_page(app)
@@ -206,7 +209,7 @@ def _add_search_route(app: FastAPI, searcher: SearchService, limit: asyncio.Sema
         """Top-5 class probabilities (``prediction``, ``null`` without a classifier) and the
         ``k`` most similar gallery images (``results``), with the query time in ms."""
         started = time.perf_counter()
-        upload = await read_upload(request, max_upload_bytes, searcher.gallery_size, max_k)
+        upload = await read_upload(request, max_upload_bytes, searcher.gallery_size, max_k, app.state.body_timeout)
         hits, top = await search_upload(searcher, upload, max_pixels, limit)
         return search_response(searcher.prediction_source, hits, top, upload.k, started)
 
@@ -218,7 +221,10 @@ def _add_gallery_route(app: FastAPI, searcher: SearchService) -> None:
         """The indexed image with this integer id (as in ``results[].id``)."""
         if not _ID_RE.fullmatch(image_id) or int(image_id) >= searcher.gallery_size:
             raise ApiError(404, "no gallery image with this id")
-        path = Path(searcher.gallery_path(int(image_id)))
+        try:
+            path = Path(searcher.gallery_path(int(image_id)))
+        except FinegrainError:  # outside the gallery folder recorded with the index
+            raise ApiError(404, "this gallery entry is not served") from None
         if not path.is_file():
             raise ApiError(404, "this gallery image is no longer on disk")
         media_type = await anyio.to_thread.run_sync(image_media_type, path)
@@ -268,7 +274,15 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     if host.strip().lower() in WILDCARD_BINDS and not allow_hosts:
         log.warning("listening on all interfaces, but only %s are accepted as Host: add this machine's "
                     "name or address with --allow-host", ", ".join(sorted(hosts)))
-    print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images) "
+    try:
+        root = getattr(searcher, "gallery_root", None)
+    except FinegrainError as e:
+        log.warning("%s; the gallery images will not be shown", e)
+        root = None
+    where = f" in {root}" if root else ""
+    print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
           f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
           f"on http://{host}:{port}/  (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # uvicorn's own answers (malformed requests, slow headers) carry the security headers too; no
+    # "server: uvicorn" header
+    uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(), server_header=False)

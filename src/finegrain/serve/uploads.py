@@ -15,13 +15,14 @@ from typing import Any
 
 import anyio
 from fastapi import Request
-from rich import filesize
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
 from finegrain.retrieval.searcher import Hit, Prediction, SearchService
+from finegrain.runs import human_bytes as human
+from finegrain.serve.connections import BODY_TIMEOUT
 from finegrain.serve.errors import ApiError, echo, no_paths
 
 DEFAULT_K = 8
@@ -46,13 +47,6 @@ class Upload:
     data: bytes
     name: str
     k: int
-
-
-def human(n: int) -> str:
-    """A byte count for people, in the binary units ``--max-upload-mb`` is set in (rich picks the
-    unit): ``10 MB``, ``195.3 KB``, ``12 bytes``."""
-    unit, suffix = filesize.pick_unit_and_suffix(n, ["bytes", "KB", "MB", "GB"], 1024)
-    return f"{n / unit:.4g} {suffix}"
 
 
 def too_large(max_bytes: int) -> ApiError:
@@ -95,16 +89,20 @@ def check_headers(headers: Any, max_bytes: int) -> None:
         raise ApiError(400, "Send the image as multipart/form-data with an 'image' file field.")
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, counted as it arrives (Content-Length may be absent or lie): 413 past the limit."""
+async def read_body(request: Request, max_bytes: int, timeout: float = BODY_TIMEOUT) -> bytes:
+    """The body, counted as it arrives (Content-Length may be absent or lie): 413 past the limit,
+    408 when it has not all arrived within ``timeout`` seconds."""
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes + MULTIPART_OVERHEAD:
-                raise too_large(max_bytes)
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes + MULTIPART_OVERHEAD:
+                    raise too_large(max_bytes)
     except ClientDisconnect:
         raise ApiError(400, "the upload was interrupted") from None
+    except TimeoutError:
+        raise ApiError(408, f"the upload did not arrive within {timeout:g} s", {"Connection": "close"}) from None
     return bytes(body)
 
 
@@ -130,10 +128,12 @@ async def parse_form(request: Request, body: bytes) -> FormData:
         raise ApiError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
 
 
-async def read_upload(request: Request, max_bytes: int, gallery_size: int, max_k: int) -> Upload:
-    """The image and ``k`` of a ``POST /api/search`` request, within ``max_bytes`` of image."""
+async def read_upload(request: Request, max_bytes: int, gallery_size: int, max_k: int,
+                      body_timeout: float = BODY_TIMEOUT) -> Upload:
+    """The image and ``k`` of a ``POST /api/search`` request, within ``max_bytes`` of image and
+    ``body_timeout`` seconds."""
     check_headers(request.headers, max_bytes)
-    form = await parse_form(request, await read_body(request, max_bytes))
+    form = await parse_form(request, await read_body(request, max_bytes, body_timeout))
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):

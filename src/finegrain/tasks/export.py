@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +26,12 @@ from finegrain.inference.onnx_engine import (
     OnnxEncoder,
     onnxruntime_version,
 )
-from finegrain.runs import atomic_write_bytes, atomic_write_json, open_run
+from finegrain.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_tmp,
+    open_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +180,9 @@ def export_run(run_path: str | Path, fmt: str = "onnx", quantize: str | None = N
     sizes = eval_sizes(cfg.data)
     dest = run.path / EXPORT_DIR
     dest.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(dest)  # a killed export's unfinished model file, and its quantization folder
+    for stale in dest.glob(".quant-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     data = export_onnx(loaded, sizes[0], opset)
     fp32 = dest / FP32_FILE
     atomic_write_bytes(fp32, data)
