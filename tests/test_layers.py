@@ -26,6 +26,7 @@ FORBIDDEN = {
     "inference": {"retrieval", "tasks", "serve", "report"},
     "retrieval": {"tasks", "serve"},
     "report": {"tasks", "serve"},
+    "gallery": {"tasks", "serve", "report"},
     "serve": {"tasks"},
 }
 FORBIDDEN = {layer: banned | ENTRY_POINTS for layer, banned in FORBIDDEN.items()}
