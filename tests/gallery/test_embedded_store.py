@@ -87,7 +87,7 @@ def test_another_connection_s_writes_are_searched(tmp_path):
     rng = np.random.default_rng(3)
     server = open_store(tmp_path / "g", SPEC)
     cli = open_store(tmp_path / "g")
-    [a, b] = cli.add([entry(rng), entry(rng)])
+    [_, b] = cli.add([entry(rng), entry(rng)])
     q = cli.vectors()[1][1]
     assert server.search(q, 1)[0][0] == b
     cli.remove(b)
