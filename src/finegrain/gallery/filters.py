@@ -3,7 +3,7 @@
 A filter is sent as a JSON object with one entry: ``{"label": "Tesla Model S"}`` or
 ``{"metadata.colour": "red"}``. Field names are plain identifiers; values are strings, numbers or
 booleans. Backends never paste a value into a query: SQLite binds it as a parameter, Milvus gets
-it as a template parameter (``filter_params``) of an expression built only from a checked name.
+it as an escaped literal (:func:`milvus_literal`) in an expression built only from a checked name.
 """
 
 from __future__ import annotations
@@ -106,11 +106,22 @@ def check_label(label: Any) -> str:
     return label
 
 
-def milvus_expression(where: Filter) -> tuple[str, dict[str, Scalar]]:
-    """(expression, template parameters) of a filter for Milvus: the value is never in the text."""
+def milvus_literal(value: Scalar) -> str:
+    """A value as a Milvus expression literal: strings quoted with ``\\`` and ``"`` escaped (control
+    characters refused), numbers and booleans as Milvus writes them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise FinegrainError("filter values on the milvus backend cannot hold control characters")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def milvus_expression(where: Filter) -> str:
+    """A filter as a Milvus boolean expression, built only from a checked field name and an escaped literal."""
     key = where.metadata_key
-    if key is None:
-        return "label == {value}", {"value": where.value}
-    if not FIELD_RE.fullmatch(key):  # make_filter checked it; never paste an unchecked name
+    if key is not None and not FIELD_RE.fullmatch(key):  # make_filter checked it; never paste an unchecked name
         raise FinegrainError("bad metadata field name in a filter")
-    return f'metadata["{key}"] == {{value}}', {"value": where.value}
+    field = "label" if key is None else f'metadata["{key}"]'
+    return f"{field} == {milvus_literal(where.value)}"

@@ -12,6 +12,8 @@ import json
 import logging
 import mimetypes
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,33 +45,54 @@ def index_spec(index_dir: Path, model_checksum: str, class_names: list[str] | No
                      class_names=class_names)
 
 
-def import_index(conn: sqlite3.Connection, index_dir: Path, spec: StoreSpec) -> int:
-    """Copy the index in ``index_dir`` (if there is one) into a new store's open transaction; the count."""
-    from finegrain.gallery.embedded import now_iso
+@dataclass(frozen=True)
+class Imported:
+    """One entry of an index, as a store takes it in (``image`` None: the file is gone)."""
+
+    id: int
+    label: str
+    metadata: dict[str, Any]
+    sha256: str
+    media_type: str | None
+    vector: np.ndarray
+    image: bytes | None
+
+
+def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
+    """The entries of the index in ``index_dir`` (none if there is no index there), ids kept."""
     from finegrain.retrieval.index import GalleryIndex
 
     if not (index_dir / "meta.json").is_file():
-        return 0
+        return
     index = GalleryIndex.load(index_dir, expected_model_checksum=spec.model_checksum)
     vectors = index_vectors(index.index)
     names = index.class_names or spec.class_names
-    added_at = now_iso()
     missing = 0
     for i, (path, label, vector) in enumerate(zip(index.paths, index.labels, vectors, strict=True)):
         name = names[int(label)] if names and 0 <= int(label) < len(names) else str(int(label))
+        data: bytes | None
         try:
             data = Path(path).read_bytes()
-            sha: str = hashlib.sha256(data).hexdigest()
-            conn.execute("INSERT OR IGNORE INTO images (sha256, data) VALUES (?, ?)", (sha, data))
+            sha = hashlib.sha256(data).hexdigest()
         except OSError:
-            missing += 1
+            missing, data = missing + 1, None
             sha = "missing-" + hashlib.sha256(str(path).encode()).hexdigest()
-        conn.execute("INSERT INTO entries (id, label, metadata, sha256, media_type, added_at, vector) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (i, name, json.dumps({"file": Path(path).name}), sha, mimetypes.guess_type(str(path))[0],
-                      added_at, np.ascontiguousarray(vector, dtype=np.float32).tobytes()))
+        yield Imported(i, name, {"file": Path(path).name}, sha, mimetypes.guess_type(str(path))[0],
+                       np.ascontiguousarray(vector, dtype=np.float32), data)
     if missing:
         log.warning("%d of the index's %d images are no longer on disk: imported without their picture",
                     missing, len(index.paths))
     log.info("imported the %d images of the index in %s into the gallery store", len(index.paths), index_dir)
-    return len(index.paths)
+
+
+def import_index(conn: sqlite3.Connection, index_dir: Path, spec: StoreSpec) -> None:
+    """Copy the index in ``index_dir`` (if there is one) into a new embedded store's open transaction."""
+    from finegrain.gallery.embedded import now_iso
+
+    added_at = now_iso()
+    for e in index_entries(index_dir, spec):
+        if e.image is not None:
+            conn.execute("INSERT OR IGNORE INTO images (sha256, data) VALUES (?, ?)", (e.sha256, e.image))
+        conn.execute("INSERT INTO entries (id, label, metadata, sha256, media_type, added_at, vector) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (e.id, e.label, json.dumps(e.metadata), e.sha256, e.media_type, added_at, e.vector.tobytes()))

@@ -156,7 +156,8 @@ def open_store(location: str | Path, spec: StoreSpec | None = None, import_from:
 
 def _register_backends() -> None:
     """Import the backends (each registers itself); Milvus's client is imported only when used."""
-    import finegrain.gallery.embedded  # noqa: F401
+    import finegrain.gallery.embedded
+    import finegrain.gallery.milvus_store  # noqa: F401
 
 
 def check_vector(vector: np.ndarray, spec: StoreSpec) -> np.ndarray:
