@@ -31,6 +31,23 @@ def brute_force(store, query: np.ndarray, k: int) -> list[int]:
     return [int(ids[i]) for i in order]
 
 
+def random_writes(store, seed: int, n: int, errors: list[BaseException]) -> None:
+    """``n`` random adds (55%), removes (25%) and relabels by one client; what goes wrong in ``errors``."""
+    rng, pick = np.random.default_rng(seed), random.Random(seed)
+    try:
+        for _ in range(n):
+            op = pick.random()
+            listed = [e.id for e in store.list(limit=1000)]
+            if op < 0.55 or not listed:
+                store.add([entry(rng, pick.choice("abc"))])
+            elif op < 0.8:
+                store.remove(pick.choice(listed))
+            else:
+                store.update(pick.choice(listed), label=pick.choice("abc"))
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
+
+
 def test_writes_reads_and_ids_never_reused(tmp_path):
     rng = np.random.default_rng(0)
     s = open_store(tmp_path / "g", SPEC)
@@ -141,23 +158,7 @@ def test_concurrent_clients_leave_search_equal_to_brute_force(tmp_path):
     server.add([entry(np.random.default_rng(99)) for _ in range(20)])
     clients = [server, server, open_store(tmp_path / "g"), open_store(tmp_path / "g")]
     errors: list[BaseException] = []
-
-    def work(c, seed: int) -> None:
-        rng, pick = np.random.default_rng(seed), random.Random(seed)
-        try:
-            for _ in range(60):
-                op = pick.random()
-                listed = [e.id for e in c.list(limit=1000)]
-                if op < 0.55 or not listed:
-                    c.add([entry(rng, pick.choice("abc"))])
-                elif op < 0.8:
-                    c.remove(pick.choice(listed))
-                else:
-                    c.update(pick.choice(listed), label=pick.choice("abc"))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(c, i)) for i, c in enumerate(clients)]
+    threads = [threading.Thread(target=random_writes, args=(c, i, 60, errors)) for i, c in enumerate(clients)]
     for t in threads:
         t.start()
     for t in threads:

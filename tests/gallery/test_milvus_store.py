@@ -3,7 +3,6 @@ filters that cannot be broken out of, and search equal to brute force after conc
 
 from __future__ import annotations
 
-import random
 import threading
 
 import numpy as np
@@ -13,7 +12,7 @@ from finegrain.errors import FinegrainError
 from finegrain.gallery.filters import make_filter
 from finegrain.gallery.store import open_store
 
-from .test_embedded_store import DIM, SPEC, brute_force, entry
+from .test_embedded_store import DIM, SPEC, brute_force, entry, random_writes
 
 pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus: pip install 'finegrain[milvus]'")
 pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed: pip install 'finegrain[milvus]'")
@@ -56,23 +55,7 @@ def test_filters_on_milvus_never_break_out(store):
 
 def test_concurrent_clients_leave_search_equal_to_brute_force(store):
     errors: list[BaseException] = []
-
-    def work(seed: int) -> None:
-        rng, pick = np.random.default_rng(seed), random.Random(seed)
-        try:
-            for _ in range(15):
-                listed = [e.id for e in store.list(limit=1000)]
-                op = pick.random()
-                if op < 0.6 or not listed:
-                    store.add([entry(rng, pick.choice("abc"))])
-                elif op < 0.8:
-                    store.remove(pick.choice(listed))
-                else:
-                    store.update(pick.choice(listed), label=pick.choice("abc"))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(10 + i,)) for i in range(4)]
+    threads = [threading.Thread(target=random_writes, args=(store, 10 + i, 15, errors)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:

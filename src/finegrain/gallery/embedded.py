@@ -39,8 +39,10 @@ from finegrain.gallery.store import (
     GalleryStore,
     Neighbours,
     NewEntry,
+    StoreBase,
     StoreSpec,
     check_vector,
+    id_list,
 )
 from finegrain.runs import fsync_dir
 
@@ -90,7 +92,7 @@ def _entry(row: tuple) -> Entry:
                  added_at=row[5])
 
 
-class EmbeddedStore:
+class EmbeddedStore(StoreBase):
     """A gallery store in one SQLite file, searched through an exact FAISS index kept in memory."""
 
     def __init__(self, folder: str | Path, spec: StoreSpec | None = None, import_from: Path | None = None) -> None:
@@ -289,12 +291,9 @@ class EmbeddedStore:
         return self.get(entry_id)
 
     # -- reads -----------------------------------------------------------------------------------
-    def get(self, entry_id: int) -> Entry | None:
-        return self.entries([entry_id]).get(int(entry_id))
-
     def entries(self, ids: Sequence[int]) -> dict[int, Entry]:
         """The entries of ``ids`` that exist, by id."""
-        wanted = [int(i) for i in ids][:1000]
+        wanted = id_list(ids)
         if not wanted:
             return {}
         with self._index_lock:

@@ -36,8 +36,10 @@ from finegrain.gallery.store import (
     GalleryStore,
     Neighbours,
     NewEntry,
+    StoreBase,
     StoreSpec,
     check_vector,
+    id_list,
 )
 
 DEFAULT_COLLECTION = "finegrain_gallery"
@@ -99,7 +101,7 @@ def _entry(row: dict[str, Any]) -> Entry:
                  sha256=str(row["sha256"]), media_type=row["media_type"] or None, added_at=str(row["added_at"]))
 
 
-class MilvusStore:
+class MilvusStore(StoreBase):
     """A gallery store in a Milvus collection (a server, a cluster or Milvus Lite)."""
 
     def __init__(self, location: str, spec: StoreSpec | None = None, import_from: Path | None = None) -> None:
@@ -240,11 +242,8 @@ class MilvusStore:
         return _entry(row)
 
     # -- reads ---------------------------------------------------------------------------------------
-    def get(self, entry_id: int) -> Entry | None:
-        return self.entries([entry_id]).get(int(entry_id))
-
     def entries(self, ids: Sequence[int]) -> dict[int, Entry]:
-        wanted = [int(i) for i in ids][:1000]
+        wanted = id_list(ids)
         if not wanted:
             return {}
         return {int(r["id"]): _entry(r) for r in self._query(f"id in {json.dumps(wanted)}", FIELDS)}

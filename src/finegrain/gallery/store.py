@@ -154,6 +154,25 @@ def open_store(location: str | Path, spec: StoreSpec | None = None, import_from:
     return store
 
 
+MAX_IDS = 1000
+"""Entries fetched by id at most at once (a page of hits or of a listing)."""
+
+
+class StoreBase:
+    """What every backend does the same way: :meth:`get` is one of :meth:`entries`."""
+
+    def entries(self, ids: Sequence[int]) -> dict[int, Entry]:
+        raise NotImplementedError
+
+    def get(self, entry_id: int) -> Entry | None:
+        return self.entries([entry_id]).get(int(entry_id))
+
+
+def id_list(ids: Sequence[int]) -> list[int]:
+    """``ids`` as ints, at most :data:`MAX_IDS` of them."""
+    return [int(i) for i in ids][:MAX_IDS]
+
+
 def _register_backends() -> None:
     """Import the backends (each registers itself); Milvus's client is imported only when used."""
     import finegrain.gallery.embedded

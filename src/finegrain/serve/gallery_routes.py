@@ -42,8 +42,8 @@ from finegrain.serve.errors import ApiError, no_paths
 from finegrain.serve.uploads import (
     check_headers,
     image_error_message,
-    parse_k,
     read_body,
+    read_upload,
     replay,
     too_large,
 )
@@ -178,32 +178,18 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
 
         require_read(request, tokens)
         started = time.perf_counter()
-        check_headers(request.headers, max_bytes)
-        form = await Request(request.scope, receive=replay(await read_body(request, max_bytes))).form(
-            max_files=1, max_fields=10)
+        size = await anyio.to_thread.run_sync(live.store.count)
+        upload = await read_upload(request, max_bytes, size, max_k)
         try:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "No image: send the picture in a multipart file field named 'image'.")
-            data = await upload.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise too_large(max_bytes)
-            size = await anyio.to_thread.run_sync(live.store.count)
-            k = parse_k(form.getlist("k"), request.query_params.getlist("k"), size, max_k)
-            text = _field_text(form, "filter") or request.query_params.get("filter")
-            try:
-                where = parse_filter(text)
-            except FinegrainError as e:
-                raise ApiError(422, str(e)) from None
-            name = upload.filename or "upload"
-        finally:
-            await form.close()
+            where = parse_filter(upload.filter)
+        except FinegrainError as e:
+            raise ApiError(422, str(e)) from None
 
         def decode_and_search() -> Any:
-            return live.search_where(decode_bytes(data, name, max_pixels=max_pixels), k, where)
+            return live.search_where(decode_bytes(upload.data, upload.name, max_pixels=max_pixels), upload.k, where)
 
         hits, top, entries = await run(decode_and_search)
-        out = search_response(live.prediction_source, hits, top, k, started)
+        out = search_response(live.prediction_source, hits, top, upload.k, started)
         for result in out["results"]:
             result["metadata"] = entries[result["id"]].metadata
         return out
