@@ -317,6 +317,9 @@ class EmbeddedStore(StoreBase):
     def count(self, label: str | None = None) -> int:
         where, args = ("WHERE label = ?", [label]) if label is not None else ("", [])
         with self._index_lock:
+            if label is None:  # the index, caught up with the ledger, holds exactly its entries
+                self._sync()
+                return int(self._index.ntotal)
             return int(self._read.execute(f"SELECT COUNT(*) FROM entries {where}", args).fetchone()[0])
 
     def labels(self) -> dict[str, int]:

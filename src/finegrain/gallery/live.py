@@ -10,7 +10,6 @@ is created, the index ``finegrain index`` built becomes its first content.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,8 +166,3 @@ class LiveGallery:
         media_type = media_type_of(im)
         return NewEntry(vector=self._embed(im), label=check_label(label), image=image.data,
                         media_type=media_type, metadata=check_metadata(metadata))
-
-    def add(self, images: Sequence[ImageBytes], label: str, metadata: dict[str, Any] | None = None,
-            max_pixels: int | None = None) -> list[int]:
-        """Add images (all or none: each is decoded and encoded before any is stored); their ids."""
-        return self.store.add([self.prepare(im, label, metadata, max_pixels) for im in images])

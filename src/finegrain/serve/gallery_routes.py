@@ -225,7 +225,12 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
                 raise ApiError(422, str(e)) from None
         finally:
             await form.close()
-        ids = await run(live.add, images, label, metadata, max_pixels)
+        # each image is decoded and encoded in its turn among the searches; then all are stored at once
+        entries = [await run(live.prepare, image, label, metadata, max_pixels) for image in images]
+        try:
+            ids = await anyio.to_thread.run_sync(live.store.add, entries)
+        except FinegrainError as e:
+            raise ApiError(422, no_paths(str(e))) from None
         return {"ids": ids, "size": await anyio.to_thread.run_sync(live.store.count)}
 
     @router.delete("/api/gallery/{entry_id}", summary="Remove an entry and its image (needs the write token)")
