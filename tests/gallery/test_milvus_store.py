@@ -67,3 +67,15 @@ def test_concurrent_clients_leave_search_equal_to_brute_force(store):
     for _ in range(10):
         q = rng.normal(size=DIM).astype(np.float32)
         assert [i for i, _ in store.search(q, 10)] == brute_force(store, q, 10)
+
+
+def test_a_reopened_milvus_store_keeps_its_entries(tmp_path):
+    rng = np.random.default_rng(5)
+    path = str(tmp_path / "again.db")
+    first = open_store(path, SPEC)
+    ids = first.add([entry(rng, "k", {"n": 1}, image=b"kept")])
+    first.close()
+    again = open_store(path)  # the spec is read back from the companion collection
+    assert again.spec == SPEC and again.count() == 1 and again.image(ids[0]) == (b"kept", "image/png")
+    assert again.search(again.vectors()[1][0], 1)[0][0] == ids[0]
+    again.close()

@@ -121,6 +121,9 @@ class MilvusStore(StoreBase):
         self._id_lock = threading.Lock()
         if not self.client.has_collection(self.collection):
             self._create(spec, import_from)
+        for name in (self.collection, f"{self.collection}_spec"):  # a reopened collection starts released
+            if self.client.has_collection(name):
+                self.client.load_collection(name)
         self.spec = self._read_spec()
 
     # -- the collection ------------------------------------------------------------------------------

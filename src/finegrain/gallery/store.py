@@ -150,7 +150,8 @@ def open_store(location: str | Path, spec: StoreSpec | None = None, import_from:
         store.close()
         raise FinegrainError(f"the gallery store {location} was made by another model or metric "
                              f"({store.spec.model_checksum[:12]}…, {store.spec.dim}-d {store.spec.metric}); "
-                             f"this model is {spec.model_checksum[:12]}… ({spec.dim}-d {spec.metric})")
+                             f"this model is {spec.model_checksum[:12]}… ({spec.dim}-d {spec.metric}): name another "
+                             "store with --store, or move this one away to start a new one from the run's index")
     return store
 
 
