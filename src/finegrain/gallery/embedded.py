@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 DB_FILE = "gallery.sqlite"
 FORMAT = "finegrain-gallery-1"
 BUSY_TIMEOUT_S = 30.0
+MMAP_BYTES = 2**36  # SQLite caps it at its compiled maximum
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE entries (
@@ -79,6 +80,7 @@ def _connect(db: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+    conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")  # reads (the vectors at open) without copies: half the time
     return conn
 
 

@@ -55,6 +55,8 @@ MAX_IMAGES_PER_ADD = 64
 ADD_BODY_FACTOR = 4
 """An add's whole request may be this many times the per-image upload limit."""
 MAX_PAGE = 1000
+ADD_YIELD_S = 0.5
+"""How long an add's next image waits for the searches queued before it (searches go first)."""
 _ID_RE = re.compile(r"[0-9]{1,15}")
 
 
@@ -162,6 +164,22 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
             except FinegrainError as e:
                 raise ApiError(422, no_paths(str(e))) from None
 
+    searching = [0]  # searches waiting for a slot or in one: adds let them go first
+
+    async def run_search(fn: Any) -> Any:
+        searching[0] += 1
+        try:
+            return await run(fn)
+        finally:
+            searching[0] -= 1
+
+    async def run_add(fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` once no search waits, or after :data:`ADD_YIELD_S` (adds are never starved)."""
+        deadline = time.monotonic() + ADD_YIELD_S
+        while searching[0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        return await run(fn, *args)
+
     @router.get("/api/info", tags=["service"], summary="What the service runs")
     async def api_info(request: Request) -> dict[str, Any]:
         """As the static service's, with the gallery's current size and whether it accepts writes."""
@@ -188,7 +206,7 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
         def decode_and_search() -> Any:
             return live.search_where(decode_bytes(upload.data, upload.name, max_pixels=max_pixels), upload.k, where)
 
-        hits, top, entries = await run(decode_and_search)
+        hits, top, entries = await run_search(decode_and_search)
         out = search_response(live.prediction_source, hits, top, upload.k, started)
         for result in out["results"]:
             result["metadata"] = entries[result["id"]].metadata
@@ -225,8 +243,8 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
                 raise ApiError(422, str(e)) from None
         finally:
             await form.close()
-        # each image is decoded and encoded in its turn among the searches; then all are stored at once
-        entries = [await run(live.prepare, image, label, metadata, max_pixels) for image in images]
+        # each image is decoded and encoded in its turn, after the searches waiting; then all are stored at once
+        entries = [await run_add(live.prepare, image, label, metadata, max_pixels) for image in images]
         try:
             ids = await anyio.to_thread.run_sync(live.store.add, entries)
         except FinegrainError as e:
