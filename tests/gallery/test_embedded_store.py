@@ -171,3 +171,19 @@ def test_concurrent_clients_leave_search_equal_to_brute_force(tmp_path):
         q = rng.normal(size=DIM).astype(np.float32)
         assert [i for i, _ in server.search(q, 10)] == brute_force(server, q, 10)
     assert server.indexed == len(ids)
+
+
+def test_the_cli_refuses_a_damaged_store_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    s = open_store(tmp_path / "g", SPEC)
+    s.add([entry(np.random.default_rng(5)) for _ in range(3)])
+    s.close()
+    db = tmp_path / "g" / DB_FILE
+    damaged = b"not a database at all" + db.read_bytes()[21:]
+    db.write_bytes(damaged)
+    r = subprocess.run([sys.executable, "-m", "finegrain", "gallery", "stats", str(tmp_path), "--store", str(tmp_path / "g")],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and "damaged gallery store" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and db.read_bytes() == damaged
