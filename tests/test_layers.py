@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"data", "models", "metrics"},
     {"inference"},
     {"retrieval"},
+    {"gallery"},
     {"report", "serve"},
     {"tasks"},
     {"cli", "demo", "experiments", "__main__"},

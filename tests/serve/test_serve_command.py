@@ -15,18 +15,18 @@ from .fakes import FakeSearcher
 def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     import uvicorn
 
-    import finegrain.retrieval.searcher as search_mod
+    import finegrain.gallery.live as live_mod
     from finegrain.serve import app as app_mod
 
     made, ran, shared = {}, {}, []
 
-    def fake_searcher(run_path, index_dir=None, engine="auto"):
+    def fake_searcher(run_path, store=None, index_dir=None, engine="auto"):
         made.update(run_path=run_path, index_dir=index_dir, engine=engine)
         searcher = FakeSearcher(gallery_dir)
         searcher.share_cores = lambda n: shared.append(n) or 1  # what a Searcher does before serving
         return searcher
 
-    monkeypatch.setattr(search_mod, "Searcher", fake_searcher)
+    monkeypatch.setattr(live_mod, "LiveGallery", fake_searcher)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     app_mod.serve("runs/x", index_dir=None, port=8123, max_upload_mb=0.5, max_image_mpixels=2.5,
                   allow_hosts=["search.lan"], max_concurrency=3)
@@ -50,13 +50,13 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     ({"allow_hosts": ["http://evil/"]}, "host name"), ({"allow_hosts": ["a b"]}, "host name"),
 ])
 def test_serve_validates_its_options_before_loading(monkeypatch, kwargs, option):
-    import finegrain.retrieval.searcher as search_mod
+    import finegrain.gallery.live as live_mod
     from finegrain.serve import app as app_mod
 
     def never(*a, **kw):
         raise AssertionError("the searcher must not be loaded for bad options")
 
-    monkeypatch.setattr(search_mod, "Searcher", never)
+    monkeypatch.setattr(live_mod, "LiveGallery", never)
     with pytest.raises(FinegrainError, match=re.escape(option)):
         app_mod.serve("runs/x", **kwargs)
 

@@ -19,6 +19,7 @@ import typer
 from rich.markup import escape
 
 from finegrain.cli import data, info, registries, retrieval, train
+from finegrain.cli.gallery import gallery_app
 from finegrain.cli.common import console, err_console, setup_logging
 from finegrain.errors import FinegrainError
 
@@ -43,6 +44,7 @@ data_app = typer.Typer(help="Inspect, prepare, synthesise and download datasets.
 app.add_typer(data_app, name="data")
 experiments_app = typer.Typer(help="Run the experiment catalogue and compare the results.", no_args_is_help=True)
 app.add_typer(experiments_app, name="experiments")
+app.add_typer(gallery_app, name="gallery")
 
 
 @app.callback()

@@ -132,10 +132,20 @@ def serve(
     engine: EngineOpt = "auto",
     max_concurrency: Annotated[int, typer.Option(
         help="Searches run at once; the cores are shared out among them, the others wait.")] = 2,
+    store: Annotated[Optional[str], typer.Option(
+        help="The gallery store: a folder (embedded; default RUN/gallery, made from the index on first use), "
+             "milvus://HOST:PORT/COLLECTION or a Milvus Lite file (*.db).")] = None,
+    write_token_file: Annotated[Optional[Path], typer.Option(
+        help="A file holding the token that allows adding, removing and relabelling gallery images "
+             "(Authorization: Bearer TOKEN); or set $FINEGRAIN_WRITE_TOKEN. Without one, writes are off.")] = None,
+    read_token_file: Annotated[Optional[Path], typer.Option(
+        help="A file holding a token that searches and listings then need (or $FINEGRAIN_READ_TOKEN); "
+             "without one they are open.")] = None,
 ) -> None:
-    """Serve the search page and JSON API for a run (FastAPI + uvicorn)."""
+    """Serve the search page and JSON API for a run (FastAPI + uvicorn), over its living gallery."""
     from finegrain.serve.app import serve as serve_run
 
     serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb,
               max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [], engine=engine,
-              max_concurrency=max_concurrency)
+              max_concurrency=max_concurrency, store=store, write_token_file=write_token_file,
+              read_token_file=read_token_file)

@@ -148,8 +148,11 @@ def image_media_type(path: Path) -> str | None:
 def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_concurrency: int = 2,
                max_k: int = 50, max_image_pixels: int | None = int(DEFAULT_MAX_IMAGE_MPIXELS * 1e6),
                host: str = "127.0.0.1", allow_hosts: Iterable[str] = (),
-               body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+               body_timeout: float = BODY_TIMEOUT, tokens: Any = None) -> FastAPI:
     """The FastAPI application serving ``searcher``.
+
+    A living gallery (:class:`~finegrain.gallery.live.LiveGallery`) also gets the gallery routes of
+    :mod:`~finegrain.serve.gallery_routes`, with ``tokens`` (its write and read tokens).
 
     Uploads over ``max_image_pixels`` are refused (JPEGs decoded reduced); requests are answered
     only for the ``Host`` names of :func:`allowed_hosts` (``host`` is the bound address).
@@ -170,6 +173,11 @@ def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_
     app.state.body_timeout = float(body_timeout)
     app.state.allowed_hosts = allowed_hosts(host, allow_hosts)
     install_error_handlers(app)
+    if hasattr(searcher, "store"):  # a living gallery: its routes come first, ahead of the static ones
+        from finegrain.serve.gallery_routes import Tokens, add_gallery_routes
+
+        add_gallery_routes(app, searcher, tokens or Tokens(),  # type: ignore[arg-type]
+                           service_info(searcher, max_upload_bytes, max_k, max_image_pixels), max_concurrency)
     _add_page(app)
     _add_service_routes(app, service_info(searcher, max_upload_bytes, max_k, max_image_pixels))
     _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
@@ -253,9 +261,11 @@ def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpix
 
 def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 10, max_image_mpixels: float = DEFAULT_MAX_IMAGE_MPIXELS,
-          allow_hosts: Iterable[str] = (), engine: str = "auto", max_concurrency: int = 2) -> None:
-    """Load a run's model (on ``engine``: torch, onnx or auto) and gallery index; serve the page and API
-    with uvicorn, ``max_concurrency`` searches at once, each on its share of the cores.
+          allow_hosts: Iterable[str] = (), engine: str = "auto", max_concurrency: int = 2,
+          store: str | None = None, write_token_file: Path | None = None, read_token_file: Path | None = None) -> None:
+    """Load a run's model (on ``engine``: torch, onnx or auto) and its gallery store (``store``, by default
+    RUN/gallery, made from the index on first use); serve the page and API with uvicorn,
+    ``max_concurrency`` searches at once, each on its share of the cores. Writes are on with a write token.
 
     Options are checked before anything loads: a bad one is a :class:`FinegrainError`."""
     import uvicorn
@@ -263,12 +273,16 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     allow_hosts = list(allow_hosts or ())
     hosts = check_serve_options(host, port, max_upload_mb, max_image_mpixels, allow_hosts, max_concurrency)
 
-    from finegrain.retrieval.searcher import Searcher
+    from finegrain.gallery.live import LiveGallery
+    from finegrain.serve.gallery_routes import READ_TOKEN_ENV, WRITE_TOKEN_ENV, Tokens, load_token
 
-    searcher = Searcher(run_path, index_dir=Path(index_dir) if index_dir else None, engine=engine)
+    tokens = Tokens(write=load_token(write_token_file, WRITE_TOKEN_ENV, "--write-token-file"),
+                    read=load_token(read_token_file, READ_TOKEN_ENV, "--read-token-file"))
+    searcher = LiveGallery(run_path, store=store, index_dir=Path(index_dir) if index_dir else None, engine=engine)
     threads = searcher.share_cores(max_concurrency)  # concurrent searches must not oversubscribe the cores
     app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20), max_concurrency=max_concurrency,
-                     max_image_pixels=int(max_image_mpixels * 1e6), host=host, allow_hosts=allow_hosts)
+                     max_image_pixels=int(max_image_mpixels * 1e6), host=host, allow_hosts=allow_hosts,
+                     tokens=tokens)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
     if host.strip().lower() in WILDCARD_BINDS and not allow_hosts:
@@ -282,7 +296,8 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     where = f" in {root}" if root else ""
     print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
           f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
-          f"on http://{host}:{port}/  (API docs at /docs)")
+          f"on http://{host}:{port}/  (API docs at /docs; gallery writes "
+          f"{'on, with the write token' if tokens.write else 'off'})", flush=True)
     # uvicorn's own answers (malformed requests, slow headers) carry the security headers too; no
     # "server: uvicorn" header
     uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(), server_header=False)

@@ -47,6 +47,8 @@ class Upload:
     data: bytes
     name: str
     k: int
+    filter: str | None = None
+    """The ``filter`` form field or query parameter, unparsed (the living gallery's search reads it)."""
 
 
 def too_large(max_bytes: int) -> ApiError:
@@ -142,7 +144,10 @@ async def read_upload(request: Request, max_bytes: int, gallery_size: int, max_k
         if len(data) > max_bytes:
             raise too_large(max_bytes)
         k = parse_k(form.getlist("k"), request.query_params.getlist("k"), gallery_size, max_k)
-        return Upload(data, upload.filename or "upload", k)
+        given = [v for v in [*form.getlist("filter"), *request.query_params.getlist("filter")] if v != ""]
+        if len(given) > 1 or not all(isinstance(v, str) for v in given):
+            raise ApiError(422, "send one filter, as text")
+        return Upload(data, upload.filename or "upload", k, str(given[0]) if given else None)
     finally:
         await form.close()
 

@@ -201,6 +201,7 @@
     hideError();
     renderPrediction(body.prediction, body.prediction_source);
     renderResults(body);
+    document.dispatchEvent(new CustomEvent("finegrain:results", { detail: body }));  // gallery.js adds metadata
   }
 
   function resetResults() {

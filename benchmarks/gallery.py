@@ -1,0 +1,290 @@
+"""The living gallery under load, on the embedded store and on Milvus Lite, one run:
+
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/gallery.py [--images 2000] [--vectors 100000]
+
+1. adds: ``--images`` (``--milvus-images`` on Milvus Lite) real Stanford Cars thumbnails (../shared/data) added over the API (8 per
+   request, one client) against the model's own encoding rate measured in the same run
+   (``encode_records``, as ``finegrain embed`` encodes: goal >= 0.85 of it);
+2. searches: p50/p95 of 4 clients searching, idle and while a fifth client adds (goal: p50 at most
+   1.5x idle, no errors);
+3. restart: a server over a store of ``--vectors`` vectors, inserted directly through the store API
+   (random unit vectors; no images), from process start to the first answered search (goal <= 5 s).
+
+The model is a small CNN (cars_cnn4, 96x128) trained one epoch on half the thumbnails, made once in
+benchmarks/out/gallery-run. JSON goes to benchmarks/results/gallery.json with the CPU named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+from common import log, machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "stanford_cars"
+OUT = ROOT / "benchmarks" / "out" / "gallery"
+RESULTS = ROOT / "benchmarks" / "results" / "gallery.json"
+PER_REQUEST = 8
+
+
+def make_run() -> Path:
+    """A small real model: cars_cnn4 at 96x128, one epoch on half of the thumbnails (made once)."""
+    from finegrain.config import build_config
+    from finegrain.tasks import engine
+
+    runs = OUT / "runs"
+    done = runs / "gallery-bench" / "DONE"
+    if (runs / "gallery-bench" / "checkpoints" / "best.ckpt").is_file() or done.is_file():
+        return runs / "gallery-bench"
+    cfg = build_config({"name": "gallery-bench", "data": {"root": str(DATA), "holdout": 0.5, "image_size": [96, 128],
+                                                          "num_workers": 0, "batch_size": 64},
+                        "model": {"backbone": "cars_cnn4", "weights": "none"}, "train": {"epochs": 1, "seed": 0}})
+    run, _ = engine.fit(cfg, runs_root=runs)
+    return run.path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(run: Path, store: str, token_file: Path) -> tuple[subprocess.Popen, str, float]:
+    """A server process; (process, url, seconds from its start to its first answered search)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "finegrain", "serve", str(run), "--port", str(port), "--store", store,
+                             "--write-token-file", str(token_file), "--engine", "torch"],
+                            stdout=subprocess.DEVNULL, stderr=(OUT / "serve.log").open("ab"))
+    query = (DATA / "cars_train" / "00001.jpg").read_bytes()
+    while time.perf_counter() - t0 < 300:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited; see {OUT / 'serve.log'}")
+        try:
+            r = httpx.post(f"{url}/api/search", files={"image": ("q.jpg", query, "image/jpeg")}, data={"k": "1"},
+                           timeout=30)
+            if r.status_code == 200:
+                return proc, url, time.perf_counter() - t0
+            if r.status_code == 422:  # an empty gallery answers, but cannot search: the server is up
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"the server did not answer a search within 300 s; see {OUT / 'serve.log'}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def images(n: int) -> list[tuple[str, bytes, str]]:
+    from finegrain.data.detect import open_collection
+
+    coll = open_collection(DATA)
+    records = coll.all_records()[:n]
+    return [(r.path.name, r.path.read_bytes(), coll.class_names[r.label]) for r in records]
+
+
+def own_rate(run: Path, imgs: list[tuple[str, bytes, str]]) -> dict:
+    """The model's own encoding rate over the same images (encode_records, as `finegrain embed` does)."""
+    from finegrain.data.detect import open_collection
+    from finegrain.inference import open_encoder
+
+    encoder = open_encoder(run, "torch")
+    encoder.use_threads(1)
+    records = open_collection(DATA).all_records()[:len(imgs)]
+    t0 = time.perf_counter()
+    encoder.encode_records(records, description="baseline")
+    seconds = time.perf_counter() - t0
+    from finegrain.data.images import decode_bytes, to_rgb
+
+    t0 = time.perf_counter()
+    for name, data, _ in imgs:  # what the server does per image, without HTTP and the store
+        encoder.encode_rgb(to_rgb(decode_bytes(data, name))[0])
+    single = time.perf_counter() - t0
+    return {"images": len(records), "seconds": round(seconds, 2), "images_per_second": round(len(records) / seconds, 1),
+            "how": "encode_records (batched, as `finegrain embed`), 1 thread",
+            "one_at_a_time_images_per_second": round(len(imgs) / single, 1),
+            "one_at_a_time_how": "decode_bytes + encode_rgb per image in-process (the server's work without HTTP "
+                                 "and the store), 1 thread"}
+
+
+def add_all(url: str, auth: dict, imgs: list[tuple[str, bytes, str]], stop_flag: threading.Event | None = None,
+            errors: list | None = None) -> tuple[int, float]:
+    done, t0 = 0, time.perf_counter()
+    with httpx.Client(timeout=120) as c:
+        for start_at in range(0, len(imgs), PER_REQUEST):
+            if stop_flag is not None and stop_flag.is_set():
+                break
+            batch = imgs[start_at:start_at + PER_REQUEST]
+            files = [("image", (name, data, "image/jpeg")) for name, data, _ in batch]
+            r = c.post(f"{url}/api/gallery", files=files, data={"label": batch[0][2]}, headers=auth)
+            if r.status_code != 200:
+                (errors if errors is not None else []).append(r.status_code)
+                if errors is None:
+                    raise SystemExit(f"add failed: {r.status_code} {r.text[:200]}")
+            done += len(batch)
+            if stop_flag is None and done % 400 == 0:
+                log(f"  {done} added, {done / (time.perf_counter() - t0):.1f} images/s")
+    return done, time.perf_counter() - t0
+
+
+def search_latencies(url: str, queries: list[bytes], clients: int, per_client: int, errors: list) -> list[float]:
+    out: list[float] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            for i in range(per_client):
+                q = queries[(seed * per_client + i) % len(queries)]
+                t0 = time.perf_counter()
+                r = c.post(f"{url}/api/search", files={"image": ("q.jpg", q, "image/jpeg")}, data={"k": "10"})
+                dt = time.perf_counter() - t0
+                with lock:
+                    (out if r.status_code == 200 else errors).append(dt if r.status_code == 200 else r.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    return round(float(np.percentile(np.array(xs) * 1000, q)), 1) if xs else float("nan")
+
+
+def bench_backend(name: str, run: Path, store: str, token_file: Path, auth: dict, imgs: list, vectors: int,
+                  own: dict) -> dict:
+    from finegrain.gallery.store import open_store
+
+    log(f"[{name}] adds: {len(imgs)} images over the API, {PER_REQUEST} per request")
+    proc, url, _ = start(run, store, token_file)
+    try:
+        n, seconds = add_all(url, auth, imgs)
+        rate = n / seconds
+        queries = [data for _, data, _ in imgs[::37]]
+        log(f"[{name}] searches: idle")
+        errors: list = []
+        idle = search_latencies(url, queries, 4, 25, errors)
+        log(f"[{name}] searches: while a fifth client adds")
+        flag, add_errors = threading.Event(), []
+        extra = images(len(imgs) + 400)[len(imgs):]
+        adder = threading.Thread(target=add_all, args=(url, auth, extra, flag, add_errors))
+        adder.start()
+        busy = search_latencies(url, queries, 4, 25, errors)
+        flag.set()
+        adder.join()
+    finally:
+        stop(proc)
+    log(f"[{name}] restart over {vectors} vectors (inserted directly through the store API)")
+    big = (OUT / f"{name}-big") if name == "embedded" else None
+    big_store = str(big) if big is not None else str(OUT / "milvus-big.db")
+    spec = open_store(store).spec
+    if big is not None:
+        shutil.rmtree(big, ignore_errors=True)
+    else:
+        for p in OUT.glob("milvus-big*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    s = open_store(big_store, spec)
+    rng = np.random.default_rng(0)
+    for start_at in range(0, vectors, 10_000):
+        s.add_vectors(rng.normal(size=(min(10_000, vectors - start_at), spec.dim)).astype(np.float32),  # type: ignore[attr-defined]
+                      [f"c{i % 196}" for i in range(min(10_000, vectors - start_at))])
+    count = s.count()
+    s.close()
+    t0 = time.perf_counter()
+    s = open_store(big_store)
+    s.search(rng.normal(size=spec.dim).astype(np.float32), 10)
+    in_process = time.perf_counter() - t0
+    s.close()
+    proc, url, restart = start(run, big_store, token_file)
+    stop(proc)
+    proc, url, small_restart = start(run, store, token_file)  # the same server over the small store of 1-2
+    stop(proc)
+    p50_idle, p50_busy = pct(idle, 50), pct(busy, 50)
+    return {
+        "adds": {"images": n, "per_request": PER_REQUEST, "seconds": round(seconds, 2),
+                 "images_per_second": round(rate, 1), "ratio_to_model_rate": round(rate / own["images_per_second"], 3),
+                 "goal": ">= 0.85"},
+        "search": {"clients": 4, "requests_each": 25, "idle_ms": {"p50": p50_idle, "p95": pct(idle, 95)},
+                   "while_adding_ms": {"p50": p50_busy, "p95": pct(busy, 95)},
+                   "p50_ratio": round(p50_busy / p50_idle, 3), "goal": "p50 ratio <= 1.5, no errors",
+                   "errors": len(errors), "add_errors_during": len(add_errors)},
+        "restart": {"vectors": count, "how": "random unit vectors inserted directly through the store API (no images)",
+                    "seconds_to_first_search": round(restart, 2),
+                    "same_server_over_the_small_store_seconds": round(small_restart, 2),
+                    "store_share_seconds": round(restart - small_restart, 2),
+                    "store_open_and_first_search_in_process_seconds": round(in_process, 2),
+                    "note": "process start (Python, torch, the model) is in both server figures; "
+                            "store_share is what the vectors add", "goal": "<= 5 s"},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--vectors", type=int, default=100_000)
+    ap.add_argument("--milvus-images", type=int, default=300,
+                    help="Images added over the API on Milvus Lite (its adds are far slower: keep the run short).")
+    ap.add_argument("--skip-milvus", action="store_true")
+    args = ap.parse_args()
+    if not (DATA / "cars_train").is_dir():
+        print(f"skipped: no Stanford Cars thumbnails in {DATA}", file=sys.stderr)
+        return 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    run = make_run()
+    token = secrets.token_urlsafe(32)
+    token_file = OUT / "token"
+    token_file.write_text(token + "\n")
+    os.chmod(token_file, 0o600)
+    auth = {"Authorization": f"Bearer {token}"}
+    imgs = images(args.images)
+    log(f"baseline: the model's own encoding rate over {len(imgs)} images")
+    own = own_rate(run, imgs)
+    result: dict = {"benchmark": "gallery", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "machine": machine_info({"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}),
+                    "model": "cars_cnn4 at 96x128, one epoch on half the Stanford Cars thumbnails, torch engine",
+                    "data": "Stanford Cars train thumbnails (128x96 JPEG)", "model_encoding": own, "backends": {}}
+    backends = [("embedded", str(OUT / "embedded"))]
+    if not args.skip_milvus:
+        try:
+            import milvus_lite  # noqa: F401
+            import pymilvus  # noqa: F401
+
+            backends.append(("milvus-lite", str(OUT / "milvus.db")))
+        except ImportError as e:
+            result["backends"]["milvus-lite"] = {"skipped": f"not installed: {e}"}
+    for name, store in backends:
+        for p in OUT.glob(Path(store).name + "*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        some = imgs if name == "embedded" else imgs[:args.milvus_images]
+        result["backends"][name] = bench_backend(name, run, store, token_file, auth, some, args.vectors, own)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        log(json.dumps(result["backends"][name]))
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""A run's model over a living gallery store: what ``finegrain serve`` and ``finegrain gallery`` use.
+
+:class:`LiveGallery` is a :class:`~finegrain.retrieval.searcher.SearchService` (the web service
+searches through it as through a static index) that also adds images (decoded within the
+server's pixel budget, encoded by the run's model, stored with their bytes), removes and
+relabels them. The store is the run's ``gallery/`` folder unless another location is named; when it
+is created, the index ``finegrain index`` built becomes its first content.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from finegrain.data.images import decode_bytes, resize_rgb, to_rgb
+from finegrain.errors import FinegrainError
+from finegrain.gallery.filters import Filter, check_label, check_metadata
+from finegrain.gallery.importer import index_spec
+from finegrain.gallery.store import Entry, GalleryStore, NewEntry, StoreSpec, open_store
+from finegrain.inference import open_encoder
+from finegrain.machine import query_threads
+from finegrain.retrieval.index import check_k
+from finegrain.retrieval.searcher import (
+    Hit,
+    NamedRun,
+    Prediction,
+    ServiceInfo,
+    dataset_name,
+)
+from finegrain.runs import RunDir, open_run
+
+log = logging.getLogger(__name__)
+
+STORE_FOLDER = "gallery"
+
+
+def default_store(run: RunDir) -> Path:
+    """Where a run's embedded store lives unless another is named: ``RUN/gallery``."""
+    return run.path / STORE_FOLDER
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image to add: its bytes and the name it came with (for messages and its media type)."""
+
+    data: bytes
+    name: str
+
+
+def media_type_of(im: Image.Image) -> str | None:
+    return Image.MIME.get(im.format or "")
+
+
+class LiveGallery:
+    """A run's model and a gallery store: search, add, remove, relabel."""
+
+    def __init__(self, run_path: str | Path, store: str | None = None, index_dir: Path | None = None,
+                 engine: str = "auto", precision: str | None = None) -> None:
+        run = open_run(run_path)
+        self.run: NamedRun = run
+        self.encoder = open_encoder(run, engine, precision)
+        self.engine = self.encoder.engine
+        self.cfg = self.encoder.cfg
+        self.sizes = self.encoder.sizes
+        self.class_names = self.encoder.loaded.class_names
+        has_head = self.encoder.has_classifier
+        self.prediction_source = "classifier" if has_head and self.cfg.predicts_with_classifier else "neighbours"
+        index_dir = index_dir or run.index
+        checksum = self.encoder.loaded.checksum
+        spec = index_spec(index_dir, checksum, self.class_names) or StoreSpec(
+            dim=self._embed(Image.new("RGB", (32, 32))).shape[0], metric="cosine", model_checksum=checksum,
+            class_names=self.class_names)
+        self.store: GalleryStore = open_store(store or default_store(run), spec, import_from=index_dir)
+
+    # -- SearchService -----------------------------------------------------------------------------
+    @property
+    def gallery_size(self) -> int:
+        return self.store.count()
+
+    def gallery_path(self, i: int) -> str:
+        """The store's location (its images are in the store, not in files)."""
+        return self.store.location
+
+    def share_cores(self, concurrency: int) -> int:
+        from finegrain.machine import set_faiss_threads
+
+        threads = query_threads(concurrency)
+        self.encoder.use_threads(threads)
+        set_faiss_threads(threads)
+        return threads
+
+    @property
+    def info(self) -> ServiceInfo:
+        spec = self.store.spec
+        return {"run": self.run.name, "model": str(self.cfg.model.backbone), "task": str(self.cfg.task),
+                "dataset": dataset_name(self.cfg.data.root), "gallery_size": self.gallery_size,
+                "embedding_dim": spec.dim, "metric": spec.metric, "index_kind": "flat",
+                "has_classifier": bool(self.encoder.has_classifier), "engine": self.engine, "created_at": None,
+                "precision": str(self.encoder.precision), "image_sizes": [list(s) for s in self.sizes]}
+
+    def _encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.encoder.encode_rgb(to_rgb(image)[0])
+        probs = None
+        if "logits" in out:
+            z = out["logits"][0] - out["logits"][0].max()
+            probs = np.exp(z) / np.exp(z).sum()
+        return out["embedding"][0], probs
+
+    def _embed(self, image: Image.Image) -> np.ndarray:
+        return self._encode(image)[0]
+
+    def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]:
+        hits, top, _ = self.search_where(image, k, None)
+        return hits, top
+
+    def search_where(self, image: Image.Image, k: int,
+                     where: Filter | None) -> tuple[list[Hit], Prediction | None, dict[int, Entry]]:
+        """The k nearest entries (of those ``where`` selects), the top-5 classes and the hits' entries."""
+        check_k(k, max(1, self.gallery_size))
+        vector, probs = self._encode(image)
+        found = self.store.search(vector, k, where)
+        entries = self.store.entries([i for i, _ in found])
+        found = [(i, s) for i, s in found if i in entries]  # removed since the search: not shown
+        hits = [Hit(rank=r + 1, id=i, label=entries[i].label, score=s, path=f"/gallery/{i}")
+                for r, (i, s) in enumerate(found)]
+        close = [h for h in hits if (h.score >= 0.999 if self.store.spec.metric == "cosine" else h.score <= 1e-3)]
+        if close:  # an exact copy scores 1 (cosine) or 0 (L2), up to rounding: compare the pixels
+            rgb = to_rgb(image)[0]
+            for h in close:
+                h.same_image = self._same_pixels(rgb, h.id)
+        return hits, self._predict(hits, probs), entries
+
+    def _same_pixels(self, rgb: Image.Image, entry_id: int) -> bool:
+        stored = self.store.image(entry_id)
+        if stored is None:
+            return False
+        try:
+            other = to_rgb(decode_bytes(stored[0], "gallery image"))[0]
+        except FinegrainError:
+            return False
+        size = self.sizes[0]
+        return bool(np.array_equal(resize_rgb(rgb, size), resize_rgb(other, size)))
+
+    def _predict(self, hits: list[Hit], probs: np.ndarray | None) -> Prediction | None:
+        if probs is not None and self.prediction_source == "classifier":
+            order = np.argsort(-probs)[:5]
+            names = self.class_names
+            return [(names[int(c)] if 0 <= int(c) < len(names) else str(int(c)), float(probs[c])) for c in order]
+        voters = [h for h in hits if not h.same_image] or hits
+        votes: dict[str, int] = {}
+        for h in voters:
+            votes[h.label] = votes.get(h.label, 0) + 1
+        ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
+        return [(label, n / len(voters)) for label, n in ranked] if voters else None
+
+    # -- writes ------------------------------------------------------------------------------------
+    def prepare(self, image: ImageBytes, label: str, metadata: dict[str, Any] | None,
+                max_pixels: int | None = None) -> NewEntry:
+        """Decode (within ``max_pixels``; an unreadable image is an ImageError) and encode one image."""
+        im = decode_bytes(image.data, image.name, max_pixels=max_pixels)
+        media_type = media_type_of(im)
+        return NewEntry(vector=self._embed(im), label=check_label(label), image=image.data,
+                        media_type=media_type, metadata=check_metadata(metadata))
