@@ -48,17 +48,23 @@ def search(
     index_dir: IndexDirOpt = None,
     as_json: JsonOpt = False,
     engine: EngineOpt = "auto",
+    explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
     """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
     from finegrain.data.images import open_rgb
+    from finegrain.errors import FinegrainError
     from finegrain.report.contact_sheet import contact_sheet
+    from finegrain.retrieval.explain_search import SearchExplainer
     from finegrain.retrieval.searcher import Searcher
 
     with stdout_for(as_json):
+        if explain and sheet is None:
+            raise FinegrainError("--explain draws the maps on the contact sheet: give --sheet OUT.png too")
         query, _ = open_rgb(image)
         searcher = Searcher(run, index_dir, engine=engine)
         hits, top = searcher.search(query, k=k)
-        written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
+        why = SearchExplainer(searcher).explain(query, [h.id for h in hits]) if explain else None
+        written = contact_sheet(query, hits, sheet, explanation=why) if sheet else None  # .png added if none
     if as_json:
         print_json(search_to_dict(image, searcher.gallery_size, searcher.prediction_source, hits, top, written))
     else:
