@@ -16,9 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from finegrain.errors import FinegrainError
 from finegrain.runs import RunDir
 from tests.conftest import tiny_config
 
+from .fakes import make_app
 from .test_browser import _free_port, _upload_and_wait, browser, chromium_path  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
@@ -43,10 +45,8 @@ def run(tmp_path_factory) -> RunDir:
 @pytest.fixture(scope="module")
 def client(run):
     from finegrain.retrieval.searcher import Searcher
-    from finegrain.serve.app import create_app
 
-    searcher = Searcher(run.path, engine="onnx")
-    return TestClient(create_app(searcher, max_upload_bytes=2**20))
+    return TestClient(make_app(Searcher(run.path, engine="onnx"), max_upload_bytes=2**20))
 
 
 def _query(run: RunDir) -> bytes:
@@ -109,7 +109,6 @@ def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
     from finegrain.inference.export import export_onnx
     from finegrain.inference.load import file_sha256, load_model
     from finegrain.retrieval.searcher import Searcher
-    from finegrain.serve.app import create_app
 
     old = RunDir(shutil.copytree(run.path, tmp_path / "old"))
     onnx = old.path / "export" / "model.onnx"
@@ -117,7 +116,7 @@ def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
     meta = json.loads((old.path / "export" / "model.json").read_text())
     meta["files"]["fp32"]["sha256"] = file_sha256(onnx)
     (old.path / "export" / "model.json").write_text(json.dumps(meta))
-    c = TestClient(create_app(Searcher(old.path, engine="onnx")))
+    c = TestClient(make_app(Searcher(old.path, engine="onnx")))
     query = {"image": ("q.png", _query(run))}
     assert c.post("/api/search", files=query).status_code == 200  # searching still works
     res = c.post("/api/explain?ids=0", files=query)
@@ -175,3 +174,22 @@ def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server
     assert page.locator(".explain-overlay").count() == 0 and not page.locator("#explain-legend").is_visible()
     assert not errors
     page.close()
+
+
+def test_search_explain_draws_the_maps_on_the_contact_sheet(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    query = tmp_path / "query.png"
+    query.write_bytes(_query(run))
+    runner = CliRunner()
+    plain, why = tmp_path / "plain.png", tmp_path / "why.png"
+    args = ["search", str(run.path), str(query), "--k", "3", "--engine", "onnx", "--sheet"]
+    assert runner.invoke(app, [*args, str(plain)]).exit_code == 0
+    r = runner.invoke(app, [*args, str(why), "--explain"])
+    assert r.exit_code == 0, r.output
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (plain, why))
+    assert a.shape == b.shape and np.abs(a - b).mean() > 5  # the images carry their maps
+    r = runner.invoke(app, ["search", str(run.path), str(query), "--explain"])  # the one-line error is main()'s
+    assert r.exit_code != 0 and isinstance(r.exception, FinegrainError) and "give --sheet" in str(r.exception)
