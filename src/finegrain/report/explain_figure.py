@@ -44,13 +44,20 @@ def explained_predictions(run: RunDir, emb: tuple[np.ndarray, np.ndarray, list[s
     """Draw the figure (see the module docstring) into ``out_png``."""
     from finegrain.data.images import open_rgb
     from finegrain.inference import open_encoder
-    from finegrain.inference.explain import class_activation_map, explain_rgbs, pair_maps, to_unit
+    from finegrain.inference.explain import (
+        class_activation_map,
+        explain_rgbs,
+        pair_maps,
+        to_unit,
+    )
 
     vectors, labels, paths = emb
     encoder = open_encoder(run)
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(paths), size=min(pool, len(paths)), replace=False)
-    rgb = lambda i: open_rgb(resolve(paths[i]))[0]  # noqa: E731
+    def rgb(i: int):
+        return open_rgb(resolve(paths[i]))[0]
+
     size = encoder.sizes[0]
     if encoder.has_classifier and encoder.cfg.predicts_with_classifier:
         maps = explain_rgbs(encoder, [rgb(i) for i in sample])
