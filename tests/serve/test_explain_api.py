@@ -7,8 +7,6 @@ import base64
 import io
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,8 @@ from finegrain.runs import RunDir
 from tests.conftest import tiny_config
 
 from .fakes import make_app
-from .test_browser import _free_port, _upload_and_wait, browser, chromium_path  # noqa: F401 - fixtures
+from .live_server import running_server
+from .test_browser import _upload_and_wait, browser, chromium_path  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -128,24 +127,11 @@ def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
 
 @pytest.fixture(scope="module")
 def server_url(run):
-    import uvicorn
-
     from finegrain.retrieval.searcher import Searcher
     from finegrain.serve.app import create_app
 
-    app = create_app(Searcher(run.path, engine="onnx"))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(Searcher(run.path, engine="onnx"))) as url:
+        yield url
 
 
 @pytest.mark.browser
