@@ -98,8 +98,12 @@ def test_torch_and_onnx_give_the_same_class_activation_maps(classifier):
         cam_t, cam_o = class_activation_map(a, size=(64, 64)), class_activation_map(b, size=(64, 64))
         assert cam_t.shape == (64, 64) and np.ptp(cam_t) > 0
         np.testing.assert_allclose(cam_o, cam_t, atol=1e-4 * max(1.0, np.abs(cam_t).max()), rtol=0)
-        # the map is the predicted class's: its mean at the one size is that class's logit
-        np.testing.assert_allclose(class_activation_map(a).mean(), a.outputs["logits"][0].max(), rtol=1e-4)
+        # the map is the predicted class's: at the one size the plain map's mean is its logit, the
+        # contrastive one's its logit minus the probability-weighted mean logit
+        z = a.outputs["logits"][0]
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        np.testing.assert_allclose(class_activation_map(a, contrastive=False).mean(), z.max(), rtol=1e-4)
+        np.testing.assert_allclose(class_activation_map(a).mean(), z.max() - p @ z, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow

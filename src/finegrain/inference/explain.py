@@ -6,14 +6,17 @@ Both engines give, beside a batch's outputs, per-location head outputs (see
 ``class_map`` ``[C, h, w]`` whose mean over the locations is each class's logit, and
 ``embedding_map`` ``[D, h, w]`` whose mean is the embedding. From them:
 
-- :func:`class_activation_map`: the class activation map of one class, ``class_map[c]``: where the
-  evidence for the class is (linear classifier, and the cosine head on normalised features);
+- :func:`class_activation_map`: the class activation map of one class: where the evidence for the
+  class is, against the other classes the model weighs (``class_map[c]`` minus the
+  probability-weighted mean of every class's map; ``contrastive=False``: ``class_map[c]`` alone, the
+  plain CAM; linear classifier, and the cosine head on normalised features);
 - :func:`similarity_map`: each location of an image against another image's embedding,
   ``embedding_map . e_other``: which parts of the image made it alike the other. The query's map
   against a hit's embedding and the hit's map against the query's explain one neighbour.
 
 What is exact and what is not: with average pooling (every backbone's default) and one size, the
-mean of a class activation map is the class's logit and the mean of a similarity map is the
+mean of a plain class activation map is the class's logit (of the contrastive one,
+``logit_c - sum_k p_k logit_k``) and the mean of a similarity map is the
 cosine similarity of the two embeddings, exactly (a BN neck in eval mode is affine, so projecting
 each location through the embedder is exact too). With flip averaging the maps of an image and of
 its mirror (flipped back) are averaged, as the outputs are. With several sizes (multi-size testing)
@@ -121,13 +124,31 @@ def _mean_resized(per_size: list[np.ndarray], size: tuple[int, int]) -> np.ndarr
     return np.mean([resize_map(m, size) for m in per_size], axis=0).astype(np.float32)
 
 
-def class_activation_map(image: ImageMaps, cls: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def class_activation_map(image: ImageMaps, cls: int | None = None, size: tuple[int, int] | None = None,
+                         contrastive: bool = True) -> np.ndarray:
     """The class activation map ``[H, W]`` of class ``cls`` (default: the predicted one), each size's
-    map resized to ``size`` (default: the first size's map) and averaged."""
+    map resized to ``size`` (default: the first size's map) and averaged.
+
+    ``contrastive`` (the default): the class's map minus the mean of every class's map weighted by
+    the model's probabilities, ``(w_c - sum_k p_k w_k) . m``: evidence for the class *against the
+    others it could be*, whose mean is ``logit_c - sum_k p_k logit_k`` (the gradient of the class's
+    log-probability, applied to each cell). Without it, the plain CAM ``w_c . m``, whose mean is the
+    logit: it also lights up what raises every class's score alike (on a Stanford Cars classifier,
+    removing its most salient pixels lowered the class's probability less than removing pixels at
+    random; the contrastive map's removal lowered it most, see ``benchmarks/explain.py``)."""
     if CLASS_MAP not in image.maps:
         raise FinegrainError("this model has no classifier: explain it with a similarity map")
     cls = image.predicted_class if cls is None else int(cls)
-    per_size = [m[cls] for m in image.maps[CLASS_MAP]]
+    if contrastive:
+        p = softmax(image.outputs["logits"][0].astype(np.float64)).astype(np.float32)
+        per_size = [m[cls] - np.einsum("k,khw->hw", p, m) for m in image.maps[CLASS_MAP]]
+    else:
+        per_size = [m[cls] for m in image.maps[CLASS_MAP]]
     return _mean_resized(per_size, size or per_size[0].shape)
 
 
