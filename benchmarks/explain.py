@@ -48,6 +48,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "explain.json"
 FRACTIONS = (0.1, 0.2, 0.4)
 ORDERS = ("most", "least", "random_map", "random_pixels")
 K_HITS = 8
+PARTS = ("classifier", "cost", "retrieval")
 
 
 def blurred(rgb: np.ndarray) -> np.ndarray:
@@ -206,16 +207,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--cost-queries", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "explain.json")
+    ap.add_argument("--parts", default="classifier,cost,retrieval",
+                    help="which parts to run (comma-separated); the others are kept from --out if it exists")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     pin_threads(1)
     busy = warn_if_busy()
 
-    from finegrain.config import load_config
     from finegrain.data.images import open_rgb, resize_rgb
     from finegrain.data.module import split_for
     from finegrain.inference import open_encoder
-    from finegrain.inference.encoder import Encoder
-    from finegrain.models.build import build_from_config, num_outputs
 
     cls = open_encoder(args.classifier)
     data = cls.cfg.data
@@ -224,7 +225,10 @@ def main() -> None:
     split = split_for(data)
     rng = np.random.default_rng(0)
     records = [split.test[i] for i in rng.choice(len(split.test), size=min(args.n, len(split.test)), replace=False)]
-    result: dict = {"benchmark": "explain", "machine": machine_info(), "busy_warning": busy,
+    import json
+
+    result: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != set(PARTS) else {}
+    result |= {"benchmark": "explain", "machine": machine_info(), "busy_warning": busy,
                     "data": f"Stanford Cars 128x96 thumbnails, {len(records)} seeded test images of the "
                             f"{data.holdout} holdout split",
                     "classifier_run": {"name": cls.loaded.cfg.name, "backbone": cls.cfg.model.backbone,
@@ -233,21 +237,38 @@ def main() -> None:
                                        "recipe": "cars-lite0 quick profile (96x128) with model.freeze_stages=7 "
                                                  "(every block frozen and cached, 1 view; conv_head and the "
                                                  "classifier trained), 4 epochs: 9.5 min of wall time on the shared 2 cores"}}
-    size = cls.sizes[0]
-    rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
-    log(f"classifier deletion test on {len(rgbs)} images at {size}")
-    cls.sizes = [size]  # the deleted images are at the first size: one size, so the maps are exact
-    result["classifier"] = classifier_deletion(cls, rgbs, rng)
-    atomic_write_json(args.out, result)
-    log(str(result["classifier"]))
+    if "classifier" in parts:
+        size = cls.sizes[0]
+        rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
+        log(f"classifier deletion test on {len(rgbs)} images at {size}")
+        cls.sizes = [size]  # the deleted images are at the first size: one size, so the maps are exact
+        result["classifier"] = classifier_deletion(cls, rgbs, rng)
+        atomic_write_json(args.out, result)
+        log(str(result["classifier"]))
 
-    cost_encoder = open_encoder(args.classifier)
-    paths = [str(r.path) for r in records]
-    result["extra_cost"] = extra_cost(cost_encoder, paths, cost_encoder.loaded.class_names, args.cost_queries)
-    log(str(result["extra_cost"]))
-    atomic_write_json(args.out, result)
+    if "cost" in parts:
+        cost_encoder = open_encoder(args.classifier)
+        paths = [str(r.path) for r in records]
+        result["extra_cost"] = extra_cost(cost_encoder, paths, cost_encoder.loaded.class_names, args.cost_queries)
+        log(str(result["extra_cost"]))
+        atomic_write_json(args.out, result)
 
-    knn_cfg = load_config("cars-lite0-knn", profile="quick", overrides=[f"data.root={data.root}"])
+    if "retrieval" in parts:
+        retrieval_part(result, records, data.root, rng)
+        atomic_write_json(args.out, result)
+    if all(k in result for k in ("classifier", "extra_cost", "retrieval")):
+        atomic_write_json(RESULTS, result)
+        log(f"wrote {RESULTS}")
+
+
+def retrieval_part(result: dict, records: list, root: str, rng: np.random.Generator) -> None:
+    from finegrain.config import load_config
+    from finegrain.data.images import open_rgb, resize_rgb
+    from finegrain.inference.encoder import Encoder
+    from finegrain.models.build import build_from_config, num_outputs
+
+    data_root = root
+    knn_cfg = load_config("cars-lite0-knn", profile="quick", overrides=[f"data.root={data_root}"])
     knn = Encoder.of_model(build_from_config(knn_cfg, num_outputs(knn_cfg, 196)), knn_cfg, "32")
     size = knn.sizes[0]
     rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
@@ -257,9 +278,6 @@ def main() -> None:
                                     f"{size[0]}x{size[1]}, nothing trained",
                            "sizes": [list(size)], "tta_flip": knn.tta_flip}
     log(str(result["retrieval"]))
-    atomic_write_json(args.out, result)
-    atomic_write_json(RESULTS, result)
-    log(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
