@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from .fakes import FakeSearcher, draw_bird
+from .live_server import running_server
 
 pytestmark = pytest.mark.browser
 
@@ -49,32 +47,13 @@ def chromium_path() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    import uvicorn
-
     from finegrain.serve.app import create_app
 
     searcher = FakeSearcher(tmp_path_factory.mktemp("browser-gallery"))
-    app = create_app(searcher, max_upload_bytes=2 * 2**20)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(searcher, max_upload_bytes=2 * 2**20)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

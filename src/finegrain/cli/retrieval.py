@@ -52,20 +52,26 @@ def search(
     index_dir: IndexDirOpt = None,
     as_json: JsonOpt = False,
     engine: EngineOpt = "auto",
+    explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
     """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
     from finegrain.data.images import open_rgb
+    from finegrain.errors import FinegrainError
     from finegrain.report.contact_sheet import contact_sheet
+    from finegrain.retrieval.explain_search import SearchExplainer
     from finegrain.retrieval.searcher import Searcher
 
     if sheet is not None:
         check_sheet_path(sheet)
     with stdout_for(as_json):
+        if explain and sheet is None:
+            raise FinegrainError("--explain draws the maps on the contact sheet: give --sheet OUT.png too")
         query, _ = open_rgb(image)
         searcher = Searcher(run, index_dir, engine=engine)
         hits, top = searcher.search(query, k=k)
-        try:
-            written = contact_sheet(query, hits, sheet) if sheet else None  # the path it wrote (.png added if none)
+        why = SearchExplainer(searcher).explain(query, [h.id for h in hits]) if explain else None
+        try:  # the path it wrote (.png added if none)
+            written = contact_sheet(query, hits, sheet, explanation=why) if sheet else None
         except OSError as e:
             raise FinegrainError(f"--sheet: cannot write {e.filename or sheet}: {e.strerror or e}") from None
     if as_json:

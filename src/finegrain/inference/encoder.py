@@ -68,6 +68,22 @@ class Encoder(EncodingLoop):
             out = forward_tta(self.model, x, self.tta_flip)
         return named_outputs({k: v.float().cpu().numpy() for k, v in out.items()})
 
+    @torch.inference_mode()
+    def forward_maps(self, x) -> dict[str, np.ndarray]:
+        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32)."""
+        from finegrain.inference.explain import maps_outputs
+        from finegrain.models.maps import forward_with_maps
+
+        x = torch.as_tensor(x).to(self.device)
+        n = len(x)
+        if self.tta_flip:
+            x = torch.cat([x, torch.flip(x, dims=[3])])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.precision):
+            out = forward_with_maps(self.model, x)
+        return maps_outputs({k: v.float().cpu().numpy() for k, v in out.items()}, n, self.tta_flip)
+
     def prepare(self, loader) -> None:
         set_threads(loader.num_workers)
 

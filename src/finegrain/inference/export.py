@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from finegrain.errors import FinegrainError
+from finegrain.errors import ConfigError, FinegrainError
 from finegrain.inference.load import LoadedModel
 from finegrain.inference.onnx_engine import INPUT_NAME, import_onnxruntime
+from finegrain.models.maps import MAP_OUTPUTS, forward_with_maps, pooling_module
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,46 @@ class _Graph(torch.nn.Module):
         self.names = names
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(x)
-        out.setdefault("embedding", out["features"])
+        out = model_outputs(self.model, x, maps=MAP_OUTPUTS[0] in self.names)
         return tuple(out[n] for n in self.names)
 
 
-def output_names(loaded: LoadedModel) -> list[str]:
-    return ["features", "embedding"] + (["logits"] if loaded.has_classifier else [])
+def model_outputs(model: torch.nn.Module, x: torch.Tensor, maps: bool) -> dict[str, torch.Tensor]:
+    """The model's outputs (``embedding`` = the features without an embedder), with its maps if asked."""
+    out = forward_with_maps(model, x) if maps else dict(model(x))
+    out.setdefault("embedding", out["features"])
+    return out
 
 
-def export_onnx(loaded: LoadedModel, size: tuple[int, int], opset: int = DEFAULT_OPSET) -> bytes:
-    """The ONNX file of ``loaded``'s whole inference graph (fp32), traced at ``size``."""
-    names = output_names(loaded)
+def has_maps(loaded: LoadedModel) -> bool:
+    """Whether the model's backbone gives maps (:func:`finegrain.models.maps.pooling_module`)."""
+    try:
+        backbone = loaded.model.backbone
+        pooling_module(backbone if isinstance(backbone, torch.nn.Module) else torch.nn.Identity())
+    except ConfigError:
+        return False
+    return True
+
+
+def output_names(loaded: LoadedModel, maps: bool = True) -> list[str]:
+    """The graph's outputs: ``features``, ``embedding``, ``logits`` (with a classifier), then, where the
+    backbone gives them, ``embedding_map`` and ``class_map`` (with a classifier): the last feature map
+    through the heads' linear part, which serving requests only to explain an answer."""
+    names = ["features", "embedding"] + (["logits"] if loaded.has_classifier else [])
+    if maps and has_maps(loaded):
+        names += [n for n in MAP_OUTPUTS if n != "class_map" or loaded.has_classifier]
+    return names
+
+
+def export_onnx(loaded: LoadedModel, size: tuple[int, int], opset: int = DEFAULT_OPSET, maps: bool = True) -> bytes:
+    """The ONNX file of ``loaded``'s whole inference graph (fp32), traced at ``size``; ``maps``: with
+    the map outputs (:func:`output_names`)."""
+    names = output_names(loaded, maps)
     graph = _Graph(loaded.model, names).eval()
     x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
-    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+            **{n: ({0: "batch", 2: "map_height", 3: "map_width"} if n in MAP_OUTPUTS else {0: "batch"})
+               for n in names}}
     buf = io.BytesIO()
     target: Any = buf  # the TorchScript exporter writes to a file object too; torch types only paths
     try:
@@ -89,8 +115,7 @@ def check_parity(onnx_path: Path, loaded: LoadedModel, sizes: Iterable[tuple[int
             raise FinegrainError(f"the ONNX export of {loaded.cfg.model.backbone} does not run at "
                                  f"{size[0]}x{size[1]} ({first}): its image size is not dynamic") from None
         with torch.inference_mode():
-            ref = loaded.model(x)
-        ref.setdefault("embedding", ref["features"])
+            ref = model_outputs(loaded.model, x, maps=MAP_OUTPUTS[0] in names)
         for n in names:
             r = ref[n].float().numpy()
             diff = float(np.abs(got[n] - r).max())

@@ -23,6 +23,7 @@ import numpy as np
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
+from finegrain.inference.explain import EMBEDDING_MAP, MAP_NAMES, NeedsReexport, maps_outputs
 from finegrain.inference.load import check_config_copy, checkpoint_config, file_sha256
 from finegrain.inference.outputs import EncodingLoop, eval_sizes, mean_of_halves, named_outputs
 from finegrain.machine import model_threads
@@ -151,10 +152,11 @@ class OnnxEncoder(EncodingLoop):
             self._outputs = [o.name for o in sess.get_outputs()]
         return self._sessions[threads]
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray, maps: bool = False) -> dict[str, np.ndarray]:
         sess = self.session(self._threads or next(iter(self._sessions)))
-        values = sess.run(None, {INPUT_NAME: x})
-        return dict(zip(self._outputs, values, strict=True))
+        names = [n for n in self._outputs if maps or n not in MAP_NAMES]  # a plain query copies no maps out
+        values = sess.run(names, {INPUT_NAME: x})
+        return dict(zip(names, values, strict=True))
 
     def forward(self, x: Any) -> dict[str, np.ndarray]:
         """Outputs of one uint8 batch ``[B, 3, H, W]`` (numpy, or a torch tensor from a loader):
@@ -163,6 +165,17 @@ class OnnxEncoder(EncodingLoop):
         if not self.tta_flip:
             return named_outputs(self._run(x))
         return named_outputs(mean_of_halves(self._run(np.concatenate([x, x[..., ::-1]])), len(x)))  # one pass
+
+    def forward_maps(self, x: Any) -> dict[str, np.ndarray]:
+        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain`;
+        :class:`NeedsReexport` for a model exported before the graph had them."""
+        self.session(self._threads or next(iter(self._sessions)))
+        if EMBEDDING_MAP not in self._outputs:
+            raise NeedsReexport(f"the ONNX export of run {self.run.name} was made before explanations existed: "
+                                f"run `finegrain export RUN` again to explain its answers")
+        x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.uint8)
+        both = np.concatenate([x, x[..., ::-1]]) if self.tta_flip else x
+        return maps_outputs(self._run(both, maps=True), len(x), self.tta_flip)
 
     def prepare(self, loader) -> None:
         """Batches of ``loader`` run with the threads its worker processes leave free."""

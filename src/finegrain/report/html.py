@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from finegrain.report import figures
+from finegrain.report.explain_figure import explain_section
 from finegrain.report.page_parts import REPORT_CSS, esc, png_data_uri
 from finegrain.report.run_inputs import (
     examples_by_class,
@@ -74,6 +75,7 @@ def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
     body += confused_section(inp)
     body += per_class_section(inp)
     body += retrieval_section(inp)
+    body += explain_section(inp)
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     body.append(f"<footer>finegrain report of <code>{esc(inp.run.path)}</code>, generated {generated}.</footer>")
     page = html_page(f"{inp.title} — finegrain report", "\n".join(body), REPORT_CSS)

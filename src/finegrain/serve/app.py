@@ -10,6 +10,7 @@ Routes
 ``GET /api/health``       ``{"status": "ok"}``
 ``GET /api/info``         the run, model, gallery and index behind the service, and its limits
 ``GET /gallery/{id}``     one indexed gallery image, by its integer id in the index
+``POST /api/explain``     maps of why: :mod:`~finegrain.serve.explain_routes`
 
 Every error is JSON ``{"error": message}`` with a 4xx status (5xx only for a bug), see
 :mod:`~finegrain.serve.errors`; hosts and security headers are :mod:`~finegrain.serve.security`'s,
@@ -47,6 +48,7 @@ from finegrain.retrieval.searcher import (
 )
 from finegrain.serve.connections import BODY_TIMEOUT, guarded_protocol
 from finegrain.serve.errors import ApiError, echo, install_error_handlers
+from finegrain.serve.explain_routes import router as explain_router
 from finegrain.serve.security import WILDCARD_BINDS, GuardedFastAPI, allowed_hosts
 from finegrain.serve.uploads import (
     DEFAULT_K,
@@ -182,6 +184,7 @@ def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_
     _add_service_routes(app, service_info(searcher, max_upload_bytes, max_k, max_image_pixels))
     _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
     _add_gallery_route(app, searcher)
+    app.include_router(explain_router)  # POST /api/explain
     return app
 
 

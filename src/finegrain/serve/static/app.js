@@ -211,6 +211,7 @@
     els.resultsTitle.textContent = "Similar images";
     els.resultsMeta.textContent = "";
     state.results = [];
+    document.dispatchEvent(new CustomEvent("finegrain:reset"));  // explain.js
   }
 
   function renderPrediction(pred, source) {
@@ -261,6 +262,7 @@
       return el("li", { class: "result", "data-id": String(r.id) }, [button]);
     });
     els.results.replaceChildren(...cards);
+    document.dispatchEvent(new CustomEvent("finegrain:results", { detail: { file: state.file, results } }));  // explain.js
   }
 
   // ------------------------------------------------------------------ lightbox

@@ -1,0 +1,284 @@
+"""Benchmark: do the maps of "why this answer" mean something, and what does explaining cost?
+
+    python benchmarks/explain.py --classifier RUN [--n 500] [--out benchmarks/out/explain.json]
+
+Deletion test (Petsiuk et al. 2018, RISE) on ``--n`` seeded test images of the classifier run's data
+(Stanford Cars in ../shared/data):
+
+- classifier (the trained run ``--classifier``): the predicted class's probability (and logit),
+  before and after removing a share of the pixels ranked by its class activation map (the
+  contrastive one the product shows, and the plain CAM);
+- retrieval (the ``cars-lite0-knn`` row's model, ImageNet EfficientNet-Lite0 features, nothing
+  trained, at its profile's 224x224; the same test images): each query's nearest other image among the ``--n`` (cosine), and
+  the pair's cosine similarity before and after removing a share of the query's pixels, ranked by
+  the query's similarity map against the neighbour.
+
+Removed pixels are replaced by a Gaussian blur of the image (radius 1/8 of its shorter side), not
+black. Orders: ``most`` salient first, ``least`` salient first, ``random_map`` (a random map on the
+model's feature grid, resized as the real maps are: removes blobs of the same size), ``random_pixels``
+(scattered pixels). The goal: the most-salient drop at 20% at least twice the random drop; both
+random baselines are reported, and the goal is judged against the stricter of the two (the larger
+random drop).
+
+Extra cost: p50 over queries of a plain search (the query encoded at every size, flips averaged, and
+ranked against the ``--n`` embeddings) and of an explained one (the same plus ``POST /api/explain``'s
+work: :class:`~finegrain.retrieval.explain_search.SearchExplainer` on the query and its k=8 hits),
+on the classifier run's engine (ONNX Runtime when exported), one thread. Figures are ratios against
+the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from common import log, machine_info, pin_threads, warn_if_busy  # noqa: E402
+from finegrain.runs import atomic_write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "explain.json"
+FRACTIONS = (0.1, 0.2, 0.4)
+ORDERS = ("most", "least", "random_map", "random_pixels")
+K_HITS = 8
+PARTS = ("classifier", "cost", "retrieval")
+
+
+def blurred(rgb: np.ndarray) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    radius = max(1.0, min(rgb.shape[:2]) / 8)
+    return np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def masks(saliency: np.ndarray, grid: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per order, the removal rank of every pixel (0 = removed first), for a [H, W] saliency map."""
+    from finegrain.inference.explain import resize_map
+
+    h, w = saliency.shape
+    rand_map = resize_map(rng.random(grid).astype(np.float32), (h, w))
+    keys = {"most": -saliency, "least": saliency, "random_map": -rand_map,
+            "random_pixels": rng.random((h, w))}
+    ranks = {}
+    for name, key in keys.items():
+        order = np.argsort(key.reshape(-1) + 1e-9 * rng.random(h * w), kind="stable")  # ties broken at random
+        r = np.empty(h * w, dtype=np.int64)
+        r[order] = np.arange(h * w)
+        ranks[name] = r.reshape(h, w)
+    return ranks
+
+
+def deleted_batch(rgb: np.ndarray, blur: np.ndarray, ranks: dict[str, np.ndarray]) -> tuple[np.ndarray, list]:
+    """Every (order, fraction) version of ``rgb`` as a uint8 batch [N, 3, H, W], and its keys."""
+    n = rgb.shape[0] * rgb.shape[1]
+    images, keys = [], []
+    for order in ORDERS:
+        for f in FRACTIONS:
+            gone = (ranks[order] < round(f * n))[..., None]
+            images.append(np.where(gone, blur, rgb).transpose(2, 0, 1))
+            keys.append((order, f))
+    return np.stack(images), keys
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def summarise(drops: dict[tuple[str, float], list[float]], n: int) -> dict:
+    table = {order: {f"{int(f * 100)}%": round(float(np.mean(drops[(order, f)])), 5) for f in FRACTIONS}
+             for order in ORDERS}
+    most = table["most"]["20%"]
+    baseline = max(table["random_map"]["20%"], table["random_pixels"]["20%"])
+    return {"images": n, "mean_drop": table,
+            "most_over_random_at_20": {k: round(most / table[k]["20%"], 3) if table[k]["20%"] > 0 else None
+                                       for k in ("random_map", "random_pixels")},
+            "goal_2x_met": bool(baseline > 0 and most >= 2 * baseline)}
+
+
+def classifier_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator) -> dict:
+    """Both class activation maps (contrastive, the default, and plain), both scores (the predicted
+    class's probability and its logit)."""
+    from PIL import Image
+
+    from finegrain.inference.explain import class_activation_map, explain_rgbs
+
+    combos = [(m, s) for m in ("contrastive", "plain") for s in ("probability", "logit")]
+    drops = {c: {(o, f): [] for o in ORDERS for f in FRACTIONS} for c in combos}
+    base = []
+    for i, rgb in enumerate(rgbs):
+        m = explain_rgbs(encoder, [Image.fromarray(rgb)])[0]
+        c = int(m.predicted_class or 0)
+        z0 = m.outputs["logits"][0]
+        p0 = float(softmax(z0)[c])
+        grid = m.maps["class_map"][0].shape[1:]
+        blur = blurred(rgb)
+        for kind in ("contrastive", "plain"):
+            sal = class_activation_map(m, c, size=rgb.shape[:2], contrastive=kind == "contrastive")
+            batch, keys = deleted_batch(rgb, blur, masks(sal, grid, rng))
+            z = encoder.forward(batch)["logits"]
+            for key, zi in zip(keys, z, strict=True):
+                drops[(kind, "probability")][key].append(p0 - float(softmax(zi)[c]))
+                drops[(kind, "logit")][key].append(float(z0[c] - zi[c]))
+        base.append(p0)
+        if (i + 1) % 100 == 0:
+            log(f"classifier: {i + 1}/{len(rgbs)} images")
+    out = {f"{kind}_map_{score}": summarise(drops[(kind, score)], len(rgbs)) for kind, score in combos}
+    return {**out, "goal_2x_met": out["contrastive_map_probability"]["goal_2x_met"],
+            "maps": "contrastive (the default): (w_c - sum_k p_k w_k) . m; plain: w_c . m",
+            "score": "the predicted class's probability (goal) and logit",
+            "mean_probability_before": round(float(np.mean(base)), 5)}
+
+
+def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator) -> dict:
+    from PIL import Image
+
+    from finegrain.inference.explain import explain_rgbs, similarity_map, unit
+
+    maps = []
+    for i in range(0, len(rgbs), 16):
+        maps += explain_rgbs(encoder, [Image.fromarray(r) for r in rgbs[i:i + 16]])
+    emb = np.stack([m.embedding for m in maps])
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.argmax(axis=1)
+    drops: dict[tuple[str, float], list[float]] = {(o, f): [] for o in ORDERS for f in FRACTIONS}
+    base = []
+    for i, rgb in enumerate(rgbs):
+        hit = emb[nearest[i]]
+        s0 = float(emb[i] @ hit)
+        sal = similarity_map(maps[i], hit, size=rgb.shape[:2])
+        grid = maps[i].maps["embedding_map"][0].shape[1:]
+        batch, keys = deleted_batch(rgb, blurred(rgb), masks(sal, grid, rng))
+        out = encoder.forward(batch)["embedding"]
+        for key, e in zip(keys, out, strict=True):
+            drops[key].append(s0 - float(unit(e) @ hit))
+        base.append(s0)
+        if (i + 1) % 100 == 0:
+            log(f"retrieval: {i + 1}/{len(rgbs)} images")
+    return {**summarise(drops, len(rgbs)), "score": "cosine similarity of the query and its nearest other image",
+            "mean_score_before": round(float(np.mean(base)), 5)}
+
+
+def extra_cost(encoder, paths: list[str], names: list[str], queries: int) -> dict:
+    """p50 of a plain and of an explained search (see the module docstring)."""
+    from finegrain.data.images import open_rgb
+    from finegrain.retrieval.explain_search import SearchExplainer
+
+    gallery = np.stack([encoder.encode_rgb(open_rgb(p)[0])["embedding"][0] for p in paths])
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    searcher = SimpleNamespace(encoder=encoder, gallery_size=len(paths), gallery_path=lambda i: paths[i],
+                               prediction_source="classifier" if encoder.has_classifier else "neighbours",
+                               class_names=names)
+    explainer = SearchExplainer(searcher)
+    plain, explained, query_only = [], [], []
+    for q in range(queries):
+        image = open_rgb(paths[q])[0]
+        t0 = time.perf_counter()
+        e = encoder.encode_rgb(image)["embedding"][0]
+        hits = np.argsort(-(gallery @ (e / np.linalg.norm(e))))[:K_HITS]
+        t1 = time.perf_counter()
+        explainer.explain(image, [int(h) for h in hits])
+        t2 = time.perf_counter()
+        explainer.explain(image, [int(hits[0])])
+        t3 = time.perf_counter()
+        plain.append(t1 - t0)
+        explained.append(t2 - t0)
+        query_only.append(t1 - t0 + t3 - t2)
+    p50 = {k: statistics.median(v) * 1000 for k, v in
+           (("plain", plain), ("explained_k8", explained), ("explained_one_hit", query_only))}
+    return {"queries": queries, "hits_explained": K_HITS, "p50_ms": {k: round(v, 2) for k, v in p50.items()},
+            "ratio_explained_k8_over_plain": round(p50["explained_k8"] / p50["plain"], 3),
+            "ratio_explained_one_hit_over_plain": round(p50["explained_one_hit"] / p50["plain"], 3),
+            "goal_1_3x_met": p50["explained_k8"] / p50["plain"] <= 1.3,
+            "engine": encoder.engine, "sizes": [list(s) for s in encoder.sizes], "tta_flip": encoder.tta_flip}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--classifier", type=Path, required=True, help="a trained classification run on Stanford Cars")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--cost-queries", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "explain.json")
+    ap.add_argument("--parts", default="classifier,cost,retrieval",
+                    help="which parts to run (comma-separated); the others are kept from --out if it exists")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    pin_threads(1)
+    busy = warn_if_busy()
+
+    from finegrain.data.images import open_rgb, resize_rgb
+    from finegrain.data.module import split_for
+    from finegrain.inference import open_encoder
+
+    cls = open_encoder(args.classifier)
+    data = cls.cfg.data
+    if not Path(data.root).is_dir():
+        sys.exit(f"skipped: {data.root} not found (the benchmark needs ../shared/data)")
+    split = split_for(data)
+    rng = np.random.default_rng(0)
+    records = [split.test[i] for i in rng.choice(len(split.test), size=min(args.n, len(split.test)), replace=False)]
+    import json
+
+    result: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != set(PARTS) else {}
+    result |= {"benchmark": "explain", "machine": machine_info(), "busy_warning": busy,
+                    "data": f"Stanford Cars 128x96 thumbnails, {len(records)} seeded test images of the "
+                            f"{data.holdout} holdout split",
+                    "classifier_run": {"name": cls.loaded.cfg.name, "backbone": cls.cfg.model.backbone,
+                                       "head": cls.cfg.model.head, "engine": cls.engine,
+                                       "sizes": [list(s) for s in cls.sizes], "tta_flip": cls.tta_flip,
+                                       "recipe": "cars-lite0 quick profile (96x128) with model.freeze_stages=7 "
+                                                 "(every block frozen and cached, 1 view; conv_head and the "
+                                                 "classifier trained), 4 epochs: 9.5 min of wall time on the shared 2 cores"}}
+    if "classifier" in parts:
+        size = cls.sizes[0]
+        rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
+        log(f"classifier deletion test on {len(rgbs)} images at {size}")
+        cls.sizes = [size]  # the deleted images are at the first size: one size, so the maps are exact
+        result["classifier"] = classifier_deletion(cls, rgbs, rng)
+        atomic_write_json(args.out, result)
+        log(str(result["classifier"]))
+
+    if "cost" in parts:
+        cost_encoder = open_encoder(args.classifier)
+        paths = [str(r.path) for r in records]
+        result["extra_cost"] = extra_cost(cost_encoder, paths, cost_encoder.loaded.class_names, args.cost_queries)
+        log(str(result["extra_cost"]))
+        atomic_write_json(args.out, result)
+
+    if "retrieval" in parts:
+        retrieval_part(result, records, data.root, rng)
+        atomic_write_json(args.out, result)
+    if all(k in result for k in ("classifier", "extra_cost", "retrieval")):
+        atomic_write_json(RESULTS, result)
+        log(f"wrote {RESULTS}")
+
+
+def retrieval_part(result: dict, records: list, root: str, rng: np.random.Generator) -> None:
+    from finegrain.config import load_config
+    from finegrain.data.images import open_rgb, resize_rgb
+    from finegrain.inference.encoder import Encoder
+    from finegrain.models.build import build_from_config, num_outputs
+
+    data_root = root
+    knn_cfg = load_config("cars-lite0-knn", profile="quick", overrides=[f"data.root={data_root}"])
+    knn = Encoder.of_model(build_from_config(knn_cfg, num_outputs(knn_cfg, 196)), knn_cfg, "32")
+    size = knn.sizes[0]
+    rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
+    log(f"retrieval deletion test on {len(rgbs)} images at {size}")
+    result["retrieval"] = {**retrieval_deletion(knn, rgbs, rng),
+                           "model": "cars-lite0-knn quick profile: EfficientNet-Lite0 ImageNet features at "
+                                    f"{size[0]}x{size[1]}, nothing trained",
+                           "sizes": [list(size)], "tta_flip": knn.tta_flip}
+    log(str(result["retrieval"]))
+
+
+if __name__ == "__main__":
+    main()

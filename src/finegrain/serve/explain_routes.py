@@ -1,0 +1,122 @@
+"""``POST /api/explain``: why a search answered as it did, computed on demand (a plain search costs
+nothing more).
+
+Multipart ``image`` file (the query, read and limited as for ``/api/search``) and ``ids`` in the
+query string: the gallery ids of the hits to explain (comma-separated, at most ``max_k``). Answers
+
+``kind`` (``class``: the query's map is the class activation map of ``explains``, the predicted
+class; ``similarity``: the query's map against the closest match), ``query.map``, and for each id
+``map`` (the gallery image's map against the query) and ``query_map`` (the query's against it).
+Maps are viridis PNGs (``data:`` URLs) shaped as their image, each scaled from its own least
+(dark purple) to most (yellow) evidence. Errors as ``/api/search``'s, and 409 for a run exported
+before maps existed (re-export it), 501 for a service that cannot explain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request
+
+from finegrain.data.images import decode_bytes
+from finegrain.errors import FinegrainError, ImageError
+from finegrain.inference.explain import NeedsReexport, map_png, resize_map
+from finegrain.retrieval.explain_search import (
+    ExplainService,
+    Explanation,
+    SearchExplainer,
+)
+from finegrain.serve.errors import ApiError, echo, no_paths
+from finegrain.serve.uploads import image_error_message, read_upload
+
+router = APIRouter()
+
+MAP_SIDE = 96
+"""Pixels along a map PNG's longer side: maps are a few cells a side, the browser smooths them further."""
+LEGEND = {"colormap": "viridis", "low": "least evidence", "high": "most evidence",
+          "note": "each map is scaled to its own range"}
+
+
+def parse_ids(raw: list[str], gallery_size: int, max_k: int) -> list[int]:
+    """The ``ids`` query parameter: comma-separated gallery ids, each once, at most ``max_k``."""
+    if len(raw) > 1:
+        raise ApiError(422, f"ids was given {len(raw)} times; send it once, comma-separated")
+    parts = [p.strip() for p in (raw[0].split(",") if raw else []) if p.strip()]
+    if len(parts) > max_k:
+        raise ApiError(422, f"ids names {len(parts)} images; at most {max_k}")
+    ids: list[int] = []
+    for p in parts:
+        if not p.isdigit() or len(p) > 12:
+            raise ApiError(422, f"ids must be gallery ids (whole numbers); got {echo(p, 12)}")
+        if int(p) >= gallery_size:
+            raise ApiError(422, f"no gallery image with id {int(p)} (the gallery has {gallery_size})")
+        ids.append(int(p))
+    return list(dict.fromkeys(ids))
+
+
+def data_url(m: np.ndarray, image_size: tuple[int, int]) -> str:
+    """A [0, 1] map as a viridis PNG ``data:`` URL shaped as the image (``(height, width)``)."""
+    h, w = image_size
+    scale = MAP_SIDE / max(h, w, 1)
+    png = map_png(resize_map(m, (max(1, round(h * scale)), max(1, round(w * scale)))))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def explanation_response(e: Explanation, started: float) -> dict[str, Any]:
+    return {
+        "kind": e.kind, "explains": e.explains, "legend": LEGEND,
+        "query": {"map": data_url(e.query_map, e.query_size)},
+        "results": [{"id": h.id, "similarity": round(h.similarity, 6), "map": data_url(h.map, h.image_size),
+                     "query_map": data_url(h.query_map, e.query_size)} for h in e.hits],
+        "query_ms": round((time.perf_counter() - started) * 1000.0, 2),
+    }
+
+
+def explainer_of(request: Request) -> ExplainService:
+    """The app's explainer: ``app.state.explainer`` if set, else one made once from its searcher."""
+    state = request.app.state
+    explainer = getattr(state, "explainer", None)
+    if explainer is None:
+        if not hasattr(state.searcher, "encoder"):
+            raise ApiError(501, "this service cannot explain its answers")
+        explainer = state.explainer = SearchExplainer(state.searcher)
+    return explainer
+
+
+def _limit(request: Request) -> asyncio.Semaphore:
+    state = request.app.state
+    if getattr(state, "explain_limit", None) is None:
+        state.explain_limit = asyncio.Semaphore(1)  # explaining costs a pass per hit: one at a time
+    return state.explain_limit
+
+
+@router.post("/api/explain", tags=["search"], summary="Why a search answered as it did")
+async def explain(request: Request) -> dict[str, Any]:
+    """Maps of the query and of the hits ``ids`` (see the module docstring)."""
+    started = time.perf_counter()
+    state = request.app.state
+    searcher = state.searcher
+    upload = await read_upload(request, state.max_upload_bytes, searcher.gallery_size, state.max_k)
+    ids = parse_ids(request.query_params.getlist("ids"), searcher.gallery_size, state.max_k)
+    explainer = explainer_of(request)
+
+    def run() -> Explanation:
+        image = decode_bytes(upload.data, upload.name, max_pixels=state.max_image_pixels)
+        return explainer.explain(image, ids)
+
+    async with _limit(request):
+        try:
+            explanation = await anyio.to_thread.run_sync(run)
+        except ImageError as e:
+            raise ApiError(400, image_error_message(e, state.max_image_pixels)) from None
+        except NeedsReexport:
+            raise ApiError(409, "this model was exported before explanations existed: "
+                                "run `finegrain export RUN` again on the server") from None
+        except FinegrainError as e:
+            raise ApiError(422, no_paths(str(e))) from None
+    return explanation_response(explanation, started)

@@ -1,0 +1,181 @@
+"""``POST /api/explain`` on a real trained, exported and indexed run (ONNX Runtime), its refusals
+(the same as ``/api/search``'s), and the page's "why" toggle in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from finegrain.errors import FinegrainError
+from finegrain.runs import RunDir
+from tests.conftest import tiny_config
+
+from .fakes import make_app
+from .live_server import running_server
+from .test_browser import _upload_and_wait, browser, chromium_path  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> RunDir:
+    """A tiny classifier with a global-pooled timm backbone, exported to ONNX and indexed."""
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.tasks import engine
+    from finegrain.tasks.export import export_run
+
+    root = tmp_path_factory.mktemp("explain-serve")
+    cfg = tiny_config(root, name="why", model={"backbone": "timm:test_efficientnet"},
+                      data={"image_size": [64, 64]}, train={"epochs": 1})
+    run, _ = engine.fit(cfg, runs_root=root)
+    export_run(run.path)
+    build_index(run.path, gallery="test")
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    from finegrain.retrieval.searcher import Searcher
+
+    return TestClient(make_app(Searcher(run.path, engine="onnx"), max_upload_bytes=2**20))
+
+
+def _query(run: RunDir) -> bytes:
+    from finegrain.data.module import split_for
+    from finegrain.inference.load import load_model
+
+    path = split_for(load_model(run).cfg.data).test[0].path
+    return Path(path).read_bytes()
+
+
+def _png(url: str) -> np.ndarray:
+    assert url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+
+def test_explain_gives_a_map_of_the_query_and_of_each_hit(client, run):
+    query = _query(run)
+    found = client.post("/api/search", files={"image": ("q.png", query)}, data={"k": "3"}).json()
+    ids = [r["id"] for r in found["results"]]
+    res = client.post(f"/api/explain?ids={','.join(map(str, ids))}", files={"image": ("q.png", query)})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["kind"] == "class" and body["explains"] == found["prediction"][0]["label"]
+    assert body["legend"]["colormap"] == "viridis"
+    assert [r["id"] for r in body["results"]] == ids
+    for r, hit in zip(body["results"], found["results"], strict=True):
+        assert r["similarity"] == pytest.approx(hit["score"], abs=1e-3)  # the same model, the same cosine
+        for key in ("map", "query_map"):
+            m = _png(r[key])
+            assert m.shape[2] == 3 and max(m.shape[:2]) == 96 and m.std() > 0  # a map, not a flat tile
+    q = _png(body["query"]["map"])
+    assert q.shape[:2] == (96, 96)  # shaped as the query image (square here)
+
+
+def _search_error(client, files, query: str = "") -> tuple[int, dict]:
+    res = client.post("/api/search" + query, files=files)
+    return res.status_code, res.json()
+
+
+@pytest.mark.parametrize("files", [
+    {"image": ("x.jpg", b"not an image at all" * 10)},
+    {"image": ("x.png", b"")},
+    {"other": ("x.png", b"123")},
+])
+def test_bad_uploads_get_the_same_answer_as_search(client, files):
+    want = _search_error(client, files)
+    res = client.post("/api/explain?ids=0", files=files)
+    assert want[0] == 400 and (res.status_code, res.json()) == want
+
+
+def test_bad_ids_are_refused_in_one_line(client, run):
+    query = {"image": ("q.png", _query(run))}
+    for ids, words in (("0,x", "whole numbers"), ("99999", "no gallery image with id 99999"),
+                       (",".join(str(i) for i in range(60)), "at most 50")):
+        res = client.post(f"/api/explain?ids={ids}", files=query)
+        assert res.status_code == 422 and words in res.json()["error"] and "\n" not in res.json()["error"]
+
+
+def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
+    from finegrain.inference.export import export_onnx
+    from finegrain.inference.load import file_sha256, load_model
+    from finegrain.retrieval.searcher import Searcher
+
+    old = RunDir(shutil.copytree(run.path, tmp_path / "old"))
+    onnx = old.path / "export" / "model.onnx"
+    onnx.write_bytes(export_onnx(load_model(old), (64, 64), maps=False))
+    meta = json.loads((old.path / "export" / "model.json").read_text())
+    meta["files"]["fp32"]["sha256"] = file_sha256(onnx)
+    (old.path / "export" / "model.json").write_text(json.dumps(meta))
+    c = TestClient(make_app(Searcher(old.path, engine="onnx")))
+    query = {"image": ("q.png", _query(run))}
+    assert c.post("/api/search", files=query).status_code == 200  # searching still works
+    res = c.post("/api/explain?ids=0", files=query)
+    assert res.status_code == 409 and "finegrain export" in res.json()["error"]
+
+
+# --------------------------------------------------------------------------- the page
+
+
+@pytest.fixture(scope="module")
+def server_url(run):
+    from finegrain.retrieval.searcher import Searcher
+    from finegrain.serve.app import create_app
+
+    with running_server(create_app(Searcher(run.path, engine="onnx"))) as url:
+        yield url
+
+
+@pytest.mark.browser
+def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server_url, run, tmp_path):  # noqa: F811
+    query = tmp_path / "query.png"
+    query.write_bytes(_query(run))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server_url + "/")
+    toggle = page.locator("#explain-toggle")
+    assert toggle.is_hidden()  # nothing to explain before a search
+    _upload_and_wait(page, query, 8)
+    assert page.locator(".explain-overlay").count() == 0  # a plain search asks for no maps
+    toggle.click()
+    page.wait_for_function("() => document.querySelectorAll('#results .explain-overlay').length === 8",
+                           timeout=20000)
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.explain-overlay'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)", timeout=10000)
+    assert page.locator(".dz-preview .explain-overlay").count() == 1
+    assert page.locator("#explain-legend").is_visible() and "Evidence for" in page.inner_text("#explain-legend")
+    opacity = float(page.eval_on_selector("#results .explain-overlay", "n => getComputedStyle(n).opacity"))
+    assert 0.2 < opacity < 0.9  # semi-transparent: the image shows through
+    page.screenshot(path=str(tmp_path / "why.png"), full_page=True)
+    toggle.click()
+    assert page.locator(".explain-overlay").count() == 0 and not page.locator("#explain-legend").is_visible()
+    assert not errors
+    page.close()
+
+
+def test_search_explain_draws_the_maps_on_the_contact_sheet(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    query = tmp_path / "query.png"
+    query.write_bytes(_query(run))
+    runner = CliRunner()
+    plain, why = tmp_path / "plain.png", tmp_path / "why.png"
+    args = ["search", str(run.path), str(query), "--k", "3", "--engine", "onnx", "--sheet"]
+    assert runner.invoke(app, [*args, str(plain)]).exit_code == 0
+    r = runner.invoke(app, [*args, str(why), "--explain"])
+    assert r.exit_code == 0, r.output
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (plain, why))
+    assert a.shape == b.shape and np.abs(a - b).mean() > 5  # the images carry their maps
+    r = runner.invoke(app, ["search", str(run.path), str(query), "--explain"])  # the one-line error is main()'s
+    assert r.exit_code != 0 and isinstance(r.exception, FinegrainError) and "give --sheet" in str(r.exception)
