@@ -26,8 +26,11 @@ FORBIDDEN = {
     "inference": {"retrieval", "tasks", "serve", "report"},
     "retrieval": {"tasks", "serve"},
     "report": {"tasks", "serve"},
-    "serve": {"tasks"},
+    "serve": {"tasks", "cluster"},
+    "cluster": {"tasks", "serve"},
 }
+for _layer_name in ("config", "data", "models", "metrics", "inference", "retrieval", "report"):
+    FORBIDDEN[_layer_name].add("cluster")  # the cluster extra sits above the one-machine layers
 FORBIDDEN = {layer: banned | ENTRY_POINTS for layer, banned in FORBIDDEN.items()}
 
 
