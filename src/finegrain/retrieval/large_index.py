@@ -108,9 +108,18 @@ def streaming_knn(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int,
 
 
 def rows(array: np.ndarray, chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:
-    """``array`` (say, a memory map) in float32 chunks of ``chunk`` rows."""
-    for s in range(0, len(array), chunk):
-        yield np.asarray(array[s:s + chunk], dtype=np.float32)
+    """``array`` in float32 chunks of ``chunk`` rows; a memory map is read with plain reads, so
+    streaming a file larger than RAM leaves none of it mapped in this process."""
+    if not isinstance(array, np.memmap) or array.filename is None:
+        for s in range(0, len(array), chunk):
+            yield np.asarray(array[s:s + chunk], dtype=np.float32)
+        return
+    width = array.shape[1] * array.dtype.itemsize
+    with open(array.filename, "rb") as f:
+        for s in range(0, len(array), chunk):
+            f.seek(array.offset + s * width)
+            n = min(chunk, len(array) - s)
+            yield np.frombuffer(f.read(n * width), dtype=array.dtype).reshape(n, -1).astype(np.float32)
 
 
 class RerankedIVFPQ:
@@ -128,11 +137,14 @@ class RerankedIVFPQ:
         self.vectors = vectors  # [ntotal, d] float16 once built or opened
         self._file = vectors_file
         self._parts: list[np.ndarray] = []
-        if vectors is None and vectors_file is not None:
+        self._n = n
+        self._out: Any = None
+        if vectors is None and vectors_file is not None:  # written with plain writes: no page stays mapped
             if n is None:
                 raise ValueError("a vectors file needs the number of vectors")
-            self.vectors = np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float16,
-                                                     shape=(n, int(ivf.d)))
+            self._out = open(vectors_file, "wb")  # noqa: SIM115 - closed by finish()
+            np.lib.format.write_array_header_1_0(self._out, {"descr": np.dtype(np.float16).str,
+                                                             "fortran_order": False, "shape": (n, int(ivf.d))})
         self._filled = 0
         self.set_nprobe(int(params.get("nprobe", 1)))
 
@@ -170,10 +182,10 @@ class RerankedIVFPQ:
     def add(self, x: np.ndarray) -> None:
         """Add a chunk (ids continue from the last one), keeping its float16 copy for the re-rank."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self._file is not None and self.vectors is not None:
-            if self._filled + len(x) > len(self.vectors):
-                raise FinegrainError(f"more vectors than the {len(self.vectors)} announced")
-            self.vectors[self._filled:self._filled + len(x)] = x.astype(np.float16)
+        if self._out is not None:
+            if self._filled + len(x) > (self._n or 0):
+                raise FinegrainError(f"more vectors than the {self._n} announced")
+            self._out.write(x.astype(np.float16).tobytes())
         else:
             self._parts.append(x.astype(np.float16))
         self._filled += len(x)
@@ -200,6 +212,12 @@ class RerankedIVFPQ:
 
     # -- building ---------------------------------------------------------------------
     def _stored(self) -> np.ndarray:
+        if self._out is not None:  # the last chunk is written: map the file
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+            self._out = None
+            self.vectors = np.load(str(self._file), mmap_mode="r")
         if self._parts:
             self.vectors = np.concatenate(([self.vectors] if self.vectors is not None else []) + self._parts)
             self._parts = []
@@ -211,8 +229,6 @@ class RerankedIVFPQ:
         """After the last :meth:`add`: choose ``nprobe`` for the recall target on held-out
         queries; returns the parameters, with ``measured_recall``."""
         vectors = self._stored()
-        if self._file is not None and isinstance(vectors, np.memmap):
-            vectors.flush()
         if self._filled != len(vectors):
             raise FinegrainError(f"{self._filled} vectors added, {len(vectors)} announced")
         recall, nprobe = tune_nprobe(self, float(self.params.get("recall_target", DEFAULT_RECALL)))
@@ -230,8 +246,6 @@ class RerankedIVFPQ:
         vectors = self._stored()
         dest = folder / VECTORS_FILE
         if self._file is not None and self._file.is_file():
-            if isinstance(vectors, np.memmap):
-                vectors.flush()
             os.replace(self._file, dest)  # the open map still reads the same file
             self._file = None
         else:
