@@ -10,12 +10,30 @@ import typer
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
 
 
+def print_embed_report(report) -> None:
+    """What ``--ray`` embedding did, in one line."""
+    console.print(f"embedded {report.embedded} of {report.rows} rows in {report.shards} shards into "
+                  f"{report.folder} ({report.skipped} shard(s) already done, {report.unreadable} unreadable, "
+                  f"listed in {report.folder / 'unreadable.tsv'})")
+
+
 def embed(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
-    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    split: Annotated[str, typer.Option(help="train, val, test or all (with --ray: also a folder or a CSV/Parquet "
+                                             "listing of path[,label][,id]).")] = "test",
     engine: EngineOpt = "auto",
+    ray: Annotated[str | None, typer.Option(
+        help="Embed on Ray into resumable shards under RUN/embeddings: 'local' or a cluster address.")] = None,
+    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")]
+    = None,
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
+    if ray is not None:
+        from finegrain.cluster.embed import embed_on_ray
+
+        report = embed_on_ray(run, split, ray, engine=engine, actors=actors)
+        print_embed_report(report)
+        return
     from finegrain.retrieval.gallery import embed_split
 
     path = embed_split(run, split, engine=engine)
@@ -43,8 +61,7 @@ def index(
 
         dest, info, report = build_index_on_ray(run, gallery, ray, kind=kind, metric=metric, recall=recall,
                                                 engine=engine, actors=actors)
-        console.print(f"embedded {report.embedded} of {report.rows} rows in {report.shards} shards into "
-                      f"{report.folder} ({report.skipped} shard(s) already done, {report.unreadable} unreadable)")
+        print_embed_report(report)
     else:
         from finegrain.retrieval.gallery import build_index
 

@@ -48,7 +48,9 @@ KIND = "ivfpq"
 VECTORS_FILE = "vectors.f16.npy"
 DEFAULT_RECALL = 0.95
 RERANK_CANDIDATES = 100
-"""PQ candidates re-ranked exactly per query (``k`` when more are asked)."""
+"""PQ candidates re-ranked exactly per query (``k`` when more are asked); doubled, up to
+:data:`MAX_RERANK`, when scanning every list does not reach the recall target."""
+MAX_RERANK = 800
 TRAIN_POINTS_PER_LIST = 50
 PQ_TRAIN_POINTS = 256 * 39  # 8-bit codebooks: FAISS wants 39 points per centroid
 HNSW_QUANTIZER_FROM = 1024
@@ -258,8 +260,8 @@ class RerankedIVFPQ:
 
 def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int = RECALL_QUERIES,
                 seed: int = 0) -> tuple[float, int]:
-    """The smallest power-of-two ``nprobe`` whose recall@10 reaches ``target`` (else the largest
-    tried) and the recall it measured, on up to ``queries`` gallery vectors searched as held-out
+    """The smallest power-of-two ``nprobe`` (then, with every list scanned, the fewest re-ranked
+    candidates) whose recall@10 reaches ``target``, and the recall it measured, on up to ``queries`` gallery vectors searched as held-out
     queries: each one's own entry is dropped from the exact and the approximate answers."""
     vectors = index._stored()
     n = len(vectors)
@@ -271,17 +273,19 @@ def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int = RECALL_QUERI
     q = np.asarray(vectors[qi], dtype=np.float32)
     _, exact = streaming_knn(q, rows(vectors), k + 1, index.metric)
     exact = _without(exact, qi, k)
-    best = (0.0, nlist)
     nprobe = 1
     while True:
         index.set_nprobe(nprobe)
         _, ids = index.search(q, k + 1)
         recall = round(recall_at_k(_without(ids, qi, k), exact), 6)
-        log.info("ivfpq: nprobe %d gives recall@%d %.4f", nprobe, k, recall)
-        best = (recall, nprobe)
-        if recall >= target or nprobe >= nlist:
-            return best
-        nprobe = min(nlist, nprobe * 2)
+        rerank = int(index.params.get("rerank", RERANK_CANDIDATES))
+        log.info("ivfpq: nprobe %d, %d re-ranked: recall@%d %.4f", nprobe, rerank, k, recall)
+        if recall >= target or (nprobe >= nlist and rerank >= MAX_RERANK):
+            return recall, nprobe
+        if nprobe < nlist:
+            nprobe = min(nlist, nprobe * 2)
+        else:  # every list scanned: the codes rank too coarsely, re-rank more of them
+            index.params["rerank"] = min(MAX_RERANK, rerank * 2)
 
 
 def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
