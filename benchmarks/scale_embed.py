@@ -72,7 +72,7 @@ def make_run(images: int) -> tuple[Path, Path]:
         shutil.rmtree(run)
     run.mkdir(parents=True)
     cfg = build_config({"name": "scale-embed", "task": "knn", "data": {
-        "root": str(CARS), "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
+        "root": str(CARS), "holdout": 0.5, "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
         "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "head": "classifier"}})
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     records = open_collection(CARS).all_records()[:images]
