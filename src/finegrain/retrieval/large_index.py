@@ -57,6 +57,10 @@ HNSW_QUANTIZER_FROM = 1024
 """From this many lists the coarse quantizer is an HNSW graph of the centroids: assigning 10^7
 vectors to 4,096 centroids by brute force alone takes a core a quarter of an hour."""
 STREAM_CHUNK = 65536
+KMEANS_NITER = 10
+TUNE_WORK = 10**9
+"""Held-out queries times gallery vectors that tuning compares exactly: 1,000 queries up to 10^6
+vectors, fewer beyond (at least 200), as each one costs a pass over every vector."""
 SEARCH_BLOCK = 64
 
 KIND_FILES.add(VECTORS_FILE)
@@ -159,6 +163,7 @@ class RerankedIVFPQ:
         ivf_part = faiss.extract_index_ivf(ivf)
         ivf_part.cp.min_points_per_centroid = 1  # small galleries: nlist is already capped by n / 39
         ivf_part.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+        ivf_part.cp.niter = KMEANS_NITER
         return cls(ivf, metric, dict(params), vectors_file=vectors_file, n=n)
 
     # -- what a FAISS index answers --------------------------------------------------
@@ -258,7 +263,7 @@ class RerankedIVFPQ:
         return {VECTORS_FILE: dest.stat().st_size}
 
 
-def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int = RECALL_QUERIES,
+def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int | None = None,
                 seed: int = 0) -> tuple[float, int]:
     """The smallest power-of-two ``nprobe`` (then, with every list scanned, the fewest re-ranked
     candidates) whose recall@10 reaches ``target``, and the recall it measured, on up to ``queries`` gallery vectors searched as held-out
@@ -269,6 +274,8 @@ def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int = RECALL_QUERI
     nlist = int(index.params["nlist"])
     if k < 1:
         return 1.0, nlist
+    if queries is None:
+        queries = max(200, min(RECALL_QUERIES, TUNE_WORK // n))
     qi = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
     q = np.asarray(vectors[qi], dtype=np.float32)
     _, exact = streaming_knn(q, rows(vectors), k + 1, index.metric)
