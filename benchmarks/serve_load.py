@@ -115,7 +115,8 @@ class TinyCnnSearcher:
     def info(self) -> dict:
         return {"run": self.run.name, "model": "tiny_cnn (random init)", "task": "classification",
                 "dataset": "synthetic", "gallery_size": self.gallery_size, "embedding_dim": int(self._emb.shape[1]),
-                "metric": "cosine", "index_kind": "flat", "has_classifier": True, "engine": self.engine,
+                "metric": "cosine", "index_kind": "flat", "index_bytes_per_vector": None, "index_recall_at_10": None,
+                "has_classifier": True, "engine": self.engine,
                 "created_at": self._created_at, "precision": "32", "image_sizes": [[self._size, self._size]]}
 
     def gallery_path(self, i: int) -> str:

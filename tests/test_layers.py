@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"data", "models", "metrics"},
     {"inference"},
     {"retrieval"},
-    {"gallery"},
+    {"gallery", "cluster"},
     {"report", "serve"},
     {"tasks"},
     {"cli", "demo", "experiments", "__main__"},

@@ -114,7 +114,8 @@ class FakeSearcher:
         return {"run": self.run.name, "model": "tiny_cnn",
                 "task": "classification" if self._with_classifier else "metric_learning",
                 "dataset": self._dataset, "gallery_size": self.gallery_size, "embedding_dim": 3,
-                "metric": "cosine", "index_kind": "flat", "has_classifier": self._with_classifier,
+                "metric": "cosine", "index_kind": "flat", "index_bytes_per_vector": 32.0, "index_recall_at_10": None,
+                "has_classifier": self._with_classifier,
                 "engine": self.engine, "created_at": "2024-01-01T00:00:00Z", "precision": "32",
                 "image_sizes": [[120, 160]]}
 

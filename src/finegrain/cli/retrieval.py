@@ -12,12 +12,30 @@ from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print
 from finegrain.errors import FinegrainError
 
 
+def print_embed_report(report) -> None:
+    """What ``--ray`` embedding did, in one line."""
+    console.print(f"embedded {report.embedded} of {report.rows} rows in {report.shards} shards into "
+                  f"{report.folder} ({report.skipped} shard(s) already done, {report.unreadable} unreadable, "
+                  f"listed in {report.folder / 'unreadable.tsv'})")
+
+
 def embed(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
-    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    split: Annotated[str, typer.Option(help="train, val, test or all (with --ray: also a folder or a CSV/Parquet "
+                                             "listing of path[,label][,id]).")] = "test",
     engine: EngineOpt = "auto",
+    ray: Annotated[str | None, typer.Option(
+        help="Embed on Ray into resumable shards under RUN/embeddings: 'local' or a cluster address.")] = None,
+    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")]
+    = None,
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
+    if ray is not None:
+        from finegrain.cluster.embed import embed_on_ray
+
+        report = embed_on_ray(run, split, ray, engine=engine, actors=actors)
+        print_embed_report(report)
+        return
     from finegrain.retrieval.gallery import embed_split
 
     path = embed_split(run, split, engine=engine)
@@ -28,16 +46,30 @@ def index(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     gallery: Annotated[str, typer.Option(help="A split of the run's dataset (train, val, test, all) or a folder.")]
     = "test",
-    kind: Annotated[str, typer.Option(help="flat (exact), hnsw or ivf.")] = "flat",
+    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, ivf or ivfpq (10^6+ vectors; see docs/scale.md).")]
+    = "flat",
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
     engine: EngineOpt = "auto",
     replace: Annotated[bool, typer.Option(
         help="Replace RUN/index even when it holds another gallery or one of a very different size.")] = False,
+    ray: Annotated[str | None, typer.Option(
+        help="Embed on Ray: 'local' starts Ray here, else a cluster address ('auto', 'ray://HOST:10001'); the "
+             "gallery may then also be a CSV/Parquet listing of path[,label][,id].")] = None,
+    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")]
+    = None,
+    recall: Annotated[float, typer.Option(help="With --ray and --kind ivfpq: the recall@10 to reach.")] = 0.95,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
-    from finegrain.retrieval.gallery import build_index
+    if ray is not None:
+        from finegrain.cluster.gallery import build_index_on_ray
 
-    dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
+        dest, info, report = build_index_on_ray(run, gallery, ray, kind=kind, metric=metric, recall=recall,
+                                                engine=engine, actors=actors)
+        print_embed_report(report)
+    else:
+        from finegrain.retrieval.gallery import build_index
+
+        dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"

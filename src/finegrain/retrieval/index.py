@@ -116,6 +116,14 @@ def ivf_params(n: int) -> tuple[int, int]:
 INDEX_KINDS: Registry[Callable[[int, str, int], tuple[Any, dict]]] = Registry("index kind")
 """Index kind → builder(dim, metric, n) of an empty FAISS index and its parameters (recorded in the metadata)."""
 
+INDEX_OPENERS: Registry[Callable[[Path, Any, dict], Any]] = Registry("index opener")
+"""Kinds that keep more than a FAISS index → opener(folder, FAISS index read, meta) of the index
+:class:`GalleryIndex` holds; their index object writes its own files (``write_files(folder)``) and
+serialises its FAISS part (``serialize()``)."""
+
+KIND_FILES: set[str] = set()
+"""Files that kinds keep beside the four every index has (allowed in an index folder)."""
+
 
 @INDEX_KINDS.register("flat")
 def _flat(dim: int, metric: str, n: int) -> tuple[Any, dict]:
@@ -185,6 +193,27 @@ def check_k(k: object, gallery_size: int) -> int:
     return int(k)
 
 
+def index_meta(model_checksum: str, dim: int, metric: str, kind: str, n: int, params: dict,
+               recall: float | None, build_seconds: float) -> dict:
+    """meta.json of a new index (its files' sha256 and sizes are added by :meth:`GalleryIndex.save`)."""
+    return {
+        "model_checksum": model_checksum,
+        "dim": int(dim),
+        "metric": metric,
+        "kind": kind,
+        "n": int(n),
+        "params": params,
+        "score": "cosine similarity (higher is closer)" if metric == "cosine"
+                 else "euclidean distance (lower is closer)",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "approx_recall_at_10": recall,
+        "build_seconds": round(build_seconds, 4),
+        "finegrain_version": package_version("finegrain"),
+        "faiss_version": getattr(import_faiss(), "__version__", "unknown"),
+        "index_sha256": None,  # filled in by save()
+    }
+
+
 class GalleryIndex:
     """A FAISS index over gallery embeddings, with labels, paths and metadata.
 
@@ -251,33 +280,21 @@ class GalleryIndex:
 
         index, params = make_index(dim, metric, n)
         t0 = time.perf_counter()
-        if kind == "ivf":
+        if not index.is_trained:
             index.train(x)
         index.add(x)
+        finish = getattr(index, "finish", None)  # a kind that tunes itself once filled (ivfpq)
+        if finish is not None:
+            params = finish()
         build_seconds = time.perf_counter() - t0
 
         recall = None
         if kind != "flat" and measure_recall:
-            recall = cls._measure_recall(index, x, metric)
+            recall = params.get("measured_recall") or cls._measure_recall(index, x, metric)
             # logged, not printed: `finegrain index` prints it from meta with the rest of its summary
             log.info("%s index (%s, n=%d): recall@%d vs exact search = %.4f", kind, metric, n, RECALL_K, recall)
 
-        meta = {
-            "model_checksum": model_checksum,
-            "dim": int(dim),
-            "metric": metric,
-            "kind": kind,
-            "n": int(n),
-            "params": params,
-            "score": "cosine similarity (higher is closer)" if metric == "cosine"
-                     else "euclidean distance (lower is closer)",
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "approx_recall_at_10": recall,
-            "build_seconds": round(build_seconds, 4),
-            "finegrain_version": package_version("finegrain"),
-            "faiss_version": getattr(import_faiss(), "__version__", "unknown"),
-            "index_sha256": None,  # filled in by save()
-        }
+        meta = index_meta(model_checksum, dim, metric, kind, n, params, recall, build_seconds)
         return cls(index, labels, list(map(str, paths)), class_names, meta)
 
     @staticmethod
@@ -327,7 +344,8 @@ class GalleryIndex:
         for stale in d.parent.glob(f".{d.name}.*.tmp"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if d.is_dir():
-            others = sorted(p.name for p in d.iterdir() if p.name not in INDEX_FILES and not p.name.endswith(".tmp"))
+            others = sorted(p.name for p in d.iterdir() if p.name not in INDEX_FILES and p.name not in KIND_FILES
+                            and not p.name.endswith(".tmp"))
             if others:
                 raise FinegrainError(f"{d} holds other files than an index ({', '.join(others[:3])}); "
                                      "choose an empty folder for the index")
@@ -344,6 +362,10 @@ class GalleryIndex:
             atomic_write_bytes(new / INDEX_FILE, data)
             atomic_write_bytes(new / LABELS_FILE, labels)
             atomic_write_bytes(new / PATHS_FILE, paths)
+            write_files = getattr(self.index, "write_files", None)  # a kind's own files (KIND_FILES)
+            sizes = {INDEX_FILE: len(data), **(write_files(new) if write_files is not None else {})}
+            self.meta["files_bytes"] = sizes
+            self.meta["bytes_per_vector"] = round(sum(sizes.values()) / max(1, self.n), 2)
             atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
         except Exception:  # a full disk, say: the old index stays, nothing half-written beside it
             shutil.rmtree(new, ignore_errors=True)
@@ -357,7 +379,8 @@ class GalleryIndex:
         return d
 
     def _serialize(self) -> bytes:
-        return import_faiss().serialize_index(self.index).tobytes()
+        own = getattr(self.index, "serialize", None)  # a kind holding more than a FAISS index
+        return own() if own is not None else import_faiss().serialize_index(self.index).tobytes()
 
     @classmethod
     def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
@@ -369,8 +392,13 @@ class GalleryIndex:
         meta = read_meta(d, METRICS, INDEX_KINDS)
         check_model(d, meta, expected_model_checksum)
         index = read_faiss(d, meta)
+        if meta["kind"] in INDEX_OPENERS:
+            index = INDEX_OPENERS.get(meta["kind"])(d, index, meta)
         _apply_search_params(index, meta["kind"], meta.get("params") or {})
         labels = read_labels(d)
         paths, class_names = read_paths(d)
         check_consistent(d, meta, index, labels, paths)
         return cls(index, labels, paths, class_names, meta)
+
+
+from finegrain.retrieval import large_index as _large_index  # noqa: F401 - registers the "ivfpq" kind

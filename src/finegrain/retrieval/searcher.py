@@ -42,7 +42,16 @@ class Hit:
 Prediction = list[tuple[str, float]]
 
 
-class ServiceInfo(TypedDict):
+class IndexFigures(TypedDict, total=False):
+    """What a searcher may say about its index's size and accuracy (optional in ``/api/info``)."""
+
+    index_bytes_per_vector: float | None
+    """What the index's files hold per vector (codes, graph, float16 copy...)."""
+    index_recall_at_10: float | None
+    """An approximate index's recall@10 against exact search, measured when it was built."""
+
+
+class ServiceInfo(IndexFigures):
     """What a searcher says about itself: ``/api/info`` without the server's own limits.
     No server paths: ``dataset`` is the dataset folder's name only."""
 
@@ -191,6 +200,8 @@ class Searcher:
         return {"run": self.run.name, "model": str(self.cfg.model.backbone), "task": str(self.cfg.task),
                 "dataset": dataset_name(self.cfg.data.root), "gallery_size": self.gallery_size,
                 "embedding_dim": meta.get("dim"), "metric": meta.get("metric"), "index_kind": meta.get("kind"),
+                "index_bytes_per_vector": meta.get("bytes_per_vector"),
+                "index_recall_at_10": meta.get("approx_recall_at_10"),
                 "has_classifier": bool(self.encoder.has_classifier), "engine": self.engine,
                 "created_at": meta.get("created_at"), "precision": str(self.encoder.precision),
                 "image_sizes": [list(s) for s in self.sizes]}

@@ -1,0 +1,265 @@
+"""Benchmark: indexes of 10^6 and 10^7 512-d vectors on one server (ivfpq beside flat and HNSW).
+
+    python benchmarks/scale_index.py [--sizes 1000000 10000000] [--kinds ivfpq flat hnsw] [--out PATH]
+
+Vectors. Real embeddings are the seeds: the 4,092 images of Cars196's test classes (99-196) in
+``../shared/data/stanford_cars``, embedded by EfficientNet-Lite0 with its ImageNet weights (1280-d
+pooled features at 96x128) and projected to 512-d by PCA fitted on them (the 512 leading
+components keep most of the variance and the neighbourhoods), then L2-normalised. The generator
+expands them to N vectors: vector i belongs to seed ``s = i * 4092 // N`` and is
+``normalise(seed_s + sigma * B_s z)``, with ``B_s`` a random orthonormal basis of an 8-d subspace
+drawn once per seed, ``z`` a standard normal 8-vector (drawn per chunk from a fixed seed: any chunk
+can be made again), and ``sigma`` half the median distance of a real seed to its nearest other seed
+divided by sqrt(8). Each seed thus becomes a cloud of near variants in its own few directions,
+the clouds lie where the real images lie, and a query's neighbours are its cloud's nearest
+members and the neighbouring clouds': the structure a catalogue of many photos of similar
+objects has. Queries are 1,000 more vectors of the same generator, never added.
+
+Ground truth: exact top-10 by streaming brute force over regenerated chunks (one chunk in RAM at
+a time). Each index is built and measured in its own process (so its peak RSS is its own): build
+time, peak RSS, bytes per vector (the index's files), recall@10 of the 1,000 queries, and the
+p50/p99 latency of single queries on one thread (FAISS, and the re-rank, on one thread).
+The real 4,092 vectors get rows too (``data: real``): 3,092 indexed, 1,000 held out as queries.
+Rows are written to ``--out`` as each finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from common import log, machine_info, warn_if_busy
+
+RESULTS = ROOT / "benchmarks" / "results" / "scale_index.json"
+WORK = ROOT / "benchmarks" / "out" / "scale_index"
+SEEDS = WORK / "seeds.npy"
+DIM, SUBSPACE, QUERIES, K, CHUNK = 512, 8, 1000, 10, 50_000
+LATENCY_QUERIES = 300
+FLAT_MAX_GB = 4.0
+"""Flat and HNSW hold every float32 vector in RAM: run them only up to this much."""
+
+
+# -- seeds ------------------------------------------------------------------------------
+def real_seeds() -> np.ndarray:
+    """The 4,092 real vectors (see the module docstring), cached in benchmarks/out."""
+    if SEEDS.is_file():
+        return np.load(SEEDS)
+    import torch
+
+    from finegrain.config import build_config
+    from finegrain.data.module import split_for
+    from finegrain.inference.encoder import Encoder
+    from finegrain.models.build import build_from_config
+    from finegrain.retrieval.gallery import embed_records
+
+    root = ROOT.parent / "shared" / "data" / "stanford_cars"
+    if not (root / "devkit").is_dir():
+        sys.exit(f"real data not found at {root}")
+    torch.set_num_threads(1)
+    cfg = build_config({"name": "seeds", "task": "knn", "data": {
+        "root": str(root), "protocol": "retrieval", "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "head": "embedding"}})
+    records = split_for(cfg.data).test
+    model = build_from_config(cfg, None)
+    feats = embed_records(Encoder.of_model(model, cfg, "32"), records).features
+    x = feats - feats.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    seeds = x @ vt[:DIM].T
+    seeds /= np.linalg.norm(seeds, axis=1, keepdims=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    np.save(SEEDS, seeds.astype(np.float32))
+    return seeds.astype(np.float32)
+
+
+class Generator:
+    """N vectors grown from the seeds (module docstring), chunk by chunk, reproducibly."""
+
+    def __init__(self, seeds: np.ndarray, n: int) -> None:
+        self.seeds, self.n = seeds, n
+        rng = np.random.default_rng(12345)
+        g = rng.standard_normal((len(seeds), DIM, SUBSPACE)).astype(np.float32)
+        self.bases = np.linalg.qr(g)[0].transpose(0, 2, 1).copy()  # [S, 8, 512] orthonormal rows
+        d = 2 - 2 * seeds @ seeds.T
+        np.fill_diagonal(d, np.inf)
+        self.sigma = float(0.5 * np.median(np.sqrt(np.maximum(d.min(1), 0))) / np.sqrt(SUBSPACE))
+
+    def _make(self, owners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        z = rng.standard_normal((len(owners), SUBSPACE)).astype(np.float32) * self.sigma
+        x = self.seeds[owners] + np.einsum("nr,nrd->nd", z, self.bases[owners])
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def chunk(self, c: int) -> np.ndarray:
+        lo, hi = c * CHUNK, min(self.n, (c + 1) * CHUNK)
+        owners = (np.arange(lo, hi, dtype=np.int64) * len(self.seeds)) // self.n
+        return self._make(owners, np.random.default_rng([7, c]))
+
+    def chunks(self):
+        return (self.chunk(c) for c in range((self.n + CHUNK - 1) // CHUNK))
+
+    def queries(self) -> np.ndarray:
+        rng = np.random.default_rng(99)
+        return self._make(rng.integers(0, len(self.seeds), QUERIES), rng)
+
+
+def data_for(size: str) -> tuple[int, object, np.ndarray]:
+    """(n, a callable giving the chunks, queries) of a size: an integer, or ``real``."""
+    seeds = real_seeds()
+    if size == "real":
+        order = np.random.default_rng(0).permutation(len(seeds))
+        base, queries = seeds[order[QUERIES:]], seeds[order[:QUERIES]]
+        return len(base), lambda: iter([base]), queries
+    gen = Generator(seeds, int(size))
+    return gen.n, gen.chunks, gen.queries()
+
+
+# -- one measurement per process --------------------------------------------------------------
+def peak_rss_gb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it starts afresh at exec, not at the
+    parent's size; ru_maxrss where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 3)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def truth(size: str) -> Path:
+    """Exact top-10 of the queries (streaming brute force), saved for the index processes."""
+    from finegrain.retrieval.large_index import streaming_knn
+
+    path = WORK / f"truth-{size}.npy"
+    marker = path.with_suffix(".part")
+    if not path.is_file() and marker.is_file() and Path(f"/proc/{marker.read_text().strip()}").exists():
+        while not path.is_file():  # another process of ours computes it: wait for it
+            time.sleep(10)
+    if not path.is_file():
+        marker.write_text(str(os.getpid()))
+        _, chunks, queries = data_for(size)
+        t0 = time.perf_counter()
+        _, ids = streaming_knn(queries, chunks(), K, "cosine")  # type: ignore[operator]
+        np.save(path.with_suffix(".tmp.npy"), ids)
+        os.replace(path.with_suffix(".tmp.npy"), path)
+        marker.unlink(missing_ok=True)
+        log(f"ground truth of {size}: {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def measure(size: str, kind: str) -> dict:
+    import faiss
+
+    from finegrain.retrieval.index import recall_at_k
+    from finegrain.retrieval.large_index import build_ivfpq
+
+    faiss.omp_set_num_threads(1)
+    n, chunks, queries = data_for(size)
+    folder = WORK / f"{kind}-{size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rss_at_start = peak_rss_gb()  # imports, seeds, queries and ground truth: before any index
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if kind == "ivfpq":
+        index = build_ivfpq(chunks, n, DIM, "cosine", folder / "vectors.f16.npy")  # type: ignore[arg-type]
+        faiss.write_index(index.ivf, str(folder / "index.faiss"))  # streamed: no second copy in RAM
+        codes = (folder / "index.faiss").stat().st_size
+        file_bytes = codes + (folder / "vectors.f16.npy").stat().st_size
+        extra = {"ram_bytes_per_vector": round(codes / n, 2), "params": index.params}
+    else:
+        index = faiss.IndexFlatIP(DIM) if kind == "flat" else faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+        if kind == "hnsw":
+            index.hnsw.efConstruction, index.hnsw.efSearch = 40, 128
+            extra = {"params": {"M": 32, "efConstruction": 40, "efSearch": 128}}
+        for c in chunks():  # type: ignore[operator]
+            index.add(c)
+        file_bytes = len(faiss.serialize_index(index))
+    build_s = time.perf_counter() - t0
+    exact = np.load(truth(size))  # computed beside the build when that was started apart
+    _, ids = index.search(queries, K)
+    recall = recall_at_k(ids, exact)
+    times = []
+    for q in queries[:LATENCY_QUERIES]:
+        t = time.perf_counter()
+        index.search(q[None], K)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1000
+    return {"vectors": n, "data": "real" if size == "real" else "generated", "kind": kind,
+            "recall_at_10": round(recall, 4), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3), "peak_rss_gb": peak_rss_gb(),
+            "rss_before_build_gb": rss_at_start,
+            "build_s": round(build_s, 1), "bytes_per_vector": round(file_bytes / n, 2), **extra}
+
+
+def child(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["real", "1000000", "10000000"])
+    p.add_argument("--kinds", nargs="+", default=["ivfpq", "flat", "hnsw"])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--truth", help="only compute (and save) the ground truth of this size")
+    p.add_argument("--no-truth-first", action="store_true",
+                   help="build without waiting for the ground truth (computed apart with --truth)")
+    a = p.parse_args()
+    if a.truth:
+        truth(a.truth)
+        return
+    if a.child:
+        print(json.dumps(measure(*a.child)))
+        return
+    result = {"benchmark": "scale_index", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": machine_info(), "busy_warning": warn_if_busy(),
+              "generator": {"seeds": "Cars196 test classes (4,092 images), EfficientNet-Lite0 ImageNet features "
+                            "at 96x128, PCA to 512-d, L2-normalised", "subspace_dim": SUBSPACE, "queries": QUERIES},
+              "threads": 1, "rows": []}
+    if a.out.is_file():  # a resumed run keeps the rows it has
+        old = json.loads(a.out.read_text())
+        result["rows"] = old.get("rows", [])
+    WORK.mkdir(parents=True, exist_ok=True)
+    real_seeds()
+    result["generator"]["sigma"] = Generator(real_seeds(), 10**6).sigma
+    for size in a.sizes:
+        if not a.no_truth_first:
+            log(f"ground truth for {size}")
+            done = child("--truth", size)
+            if done.returncode != 0:
+                sys.exit(f"ground truth failed:\n{done.stderr[-3000:]}")
+        for kind in a.kinds:
+            if any(r.get("size") == size and r["kind"] == kind for r in result["rows"]):
+                continue
+            n = 0 if size == "real" else int(size)
+            if kind != "ivfpq" and n * DIM * 4 / 2**30 > FLAT_MAX_GB:
+                result["rows"].append({"size": size, "vectors": n, "data": "generated", "kind": kind, "skipped":
+                                       f"needs {n * DIM * 4 / 2**30:.0f} GB of RAM for its float32 vectors "
+                                       f"(more than the {FLAT_MAX_GB:.0f} GB goal)"})
+                continue
+            log(f"{kind} at {size}")
+            done = child("--child", size, kind)
+            row = {"size": size, **json.loads(done.stdout)} if done.returncode == 0 else {
+                "size": size, "vectors": n, "kind": kind, "error": done.stderr[-1500:]}
+            log(json.dumps(row))
+            result["rows"].append(row)
+            result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(result, indent=2) + "\n")
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

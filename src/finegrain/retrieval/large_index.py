@@ -1,0 +1,349 @@
+"""The ``ivfpq`` index kind, for 10^6-10^8 vectors on one server: IVF with PQ (or OPQ+PQ) codes in
+RAM and an exact re-rank of the best candidates from every vector kept in float16 on disk.
+
+```
+index/
+  index.faiss      the IVF-PQ index (FAISS): about ``m`` bytes of code + 8 of id a vector
+  vectors.f16.npy  every vector in float16, memory-mapped: a query reads only its candidates' rows
+  labels.npy, paths.json, meta.json   as for every kind
+```
+
+A search scans ``nprobe`` inverted lists with the PQ codes, keeps the best
+:data:`RERANK_CANDIDATES` (at least ``k``), and orders them by their exact score computed from the
+stored vectors, so the scores returned are the same as a flat index's (up to float16 rounding).
+
+Building never needs every vector in RAM: :func:`build_ivfpq` trains on a random sample of the
+stream of chunks, then adds it chunk by chunk, writing the float16 vectors as they come. ``nlist``,
+the code size and ``nprobe`` follow from the gallery size and a recall target: the smallest
+``nprobe`` reaching it on held-out queries (gallery vectors whose own entry is left out of both
+answers) is kept, and the recall measured is written into the metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finegrain.errors import FinegrainError
+from finegrain.faiss_import import import_faiss
+from finegrain.retrieval.index import (
+    INDEX_KINDS,
+    INDEX_OPENERS,
+    KIND_FILES,
+    RECALL_K,
+    RECALL_QUERIES,
+    faiss_metric,
+    recall_at_k,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "ivfpq"
+VECTORS_FILE = "vectors.f16.npy"
+DEFAULT_RECALL = 0.95
+RERANK_CANDIDATES = 100
+"""PQ candidates re-ranked exactly per query (``k`` when more are asked); doubled, up to
+:data:`MAX_RERANK`, when scanning every list does not reach the recall target."""
+MAX_RERANK = 800
+TRAIN_POINTS_PER_LIST = 50
+PQ_TRAIN_POINTS = 256 * 39  # 8-bit codebooks: FAISS wants 39 points per centroid
+HNSW_QUANTIZER_FROM = 1024
+"""From this many lists the coarse quantizer is an HNSW graph of the centroids: assigning 10^7
+vectors to 4,096 centroids by brute force alone takes a core a quarter of an hour."""
+STREAM_CHUNK = 65536
+KMEANS_NITER = 10
+TUNE_WORK = 10**9
+"""Held-out queries times gallery vectors that tuning compares exactly: 1,000 queries up to 10^6
+vectors, fewer beyond (at least 200), as each one costs a pass over every vector."""
+SEARCH_BLOCK = 64
+
+KIND_FILES.add(VECTORS_FILE)
+
+
+def ivfpq_params(n: int, dim: int, recall: float = DEFAULT_RECALL, opq: bool = False) -> dict:
+    """``nlist`` (a power of two near sqrt(n), at least 39 training points each), PQ code bytes
+    ``m`` (dim/8 for a recall target of 0.9 or more, else dim/16, a divisor of dim) and bits per
+    code (8, fewer for galleries too small to train 256 centroids a sub-space)."""
+    if not 0 < recall <= 1:
+        raise FinegrainError(f"--recall must be in (0, 1]; got {recall}")
+    nlist = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n)))))
+    nlist = max(1, min(nlist, n // 39))
+    wanted = max(1, dim // (8 if recall >= 0.9 else 16))
+    m = max(d for d in range(1, wanted + 1) if dim % d == 0)
+    nbits = int(max(1, min(8, math.floor(math.log2(max(2, n // 39))))))
+    return {"nlist": nlist, "m": m, "nbits": nbits, "opq": bool(opq), "recall_target": recall,
+            "rerank": RERANK_CANDIDATES,
+            "train_points": min(n, max(nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS))}
+
+
+def _factory(dim: int, params: dict) -> str:
+    quantizer = "_HNSW32" if params["nlist"] >= HNSW_QUANTIZER_FROM else ""
+    opq = f"OPQ{params['m']}," if params["opq"] else ""
+    return f"{opq}IVF{params['nlist']}{quantizer},PQ{params['m']}x{params['nbits']}np"  # np: no polysemous training (slow, unused)
+
+
+def _top(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each row (highest inner product, lowest squared L2); missing ids last."""
+    key = -scores if metric == "cosine" else scores.copy()
+    key[ids < 0] = np.inf
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def streaming_knn(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours of ``queries`` over a stream of base chunks (ids count rows across them),
+    holding one chunk at a time: (faiss scores, ids) as :func:`exact_neighbours` gives them."""
+    faiss = import_faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(q), k, keep_max=metric == "cosine")
+    start = 0
+    for chunk in chunks:
+        base = np.ascontiguousarray(chunk, dtype=np.float32)
+        d, i = faiss.knn(q, base, min(k, len(base)), metric=faiss_metric(metric))
+        heap.add_result(d, np.where(i >= 0, i + start, -1))
+        start += len(base)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def rows(array: np.ndarray, chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:
+    """``array`` in float32 chunks of ``chunk`` rows; a memory map is read with plain reads, so
+    streaming a file larger than RAM leaves none of it mapped in this process."""
+    if not isinstance(array, np.memmap) or array.filename is None:
+        for s in range(0, len(array), chunk):
+            yield np.asarray(array[s:s + chunk], dtype=np.float32)
+        return
+    width = array.shape[1] * array.dtype.itemsize
+    with open(array.filename, "rb") as f:
+        for s in range(0, len(array), chunk):
+            f.seek(array.offset + s * width)
+            n = min(chunk, len(array) - s)
+            yield np.frombuffer(f.read(n * width), dtype=array.dtype).reshape(n, -1).astype(np.float32)
+
+
+class RerankedIVFPQ:
+    """An IVF-PQ FAISS index whose candidates are re-ranked with the exact vectors (float16).
+
+    It answers as a FAISS index does (``d``, ``ntotal``, ``is_trained``, ``train``, ``add``,
+    ``search``), so :class:`~finegrain.retrieval.index.GalleryIndex` holds it like any other kind.
+    """
+
+    def __init__(self, ivf: Any, metric: str, params: dict, vectors: np.ndarray | None = None,
+                 vectors_file: Path | None = None, n: int | None = None) -> None:
+        self.ivf = ivf
+        self.metric = metric
+        self.params = params
+        self.vectors = vectors  # [ntotal, d] float16 once built or opened
+        self._file = vectors_file
+        self._parts: list[np.ndarray] = []
+        self._n = n
+        self._out: Any = None
+        if vectors is None and vectors_file is not None:  # written with plain writes: no page stays mapped
+            if n is None:
+                raise ValueError("a vectors file needs the number of vectors")
+            self._out = open(vectors_file, "wb")  # noqa: SIM115 - closed by finish()
+            np.lib.format.write_array_header_1_0(self._out, {"descr": np.dtype(np.float16).str,
+                                                             "fortran_order": False, "shape": (n, int(ivf.d))})
+        self._filled = 0
+        self.set_nprobe(int(params.get("nprobe", 1)))
+
+    @classmethod
+    def empty(cls, dim: int, metric: str, params: dict, vectors_file: Path | None = None,
+              n: int | None = None) -> RerankedIVFPQ:
+        """An untrained index of ``params`` (:func:`ivfpq_params`)."""
+        faiss = import_faiss()
+        ivf = faiss.index_factory(dim, _factory(dim, params), faiss_metric(metric))
+        ivf_part = faiss.extract_index_ivf(ivf)
+        ivf_part.cp.min_points_per_centroid = 1  # small galleries: nlist is already capped by n / 39
+        ivf_part.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+        ivf_part.cp.niter = KMEANS_NITER
+        return cls(ivf, metric, dict(params), vectors_file=vectors_file, n=n)
+
+    # -- what a FAISS index answers --------------------------------------------------
+    @property
+    def d(self) -> int:
+        return int(self.ivf.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ivf.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.ivf.is_trained)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        import_faiss().extract_index_ivf(self.ivf).nprobe = nprobe
+        self.params["nprobe"] = nprobe
+
+    def train(self, sample: np.ndarray) -> None:
+        self.ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    def add(self, x: np.ndarray) -> None:
+        """Add a chunk (ids continue from the last one), keeping its float16 copy for the re-rank."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self._out is not None:
+            if self._filled + len(x) > (self._n or 0):
+                raise FinegrainError(f"more vectors than the {self._n} announced")
+            self._out.write(x.astype(np.float16).tobytes())
+        else:
+            self._parts.append(x.astype(np.float16))
+        self._filled += len(x)
+        self.ivf.add(x)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best of the PQ candidates by exact score: (faiss scores, ids)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if len(q) > SEARCH_BLOCK:  # bounds the candidates' vectors held at once
+            parts = [self.search(q[s:s + SEARCH_BLOCK], k) for s in range(0, len(q), SEARCH_BLOCK)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        vectors = self._stored()
+        _, cand = self.ivf.search(q, max(k, int(self.params.get("rerank", RERANK_CANDIDATES))))
+        safe = np.where(cand >= 0, cand, 0)
+        order = np.argsort(safe, axis=None)  # ascending rows: a memory map reads them in file order
+        flat = np.empty((safe.size, self.d), dtype=np.float32)
+        flat[order] = vectors[safe.reshape(-1)[order]]
+        v = flat.reshape(*safe.shape, self.d)
+        if self.metric == "cosine":
+            scores = np.einsum("qcd,qd->qc", v, q)
+        else:
+            scores = np.einsum("qcd,qcd->qc", v - q[:, None], v - q[:, None])
+        return _top(scores.astype(np.float32), cand, k, self.metric)
+
+    # -- building ---------------------------------------------------------------------
+    def _stored(self) -> np.ndarray:
+        if self._out is not None:  # the last chunk is written: map the file
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+            self._out = None
+            self.vectors = np.load(str(self._file), mmap_mode="r")
+        if self._parts:
+            self.vectors = np.concatenate(([self.vectors] if self.vectors is not None else []) + self._parts)
+            self._parts = []
+        if self.vectors is None:
+            raise FinegrainError("the index holds no vectors yet")
+        return self.vectors
+
+    def finish(self) -> dict:
+        """After the last :meth:`add`: choose ``nprobe`` for the recall target on held-out
+        queries; returns the parameters, with ``measured_recall``."""
+        vectors = self._stored()
+        if self._filled != len(vectors):
+            raise FinegrainError(f"{self._filled} vectors added, {len(vectors)} announced")
+        recall, nprobe = tune_nprobe(self, float(self.params.get("recall_target", DEFAULT_RECALL)))
+        self.set_nprobe(nprobe)
+        self.params["measured_recall"] = recall
+        return dict(self.params)
+
+    # -- files --------------------------------------------------------------------------
+    def serialize(self) -> bytes:
+        return import_faiss().serialize_index(self.ivf).tobytes()
+
+    def write_files(self, folder: Path) -> dict[str, int]:
+        """Put ``vectors.f16.npy`` into ``folder`` (moved when it is already a file on this
+        file system, else written); returns its size in bytes by name."""
+        vectors = self._stored()
+        dest = folder / VECTORS_FILE
+        if self._file is not None and self._file.is_file():
+            os.replace(self._file, dest)  # the open map still reads the same file
+            self._file = None
+        else:
+            with open(dest, "wb") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(vectors), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        return {VECTORS_FILE: dest.stat().st_size}
+
+
+def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int | None = None,
+                seed: int = 0) -> tuple[float, int]:
+    """The smallest power-of-two ``nprobe`` (then, with every list scanned, the fewest re-ranked
+    candidates) whose recall@10 reaches ``target``, and the recall it measured, on up to ``queries`` gallery vectors searched as held-out
+    queries: each one's own entry is dropped from the exact and the approximate answers."""
+    vectors = index._stored()
+    n = len(vectors)
+    k = min(RECALL_K, n - 1)
+    nlist = int(index.params["nlist"])
+    if k < 1:
+        return 1.0, nlist
+    if queries is None:
+        queries = max(200, min(RECALL_QUERIES, TUNE_WORK // n))
+    qi = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+    q = np.asarray(vectors[qi], dtype=np.float32)
+    _, exact = streaming_knn(q, rows(vectors), k + 1, index.metric)
+    exact = _without(exact, qi, k)
+    nprobe = 1
+    while True:
+        index.set_nprobe(nprobe)
+        _, ids = index.search(q, k + 1)
+        recall = round(recall_at_k(_without(ids, qi, k), exact), 6)
+        rerank = int(index.params.get("rerank", RERANK_CANDIDATES))
+        log.info("ivfpq: nprobe %d, %d re-ranked: recall@%d %.4f", nprobe, rerank, k, recall)
+        if recall >= target or (nprobe >= nlist and rerank >= MAX_RERANK):
+            return recall, nprobe
+        if nprobe < nlist:
+            nprobe = min(nlist, nprobe * 2)
+        else:  # every list scanned: the codes rank too coarsely, re-rank more of them
+            index.params["rerank"] = min(MAX_RERANK, rerank * 2)
+
+
+def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first ``k`` ids other than its own (rows that lack it drop their last)."""
+    out = np.empty((len(ids), k), dtype=np.int64)
+    for r, (row, me) in enumerate(zip(ids, own, strict=True)):
+        out[r] = row[row != me][:k]
+    return out
+
+
+def build_ivfpq(chunks: Callable[[], Iterable[np.ndarray]], n: int, dim: int, metric: str,
+                vectors_file: Path, recall: float = DEFAULT_RECALL, opq: bool = False,
+                seed: int = 0) -> RerankedIVFPQ:
+    """An ``ivfpq`` index of ``n`` vectors that ``chunks()`` yields (ready: normalised for cosine)
+    in two passes, holding one chunk at a time: the training sample, then the codes and the float16
+    copy (written to ``vectors_file``). ``nprobe`` is tuned to ``recall`` (:meth:`finish`)."""
+    if n < 2:
+        raise FinegrainError("an ivfpq index needs at least 2 vectors")
+    params = ivfpq_params(n, dim, recall, opq)
+    index = RerankedIVFPQ.empty(dim, metric, params, vectors_file=vectors_file, n=n)
+    take = np.sort(np.random.default_rng(seed).choice(n, size=params["train_points"], replace=False))
+    sample, start = [], 0
+    for chunk in chunks():
+        lo, hi = np.searchsorted(take, [start, start + len(chunk)])
+        sample.append(np.asarray(chunk, dtype=np.float32)[take[lo:hi] - start])
+        start += len(chunk)
+    if start != n:
+        raise FinegrainError(f"the chunks hold {start} vectors, not {n}")
+    index.train(np.concatenate(sample))
+    del sample
+    for chunk in chunks():
+        index.add(chunk)
+    index.finish()
+    return index
+
+
+@INDEX_KINDS.register(KIND)
+def _ivfpq(dim: int, metric: str, n: int) -> tuple[Any, dict]:
+    params = ivfpq_params(n, dim)
+    index = RerankedIVFPQ.empty(dim, metric, params)
+    return index, index.params
+
+
+@INDEX_OPENERS.register(KIND)
+def _open(d: Path, ivf: Any, meta: dict) -> RerankedIVFPQ:
+    path = d / VECTORS_FILE
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise FinegrainError(f"damaged index file {path}: {e} (rebuild it with `finegrain index RUN`)") from None
+    if vectors.shape != (int(meta["n"]), int(meta["dim"])) or vectors.dtype != np.float16:
+        raise FinegrainError(f"damaged index file {path}: {vectors.dtype} {vectors.shape}, the index holds "
+                             f"{meta['n']} vectors of {meta['dim']} (rebuild it with `finegrain index RUN`)")
+    return RerankedIVFPQ(ivf, meta["metric"], dict(meta.get("params") or {}), vectors=vectors)
