@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
 from finegrain.errors import FinegrainError
-from finegrain.machine import resolve_precision, set_threads
+from finegrain.machine import resolve_precision, set_threads, tune_allocator
 from finegrain.progress import wanted as progress_wanted
 from finegrain.runs import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run, die,
                             fault_point)
@@ -333,6 +333,7 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
     from finegrain.data.module import FinegrainDataModule
 
     quiet_lightning()
+    tune_allocator()  # no mmap/munmap of every step's tensors (machine.ALLOCATOR_SETTINGS)
     run = create_run(cfg, runs_root, resume=resume, override_stored=override_stored)
     try:
         if resume:

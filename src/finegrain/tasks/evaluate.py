@@ -14,7 +14,7 @@ import numpy as np
 from finegrain import __version__
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
-from finegrain.machine import machine_info
+from finegrain.machine import machine_info, tune_allocator
 from finegrain.runs import RunDir, atomic_write_json, atomic_write_text, open_run
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     from finegrain.retrieval.embeddings import save_embeddings
 
     run = open_run(run_path)
+    tune_allocator()  # the evaluation's batches too (machine.ALLOCATOR_SETTINGS)
     encoder = open_encoder(run, engine, precision)
     loaded, cfg = encoder.loaded, encoder.cfg
     protocol = protocol or cfg.data.protocol
