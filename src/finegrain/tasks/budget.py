@@ -61,6 +61,8 @@ class Rung:
 
 
 LADDER: tuple[Rung, ...] = (
+    Rung(96, 4, 1, 2),
+    Rung(112, 4, 2, 3),
     Rung(128, 4, 2, 4),
     Rung(160, 4, 2, 4),
     Rung(160, 4, 2, 6),
