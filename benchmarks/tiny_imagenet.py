@@ -59,7 +59,7 @@ def cost(config: str, threads: int, steps: int = 4, batch: int = 128) -> dict[st
     from finegrain.models.build import build_from_config
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, profile="quick")
+    cfg = load_config(config, profile="quick", overrides=[f"data.root={TIN}"])
     model = build_from_config(cfg, 200).to(memory_format=torch.channels_last)
     h, w = cfg.data.image_size
     model.eval()
@@ -129,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     })
     result.setdefault("models", {})
     models = [m for m in MODELS if not args.only or m in args.only]
-    n_train = len(split_for(load_config(MODELS[0], profile="quick").data).train)
+    n_train = len(split_for(load_config(MODELS[0], profile="quick", overrides=[f"data.root={TIN}"]).data).train)
     jobs = []
     for name in models:
         c = cost(name, threads)
         epochs = max(1, int(args.budget * 60 * BUDGET_SHARE_FOR_TRAINING * c["train_images_per_cpu_second"] / n_train))
         log(f"{name}: {c}; {epochs} epoch(s) of {n_train} images fit the budget")
-        result["models"][name] = {"description": load_config(name).description, "cost": c, "epochs": epochs}
+        result["models"][name] = {"description": load_config(name, overrides=[f"data.root={TIN}"]).description, "cost": c, "epochs": epochs}
         if (args.runs / name).exists():
             shutil.rmtree(args.runs / name)  # a fresh run: an honest time
-        argv_ = [sys.executable, "-m", "finegrain", "train", name, "--profile", "quick", "--runs", str(args.runs),
+        argv_ = [sys.executable, "-m", "finegrain", "train", name, "--data", str(TIN), "--profile", "quick", "--runs", str(args.runs),
                  "--set", f"train.epochs={epochs}"]
         if threads == 1:
             argv_ += ["--set", "data.num_workers=0"]
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def done(name: str, code: int, wall: float, cpu: float, peak_gb: float) -> None:
         entry = result["models"][name]
-        entry.update({"command": f"finegrain train {name} --profile quick --set train.epochs={entry['epochs']}",
+        entry.update({"command": f"finegrain train {name} --data {TIN} --profile quick --set train.epochs={entry['epochs']}",
                       "threads": threads, "wall_seconds": round(wall, 1), "cpu_minutes": round(cpu / 60, 2),
                       "peak_memory_gb": round(peak_gb, 2)})
         metrics_file = args.runs / name / "metrics.json"

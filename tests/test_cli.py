@@ -100,6 +100,13 @@ def test_info_json_no_bench(tmp_path):
     plan = doc["thread_plan"]
     assert (plan["workers"], plan["torch_threads"]) == machine.plan_threads(plan["workers_asked"])
     assert doc["inference_speed"] is None
+    assert doc["budget_clock"].startswith("wall-clock time on this machine")
+
+
+def test_info_says_what_a_budget_counts():
+    r = CliRunner().invoke(app, ["info", "--no-bench"], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"--budget +│ wall-clock time on this machine for the whole `finegrain train` command", r.stdout)
 
 
 @pytest.mark.slow

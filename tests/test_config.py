@@ -124,11 +124,12 @@ def test_a_bad_value_is_quoted_in_a_few_characters_never_whole(tmp_path):
     assert "description" in str(e.value) and len(str(e.value)) < 400
 
 
-def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss():
+def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss(monkeypatch, tmp_path):
     """cars196-lite0-nsm (the shipped retrieval recipe) changes only the loss of cars196-lite0-ms, in every profile,
     so the two stay comparable when the multi-similarity recipe changes; its cpu45 profile also freezes a
     fourth stage, trains and tests on larger images and keeps no validation carve-out (what its benchmark
     rows measured)."""
+    monkeypatch.setenv("FINEGRAIN_DATA", str(tmp_path))
     for profile in (None, "quick", "cpu45"):
         ms, nsm = load_config("cars196-lite0-ms", profile), load_config("cars196-lite0-nsm", profile)
         assert nsm.loss.name == "normalized_softmax" and ms.loss.name == "multi_similarity"
@@ -143,7 +144,7 @@ def test_normalized_softmax_recipe_is_the_multi_similarity_one_but_for_its_loss(
         assert nsm.description != ms.description and "normalized softmax" in nsm.description
 
 
-def test_shipped_configs_are_package_data():
+def test_shipped_configs_are_package_data(monkeypatch, tmp_path):
     """The shipped configs live inside the package (so a wheel has them), extends included."""
     import finegrain
     from finegrain.config import CONFIG_DIR, resolve_config_path, shipped_configs
@@ -156,7 +157,9 @@ def test_shipped_configs_are_package_data():
     assert resolve_config_path("cars-lite0.yaml") == CONFIG_DIR / "cars-lite0.yaml"
     # cars-lite0 takes its dataset from _cars.yaml beside it
     assert "extends" in yaml.safe_load((CONFIG_DIR / "cars-lite0.yaml").read_text())
-    assert load_config("cars-lite0").data.root == yaml.safe_load((CONFIG_DIR / "_cars.yaml").read_text())["data"]["root"]
+    monkeypatch.setenv("FINEGRAIN_DATA", str(tmp_path))
+    assert yaml.safe_load((CONFIG_DIR / "_cars.yaml").read_text())["data"]["root"] == "${FINEGRAIN_DATA}/stanford_cars"
+    assert load_config("cars-lite0").data.root == f"{tmp_path}/stanford_cars"
 
 
 def test_unknown_config_names_where_configs_are_looked_for():
@@ -167,7 +170,7 @@ def test_unknown_config_names_where_configs_are_looked_for():
     assert str(CONFIG_DIR) in str(e.value) and "Did you mean 'cars-lite0'?" in str(e.value)
 
 
-def test_empty_or_all_default_config_names_what_is_missing(tmp_path):
+def test_empty_or_all_default_config_names_what_is_missing(tmp_path, monkeypatch):
     """An empty file trained a ResNet-50 on every default; now it says what a config must set."""
     from finegrain.config import CONFIG_DIR, shipped_configs
 
@@ -189,7 +192,12 @@ def test_empty_or_all_default_config_names_what_is_missing(tmp_path):
     knn = write(tmp_path / "k.yaml", {"name": "k", "task": "knn", "data": {"root": "synthetic"},
                                       "eval": {"source_run": "other"}})
     assert load_config(knn).eval.source_run == "other"
-    # every shipped config says all of it
+    # every shipped config says all of it, but the generic recipes, whose images are the user's (--data)
+    monkeypatch.setenv("FINEGRAIN_DATA", str(tmp_path))
     for name in shipped_configs():
-        load_config(name)
+        if name in ("classify", "retrieve"):
+            with pytest.raises(ConfigError, match=r"^" + name + r" needs your images: give --data PATH"):
+                load_config(name)
+        else:
+            load_config(name)
     assert len(shipped_configs()) >= 20 and CONFIG_DIR.is_dir()

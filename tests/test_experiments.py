@@ -121,7 +121,8 @@ def test_suite_end_to_end_writes_tables_with_every_row(tmp_path):
     ret = md_rows(md, "| Model | Recall@1 | Recall@2 | Recall@4 | Recall@8 | MAP@R |")
     assert set(cls) == {"t-cls", "t-knn"} and set(ret) == {"t-ml"}
     for name, cells in cls.items():
-        loss, acc, f1, prec, rec, seconds = cells[1:]
+        loss, acc, f1, prec, rec, seconds, tested_on = cells[1:]
+        assert tested_on == f"test split ({metrics[name]['protocol']['n_test']})"
         if name == "t-knn":
             assert loss == "—"  # vote shares have no meaningful cross-entropy
         else:

@@ -147,3 +147,56 @@ def test_timed_benchmark_runs_report_each_process_peak_memory(monkeypatch, tmp_p
               2, 1, lambda name, code, wall, cpu, peak_gb: done.update({name: (code, peak_gb)}))
     assert done["big"][0] == done["small"][0] == 0
     assert done["big"][1] - done["small"][1] > 0.3
+
+
+
+STEP = """
+import json, resource
+from finegrain import machine
+tuned = machine.tune_allocator()
+import torch
+from finegrain.config import load_config
+from finegrain.models.build import build_from_config
+torch.set_num_threads(1)
+torch.manual_seed(0)
+cfg = load_config("classify", overrides=["data.root=synthetic", "data.image_size=[256, 341]"])
+model = build_from_config(cfg, 196, weights="none").train().to(memory_format=torch.channels_last)
+with torch.no_grad():
+    maps = model.frozen_prefix(model.normalise_input(torch.randint(0, 256, (32, 3, 256, 341), dtype=torch.uint8)))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+def step():  # what training on the frozen cache does each step (a recipe's batch of 32 at 256x341)
+    out = model(maps.contiguous(memory_format=torch.channels_last), frozen=True)
+    out["logits"].logsumexp(1).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+step()
+print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_tuned_allocator_keeps_a_training_steps_memory_mapped():
+    """With glibc's defaults the heap is trimmed after every step frees its activations, and the next
+    step faults the same pages in again (thousands of minor faults a step); with tune_allocator the
+    freed memory stays mapped and the next step reuses it."""
+    import json
+    import os
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    out = {}
+    for variant in ("default", ""):
+        env = {**os.environ, "FINEGRAIN_MALLOC": variant, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True, check=True)
+        out[variant or "tuned"] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["tuned"]["tuned"] and not out["default"]["tuned"]
+    assert out["default"]["faults"] > 5000, out
+    assert out["tuned"]["faults"] < out["default"]["faults"] / 5, out

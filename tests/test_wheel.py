@@ -118,6 +118,21 @@ def test_wheel_installs_and_runs_the_demo_outside_the_repo(tmp_path: Path) -> No
     assert 0.0 <= ret["retrieval"]["recall@1"] <= 1.0
     assert (runs / "demo-retrieval" / "index" / "meta.json").is_file()
 
+    # The first command a user with a folder of their own runs: the generic recipe within a budget.
+    from finegrain.data.folder import write_image_folder
+    from tests.data.conftest import make_samples
+
+    folder = write_image_folder(tmp_path / "my photos", ["daisy", "rose", "tulip"], {
+        "train": [(im, label) for im, label, _ in make_samples(3, 6, size=48, seed=1)],
+        "test": [(im, label) for im, label, _ in make_samples(3, 2, size=48, seed=2)]})
+    mine = run([venv / "bin" / "finegrain", "train", "classify", "--data", folder, "--budget", "2m", "--runs",
+                tmp_path / "my-runs"], cwd=work, env=env, timeout=600)
+    assert "budget 2.0 min (wall-clock)" in mine.stdout and "predicted" in mine.stdout
+    metrics = json.loads((tmp_path / "my-runs" / "classify" / "metrics.json").read_text())
+    assert metrics["tested_on"] == {"source": "test split", "images": 6,
+                                    "words": "the data's own test split (6 images)"}
+    assert json.loads((tmp_path / "my-runs" / "classify" / "budget.json").read_text())["budget_seconds"] == 120
+
     # The search page and every asset it names are where the installed app serves them from.
     page = run([python, "-c", """
 import json, re

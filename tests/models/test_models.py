@@ -344,7 +344,7 @@ def test_every_shipped_config_builds_and_trains_one_step():
     names = shipped_configs()
     assert names, "no shipped configs found"
     for name in names:
-        cfg = load_config(name)
+        cfg = load_config(name, overrides=["data.root=synthetic"])  # the model only: no dataset is read
         num_classes = None if (cfg.task == "metric_learning" and cfg.model.head == "embedding") else 196
         torch.manual_seed(0)
         model = build_from_config(cfg, num_classes, weights="none")

@@ -193,13 +193,13 @@ def test_comparison_rows_values(runs, tmp_path):
 def test_markdown_table(runs):
     md = markdown_table(comparison_rows([runs["cls"], runs["ret"]]), title="Seed 000")
     assert md.startswith("# Seed 000")
-    header = "| Model | Loss | Accuracy | F1 | Precision | Recall | Prediction time (s) |"
+    header = "| Model | Loss | Accuracy | F1 | Precision | Recall | Prediction time (s) | Tested on |"
     assert header in md
-    assert "| Model | Recall@1 | Recall@2 | Recall@4 | Recall@8 | MAP@R |" in md
+    assert "| Model | Recall@1 | Recall@2 | Recall@4 | Recall@8 | MAP@R | Tested on |" in md
     cls_line = next(line for line in md.splitlines() if line.startswith("| **cls-run**"))
-    assert cls_line.split(" | ")[1:] == ["0.901", "73.8%", "73.6%", "78.2%", "73.7%", "1.200 |"]
+    assert cls_line.split(" | ")[1:] == ["0.901", "73.8%", "73.6%", "78.2%", "73.7%", "1.200", "not recorded |"]
     ret_line = next(line for line in md.splitlines() if line.startswith("| **ret-run**"))
-    assert ret_line.split(" | ")[1:] == ["51.2%", "64.6%", "75.9%", "85.1%", "12.3% |"]
+    assert ret_line.split(" | ")[1:] == ["51.2%", "64.6%", "75.9%", "85.1%", "12.3%", "not recorded |"]
     # the retrieval run has no classification numbers, so it is not in the first table
     assert md.count("**ret-run**") == 2  # retrieval table row + its protocol line
     assert md.count("**Data and protocol**") == 2
@@ -217,7 +217,7 @@ def test_missing_values_are_dashes(tmp_path):
     (run / "metrics.json").write_text(json.dumps(m))
     md = markdown_table(comparison_rows([run]))
     line = next(ln for ln in md.splitlines() if ln.startswith("| **partial**"))
-    assert line.split(" | ")[1] == "—" and line.endswith("| — |")
+    assert line.split(" | ")[1] == "—" and line.endswith("| — | not recorded |")
     assert "## Retrieval" not in md
 
 

@@ -32,13 +32,14 @@ def machine_facts(workers: int = 2, bench_seconds: float | None = 5.0, quiet: bo
     import torch
 
     from finegrain import machine
+    from finegrain.tasks.budget import BUDGET_CLOCK
 
     facts = machine.machine_info()
     planned_workers, planned_threads = machine.plan_threads(workers)
     facts.update({
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "thread_plan": {"workers_asked": workers, "workers": planned_workers, "torch_threads": planned_threads},
-        "inference_speed": None,
+        "inference_speed": None, "budget_clock": BUDGET_CLOCK,
     })
     if bench_seconds is not None:
         facts["inference_speed"] = inference_speed(bench_seconds, quiet)
@@ -103,6 +104,7 @@ def add_cpu_rows(t, facts: dict) -> None:
     if facts["auto_precision"] == "bf16-mixed" and not facts["cuda"]:
         t.add_row("", "a run on the frozen cache builds it in its evaluation's precision (fp32 on an ONNX "
                       "export, else bf16) and trains in whichever of bf16 and fp32 a probe at its start finds faster")
+    t.add_row("--budget", facts["budget_clock"])
     t.add_row("engines", ", ".join(f"{e} ({facts['versions'].get(p) or 'not installed'})" for e, p in
                                    (("torch", "torch"), ("onnx", "onnxruntime"))) + "; --engine auto: onnx for a run "
               "with an export of its current checkpoint")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +15,9 @@ from finegrain.errors import FinegrainError
 
 def train(
     config: Annotated[str, typer.Argument(help="A config file, or a shipped config name (see `finegrain configs`).")],
+    data: Annotated[Path | None, typer.Option(
+        help="Your images: a folder of class sub-folders (train/ and test/ inside if you have a test split) or a "
+             "CSV list; sets data.root.")] = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: the config's name).")] = None,
@@ -24,12 +29,20 @@ def train(
     override_stored: Annotated[bool, typer.Option(
         "--override-stored", help="With --resume: continue with this config although it differs from the "
                                   "stored one (which it replaces).")] = False,
+    budget: Annotated[str | None, typer.Option(
+        help="A time budget such as 30m or 2h, in wall-clock time on this machine for the whole command: "
+             "chooses the image size, frozen stages, cached views and epochs of a frozen-cache recipe "
+             "(classify, retrieve) from the data's size and a speed probe, prints the plan, and stops "
+             "training in time for the evaluation (--resume continues).")] = None,
 ) -> None:
     """Train a model; writes the run directory."""
     from finegrain.config import load_config
     from finegrain.tasks.workflow import train_and_evaluate
 
-    sets = list(set_ or [])
+    started = time.monotonic()
+
+    sets = [data_override(data)] if data is not None else []
+    sets += list(set_ or [])
     if devices is not None:
         sets.append(f"train.devices={devices}")
     if num_nodes is not None:
@@ -38,16 +51,43 @@ def train(
         sets.append(f"name={name}")
     cfg = load_config(config, profile=profile, overrides=sets)
     changed = [s for s in set_ or [] if not s.startswith("description=")]
-    if changed and cfg.description:  # the file's words describe the file: say what this run changed
-        cfg = cfg.model_copy(update={"description": f"{cfg.description}; with --set {', '.join(changed)}"})
+    plan, deadline = None, None
+    if budget is not None:
+        from finegrain.tasks.budget import parse_budget, plan_for
+
+        seconds = parse_budget(budget)
+        reserve = 0.15 * seconds  # a resumed run keeps its stored settings: no new plan
+        if not resume:
+            plan = plan_for(cfg, seconds)
+            console.print(plan.words(), highlight=False)
+            cfg = load_config(config, profile=profile, overrides=sets + plan.overrides())
+            reserve = plan.seconds["evaluation"] + plan.seconds["overhead"] / 2  # the export
+        deadline = started + seconds - reserve
+    if (changed or plan) and cfg.description:  # the file's words describe the file: say what this run changed
+        words = cfg.description + (f"; with --set {', '.join(changed)}" if changed else "")
+        words += f"; planned for --budget {budget}: {', '.join(plan.overrides())}" if plan else ""
+        cfg = cfg.model_copy(update={"description": words})
     run, metrics = train_and_evaluate(cfg, runs, resume=resume, override_stored=override_stored,
-                                      evaluate=evaluate_after)
+                                      evaluate=evaluate_after, deadline=deadline)
+    if plan is not None and (metrics is not None or not evaluate_after):
+        from finegrain.tasks.budget import minutes, write_plan
+
+        spent = time.monotonic() - started
+        write_plan(run.path, plan, spent)
+        console.print(f"budget {minutes(plan.budget_seconds)}: {minutes(spent)} spent (predicted "
+                      f"{minutes(plan.predicted_seconds)}); the plan is in {run.path / 'budget.json'}", highlight=False)
     if metrics is not None or not evaluate_after:  # a DDP process other than the first says nothing
         console.print(f"run directory: [bold]{run.path}[/]")
     if metrics is not None:
         from finegrain.tasks.evaluate import render_metrics
 
         console.print(render_metrics(metrics))
+
+
+def data_override(path: Path) -> str:
+    """``data.root=PATH`` as a ``--set`` value: absolute (the run is opened from anywhere) and quoted
+    (a folder named ``2024`` or ``yes`` stays a path)."""
+    return "data.root=" + json.dumps(str(path.expanduser().absolute()))
 
 
 def evaluate(
@@ -86,7 +126,7 @@ def export(
 def experiments_run(
     suite: Annotated[str, typer.Argument(help="seed-000, seed-001, ours or all (or a comma-separated config list).")],
     profile: ProfileOpt = None,
-    data: Annotated[Optional[Path], typer.Option(help="Run every config on this dataset instead.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Run every config on this dataset instead.")] = None,
     runs: RunsOpt = Path("runs"),
     set_: SetOpt = None,
 ) -> None:
@@ -102,7 +142,7 @@ def experiments_run(
 
 
 def demo(
-    data: Annotated[Optional[Path], typer.Option(help="Run on this dataset instead of the built-in synthetic one.")]
+    data: Annotated[Path | None, typer.Option(help="Run on this dataset instead of the built-in synthetic one.")]
     = None,
     runs: Annotated[Path, typer.Option(help="Folder for the demo's run directories.")] = Path("runs"),
     epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,

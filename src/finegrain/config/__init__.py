@@ -21,6 +21,7 @@ from __future__ import annotations
 from finegrain.config.bounded_yaml import MAX_YAML_NODES, load_yaml
 from finegrain.config.files import (
     CONFIG_DIR,
+    DATA_ENV,
     META_KEYS,
     REQUIRED_KEYS,
     build_config,
@@ -35,6 +36,7 @@ from finegrain.config.files import (
     profiles_of,
     read_yaml,
     resolve_config_path,
+    resolve_data_root,
     shipped_configs,
 )
 from finegrain.config.losses import (
@@ -64,12 +66,12 @@ from finegrain.config.section import Section
 from finegrain.errors import ConfigError
 
 __all__ = [
-    "CONFIG_DIR", "LOSS_CONFIGS", "MAX_YAML_NODES", "META_KEYS", "REQUIRED_KEYS",
+    "CONFIG_DIR", "DATA_ENV", "LOSS_CONFIGS", "MAX_YAML_NODES", "META_KEYS", "REQUIRED_KEYS",
     "ArcFaceLoss", "ConfigError", "ContrastiveLoss", "CrossEntropyLoss", "DataConfig", "EvalConfig",
     "ExperimentConfig", "LossConfig", "ModelConfig", "MultiSimilarityLoss", "NormalizedSoftmaxLoss",
     "OptimConfig", "ProxyAnchorLoss", "ScheduleConfig", "Section", "SyntheticConfig", "TrainConfig",
     "TripletLoss",
     "build_config", "check_keys", "config_to_yaml", "deep_merge", "format_validation_error", "load_config",
     "load_raw", "load_yaml", "loss_model", "migrate_stored", "missing_required_keys", "parse_override", "profiles_of",
-    "read_yaml", "resolve_config_path", "shipped_configs",
+    "read_yaml", "resolve_config_path", "resolve_data_root", "shipped_configs",
 ]

@@ -3,6 +3,8 @@ and the configs shipped with the package."""
 
 from __future__ import annotations
 
+import os
+import re
 import reprlib
 from importlib import resources
 from pathlib import Path
@@ -137,13 +139,35 @@ def load_config(
     raw = load_raw(source)
     cfg = build_config(raw, profile, overrides)
     missing = missing_required_keys(raw, profile, overrides)
+    if missing == ["data.root"]:
+        raise ConfigError(
+            f"{source.stem} needs your images: give --data PATH (a folder of class sub-folders, with train/ and "
+            "test/ sub-folders if you have a test split, or a CSV list path,label[,split]), or --set data.root=PATH")
     if missing:
         raise ConfigError(
             f"config {source} does not set {', '.join(missing)}: a config must name its run (name), "
             "its images (data.root: a dataset folder, a CSV file or 'synthetic') and its model "
             "(model.backbone; a kNN row may use eval.source_run's model instead); add "
             f"{'it' if len(missing) == 1 else 'them'} to the file or pass --set KEY=VALUE")
-    return cfg
+    root = resolve_data_root(cfg.data.root, source.stem)
+    return cfg if root == cfg.data.root else cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root})})
+
+
+DATA_ENV = "FINEGRAIN_DATA"
+"""The environment variable the shipped dataset configs read their data folder from
+(``data.root: ${FINEGRAIN_DATA}/stanford_cars``) when ``--data`` does not say."""
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
+
+
+def resolve_data_root(root: str, config: str) -> str:
+    """``data.root`` with every ``${NAME}`` replaced by that environment variable; a ConfigError in one
+    line, naming ``--data`` and the variable, when one is unset."""
+    unset = [n for n in _ENV_REFERENCE.findall(root) if not os.environ.get(n)]
+    if unset:
+        rest = _ENV_REFERENCE.sub("", root).lstrip("/") or "the dataset"
+        raise ConfigError(f"{config} reads its images from {root}: give --data PATH (the {rest} folder) or set "
+                          f"{unset[0]} to the folder that holds {rest}/")
+    return _ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], root)
 
 
 REQUIRED_KEYS = ("name", "data.root", "model.backbone")

@@ -27,8 +27,17 @@ class DataConfig(Section):
     """A dataset folder (or CSV file), or ``synthetic`` for the built-in dataset."""
     format: str = "auto"
     protocol: Literal["classification", "retrieval"] = "classification"
-    holdout: float | None = Field(None, gt=0, lt=1)
-    """Make the test split a stratified, seeded fraction of the official train split."""
+    holdout: float | Literal["auto"] | None = None
+    """Where the test images come from. ``auto`` (every shipped config's): the data's own test split (a ``test/``
+    folder, a CSV's ``split`` column, a dataset's official test images) wherever it has one, else a
+    held-out part of it: classification, a seeded stratified ``holdout_fraction`` of the training
+    images; retrieval, the second half of the classes. A fraction (classification): that seeded
+    stratified holdout of the training images even where the data has a test split, which is then
+    not used (with a warning). ``null`` (default): classification on the data's test split only (an
+    error where it has none); retrieval on the second half of the classes, every split merged (the
+    Cars196 protocol). Every run says which images it was tested on (``metrics.json``'s ``tested_on``)."""
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    """The fraction of the training images ``holdout: auto`` tests on where the data has no test split."""
     val_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: int = 0
     image_size: tuple[int, int] = (224, 224)
@@ -59,6 +68,13 @@ class DataConfig(Section):
     sampler: Literal["random", "m_per_class"] = "random"
     m_per_class: int = Field(4, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_is_a_fraction(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float | int) and not 0 < v < 1:
+            raise ValueError("must be auto, a fraction between 0 and 1 (exclusive) or null")
+        return v
 
 
 class ModelConfig(Section):

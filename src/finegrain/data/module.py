@@ -60,7 +60,7 @@ def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Sp
     """The protocol split (train / val / test records) a config asks for."""
     return make_split(
         collection or open_data(data), protocol=data.protocol, holdout=data.holdout,
-        val_fraction=data.val_fraction, seed=data.split_seed,
+        val_fraction=data.val_fraction, seed=data.split_seed, holdout_fraction=data.holdout_fraction,
     )
 
 
@@ -115,6 +115,7 @@ class FinegrainDataModule(L.LightningDataModule):
         collection = open_data(d)
         self.collection_format: str = collection.format  # what was detected when the config says "auto"
         self.split: Split = split_for(d, collection)
+        log.info("tested on %s", self.split.tested_on)
         self.caches = {size: cache_for(collection, d, size) for size in sizes_read(d)}
         """Prepared caches by (height, width), None where there is none."""
         self.cache = self.caches[d.image_size]

@@ -172,7 +172,10 @@ def metrics_section(metrics: dict) -> str:
                      f"</thead><tbody>{''.join(rows)}</tbody></table>")
     counts = ", ".join(f"{proto[k]:,} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test")
                        if isinstance(proto.get(k), int))
+    tested = metrics.get("tested_on") or {}
     info = [
+        ("tested on", tested.get("words") or "not recorded (evaluated before runs said which images they were "
+                                             "tested on: see the protocol)"),
         ("data", data_words(proto) if proto else MISSING),
         ("protocol", protocol_words(proto)),
         ("images", counts or MISSING),

@@ -2,7 +2,8 @@
 
 The columns follow the seed documents' summary tables (Model, Loss, Accuracy,
 F1, Precision, Recall, Prediction time) with a second table for retrieval runs
-(Recall@1/2/4/8, MAP@R). Under each table a "Data and protocol" list says which
+(Recall@1/2/4/8, MAP@R), each ending with the images a run was tested on (its test split,
+a holdout or held-out classes, with their count). Under each table a "Data and protocol" list says which
 data and which evaluation protocol produced each row, read from ``metrics.json``.
 """
 
@@ -29,10 +30,12 @@ CLASSIFICATION_COLUMNS: list[tuple[str, str, str]] = [
     ("Precision", "precision", "pct"),
     ("Recall", "recall", "pct"),
     ("Prediction time (s)", "prediction_seconds", "seconds"),
+    ("Tested on", "tested_on", "text"),
 ]
 RETRIEVAL_COLUMNS: list[tuple[str, str, str]] = [
     *[(f"Recall@{k}", f"recall@{k}", "pct") for k in RECALL_KS],
     ("MAP@R", "map@r", "pct"),
+    ("Tested on", "tested_on", "text"),
 ]
 
 
@@ -68,7 +71,20 @@ def fmt_seconds(v: Any) -> str:
 
 
 def fmt_value(v: Any, kind: str) -> str:
-    return {"pct": fmt_pct, "loss": fmt_loss, "seconds": fmt_seconds}[kind](v)
+    return {"pct": fmt_pct, "loss": fmt_loss, "seconds": fmt_seconds, "text": fmt_text}[kind](v)
+
+
+def fmt_text(v: Any) -> str:
+    return MISSING if v in (None, "") else str(v)
+
+
+def tested_on_label(tested_on: Any) -> str:
+    """The table label of a ``metrics.json`` ``tested_on`` record (``test split (8,041)``, ``holdout
+    (4,072)``, ``held-out classes (4,092)``); runs evaluated before it existed: ``not recorded``."""
+    if not isinstance(tested_on, dict) or not tested_on.get("source"):
+        return "not recorded"
+    n = tested_on.get("images")
+    return f"{tested_on['source']} ({n:,})" if isinstance(n, int) else str(tested_on["source"])
 
 
 # ---------------------------------------------------------------- protocol in words
@@ -181,6 +197,7 @@ def run_row(run_path: Path) -> dict:
         **{f"recall@{k}": _num(ret.get(f"recall@{k}")) for k in RECALL_KS},
         "map@r": _num(ret.get("map@r")),
         "n_test": protocol.get("n_test"),
+        "tested_on": tested_on_label(metrics.get("tested_on")) if metrics else None,
         "report": f"{run.name}/report/index.html",
         "path": str(run.path),
     }
@@ -226,9 +243,10 @@ def comparison_rows(run_paths: list[Path]) -> list[dict]:
 
 def _split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(classification-table rows, retrieval-table rows)."""
-    ret = [r for r in rows if r.get("has_retrieval") or any(r.get(k) is not None for _, k, _ in RETRIEVAL_COLUMNS)]
+    ret = [r for r in rows if r.get("has_retrieval")
+           or any(r.get(k) is not None for _, k, kind in RETRIEVAL_COLUMNS if kind != "text")]
     cls = [r for r in rows if r not in ret or r.get("has_classification")
-           or any(r.get(k) is not None for _, k, _ in CLASSIFICATION_COLUMNS)]
+           or any(r.get(k) is not None for _, k, kind in CLASSIFICATION_COLUMNS if kind != "text")]
     return cls, ret
 
 

@@ -153,10 +153,10 @@ class FinegrainTask(L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if s.name == "onecycle":
+            pct = min(0.5, max(0.05, s.warmup_epochs / max(1, self.cfg.train.epochs))) if s.warmup_epochs else 0.25
+            total = max(total, 4)  # each of one-cycle's two phases needs 2 steps or more (a tiny dataset has fewer)
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=[g["lr"] for g in groups], total_steps=total,
-                pct_start=min(0.5, max(0.05, s.warmup_epochs / max(1, self.cfg.train.epochs))) if s.warmup_epochs
-                else 0.25,
+                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=min(0.5, max(pct, 2 / total)),
             )
         else:  # cosine with linear warm-up, stepped per batch
             warm = int(total * s.warmup_epochs / max(1, self.cfg.train.epochs))

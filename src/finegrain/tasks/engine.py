@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
 from finegrain.errors import FinegrainError
-from finegrain.machine import resolve_precision, set_threads
+from finegrain.machine import resolve_precision, set_threads, tune_allocator
 from finegrain.progress import wanted as progress_wanted
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run
 from finegrain.tasks import phase_precision
@@ -147,6 +147,31 @@ class History(Callback):
         atomic_write_text(self.path, out.getvalue())
 
 
+class BudgetStop(Callback):
+    """``--budget``: stop after the epoch that leaves too little time before ``deadline`` (a
+    ``time.monotonic`` instant: the budget's end minus the evaluation's predicted time) for another
+    epoch as long. The run is checkpointed and evaluated (its metrics marked partial: so many of so
+    many epochs), and ``--resume`` continues it."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._t0 = time.monotonic()
+        self.stopped_after: int | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        now = time.monotonic()
+        done = trainer.current_epoch + 1
+        if done < trainer.max_epochs and now + (now - self._t0) > self.deadline:
+            trainer.should_stop = True
+            self.stopped_after = done
+            log.warning("budget: stopping after epoch %d of %d, as another epoch (%.0f s) would overrun the time "
+                        "left for the evaluation; `finegrain train --resume` continues the run",
+                        done, trainer.max_epochs, now - self._t0)
+
+
 class ThreadPlan(Callback):
     """Torch threads and loader workers together fill the cores, never more: set when the
     training loader (and so the number of its worker processes) is known."""
@@ -232,8 +257,9 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
 
 
 def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has_val: bool,
-                precision: str | None = None) -> L.Trainer:
-    """The Lightning trainer of a run, in ``precision`` (default: ``train.precision`` resolved)."""
+                precision: str | None = None, deadline: float | None = None) -> L.Trainer:
+    """The Lightning trainer of a run, in ``precision`` (default: ``train.precision`` resolved); with a
+    ``deadline`` (``--budget``), :class:`BudgetStop`."""
     t = cfg.train
     if not has_val:
         monitor, mode = "train/loss_epoch", "min"
@@ -254,6 +280,8 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+    if deadline is not None:
+        callbacks.append(BudgetStop(deadline))
     if t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.early_stopping_patience))
     # FINEGRAIN_PROGRESS=0 silences progress; a terminal gets a live bar, anything else log lines.
@@ -294,18 +322,19 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
 
 
 def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False,
-        override_stored: bool = False) -> tuple[RunDir, bool]:
+        override_stored: bool = False, deadline: float | None = None) -> tuple[RunDir, bool]:
     """Train ``cfg`` into ``runs_root/<name>``; returns the run and whether this is the global-zero process.
 
     Resuming with a config other than the stored one is refused unless ``override_stored``.
     A start that fails before the first training step (a bad backbone name, a missing
     dataset) removes the run directory it made, so the corrected command just works.
-    When ``Trainer.fit`` returns normally (last epoch, or early stopping) ``state.json``
-    says ``finished``.
+    When ``Trainer.fit`` returns normally (last epoch, early stopping, or a ``deadline`` of
+    ``--budget``: :class:`BudgetStop`) ``state.json`` says ``finished``.
     """
     from finegrain.data.module import FinegrainDataModule
 
     quiet_lightning()
+    tune_allocator()  # no mmap/munmap of every step's tensors (machine.ALLOCATOR_SETTINGS)
     run = create_run(cfg, runs_root, resume=resume, override_stored=override_stored)
     try:
         if resume:
@@ -325,7 +354,7 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
         if phases.images_per_second:
             atomic_write_json(run.precision_file, phases.as_dict())
         trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records),
-                              precision=phases.steps)
+                              precision=phases.steps, deadline=deadline)
         trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except BaseException:
         if not run.has_started() and not run.metrics.is_file():
@@ -334,7 +363,8 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
-    if trainer.is_global_zero:
+    budget_stopped = any(isinstance(c, BudgetStop) and c.stopped_after for c in trainer.callbacks)
+    if trainer.is_global_zero and not budget_stopped:  # a budget's stop leaves it "training": --resume continues
         done = int(trainer.current_epoch)
         run.write_state("finished", done, cfg.train.epochs, stopped_early=done < cfg.train.epochs)
     return run, trainer.is_global_zero

@@ -14,7 +14,7 @@ import numpy as np
 from finegrain import __version__
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
-from finegrain.machine import machine_info
+from finegrain.machine import machine_info, tune_allocator
 from finegrain.runs import RunDir, atomic_write_json, atomic_write_text, open_run
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     from finegrain.retrieval.embeddings import save_embeddings
 
     run = open_run(run_path)
+    tune_allocator()  # the evaluation's batches too (machine.ALLOCATOR_SETTINGS)
     encoder = open_encoder(run, engine, precision)
     loaded, cfg = encoder.loaded, encoder.cfg
     protocol = protocol or cfg.data.protocol
@@ -65,7 +66,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     dm = FinegrainDataModule(cfg)
     fmt = dm.collection_format
     result: dict = {
-        "run": run.name, "task": cfg.task, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": run.name, "task": cfg.task, "tested_on": dm.split.tested_on_record(), "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finegrain": __version__, "checkpoint": str(loaded.checkpoint), "model_checksum": loaded.checksum,
         "machine": machine_info(),
         "inference": encoder.signature(),
@@ -81,7 +82,7 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
               "images_per_second": round(out.images_per_second, 2)}
 
     if protocol == "retrieval":
-        add_retrieval_metrics(result, cfg, out)
+        add_retrieval_metrics(result, cfg, out, dm.split.test_source)
     else:
         add_classification_metrics(result, run, encoder, dm, out)
     result["timing"] = timing
@@ -90,13 +91,14 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     return result
 
 
-def add_retrieval_metrics(result: dict, cfg: ExperimentConfig, out) -> None:
+def add_retrieval_metrics(result: dict, cfg: ExperimentConfig, out, test_source: str) -> None:
     """``result["retrieval"]``: every test image queries the rest of the test set."""
     from finegrain.metrics.retrieval import retrieval_metrics
 
     m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
     result["protocol"]["queries"] = "every test image"
-    result["protocol"]["gallery"] = "the rest of the test set (class-disjoint from training)"
+    result["protocol"]["gallery"] = "the rest of the test set" + (
+        " (class-disjoint from training)" if test_source == "held-out classes" else "")
     result["retrieval"] = {k: (int(v) if isinstance(v, (int, np.integer)) else
                                float(v) if isinstance(v, (float, np.floating)) else v) for k, v in m.items()}
 
@@ -185,8 +187,9 @@ def render_metrics(metrics: dict):
 
     partial = (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} "
                "epochs]") if metrics.get("partial") else ""
-    table = Table(title=f"{metrics['run']}: {metrics['protocol']['protocol']} on {metrics['protocol']['n_test']} "
-                        f"test images{partial}", show_header=True)
+    tested = (metrics.get("tested_on") or {}).get("words") or f"{metrics['protocol']['n_test']} test images"
+    table = Table(title=f"{metrics['run']}: {metrics['protocol']['protocol']}, tested on {tested}{partial}",
+                  show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     section = metrics.get("classification") or metrics.get("retrieval") or {}

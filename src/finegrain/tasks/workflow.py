@@ -13,12 +13,13 @@ log = logging.getLogger(__name__)
 
 
 def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False,
-                       override_stored: bool = False, evaluate: bool = True) -> tuple[RunDir, dict | None]:
+                       override_stored: bool = False, evaluate: bool = True,
+                       deadline: float | None = None) -> tuple[RunDir, dict | None]:
     """Train ``cfg`` into ``runs_root/<name>`` (a kNN row trains nothing: its run is only created;
     a resumed run whose training already ended with this config is not trained again), then
     evaluate it on its test split (with ``eval.export_onnx``, exported first and evaluated on ONNX
     Runtime). Returns the run and its metrics (None when not evaluated, or on a DDP process other
-    than the first)."""
+    than the first). ``deadline``: the ``time.monotonic`` instant training must stop by (``--budget``)."""
     from finegrain.tasks.engine import fit
     from finegrain.tasks.evaluate import evaluate_run
 
@@ -29,7 +30,8 @@ def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), re
     if not cfg.trains or trained:
         run = create_run(cfg, runs_root, resume=resume, override_stored=override_stored)
     else:
-        run, global_zero = fit(cfg, runs_root=runs_root, resume=resume, override_stored=override_stored)
+        run, global_zero = fit(cfg, runs_root=runs_root, resume=resume, override_stored=override_stored,
+                               deadline=deadline)
     if not (evaluate and global_zero):
         return run, None
     if cfg.trains and cfg.eval.export_onnx:
