@@ -1,5 +1,5 @@
 # The commands of the README: `make demo`, `make test`, `make test-fast` and `make lint`.
-# Both create the virtual environment .venv when it is missing.
+# Each creates the virtual environment .venv when it is missing.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed

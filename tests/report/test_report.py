@@ -360,6 +360,7 @@ def test_write_report_without_metrics(tmp_path):
     assert "unevaluated" in page
 
 
+@pytest.mark.slow
 def test_multi_report(runs, tmp_path):
     root = runs["cls"].parent
     out = write_multi_report([runs["cls"], runs["ret"], tmp_path / "never-ran"], root / "index" / "all.html")
