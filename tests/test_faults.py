@@ -173,9 +173,7 @@ def test_index_with_an_empty_or_other_gallery_keeps_the_old_index(trained_run, t
     before = {p.name: p.read_bytes() for p in (run / "index").iterdir()}
     (tmp_path / "photos" / "red").mkdir(parents=True)
     Image.new("RGB", (40, 30), "red").save(tmp_path / "photos" / "red" / "a.png")
-    (tmp_path / "empty").mkdir()
-    for gallery, said in (("", "the gallery is empty"), ("  ", "the gallery is empty"),
-                          ("empty", "cannot tell the dataset format of empty"), ("photos", "pass --replace")):
+    for gallery, said in (("", "the gallery is empty"), ("photos", "pass --replace")):
         r = finegrain("index", str(run), "--gallery", gallery, cwd=tmp_path)
         assert r.returncode != 0 and "Traceback" not in r.stderr, (gallery, r.stderr[-2000:])
         assert said in r.stderr and len(r.stderr.strip().splitlines()) == 1, (gallery, r.stderr)

@@ -117,13 +117,18 @@ def pixels_digest(image: Image.Image) -> str:
     return hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
 
 
-def _file_digest(path: str) -> str | None:
+Fingerprint = tuple[tuple[int, int], str]
+"""An image's size and :func:`pixels_digest`."""
+
+
+def _file_fingerprint(path: str) -> Fingerprint | None:
     from finegrain.data.images import open_rgb
 
     try:
-        return pixels_digest(open_rgb(path)[0])
+        image = open_rgb(path)[0]
     except FinegrainError:  # the gallery file is gone or unreadable: not provably the same
         return None
+    return image.size, pixels_digest(image)
 
 
 def _name(names: list[str] | None, label: int) -> str:
@@ -147,7 +152,7 @@ class Searcher:
         self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
         self.class_names = self.encoder.loaded.class_names
         self._gallery_root: Path | None = None
-        self._digests: dict[int, str | None] = {}  # gallery id -> pixels_digest, filled as hits need them
+        self._fingerprints: dict[int, Fingerprint | None] = {}  # gallery id -> its fingerprint, as hits need them
         self.warn_on_mismatch()
         self.sizes = self.encoder.sizes
         has_head = self.encoder.has_classifier
@@ -164,6 +169,17 @@ class Searcher:
         self.encoder.use_threads(threads)
         set_faiss_threads(threads)
         return threads
+
+    def _fingerprint(self, hit: Hit) -> Fingerprint | None:
+        """A gallery hit's fingerprint, read once; None for a file outside the gallery folder (its
+        content is no one's business) or unreadable."""
+        if hit.id not in self._fingerprints:
+            try:
+                readable = inside(self.gallery_root, hit.path)
+            except FinegrainError:  # too wide a gallery folder
+                readable = False
+            self._fingerprints[hit.id] = _file_fingerprint(hit.path) if readable else None
+        return self._fingerprints[hit.id]
 
     def warn_on_mismatch(self) -> str | None:
         """Log (and return) a warning when this search embeds with another engine or precision than
@@ -229,11 +245,12 @@ class Searcher:
         hits = [Hit(rank=r + 1, id=int(i), label=_name(names, int(self.index.labels[i])), score=float(s),
                     path=self.index.paths[i])
                 for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True)) if i >= 0]
-        query = pixels_digest(to_rgb(image)[0])
+        rgb, query = to_rgb(image)[0], None
         for h in hits:  # by content, not score: scores of a copy vary with the engine and precision
-            if h.id not in self._digests:
-                self._digests[h.id] = _file_digest(h.path)
-            h.same_image = self._digests[h.id] == query
+            mark = self._fingerprint(h)
+            if mark is not None and mark[0] == rgb.size:
+                query = query or pixels_digest(rgb)
+                h.same_image = mark[1] == query
         if probs is not None and self.prediction_source == "classifier":
             order = np.argsort(-probs)[:5]
             return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
