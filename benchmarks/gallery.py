@@ -71,7 +71,7 @@ def start(run: Path, store: str, token_file: Path) -> tuple[subprocess.Popen, st
                              "--write-token-file", str(token_file), "--engine", "torch"],
                             stdout=subprocess.DEVNULL, stderr=(OUT / "serve.log").open("ab"))
     query = (DATA / "cars_train" / "00001.jpg").read_bytes()
-    while time.perf_counter() - t0 < 300:
+    while time.perf_counter() - t0 < 600:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited; see {OUT / 'serve.log'}")
         try:
@@ -84,7 +84,7 @@ def start(run: Path, store: str, token_file: Path) -> tuple[subprocess.Popen, st
         except httpx.HTTPError:
             time.sleep(0.05)
     proc.kill()
-    raise SystemExit(f"the server did not answer a search within 300 s; see {OUT / 'serve.log'}")
+    raise SystemExit(f"the server did not answer a search within 600 s; see {OUT / 'serve.log'}")
 
 
 def stop(proc: subprocess.Popen) -> None:
