@@ -36,7 +36,7 @@ def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Pop
                              "--engine", "torch", "--write-token-file", str(token_file)],
                             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300  # a loaded machine imports torch slowly
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the server exited: {log.read_text()[-2000:]}")
@@ -46,7 +46,7 @@ def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Pop
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    pytest.fail("the server did not start")
+    pytest.fail(f"the server did not start in 300 s: {log.read_text()[-2000:]}")
 
 
 def listed_ids(url: str) -> list[int]:
