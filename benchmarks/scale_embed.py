@@ -46,12 +46,14 @@ RESULTS = ROOT / "benchmarks" / "results" / "scale_embed.json"
 WORK = ROOT / "benchmarks" / "out" / "scale_embed"
 CARS = ROOT.parent / "shared" / "data" / "stanford_cars"
 HEAD_PORT = 6479
+RAY_TMP = Path("/tmp/fg-scale-ray")
+"""The nodes' temp dirs (short: Ray's socket paths must stay under 108 bytes)."""
 SHARD_ROWS = 1024
 
 
 def env() -> dict:
     return {**os.environ, "FINEGRAIN_PROGRESS": "0", "PYTHONPATH": str(ROOT / "src"),
-            "RAY_USAGE_STATS_ENABLED": "0"}
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # the head node of Ray 2.60 asks for its token
 
 
 def finegrain(*args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -131,13 +133,13 @@ def ray_cmd(*args: str) -> subprocess.CompletedProcess:
 def start_two_nodes() -> list[str]:
     """A head node and a second node on this machine, one CPU each, on their own ports."""
     head = ["start", "--head", "--num-cpus", "1", "--port", str(HEAD_PORT), "--include-dashboard", "false",
-            "--temp-dir", str(WORK / "ray-head"), "--node-manager-port", "6480", "--object-manager-port", "6481",
+            "--temp-dir", str(RAY_TMP / "head"), "--node-manager-port", "6480", "--object-manager-port", "6481",
             "--min-worker-port", "21000", "--max-worker-port", "21499", "--ray-client-server-port", "6482",
             "--dashboard-agent-listen-port", "6483", "--metrics-export-port", "6484", "--disable-usage-stats"]
     second = ["start", "--address", f"127.0.0.1:{HEAD_PORT}", "--num-cpus", "1", "--node-manager-port", "6490",
               "--object-manager-port", "6491", "--min-worker-port", "21500", "--max-worker-port", "21999",
               "--dashboard-agent-listen-port", "6493", "--metrics-export-port", "6494", "--disable-usage-stats",
-              "--temp-dir", str(WORK / "ray-node2")]
+              "--temp-dir", str(RAY_TMP / "node2")]
     for args in (head, second):
         done = ray_cmd(*args)
         if done.returncode != 0:
@@ -155,7 +157,7 @@ def stop_nodes() -> None:
     """End our two nodes by their ids: the processes whose command line names our temp dirs, and
     their descendants (never `ray stop`, which would end other people's Ray too)."""
     procs = _processes()
-    ours = {pid for pid, _, args in procs if str(WORK / "ray-") in args}
+    ours = {pid for pid, _, args in procs if str(RAY_TMP) in args}
     grew = True
     while grew:
         more = {pid for pid, ppid, _ in procs if ppid in ours} - ours
@@ -174,7 +176,7 @@ def stop_nodes() -> None:
 def our_actor_pids() -> list[int]:
     """PIDs of ShardEmbedder actors whose parent is a raylet of our cluster (its session under WORK)."""
     procs = _processes()
-    raylets = {pid for pid, _, args in procs if "raylet" in args and str(WORK / "ray-") in args}
+    raylets = {pid for pid, _, args in procs if "raylet" in args and str(RAY_TMP) in args}
     return [pid for pid, ppid, args in procs if ppid in raylets and re.match(r"ray::.*(MapWorker|ShardEmbedder)", args)]
 
 
@@ -216,10 +218,23 @@ def ray_row(mode: str, run: Path, listing: Path, address: str, ref, single_wall:
     return row
 
 
+def run_two_nodes(result: dict, run: Path, listing: Path, ref, single_wall: float, images: int) -> None:
+    log("ray-2-nodes")
+    address = start_two_nodes()[0]
+    try:
+        result["rows"].append(ray_row("ray-2-nodes", run, listing, address, ref, single_wall, images, kill=True))
+    finally:
+        stop_nodes()
+    log(json.dumps(result["rows"][-1]))
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--only-two-nodes", action="store_true",
+                   help="keep --out's rows and run only ray-2-nodes, against the run's current flat index")
     a = p.parse_args()
     result = {"benchmark": "scale_embed", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": machine_info(), "busy_warning": warn_if_busy(), "images": a.images,
@@ -230,6 +245,17 @@ def main() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=2) + "\n")
 
+    if a.only_two_nodes:
+        result = json.loads(a.out.read_text())
+        run, listing = WORK / "run", WORK / "gallery.csv"
+        single = next(r for r in result["rows"] if r["mode"] == "single")
+        result["rows"] = [r for r in result["rows"] if r["mode"] != "ray-2-nodes"]
+        result["two_nodes_reference"] = ("the flat index left by ray-local, whose vectors equal single's "
+                                         "(max_abs_diff_to_single in its row)")
+        result["machine_two_nodes"] = machine_info()
+        run_two_nodes(result, run, listing, index_vectors(run), single["wall_s"], a.images)
+        save()
+        return
     run, listing = make_run(a.images)
     log("single: finegrain index")
     done, single_wall = finegrain("index", str(run), "--gallery", str(listing), "--engine", "torch")
@@ -244,13 +270,7 @@ def main() -> None:
     result["rows"].append(ray_row("ray-local", run, listing, "local", ref, single_wall, a.images))
     log(json.dumps(result["rows"][-1]))
     save()
-    log("ray-2-nodes")
-    address = start_two_nodes()[0]
-    try:
-        result["rows"].append(ray_row("ray-2-nodes", run, listing, address, ref, single_wall, a.images, kill=True))
-    finally:
-        stop_nodes()
-    log(json.dumps(result["rows"][-1]))
+    run_two_nodes(result, run, listing, ref, single_wall, a.images)
     result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     save()
 

@@ -34,7 +34,7 @@ def index_from_shards(shards: ShardDir, dest: Path, kind: str = "flat", metric: 
     manifest = shards.manifest()
     checksum, class_names = manifest["model_checksum"], manifest.get("class_names")
     if kind != KIND:
-        x = np.concatenate(list(shard_vectors(files, "euclidean")))
+        x = np.concatenate(list(shard_vectors(files, "euclidean")))  # as stored: build() normalises for cosine
         index = GalleryIndex.build(x, labels, paths, metric=metric, kind=kind, model_checksum=checksum,
                                    class_names=class_names)
     else:
