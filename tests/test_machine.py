@@ -172,6 +172,7 @@ def step():  # what training on the frozen cache does each step (a recipe's batc
     opt.zero_grad(set_to_none=True)
 
 step()
+step()  # the heap has grown to what a step needs
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 step()
 step()
@@ -182,9 +183,9 @@ print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_S
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_the_tuned_allocator_keeps_a_training_steps_memory_mapped():
-    """With glibc's defaults the heap is trimmed after every step frees its activations, and the next
-    step faults the same pages in again (thousands of minor faults a step); with tune_allocator the
-    freed memory stays mapped and the next step reuses it."""
+    """With glibc's defaults a step's large activations are mapped anew (and the heap trimmed after it
+    frees them), so the next step faults the same pages in again (thousands of minor faults a step);
+    with tune_allocator the freed memory stays mapped and the next step reuses it."""
     import json
     import os
     import platform
