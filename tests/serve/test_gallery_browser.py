@@ -4,8 +4,6 @@ with it, and see it among the hits with its label and metadata (the token kept i
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 
 import pytest
 
@@ -13,7 +11,8 @@ from finegrain.gallery.live import LiveGallery
 from finegrain.serve.app import create_app
 from finegrain.serve.gallery_routes import Tokens
 
-from .test_browser import _free_port, _save, _watch, browser, chromium_path  # noqa: F401 - fixtures
+from .live_server import running_server
+from .test_browser import _save, _watch, browser, chromium_path  # noqa: F401 - fixtures
 from .test_gallery_api import TOKEN, png
 
 pytestmark = pytest.mark.browser
@@ -21,23 +20,10 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def gallery_url(trained_run, tmp_path_factory):
-    import uvicorn
-
     run = tmp_path_factory.mktemp("browser-gallery") / "run"
     shutil.copytree(trained_run, run)
-    app = create_app(LiveGallery(run, engine="torch"), tokens=Tokens(write=TOKEN))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(LiveGallery(run, engine="torch"), tokens=Tokens(write=TOKEN))) as url:
+        yield url
 
 
 def test_add_from_the_page_then_find_it(browser, gallery_url, tmp_path):  # noqa: F811 - a fixture
