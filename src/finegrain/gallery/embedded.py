@@ -360,7 +360,10 @@ class EmbeddedStore(StoreBase):
             k = min(int(k), int(self._index.ntotal))
             if k < 1:
                 return []
-            scores, found = self._index.search(q, k, params=params)
+            # pytorch-metric-learning imports faiss.contrib.torch_utils, whose Index.search takes no
+            # params: call the numpy search it keeps aside when it is there
+            search = getattr(self._index, "search_numpy", self._index.search)
+            scores, found = search(q, k, params=params)
         if self.spec.metric == "euclidean":
             scores = np.sqrt(np.maximum(scores, 0.0))
         return [(int(i), float(s)) for s, i in zip(scores[0], found[0], strict=True) if i >= 0]
