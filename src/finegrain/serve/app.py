@@ -38,6 +38,7 @@ from PIL import Image
 
 from finegrain.data.images import DEFAULT_MAX_IMAGE_MPIXELS
 from finegrain.errors import FinegrainError
+from finegrain.gallery import live
 from finegrain.gallery.live import LiveGallery
 from finegrain.machine import package_version
 from finegrain.retrieval.searcher import (
@@ -281,7 +282,7 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
 
     tokens = Tokens(write=load_token(write_token_file, WRITE_TOKEN_ENV, "--write-token-file"),
                     read=load_token(read_token_file, READ_TOKEN_ENV, "--read-token-file"))
-    searcher = LiveGallery(run_path, store=store, index_dir=Path(index_dir) if index_dir else None, engine=engine)
+    searcher = live.LiveGallery(run_path, store=store, index_dir=Path(index_dir) if index_dir else None, engine=engine)
     threads = searcher.share_cores(max_concurrency)  # concurrent searches must not oversubscribe the cores
     app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20), max_concurrency=max_concurrency,
                      max_image_pixels=int(max_image_mpixels * 1e6), host=host, allow_hosts=allow_hosts,
