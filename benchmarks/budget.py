@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--recipes", nargs="+", choices=list(PROTOCOL_SETS), default=list(PROTOCOL_SETS)
     )
-    ap.add_argument("--data", type=Path, default=CROPS)
+    ap.add_argument("--data", type=Path, default=CROPS, help="a dataset folder or CSV list (default: the crops)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-budget")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     data = args.data.absolute()
-    if not data.is_dir():
+    if not data.exists():
         log(f"skipped: {data} is absent")
         return 0
     busy = warn_if_busy()
