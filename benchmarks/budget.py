@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = result.setdefault("rows", {})
     jobs = []
+    for name in [f"{r}-{b}" for r in args.recipes for b in args.budgets]:
+        if (args.runs / name).exists():
+            shutil.rmtree(args.runs / name)  # a fresh run: no resumed checkpoint, an honest time
     for recipe in args.recipes:
         for budget in args.budgets:
             name = f"{recipe}-{budget}"
