@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--recipes", nargs="+", choices=list(PROTOCOL_SETS), default=list(PROTOCOL_SETS)
     )
-    ap.add_argument("--data", type=Path, default=CROPS)
+    ap.add_argument("--data", type=Path, default=CROPS, help="a dataset folder or CSV list (default: the crops)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-budget")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     data = args.data.absolute()
-    if not data.is_dir():
+    if not data.exists():
         log(f"skipped: {data} is absent")
         return 0
     busy = warn_if_busy()
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = result.setdefault("rows", {})
     jobs = []
+    for name in [f"{r}-{b}" for r in args.recipes for b in args.budgets]:
+        if (args.runs / name).exists():
+            shutil.rmtree(args.runs / name)  # a fresh run: no resumed checkpoint, an honest time
     for recipe in args.recipes:
         for budget in args.budgets:
             name = f"{recipe}-{budget}"
