@@ -201,7 +201,6 @@
     hideError();
     renderPrediction(body.prediction, body.prediction_source);
     renderResults(body);
-    document.dispatchEvent(new CustomEvent("finegrain:results", { detail: body }));  // gallery.js adds metadata
   }
 
   function resetResults() {
@@ -262,7 +261,8 @@
       return el("li", { class: "result", "data-id": String(r.id) }, [button]);
     });
     els.results.replaceChildren(...cards);
-    document.dispatchEvent(new CustomEvent("finegrain:results", { detail: { file: state.file, results } }));  // explain.js
+    // explain.js lays its maps over the cards; gallery.js adds each hit's metadata
+    document.dispatchEvent(new CustomEvent("finegrain:results", { detail: { file: state.file, results } }));
   }
 
   // ------------------------------------------------------------------ lightbox
