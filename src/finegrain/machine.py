@@ -13,6 +13,7 @@ import os
 import platform
 from functools import lru_cache
 from importlib import metadata
+import ctypes
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,6 @@ def _tuned_allocator() -> bool:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    import ctypes
 
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

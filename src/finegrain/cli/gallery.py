@@ -32,6 +32,7 @@ ADD_BATCH = 32
 
 
 def _store(run: Path, store: str | None):
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.gallery.live import default_store
     from finegrain.gallery.store import open_store
     from finegrain.runs import open_run
@@ -41,6 +42,7 @@ def _store(run: Path, store: str | None):
 
 def _files(paths: list[Path], label: str | None) -> list[tuple[Path, str]]:
     """(image file, label) of every PATH: a folder gives all its images, labelled by sub-folder."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.detect import open_collection
 
     out: list[tuple[Path, str]] = []
@@ -68,6 +70,7 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Encode images with the run's model and add them to its gallery (an image already stored keeps its id)."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.gallery.filters import parse_metadata
     from finegrain.gallery.live import ImageBytes, LiveGallery
     from finegrain.progress import track

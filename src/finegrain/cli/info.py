@@ -29,6 +29,7 @@ def info(
 def machine_facts(workers: int = 2, bench_seconds: float | None = 5.0, quiet: bool = False) -> dict:
     """:func:`finegrain.machine.machine_info` plus torch's threads, the thread plan for ``workers``
     loader workers, and (unless ``bench_seconds`` is None) the measured inference speed."""
+    # optional: the train extra (torch), loaded only where this runs
     import torch
 
     from finegrain import machine

@@ -23,6 +23,7 @@ from finegrain.cluster.shards import ShardDir, ShardResult, shards_folder
 from finegrain.cluster.sources import Listing, is_uri, read_source
 from finegrain.errors import FinegrainError, ImageError
 from finegrain.runs import open_run
+import time
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class EmbedReport:
 
 def import_ray() -> Any:
     try:
+        # optional: the cluster extra, loaded only where this runs
         import ray
         import ray.data
     except ImportError:
@@ -75,10 +77,12 @@ def connect(address: str, num_cpus: int | None = None) -> Any:
 def load_pixels(path: str, size: tuple[int, int], box: tuple[int, int, int, int] | None, margin: float) -> np.ndarray:
     """uint8 ``[H, W, 3]`` of one row, decoded as the evaluation loaders decode it (local files) or
     from any file system pyarrow opens (URIs)."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.images import decode, expand_box, load_resized, resize_rgb
 
     if not is_uri(path):
         return load_resized(path, size, box, margin)
+    # optional: the cluster extra, loaded only where this runs
     import pyarrow.fs as pafs
 
     try:
@@ -97,6 +101,7 @@ class ShardEmbedder:
 
     def __init__(self, run_path: str, engine: str, precision: str | None, threads: int, folder: str,
                  margin: float) -> None:
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.inference import open_encoder
 
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -112,6 +117,7 @@ class ShardEmbedder:
                 "unreadable": np.array([r.unreadable for r in results])}
 
     def embed_shard(self, i: int, rows: dict) -> ShardResult:
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.inference.outputs import PASS_IMAGES, mean_over_sizes
 
         enc = self.encoder
@@ -152,8 +158,8 @@ def embed_on_ray(run_path: str | Path, source: str, address: str = "local", engi
     """Embed every row of ``source`` into shards under ``RUN/embeddings/`` on Ray (see the module
     docstring); returns what was done. ``actors``: the pool's size (default: the cluster's CPUs
     divided by ``cpus_per_actor``)."""
-    import time
 
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.inference import open_encoder
 
     if shard_rows < 1 or cpus_per_actor < 1 or (actors is not None and actors < 1):

@@ -54,6 +54,7 @@ def build_index_on_ray(run_path: str | Path, gallery: str, address: str = "local
                        metric: str = "cosine", recall: float = DEFAULT_RECALL, engine: str = "auto",
                        actors: int | None = None, cpus_per_actor: int = 1) -> tuple[Path, dict, EmbedReport]:
     """Embed ``gallery`` on Ray (resuming whole shards), then index it into ``RUN/index``."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.retrieval.index import index_builder
 
     index_builder(kind, metric)  # an unknown kind or metric is named before anything runs

@@ -54,6 +54,7 @@ def read_source(source: str, cfg: ExperimentConfig) -> Listing:
     """The rows of ``source`` (a split, a folder or a listing file); errors name the source."""
     if source.lower().endswith(LISTING_SUFFIXES):
         return read_listing(source)
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.retrieval.gallery import gallery_records
 
     records, class_names, description = gallery_records(cfg, source)
@@ -66,6 +67,7 @@ def read_source(source: str, cfg: ExperimentConfig) -> Listing:
 
 def read_listing(source: str) -> Listing:
     """A CSV or Parquet listing of ``path[,label][,id]``."""
+    # optional: the cluster extra, loaded only where this runs
     import pyarrow.csv as pacsv
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq

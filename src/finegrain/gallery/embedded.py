@@ -135,6 +135,7 @@ class EmbeddedStore(StoreBase):
                     "model_checksum": spec.model_checksum, "class_names": json.dumps(spec.class_names),
                     "created_at": now_iso()}
             if import_from is not None:
+                # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
                 from finegrain.gallery.importer import import_index
 
                 meta["imported_from"] = str(import_from)

@@ -60,6 +60,7 @@ class Imported:
 
 def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
     """The entries of the index in ``index_dir`` (none if there is no index there), ids kept."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.retrieval.index import GalleryIndex
 
     if not (index_dir / "meta.json").is_file():
@@ -87,6 +88,7 @@ def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
 
 def import_index(conn: sqlite3.Connection, index_dir: Path, spec: StoreSpec) -> None:
     """Copy the index in ``index_dir`` (if there is one) into a new embedded store's open transaction."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.gallery.embedded import now_iso
 
     added_at = now_iso()

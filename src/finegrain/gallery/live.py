@@ -87,6 +87,7 @@ class LiveGallery:
         return self.store.location
 
     def share_cores(self, concurrency: int) -> int:
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.machine import set_faiss_threads
 
         threads = query_threads(concurrency)

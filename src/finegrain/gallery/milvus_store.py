@@ -106,6 +106,7 @@ class MilvusStore(StoreBase):
 
     def __init__(self, location: str, spec: StoreSpec | None = None, import_from: Path | None = None) -> None:
         try:
+            # optional: the milvus extra, loaded only where this runs
             from pymilvus import MilvusClient
         except ImportError:
             raise FinegrainError("the milvus gallery store needs pymilvus (and milvus-lite for a *.db file): "
@@ -128,6 +129,7 @@ class MilvusStore(StoreBase):
 
     # -- the collection ------------------------------------------------------------------------------
     def _create(self, spec: StoreSpec | None, import_from: Path | None) -> None:
+        # optional: the milvus extra, loaded only where this runs
         from pymilvus import DataType, MilvusClient
 
         if spec is None:
@@ -155,6 +157,7 @@ class MilvusStore(StoreBase):
                                       consistency_level="Strong")
         self.client.create_collection(self.collection, schema=schema, index_params=params, consistency_level="Strong")
         if import_from is not None:
+            # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
             from finegrain.gallery.embedded import now_iso
             from finegrain.gallery.importer import index_entries
 
@@ -192,6 +195,7 @@ class MilvusStore(StoreBase):
 
     # -- writes --------------------------------------------------------------------------------------
     def add(self, entries: Sequence[NewEntry]) -> list[int]:
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.gallery.embedded import now_iso
 
         ids: list[int] = []
@@ -214,6 +218,7 @@ class MilvusStore(StoreBase):
 
     def add_vectors(self, vectors: np.ndarray, labels: Sequence[str]) -> list[int]:
         """Add bare vectors (no image; for benchmarks)."""
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.gallery.embedded import now_iso
 
         rows = [{"id": self._new_id(), "vector": check_vector(v, self.spec).tolist(), "label": label,

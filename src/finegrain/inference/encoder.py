@@ -71,6 +71,7 @@ class Encoder(EncodingLoop):
     @torch.inference_mode()
     def forward_maps(self, x) -> dict[str, np.ndarray]:
         """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32)."""
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.inference.explain import maps_outputs
         from finegrain.models.maps import forward_with_maps
 

@@ -99,6 +99,7 @@ def explain_rgb(encoder: Any, rgb: Image.Image) -> ImageMaps:
 
 def explain_rgbs(encoder: Any, rgbs: list[Image.Image]) -> list[ImageMaps]:
     """:func:`explain_rgb` of several images, in one forward pass per size."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.images import resize_rgb
 
     per_size = [encoder.forward_maps(np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in rgbs]))

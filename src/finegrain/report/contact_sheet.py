@@ -21,9 +21,11 @@ def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: s
                   explanation: Explanation | None = None) -> Path:
     """A PNG of the query and its neighbours, each titled with rank, class and score; with
     ``explanation`` (of these hits), each image with its map laid over it."""
+    # optional: the train extra (matplotlib), loaded only where a sheet is drawn
     import matplotlib
     import numpy as np
 
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.inference.explain import overlay
 
     matplotlib.use("Agg")

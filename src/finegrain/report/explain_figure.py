@@ -31,6 +31,7 @@ def _name(names: Sequence[str] | None, label: int) -> str:
 
 
 def _tile(ax, rgb: np.ndarray, m01: np.ndarray, title: str, right: bool) -> None:
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.inference.explain import overlay
 
     ax.imshow(overlay(rgb, m01))
@@ -42,6 +43,7 @@ def explained_predictions(run: RunDir, emb: tuple[np.ndarray, np.ndarray, list[s
                           resolve: Callable[[str], Path], out_png: Path, n: int = 4, pool: int = 32,
                           seed: int = 0) -> Path:
     """Draw the figure (see the module docstring) into ``out_png``."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.images import open_rgb
     from finegrain.inference import open_encoder
     from finegrain.inference.explain import (

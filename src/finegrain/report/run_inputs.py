@@ -54,6 +54,7 @@ def logged_class_names(run_dir: Path) -> list[str] | None:
         return None
     import yaml
 
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.config import load_yaml
 
     try:

@@ -178,6 +178,7 @@ def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_
     app.state.allowed_hosts = allowed_hosts(host, allow_hosts)
     install_error_handlers(app)
     if isinstance(searcher, LiveGallery):  # its routes come first, ahead of the static ones
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.serve.gallery_routes import Tokens, add_gallery_routes
 
         add_gallery_routes(app, searcher, tokens or Tokens(),  # type: ignore[arg-type]
@@ -278,6 +279,7 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     allow_hosts = list(allow_hosts or ())
     hosts = check_serve_options(host, port, max_upload_mb, max_image_mpixels, allow_hosts, max_concurrency)
 
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.serve.gallery_routes import READ_TOKEN_ENV, WRITE_TOKEN_ENV, Tokens, load_token
 
     tokens = Tokens(write=load_token(write_token_file, WRITE_TOKEN_ENV, "--write-token-file"),

@@ -192,6 +192,7 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
     async def search(request: Request) -> dict[str, Any]:
         """Multipart ``image`` (+ ``k``, + ``filter``: JSON ``{"label": NAME}`` or
         ``{"metadata.FIELD": VALUE}``): the prediction and the k nearest entries, with labels and metadata."""
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.serve.app import search_response
 
         require_read(request, tokens)
@@ -261,6 +262,7 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
     @router.patch("/api/gallery/{entry_id}", summary="Change an entry's label or metadata (needs the write token)")
     async def update(entry_id: str, request: Request) -> dict[str, Any]:
         """JSON body ``{"label": "...", "metadata": {...}}`` (either or both; metadata is replaced)."""
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.gallery.filters import check_label, check_metadata
 
         require_write(request, tokens)

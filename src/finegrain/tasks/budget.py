@@ -275,6 +275,7 @@ def check_plannable(recipe: ExperimentConfig) -> None:
 # ---------------------------------------------------------------------- measuring the data and the machine
 def data_size(recipe: ExperimentConfig, split: Split, sample: int = 32) -> DataSize:
     """The split's training and test image counts and the median aspect of up to ``sample`` training images."""
+    # start-up: loaded only where this runs
     from PIL import Image
 
     step = max(1, len(split.train) // sample)
@@ -298,8 +299,10 @@ def data_size(recipe: ExperimentConfig, split: Split, sample: int = 32) -> DataS
 def measure_speed(recipe: ExperimentConfig, num_classes: int | None) -> Speed:
     """Time the three kinds of work of ``recipe`` here, on random images at :data:`PROBE_SIZE` and
     random weights, with each of the frozen-stage counts of :data:`LADDER`."""
+    # optional: the train extra, loaded only where this runs
     import torch
 
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain import machine
     from finegrain.inference.encoder import autocast_for
     from finegrain.inference.engines import evaluation_precision
@@ -355,6 +358,7 @@ def _seconds_per_image(work, rounds: int = 2) -> float:
 def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
     """Measure the data and the machine, and plan ``recipe`` within ``budget_seconds``."""
     check_plannable(recipe)
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.module import split_for
 
     split = split_for(recipe.data)
@@ -369,6 +373,7 @@ def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
 
 def write_plan(run_path: Path, p: Plan, spent_seconds: float | None = None) -> Path:
     """``RUN/budget.json``: the plan, its prediction and (when known) the wall time spent."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.runs import atomic_write_json
 
     out = p.as_dict()
