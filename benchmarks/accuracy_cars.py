@@ -60,7 +60,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "accuracy_cars.json"
 RESULTS_CROPS = ROOT / "benchmarks" / "results" / "accuracy_cars_crops.json"
 CARS = ROOT.parent / "shared" / "data" / "stanford_cars"
 CROPS = ROOT.parent / "shared" / "data" / "stanford_cars_crops"
-DATA_WORDS = {CARS: "8,144 official training images at 128x96",
-              CROPS: "the same 8,144 training images as bounding-box crops, at most 384 px on the long side"}
+DATA_WORDS = {
+    CARS: "8,144 official training images at 128x96",
+    CROPS: "the same 8,144 training images as bounding-box crops, at most 384 px on the long side",
+}
 # issue 17 (the first round, issue 7, asked for 0.65 and 0.55)
 GOALS = {"classification_top1": 0.75, "retrieval_recall@1": 0.65, "cpu_minutes": 45.0}
 
@@ -90,14 +92,26 @@ class Method:
 
 
 METHODS = (
-    Method("ours-classification", "classification", "ours: fine-tuned EfficientNet-Lite0 (ImageNet)", "cars-lite0",
-           "cpu45"),
-    Method("ours-retrieval", "retrieval", "ours: metric learning on EfficientNet-Lite0 (ImageNet)",
-           "cars196-lite0-nsm", "cpu45"),
-    Method("seed-knn", "classification", "seed: frozen ImageNet features + kNN (k=10, Euclidean)", "cars-lite0-knn",
-           "quick"),
-    Method("linear-probe", "classification", "frozen ImageNet features + linear head (logistic regression)",
-           None, "quick"),
+    Method(
+        "ours-classification", "classification", "ours: fine-tuned EfficientNet-Lite0 (ImageNet)", "cars-lite0", "cpu45"
+    ),
+    Method(
+        "ours-retrieval",
+        "retrieval",
+        "ours: metric learning on EfficientNet-Lite0 (ImageNet)",
+        "cars196-lite0-nsm",
+        "cpu45",
+    ),
+    Method(
+        "seed-knn",
+        "classification",
+        "seed: frozen ImageNet features + kNN (k=10, Euclidean)",
+        "cars-lite0-knn",
+        "quick",
+    ),
+    Method(
+        "linear-probe", "classification", "frozen ImageNet features + linear head (logistic regression)", None, "quick"
+    ),
     Method("frozen-retrieval", "retrieval", "frozen ImageNet features, cosine", "cars196-lite0-frozen", "quick"),
 )
 PROBE_CONFIG = "cars-lite0-knn"  # the linear probe reads the same features as the seed's kNN row
@@ -113,8 +127,8 @@ def linear_probe(run_dir: Path, threads: int, data: Path) -> None:
 
     from finegrain.config import load_config
     from finegrain.data.module import FinegrainDataModule, make_loader
-    from finegrain.metrics.classification import classification_metrics
     from finegrain.inference.encoder import Encoder
+    from finegrain.metrics.classification import classification_metrics
     from finegrain.models.build import build_from_config
 
     torch.set_num_threads(threads)
@@ -138,14 +152,21 @@ def linear_probe(run_dir: Path, threads: int, data: Path) -> None:
         clf = LogisticRegression(C=c, max_iter=300).fit(scaler.transform(x_train), y_train)
         scores[c] = float(np.mean(clf.predict(scaler.transform(x_val)) == y_val))
     best = max(scores, key=lambda c: scores[c])
-    clf = LogisticRegression(C=best, max_iter=300).fit(scaler.transform(np.concatenate([x_train, x_val])),
-                                                       np.concatenate([y_train, y_val]))
+    clf = LogisticRegression(C=best, max_iter=300).fit(
+        scaler.transform(np.concatenate([x_train, x_val])), np.concatenate([y_train, y_val])
+    )
     probs = np.zeros((len(y_test), len(dm.class_names)), dtype=np.float32)
     probs[:, clf.classes_] = clf.predict_proba(scaler.transform(x_test))
     m = classification_metrics(y_test, probs, num_classes=len(dm.class_names), scores="probs")
-    result = {"classification": m, "linear_probe": {"C": best, "val_accuracy_by_C": scores,
-                                                    "feature_extraction_cpu_seconds": round(extract, 1),
-                                                    "n_train": int(len(y_train) + len(y_val))}}
+    result = {
+        "classification": m,
+        "linear_probe": {
+            "C": best,
+            "val_accuracy_by_C": scores,
+            "feature_extraction_cpu_seconds": round(extract, 1),
+            "n_train": int(len(y_train) + len(y_val)),
+        },
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "metrics.json", result)
 
@@ -155,6 +176,7 @@ def linear_probe(run_dir: Path, threads: int, data: Path) -> None:
 class Job:
     """One process of the benchmark: a method, the training seed of ``--seeds`` (None: the config's),
     and for our recipes the ``--set`` overrides of a lever under its ``--tag``."""
+
     method: Method
     seed: int | None = None
     tag: str | None = None
@@ -163,8 +185,11 @@ class Job:
 
     @property
     def name(self) -> str:
-        return (self.method.name + (f"-{self.tag}" if self.tag else "")
-                + (f"-seed{self.seed}" if self.seed is not None else ""))
+        return (
+            self.method.name
+            + (f"-{self.tag}" if self.tag else "")
+            + (f"-seed{self.seed}" if self.seed is not None else "")
+        )
 
     @property
     def stem(self) -> str:
@@ -182,27 +207,57 @@ class Job:
         m = self.method
         if m.config is None:
             return f"python benchmarks/accuracy_cars.py --only {m.name} --data {self.data}"
-        return (f"finegrain train {m.config} --data {self.data} --profile {m.profile}"
-                + "".join(f" --set {s}" for s in self.settings))
+        return f"finegrain train {m.config} --data {self.data} --profile {m.profile}" + "".join(
+            f" --set {s}" for s in self.settings
+        )
 
 
-def jobs_of(methods: list[Method], seeds: list[int] | None, tag: str | None = None,
-            overrides: tuple[str, ...] = (), data: Path = CARS) -> list[Job]:
+def jobs_of(
+    methods: list[Method],
+    seeds: list[int] | None,
+    tag: str | None = None,
+    overrides: tuple[str, ...] = (),
+    data: Path = CARS,
+) -> list[Job]:
     """One job per method; with ``seeds``, one per seed for each of our recipes, seed by seed (so an
     interrupted benchmark has the same seeds of both); ``overrides`` (named by ``tag``) change our recipes."""
     ours = [m for m in methods if m.name.startswith("ours-")]
-    seeded = [Job(m, s, tag, overrides, data) for s in seeds for m in ours] if seeds else [
-        Job(m, None, tag, overrides, data) for m in ours]
+    seeded = (
+        [Job(m, s, tag, overrides, data) for s in seeds for m in ours]
+        if seeds
+        else [Job(m, None, tag, overrides, data) for m in ours]
+    )
     return seeded + [Job(m, data=data) for m in methods if m not in ours]
 
 
 def command(job: Job, runs: Path, threads: int, parallel: int) -> list[str]:
     method = job.method
     if method.config is None:
-        return [sys.executable, __file__, "--linear-probe", str(runs / job.name), "--threads", str(threads),
-                "--data", str(job.data)]
-    cmd = [sys.executable, "-m", "finegrain", "train", method.config, "--data", str(job.data), "--profile",
-           method.profile, "--runs", str(runs), "--name", job.name]
+        return [
+            sys.executable,
+            __file__,
+            "--linear-probe",
+            str(runs / job.name),
+            "--threads",
+            str(threads),
+            "--data",
+            str(job.data),
+        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finegrain",
+        "train",
+        method.config,
+        "--data",
+        str(job.data),
+        "--profile",
+        method.profile,
+        "--runs",
+        str(runs),
+        "--name",
+        job.name,
+    ]
     for setting in job.settings:
         cmd += ["--set", setting]
     if parallel > 1:
@@ -230,21 +285,36 @@ def config_of(run_dir: Path) -> dict | None:
 
 # Settings added after rows were recorded: at their defaults they are left out of a row's recipe, so
 # that rows of an unchanged recipe still compare equal (seed_spread groups rows by recipe).
-LATER_SETTINGS = {"model": {"drop_path": 0.0, "global_pool": "avg"}, "train": {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0}}
+LATER_SETTINGS = {
+    "model": {"drop_path": 0.0, "global_pool": "avg"},
+    "train": {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0},
+}
 
 
 def recipe_of(cfg: dict) -> dict[str, Any]:
     """What a run's config says about how it was made (a kNN run trains nothing: no epochs, optimiser or loss)."""
     model = {k: v for k, v in cfg["model"].items() if LATER_SETTINGS["model"].get(k, object()) != v}
-    recipe = {"task": cfg["task"], "image_size": cfg["data"]["image_size"],
-              "eval_image_sizes": cfg["data"].get("eval_image_sizes") or [cfg["data"]["image_size"]],
-              "tta_flip": cfg["eval"]["tta_flip"], "model": model}
+    recipe = {
+        "task": cfg["task"],
+        "image_size": cfg["data"]["image_size"],
+        "eval_image_sizes": cfg["data"].get("eval_image_sizes") or [cfg["data"]["image_size"]],
+        "tta_flip": cfg["eval"]["tta_flip"],
+        "model": model,
+    }
     if cfg["task"] != "knn":
-        recipe |= {"epochs": cfg["train"]["epochs"], "augment": cfg["data"]["augment"], "optim": cfg["optim"],
-                   "loss": cfg["loss"]["name"], "frozen_cache_views": cfg["train"].get("frozen_cache_views", 0),
-                   "eval_engine": "onnx" if cfg["eval"].get("export_onnx") else "torch"}
-        recipe |= {k: cfg["train"][k] for k, default in LATER_SETTINGS["train"].items()
-                   if cfg["train"].get(k, default) != default}
+        recipe |= {
+            "epochs": cfg["train"]["epochs"],
+            "augment": cfg["data"]["augment"],
+            "optim": cfg["optim"],
+            "loss": cfg["loss"]["name"],
+            "frozen_cache_views": cfg["train"].get("frozen_cache_views", 0),
+            "eval_engine": "onnx" if cfg["eval"].get("export_onnx") else "torch",
+        }
+        recipe |= {
+            k: cfg["train"][k]
+            for k, default in LATER_SETTINGS["train"].items()
+            if cfg["train"].get(k, default) != default
+        }
         if cfg["data"].get("progressive_sizes"):
             recipe["progressive_sizes"] = cfg["data"]["progressive_sizes"]
         if cfg["loss"].get("xbm_size"):
@@ -265,11 +335,17 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
         job = by_name[name]
         m = job.method
         entry: dict[str, Any] = {
-            "protocol": m.protocol, "method": m.what, "command": job.command_line, "seed": job.seed,
+            "protocol": m.protocol,
+            "method": m.what,
+            "command": job.command_line,
+            "seed": job.seed,
             "recipe_name": job.stem,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "threads": threads, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "cpu_minutes": round(cpu / 60, 1), "peak_memory_gb": round(peak_gb, 2),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "threads": threads,
+            "wall_seconds": round(wall, 1),
+            "cpu_seconds": round(cpu, 1),
+            "cpu_minutes": round(cpu / 60, 1),
+            "peak_memory_gb": round(peak_gb, 2),
             "log": shown(args.runs / f"{name}.log"),
             "cpu": cpu_facts(result["machine"]),  # each row's CPU: rows of other runs may differ
         }
@@ -328,8 +404,10 @@ def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
     a lever of it under its tag), counting only rows whose recipe equals the last finished seeded row's
     of that name (an older recipe is history)."""
     out: dict[str, Any] = {}
-    goal_of = {"ours-classification": ("top1", "classification_top1"),
-               "ours-retrieval": ("recall@1", "retrieval_recall@1")}
+    goal_of = {
+        "ours-classification": ("top1", "classification_top1"),
+        "ours-retrieval": ("recall@1", "retrieval_recall@1"),
+    }
     seeded = {key: e for key, e in methods.items() if e.get("seed") is not None and e.get("metrics")}
     name_of = {key: e.get("recipe_name") or key.rsplit("-seed", 1)[0] for key, e in seeded.items()}  # older rows
     stems = sorted(set(name_of.values()))
@@ -344,10 +422,16 @@ def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
         values = [e["metrics"][metric] for e in rows]
         minutes = [e["cpu_minutes"] for e in rows]
         mean = statistics.fmean(values)
-        out[stem] = {"metric": metric, "seeds": [e["seed"] for e in rows], "values": values, "mean": round(mean, 4),
-                     "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
-                     "cpu_minutes": minutes, "cpu_minutes_max": max(minutes),
-                     "met": bool(mean >= GOALS[goal] and max(minutes) <= GOALS["cpu_minutes"])}
+        out[stem] = {
+            "metric": metric,
+            "seeds": [e["seed"] for e in rows],
+            "values": values,
+            "mean": round(mean, 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+            "cpu_minutes": minutes,
+            "cpu_minutes_max": max(minutes),
+            "met": bool(mean >= GOALS[goal] and max(minutes) <= GOALS["cpu_minutes"]),
+        }
     return out
 
 
@@ -367,20 +451,31 @@ def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
     judged so), else its one unseeded row."""
     spread = seed_spread(methods)
     out: dict[str, Any] = {}
-    for name, key, metric in (("ours-classification", "classification_top1", "top1"),
-                              ("ours-retrieval", "retrieval_recall@1", "recall@1")):
+    for name, key, metric in (
+        ("ours-classification", "classification_top1", "top1"),
+        ("ours-retrieval", "retrieval_recall@1", "recall@1"),
+    ):
         if name in spread:
             sp = spread[name]
-            out[key] = {"value": sp["mean"], "seeds": sp["seeds"], "goal": GOALS[key],
-                        "cpu_minutes": sp["cpu_minutes_max"], "met": sp["met"]}
+            out[key] = {
+                "value": sp["mean"],
+                "seeds": sp["seeds"],
+                "goal": GOALS[key],
+                "cpu_minutes": sp["cpu_minutes_max"],
+                "met": sp["met"],
+            }
             continue
         e = methods.get(name, {})
         value = e.get("metrics", {}).get(metric)
         if value is None:
             out[key] = None
             continue
-        out[key] = {"value": value, "goal": GOALS[key], "cpu_minutes": e["cpu_minutes"],
-                    "met": bool(value >= GOALS[key] and e["cpu_minutes"] <= GOALS["cpu_minutes"])}
+        out[key] = {
+            "value": value,
+            "goal": GOALS[key],
+            "cpu_minutes": e["cpu_minutes"],
+            "met": bool(value >= GOALS[key] and e["cpu_minutes"] <= GOALS["cpu_minutes"]),
+        }
     return out
 
 
@@ -388,13 +483,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parallel", type=int, default=2, help="methods run at once (each gets cores/N threads)")
     ap.add_argument("--only", nargs="+", choices=[m.name for m in METHODS], help="run these methods only")
-    ap.add_argument("--seeds", nargs="+", type=int, help="train our recipes once per seed (train.seed); the "
-                    "rows are named METHOD-seedN and their mean and spread are recorded")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a lever: override a config key of our recipes (repeatable; needs --tag)")
+    ap.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="train our recipes once per seed (train.seed); the "
+        "rows are named METHOD-seedN and their mean and spread are recorded",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a lever: override a config key of our recipes (repeatable; needs --tag)",
+    )
     ap.add_argument("--tag", help="the lever's name: its rows are METHOD-TAG[-seedN]")
-    ap.add_argument("--runs", type=Path, help="run folders (default runs/bench-cars, with --crops runs/bench-cars-crops)")
-    ap.add_argument("--out", type=Path, help="results (default accuracy_cars.json, with --crops accuracy_cars_crops.json)")
+    ap.add_argument(
+        "--runs", type=Path, help="run folders (default runs/bench-cars, with --crops runs/bench-cars-crops)"
+    )
+    ap.add_argument(
+        "--out", type=Path, help="results (default accuracy_cars.json, with --crops accuracy_cars_crops.json)"
+    )
     ap.add_argument("--crops", action="store_true", help=f"run on {CROPS} (full-resolution crops)")
     ap.add_argument("--data", type=Path, help=f"the Stanford Cars folder (default {CARS})")
     ap.add_argument("--linear-probe", type=Path, help=argparse.SUPPRESS)  # the child process of linear-probe
@@ -416,21 +526,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = str(ROOT / "src")  # the children run this checkout's finegrain
     busy = warn_if_busy()
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result.update({
-        "benchmark": "accuracy_cars",
-        "data": f"{data} ({DATA_WORDS.get(data, 'a Stanford Cars folder')})",
-        "protocols": {
-            "classification": "stratified, seeded 50/50 split of the 8,144 images (196 classes; holdout 0.5, "
-                              "split_seed 0); test = the held-out half",
-            "retrieval": "class-disjoint: classes 1-98 train (4,052 images), 99-196 test (4,092); every test "
-                         "image a query against the other test images, cosine similarity",
-        },
-        "cpu_time": "user + system seconds of the method's process and the processes it waited for "
-                    "(os.wait4 rusage); a budget of 45 CPU-minutes is 45 minutes of one core",
-        "goals": GOALS,
-        "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),  # of the latest run
-        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    result.update(
+        {
+            "benchmark": "accuracy_cars",
+            "data": f"{data} ({DATA_WORDS.get(data, 'a Stanford Cars folder')})",
+            "protocols": {
+                "classification": "stratified, seeded 50/50 split of the 8,144 images (196 classes; holdout 0.5, "
+                "split_seed 0); test = the held-out half",
+                "retrieval": "class-disjoint: classes 1-98 train (4,052 images), 99-196 test (4,092); every test "
+                "image a query against the other test images, cosine similarity",
+            },
+            "cpu_time": "user + system seconds of the method's process and the processes it waited for "
+            "(os.wait4 rusage); a budget of 45 CPU-minutes is 45 minutes of one core",
+            "goals": GOALS,
+            "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),  # of the latest run
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
     result.setdefault("methods", {})
     methods = [m for m in METHODS if not args.only or m.name in args.only]
     run_methods(jobs_of(methods, args.seeds, args.tag, tuple(args.overrides), data), args, result)

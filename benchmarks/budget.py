@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from common import load_average, log, machine_info, run_timed, warn_if_busy
-
 from finegrain.runs import atomic_write_json
 
 CROPS = ROOT.parent / "shared" / "data" / "stanford_cars_crops"
@@ -40,9 +39,7 @@ PROTOCOL_SETS = {"classify": ["data.holdout_fraction=0.5"], "retrieve": []}
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", nargs="+", default=["15m", "45m", "90m"])
-    ap.add_argument(
-        "--recipes", nargs="+", choices=list(PROTOCOL_SETS), default=list(PROTOCOL_SETS)
-    )
+    ap.add_argument("--recipes", nargs="+", choices=list(PROTOCOL_SETS), default=list(PROTOCOL_SETS))
     ap.add_argument("--data", type=Path, default=CROPS, help="a dataset folder or CSV list (default: the crops)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-budget")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -92,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in PROTOCOL_SETS[recipe]:
                 argv_ += ["--set", s]
             jobs.append((name, argv_, args.runs / f"{name}.log"))
-    commands = {
-        name: " ".join(a[3:]).replace(sys.executable + " -m finegrain", "finegrain")
-        for name, a, _ in jobs
-    }
+    commands = {name: " ".join(a[3:]).replace(sys.executable + " -m finegrain", "finegrain") for name, a, _ in jobs}
 
     def done(name: str, code: int, wall: float, cpu: float, peak_gb: float) -> None:
         run = args.runs / name
@@ -132,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             m = json.loads((run / "metrics.json").read_text())
             section = m.get("classification") or m.get("retrieval") or {}
             row["metrics"] = {
-                k: v
-                for k, v in section.items()
-                if k in ("top1", "top5", "f1_macro", "recall@1", "recall@4", "map@r")
+                k: v for k, v in section.items() if k in ("top1", "top5", "f1_macro", "recall@1", "recall@4", "map@r")
             }
             row.update(
                 {

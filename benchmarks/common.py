@@ -13,8 +13,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # CPU flags that decide which vector kernels (and whether bf16 is native) the libraries can use.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -35,8 +36,10 @@ def warn_if_busy() -> str | None:
     load, cores = load_average(), os.cpu_count() or 1
     if load is None or load[0] <= 0.5 * cores:
         return None
-    msg = (f"machine busy: load average {load[0]:.1f} on {cores} cores; other processes compete for the "
-           "CPUs and the figures will be lower and noisier than on an idle machine")
+    msg = (
+        f"machine busy: load average {load[0]:.1f} on {cores} cores; other processes compete for the "
+        "CPUs and the figures will be lower and noisier than on an idle machine"
+    )
     log("WARNING: " + msg)
     return msg
 
@@ -95,21 +98,25 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     if importlib.util.find_spec("torch") is not None:
         import torch
 
-        info.update({
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(),
-            "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
-            "torchvision": _version("torchvision"),
-            "lightning": _version("lightning"),
-        })
+        info.update(
+            {
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "torch_interop_threads": torch.get_num_interop_threads(),
+                "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
+                "torchvision": _version("torchvision"),
+                "lightning": _version("lightning"),
+            }
+        )
         info.update(_finegrain_machine())
     pools: list[dict[str, Any]] = []
     try:
         from threadpoolctl import threadpool_info
 
-        pools = [{"library": Path(i["filepath"]).name, "api": i.get("internal_api"), "threads": i.get("num_threads")}
-                 for i in threadpool_info()]
+        pools = [
+            {"library": Path(i["filepath"]).name, "api": i.get("internal_api"), "threads": i.get("num_threads")}
+            for i in threadpool_info()
+        ]
     except Exception:  # pragma: no cover - informative only
         pass
     info["thread_pools"] = pools
@@ -126,8 +133,12 @@ def _finegrain_machine() -> dict[str, Any]:
     except ImportError:
         return {}
     precision, why = machine.auto_precision()
-    return {"cpu_flags": list(machine.cpu_flags()), "native_bf16": machine.cpu_has_native_bf16(),
-            "auto_precision": precision, "auto_precision_reason": why}
+    return {
+        "cpu_flags": list(machine.cpu_flags()),
+        "native_bf16": machine.cpu_has_native_bf16(),
+        "auto_precision": precision,
+        "auto_precision_reason": why,
+    }
 
 
 def pin_threads(threads: int) -> None:
@@ -147,8 +158,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_timed(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int,
-              on_done: Callable[[str, int, float, float, float], None], cwd: Path | None = None) -> None:
+def run_timed(
+    jobs: list[tuple[str, list[str], Path]],
+    parallel: int,
+    threads: int,
+    on_done: Callable[[str, int, float, float, float], None],
+    cwd: Path | None = None,
+) -> None:
     """Run commands ``(name, argv, log file)``, ``parallel`` at a time, each limited to ``threads``
     threads (``OMP_NUM_THREADS``); call ``on_done(name, exit code, wall seconds, CPU seconds, peak GB)``
     as each ends (peak GB: the largest resident memory of the process or one it waited for; Linux
@@ -162,8 +178,12 @@ def run_timed(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: i
     while queue or running:
         while queue and len(running) < parallel:
             name, argv, log_path = queue.pop(0)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                   "FINEGRAIN_PROGRESS": "1"}
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "FINEGRAIN_PROGRESS": "1",
+            }
             log_path.parent.mkdir(parents=True, exist_ok=True)
             logf = log_path.open("w")
             log(f"start {name} ({threads} thread(s)): {' '.join(argv[1:])}")
@@ -175,5 +195,6 @@ def run_timed(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: i
         name, p, t0, logf = running.pop(pid)
         p.returncode = os.waitstatus_to_exitcode(status)
         logf.close()
-        on_done(name, p.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime,
-                usage.ru_maxrss / 1e6)  # kilobytes on Linux
+        on_done(
+            name, p.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e6
+        )  # kilobytes on Linux

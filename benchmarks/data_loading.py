@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +71,34 @@ def make_config(name: str, spec: dict[str, Any], cache: str, args: argparse.Name
     """The experiment config of one dataset; ``cache`` is the switch under test (``auto`` / ``off``)."""
     from finegrain.config import build_config
 
-    return build_config({
-        "name": f"bench-{name}",
-        "data": {"root": str(spec["root"]), "image_size": spec["image_size"], "batch_size": args.batch_size,
-                 "num_workers": args.num_workers, "augment": args.augment, "cache": cache, **spec["extra"]},
-    })
+    return build_config(
+        {
+            "name": f"bench-{name}",
+            "data": {
+                "root": str(spec["root"]),
+                "image_size": spec["image_size"],
+                "batch_size": args.batch_size,
+                "num_workers": args.num_workers,
+                "augment": args.augment,
+                "cache": cache,
+                **spec["extra"],
+            },
+        }
+    )
 
 
 def in_workers(loader, num_workers: int):
     """The same loader (dataset, sampler, collation) with ``num_workers`` worker processes."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
-                      collate_fn=loader.collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=loader.sampler,
+        collate_fn=loader.collate_fn,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def time_loader(dm, warmup: int, images: int, workers: int | None = None) -> dict[str, float]:
@@ -143,7 +158,7 @@ def stage_costs(dm_cache, dm_decode, n: int, batch_size: int) -> dict[str, float
                 for i in idx:
                     fn(i)
                 out[f"{mode}_{stage}_ms"] = round(1000 * (time.perf_counter() - t0) / len(idx), 3)
-            batches = [list(idx[k:k + batch_size]) for k in range(0, len(idx), batch_size)]
+            batches = [list(idx[k : k + batch_size]) for k in range(0, len(idx), batch_size)]
             t0 = time.perf_counter()
             for b in batches:
                 collate_skip_bad(ds.__getitems__(b))
@@ -195,8 +210,10 @@ def bench_dataset(name: str, spec: dict[str, Any], cache_dir: Path, args: argpar
 
     need = (args.warmup + 1) * args.batch_size + args.images
     if need > len(dm_cache.train_records):
-        raise SystemExit(f"{name}: {need} images needed per pass but the training split has "
-                         f"{len(dm_cache.train_records)}; lower --images or --warmup")
+        raise SystemExit(
+            f"{name}: {need} images needed per pass but the training split has "
+            f"{len(dm_cache.train_records)}; lower --images or --warmup"
+        )
 
     # "cache_in_workers": the cached loader forced through the configured worker processes, which
     # the loader itself avoids for un-augmented cached reads; measured to show why.
@@ -206,16 +223,25 @@ def bench_dataset(name: str, spec: dict[str, Any], cache_dir: Path, args: argpar
     for r in range(args.repeats):
         order = modes if r % 2 == 0 else modes[::-1]
         for mode in order:
-            row = time_loader(dm_decode if mode == "decode" else dm_cache, args.warmup, args.images,
-                              args.num_workers if mode == "cache_in_workers" else None)
+            row = time_loader(
+                dm_decode if mode == "decode" else dm_cache,
+                args.warmup,
+                args.images,
+                args.num_workers if mode == "cache_in_workers" else None,
+            )
             runs[mode].append(row)
-            log(f"{name}: round {r + 1} {mode:16s} {row['images_per_second']:8.1f} images/s "
-                f"({row['images']} images in {row['seconds']:.2f} s)")
+            log(
+                f"{name}: round {r + 1} {mode:16s} {row['images_per_second']:8.1f} images/s "
+                f"({row['images']} images in {row['seconds']:.2f} s)"
+            )
 
     def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
         ips = [row["images_per_second"] for row in rows]
-        return {"images_per_second_median": round(statistics.median(ips), 1),
-                "images_per_second_best": max(ips), "runs": rows}
+        return {
+            "images_per_second_median": round(statistics.median(ips), 1),
+            "images_per_second_best": max(ips),
+            "runs": rows,
+        }
 
     cache_sum, decode_sum = summary(runs["cache"]), summary(runs["decode"])
     ratio = cache_sum["images_per_second_median"] / decode_sum["images_per_second_median"]
@@ -239,16 +265,26 @@ def bench_dataset(name: str, spec: dict[str, Any], cache_dir: Path, args: argpar
         },
         "cached_pixels_identical_to_decoded": identical,
         "stage_ms_per_image_one_thread": stages,
-        "loader_workers": {"cache": dm_cache.train_dataloader().num_workers,
-                           "decode": dm_decode.train_dataloader().num_workers},
+        "loader_workers": {
+            "cache": dm_cache.train_dataloader().num_workers,
+            "decode": dm_decode.train_dataloader().num_workers,
+        },
         "cache": cache_sum,
         "decode": decode_sum,
         **({"cache_in_workers": summary(runs["cache_in_workers"])} if workers_differ else {}),
         "speedup_cache_over_decode_median": round(ratio, 2),
         "speedup_cache_over_decode_best": round(ratio_best, 2),
-        **({"speedup_cache_in_workers_over_decode_median": round(
-            summary(runs["cache_in_workers"])["images_per_second_median"]
-            / decode_sum["images_per_second_median"], 2)} if workers_differ else {}),
+        **(
+            {
+                "speedup_cache_in_workers_over_decode_median": round(
+                    summary(runs["cache_in_workers"])["images_per_second_median"]
+                    / decode_sum["images_per_second_median"],
+                    2,
+                )
+            }
+            if workers_differ
+            else {}
+        ),
     }
 
 
@@ -263,8 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", default="plain", choices=["plain", "light", "seed", "strong"])
     ap.add_argument("--prepare-workers", type=int, default=os.cpu_count() or 2, help="threads of the prepare step")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--cache-dir", type=Path, default=None,
-                    help="cache root to use and keep (default: a temporary directory, removed at the end)")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root to use and keep (default: a temporary directory, removed at the end)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     args.images = args.images or (500 if args.quick else 2000)
@@ -285,18 +325,24 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "benchmark": "data_loading",
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "machine": machine_info(),
         "busy_warning_at_start": warn_if_busy(),
-        "settings": {"num_workers": args.num_workers, "batch_size": args.batch_size, "images_timed": args.images,
-                     "warmup_batches": args.warmup, "repeats": args.repeats, "augment": args.augment,
-                     "cache_dir": "temporary directory (removed)" if temporary else str(cache_dir)},
+        "settings": {
+            "num_workers": args.num_workers,
+            "batch_size": args.batch_size,
+            "images_timed": args.images,
+            "warmup_batches": args.warmup,
+            "repeats": args.repeats,
+            "augment": args.augment,
+            "cache_dir": "temporary directory (removed)" if temporary else str(cache_dir),
+        },
         "method": "FinegrainDataModule(cfg).train_dataloader() with data.cache=auto (prepared memory-mapped cache) "
-                  "vs data.cache=off (JPEG decode + resize); fresh loader per measurement, warm-up batches "
-                  "discarded; modes alternate; ratio of medians from this run",
+        "vs data.cache=off (JPEG decode + resize); fresh loader per measurement, warm-up batches "
+        "discarded; modes alternate; ratio of medians from this run",
         "notes": "wall-clock on a shared 2-core machine; other processes may have been running "
-                 "(see load averages). JPEGs are in the OS page cache (read by prepare just before).",
+        "(see load averages). JPEGs are in the OS page cache (read by prepare just before).",
         "datasets": {},
     }
     try:
@@ -308,21 +354,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_average_at_end"] = load_average()
     result["summary"] = {
-        name: {"cache_images_per_second": d["cache"]["images_per_second_median"],
-               "decode_images_per_second": d["decode"]["images_per_second_median"],
-               "speedup_cache_over_decode": d["speedup_cache_over_decode_median"],
-               "speedup_cache_in_workers_over_decode": d.get("speedup_cache_in_workers_over_decode_median"),
-               "prepare_seconds": d["prepare"]["seconds"]}
+        name: {
+            "cache_images_per_second": d["cache"]["images_per_second_median"],
+            "decode_images_per_second": d["decode"]["images_per_second_median"],
+            "speedup_cache_over_decode": d["speedup_cache_over_decode_median"],
+            "speedup_cache_in_workers_over_decode": d.get("speedup_cache_in_workers_over_decode_median"),
+            "prepare_seconds": d["prepare"]["seconds"],
+        }
         for name, d in result["datasets"].items()
     }
     atomic_write_json(args.out, result)
     log(f"wrote {args.out}")
     for name, s in result["summary"].items():
-        log(f"{name}: cache {s['cache_images_per_second']} images/s, decode {s['decode_images_per_second']} "
-            f"images/s, speed-up {s['speedup_cache_over_decode']}x; prepare {s['prepare_seconds']} s")
+        log(
+            f"{name}: cache {s['cache_images_per_second']} images/s, decode {s['decode_images_per_second']} "
+            f"images/s, speed-up {s['speedup_cache_over_decode']}x; prepare {s['prepare_seconds']} s"
+        )
     return 0
 
 

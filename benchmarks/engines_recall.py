@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,14 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", default=["torch", "onnx", "onnx-int8"])
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
-    result = {"benchmark": "engines_recall", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "run": str(a.run), "machine": machine_info(), "busy_warning": warn_if_busy(), "engines": {}}
+    result = {
+        "benchmark": "engines_recall",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": str(a.run),
+        "machine": machine_info(),
+        "busy_warning": warn_if_busy(),
+        "engines": {},
+    }
     t0 = time.perf_counter()
     exported = finegrain("export", str(a.run), "--quantize", "int8")
     if exported.returncode != 0:
@@ -79,7 +85,7 @@ def main() -> None:
         result["engines"][engine] = entry
         log(f"{engine}: {name} {100 * value:.2f}%, {metrics['timing']['images_per_second']} images/s")
         atomic_write_json(a.out, result)
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     atomic_write_json(a.out, result)
     log(f"wrote {a.out}")
 

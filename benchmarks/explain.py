@@ -9,7 +9,8 @@ Deletion test (Petsiuk et al. 2018, RISE) on ``--n`` seeded test images of the c
   before and after removing a share of the pixels ranked by its class activation map (the
   contrastive one the product shows, and the plain CAM);
 - retrieval (the ``cars-lite0-knn`` row's model, ImageNet EfficientNet-Lite0 features, nothing
-  trained, at its profile's 224x224; the same test images): each query's nearest other image among the ``--n`` (cosine), and
+  trained, at its profile's 224x224; the same test images): each query's nearest other image among
+  the ``--n`` (cosine), and
   the pair's cosine similarity before and after removing a share of the query's pixels, ranked by
   the query's similarity map against the neighbour.
 
@@ -64,8 +65,7 @@ def masks(saliency: np.ndarray, grid: tuple[int, int], rng: np.random.Generator)
 
     h, w = saliency.shape
     rand_map = resize_map(rng.random(grid).astype(np.float32), (h, w))
-    keys = {"most": -saliency, "least": saliency, "random_map": -rand_map,
-            "random_pixels": rng.random((h, w))}
+    keys = {"most": -saliency, "least": saliency, "random_map": -rand_map, "random_pixels": rng.random((h, w))}
     ranks = {}
     for name, key in keys.items():
         order = np.argsort(key.reshape(-1) + 1e-9 * rng.random(h * w), kind="stable")  # ties broken at random
@@ -93,14 +93,20 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def summarise(drops: dict[tuple[str, float], list[float]], n: int) -> dict:
-    table = {order: {f"{int(f * 100)}%": round(float(np.mean(drops[(order, f)])), 5) for f in FRACTIONS}
-             for order in ORDERS}
+    table = {
+        order: {f"{int(f * 100)}%": round(float(np.mean(drops[(order, f)])), 5) for f in FRACTIONS} for order in ORDERS
+    }
     most = table["most"]["20%"]
     baseline = max(table["random_map"]["20%"], table["random_pixels"]["20%"])
-    return {"images": n, "mean_drop": table,
-            "most_over_random_at_20": {k: round(most / table[k]["20%"], 3) if table[k]["20%"] > 0 else None
-                                       for k in ("random_map", "random_pixels")},
-            "goal_2x_met": bool(baseline > 0 and most >= 2 * baseline)}
+    return {
+        "images": n,
+        "mean_drop": table,
+        "most_over_random_at_20": {
+            k: round(most / table[k]["20%"], 3) if table[k]["20%"] > 0 else None
+            for k in ("random_map", "random_pixels")
+        },
+        "goal_2x_met": bool(baseline > 0 and most >= 2 * baseline),
+    }
 
 
 def classifier_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator) -> dict:
@@ -131,10 +137,13 @@ def classifier_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generato
         if (i + 1) % 100 == 0:
             log(f"classifier: {i + 1}/{len(rgbs)} images")
     out = {f"{kind}_map_{score}": summarise(drops[(kind, score)], len(rgbs)) for kind, score in combos}
-    return {**out, "goal_2x_met": out["contrastive_map_probability"]["goal_2x_met"],
-            "maps": "contrastive (the default): (w_c - sum_k p_k w_k) . m; plain: w_c . m",
-            "score": "the predicted class's probability (goal) and logit",
-            "mean_probability_before": round(float(np.mean(base)), 5)}
+    return {
+        **out,
+        "goal_2x_met": out["contrastive_map_probability"]["goal_2x_met"],
+        "maps": "contrastive (the default): (w_c - sum_k p_k w_k) . m; plain: w_c . m",
+        "score": "the predicted class's probability (goal) and logit",
+        "mean_probability_before": round(float(np.mean(base)), 5),
+    }
 
 
 def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator) -> dict:
@@ -144,7 +153,7 @@ def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator
 
     maps = []
     for i in range(0, len(rgbs), 16):
-        maps += explain_rgbs(encoder, [Image.fromarray(r) for r in rgbs[i:i + 16]])
+        maps += explain_rgbs(encoder, [Image.fromarray(r) for r in rgbs[i : i + 16]])
     emb = np.stack([m.embedding for m in maps])
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
@@ -163,8 +172,11 @@ def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator
         base.append(s0)
         if (i + 1) % 100 == 0:
             log(f"retrieval: {i + 1}/{len(rgbs)} images")
-    return {**summarise(drops, len(rgbs)), "score": "cosine similarity of the query and its nearest other image",
-            "mean_score_before": round(float(np.mean(base)), 5)}
+    return {
+        **summarise(drops, len(rgbs)),
+        "score": "cosine similarity of the query and its nearest other image",
+        "mean_score_before": round(float(np.mean(base)), 5),
+    }
 
 
 def extra_cost(encoder, paths: list[str], names: list[str], queries: int) -> dict:
@@ -174,9 +186,13 @@ def extra_cost(encoder, paths: list[str], names: list[str], queries: int) -> dic
 
     gallery = np.stack([encoder.encode_rgb(open_rgb(p)[0])["embedding"][0] for p in paths])
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    searcher = SimpleNamespace(encoder=encoder, gallery_size=len(paths), gallery_path=lambda i: paths[i],
-                               prediction_source="classifier" if encoder.has_classifier else "neighbours",
-                               class_names=names)
+    searcher = SimpleNamespace(
+        encoder=encoder,
+        gallery_size=len(paths),
+        gallery_path=lambda i: paths[i],
+        prediction_source="classifier" if encoder.has_classifier else "neighbours",
+        class_names=names,
+    )
     explainer = SearchExplainer(searcher)
     plain, explained, query_only = [], [], []
     for q in range(queries):
@@ -192,13 +208,21 @@ def extra_cost(encoder, paths: list[str], names: list[str], queries: int) -> dic
         plain.append(t1 - t0)
         explained.append(t2 - t0)
         query_only.append(t1 - t0 + t3 - t2)
-    p50 = {k: statistics.median(v) * 1000 for k, v in
-           (("plain", plain), ("explained_k8", explained), ("explained_one_hit", query_only))}
-    return {"queries": queries, "hits_explained": K_HITS, "p50_ms": {k: round(v, 2) for k, v in p50.items()},
-            "ratio_explained_k8_over_plain": round(p50["explained_k8"] / p50["plain"], 3),
-            "ratio_explained_one_hit_over_plain": round(p50["explained_one_hit"] / p50["plain"], 3),
-            "goal_1_3x_met": p50["explained_k8"] / p50["plain"] <= 1.3,
-            "engine": encoder.engine, "sizes": [list(s) for s in encoder.sizes], "tta_flip": encoder.tta_flip}
+    p50 = {
+        k: statistics.median(v) * 1000
+        for k, v in (("plain", plain), ("explained_k8", explained), ("explained_one_hit", query_only))
+    }
+    return {
+        "queries": queries,
+        "hits_explained": K_HITS,
+        "p50_ms": {k: round(v, 2) for k, v in p50.items()},
+        "ratio_explained_k8_over_plain": round(p50["explained_k8"] / p50["plain"], 3),
+        "ratio_explained_one_hit_over_plain": round(p50["explained_one_hit"] / p50["plain"], 3),
+        "goal_1_3x_met": p50["explained_k8"] / p50["plain"] <= 1.3,
+        "engine": encoder.engine,
+        "sizes": [list(s) for s in encoder.sizes],
+        "tta_flip": encoder.tta_flip,
+    }
 
 
 def main() -> None:
@@ -207,8 +231,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--cost-queries", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "explain.json")
-    ap.add_argument("--parts", default="classifier,cost,retrieval",
-                    help="which parts to run (comma-separated); the others are kept from --out if it exists")
+    ap.add_argument(
+        "--parts",
+        default="classifier,cost,retrieval",
+        help="which parts to run (comma-separated); the others are kept from --out if it exists",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     pin_threads(1)
@@ -228,15 +255,24 @@ def main() -> None:
     import json
 
     result: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != set(PARTS) else {}
-    result |= {"benchmark": "explain", "machine": machine_info(), "busy_warning": busy,
-                    "data": f"Stanford Cars 128x96 thumbnails, {len(records)} seeded test images of the "
-                            f"{data.holdout} holdout split",
-                    "classifier_run": {"name": cls.loaded.cfg.name, "backbone": cls.cfg.model.backbone,
-                                       "head": cls.cfg.model.head, "engine": cls.engine,
-                                       "sizes": [list(s) for s in cls.sizes], "tta_flip": cls.tta_flip,
-                                       "recipe": "cars-lite0 quick profile (96x128) with model.freeze_stages=7 "
-                                                 "(every block frozen and cached, 1 view; conv_head and the "
-                                                 "classifier trained), 4 epochs: 9.5 min of wall time on the shared 2 cores"}}
+    result |= {
+        "benchmark": "explain",
+        "machine": machine_info(),
+        "busy_warning": busy,
+        "data": f"Stanford Cars 128x96 thumbnails, {len(records)} seeded test images of the "
+        f"{data.holdout} holdout split",
+        "classifier_run": {
+            "name": cls.loaded.cfg.name,
+            "backbone": cls.cfg.model.backbone,
+            "head": cls.cfg.model.head,
+            "engine": cls.engine,
+            "sizes": [list(s) for s in cls.sizes],
+            "tta_flip": cls.tta_flip,
+            "recipe": "cars-lite0 quick profile (96x128) with model.freeze_stages=7 "
+            "(every block frozen and cached, 1 view; conv_head and the "
+            "classifier trained), 4 epochs: 9.5 min of wall time on the shared 2 cores",
+        },
+    }
     if "classifier" in parts:
         size = cls.sizes[0]
         rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
@@ -273,10 +309,13 @@ def retrieval_part(result: dict, records: list, root: str, rng: np.random.Genera
     size = knn.sizes[0]
     rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
     log(f"retrieval deletion test on {len(rgbs)} images at {size}")
-    result["retrieval"] = {**retrieval_deletion(knn, rgbs, rng),
-                           "model": "cars-lite0-knn quick profile: EfficientNet-Lite0 ImageNet features at "
-                                    f"{size[0]}x{size[1]}, nothing trained",
-                           "sizes": [list(size)], "tta_flip": knn.tta_flip}
+    result["retrieval"] = {
+        **retrieval_deletion(knn, rgbs, rng),
+        "model": "cars-lite0-knn quick profile: EfficientNet-Lite0 ImageNet features at "
+        f"{size[0]}x{size[1]}, nothing trained",
+        "sizes": [list(size)],
+        "tta_flip": knn.tta_flip,
+    }
     log(str(result["retrieval"]))
 
 

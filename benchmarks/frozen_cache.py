@@ -37,17 +37,17 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from common import load_average, log, machine_info, pin_threads, warn_if_busy  # noqa: E402
-from throughput import alternate, summarise, timed  # noqa: E402  (the same rotation and summary)
-
 from finegrain.runs import atomic_write_json  # noqa: E402
+from throughput import alternate, summarise, timed  # noqa: E402  (the same rotation and summary)
 
 RESULTS = ROOT / "benchmarks" / "results" / "frozen_cache.json"
 CLASSES = 196
@@ -58,17 +58,36 @@ def make_config(size: tuple[int, int], batch: int, views: int, cache_images: int
     from finegrain.config import build_config
 
     per_class = max(2, cache_images // 8)
-    return build_config({
-        "name": "bench-frozen-cache", "task": "classification",
-        "data": {"root": "synthetic", "image_size": list(size), "augment": "light", "batch_size": batch,
-                 "num_workers": 0, "val_fraction": 0.0, "cache": "off",
-                 "synthetic": {"num_classes": 8, "train_per_class": per_class, "test_per_class": 1,
-                               "image_size": [96, 128]}},
-        "model": {"backbone": "efficientnet_lite0", "weights": "none", "dropout": 0.2, "freeze_stages": freeze_stages},
-        "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
-        "loss": {"label_smoothing": 0.1},
-        "train": {"precision": "auto", "channels_last": True, "frozen_cache_views": views, "accelerator": "cpu"},
-    })
+    return build_config(
+        {
+            "name": "bench-frozen-cache",
+            "task": "classification",
+            "data": {
+                "root": "synthetic",
+                "image_size": list(size),
+                "augment": "light",
+                "batch_size": batch,
+                "num_workers": 0,
+                "val_fraction": 0.0,
+                "cache": "off",
+                "synthetic": {
+                    "num_classes": 8,
+                    "train_per_class": per_class,
+                    "test_per_class": 1,
+                    "image_size": [96, 128],
+                },
+            },
+            "model": {
+                "backbone": "efficientnet_lite0",
+                "weights": "none",
+                "dropout": 0.2,
+                "freeze_stages": freeze_stages,
+            },
+            "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
+            "loss": {"label_smoothing": 0.1},
+            "train": {"precision": "auto", "channels_last": True, "frozen_cache_views": views, "accelerator": "cpu"},
+        }
+    )
 
 
 def make_model(cfg):
@@ -89,8 +108,9 @@ def train_step(cfg, precision: str, frozen: bool) -> Callable:
     from finegrain.inference.encoder import autocast_for
 
     model = make_model(cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
 
     def step(x, y) -> None:
         opt.zero_grad(set_to_none=True)
@@ -99,6 +119,7 @@ def train_step(cfg, precision: str, frozen: bool) -> Callable:
             loss = F.cross_entropy(model.logits(x, frozen), y, label_smoothing=cfg.loss.label_smoothing)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -122,11 +143,16 @@ def build_cache(cfg, precision: str) -> tuple[Any, dict[str, Any]]:
     frozen = build_frozen_views(dm.train_records, cfg.data, prefix, views, cfg.train.seed)
     seconds = time.perf_counter() - t0
     n = len(frozen)
-    return frozen, {"images": n, "views": views, "seconds": round(seconds, 2),
-                    "images_per_second_per_view": round(n * views / seconds, 2),
-                    "feature_map": list(frozen.features.shape[2:]), "dtype": "float16",
-                    "bytes": int(frozen.features.nbytes),
-                    "what": "decode + resize (no prepared cache) + augment + frozen prefix, every view"}
+    return frozen, {
+        "images": n,
+        "views": views,
+        "seconds": round(seconds, 2),
+        "images_per_second_per_view": round(n * views / seconds, 2),
+        "feature_map": list(frozen.features.shape[2:]),
+        "dtype": "float16",
+        "bytes": int(frozen.features.nbytes),
+        "what": "decode + resize (no prepared cache) + augment + frozen prefix, every view",
+    }
 
 
 def cached_batches(frozen, batch: int, seed: int, count: int) -> tuple[list, float]:
@@ -159,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="96x128, batch 8, 32 images, one round of one step")
     ap.add_argument("--image-size", default=None, help="HxW (default 192x256; quick 96x128)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 32 (quick 8)")
-    ap.add_argument("--freeze-stages", type=int, default=3,
-                    help="stages frozen and cached (default 3; cars-lite0 -p cpu45 freezes 4)")
+    ap.add_argument(
+        "--freeze-stages",
+        type=int,
+        default=3,
+        help="stages frozen and cached (default 3; cars-lite0 -p cpu45 freezes 4)",
+    )
     ap.add_argument("--views", type=int, default=3, help="cached views per image (default 3)")
-    ap.add_argument("--cache-images", type=int, default=None, help="images the cache build runs over (default 256; "
-                                                                   "quick 32)")
+    ap.add_argument(
+        "--cache-images", type=int, default=None, help="images the cache build runs over (default 256; quick 32)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 4; quick 1)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2; quick 1)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4; quick 1)")
@@ -194,26 +225,39 @@ def main(argv: list[str] | None = None) -> int:
     cfg = make_config((h, w), batch, args.views, images, args.freeze_stages)
     result: dict[str, Any] = {
         "benchmark": "frozen_cache",
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if q else "full",
         "machine": machine_info(),
         "machine_busy": busy is not None,
         "busy_warning_at_start": busy,
-        "settings": {"backbone": "efficientnet_lite0", "weights": "none (random, seed 0)", "classes": CLASSES,
-                     "image_size": [h, w], "batch_size": batch, "freeze_stages": args.freeze_stages, "channels_last": True,
-                     "precision": precision, "torch_threads": torch.get_num_threads(), "views": args.views,
-                     "warmup_steps": warmup, "rounds": rounds, "timed_steps_per_round": steps,
-                     "optimiser": "AdamW(lr 0.002, wd 0.01) over the trainable parameters",
-                     "loss": "cross-entropy, label smoothing 0.1"},
+        "settings": {
+            "backbone": "efficientnet_lite0",
+            "weights": "none (random, seed 0)",
+            "classes": CLASSES,
+            "image_size": [h, w],
+            "batch_size": batch,
+            "freeze_stages": args.freeze_stages,
+            "channels_last": True,
+            "precision": precision,
+            "torch_threads": torch.get_num_threads(),
+            "views": args.views,
+            "warmup_steps": warmup,
+            "rounds": rounds,
+            "timed_steps_per_round": steps,
+            "optimiser": "AdamW(lr 0.002, wd 0.01) over the trainable parameters",
+            "loss": "cross-entropy, label smoothing 0.1",
+        },
         "notes": "wall-clock on a shared machine; see machine_busy and the load averages. Steps are timed alone "
-                 "(no image decoding in either variant); the cache loader's gather-and-crop time per batch is "
-                 "given apart and folded into ratio_with_cache_and_its_loader_over_without.",
+        "(no image decoding in either variant); the cache loader's gather-and-crop time per batch is "
+        "given apart and folded into ratio_with_cache_and_its_loader_over_without.",
     }
     try:
         log(f"cache build: {images} synthetic images x {args.views} views at {h}x{w}, precision {precision}")
         frozen, result["cache_build"] = build_cache(cfg, precision)
-        log(f"cache build: {result['cache_build']['images_per_second_per_view']} images/s per view, "
-            f"feature map {result['cache_build']['feature_map']}")
+        log(
+            f"cache build: {result['cache_build']['images_per_second_per_view']} images/s per view, "
+            f"feature map {result['cache_build']['feature_map']}"
+        )
         atomic_write_json(args.out, result)
 
         g = torch.Generator().manual_seed(0)
@@ -232,14 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         train["cache_loader_seconds_per_batch"] = round(loader_seconds, 5)
         train["ratio_with_cache_over_without"] = round(with_cache / without, 3)
         train["ratio_with_cache_and_its_loader_over_without"] = round(
-            (batch / (batch / with_cache + loader_seconds)) / without, 3)
+            (batch / (batch / with_cache + loader_seconds)) / without, 3
+        )
         result["train"] = train
-        log(f"train: without cache {without:.2f} images/s, with cache {with_cache:.2f} images/s "
+        log(
+            f"train: without cache {without:.2f} images/s, with cache {with_cache:.2f} images/s "
             f"(x{train['ratio_with_cache_over_without']}; with its loader x"
-            f"{train['ratio_with_cache_and_its_loader_over_without']})")
+            f"{train['ratio_with_cache_and_its_loader_over_without']})"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_average_at_end"] = load_average()
     result["machine_busy"] = result["machine_busy"] or warn_if_busy() is not None
     atomic_write_json(args.out, result)

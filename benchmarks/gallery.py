@@ -2,8 +2,8 @@
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/gallery.py [--images 2000] [--vectors 100000]
 
-1. adds: ``--images`` (``--milvus-images`` on Milvus Lite) real Stanford Cars thumbnails (../shared/data) added over the API (8 per
-   request, one client) against the model's own encoding rate measured in the same run
+1. adds: ``--images`` (``--milvus-images`` on Milvus Lite) real Stanford Cars thumbnails (../shared/data)
+   added over the API (8 per request, one client) against the model's own encoding rate measured in the same run
    (``encode_records``, as ``finegrain embed`` encodes: goal >= 0.85 of it);
 2. searches: p50/p95 of 4 clients searching, idle and while a fifth client adds (goal: p50 at most
    1.5x idle, no errors);
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
 from common import log, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,14 @@ def make_run() -> Path:
     done = runs / "gallery-bench" / "DONE"
     if (runs / "gallery-bench" / "checkpoints" / "best.ckpt").is_file() or done.is_file():
         return runs / "gallery-bench"
-    cfg = build_config({"name": "gallery-bench", "data": {"root": str(DATA), "holdout": 0.5, "image_size": [96, 128],
-                                                          "num_workers": 0, "batch_size": 64},
-                        "model": {"backbone": "cars_cnn4", "weights": "none"}, "train": {"epochs": 1, "seed": 0}})
+    cfg = build_config(
+        {
+            "name": "gallery-bench",
+            "data": {"root": str(DATA), "holdout": 0.5, "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
+            "model": {"backbone": "cars_cnn4", "weights": "none"},
+            "train": {"epochs": 1, "seed": 0},
+        }
+    )
     run, _ = engine.fit(cfg, runs_root=runs)
     return run.path
 
@@ -67,16 +73,33 @@ def start(run: Path, store: str, token_file: Path) -> tuple[subprocess.Popen, st
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "finegrain", "serve", str(run), "--port", str(port), "--store", store,
-                             "--write-token-file", str(token_file), "--engine", "torch"],
-                            stdout=subprocess.DEVNULL, stderr=(OUT / "serve.log").open("ab"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "finegrain",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--store",
+            store,
+            "--write-token-file",
+            str(token_file),
+            "--engine",
+            "torch",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(OUT / "serve.log").open("ab"),
+    )
     query = (DATA / "cars_train" / "00001.jpg").read_bytes()
     while time.perf_counter() - t0 < 600:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited; see {OUT / 'serve.log'}")
         try:
-            r = httpx.post(f"{url}/api/search", files={"image": ("q.jpg", query, "image/jpeg")}, data={"k": "1"},
-                           timeout=30)
+            r = httpx.post(
+                f"{url}/api/search", files={"image": ("q.jpg", query, "image/jpeg")}, data={"k": "1"}, timeout=30
+            )
             if r.status_code == 200:
                 return proc, url, time.perf_counter() - t0
             if r.status_code == 422:  # an empty gallery answers, but cannot search: the server is up
@@ -110,7 +133,7 @@ def own_rate(run: Path, imgs: list[tuple[str, bytes, str]]) -> dict:
 
     encoder = open_encoder(run, "torch")
     encoder.use_threads(1)
-    records = open_collection(DATA).all_records()[:len(imgs)]
+    records = open_collection(DATA).all_records()[: len(imgs)]
     t0 = time.perf_counter()
     encoder.encode_records(records, description="baseline")
     seconds = time.perf_counter() - t0
@@ -120,21 +143,30 @@ def own_rate(run: Path, imgs: list[tuple[str, bytes, str]]) -> dict:
     for name, data, _ in imgs:  # what the server does per image, without HTTP and the store
         encoder.encode_rgb(to_rgb(decode_bytes(data, name))[0])
     single = time.perf_counter() - t0
-    return {"images": len(records), "seconds": round(seconds, 2), "images_per_second": round(len(records) / seconds, 1),
-            "how": "encode_records (batched, as `finegrain embed`), 1 thread",
-            "one_at_a_time_images_per_second": round(len(imgs) / single, 1),
-            "one_at_a_time_how": "decode_bytes + encode_rgb per image in-process (the server's work without HTTP "
-                                 "and the store), 1 thread"}
+    return {
+        "images": len(records),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(records) / seconds, 1),
+        "how": "encode_records (batched, as `finegrain embed`), 1 thread",
+        "one_at_a_time_images_per_second": round(len(imgs) / single, 1),
+        "one_at_a_time_how": "decode_bytes + encode_rgb per image in-process (the server's work without HTTP "
+        "and the store), 1 thread",
+    }
 
 
-def add_all(url: str, auth: dict, imgs: list[tuple[str, bytes, str]], stop_flag: threading.Event | None = None,
-            errors: list | None = None) -> tuple[int, float]:
+def add_all(
+    url: str,
+    auth: dict,
+    imgs: list[tuple[str, bytes, str]],
+    stop_flag: threading.Event | None = None,
+    errors: list | None = None,
+) -> tuple[int, float]:
     done, t0 = 0, time.perf_counter()
     with httpx.Client(timeout=120) as c:
         for start_at in range(0, len(imgs), PER_REQUEST):
             if stop_flag is not None and stop_flag.is_set():
                 break
-            batch = imgs[start_at:start_at + PER_REQUEST]
+            batch = imgs[start_at : start_at + PER_REQUEST]
             files = [("image", (name, data, "image/jpeg")) for name, data, _ in batch]
             r = c.post(f"{url}/api/gallery", files=files, data={"label": batch[0][2]}, headers=auth)
             if r.status_code != 200:
@@ -173,8 +205,9 @@ def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(xs) * 1000, q)), 1) if xs else float("nan")
 
 
-def bench_backend(name: str, run: Path, store: str, token_file: Path, auth: dict, imgs: list, vectors: int,
-                  own: dict) -> dict:
+def bench_backend(
+    name: str, run: Path, store: str, token_file: Path, auth: dict, imgs: list, vectors: int, own: dict
+) -> dict:
 
     log(f"[{name}] adds: {len(imgs)} images over the API, {PER_REQUEST} per request")
     proc, url, _ = start(run, store, token_file)
@@ -187,7 +220,7 @@ def bench_backend(name: str, run: Path, store: str, token_file: Path, auth: dict
         idle = search_latencies(url, queries, 4, 25, errors)
         log(f"[{name}] searches: while a fifth client adds")
         flag, add_errors = threading.Event(), []
-        extra = images(len(imgs) + 400)[len(imgs):]
+        extra = images(len(imgs) + 400)[len(imgs) :]
         adder = threading.Thread(target=add_all, args=(url, auth, extra, flag, add_errors))
         adder.start()
         busy = search_latencies(url, queries, 4, 25, errors)
@@ -198,8 +231,16 @@ def bench_backend(name: str, run: Path, store: str, token_file: Path, auth: dict
     log(f"[{name}] restart over {vectors} vectors (inserted directly through the store API)")
     big_store = str(OUT / "embedded-big") if name == "embedded" else str(OUT / "milvus-big.db")
     # in a child process: Milvus Lite keeps a store's file until the process that opened it exits
-    filled = json.loads(subprocess.run([sys.executable, __file__, "--fill", store, big_store, str(vectors)],
-                                       check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    filled = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--fill", store, big_store, str(vectors)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     count, in_process = filled["count"], filled["open_and_first_search_seconds"]
     proc, url, restart = start(run, big_store, token_file)
     stop(proc)
@@ -207,20 +248,35 @@ def bench_backend(name: str, run: Path, store: str, token_file: Path, auth: dict
     stop(proc)
     p50_idle, p50_busy = pct(idle, 50), pct(busy, 50)
     return {
-        "adds": {"images": n, "per_request": PER_REQUEST, "seconds": round(seconds, 2),
-                 "images_per_second": round(rate, 1), "ratio_to_model_rate": round(rate / own["images_per_second"], 3),
-                 "goal": ">= 0.85"},
-        "search": {"clients": 4, "requests_each": 25, "idle_ms": {"p50": p50_idle, "p95": pct(idle, 95)},
-                   "while_adding_ms": {"p50": p50_busy, "p95": pct(busy, 95)},
-                   "p50_ratio": round(p50_busy / p50_idle, 3), "goal": "p50 ratio <= 1.5, no errors",
-                   "errors": len(errors), "add_errors_during": len(add_errors)},
-        "restart": {"vectors": count, "how": "random unit vectors inserted directly through the store API (no images)",
-                    "seconds_to_first_search": round(restart, 2),
-                    "same_server_over_the_small_store_seconds": round(small_restart, 2),
-                    "store_share_seconds": round(restart - small_restart, 2),
-                    "store_open_and_first_search_in_process_seconds": round(in_process, 2),
-                    "note": "process start (Python, torch, the model) is in both server figures; "
-                            "store_share is what the vectors add", "goal": "<= 5 s"},
+        "adds": {
+            "images": n,
+            "per_request": PER_REQUEST,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(rate, 1),
+            "ratio_to_model_rate": round(rate / own["images_per_second"], 3),
+            "goal": ">= 0.85",
+        },
+        "search": {
+            "clients": 4,
+            "requests_each": 25,
+            "idle_ms": {"p50": p50_idle, "p95": pct(idle, 95)},
+            "while_adding_ms": {"p50": p50_busy, "p95": pct(busy, 95)},
+            "p50_ratio": round(p50_busy / p50_idle, 3),
+            "goal": "p50 ratio <= 1.5, no errors",
+            "errors": len(errors),
+            "add_errors_during": len(add_errors),
+        },
+        "restart": {
+            "vectors": count,
+            "how": "random unit vectors inserted directly through the store API (no images)",
+            "seconds_to_first_search": round(restart, 2),
+            "same_server_over_the_small_store_seconds": round(small_restart, 2),
+            "store_share_seconds": round(restart - small_restart, 2),
+            "store_open_and_first_search_in_process_seconds": round(in_process, 2),
+            "note": "process start (Python, torch, the model) is in both server figures; "
+            "store_share is what the vectors add",
+            "goal": "<= 5 s",
+        },
     }
 
 
@@ -256,11 +312,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--vectors", type=int, default=100_000)
-    ap.add_argument("--milvus-images", type=int, default=300,
-                    help="Images added over the API on Milvus Lite (its adds are far slower: keep the run short).")
+    ap.add_argument(
+        "--milvus-images",
+        type=int,
+        default=300,
+        help="Images added over the API on Milvus Lite (its adds are far slower: keep the run short).",
+    )
     ap.add_argument("--skip-milvus", action="store_true")
-    ap.add_argument("--only", choices=["embedded", "milvus-lite"],
-                    help="Measure one backend and update its entry in the results file (the model's rate again).")
+    ap.add_argument(
+        "--only",
+        choices=["embedded", "milvus-lite"],
+        help="Measure one backend and update its entry in the results file (the model's rate again).",
+    )
     args = ap.parse_args()
     if not (DATA / "cars_train").is_dir():
         print(f"skipped: no Stanford Cars thumbnails in {DATA}", file=sys.stderr)
@@ -275,10 +338,15 @@ def main() -> int:
     imgs = images(args.images)
     log(f"baseline: the model's own encoding rate over {len(imgs)} images")
     own = own_rate(run, imgs)
-    result: dict = {"benchmark": "gallery", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "machine": machine_info({"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}),
-                    "model": "cars_cnn4 at 96x128, one epoch on half the Stanford Cars thumbnails, torch engine",
-                    "data": "Stanford Cars train thumbnails (128x96 JPEG)", "model_encoding": own, "backends": {}}
+    result: dict = {
+        "benchmark": "gallery",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info({"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}),
+        "model": "cars_cnn4 at 96x128, one epoch on half the Stanford Cars thumbnails, torch engine",
+        "data": "Stanford Cars train thumbnails (128x96 JPEG)",
+        "model_encoding": own,
+        "backends": {},
+    }
     backends = [("embedded", str(OUT / "embedded"))]
     if not args.skip_milvus:
         try:
@@ -292,14 +360,17 @@ def main() -> int:
         backends = [b for b in backends if b[0] == args.only]
         if RESULTS.is_file():  # keep the other backend's figures
             old = json.loads(RESULTS.read_text())
-            result["backends"] = {k: {"model_encoding": old["model_encoding"], **v}
-                                  for k, v in old["backends"].items() if k != args.only}
+            result["backends"] = {
+                k: {"model_encoding": old["model_encoding"], **v} for k, v in old["backends"].items() if k != args.only
+            }
     for name, store in backends:
         for p in OUT.glob(Path(store).name + "*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-        some = imgs if name == "embedded" else imgs[:args.milvus_images]
-        result["backends"][name] = {"model_encoding": own,
-                                    **bench_backend(name, run, store, token_file, auth, some, args.vectors, own)}
+        some = imgs if name == "embedded" else imgs[: args.milvus_images]
+        result["backends"][name] = {
+            "model_encoding": own,
+            **bench_backend(name, run, store, token_file, auth, some, args.vectors, own),
+        }
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         log(json.dumps(result["backends"][name]))
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

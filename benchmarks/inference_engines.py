@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,13 @@ def build_encoders(backbone: str, size: int, work: Path) -> tuple[dict, dict]:
     from finegrain.inference.onnx_engine import FP32_FILE, INT8_FILE, OnnxEncoder
     from finegrain.models.model import build_model
 
-    cfg = build_config({"name": f"bench-{backbone}", "model": {"backbone": backbone, "weights": "none"},
-                        "data": {"image_size": [size, size]}})
+    cfg = build_config(
+        {
+            "name": f"bench-{backbone}",
+            "model": {"backbone": backbone, "weights": "none"},
+            "data": {"image_size": [size, size]},
+        }
+    )
     model = build_model(backbone, weights="none", num_classes=196).eval()
     names = [f"class {i}" for i in range(196)]
     loaded = LoadedModel(model, cfg, names, Path("-"), "-")
@@ -70,17 +75,34 @@ def build_encoders(backbone: str, size: int, work: Path) -> tuple[dict, dict]:
     parity = check_parity(dest / FP32_FILE, loaded, [(size, size)])
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    how = quantize_int8(dest / FP32_FILE, dest / INT8_FILE,
-                        (rng.integers(0, 256, (8, 3, size, size), dtype=np.uint8) for _ in range(4)))
+    how = quantize_int8(
+        dest / FP32_FILE, dest / INT8_FILE, (rng.integers(0, 256, (8, 3, size, size), dtype=np.uint8) for _ in range(4))
+    )
     quant_s = time.perf_counter() - t0
-    meta = {"model_checksum": "-", "config": cfg.model_dump(mode="json"), "class_names": names, "has_classifier": True,
-            "files": {k: {"file": f, "sha256": file_sha256(dest / f)} for k, f in (("fp32", FP32_FILE), ("int8", INT8_FILE))}}
-    encoders = {"torch": Encoder(loaded), "torch-nchw": Encoder(loaded), "onnx-fp32": OnnxEncoder(run, meta, "32"),
-                "onnx-int8": OnnxEncoder(run, meta, "int8")}
-    facts = {"export_seconds": round(export_s, 2), "quantize_seconds": round(quant_s, 2),
-             "parity_max_abs_diff": parity, "torch_precision": encoders["torch"].precision,
-             "fp32_mb": round((dest / FP32_FILE).stat().st_size / 1e6, 1),
-             "int8_mb": round((dest / INT8_FILE).stat().st_size / 1e6, 1), "quantization": how}
+    meta = {
+        "model_checksum": "-",
+        "config": cfg.model_dump(mode="json"),
+        "class_names": names,
+        "has_classifier": True,
+        "files": {
+            k: {"file": f, "sha256": file_sha256(dest / f)} for k, f in (("fp32", FP32_FILE), ("int8", INT8_FILE))
+        },
+    }
+    encoders = {
+        "torch": Encoder(loaded),
+        "torch-nchw": Encoder(loaded),
+        "onnx-fp32": OnnxEncoder(run, meta, "32"),
+        "onnx-int8": OnnxEncoder(run, meta, "int8"),
+    }
+    facts = {
+        "export_seconds": round(export_s, 2),
+        "quantize_seconds": round(quant_s, 2),
+        "parity_max_abs_diff": parity,
+        "torch_precision": encoders["torch"].precision,
+        "fp32_mb": round((dest / FP32_FILE).stat().st_size / 1e6, 1),
+        "int8_mb": round((dest / INT8_FILE).stat().st_size / 1e6, 1),
+        "quantization": how,
+    }
     return encoders, facts
 
 
@@ -94,14 +116,16 @@ def measure(encoders: dict, size: int, batch: int, seconds: float, rounds: int, 
         encoder.use_threads(threads)
 
     x = np.random.default_rng(1).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
-    inputs = {"torch": torch.from_numpy(x).contiguous(memory_format=torch.channels_last),  # as the loaders give it
-              "torch-nchw": torch.from_numpy(x)}  # plain eager: a contiguous NCHW batch, as most scripts pass it
+    inputs = {
+        "torch": torch.from_numpy(x).contiguous(memory_format=torch.channels_last),  # as the loaders give it
+        "torch-nchw": torch.from_numpy(x),
+    }  # plain eager: a contiguous NCHW batch, as most scripts pass it
     names = list(encoders)
     for n in names:
         encoders[n].forward(inputs.get(n, x))  # warm-up: allocations, kernel selection
     per_round: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             done, t0 = 0, time.perf_counter()
             while True:
                 encoders[n].forward(inputs.get(n, x))
@@ -110,8 +134,10 @@ def measure(encoders: dict, size: int, batch: int, seconds: float, rounds: int, 
                 if elapsed >= seconds:
                     break
             per_round[n].append(done / elapsed)
-    return {n: {"images_per_second": round(statistics.median(v), 2), "rounds": [round(s, 2) for s in v]}
-            for n, v in per_round.items()}
+    return {
+        n: {"images_per_second": round(statistics.median(v), 2), "rounds": [round(s, 2) for s in v]}
+        for n, v in per_round.items()
+    }
 
 
 def main() -> None:
@@ -121,8 +147,12 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--seconds", type=float, default=4.0, help="Time per engine, batch size and round.")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None,
-                   help="Intra-op threads of every engine (default: one per core, as finegrain runs).")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Intra-op threads of every engine (default: one per core, as finegrain runs).",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
@@ -130,8 +160,14 @@ def main() -> None:
 
     threads = a.threads or cores()
     busy = warn_if_busy()
-    result = {"benchmark": "inference_engines", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "settings": vars(a) | {"out": str(a.out)}, "machine": machine_info(), "busy_warning": busy, "cases": []}
+    result = {
+        "benchmark": "inference_engines",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": vars(a) | {"out": str(a.out)},
+        "machine": machine_info(),
+        "busy_warning": busy,
+        "cases": [],
+    }
     import onnxruntime
 
     result["machine"]["onnxruntime"] = onnxruntime.__version__
@@ -139,29 +175,48 @@ def main() -> None:
         for backbone in a.models:
             log(f"{backbone}: export and int8 quantization")
             encoders, facts = build_encoders(backbone, a.size, Path(tmp))
-            log(f"{backbone}: exported in {facts['export_seconds']} s ({facts['fp32_mb']} MB), int8 in "
+            log(
+                f"{backbone}: exported in {facts['export_seconds']} s ({facts['fp32_mb']} MB), int8 in "
                 f"{facts['quantize_seconds']} s ({facts['int8_mb']} MB); "
-                f"torch runs in precision {facts['torch_precision']}")
+                f"torch runs in precision {facts['torch_precision']}"
+            )
             for batch in a.batches:
                 speeds = measure(encoders, a.size, batch, a.seconds, a.rounds, threads)
                 ref, plain = speeds["torch"]["images_per_second"], speeds["torch-nchw"]["images_per_second"]
                 for s in speeds.values():
                     s["vs_torch"] = round(s["images_per_second"] / ref, 2)
                     s["vs_torch_nchw"] = round(s["images_per_second"] / plain, 2)
-                case = {"model": backbone, "image_size": [a.size, a.size], "batch_size": batch, "threads": threads,
-                        "load_average": list(os.getloadavg()), **facts,
-                        "engines": speeds}
+                case = {
+                    "model": backbone,
+                    "image_size": [a.size, a.size],
+                    "batch_size": batch,
+                    "threads": threads,
+                    "load_average": list(os.getloadavg()),
+                    **facts,
+                    "engines": speeds,
+                }
                 result["cases"].append(case)
-                log(f"{backbone} batch {batch}: " + ", ".join(
-                    f"{n} {s['images_per_second']:.1f} images/s ({s['vs_torch']:.2f}x)" for n, s in speeds.items()))
-                result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                log(
+                    f"{backbone} batch {batch}: "
+                    + ", ".join(
+                        f"{n} {s['images_per_second']:.1f} images/s ({s['vs_torch']:.2f}x)" for n, s in speeds.items()
+                    )
+                )
+                result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
                 a.out.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(a.out, result)
     result["load_average_after"] = os.getloadavg()
     atomic_write_json(a.out, result)
     log(f"wrote {a.out}")
-    print(json.dumps([{k: c[k] for k in ("model", "batch_size")} | {n: s["images_per_second"] for n, s in
-                                                                        c["engines"].items()} for c in result["cases"]]))
+    print(
+        json.dumps(
+            [
+                {k: c[k] for k in ("model", "batch_size")}
+                | {n: s["images_per_second"] for n, s in c["engines"].items()}
+                for c in result["cases"]
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

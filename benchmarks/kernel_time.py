@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from common import load_average, log, machine_info, warn_if_busy
-
 from finegrain.runs import atomic_write_json
 
 CROPS = ROOT.parent / "shared" / "data" / "stanford_cars_crops"
@@ -196,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep and args.out.is_file():
         result["runs"] = json.loads(args.out.read_text()).get("runs", {})
     for name, path in args.adopt:
-        result["runs"][name] = json.loads(Path(path).read_text()) | {
-            "adopted_from": path
-        }
+        result["runs"][name] = json.loads(Path(path).read_text()) | {"adopted_from": path}
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "crops.csv"
         result["images"] = write_csv(lst, args.classes, args.per_class)
@@ -234,12 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         d, t = (result["runs"][k]["phases"] for k in ("default", "tuned"))
         result["tuned_vs_default"] = {
             p: {
-                "system_seconds_ratio": round(
-                    t[p]["system_seconds"] / max(d[p]["system_seconds"], 1e-9), 3
-                ),
-                "minor_faults_ratio": round(
-                    t[p]["minor_faults"] / max(d[p]["minor_faults"], 1), 3
-                ),
+                "system_seconds_ratio": round(t[p]["system_seconds"] / max(d[p]["system_seconds"], 1e-9), 3),
+                "minor_faults_ratio": round(t[p]["minor_faults"] / max(d[p]["minor_faults"], 1), 3),
                 "system_share": [d[p]["system_share"], t[p]["system_share"]],
             }
             for p in d

@@ -30,7 +30,7 @@ import shutil
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +52,15 @@ def machine_info() -> dict:
     from finegrain.faiss_import import faiss_blas_core, import_faiss
 
     faiss = import_faiss()  # first import of faiss: picks OpenBLAS kernels this CPU supports
-    return common_machine_info({
-        "faiss": getattr(faiss, "__version__", "unknown"),
-        "faiss_simd": faiss.get_compile_options().strip(),
-        "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "faiss_openblas_core": faiss_blas_core(),
-        "scikit_learn": sklearn.__version__,
-    })
+    return common_machine_info(
+        {
+            "faiss": getattr(faiss, "__version__", "unknown"),
+            "faiss_simd": faiss.get_compile_options().strip(),
+            "faiss_omp_threads": faiss.omp_get_max_threads(),
+            "faiss_openblas_core": faiss_blas_core(),
+            "scikit_learn": sklearn.__version__,
+        }
+    )
 
 
 def bench_knn(repeats: int) -> dict:
@@ -76,8 +78,7 @@ def bench_knn(repeats: int) -> dict:
     preds = None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        preds, scores, seconds = knn_classify(g, yg, q, k=k, metric="euclidean", weights="uniform",
-                                              num_classes=classes)
+        preds, scores, seconds = knn_classify(g, yg, q, k=k, metric="euclidean", weights="uniform", num_classes=classes)
         ours.append(time.perf_counter() - t0)
         ours_inner.append(seconds)
     log(f"(a) ours: {min(ours):.2f} s (runs {[round(s, 2) for s in ours]})")
@@ -94,17 +95,31 @@ def bench_knn(repeats: int) -> dict:
 
     agreement = float(np.mean(preds == sk_preds))
     return {
-        "setup": {"n_gallery": n_gallery, "n_query": n_query, "dim": dim, "classes": classes, "k": k,
-                  "metric": "euclidean", "weights": "uniform", "data": "i.i.d. standard normal float32",
-                  "repeats": repeats},
-        "finegrain_knn_classify": {"seconds_min": round(min(ours), 4), "seconds_median": round(statistics.median(ours), 4),
-                                   "seconds_runs": [round(s, 4) for s in ours],
-                                   "reported_search_vote_seconds": [round(s, 4) for s in ours_inner],
-                                   "method": "faiss exact search (faiss.knn, L2) + bincount vote"},
-        "sklearn_kneighbors": {"seconds_min": round(min(skl), 4), "seconds_median": round(statistics.median(skl), 4),
-                               "seconds_runs": [round(s, 4) for s in skl],
-                               "call": "KNeighborsClassifier(n_neighbors=10).fit(gallery).predict(queries)",
-                               "algorithm_chosen": fit_method},
+        "setup": {
+            "n_gallery": n_gallery,
+            "n_query": n_query,
+            "dim": dim,
+            "classes": classes,
+            "k": k,
+            "metric": "euclidean",
+            "weights": "uniform",
+            "data": "i.i.d. standard normal float32",
+            "repeats": repeats,
+        },
+        "finegrain_knn_classify": {
+            "seconds_min": round(min(ours), 4),
+            "seconds_median": round(statistics.median(ours), 4),
+            "seconds_runs": [round(s, 4) for s in ours],
+            "reported_search_vote_seconds": [round(s, 4) for s in ours_inner],
+            "method": "faiss exact search (faiss.knn, L2) + bincount vote",
+        },
+        "sklearn_kneighbors": {
+            "seconds_min": round(min(skl), 4),
+            "seconds_median": round(statistics.median(skl), 4),
+            "seconds_runs": [round(s, 4) for s in skl],
+            "call": "KNeighborsClassifier(n_neighbors=10).fit(gallery).predict(queries)",
+            "algorithm_chosen": fit_method,
+        },
         "speedup_min_over_min": round(min(skl) / min(ours), 2),
         "speedup_median_over_median": round(statistics.median(skl) / statistics.median(ours), 2),
         "prediction_agreement": agreement,
@@ -114,8 +129,9 @@ def bench_knn(repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- (b)
-def mixture(n: int, dim: int, centers: np.ndarray, rng: np.random.Generator, noise: float = 1.0,
-            chunk: int = 100_000) -> np.ndarray:
+def mixture(
+    n: int, dim: int, centers: np.ndarray, rng: np.random.Generator, noise: float = 1.0, chunk: int = 100_000
+) -> np.ndarray:
     """``n`` L2-normalised vectors around random ``centers`` (cosine ~0.5 within a cluster, ~0 across)."""
     out = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, chunk):
@@ -125,7 +141,7 @@ def mixture(n: int, dim: int, centers: np.ndarray, rng: np.random.Generator, noi
         block *= noise
         block += centers[idx]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[s:s + m] = block
+        out[s : s + m] = block
     return out
 
 
@@ -137,7 +153,7 @@ def time_queries(index, q: np.ndarray, k: int, single: int) -> tuple[float, floa
     lat = []
     for i in range(single):
         t0 = time.perf_counter()
-        index.search(q[i:i + 1], k)
+        index.search(q[i : i + 1], k)
         lat.append(time.perf_counter() - t0)
     return batch, 1000 * statistics.median(lat), ids
 
@@ -162,8 +178,9 @@ def bench_index_size(n: int, dim: int, n_queries: int, kinds: list[str], skip: d
             log(f"(b) n={n} {kind}: skipped ({skip[kind]})")
             continue
         t0 = time.perf_counter()
-        idx = GalleryIndex.build(x, labels, paths, metric="cosine", kind=kind, model_checksum="benchmark",
-                                 measure_recall=False)
+        idx = GalleryIndex.build(
+            x, labels, paths, metric="cosine", kind=kind, model_checksum="benchmark", measure_recall=False
+        )
         build_total = time.perf_counter() - t0
         batch, single_ms, ids = time_queries(idx, q, k, single)
         if kind == "flat":
@@ -180,8 +197,10 @@ def bench_index_size(n: int, dim: int, n_queries: int, kinds: list[str], skip: d
             "params": idx.meta["params"],
         }
         out["kinds"][kind] = row
-        log(f"(b) n={n} {kind}: build {row['build_seconds']:.1f} s, 1000 queries {batch:.2f} s, "
-            f"single {single_ms:.2f} ms, recall@10 {row['recall_at_10_vs_exact']}")
+        log(
+            f"(b) n={n} {kind}: build {row['build_seconds']:.1f} s, 1000 queries {batch:.2f} s, "
+            f"single {single_ms:.2f} ms, recall@10 {row['recall_at_10_vs_exact']}"
+        )
         del idx
         gc.collect()
     return out
@@ -193,7 +212,7 @@ def extrapolate(kind: str, seconds_small: float, n_small: int, n_big: int) -> fl
     if kind == "hnsw":
         return seconds_small * r * math.log(n_big) / math.log(n_small)
     if kind == "ivf":  # nlist ~ sqrt(n): training sample ~ 64 nlist and assignment n * nlist
-        return seconds_small * r ** 1.5
+        return seconds_small * r**1.5
     return seconds_small * r
 
 
@@ -202,19 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "knn.json")
     ap.add_argument("--quick", action="store_true", help="index benchmark at 10^5 only")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the kNN comparison (a)")
-    ap.add_argument("--max-build-seconds", type=float, default=600.0,
-                    help="skip an index kind at 10^6 whose extrapolated build time exceeds this")
+    ap.add_argument(
+        "--max-build-seconds",
+        type=float,
+        default=600.0,
+        help="skip an index kind at 10^6 whose extrapolated build time exceeds this",
+    )
     ap.add_argument("--skip-knn", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
     args = ap.parse_args(argv)
 
     result: dict = {
         "benchmark": "knn",
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "machine": machine_info(),
         "notes": "wall-clock seconds on a shared machine; other processes may have been running "
-                 "(see load averages). Repeated runs: min and median reported.",
+        "(see load averages). Repeated runs: min and median reported.",
     }
 
     def save() -> None:
@@ -228,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_index:
         kinds = ["flat", "hnsw", "ivf"]
-        result["index"] = {"data": "Gaussian mixture of 2,000 clusters, L2-normalised, 512-d; "
-                                   "1,000 held-out queries from the same mixture; cosine (inner product)",
-                           "sizes": []}
+        result["index"] = {
+            "data": "Gaussian mixture of 2,000 clusters, L2-normalised, 512-d; "
+            "1,000 held-out queries from the same mixture; cosine (inner product)",
+            "sizes": [],
+        }
         small = bench_index_size(100_000, 512, 1000, kinds, {}, single=200)
         result["index"]["sizes"].append(small)
         save()
@@ -244,14 +269,16 @@ def main(argv: list[str] | None = None) -> int:
                 est = extrapolate(kind, small["kinds"][kind]["build_seconds"], small["n"], big)
                 estimates[kind] = round(est, 1)
                 if est > args.max_build_seconds:
-                    skip[kind] = (f"extrapolated build time {est:.0f} s from {small['kinds'][kind]['build_seconds']:.1f} s "
-                                  f"at 10^5 exceeds --max-build-seconds={args.max_build_seconds:.0f}")
+                    skip[kind] = (
+                        f"extrapolated build time {est:.0f} s from {small['kinds'][kind]['build_seconds']:.1f} s "
+                        f"at 10^5 exceeds --max-build-seconds={args.max_build_seconds:.0f}"
+                    )
             result["index"]["extrapolated_build_seconds_1e6"] = estimates
             log(f"(b) extrapolated build seconds at 10^6: {estimates}")
             result["index"]["sizes"].append(bench_index_size(big, 512, 1000, kinds, skip, single=50))
             save()
 
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     save()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

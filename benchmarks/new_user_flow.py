@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from common import load_average, log, machine_info, warn_if_busy  # noqa: E402
-
 from finegrain.runs import atomic_write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "new_user_flow.json"
@@ -108,18 +107,25 @@ def build_folder(dest: Path) -> dict[str, Any]:
     def one(r) -> None:
         with Image.open(r.path) as im:
             im.convert("RGB").resize(SIZE, Image.Resampling.BICUBIC).save(
-                tmp / safe_name(coll.class_names[r.label]) / f"{r.path.stem}.jpg", quality=QUALITY)
+                tmp / safe_name(coll.class_names[r.label]) / f"{r.path.stem}.jpg", quality=QUALITY
+            )
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(one, records))
-    info = {"source": str(CARS), "read_with": "finegrain.data.detect.open_collection (devkit labels)",
-            "classes": CLASSES, "class_names": coll.class_names[:CLASSES], "images": len(records),
-            "upscaled_to": f"{SIZE[0]}x{SIZE[1]}", "jpeg_quality": QUALITY,
-            "why": "the shared files are 128x96; upscaled (bicubic, greyscale converted to RGB) to stand in for "
-                   "full-resolution photos, so decoding and resizing cost what a user's photos cost",
-            "megabytes": round(sum(f.stat().st_size for f in tmp.rglob("*.jpg")) / 1e6, 1),
-            "build_seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "source": str(CARS),
+        "read_with": "finegrain.data.detect.open_collection (devkit labels)",
+        "classes": CLASSES,
+        "class_names": coll.class_names[:CLASSES],
+        "images": len(records),
+        "upscaled_to": f"{SIZE[0]}x{SIZE[1]}",
+        "jpeg_quality": QUALITY,
+        "why": "the shared files are 128x96; upscaled (bicubic, greyscale converted to RGB) to stand in for "
+        "full-resolution photos, so decoding and resizing cost what a user's photos cost",
+        "megabytes": round(sum(f.stat().st_size for f in tmp.rglob("*.jpg")) / 1e6, 1),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     (dest / ".complete.json").write_text(json.dumps(info, indent=1))
@@ -141,12 +147,16 @@ def run_timed(argv: list[str], env: dict[str, str], log_path: Path) -> dict[str,
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    res = {"command": " ".join(argv if "<search probe>" not in shown else [*argv[:2], "PROBE", *argv[3:]]),
-           "exit_code": p.returncode, "wall_seconds": round(wall, 2),
-           "user_seconds": round(usage.ru_utime, 2), "system_seconds": round(usage.ru_stime, 2),
-           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-           "system_share_of_cpu": round(usage.ru_stime / max(1e-9, usage.ru_utime + usage.ru_stime), 3),
-           "log": str(log_path)}
+    res = {
+        "command": " ".join(argv if "<search probe>" not in shown else [*argv[:2], "PROBE", *argv[3:]]),
+        "exit_code": p.returncode,
+        "wall_seconds": round(wall, 2),
+        "user_seconds": round(usage.ru_utime, 2),
+        "system_seconds": round(usage.ru_stime, 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "system_share_of_cpu": round(usage.ru_stime / max(1e-9, usage.ru_utime + usage.ru_stime), 3),
+        "log": str(log_path),
+    }
     log(f"    exit {p.returncode}: {wall:.1f} s wall, {usage.ru_utime:.1f} s user, {usage.ru_stime:.1f} s system")
     if p.returncode != 0:
         log("    stderr tail: " + log_path.with_suffix(".err").read_text()[-1500:])
@@ -162,9 +172,14 @@ def run_facts(run: Path) -> dict[str, Any]:
         import yaml
 
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        facts["config"] = {"precision": cfg["train"].get("precision"), "channels_last": cfg["train"].get("channels_last"),
-                           "epochs": cfg["train"].get("epochs"), "image_size": cfg["data"].get("image_size"),
-                           "batch_size": cfg["data"].get("batch_size"), "num_workers": cfg["data"].get("num_workers")}
+        facts["config"] = {
+            "precision": cfg["train"].get("precision"),
+            "channels_last": cfg["train"].get("channels_last"),
+            "epochs": cfg["train"].get("epochs"),
+            "image_size": cfg["data"].get("image_size"),
+            "batch_size": cfg["data"].get("batch_size"),
+            "num_workers": cfg["data"].get("num_workers"),
+        }
     except Exception as e:  # noqa: BLE001 - informative only
         facts["config_error"] = repr(e)
     try:
@@ -194,8 +209,19 @@ def run_flow(flow: str, planned: bool, args, folder: Path, query: Path) -> dict[
     env = {**os.environ, "FINEGRAIN_PROGRESS": "0", "FINEGRAIN_CACHE": str(cache)}
     env.pop("FINEGRAIN_PRECISION", None)
     env.pop("FINEGRAIN_THREAD_PLAN", None)
-    train = [str(FINEGRAIN), "train", "cars-lite0", "--profile", "quick", "--set", f"data.root={folder}",
-             "--runs", str(runs), "--name", name]
+    train = [
+        str(FINEGRAIN),
+        "train",
+        "cars-lite0",
+        "--profile",
+        "quick",
+        "--set",
+        f"data.root={folder}",
+        "--runs",
+        str(runs),
+        "--name",
+        name,
+    ]
     if flow == "bf16":
         env["FINEGRAIN_PRECISION"] = "bf16-mixed"
         train += ["--set", "train.precision=bf16-mixed"]
@@ -206,28 +232,40 @@ def run_flow(flow: str, planned: bool, args, folder: Path, query: Path) -> dict[
     for kv in args.train_set:
         train += ["--set", kv]
     logs = args.work / "logs" / key
-    log(f"flow {key}: FINEGRAIN_PRECISION={env.get('FINEGRAIN_PRECISION', '(unset: auto)')}, "
-        f"FINEGRAIN_THREAD_PLAN={env.get('FINEGRAIN_THREAD_PLAN', '(unset: planned)')}")
-    out: dict[str, Any] = {"environment": {k: env[k] for k in ("FINEGRAIN_PRECISION", "FINEGRAIN_THREAD_PLAN",
-                                                                "FINEGRAIN_PROGRESS", "FINEGRAIN_CACHE") if k in env},
-                           "run": str(run), "load_average_before": load_average(), "commands": {}}
+    log(
+        f"flow {key}: FINEGRAIN_PRECISION={env.get('FINEGRAIN_PRECISION', '(unset: auto)')}, "
+        f"FINEGRAIN_THREAD_PLAN={env.get('FINEGRAIN_THREAD_PLAN', '(unset: planned)')}"
+    )
+    out: dict[str, Any] = {
+        "environment": {
+            k: env[k]
+            for k in ("FINEGRAIN_PRECISION", "FINEGRAIN_THREAD_PLAN", "FINEGRAIN_PROGRESS", "FINEGRAIN_CACHE")
+            if k in env
+        },
+        "run": str(run),
+        "load_average_before": load_average(),
+        "commands": {},
+    }
     cmds = out["commands"]
     cmds["train"] = run_timed(train, env, logs / "train.log")
     out["train_facts"] = run_facts(run)
     if cmds["train"]["exit_code"] == 0:
         cmds["index"] = run_timed([str(FINEGRAIN), "index", str(run), "--gallery", "all"], env, logs / "index.log")
     if cmds.get("index", {}).get("exit_code") == 0:
-        cmds["search"] = run_timed([str(FINEGRAIN), "search", str(run), str(query), "--json"], env,
-                                   logs / "search.log")
+        cmds["search"] = run_timed([str(FINEGRAIN), "search", str(run), str(query), "--json"], env, logs / "search.log")
         try:
             res = json.loads((logs / "search.log").read_text())
-            out["search_result"] = {"gallery_size": res.get("gallery_size"), "prediction": res.get("prediction"),
-                                    "top_hit": (res.get("hits") or [None])[0]}
+            out["search_result"] = {
+                "gallery_size": res.get("gallery_size"),
+                "prediction": res.get("prediction"),
+                "top_hit": (res.get("hits") or [None])[0],
+            }
         except ValueError:
             pass
         # start-up against model: the bare import as a process, and a probe timing one search's phases
-        cmds["import_finegrain_cli"] = run_timed([sys.executable, "-c", "import finegrain.cli"], env,
-                                                 logs / "import.log")
+        cmds["import_finegrain_cli"] = run_timed(
+            [sys.executable, "-c", "import finegrain.cli"], env, logs / "import.log"
+        )
         probe = run_timed([sys.executable, "-c", PROBE, str(run), str(query)], env, logs / "probe.log")
         try:
             phases = json.loads((logs / "probe.log").read_text().strip().splitlines()[-1])
@@ -238,14 +276,17 @@ def run_flow(flow: str, planned: bool, args, folder: Path, query: Path) -> dict[
         if phases:
             model = phases["first_search_seconds"]
             wall = cmds["search"]["wall_seconds"]
-            out["search_breakdown"].update({
-                "search_command_wall_seconds": wall,
-                "model_seconds": model,
-                "startup_seconds": round(wall - model, 2),
-                "startup_share_of_search_command": round((wall - model) / wall, 3),
-                "how": "model_seconds is Searcher.search (preprocessing, the forward pass(es), the FAISS query) in "
-                       "the probe process; startup_seconds = the search command's wall time minus it (interpreter, "
-                       "imports, loading the checkpoint and the index, printing)"})
+            out["search_breakdown"].update(
+                {
+                    "search_command_wall_seconds": wall,
+                    "model_seconds": model,
+                    "startup_seconds": round(wall - model, 2),
+                    "startup_share_of_search_command": round((wall - model) / wall, 3),
+                    "how": "model_seconds is Searcher.search (preprocessing, the forward pass(es), the FAISS query) in "
+                    "the probe process; startup_seconds = the search command's wall time minus it (interpreter, "
+                    "imports, loading the checkpoint and the index, printing)",
+                }
+            )
     t = {k: cmds[k]["wall_seconds"] for k in ("train", "index", "search") if k in cmds}
     out["train_plus_index_wall_seconds"] = round(t.get("train", 0) + t.get("index", 0), 2)
     out["flow_wall_seconds"] = round(sum(t.values()), 2)
@@ -260,10 +301,14 @@ def ratios(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for k in ("train", "index", "search"):
         o, n = old["commands"].get(k), new["commands"].get(k)
         if o and n:
-            r[k] = {"wall": round(o["wall_seconds"] / n["wall_seconds"], 2),
-                    "cpu": round(o["cpu_seconds"] / max(1e-9, n["cpu_seconds"]), 2)}
+            r[k] = {
+                "wall": round(o["wall_seconds"] / n["wall_seconds"], 2),
+                "cpu": round(o["cpu_seconds"] / max(1e-9, n["cpu_seconds"]), 2),
+            }
     if new["train_plus_index_wall_seconds"]:
-        r["train_plus_index_wall"] = round(old["train_plus_index_wall_seconds"] / new["train_plus_index_wall_seconds"], 2)
+        r["train_plus_index_wall"] = round(
+            old["train_plus_index_wall_seconds"] / new["train_plus_index_wall_seconds"], 2
+        )
     if new["flow_wall_seconds"]:
         r["flow_wall"] = round(old["flow_wall_seconds"] / new["flow_wall_seconds"], 2)
     return r
@@ -271,20 +316,41 @@ def ratios(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/finegrain-new-user"),
-                    help="where the image folder (kept), runs, caches and logs go")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/finegrain-new-user"),
+        help="where the image folder (kept), runs, caches and logs go",
+    )
     ap.add_argument("--only", choices=("auto", "bf16"), default=None, help="run one flow only")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the quick profile's 2)")
-    ap.add_argument("--thread-plan", choices=("planned", "unplanned", "both"), default="planned",
-                    help="unplanned: FINEGRAIN_THREAD_PLAN=0 (the behaviour before the thread plan)")
-    ap.add_argument("--threads-unplanned", action="store_const", const="unplanned", dest="thread_plan",
-                    help="the same as --thread-plan unplanned")
-    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="another --set for the train command of every flow (recorded; nothing is extrapolated)")
+    ap.add_argument(
+        "--thread-plan",
+        choices=("planned", "unplanned", "both"),
+        default="planned",
+        help="unplanned: FINEGRAIN_THREAD_PLAN=0 (the behaviour before the thread plan)",
+    )
+    ap.add_argument(
+        "--threads-unplanned",
+        action="store_const",
+        const="unplanned",
+        dest="thread_plan",
+        help="the same as --thread-plan unplanned",
+    )
+    ap.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another --set for the train command of every flow (recorded; nothing is extrapolated)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--fresh", action="store_true",
-                    help="drop the earlier invocations kept in --out (by default they are kept, labelled, under "
-                         "earlier_invocations; ratios are only ever taken within one invocation)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="drop the earlier invocations kept in --out (by default they are kept, labelled, under "
+        "earlier_invocations; ratios are only ever taken within one invocation)",
+    )
     args = ap.parse_args(argv)
     args.work = args.work.resolve()
     earlier: list[dict[str, Any]] = []
@@ -292,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             prev = json.loads(args.out.read_text())
             if prev.get("benchmark") == "new_user_flow":
-                earlier = [{k: v for k, v in prev.items() if k != "earlier_invocations"},
-                           *prev.get("earlier_invocations", [])]
+                earlier = [
+                    {k: v for k, v in prev.items() if k != "earlier_invocations"},
+                    *prev.get("earlier_invocations", []),
+                ]
         except ValueError:
             pass
     if not FINEGRAIN.is_file():
@@ -301,27 +369,38 @@ def main(argv: list[str] | None = None) -> int:
 
     busy = warn_if_busy()
     result: dict[str, Any] = {
-        "benchmark": "new_user_flow", "issue": 18,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(), "machine_busy": busy is not None, "busy_warning_at_start": busy,
-        "settings": {"work": str(args.work), "epochs": args.epochs or "2 (the quick profile)",
-                     "thread_plan": args.thread_plan, "train_set": args.train_set,
-                     "flows": {"bf16": "the old behaviour: --set train.precision=bf16-mixed and "
-                                       "FINEGRAIN_PRECISION=bf16-mixed (bf16 for training and every inference)",
-                               "auto": "the new default: precision auto for training and inference"}},
+        "benchmark": "new_user_flow",
+        "issue": 18,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "machine_busy": busy is not None,
+        "busy_warning_at_start": busy,
+        "settings": {
+            "work": str(args.work),
+            "epochs": args.epochs or "2 (the quick profile)",
+            "thread_plan": args.thread_plan,
+            "train_set": args.train_set,
+            "flows": {
+                "bf16": "the old behaviour: --set train.precision=bf16-mixed and "
+                "FINEGRAIN_PRECISION=bf16-mixed (bf16 for training and every inference)",
+                "auto": "the new default: precision auto for training and inference",
+            },
+        },
         "goal": f"new flow at least {GOAL:g}x faster than the old on a CPU without native bf16 (old there: 424 s "
-                "train + 203 s index); one search mostly start-up, not model",
+        "train + 203 s index); one search mostly start-up, not model",
         "notes": "wall and CPU seconds of whole commands on a shared 2-core machine (see machine_busy and the load "
-                 "averages); read the ratios. CPU seconds are user + system of the process and the loader workers it "
-                 "waited for.",
+        "averages); read the ratios. CPU seconds are user + system of the process and the loader workers it "
+        "waited for.",
     }
     log(f"image folder under {args.work / 'images'} (built once)")
     folder = args.work / "images"
     result["dataset"] = build_folder(folder)
     result["dataset"]["folder"] = str(folder)
     query = min((folder / safe_name(result["dataset"]["class_names"][0])).glob("*.jpg"))
-    result["query_image"] = {"path": str(query), "note": "one of the 1024x768 gallery images (the search marks it "
-                                                         "as the query itself)"}
+    result["query_image"] = {
+        "path": str(query),
+        "note": "one of the 1024x768 gallery images (the search marks it as the query itself)",
+    }
     log(f"  {result['dataset']['images']} images, {result['dataset']['megabytes']} MB; query {query.name}")
 
     flows = [args.only] if args.only else ["bf16", "auto"]
@@ -343,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             summary["goal_met" + suffix] = r.get("train_plus_index_wall", 0) >= GOAL
     for key, f in fl.items():
         c = f["commands"]
-        summary[key] = {k: {m: c[k][m] for m in ("wall_seconds", "user_seconds", "system_seconds")}
-                        for k in ("train", "index", "search", "import_finegrain_cli") if k in c}
+        summary[key] = {
+            k: {m: c[k][m] for m in ("wall_seconds", "user_seconds", "system_seconds")}
+            for k in ("train", "index", "search", "import_finegrain_cli")
+            if k in c
+        }
         summary[key]["train_system_share_of_cpu"] = c["train"]["system_share_of_cpu"]
         if "search_breakdown" in f and "model_seconds" in f["search_breakdown"]:
             b = f["search_breakdown"]
@@ -355,12 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             p, u = fl[flow]["commands"]["train"], fl[flow + "_unplanned"]["commands"]["train"]
             summary[f"thread_plan_{flow}_train"] = {
                 "planned": {m: p[m] for m in ("wall_seconds", "user_seconds", "system_seconds", "system_share_of_cpu")},
-                "unplanned": {m: u[m] for m in ("wall_seconds", "user_seconds", "system_seconds",
-                                                "system_share_of_cpu")},
-                "unplanned_over_planned_wall": round(u["wall_seconds"] / p["wall_seconds"], 2)}
+                "unplanned": {
+                    m: u[m] for m in ("wall_seconds", "user_seconds", "system_seconds", "system_share_of_cpu")
+                },
+                "unplanned_over_planned_wall": round(u["wall_seconds"] / p["wall_seconds"], 2),
+            }
     result["summary"] = summary
     result["earlier_invocations"] = earlier[:4]
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_average_at_end"] = load_average()
     result["machine_busy"] = result["machine_busy"] or warn_if_busy() is not None
     atomic_write_json(args.out, result)

@@ -34,17 +34,17 @@ import gc
 import os
 import sys
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from common import load_average, log, machine_info, warn_if_busy  # noqa: E402
-from throughput import alternate, summarise, timed  # noqa: E402  (the same rotation and summary)
-
 from finegrain.runs import atomic_write_json  # noqa: E402
+from throughput import alternate, summarise, timed  # noqa: E402  (the same rotation and summary)
 
 RESULTS = ROOT / "benchmarks" / "results" / "precision.json"
 CLASSES = 196
@@ -58,7 +58,10 @@ CASES: dict[str, dict[str, Any]] = {
 }
 # variant name -> (precision as the config spells it, channels_last)
 VARIANTS: dict[str, tuple[str, bool]] = {
-    "fp32": ("32", False), "fp32_cl": ("32", True), "bf16": ("bf16-mixed", False), "bf16_cl": ("bf16-mixed", True),
+    "fp32": ("32", False),
+    "fp32_cl": ("32", True),
+    "bf16": ("bf16-mixed", False),
+    "bf16_cl": ("bf16-mixed", True),
 }
 
 
@@ -95,6 +98,7 @@ def make_step(arch: str, phase: str, precision: str, channels_last: bool) -> Cal
         def step(x, y) -> None:
             with torch.inference_mode(), cast():
                 model(x.contiguous(memory_format=fmt))
+
     return step
 
 
@@ -107,10 +111,16 @@ def verdict(res: dict[str, Any], auto: str, metric: str = "images_per_second_med
         return {"fastest_variant": fastest, "auto_precision": auto, "auto_measured": False}
     best_auto = max(of_auto, key=ips.get)
     share = ips[best_auto] / ips[fastest]
-    return {"fastest_variant": fastest, "fastest_images_per_second": ips[fastest], "auto_precision": auto,
-            "auto_best_variant": best_auto, "auto_best_images_per_second": ips[best_auto],
-            "auto_over_fastest": round(share, 3), "auto_is_fastest": best_auto == fastest,
-            "auto_within_10pct_of_fastest": share >= 1 - WITHIN}
+    return {
+        "fastest_variant": fastest,
+        "fastest_images_per_second": ips[fastest],
+        "auto_precision": auto,
+        "auto_best_variant": best_auto,
+        "auto_best_images_per_second": ips[best_auto],
+        "auto_over_fastest": round(share, 3),
+        "auto_is_fastest": best_auto == fastest,
+        "auto_within_10pct_of_fastest": share >= 1 - WITHIN,
+    }
 
 
 def bench_case(name: str, spec: dict[str, Any], warmup: int, steps: int, rounds: int, auto: str) -> dict[str, Any]:
@@ -127,32 +137,47 @@ def bench_case(name: str, spec: dict[str, Any], warmup: int, steps: int, rounds:
     per_round = alternate(runners, warmup, steps, rounds, batch, name)
     del runners
     gc.collect()
-    res: dict[str, Any] = {"arch": arch, "phase": phase, "input": [batch, 3, h, w], "input_dtype": "uint8",
-                           "batch_size": batch, "warmup_steps": warmup, "timed_steps_per_round": steps,
-                           "rounds": rounds}
+    res: dict[str, Any] = {
+        "arch": arch,
+        "phase": phase,
+        "input": [batch, 3, h, w],
+        "input_dtype": "uint8",
+        "batch_size": batch,
+        "warmup_steps": warmup,
+        "timed_steps_per_round": steps,
+        "rounds": rounds,
+    }
     res.update({v: summarise(r, batch) for v, r in per_round.items()})
     ips = {v: res[v]["images_per_second_median"] for v in VARIANTS}
-    res["ratio_bf16_over_fp32"] = {"nchw": round(ips["bf16"] / ips["fp32"], 3),
-                                   "channels_last": round(ips["bf16_cl"] / ips["fp32_cl"], 3),
-                                   "best_of_each": round(max(ips["bf16"], ips["bf16_cl"])
-                                                         / max(ips["fp32"], ips["fp32_cl"]), 3)}
-    res["ratio_channels_last_over_nchw"] = {"fp32": round(ips["fp32_cl"] / ips["fp32"], 3),
-                                            "bf16": round(ips["bf16_cl"] / ips["bf16"], 3)}
+    res["ratio_bf16_over_fp32"] = {
+        "nchw": round(ips["bf16"] / ips["fp32"], 3),
+        "channels_last": round(ips["bf16_cl"] / ips["fp32_cl"], 3),
+        "best_of_each": round(max(ips["bf16"], ips["bf16_cl"]) / max(ips["fp32"], ips["fp32_cl"]), 3),
+    }
+    res["ratio_channels_last_over_nchw"] = {
+        "fp32": round(ips["fp32_cl"] / ips["fp32"], 3),
+        "bf16": round(ips["bf16_cl"] / ips["bf16"], 3),
+    }
     res["verdict"] = verdict(res, auto)
     # on a busy machine the best round filters out interference (another process holding a core)
     res["verdict_best_round"] = verdict(res, auto, "images_per_second_best_round")
     res["load_average_after"] = load_average()
-    log(f"{name}: " + ", ".join(f"{v} {ips[v]:.2f}" for v in VARIANTS) + " images/s (median); bf16/fp32 "
+    log(
+        f"{name}: " + ", ".join(f"{v} {ips[v]:.2f}" for v in VARIANTS) + " images/s (median); bf16/fp32 "
         f"{res['ratio_bf16_over_fp32']['nchw']}x NCHW, {res['ratio_bf16_over_fp32']['channels_last']}x channels-last; "
-        f"fastest {res['verdict']['fastest_variant']}")
+        f"fastest {res['verdict']['fastest_variant']}"
+    )
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="one warm-up step, two rounds of one timed step per variant (24 minutes on a busy "
-                         "2-core CPU without native bf16: the bf16 steps are most of it)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="one warm-up step, two rounds of one timed step per variant (24 minutes on a busy "
+        "2-core CPU without native bf16: the bf16 steps are most of it)",
+    )
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--r50-train-size", choices=("64x64", "96x128"), default="64x64")
     ap.add_argument("--batch-size", type=int, default=None, help="every case's batch (default 32)")
@@ -184,51 +209,68 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "precision",
         "issue": 18,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if q else "full",
         "machine": machine_info(),
         "machine_busy": busy is not None,
         "busy_warning_at_start": busy,
         "auto_precision": auto,
         "auto_precision_reason": why,
-        "settings": {"torch_threads": torch.get_num_threads(), "warmup_steps": warmup, "rounds": rounds,
-                     "timed_steps_per_round": steps, "weights": "none (random, seed 0)", "classes": CLASSES,
-                     "data": "random uint8 images [B, 3, H, W] (the model converts and normalises them) and "
-                             "uniform labels, fixed seed",
-                     "train_step": "AdamW(lr 1e-3, wd 0.01), cross-entropy on model.logits; bf16: forward and "
-                                   "loss under torch.autocast('cpu', bfloat16), backward and step outside",
-                     "inference_step": "model(x) under torch.inference_mode() (+ autocast for bf16)",
-                     "variants": {k: {"precision": p, "channels_last": cl} for k, (p, cl) in VARIANTS.items()}},
+        "settings": {
+            "torch_threads": torch.get_num_threads(),
+            "warmup_steps": warmup,
+            "rounds": rounds,
+            "timed_steps_per_round": steps,
+            "weights": "none (random, seed 0)",
+            "classes": CLASSES,
+            "data": "random uint8 images [B, 3, H, W] (the model converts and normalises them) and "
+            "uniform labels, fixed seed",
+            "train_step": "AdamW(lr 1e-3, wd 0.01), cross-entropy on model.logits; bf16: forward and "
+            "loss under torch.autocast('cpu', bfloat16), backward and step outside",
+            "inference_step": "model(x) under torch.inference_mode() (+ autocast for bf16)",
+            "variants": {k: {"precision": p, "channels_last": cl} for k, (p, cl) in VARIANTS.items()},
+        },
         "notes": "wall-clock on a shared 2-core machine; see machine_busy and the load averages. The four variants "
-                 "take turns within each round (order rotated); images/s is the median over rounds (best round and "
-                 "fastest step also given). Read the ratios, not the absolute figures.",
+        "take turns within each round (order rotated); images/s is the median over rounds (best round and "
+        "fastest step also given). Read the ratios, not the absolute figures.",
         "cases": {},
     }
     for name, spec in cases.items():
-        log(f"{name}: {spec['arch']} {spec['phase']}, batch {spec['batch']} at {spec['size'][0]}x{spec['size'][1]}, "
-            f"warm-up {warmup}, {rounds} round(s) of {steps} step(s)")
+        log(
+            f"{name}: {spec['arch']} {spec['phase']}, batch {spec['batch']} at {spec['size'][0]}x{spec['size'][1]}, "
+            f"warm-up {warmup}, {rounds} round(s) of {steps} step(s)"
+        )
         result["cases"][name] = bench_case(name, spec, warmup, steps, rounds, auto)
         atomic_write_json(args.out, result)
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_average_at_end"] = load_average()
     result["machine_busy"] = result["machine_busy"] or warn_if_busy() is not None
     result["summary"] = {
-        name: {**{f"{v}_images_per_second": c[v]["images_per_second_median"] for v in VARIANTS},
-               "bf16_over_fp32": c["ratio_bf16_over_fp32"], "fastest": c["verdict"]["fastest_variant"],
-               "auto_within_10pct_of_fastest": c["verdict"].get("auto_within_10pct_of_fastest"),
-               "auto_within_10pct_of_fastest_best_round": c["verdict_best_round"].get("auto_within_10pct_of_fastest")}
+        name: {
+            **{f"{v}_images_per_second": c[v]["images_per_second_median"] for v in VARIANTS},
+            "bf16_over_fp32": c["ratio_bf16_over_fp32"],
+            "fastest": c["verdict"]["fastest_variant"],
+            "auto_within_10pct_of_fastest": c["verdict"].get("auto_within_10pct_of_fastest"),
+            "auto_within_10pct_of_fastest_best_round": c["verdict_best_round"].get("auto_within_10pct_of_fastest"),
+        }
         for name, c in result["cases"].items()
     }
     good = [c["verdict"].get("auto_within_10pct_of_fastest") for c in result["cases"].values()]
     result["auto_is_right_here"] = all(bool(g) for g in good)
     result["auto_is_right_here_best_round"] = all(
-        bool(c["verdict_best_round"].get("auto_within_10pct_of_fastest")) for c in result["cases"].values())
+        bool(c["verdict_best_round"].get("auto_within_10pct_of_fastest")) for c in result["cases"].values()
+    )
     result["conclusion"] = (
         f"auto chose precision {auto} here ({why}); its best variant was "
-        + ("the fastest or within 10% of it in every case" if result["auto_is_right_here"] else
-           "NOT within 10% of the fastest in: " + ", ".join(n for n, g in zip(result["cases"], good, strict=True) if not g))
+        + (
+            "the fastest or within 10% of it in every case"
+            if result["auto_is_right_here"]
+            else "NOT within 10% of the fastest in: "
+            + ", ".join(n for n, g in zip(result["cases"], good, strict=True) if not g)
+        )
         + f" by the median round; by the best round: {'yes' if result['auto_is_right_here_best_round'] else 'no'}"
-        + (" (measured on a busy machine)" if result["machine_busy"] else ""))
+        + (" (measured on a busy machine)" if result["machine_busy"] else "")
+    )
     atomic_write_json(args.out, result)
     log(f"wrote {args.out}")
     for name, s in result["summary"].items():

@@ -52,13 +52,20 @@ SHARD_ROWS = 1024
 
 
 def env() -> dict:
-    return {**os.environ, "FINEGRAIN_PROGRESS": "0", "PYTHONPATH": str(ROOT / "src"),
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # the head node of Ray 2.60 asks for its token
+    return {
+        **os.environ,
+        "FINEGRAIN_PROGRESS": "0",
+        "PYTHONPATH": str(ROOT / "src"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }  # the head node of Ray 2.60 asks for its token
 
 
 def finegrain(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "finegrain", *args], env=env(), capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "finegrain", *args], env=env(), capture_output=True, text=True, check=False
+    )
     return done, time.perf_counter() - t0
 
 
@@ -73,9 +80,14 @@ def make_run(images: int) -> tuple[Path, Path]:
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    cfg = build_config({"name": "scale-embed", "task": "knn", "data": {
-        "root": str(CARS), "holdout": 0.5, "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
-        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "head": "classifier"}})
+    cfg = build_config(
+        {
+            "name": "scale-embed",
+            "task": "knn",
+            "data": {"root": str(CARS), "holdout": 0.5, "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
+            "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "head": "classifier"},
+        }
+    )
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     records = open_collection(CARS).all_records()[:images]
     listing = WORK / "gallery.csv"
@@ -116,8 +128,12 @@ def compare(ref: np.ndarray, ref_paths: list[str], x: np.ndarray, paths: list[st
         seen[p] = seen.get(p, 0) + 1
     common = [i for i, p in enumerate(paths) if p in where]
     diff = float(np.abs(x[common] - ref[[where[paths[i]] for i in common]]).max()) if common else None
-    return {"missing": sum(1 for p in ref_paths if p not in seen), "duplicated": sum(c - 1 for c in seen.values()),
-            "duplicated_ids": len(ids) - len(set(ids)), "max_abs_diff_to_single": diff}
+    return {
+        "missing": sum(1 for p in ref_paths if p not in seen),
+        "duplicated": sum(c - 1 for c in seen.values()),
+        "duplicated_ids": len(ids) - len(set(ids)),
+        "max_abs_diff_to_single": diff,
+    }
 
 
 def clear_shards(run: Path) -> None:
@@ -132,14 +148,55 @@ def ray_cmd(*args: str) -> subprocess.CompletedProcess:
 
 def start_two_nodes() -> list[str]:
     """A head node and a second node on this machine, one CPU each, on their own ports."""
-    head = ["start", "--head", "--num-cpus", "1", "--port", str(HEAD_PORT), "--include-dashboard", "false",
-            "--temp-dir", str(RAY_TMP / "head"), "--node-manager-port", "6480", "--object-manager-port", "6481",
-            "--min-worker-port", "21000", "--max-worker-port", "21499", "--ray-client-server-port", "6482",
-            "--dashboard-agent-listen-port", "6483", "--metrics-export-port", "6484", "--disable-usage-stats"]
-    second = ["start", "--address", f"127.0.0.1:{HEAD_PORT}", "--num-cpus", "1", "--node-manager-port", "6490",
-              "--object-manager-port", "6491", "--min-worker-port", "21500", "--max-worker-port", "21999",
-              "--dashboard-agent-listen-port", "6493", "--metrics-export-port", "6494", "--disable-usage-stats",
-              "--temp-dir", str(RAY_TMP / "node2")]
+    head = [
+        "start",
+        "--head",
+        "--num-cpus",
+        "1",
+        "--port",
+        str(HEAD_PORT),
+        "--include-dashboard",
+        "false",
+        "--temp-dir",
+        str(RAY_TMP / "head"),
+        "--node-manager-port",
+        "6480",
+        "--object-manager-port",
+        "6481",
+        "--min-worker-port",
+        "21000",
+        "--max-worker-port",
+        "21499",
+        "--ray-client-server-port",
+        "6482",
+        "--dashboard-agent-listen-port",
+        "6483",
+        "--metrics-export-port",
+        "6484",
+        "--disable-usage-stats",
+    ]
+    second = [
+        "start",
+        "--address",
+        f"127.0.0.1:{HEAD_PORT}",
+        "--num-cpus",
+        "1",
+        "--node-manager-port",
+        "6490",
+        "--object-manager-port",
+        "6491",
+        "--min-worker-port",
+        "21500",
+        "--max-worker-port",
+        "21999",
+        "--dashboard-agent-listen-port",
+        "6493",
+        "--metrics-export-port",
+        "6494",
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(RAY_TMP / "node2"),
+    ]
     for args in (head, second):
         done = ray_cmd(*args)
         if done.returncode != 0:
@@ -149,7 +206,9 @@ def start_two_nodes() -> list[str]:
 
 
 def _processes() -> list[tuple[int, int, str]]:
-    ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=False).stdout.splitlines()[1:]
+    ps = subprocess.run(
+        ["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[1:]
     return [(int(p[0]), int(p[1]), p[2]) for p in (line.split(None, 2) for line in ps) if len(p) == 3]
 
 
@@ -195,24 +254,33 @@ def kill_half_way(run: Path, shards: int, report: dict) -> None:
         time.sleep(0.2)
 
 
-def ray_row(mode: str, run: Path, listing: Path, address: str, ref, single_wall: float, n: int,
-            kill: bool = False) -> dict:
+def ray_row(
+    mode: str, run: Path, listing: Path, address: str, ref, single_wall: float, n: int, kill: bool = False
+) -> dict:
     clear_shards(run)
     killed: dict = {}
     watcher = None
     if kill:
         watcher = threading.Thread(target=kill_half_way, args=(run, (n + SHARD_ROWS - 1) // SHARD_ROWS, killed))
         watcher.start()
-    done, wall = finegrain("index", str(run), "--gallery", str(listing), "--ray", address, "--actors", "2",
-                           "--engine", "torch")
+    done, wall = finegrain(
+        "index", str(run), "--gallery", str(listing), "--ray", address, "--actors", "2", "--engine", "torch"
+    )
     if watcher is not None:
         watcher.join(timeout=1)
     if done.returncode != 0:
         return {"mode": mode, "error": done.stderr[-2000:]}
     x, paths, ids = shard_vectors(run)
-    row = {"mode": mode, "images": n, "wall_s": round(wall, 1), "images_per_s": round(n / wall, 1),
-           "ratio_to_single_process": round(single_wall / wall, 3), **compare(*ref, x, paths, ids),
-           "output": done.stdout.strip().splitlines()[0][:300], **killed}
+    row = {
+        "mode": mode,
+        "images": n,
+        "wall_s": round(wall, 1),
+        "images_per_s": round(n / wall, 1),
+        "ratio_to_single_process": round(single_wall / wall, 3),
+        **compare(*ref, x, paths, ids),
+        "output": done.stdout.strip().splitlines()[0][:300],
+        **killed,
+    }
     if kill and not killed:
         row["note"] = "no actor was killed (the run ended before half its shards were seen)"
     return row
@@ -233,13 +301,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--only-two-nodes", action="store_true",
-                   help="keep --out's rows and run only ray-2-nodes, against the run's current flat index")
+    p.add_argument(
+        "--only-two-nodes",
+        action="store_true",
+        help="keep --out's rows and run only ray-2-nodes, against the run's current flat index",
+    )
     a = p.parse_args()
-    result = {"benchmark": "scale_embed", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": machine_info(), "busy_warning": warn_if_busy(), "images": a.images,
-              "model": "EfficientNet-Lite0 ImageNet (kNN run, no training) at 96x128, torch engine",
-              "shard_rows": SHARD_ROWS, "rows": []}
+    result = {
+        "benchmark": "scale_embed",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "busy_warning": warn_if_busy(),
+        "images": a.images,
+        "model": "EfficientNet-Lite0 ImageNet (kNN run, no training) at 96x128, torch engine",
+        "shard_rows": SHARD_ROWS,
+        "rows": [],
+    }
 
     def save() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,8 +327,9 @@ def main() -> None:
         run, listing = WORK / "run", WORK / "gallery.csv"
         single = next(r for r in result["rows"] if r["mode"] == "single")
         result["rows"] = [r for r in result["rows"] if r["mode"] != "ray-2-nodes"]
-        result["two_nodes_reference"] = ("the flat index left by ray-local, whose vectors equal single's "
-                                         "(max_abs_diff_to_single in its row)")
+        result["two_nodes_reference"] = (
+            "the flat index left by ray-local, whose vectors equal single's (max_abs_diff_to_single in its row)"
+        )
         result["machine_two_nodes"] = machine_info()
         run_two_nodes(result, run, listing, index_vectors(run), single["wall_s"], a.images)
         save()
@@ -262,9 +340,17 @@ def main() -> None:
     if done.returncode != 0:
         sys.exit(f"finegrain index failed:\n{done.stderr[-3000:]}")
     ref = index_vectors(run)
-    result["rows"].append({"mode": "single", "images": a.images, "wall_s": round(single_wall, 1),
-                           "images_per_s": round(a.images / single_wall, 1), "ratio_to_single_process": 1.0,
-                           "missing": a.images - len(ref[1]), "duplicated": len(ref[1]) - len(set(ref[1]))})
+    result["rows"].append(
+        {
+            "mode": "single",
+            "images": a.images,
+            "wall_s": round(single_wall, 1),
+            "images_per_s": round(a.images / single_wall, 1),
+            "ratio_to_single_process": 1.0,
+            "missing": a.images - len(ref[1]),
+            "duplicated": len(ref[1]) - len(set(ref[1])),
+        }
+    )
     save()
     log("ray-local")
     result["rows"].append(ray_row("ray-local", run, listing, "local", ref, single_wall, a.images))

@@ -68,9 +68,20 @@ def real_seeds() -> np.ndarray:
     if not (root / "devkit").is_dir():
         sys.exit(f"real data not found at {root}")
     torch.set_num_threads(1)
-    cfg = build_config({"name": "seeds", "task": "knn", "data": {
-        "root": str(root), "protocol": "retrieval", "image_size": [96, 128], "num_workers": 0, "batch_size": 64},
-        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "head": "embedding"}})
+    cfg = build_config(
+        {
+            "name": "seeds",
+            "task": "knn",
+            "data": {
+                "root": str(root),
+                "protocol": "retrieval",
+                "image_size": [96, 128],
+                "num_workers": 0,
+                "batch_size": 64,
+            },
+            "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "head": "embedding"},
+        }
+    )
     records = split_for(cfg.data).test
     model = build_from_config(cfg, None)
     feats = embed_records(Encoder.of_model(model, cfg, "32"), records).features
@@ -196,11 +207,19 @@ def measure(size: str, kind: str) -> dict:
         index.search(q[None], K)
         times.append(time.perf_counter() - t)
     ms = np.array(times) * 1000
-    return {"vectors": n, "data": "real" if size == "real" else "generated", "kind": kind,
-            "recall_at_10": round(recall, 4), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3), "peak_rss_gb": peak_rss_gb(),
-            "rss_before_build_gb": rss_at_start,
-            "build_s": round(build_s, 1), "bytes_per_vector": round(file_bytes / n, 2), **extra}
+    return {
+        "vectors": n,
+        "data": "real" if size == "real" else "generated",
+        "kind": kind,
+        "recall_at_10": round(recall, 4),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "peak_rss_gb": peak_rss_gb(),
+        "rss_before_build_gb": rss_at_start,
+        "build_s": round(build_s, 1),
+        "bytes_per_vector": round(file_bytes / n, 2),
+        **extra,
+    }
 
 
 def child(*args: str) -> subprocess.CompletedProcess:
@@ -215,8 +234,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--truth", help="only compute (and save) the ground truth of this size")
-    p.add_argument("--no-truth-first", action="store_true",
-                   help="build without waiting for the ground truth (computed apart with --truth)")
+    p.add_argument(
+        "--no-truth-first",
+        action="store_true",
+        help="build without waiting for the ground truth (computed apart with --truth)",
+    )
     a = p.parse_args()
     if a.truth:
         truth(a.truth)
@@ -224,11 +246,20 @@ def main() -> None:
     if a.child:
         print(json.dumps(measure(*a.child)))
         return
-    result = {"benchmark": "scale_index", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": machine_info(), "busy_warning": warn_if_busy(),
-              "generator": {"seeds": "Cars196 test classes (4,092 images), EfficientNet-Lite0 ImageNet features "
-                            "at 96x128, PCA to 512-d, L2-normalised", "subspace_dim": SUBSPACE, "queries": QUERIES},
-              "threads": 1, "rows": []}
+    result = {
+        "benchmark": "scale_index",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "busy_warning": warn_if_busy(),
+        "generator": {
+            "seeds": "Cars196 test classes (4,092 images), EfficientNet-Lite0 ImageNet features "
+            "at 96x128, PCA to 512-d, L2-normalised",
+            "subspace_dim": SUBSPACE,
+            "queries": QUERIES,
+        },
+        "threads": 1,
+        "rows": [],
+    }
     if a.out.is_file():  # a resumed run keeps the rows it has
         old = json.loads(a.out.read_text())
         result["rows"] = old.get("rows", [])
@@ -246,14 +277,24 @@ def main() -> None:
                 continue
             n = 0 if size == "real" else int(size)
             if kind != "ivfpq" and n * DIM * 4 / 2**30 > FLAT_MAX_GB:
-                result["rows"].append({"size": size, "vectors": n, "data": "generated", "kind": kind, "skipped":
-                                       f"needs {n * DIM * 4 / 2**30:.0f} GB of RAM for its float32 vectors "
-                                       f"(more than the {FLAT_MAX_GB:.0f} GB goal)"})
+                result["rows"].append(
+                    {
+                        "size": size,
+                        "vectors": n,
+                        "data": "generated",
+                        "kind": kind,
+                        "skipped": f"needs {n * DIM * 4 / 2**30:.0f} GB of RAM for its float32 vectors "
+                        f"(more than the {FLAT_MAX_GB:.0f} GB goal)",
+                    }
+                )
                 continue
             log(f"{kind} at {size}")
             done = child("--child", size, kind)
-            row = {"size": size, **json.loads(done.stdout)} if done.returncode == 0 else {
-                "size": size, "vectors": n, "kind": kind, "error": done.stderr[-1500:]}
+            row = (
+                {"size": size, **json.loads(done.stdout)}
+                if done.returncode == 0
+                else {"size": size, "vectors": n, "kind": kind, "error": done.stderr[-1500:]}
+            )
             log(json.dumps(row))
             result["rows"].append(row)
             result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -68,8 +68,9 @@ class TinyCnnSearcher:
     and a cosine index over a synthetic gallery in ``root``. ``search`` decodes nothing itself: the
     service hands it a PIL image."""
 
-    def __init__(self, root: Path, gallery: int = 300, image_size: int = 128, dim: int = 128,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, root: Path, gallery: int = 300, image_size: int = 128, dim: int = 128, num_classes: int = 10
+    ) -> None:
         import numpy as np
         import torch
         from torch import nn
@@ -77,11 +78,20 @@ class TinyCnnSearcher:
         torch.manual_seed(0)
         self._size = image_size
         self._model = nn.Sequential(
-            nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 128, 3, 2, 1), nn.BatchNorm2d(128), nn.ReLU(),
-            nn.Conv2d(128, 256, 3, 2, 1), nn.BatchNorm2d(256), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 32, 3, 2, 1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 2, 1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, 2, 1),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
+            nn.Conv2d(128, 256, 3, 2, 1),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         ).eval()
         self._embed = nn.Linear(256, dim).eval()
         self._classifier = nn.Linear(256, num_classes).eval()
@@ -98,11 +108,11 @@ class TinyCnnSearcher:
 
         embs = []
         for start in range(0, gallery, 64):
-            batch = torch.stack([self._tensor(Image.open(p).convert("RGB")) for p in paths[start:start + 64]])
+            batch = torch.stack([self._tensor(Image.open(p).convert("RGB")) for p in paths[start : start + 64]])
             embs.append(self._forward(batch)[0])
         self._emb = np.concatenate(embs)
         self._paths, self._labels = paths, np.array(labels)
-        self._created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._created_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.run = SimpleNamespace(name="tiny-cnn-benchmark")
         self.prediction_source = "classifier"
         self.engine = "torch"
@@ -113,11 +123,23 @@ class TinyCnnSearcher:
 
     @property
     def info(self) -> dict:
-        return {"run": self.run.name, "model": "tiny_cnn (random init)", "task": "classification",
-                "dataset": "synthetic", "gallery_size": self.gallery_size, "embedding_dim": int(self._emb.shape[1]),
-                "metric": "cosine", "index_kind": "flat", "index_bytes_per_vector": None, "index_recall_at_10": None,
-                "has_classifier": True, "engine": self.engine,
-                "created_at": self._created_at, "precision": "32", "image_sizes": [[self._size, self._size]]}
+        return {
+            "run": self.run.name,
+            "model": "tiny_cnn (random init)",
+            "task": "classification",
+            "dataset": "synthetic",
+            "gallery_size": self.gallery_size,
+            "embedding_dim": int(self._emb.shape[1]),
+            "metric": "cosine",
+            "index_kind": "flat",
+            "index_bytes_per_vector": None,
+            "index_recall_at_10": None,
+            "has_classifier": True,
+            "engine": self.engine,
+            "created_at": self._created_at,
+            "precision": "32",
+            "image_sizes": [[self._size, self._size]],
+        }
 
     def gallery_path(self, i: int) -> str:
         return self._paths[i]
@@ -148,8 +170,16 @@ class TinyCnnSearcher:
         emb, probs = self._forward(self._tensor(image.convert("RGB"))[None])
         scores = self._emb @ emb[0]
         ids = np.argsort(-scores)[:k]
-        hits = [Hit(rank=r + 1, id=int(i), label=self._class_names[int(self._labels[i])],
-                    score=float(scores[i]), path=self._paths[i]) for r, i in enumerate(ids)]
+        hits = [
+            Hit(
+                rank=r + 1,
+                id=int(i),
+                label=self._class_names[int(self._labels[i])],
+                score=float(scores[i]),
+                path=self._paths[i],
+            )
+            for r, i in enumerate(ids)
+        ]
         order = np.argsort(-probs[0])[:5]
         return hits, [(self._class_names[c], float(probs[0][c])) for c in order]
 
@@ -198,9 +228,19 @@ def is_loopback_url(url: str) -> bool:
 
 def start_server(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port),
-           "--max-concurrency", str(args.max_concurrency), "--gallery", str(args.gallery),
-           "--gallery-dir", str(tmp / "gallery")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--serve",
+        "--port",
+        str(port),
+        "--max-concurrency",
+        str(args.max_concurrency),
+        "--gallery",
+        str(args.gallery),
+        "--gallery-dir",
+        str(tmp / "gallery"),
+    ]
     if args.run:
         cmd += ["--run", str(args.run)]
     if args.index:
@@ -244,10 +284,12 @@ async def load(url: str, query: bytes, n: int, concurrency: int, k: int, warmup:
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
         async def one() -> tuple[float, int, dict | None]:
             t0 = time.perf_counter()
-            r = await client.post("/api/search", files={"image": ("query.jpg", query, "image/jpeg")},
-                                  data={"k": str(k)})
+            r = await client.post(
+                "/api/search", files={"image": ("query.jpg", query, "image/jpeg")}, data={"k": str(k)}
+            )
             dt = (time.perf_counter() - t0) * 1000.0
             return dt, r.status_code, (r.json() if r.status_code == 200 else None)
 
@@ -283,12 +325,20 @@ async def load(url: str, query: bytes, n: int, concurrency: int, k: int, warmup:
         return round(s[min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))], 2)
 
     return {
-        "requests": sent, "ok": ok, "errors": sent - ok, "status_counts": statuses,
-        "failures": sorted(set(failures)), "wall_s": round(wall, 3),
+        "requests": sent,
+        "ok": ok,
+        "errors": sent - ok,
+        "status_counts": statuses,
+        "failures": sorted(set(failures)),
+        "wall_s": round(wall, 3),
         "throughput_rps": round(ok / wall, 2) if wall > 0 else None,
-        "latency_ms": {"p50": q(latencies, 50), "p95": q(latencies, 95), "p99": q(latencies, 99),
-                       "mean": round(statistics.fmean(latencies), 2) if latencies else None,
-                       "max": round(max(latencies), 2) if latencies else None},
+        "latency_ms": {
+            "p50": q(latencies, 50),
+            "p95": q(latencies, 95),
+            "p99": q(latencies, 99),
+            "mean": round(statistics.fmean(latencies), 2) if latencies else None,
+            "max": round(max(latencies), 2) if latencies else None,
+        },
         "server_query_ms": {"p50": q(server_ms, 50), "p95": q(server_ms, 95)},
         "stopped_by_time_limit": sent < n,
     }
@@ -340,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         info = asyncio.run(wait_ready(url, proc))
         startup_s = time.perf_counter() - t0
-        print(f"target {url} ({mode}): {info.get('model')} over {info.get('gallery_size')} gallery images; "
-              f"{args.requests} requests, {args.concurrency} concurrent, k={args.k}")
-        stats = asyncio.run(load(url, query, args.requests, args.concurrency, args.k, args.warmup,
-                                 args.max_seconds))
+        print(
+            f"target {url} ({mode}): {info.get('model')} over {info.get('gallery_size')} gallery images; "
+            f"{args.requests} requests, {args.concurrency} concurrent, k={args.k}"
+        )
+        stats = asyncio.run(load(url, query, args.requests, args.concurrency, args.k, args.warmup, args.max_seconds))
     finally:
         if proc is not None:
             proc.terminate()
@@ -355,12 +406,18 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "serve_load",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mode": mode, "url": url if mode == "external" else "http://127.0.0.1:<ephemeral>",
-        "model": info.get("model"), "run": info.get("run"), "gallery_size": info.get("gallery_size"),
-        "concurrency": args.concurrency, "requests_planned": args.requests, "k": args.k,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "url": url if mode == "external" else "http://127.0.0.1:<ephemeral>",
+        "model": info.get("model"),
+        "run": info.get("run"),
+        "gallery_size": info.get("gallery_size"),
+        "concurrency": args.concurrency,
+        "requests_planned": args.requests,
+        "k": args.k,
         "server_max_concurrency": args.max_concurrency if mode != "external" else None,
-        "query_image_bytes": len(query), "server_startup_s": round(startup_s, 2) if proc else None,
+        "query_image_bytes": len(query),
+        "server_startup_s": round(startup_s, 2) if proc else None,
         **stats,
         "machine": machine_info(),
     }
@@ -372,9 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, RESULTS)
     lat = result["latency_ms"]
-    print(f"ok {result['ok']}/{result['requests']}  errors {result['errors']}  "
-          f"p50 {lat['p50']} ms  p95 {lat['p95']} ms  throughput {result['throughput_rps']} req/s  "
-          f"(server p50 {result['server_query_ms']['p50']} ms)")
+    print(
+        f"ok {result['ok']}/{result['requests']}  errors {result['errors']}  "
+        f"p50 {lat['p50']} ms  p95 {lat['p95']} ms  throughput {result['throughput_rps']} req/s  "
+        f"(server p50 {result['server_query_ms']['p50']} ms)"
+    )
     print(f"wrote {out}" + (f" and {RESULTS}" if copied else ""))
     return 0 if result["errors"] == 0 else 1
 

@@ -51,9 +51,10 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -98,12 +99,14 @@ def train_step_fn(model, kind: str) -> Callable:
     model.train()
 
     if kind == "baseline":
+
         def step(x, y) -> None:
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
     else:
+
         def step(x, y) -> None:
             opt.zero_grad()
             x = x.contiguous(memory_format=torch.channels_last)
@@ -111,6 +114,7 @@ def train_step_fn(model, kind: str) -> Callable:
                 loss = F.cross_entropy(model.logits(x), y)
             loss.backward()
             opt.step()
+
     return step
 
 
@@ -120,14 +124,17 @@ def infer_step_fn(model, kind: str) -> Callable:
 
     model.eval()
     if kind == "baseline":
+
         def step(x, y) -> None:
             with torch.no_grad():
                 model(x)
     else:
+
         def step(x, y) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast_for(PRECISION):
                 model(x)
+
     return step
 
 
@@ -147,8 +154,9 @@ Runner = Callable[[int], list[float]]
 """Runs ``n`` timed steps of one variant and returns the seconds of each."""
 
 
-def alternate(runners: dict[str, Runner], warmup: int, n: int, rounds: int, batch: int,
-              label: str) -> dict[str, list[list[float]]]:
+def alternate(
+    runners: dict[str, Runner], warmup: int, n: int, rounds: int, batch: int, label: str
+) -> dict[str, list[list[float]]]:
     """Warm each variant up, then ``rounds`` rounds of ``n`` timed steps of each, rotating the order."""
     for name, run in runners.items():
         t0 = time.perf_counter()
@@ -167,11 +175,13 @@ def alternate(runners: dict[str, Runner], warmup: int, n: int, rounds: int, batc
 
 def summarise(per_round: list[list[float]], batch: int) -> dict[str, Any]:
     ips = [batch * len(s) / sum(s) for s in per_round]
-    return {"images_per_second_median": round(statistics.median(ips), 2),
-            "images_per_second_best_round": round(max(ips), 2),
-            "images_per_second_best_step": round(batch / min(min(s) for s in per_round), 2),
-            "images_per_second_rounds": [round(v, 2) for v in ips],
-            "step_seconds": [[round(v, 4) for v in s] for s in per_round]}
+    return {
+        "images_per_second_median": round(statistics.median(ips), 2),
+        "images_per_second_best_round": round(max(ips), 2),
+        "images_per_second_best_step": round(batch / min(min(s) for s in per_round), 2),
+        "images_per_second_rounds": [round(v, 2) for v in ips],
+        "step_seconds": [[round(v, 4) for v in s] for s in per_round],
+    }
 
 
 # ----------------------------------------------------------------------------- engine
@@ -187,13 +197,21 @@ class EngineTrainer:
         from finegrain.config import build_config
         from finegrain.tasks.engine import make_task
 
-        self.cfg = build_config({
-            "name": f"bench-{arch}", "task": "classification",
-            "model": {"backbone": arch, "weights": "none", "head": "classifier"},
-            "optim": {"name": "adam", "lr": 1e-3},
-            "train": {"epochs": 1, "precision": "auto", "channels_last": True, "accelerator": "cpu",
-                      "log_every_n_steps": 1},
-        })
+        self.cfg = build_config(
+            {
+                "name": f"bench-{arch}",
+                "task": "classification",
+                "model": {"backbone": arch, "weights": "none", "head": "classifier"},
+                "optim": {"name": "adam", "lr": 1e-3},
+                "train": {
+                    "epochs": 1,
+                    "precision": "auto",
+                    "channels_last": True,
+                    "accelerator": "cpu",
+                    "log_every_n_steps": 1,
+                },
+            }
+        )
         self.task = make_task(self.cfg, [f"class_{i}" for i in range(classes)], list(range(classes)))
         self.x, self.y, self.tmp, self.calls = x, y, tmp, 0
 
@@ -265,23 +283,31 @@ def engine_inference(arch: str, classes: int, x, y) -> Runner:
 # ----------------------------------------------------------------------------- driver
 ENGINE_HOW = {
     "train": "ClassificationTask fitted by finegrain.tasks.engine.trainer_for's Trainer "
-             "(precision auto, channels_last), "
-             "one fit of 1 + n batches per round, first batch discarded; on_train_batch_start..on_train_batch_end",
+    "(precision auto, channels_last), "
+    "one fit of 1 + n batches per round, first batch discarded; on_train_batch_start..on_train_batch_end",
     "inference": "finegrain.inference.encoder.Encoder.run_loader(precision=auto's choice, channels_last=True), its own "
-                 "forward-pass timer; step_seconds are the mean per batch",
+    "forward-pass timer; step_seconds are the mean per batch",
 }
 
 
-def bench_case(name: str, spec: dict[str, Any], batch: int, warmup: int, n: int, rounds: int,
-               engine: bool) -> dict[str, Any]:
+def bench_case(
+    name: str, spec: dict[str, Any], batch: int, warmup: int, n: int, rounds: int, engine: bool
+) -> dict[str, Any]:
     import torch
 
     arch, size, classes = spec["arch"], spec["size"], spec["classes"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
-    out: dict[str, Any] = {"arch": arch, "input": [batch, 3, size, size], "classes": classes, "batch_size": batch,
-                           "warmup_steps": warmup, "timed_steps_per_round": n, "rounds": rounds}
+    out: dict[str, Any] = {
+        "arch": arch,
+        "input": [batch, 3, size, size],
+        "classes": classes,
+        "batch_size": batch,
+        "warmup_steps": warmup,
+        "timed_steps_per_round": n,
+        "rounds": rounds,
+    }
 
     for phase in ("train", "inference"):
         torch.manual_seed(0)
@@ -294,8 +320,11 @@ def bench_case(name: str, spec: dict[str, Any], batch: int, warmup: int, n: int,
         tmp = Path(tempfile.mkdtemp(prefix="finegrain-bench-run-"))
         try:
             if engine:
-                runners["engine"] = (EngineTrainer(arch, classes, x, y, tmp) if phase == "train"
-                                     else engine_inference(arch, classes, x, y))
+                runners["engine"] = (
+                    EngineTrainer(arch, classes, x, y, tmp)
+                    if phase == "train"
+                    else engine_inference(arch, classes, x, y)
+                )
             per_round = alternate(runners, warmup, n, rounds, batch, f"{name} {phase}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -304,15 +333,21 @@ def bench_case(name: str, spec: dict[str, Any], batch: int, warmup: int, n: int,
             res["engine"]["how"] = ENGINE_HOW[phase]
         del runners, models
         gc.collect()
-        for metric, key in (("images_per_second_median", ""), ("images_per_second_best_round", "_best_round"),
-                            ("images_per_second_best_step", "_best_step")):
+        for metric, key in (
+            ("images_per_second_median", ""),
+            ("images_per_second_best_round", "_best_round"),
+            ("images_per_second_best_step", "_best_step"),
+        ):
             base = res["baseline"][metric]
             for k in ("ours", "engine"):
                 if k in res:
                     res[f"ratio_{k}_over_baseline{key}"] = round(res[k][metric] / base, 2)
-        log(f"{name} {phase}: " + ", ".join(f"{k} {res[k]['images_per_second_median']:.2f}" for k in variant_names(res))
+        log(
+            f"{name} {phase}: "
+            + ", ".join(f"{k} {res[k]['images_per_second_median']:.2f}" for k in variant_names(res))
             + f" images/s (median); ours/baseline {res['ratio_ours_over_baseline']}x"
-            + (f", engine/baseline {res['ratio_engine_over_baseline']}x" if engine else ""))
+            + (f", engine/baseline {res['ratio_engine_over_baseline']}x" if engine else "")
+        )
         out[phase] = res
     out["load_average_after"] = load_average()
     return out
@@ -330,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size-r50", type=int, default=None, help="ResNet-50 batch (default 16, quick 8)")
     ap.add_argument("--batch-size-r18", type=int, default=None, help="ResNet-18 batch (default 64, quick 32)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 2, quick 2)")
-    ap.add_argument("--steps-r18", type=int, default=None, help="timed steps per round for ResNet-18 "
-                                                                "(default 10, quick 5)")
+    ap.add_argument(
+        "--steps-r18", type=int, default=None, help="timed steps per round for ResNet-18 (default 10, quick 5)"
+    )
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2, quick 1)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4, quick 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
@@ -339,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     q = args.quick
-    batch = {"resnet50_224": args.batch_size_r50 or (8 if q else 16),
-             "resnet18_64": args.batch_size_r18 or (32 if q else 64)}
+    batch = {
+        "resnet50_224": args.batch_size_r50 or (8 if q else 16),
+        "resnet18_64": args.batch_size_r18 or (32 if q else 64),
+    }
     steps = {"resnet50_224": args.steps or 2, "resnet18_64": args.steps_r18 or (5 if q else 10)}
     warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     rounds = args.rounds or (1 if q else 4)
@@ -357,32 +395,42 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "benchmark": "throughput",
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if q else "full",
-        "machine": machine_info(), "ours_precision": PRECISION,
+        "machine": machine_info(),
+        "ours_precision": PRECISION,
         "busy_warning_at_start": warn_if_busy(),
-        "settings": {"torch_threads": torch.get_num_threads(), "warmup_steps": warmup, "rounds": rounds,
-                     "timed_steps_per_round": steps, "batch_size": batch, "engine": not args.no_engine,
-                     "data": "random N(0,1) images and uniform labels, fixed seed",
-                     "optimiser": "Adam(lr=1e-3)", "loss": "cross-entropy"},
+        "settings": {
+            "torch_threads": torch.get_num_threads(),
+            "warmup_steps": warmup,
+            "rounds": rounds,
+            "timed_steps_per_round": steps,
+            "batch_size": batch,
+            "engine": not args.no_engine,
+            "data": "random N(0,1) images and uniform labels, fixed seed",
+            "optimiser": "Adam(lr=1e-3)",
+            "loss": "cross-entropy",
+        },
         "notes": "wall-clock on a shared 2-core machine; other processes may have been running "
-                 "(see load averages). The variants take turns within each round (order rotated); images/s is the "
-                 "median over rounds, with the best round and the fastest step also given (on a busy machine "
-                 "these are the more faithful figures: OpenMP threads stall when other processes hold the cores).",
+        "(see load averages). The variants take turns within each round (order rotated); images/s is the "
+        "median over rounds, with the best round and the fastest step also given (on a busy machine "
+        "these are the more faithful figures: OpenMP threads stall when other processes hold the cores).",
         "cases": {},
     }
     for name in args.cases:
         log(f"{name}: batch {batch[name]}, warm-up {warmup}, {rounds} round(s) of {steps[name]} step(s)")
-        result["cases"][name] = bench_case(name, CASES[name], batch[name], warmup, steps[name], rounds,
-                                           engine=not args.no_engine)
+        result["cases"][name] = bench_case(
+            name, CASES[name], batch[name], warmup, steps[name], rounds, engine=not args.no_engine
+        )
         atomic_write_json(args.out, result)
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["load_average_at_end"] = load_average()
     result["summary"] = {
-        name: {phase: {f"{k}_images_per_second": c[phase][k]["images_per_second_median"]
-                       for k in variant_names(c[phase])}
-               | {k.removeprefix("ratio_"): v for k, v in c[phase].items() if k.startswith("ratio_")}
-               for phase in ("train", "inference")}
+        name: {
+            phase: {f"{k}_images_per_second": c[phase][k]["images_per_second_median"] for k in variant_names(c[phase])}
+            | {k.removeprefix("ratio_"): v for k, v in c[phase].items() if k.startswith("ratio_")}
+            for phase in ("train", "inference")
+        }
         for name, c in result["cases"].items()
     }
     atomic_write_json(args.out, result)

@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +89,12 @@ def cost(config: str, threads: int, steps: int = 4, batch: int = 128) -> dict[st
         for _ in range(steps):
             step()
         speeds[name] = steps * batch / (time.process_time() - t0)
-    return {"parameters": int(sum(p.numel() for p in model.parameters())), "forward_gflops": round(flops / 1e9, 4),
-            "train_images_per_cpu_second": round(speeds["train"], 1),
-            "inference_images_per_cpu_second": round(speeds["inference"], 1)}
+    return {
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "forward_gflops": round(flops / 1e9, 4),
+        "train_images_per_cpu_second": round(speeds["train"], 1),
+        "inference_images_per_cpu_second": round(speeds["inference"], 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,20 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     busy = warn_if_busy()
     threads = args.threads or max(1, usable_cores() // args.parallel)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result.update({
-        "benchmark": "tiny_imagenet",
-        "data": f"{TIN}: 200 classes, 100 training images each (5% carved out for validation), "
-                "the 10,000 validation images as test, 64x64",
-        "recipe": "each shipped config's (the seed's: Adam 1e-3, seed augmentations, batch 128) with the quick "
-                  "profile's data, bf16-mixed and channels-last; only the epochs differ, set by the budget",
-        "budget_cpu_minutes": args.budget,
-        "budget_rule": f"whole epochs that fit {BUDGET_SHARE_FOR_TRAINING:.0%} of the budget "
-                           f"at the model's measured "
-                       "training speed (images per CPU-second), at least one",
-        "cpu_time": "user + system seconds of the training process and the processes it waited for (os.wait4)",
-        "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),
-        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    result.update(
+        {
+            "benchmark": "tiny_imagenet",
+            "data": f"{TIN}: 200 classes, 100 training images each (5% carved out for validation), "
+            "the 10,000 validation images as test, 64x64",
+            "recipe": "each shipped config's (the seed's: Adam 1e-3, seed augmentations, batch 128) with the quick "
+            "profile's data, bf16-mixed and channels-last; only the epochs differ, set by the budget",
+            "budget_cpu_minutes": args.budget,
+            "budget_rule": f"whole epochs that fit {BUDGET_SHARE_FOR_TRAINING:.0%} of the budget "
+            f"at the model's measured "
+            "training speed (images per CPU-second), at least one",
+            "cpu_time": "user + system seconds of the training process and the processes it waited for (os.wait4)",
+            "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
     result.setdefault("models", {})
     models = [m for m in MODELS if not args.only or m in args.only]
     n_train = len(split_for(load_config(MODELS[0], profile="quick", overrides=[f"data.root={TIN}"]).data).train)
@@ -135,11 +140,28 @@ def main(argv: list[str] | None = None) -> int:
         c = cost(name, threads)
         epochs = max(1, int(args.budget * 60 * BUDGET_SHARE_FOR_TRAINING * c["train_images_per_cpu_second"] / n_train))
         log(f"{name}: {c}; {epochs} epoch(s) of {n_train} images fit the budget")
-        result["models"][name] = {"description": load_config(name, overrides=[f"data.root={TIN}"]).description, "cost": c, "epochs": epochs}
+        result["models"][name] = {
+            "description": load_config(name, overrides=[f"data.root={TIN}"]).description,
+            "cost": c,
+            "epochs": epochs,
+        }
         if (args.runs / name).exists():
             shutil.rmtree(args.runs / name)  # a fresh run: an honest time
-        argv_ = [sys.executable, "-m", "finegrain", "train", name, "--data", str(TIN), "--profile", "quick", "--runs", str(args.runs),
-                 "--set", f"train.epochs={epochs}"]
+        argv_ = [
+            sys.executable,
+            "-m",
+            "finegrain",
+            "train",
+            name,
+            "--data",
+            str(TIN),
+            "--profile",
+            "quick",
+            "--runs",
+            str(args.runs),
+            "--set",
+            f"train.epochs={epochs}",
+        ]
         if threads == 1:
             argv_ += ["--set", "data.num_workers=0"]
         jobs.append((name, argv_, args.runs / f"{name}.log"))
@@ -147,9 +169,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def done(name: str, code: int, wall: float, cpu: float, peak_gb: float) -> None:
         entry = result["models"][name]
-        entry.update({"command": f"finegrain train {name} --data {TIN} --profile quick --set train.epochs={entry['epochs']}",
-                      "threads": threads, "wall_seconds": round(wall, 1), "cpu_minutes": round(cpu / 60, 2),
-                      "peak_memory_gb": round(peak_gb, 2)})
+        entry.update(
+            {
+                "command": f"finegrain train {name} --data {TIN} --profile quick --set train.epochs={entry['epochs']}",
+                "threads": threads,
+                "wall_seconds": round(wall, 1),
+                "cpu_minutes": round(cpu / 60, 2),
+                "peak_memory_gb": round(peak_gb, 2),
+            }
+        )
         metrics_file = args.runs / name / "metrics.json"
         if code != 0 or not metrics_file.is_file():
             entry["error"] = f"exit code {code}; see {args.runs / f'{name}.log'}"

@@ -63,14 +63,17 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def tiny_config(tmp_path: Path, **sections) -> "ExperimentConfig":
+def tiny_config(tmp_path: Path, **sections) -> ExperimentConfig:
     """A config that trains a tiny CNN on the built-in synthetic dataset in seconds."""
     from finegrain.config import build_config, deep_merge
 
     base = {
         "name": "tiny",
         "data": {
-            "root": "synthetic", "image_size": [32, 32], "batch_size": 16, "num_workers": 0,
+            "root": "synthetic",
+            "image_size": [32, 32],
+            "batch_size": 16,
+            "num_workers": 0,
             "val_fraction": 0.2,
             "synthetic": {"num_classes": 4, "train_per_class": 20, "test_per_class": 8, "image_size": [48, 48]},
         },
@@ -85,8 +88,11 @@ def alias_bomb(levels: int = 9) -> str:
     """A config of about 400 bytes whose anchors and aliases stand for 9**levels values
     (``&a0 [x, ...]``, ``&a1 [*a0, ...]``, ...) under ``train.epochs``, which must be a number."""
     items = ["&a0 [x,x,x,x,x,x,x,x,x]"] + [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
-    return "name: bomb\ndata: {root: synthetic}\nmodel: {backbone: cars_cnn4}\ntrain:\n  epochs: [" \
-        + ", ".join(items) + "]\n"
+    return (
+        "name: bomb\ndata: {root: synthetic}\nmodel: {backbone: cars_cnn4}\ntrain:\n  epochs: ["
+        + ", ".join(items)
+        + "]\n"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _cfg(val_fraction: float) -> dict:
-    return {"task": "classification", "data": {"image_size": [224, 299], "augment": "light", "val_fraction": val_fraction},
-            "eval": {"tta_flip": True}, "model": {"backbone": "efficientnet_lite0"}, "train": {"epochs": 8},
-            "optim": {"name": "adamw"}, "loss": {"name": "cross_entropy"}}
+    return {
+        "task": "classification",
+        "data": {"image_size": [224, 299], "augment": "light", "val_fraction": val_fraction},
+        "eval": {"tta_flip": True},
+        "model": {"backbone": "efficientnet_lite0"},
+        "train": {"epochs": 8},
+        "optim": {"name": "adamw"},
+        "loss": {"name": "cross_entropy"},
+    }
 
 
 def test_a_run_without_a_validation_carve_out_is_another_recipe(monkeypatch):
@@ -25,8 +31,13 @@ def test_a_run_without_a_validation_carve_out_is_another_recipe(monkeypatch):
 
 
 def _row(top1: float, seed: int | None, minutes: float, finished: str, recipe_name: str | None = None) -> dict:
-    row = {"seed": seed, "metrics": {"top1": top1}, "cpu_minutes": minutes, "finished_at": finished,
-           "recipe": {"image_size": [256, 341]}}
+    row = {
+        "seed": seed,
+        "metrics": {"top1": top1},
+        "cpu_minutes": minutes,
+        "finished_at": finished,
+        "recipe": {"image_size": [256, 341]},
+    }
     return {**row, "recipe_name": recipe_name} if recipe_name else row
 
 
@@ -37,9 +48,18 @@ def test_goals_are_judged_on_the_mean_of_the_recipes_seeds_else_on_its_one_row(m
 
     single = {"ours-classification": _row(0.68, None, 63.0, "2026-12-01")}
     assert accuracy_cars.goals_met(single)["classification_top1"] == {
-        "value": 0.68, "goal": 0.75, "cpu_minutes": 63.0, "met": False}
-    seeded = {**single, **{f"ours-classification-x-seed{s}": _row(v, s, m, "2026-12-06", "ours-classification")
-                           for s, v, m in ((0, 0.754, 36.2), (1, 0.744, 36.3), (2, 0.755, 35.4))}}
+        "value": 0.68,
+        "goal": 0.75,
+        "cpu_minutes": 63.0,
+        "met": False,
+    }
+    seeded = {
+        **single,
+        **{
+            f"ours-classification-x-seed{s}": _row(v, s, m, "2026-12-06", "ours-classification")
+            for s, v, m in ((0, 0.754, 36.2), (1, 0.744, 36.3), (2, 0.755, 35.4))
+        },
+    }
     goal = accuracy_cars.goals_met(seeded)["classification_top1"]
     assert goal["seeds"] == [0, 1, 2] and goal["value"] == 0.751 and goal["cpu_minutes"] == 36.3 and goal["met"]
     # one seed over the budget fails the goal however good the mean

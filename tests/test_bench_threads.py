@@ -23,8 +23,9 @@ def _run(tmp_path: Path, **pools: str) -> tuple[list[str], int]:
     script.write_text(SCRIPT)
     starts.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} | pools
-    out = subprocess.run([sys.executable, str(script), str(starts), "--rounds", "3"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(script), str(starts), "--rounds", "3"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.split(), len(starts.read_text().splitlines())
 

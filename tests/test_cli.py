@@ -24,16 +24,20 @@ from tests.conftest import tiny_config
 from tests.data.conftest import make_samples
 
 # three nested folders of 50+ characters, one with [brackets] (rich markup) and spaces
-DEEP = ("a-folder-whose-name-is-long-enough-to-matter-0123456789", "[v2] second level, with spaces and brackets",
-        "third-level-of-the-tree-abcdefghijklmnopqrstuvwxyz-0123456789")
+DEEP = (
+    "a-folder-whose-name-is-long-enough-to-matter-0123456789",
+    "[v2] second level, with spaces and brackets",
+    "third-level-of-the-tree-abcdefghijklmnopqrstuvwxyz-0123456789",
+)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m finegrain ARGS`` with stdout and stderr piped (not terminals), no COLUMNS set."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")}
     env["FINEGRAIN_PROGRESS"] = "1"  # the progress bar must not reach stdout either
-    return subprocess.run([sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture
@@ -41,10 +45,14 @@ def deep_bad(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """An image folder (train/test) whose class folders hold bad files three long folders down:
     returns the root and {full path: reason} of every bad file (each path 150+ characters)."""
     root = tmp_path / "dataset"
-    write_image_folder(root, ["a", "b"], {
-        "train": [(im, label) for im, label, _ in make_samples(2, 2, seed=1)],
-        "test": [(im, label) for im, label, _ in make_samples(2, 1, seed=2)],
-    })
+    write_image_folder(
+        root,
+        ["a", "b"],
+        {
+            "train": [(im, label) for im, label, _ in make_samples(2, 2, seed=1)],
+            "test": [(im, label) for im, label, _ in make_samples(2, 1, seed=2)],
+        },
+    )
     deep = root.resolve() / "train" / "a" / Path(*DEEP)
     deep.mkdir(parents=True)
     good = deep / "good-image-that-decodes-fine.jpg"
@@ -154,9 +162,12 @@ def tiny_run(tmp_path_factory) -> Path:
     from finegrain.tasks import engine
 
     tmp = tmp_path_factory.mktemp("cli-run")
-    cfg = tiny_config(tmp, name="tiny-cli", train={"epochs": 1},
-                      data={"val_fraction": 0.0, "synthetic": {"num_classes": 3, "train_per_class": 6,
-                                                               "test_per_class": 3}})
+    cfg = tiny_config(
+        tmp,
+        name="tiny-cli",
+        train={"epochs": 1},
+        data={"val_fraction": 0.0, "synthetic": {"num_classes": 3, "train_per_class": 6, "test_per_class": 3}},
+    )
     run, _ = engine.fit(cfg, runs_root=tmp)
     r = CliRunner().invoke(app, ["index", str(run.path)])
     assert r.exit_code == 0, r.output
@@ -191,8 +202,9 @@ def test_search_json_and_sheet(tiny_run, tmp_path):
 
     # a gallery image as the query: itself first, marked; the sheet's name gets the .png matplotlib gives it
     gallery_image = doc["hits"][2]["path"]
-    r = runner.invoke(app, ["search", str(tiny_run), gallery_image, "--k", "3", "--json",
-                            "--sheet", str(tmp_path / "out")])
+    r = runner.invoke(
+        app, ["search", str(tiny_run), gallery_image, "--k", "3", "--json", "--sheet", str(tmp_path / "out")]
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["hits"][0]["path"] == gallery_image and doc["hits"][0]["same_image"]
@@ -218,8 +230,13 @@ def test_a_command_that_needs_the_training_stack_says_so_on_a_serving_only_insta
     )
     (tmp_path / "config.yaml").write_text("name: x\n")  # a run directory, so the command gets as far as the model
     for command in ("index", "evaluate", "report"):
-        r = subprocess.run([sys.executable, "-c", prelude, command, str(tmp_path)], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", prelude, command, str(tmp_path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2, (command, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         # index asks the engines layer, which also offers an ONNX export; the others name the missing module

@@ -61,10 +61,14 @@ def test_mixing_is_refused_where_no_classifier_trains(task):
 def test_override_parsing_and_precedence(tmp_path):
     assert parse_override("train.lr=0.01") == {"train": {"lr": 0.01}}
     assert parse_override("data.image_size=[64,64]") == {"data": {"image_size": [64, 64]}}
-    path = write(tmp_path / "c.yaml", {
-        **REQUIRED, "optim": {"lr": 0.1},
-        "profiles": {"quick": {"optim": {"lr": 0.2}, "train": {"epochs": 1}}},
-    })
+    path = write(
+        tmp_path / "c.yaml",
+        {
+            **REQUIRED,
+            "optim": {"lr": 0.1},
+            "profiles": {"quick": {"optim": {"lr": 0.2}, "train": {"epochs": 1}}},
+        },
+    )
     cfg = load_config(path, profile="quick", overrides=["optim.lr=0.3"])
     assert cfg.optim.lr == 0.3 and cfg.train.epochs == 1
     assert load_config(path, profile="quick").optim.lr == 0.2
@@ -76,8 +80,10 @@ def test_override_parsing_and_precedence(tmp_path):
 
 def test_extends_merges_and_detects_loops(tmp_path):
     write(tmp_path / "base.yaml", {"model": {"backbone": "resnet50", "dropout": 0.5}, "optim": {"lr": 0.1}})
-    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "data": {"root": "synthetic"},
-                                            "model": {"dropout": 0.0}})
+    child = write(
+        tmp_path / "child.yaml",
+        {"extends": "base.yaml", "name": "child", "data": {"root": "synthetic"}, "model": {"dropout": 0.0}},
+    )
     cfg = load_config(child)
     assert cfg.model.backbone == "resnet50" and cfg.model.dropout == 0.0 and cfg.optim.lr == 0.1
     write(tmp_path / "a.yaml", {"extends": "b.yaml"})
@@ -183,14 +189,18 @@ def test_empty_or_all_default_config_names_what_is_missing(tmp_path, monkeypatch
     # --set, --name (a name=... override) and a profile count as saying it
     cfg = load_config(empty, overrides=["name=x", "data.root=synthetic", "model.backbone=cars_cnn4"])
     assert cfg.model.backbone == "cars_cnn4"
-    prof = write(tmp_path / "p.yaml", {"name": "p", "model": {"backbone": "cars_cnn4"},
-                                       "profiles": {"quick": {"data": {"root": "synthetic"}}}})
+    prof = write(
+        tmp_path / "p.yaml",
+        {"name": "p", "model": {"backbone": "cars_cnn4"}, "profiles": {"quick": {"data": {"root": "synthetic"}}}},
+    )
     assert load_config(prof, profile="quick").data.root == "synthetic"
     with pytest.raises(ConfigError, match="data.root"):
         load_config(prof)
     # a kNN row may take its model from its source run
-    knn = write(tmp_path / "k.yaml", {"name": "k", "task": "knn", "data": {"root": "synthetic"},
-                                      "eval": {"source_run": "other"}})
+    knn = write(
+        tmp_path / "k.yaml",
+        {"name": "k", "task": "knn", "data": {"root": "synthetic"}, "eval": {"source_run": "other"}},
+    )
     assert load_config(knn).eval.source_run == "other"
     # every shipped config says all of it, but the generic recipes, whose images are the user's (--data)
     monkeypatch.setenv("FINEGRAIN_DATA", str(tmp_path))

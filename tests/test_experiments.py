@@ -38,11 +38,11 @@ CONFIGS = {
     "t-cls": "description: tiny CNN classifier\n",
     # the kNN row of seed 000 (src/finegrain/configs/cars-knn-1.yaml): no training, the classifier's features
     "t-knn": "description: kNN k=3 on the tiny CNN's features\ntask: knn\n"
-             "eval: {source_run: t-cls, k: 3, metric: euclidean}\n",
+    "eval: {source_run: t-cls, k: 3, metric: euclidean}\n",
     "t-ml": "description: tiny multi-similarity embedding\ntask: metric_learning\n"
-            "data: {protocol: retrieval, sampler: m_per_class, m_per_class: 4, batch_size: 8, val_fraction: 0.0,"
-            " synthetic: {num_classes: 6}}\n"
-            "model: {head: embedding, embedding_dim: 16}\nloss: {name: multi_similarity}\n",
+    "data: {protocol: retrieval, sampler: m_per_class, m_per_class: 4, batch_size: 8, val_fraction: 0.0,"
+    " synthetic: {num_classes: 6}}\n"
+    "model: {head: embedding, embedding_dim: 16}\nloss: {name: multi_similarity}\n",
     "t-two-epochs": "description: tiny CNN, two epochs\ntrain: {epochs: 2}\n",
 }
 
@@ -70,7 +70,7 @@ def md_rows(md: str, header_start: str) -> dict[str, list[str]]:
     lines = md.splitlines()
     i = next(k for k, ln in enumerate(lines) if ln.startswith(header_start))
     rows = {}
-    for ln in lines[i + 2:]:
+    for ln in lines[i + 2 :]:
         if not ln.startswith("|"):
             break
         cells = [c.strip() for c in ln.strip().strip("|").split(" | ")]
@@ -98,6 +98,7 @@ def html_rows(page: str) -> dict[str, tuple[str, list[str]]]:
 
 
 # ---------------------------------------------------------------- 1. a small suite end to end
+
 
 @pytest.mark.slow
 def test_suite_end_to_end_writes_tables_with_every_row(tmp_path):
@@ -167,6 +168,7 @@ def test_suite_end_to_end_writes_tables_with_every_row(tmp_path):
 
 
 # ---------------------------------------------------------------- 2. interrupted, then run again
+
 
 class EpochLog(Callback):
     """Records which epochs a trainer actually trains."""
@@ -240,6 +242,7 @@ def test_interrupted_suite_resumes_without_redoing_finished_runs(tmp_path, monke
 
 # ---------------------------------------------------------------- mistakes found before anything runs
 
+
 def test_suite_is_checked_before_the_first_run(tmp_path, monkeypatch):
     def no_fit(*a, **k):
         raise AssertionError("nothing may be trained when the suite is invalid")
@@ -266,12 +269,23 @@ def test_suite_is_checked_before_the_first_run(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- 3. the CLI
 
+
 @pytest.mark.slow
 def test_cli_unknown_suite_lists_the_valid_ones(tmp_path):
-    env = {**os.environ, "FINEGRAIN_PROGRESS": "0", "COLUMNS": "200",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-m", "finegrain", "experiments", "run", "seed-00", "--runs",
-                        str(tmp_path / "runs")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "FINEGRAIN_PROGRESS": "0",
+        "COLUMNS": "200",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "finegrain", "experiments", "run", "seed-00", "--runs", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr + r.stdout
     assert "unknown suite 'seed-00'" in r.stderr
@@ -282,9 +296,10 @@ def test_cli_unknown_suite_lists_the_valid_ones(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_run_is_listed_and_the_suite_goes_on(tmp_path):
-    broken = {"t-broken": "description: weights that are not there\n"
-                          f"model: {{weights: {tmp_path / 'missing.pt'}}}\n",
-              "t-broken-knn": "description: kNN on the broken run\ntask: knn\neval: {source_run: t-broken, k: 3}\n"}
+    broken = {
+        "t-broken": f"description: weights that are not there\nmodel: {{weights: {tmp_path / 'missing.pt'}}}\n",
+        "t-broken-knn": "description: kNN on the broken run\ntask: knn\neval: {source_run: t-broken, k: 3}\n",
+    }
     configs = write_configs(tmp_path / "cfg", ["t-broken", "t-broken-knn", "t-cls"], extra=broken)
     runs = tmp_path / "runs"
     tables = run_suite(configs, runs_root=runs)

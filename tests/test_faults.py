@@ -32,8 +32,9 @@ def finegrain(*args: str, fault: str | None = None, cwd: Path) -> subprocess.Com
     env.pop("FINEGRAIN_FAULT", None)
     if fault:
         env["FINEGRAIN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def killed(r: subprocess.CompletedProcess) -> bool:
@@ -72,8 +73,9 @@ def test_train_killed_in_a_checkpoint_write_and_mid_epoch_resumes_to_the_same_re
     assert partial["partial"] and partial["epochs_planned"] == 3 and not (run / "DONE").exists()
 
     # 2. resumed, then killed in the middle of epoch 3: the orphan was removed when the resume started
-    r = finegrain("train", str(config), "--runs", str(runs), "--resume", "--no-evaluate", fault="batch:2:1",
-                  cwd=tmp_path)
+    r = finegrain(
+        "train", str(config), "--runs", str(runs), "--resume", "--no-evaluate", fault="batch:2:1", cwd=tmp_path
+    )
     assert killed(r), r.stderr[-2000:]
     assert not leftovers(run)
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
@@ -194,11 +196,12 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space_it_needs(trained_
     config = tmp_path / "full.yaml"
     config.write_text(config_to_yaml(cfg))
     query = json.loads((run / "index" / "paths.json").read_text())["paths"][0]
-    for args, fault, file in ((("index", str(run), "--kind", "hnsw"), "nospace:index.faiss", "index.faiss"),
-                              (("export", str(run)), "nospace:model.onnx", str(run / "export" / "model.onnx")),
-                              (("train", str(config)), "nospace:last.ckpt", "last.ckpt"),
-                              (("search", str(run), query, "--sheet", str(tmp_path / "nope" / "s.png")), None,
-                               "the folder")):
+    for args, fault, file in (
+        (("index", str(run), "--kind", "hnsw"), "nospace:index.faiss", "index.faiss"),
+        (("export", str(run)), "nospace:model.onnx", str(run / "export" / "model.onnx")),
+        (("train", str(config)), "nospace:last.ckpt", "last.ckpt"),
+        (("search", str(run), query, "--sheet", str(tmp_path / "nope" / "s.png")), None, "the folder"),
+    ):
         r = finegrain(*args, fault=fault, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-3000:])
         [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]

@@ -133,21 +133,26 @@ def test_cores_keep_to_an_explicit_thread_limit(monkeypatch):
 def test_timed_benchmark_runs_report_each_process_peak_memory(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     sys.modules.pop("common", None)
-    from common import run_timed
-
     import resource
+
+    from common import run_timed
 
     # a forked child starts with its parent's pages (this test process holds torch and what the suite
     # made before): the big one grows past that, touching every page so that it is resident
     size = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1000 + 800_000_000
     grow = f"b = bytearray({size}); b[::4096] = b'1' * len(b[::4096])"
     done = {}
-    run_timed([("big", [sys.executable, "-c", grow], tmp_path / "big.log"),
-               ("small", [sys.executable, "-c", "pass"], tmp_path / "small.log")],
-              2, 1, lambda name, code, wall, cpu, peak_gb: done.update({name: (code, peak_gb)}))
+    run_timed(
+        [
+            ("big", [sys.executable, "-c", grow], tmp_path / "big.log"),
+            ("small", [sys.executable, "-c", "pass"], tmp_path / "small.log"),
+        ],
+        2,
+        1,
+        lambda name, code, wall, cpu, peak_gb: done.update({name: (code, peak_gb)}),
+    )
     assert done["big"][0] == done["small"][0] == 0
     assert done["big"][1] - done["small"][1] > 0.3
-
 
 
 STEP = """

@@ -33,10 +33,7 @@ def _resolved(name: str, folder: Path):
     from finegrain.config import profiles_of
 
     profiles = [None] + [p for p in profiles_of(name) if p == "cpu45"]
-    return [
-        load_config(name, profile=p, overrides=[data_override(folder)])
-        for p in profiles
-    ]
+    return [load_config(name, profile=p, overrides=[data_override(folder)]) for p in profiles]
 
 
 def test_a_test_folder_is_the_test_under_every_shipped_config(tmp_path):
@@ -45,22 +42,14 @@ def test_a_test_folder_is_the_test_under_every_shipped_config(tmp_path):
     names = shipped_configs()
     assert {"classify", "retrieve", "demo-retrieval"} <= set(names)
     for name in names:
-        if (
-            name == "demo-retrieval"
-        ):  # the demo of unseen classes: it says it did not test on test/
+        if name == "demo-retrieval":  # the demo of unseen classes: it says it did not test on test/
             split = split_for(_resolved(name, folder)[0].data)
-            assert (
-                split.test_source == "held-out classes"
-                and "own test split (8 images) is not" in split.tested_on
-            )
+            assert split.test_source == "held-out classes" and "own test split (8 images) is not" in split.tested_on
             continue
         for cfg in _resolved(name, folder):
             split = split_for(cfg.data)
             assert sorted(str(r.path) for r in split.test) == test_files, name
-            assert (
-                split.test_source == "test split"
-                and "own test split (8 images" in split.tested_on
-            ), name
+            assert split.test_source == "test split" and "own test split (8 images" in split.tested_on, name
             assert not split.warnings, name
 
 
@@ -86,26 +75,21 @@ def test_a_holdout_where_the_data_has_a_test_split_is_never_silent(tmp_path, cap
     for name, holdout in (("classify", "0.5"), ("retrieve", "0.5")):
         from finegrain.cli.train import data_override
 
-        cfg = load_config(
-            name, overrides=[data_override(folder), f"data.holdout={holdout}"]
-        )
+        cfg = load_config(name, overrides=[data_override(folder), f"data.holdout={holdout}"])
         with caplog.at_level(logging.WARNING, logger="finegrain.data.splits"):
             caplog.clear()
             split = split_for(cfg.data)
         assert split.test_source != "test split"
         assert "own test split (8 images) is not" in split.tested_on
         assert any(
-            "NOT TESTED ON YOUR TEST SPLIT" in r.getMessage()
-            and "data.holdout=auto" in r.getMessage()
+            "NOT TESTED ON YOUR TEST SPLIT" in r.getMessage() and "data.holdout=auto" in r.getMessage()
             for r in caplog.records
         ), name
 
 
 def test_no_shipped_config_names_a_folder_of_our_checkout():
     for path in CONFIG_DIR.glob("*.yaml"):
-        assert "shared" not in path.read_text().replace("Shared settings", ""), (
-            path.name
-        )
+        assert "shared" not in path.read_text().replace("Shared settings", ""), path.name
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -125,14 +109,8 @@ def test_what_to_give_in_one_line(tmp_path):
     out = _cli("train", "classify", "--runs", str(tmp_path), env=env)
     assert out.returncode != 0 and out.stdout == ""
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert (
-        len(lines) == 1
-        and "give --data PATH" in lines[0]
-        and "Traceback" not in out.stderr
-    ), out.stderr
-    out = _cli(
-        "train", "cars-lite0", "--profile", "cpu45", "--runs", str(tmp_path), env=env
-    )
+    assert len(lines) == 1 and "give --data PATH" in lines[0] and "Traceback" not in out.stderr, out.stderr
+    out = _cli("train", "cars-lite0", "--profile", "cpu45", "--runs", str(tmp_path), env=env)
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode != 0 and len(lines) == 1, out.stderr
     assert "give --data PATH" in lines[0] and "FINEGRAIN_DATA" in lines[0]
@@ -147,6 +125,4 @@ def test_metrics_say_what_the_run_was_tested_on(trained_run):
 
     rows = comparison_rows([trained_run])
     assert rows[0]["tested_on"] == "test split (32)"
-    assert "| Tested on |" in markdown_table(
-        rows
-    ) and "test split (32)" in markdown_table(rows)
+    assert "| Tested on |" in markdown_table(rows) and "test split (32)" in markdown_table(rows)

@@ -83,8 +83,15 @@ def test_arcface_uses_its_margin():
 def test_proxies_learn_at_their_own_rate_in_a_group_named_for_them():
     from finegrain.tasks.engine import make_task
 
-    cfg = C.build_config({"name": "x", "task": "metric_learning", "model": {"backbone": "cars_cnn4", "head": "embedding"},
-                          "optim": {"lr": 1e-3}, "loss": {"name": "normalized_softmax", "proxy_lr_mult": 33}})
+    cfg = C.build_config(
+        {
+            "name": "x",
+            "task": "metric_learning",
+            "model": {"backbone": "cars_cnn4", "head": "embedding"},
+            "optim": {"lr": 1e-3},
+            "loss": {"name": "normalized_softmax", "proxy_lr_mult": 33},
+        }
+    )
     task = make_task(cfg, ["a", "b", "c"], [0, 1, 2])
     groups = {g["name"]: g for g in task.param_groups()}
     assert groups["proxies"]["lr"] == pytest.approx(0.033)
@@ -92,14 +99,27 @@ def test_proxies_learn_at_their_own_rate_in_a_group_named_for_them():
 
 
 def test_another_loss_in_a_profile_replaces_the_old_losss_settings():
-    raw = {"name": "x", "task": "metric_learning", "loss": {"name": "multi_similarity", "alpha": 5.0},
-           "profiles": {"p": {"loss": {"name": "triplet"}}}}
+    raw = {
+        "name": "x",
+        "task": "metric_learning",
+        "loss": {"name": "multi_similarity", "alpha": 5.0},
+        "profiles": {"p": {"loss": {"name": "triplet"}}},
+    }
     assert C.build_config(raw, profile="p").loss == C.TripletLoss(name="triplet")
 
 
 def test_a_stored_config_of_an_older_finegrain_migrates():
-    old = {"name": "x", "loss": {"name": "cross_entropy", "label_smoothing": 0.1, "alpha": 2.0, "margin": 0.1,
-                                 "scale": 32.0, "proxy_lr_mult": 100.0}}
+    old = {
+        "name": "x",
+        "loss": {
+            "name": "cross_entropy",
+            "label_smoothing": 0.1,
+            "alpha": 2.0,
+            "margin": 0.1,
+            "scale": 32.0,
+            "proxy_lr_mult": 100.0,
+        },
+    }
     assert C.build_config(C.migrate_stored(old)).loss == C.CrossEntropyLoss(label_smoothing=0.1)
 
 
@@ -107,8 +127,9 @@ def test_a_stored_config_of_an_older_finegrain_migrates():
 def test_every_index_kind_builds_and_finds_a_vector_itself(kind):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 16)).astype(np.float32)
-    index = GalleryIndex.build(x, np.arange(400) % 4, [f"{i}.jpg" for i in range(400)], kind=kind,
-                             model_checksum="0" * 64)
+    index = GalleryIndex.build(
+        x, np.arange(400) % 4, [f"{i}.jpg" for i in range(400)], kind=kind, model_checksum="0" * 64
+    )
     _, ids = index.search(x[:5], 1)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
 
@@ -148,8 +169,10 @@ def test_own_backbone_names_are_the_registered_ones():
     assert sorted(OWN_BACKBONES) == sorted(BACKBONES.names())
 
 
-@pytest.mark.parametrize(("name", "closest"), [("resnet5O", "resnet50"), ("efficientnet_lite9", "efficientnet_lite"),
-                                               ("timm:resnet1800", "timm:resnet18")])
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [("resnet5O", "resnet50"), ("efficientnet_lite9", "efficientnet_lite"), ("timm:resnet1800", "timm:resnet18")],
+)
 def test_an_unknown_backbone_fails_when_the_config_loads(name, closest):
     from finegrain.config import build_config
 

@@ -151,8 +151,17 @@ def test_resume_with_another_config_names_the_keys(tmp_path, monkeypatch, capsys
     with pytest.raises(FinegrainError, match=r"optim.lr: 0.003 -> 0.01.*--override-stored"):
         create_run(changed, tmp_path / "runs", resume=True)
     assert "lr: 0.003" in run.config_file.read_text()
-    code, err = run_cli(monkeypatch, capsys, "train", str(run.config_file), "--resume", "--runs",
-                        str(tmp_path / "runs"), "--set", "optim.lr=0.01")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        str(run.config_file),
+        "--resume",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--set",
+        "optim.lr=0.01",
+    )
     assert code == 2 and "optim.lr: 0.003 -> 0.01" in err and "Traceback" not in err
     create_run(changed, tmp_path / "runs", resume=True, override_stored=True)
     assert "lr: 0.01" in run.config_file.read_text()
@@ -172,8 +181,9 @@ def test_knn_train_honours_resume_and_no_evaluate(tmp_path, monkeypatch, capsys)
     (runs / "k" / "DONE").write_text("x\n")
     code, err = run_cli(monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--no-evaluate")
     assert code == 2 and "--resume" in err  # finished: not redone without --resume
-    code, err = run_cli(monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--resume", "--no-evaluate",
-                        "--set", "eval.k=3")
+    code, err = run_cli(
+        monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--resume", "--no-evaluate", "--set", "eval.k=3"
+    )
     assert code == 2 and "eval.k: 10 -> 3" in err
 
 
@@ -187,12 +197,26 @@ def test_a_run_trained_with_set_says_so_in_its_description(tmp_path, monkeypatch
     path = tmp_path / "k.yaml"
     path.write_text(config_to_yaml(knn))
     runs = tmp_path / "runs"
-    code, err = run_cli(monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--no-evaluate",
-                        "--name", "plain")
+    code, err = run_cli(
+        monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--no-evaluate", "--name", "plain"
+    )
     assert code == 0, err
     assert yaml.safe_load((runs / "plain" / "config.yaml").read_text())["description"] == "kNN on cnn4"
-    code, err = run_cli(monkeypatch, capsys, "train", str(path), "--runs", str(runs), "--no-evaluate",
-                        "--name", "changed", "--set", "eval.k=3", "--set", "eval.metric=cosine")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        str(path),
+        "--runs",
+        str(runs),
+        "--no-evaluate",
+        "--name",
+        "changed",
+        "--set",
+        "eval.k=3",
+        "--set",
+        "eval.metric=cosine",
+    )
     assert code == 0, err
     stored = yaml.safe_load((runs / "changed" / "config.yaml").read_text())
     assert stored["eval"]["k"] == 3

@@ -48,8 +48,23 @@ def build_wheel(out: Path, env: dict[str, str]) -> Path:
         shutil.copy2(ROOT / name, tree / name)
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = out / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", dist, tree], cwd=out, env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            dist,
+            tree,
+        ],
+        cwd=out,
+        env=env,
+    )
     wheels = list(dist.glob("finegrain-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -73,9 +88,15 @@ def first_column(table: str) -> set[str]:
 @pytest.mark.slow
 def test_wheel_installs_and_runs_the_demo_outside_the_repo(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(FINEGRAIN_PROGRESS="0", FINEGRAIN_CACHE=str(tmp_path / "cache"), PYTHONIOENCODING="utf-8",
-               COLUMNS="80", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"), PIP_NO_INPUT="1",
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.update(
+        FINEGRAIN_PROGRESS="0",
+        FINEGRAIN_CACHE=str(tmp_path / "cache"),
+        PYTHONIOENCODING="utf-8",
+        COLUMNS="80",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+        PIP_NO_INPUT="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+    )
     work = tmp_path / "work"  # outside the repo: no configs/ or src/ around
     work.mkdir()
 
@@ -90,15 +111,28 @@ def test_wheel_installs_and_runs_the_demo_outside_the_repo(tmp_path: Path) -> No
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=work, env=env)
     python = venv / "bin" / "python"
     # Install before the .pth below exists, so pip does not see the checkout's editable finegrain.
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
-        cwd=work, env=env)
-    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                    cwd=work, env=env).stdout.strip())
+    run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
+        cwd=work,
+        env=env,
+    )
+    site = Path(
+        run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work, env=env
+        ).stdout.strip()
+    )
     (site / "_finegrain_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
-    probe = run([python, "-c", "import json, sys, finegrain, torch; "
-                 "print(json.dumps({'finegrain': finegrain.__file__, 'torch': torch.__file__, 'path': sys.path}))"],
-                cwd=work, env=env)
+    probe = run(
+        [
+            python,
+            "-c",
+            "import json, sys, finegrain, torch; "
+            "print(json.dumps({'finegrain': finegrain.__file__, 'torch': torch.__file__, 'path': sys.path}))",
+        ],
+        cwd=work,
+        env=env,
+    )
     seen = json.loads(probe.stdout)
     assert Path(seen["finegrain"]).is_relative_to(venv), seen["finegrain"]
     assert str(ROOT / "src") not in seen["path"]  # the editable install stayed inactive
@@ -122,25 +156,55 @@ def test_wheel_installs_and_runs_the_demo_outside_the_repo(tmp_path: Path) -> No
     from finegrain.data.folder import write_image_folder
     from tests.data.conftest import make_samples
 
-    folder = write_image_folder(tmp_path / "my photos", ["daisy", "rose", "tulip"], {
-        "train": [(im, label) for im, label, _ in make_samples(3, 6, size=48, seed=1)],
-        "test": [(im, label) for im, label, _ in make_samples(3, 2, size=48, seed=2)]})
-    mine = run([venv / "bin" / "finegrain", "train", "classify", "--data", folder, "--budget", "2m", "--runs",
-                tmp_path / "my-runs"], cwd=work, env=env, timeout=600)
+    folder = write_image_folder(
+        tmp_path / "my photos",
+        ["daisy", "rose", "tulip"],
+        {
+            "train": [(im, label) for im, label, _ in make_samples(3, 6, size=48, seed=1)],
+            "test": [(im, label) for im, label, _ in make_samples(3, 2, size=48, seed=2)],
+        },
+    )
+    mine = run(
+        [
+            venv / "bin" / "finegrain",
+            "train",
+            "classify",
+            "--data",
+            folder,
+            "--budget",
+            "2m",
+            "--runs",
+            tmp_path / "my-runs",
+        ],
+        cwd=work,
+        env=env,
+        timeout=600,
+    )
     assert "budget 2.0 min (wall-clock)" in mine.stdout and "predicted" in mine.stdout
     metrics = json.loads((tmp_path / "my-runs" / "classify" / "metrics.json").read_text())
-    assert metrics["tested_on"] == {"source": "test split", "images": 6,
-                                    "words": "the data's own test split (6 images)"}
+    assert metrics["tested_on"] == {
+        "source": "test split",
+        "images": 6,
+        "words": "the data's own test split (6 images)",
+    }
     assert json.loads((tmp_path / "my-runs" / "classify" / "budget.json").read_text())["budget_seconds"] == 120
 
     # The search page and every asset it names are where the installed app serves them from.
-    page = run([python, "-c", """
+    page = run(
+        [
+            python,
+            "-c",
+            """
 import json, re
 from finegrain.serve.app import STATIC_DIR
 html = (STATIC_DIR / "index.html").read_text()
 assets = sorted(set(re.findall(r'(?:src|href)="/static/([^"]+)"', html)))
 print(json.dumps({"static": str(STATIC_DIR), "assets": assets, "found": [(STATIC_DIR / a).is_file() for a in assets]}))
-"""], cwd=work, env=env)
+""",
+        ],
+        cwd=work,
+        env=env,
+    )
     served = json.loads(page.stdout.strip().splitlines()[-1])
     assert Path(served["static"]).is_relative_to(venv), served
     assert served["assets"] and all(served["found"]), served

@@ -15,8 +15,7 @@ from tests.conftest import tiny_config
 
 
 def _ms(**loss) -> C.MultiSimilarityLoss:
-    return C.build_config({"name": "x", "task": "metric_learning",
-                           "loss": {"name": "multi_similarity", **loss}}).loss
+    return C.build_config({"name": "x", "task": "metric_learning", "loss": {"name": "multi_similarity", **loss}}).loss
 
 
 def _batch(seed: int, n: int = 12, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +84,9 @@ def test_the_config_takes_xbm_size_and_refuses_a_negative_one():
     assert _ms(xbm_size=512).xbm_size == 512
     assert _ms().xbm_size == 0
     # the discriminated union puts the loss's name in the path: 'loss.multi_similarity.xbm_size'
-    with pytest.raises(ConfigError, match=r"'loss\.(multi_similarity\.)?xbm_size'.*greater than or equal to 0 \(got -1\)"):
+    with pytest.raises(
+        ConfigError, match=r"'loss\.(multi_similarity\.)?xbm_size'.*greater than or equal to 0 \(got -1\)"
+    ):
         _ms(xbm_size=-1)
     with pytest.raises(ConfigError, match=r"loss\.xbm_size"):  # a setting of multi_similarity only
         C.build_config({"name": "x", "task": "metric_learning", "loss": {"name": "triplet", "xbm_size": 64}})
@@ -94,9 +95,13 @@ def test_the_config_takes_xbm_size_and_refuses_a_negative_one():
 def _task(tmp_path, xbm_size: int):
     from finegrain.tasks.metric_learning import MetricLearningTask
 
-    cfg = tiny_config(tmp_path, task="metric_learning", data={"batch_size": 8},
-                      model={"head": "embedding", "embedding_dim": 16},
-                      loss={"name": "multi_similarity", "xbm_size": xbm_size})
+    cfg = tiny_config(
+        tmp_path,
+        task="metric_learning",
+        data={"batch_size": 8},
+        model={"head": "embedding", "embedding_dim": 16},
+        loss={"name": "multi_similarity", "xbm_size": xbm_size},
+    )
     return MetricLearningTask(cfg.model_dump(mode="json"), [f"c{i}" for i in range(4)])
 
 
@@ -135,11 +140,20 @@ def test_metric_learning_trains_an_epoch_with_xbm(tmp_path, monkeypatch, ema):
 
     monkeypatch.setattr(CrossBatchMemory, "forward", spy)
     cfg = tiny_config(
-        tmp_path, name="xbm", task="metric_learning",
-        data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
-              "val_fraction": 0.0, "synthetic": {"num_classes": 6}},
+        tmp_path,
+        name="xbm",
+        task="metric_learning",
+        data={
+            "protocol": "retrieval",
+            "sampler": "m_per_class",
+            "m_per_class": 4,
+            "batch_size": 8,
+            "val_fraction": 0.0,
+            "synthetic": {"num_classes": 6},
+        },
         model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity", "xbm_size": 32}, train={"epochs": 1, "ema_decay": ema},
+        loss={"name": "multi_similarity", "xbm_size": 32},
+        train={"epochs": 1, "ema_decay": ema},
     )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     assert seen[:5] == [8, 16, 24, 32, 32], seen  # batches of 8 fill the memory of 32, then it stays full

@@ -38,8 +38,9 @@ def _data_overrides(data: Path | None) -> list[str]:
     return [f"data.root={data}", "data.num_workers=2", "data.holdout=auto", "data.holdout_fraction=0.5"]
 
 
-def run_demo(console: Console, data: Path | None = None, runs_root: Path = Path("runs"),
-             epochs: int | None = None) -> dict:
+def run_demo(
+    console: Console, data: Path | None = None, runs_root: Path = Path("runs"), epochs: int | None = None
+) -> dict:
     """Run the demo; returns the headline numbers."""
     from finegrain.data.images import open_rgb
     from finegrain.report.contact_sheet import contact_sheet
@@ -60,17 +61,19 @@ def run_demo(console: Console, data: Path | None = None, runs_root: Path = Path(
     console.rule("[bold]index and search[/]")
     index_dir, info = build_index(ret.path, gallery="test")
     unseen = ret.read_metrics().get("tested_on", {}).get("source") == "held-out classes"
-    console.print(f"indexed {info['n']} test images{' of the unseen classes' if unseen else ''} ({info['dim']}-d) "
-                  f"in {index_dir}")
+    console.print(
+        f"indexed {info['n']} test images{' of the unseen classes' if unseen else ''} ({info['dim']}-d) in {index_dir}"
+    )
     searcher = Searcher(ret.path)
     query_path = searcher.index.paths[0]
     query, _ = open_rgb(query_path)
     hits, _ = searcher.search(query, k=min(8, searcher.gallery_size))
-    sheet = contact_sheet(query, hits, ret.report / "sample_search.png",
-                          query_label=hits[0].label if hits else None)
+    sheet = contact_sheet(query, hits, ret.report / "sample_search.png", query_label=hits[0].label if hits else None)
     same = sum(h.label == hits[0].label for h in hits[1:])
-    console.print(f"sample search for {query_path}: the image itself first (score {hits[0].score:.3f}), "
-                  f"{same} of the next {len(hits) - 1} from the same class; contact sheet {sheet}")
+    console.print(
+        f"sample search for {query_path}: the image itself first (score {hits[0].score:.3f}), "
+        f"{same} of the next {len(hits) - 1} from the same class; contact sheet {sheet}"
+    )
 
     c = clf.read_metrics()["classification"]
     r = ret.read_metrics()["retrieval"]
@@ -78,8 +81,15 @@ def run_demo(console: Console, data: Path | None = None, runs_root: Path = Path(
     for col in ("run", "protocol", "top-1", "F1 (macro)", "Recall@1", "Recall@4", "MAP@R"):
         table.add_column(col, justify="right" if col not in ("run", "protocol") else "left")
     table.add_row(clf.name, "classification", f"{c['top1']:.1%}", f"{c['f1_macro']:.1%}", "", "", "")
-    table.add_row(ret.name, "retrieval (unseen classes)" if unseen else "retrieval", "", "", f"{r['recall@1']:.1%}", f"{r['recall@4']:.1%}",
-                  f"{r['map@r']:.1%}")
+    table.add_row(
+        ret.name,
+        "retrieval (unseen classes)" if unseen else "retrieval",
+        "",
+        "",
+        f"{r['recall@1']:.1%}",
+        f"{r['recall@4']:.1%}",
+        f"{r['map@r']:.1%}",
+    )
     console.print(table)
     from finegrain.report.html import write_multi_report
 

@@ -21,11 +21,27 @@ from finegrain.runs import RunDir, atomic_write_text
 log = logging.getLogger(__name__)
 
 SUITES: dict[str, list[str]] = {
-    "seed-000": ["cars-tl-1", "cars-tl-2", "cars-tl-3", "cars-densenet121", "cars-knn-1", "cars-knn-2",
-                 "cars-knn-3", "cars-cnn-1", "cars-cnn-2", "cars-cnn-3"],
+    "seed-000": [
+        "cars-tl-1",
+        "cars-tl-2",
+        "cars-tl-3",
+        "cars-densenet121",
+        "cars-knn-1",
+        "cars-knn-2",
+        "cars-knn-3",
+        "cars-cnn-1",
+        "cars-cnn-2",
+        "cars-cnn-3",
+    ],
     "seed-001": ["tin-cnn", "tin-resnet18", "tin-cubs-1", "tin-cubs-2", "tin-cubs-3", "cars196-ms"],
-    "ours": ["cars-lite0", "cars-lite0-knn", "cars196-lite0-frozen", "cars196-lite0-ms", "cars196-lite0-nsm",
-             "tin-ours"],
+    "ours": [
+        "cars-lite0",
+        "cars-lite0-knn",
+        "cars196-lite0-frozen",
+        "cars196-lite0-ms",
+        "cars196-lite0-nsm",
+        "tin-ours",
+    ],
 }
 SUITES["all"] = SUITES["seed-000"] + SUITES["seed-001"] + SUITES["ours"]
 
@@ -40,8 +56,7 @@ def _source_exists(source: str, runs_root: Path) -> bool:
     """Whether a kNN row's ``eval.source_run`` names an existing run (as :func:`source_model` finds it)."""
     from finegrain.runs import DEFAULT_RUNS_ROOT
 
-    return any((p / "config.yaml").is_file()
-               for p in (runs_root / source, Path(source), DEFAULT_RUNS_ROOT / source))
+    return any((p / "config.yaml").is_file() for p in (runs_root / source, Path(source), DEFAULT_RUNS_ROOT / source))
 
 
 def plan(cfgs: list[ExperimentConfig], runs_root: Path) -> list[ExperimentConfig]:
@@ -73,7 +88,8 @@ def plan(cfgs: list[ExperimentConfig], runs_root: Path) -> list[ExperimentConfig
         if source and source not in names and not _source_exists(source, runs_root):
             raise FinegrainError(
                 f"kNN row '{cfg.name}' uses the model of run '{source}', which is neither in the suite "
-                f"nor in {runs_root}; run it first or add its config to the suite")
+                f"nor in {runs_root}; run it first or add its config to the suite"
+            )
         emit(cfg)
     for rest in waiting.values():  # a loop of kNN rows naming each other: keep the given order
         for cfg in rest:
@@ -83,8 +99,9 @@ def plan(cfgs: list[ExperimentConfig], runs_root: Path) -> list[ExperimentConfig
     return order
 
 
-def load_suite(suite: str | list[str], profile: str | None, data: Path | None, runs_root: Path,
-               overrides: list[str] | None) -> list[ExperimentConfig]:
+def load_suite(
+    suite: str | list[str], profile: str | None, data: Path | None, runs_root: Path, overrides: list[str] | None
+) -> list[ExperimentConfig]:
     """Every config of the suite loaded and checked, in the order they can run (see :func:`plan`)."""
     names = suite_configs(suite) if isinstance(suite, str) else list(suite)
     if not names:
@@ -135,8 +152,9 @@ def run_one(cfg: ExperimentConfig, runs_root: Path, failed: dict[str, str], cons
     return run.path
 
 
-def write_tables(suite: str | list[str], finished: list[Path], failed: dict[str, str],
-                 runs_root: Path) -> tuple[Path, Path]:
+def write_tables(
+    suite: str | list[str], finished: list[Path], failed: dict[str, str], runs_root: Path
+) -> tuple[Path, Path]:
     """The suite's comparison table as ``runs_root/<suite>-results.md`` and ``.html``."""
     from finegrain.report.tables import comparison_rows, html_table, markdown_table
 
@@ -177,6 +195,7 @@ def run_suite(
             finished.append(path)
     md, html = write_tables(suite, finished, failed, runs_root)
     if failed:
-        console.print(f"[red]{len(failed)} of {len(cfgs)} runs failed[/] (listed under the tables): "
-                      + ", ".join(failed))
+        console.print(
+            f"[red]{len(failed)} of {len(cfgs)} runs failed[/] (listed under the tables): " + ", ".join(failed)
+        )
     return {"markdown": md, "html": html, "failed": failed}

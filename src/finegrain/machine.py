@@ -8,18 +8,30 @@ threads of torch, the loader workers and FAISS together never outnumber the core
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
 from functools import lru_cache
 from importlib import metadata
-import ctypes
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
-VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile",
-                "asimd", "sve", "bf16")
+VECTOR_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_tile",
+    "asimd",
+    "sve",
+    "bf16",
+)
 PACKAGES = ("finegrain", "torch", "torchvision", "timm", "lightning", "faiss-cpu", "onnxruntime")
 
 
@@ -88,8 +100,9 @@ def resolve_precision(requested: str) -> str:
     if requested not in PRECISIONS:
         from finegrain.errors import FinegrainError
 
-        raise FinegrainError(f"unknown precision '{requested}' (train.precision or FINEGRAIN_PRECISION); "
-                             f"valid: {', '.join(PRECISIONS)}")
+        raise FinegrainError(
+            f"unknown precision '{requested}' (train.precision or FINEGRAIN_PRECISION); valid: {', '.join(PRECISIONS)}"
+        )
     if requested == "auto":
         return auto_precision()[0]
     if not cuda_available():
@@ -97,8 +110,10 @@ def resolve_precision(requested: str) -> str:
             log.warning("precision 16-mixed needs a GPU; running in 32")
             return "32"
         if requested == "bf16-mixed" and not cpu_has_native_bf16():
-            log.warning("precision bf16-mixed on a CPU without native bf16 is several times slower than 32; "
-                        "precision 'auto' would choose 32 here")
+            log.warning(
+                "precision bf16-mixed on a CPU without native bf16 is several times slower than 32; "
+                "precision 'auto' would choose 32 here"
+            )
     return requested
 
 
@@ -189,9 +204,15 @@ def machine_info() -> dict:
     """The facts a benchmark or metrics.json records beside its figures."""
     precision, why = auto_precision()
     info = {
-        "cpu": cpu_model(), "cpu_flags": list(cpu_flags()), "native_bf16": cpu_has_native_bf16(),
-        "cores": cores(), "platform": platform.platform(), "python": platform.python_version(),
-        "cuda": cuda_available(), "auto_precision": precision, "auto_precision_reason": why,
+        "cpu": cpu_model(),
+        "cpu_flags": list(cpu_flags()),
+        "native_bf16": cpu_has_native_bf16(),
+        "cores": cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cuda": cuda_available(),
+        "auto_precision": precision,
+        "auto_precision_reason": why,
         "versions": {p: package_version(p) for p in PACKAGES},
     }
     if info["cuda"]:

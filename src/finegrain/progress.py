@@ -21,8 +21,9 @@ def wanted() -> bool:
     return os.environ.get("FINEGRAIN_PROGRESS", "1") != "0"
 
 
-def track(items: Iterable[T], total: int, description: str, every_fraction: float = 0.1,
-          min_seconds: float = 5.0) -> Iterator[T]:
+def track(
+    items: Iterable[T], total: int, description: str, every_fraction: float = 0.1, min_seconds: float = 5.0
+) -> Iterator[T]:
     """Yield ``items``; show a bar on a terminal, else log about every tenth of the way, at most once
     every ``min_seconds`` (a loop of a second says nothing until its end), and the end."""
     if not wanted() or total <= 0:

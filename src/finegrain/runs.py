@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,10 @@ def no_space_error(path: Path, needed: int | None = None) -> FinegrainError:
     except OSError:
         free = ""
     need = f"it needs {human_bytes(needed)}" if needed is not None else "it needs more room"
-    return FinegrainError(f"no space left on the device to write {path} ({need}{free}); "
-                          "free some space and run the command again (nothing already written was lost)")
+    return FinegrainError(
+        f"no space left on the device to write {path} ({need}{free}); "
+        "free some space and run the command again (nothing already written was lost)"
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -183,10 +185,16 @@ class RunDir:
 
     def write_state(self, status: str, epochs_done: int, epochs_planned: int, stopped_early: bool = False) -> None:
         """Record how far training got (``training`` or ``finished``), atomically."""
-        atomic_write_json(self.state_file, {
-            "status": status, "epochs_done": int(epochs_done), "epochs_planned": int(epochs_planned),
-            "stopped_early": bool(stopped_early),
-            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        atomic_write_json(
+            self.state_file,
+            {
+                "status": status,
+                "epochs_done": int(epochs_done),
+                "epochs_planned": int(epochs_planned),
+                "stopped_early": bool(stopped_early),
+                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
 
     def training_precision(self) -> dict[str, Any] | None:
         """``precision.json`` (what ``precision: auto`` chose per phase), or None when absent or unreadable."""
@@ -211,15 +219,21 @@ class RunDir:
                 state = json.loads(self.state_file.read_text())
                 if isinstance(state, dict) and state.get("status") in ("training", "finished"):
                     state = {"epochs_done": 0, "stopped_early": False, **state, "epochs_planned": planned}
-                    if (state["status"] == "finished" and not state["stopped_early"]
-                            and state["epochs_done"] < planned):  # resumed with more epochs (--override-stored)
+                    if (
+                        state["status"] == "finished" and not state["stopped_early"] and state["epochs_done"] < planned
+                    ):  # resumed with more epochs (--override-stored)
                         state["status"] = "training"
                     return state
             except ValueError:
                 pass
         done = _history_epochs(self.history)
-        status = ("finished" if planned and done >= planned else
-                  "training" if done or self.last_ckpt.is_file() else "not started")
+        status = (
+            "finished"
+            if planned and done >= planned
+            else "training"
+            if done or self.last_ckpt.is_file()
+            else "not started"
+        )
         return {"status": status, "epochs_done": done, "epochs_planned": planned, "stopped_early": False}
 
     def training_finished(self) -> bool:
@@ -228,8 +242,9 @@ class RunDir:
 
     def has_started(self) -> bool:
         """Whether training ever took a step here (a checkpoint, an epoch or a recorded state)."""
-        return (self.last_ckpt.is_file() or self.best_ckpt.is_file() or self.history.is_file()
-                or self.state_file.is_file())
+        return (
+            self.last_ckpt.is_file() or self.best_ckpt.is_file() or self.history.is_file() or self.state_file.is_file()
+        )
 
     def is_finished(self) -> bool:
         """Trained to the end and evaluated after that (``DONE`` and a ``metrics.json`` that is not partial)."""
@@ -246,8 +261,10 @@ class RunDir:
             raise FinegrainError(f"{self.path} is not a run directory: no config.yaml in it")
         raw = read_yaml(self.config_file)
         if not raw:
-            raise FinegrainError(f"{self.config_file}: empty config (a run's config.yaml holds the config it was "
-                                 "trained with; this run's is lost or was never written)")
+            raise FinegrainError(
+                f"{self.config_file}: empty config (a run's config.yaml holds the config it was "
+                "trained with; this run's is lost or was never written)"
+            )
         return build_config(migrate_stored(raw))
 
     def read_metrics(self) -> dict:
@@ -296,8 +313,9 @@ def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def create_run(cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resume: bool = False,
-               override_stored: bool = False) -> RunDir:
+def create_run(
+    cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resume: bool = False, override_stored: bool = False
+) -> RunDir:
     """Create ``runs_root/<cfg.name>`` and write the resolved config into it.
 
     An existing run with a different config is refused unless resuming it, so a
@@ -321,7 +339,8 @@ def create_run(cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resum
                     raise FinegrainError(
                         f"cannot resume {run.path} with another config than the one it started with "
                         f"({'; '.join(diff) or 'formatting'}); resume without the changes, or add "
-                        "--override-stored to continue with the new config")
+                        "--override-stored to continue with the new config"
+                    )
                 log.warning("%s: resuming with the new config (%s)", run.path, "; ".join(diff))
                 atomic_write_text(run.config_file, text)
             clean_stale_tmp(run.path)
@@ -330,8 +349,13 @@ def create_run(cfg: ExperimentConfig, runs_root: Path = DEFAULT_RUNS_ROOT, resum
         elif run.is_finished() or old != text or run.last_ckpt.is_file():
             raise FinegrainError(
                 f"run directory {run.path} already exists"
-                + (" and is finished" if run.is_finished() else
-                   " with a different config" if old != text else " with checkpoints")
+                + (
+                    " and is finished"
+                    if run.is_finished()
+                    else " with a different config"
+                    if old != text
+                    else " with checkpoints"
+                )
                 + "; use --resume to continue it, --name to start another, or delete it"
             )
     run.checkpoints.mkdir(parents=True, exist_ok=True)

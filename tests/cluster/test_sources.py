@@ -13,8 +13,9 @@ from finegrain.errors import FinegrainError
 def test_parquet_listing_with_class_names_ids_and_relative_paths(tmp_path):
     import pyarrow.parquet as pq
 
-    table = pa.table({"path": ["a/1.jpg", "/abs/2.jpg", "s3://bucket/3.jpg"], "label": ["owl", "cat", "owl"],
-                      "id": ["x", "y", "z"]})
+    table = pa.table(
+        {"path": ["a/1.jpg", "/abs/2.jpg", "s3://bucket/3.jpg"], "label": ["owl", "cat", "owl"], "id": ["x", "y", "z"]}
+    )
     pq.write_table(table, tmp_path / "list.parquet")
     listing = read_listing(str(tmp_path / "list.parquet"))
     assert listing.paths == [str(tmp_path / "a" / "1.jpg"), "/abs/2.jpg", "s3://bucket/3.jpg"]
@@ -31,10 +32,13 @@ def test_csv_listing_without_labels_or_ids(tmp_path):
     assert read_listing(str(other)).fingerprint() != listing.fingerprint()
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("file\n1.jpg\n", "no 'path' column"),
-    ("path,id\n1.jpg,a\n2.jpg,a\n", "repeats an id"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("file\n1.jpg\n", "no 'path' column"),
+        ("path,id\n1.jpg,a\n2.jpg,a\n", "repeats an id"),
+    ],
+)
 def test_bad_listings_are_named(tmp_path, text, message):
     (tmp_path / "list.csv").write_text(text)
     with pytest.raises(FinegrainError, match=message):

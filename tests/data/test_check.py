@@ -15,10 +15,14 @@ from tests.data.conftest import make_samples
 @pytest.fixture
 def messy(tmp_path):
     """train/test folders with one of every problem."""
-    write_image_folder(tmp_path, ["a", "b"], {
-        "train": [(im, label) for im, label, _ in make_samples(2, 3, seed=1)],
-        "test": [(im, label) for im, label, _ in make_samples(2, 2, seed=2)],
-    })
+    write_image_folder(
+        tmp_path,
+        ["a", "b"],
+        {
+            "train": [(im, label) for im, label, _ in make_samples(2, 3, seed=1)],
+            "test": [(im, label) for im, label, _ in make_samples(2, 2, seed=2)],
+        },
+    )
     a = tmp_path / "train" / "a"
     arr = np.full((16, 16, 3), 90, np.uint8)
     good = a / "good.jpg"
@@ -55,10 +59,14 @@ def test_check_reports_every_problem(messy):
 
 
 def test_clean_dataset_is_ok(tmp_path):
-    write_image_folder(tmp_path, ["a", "b"], {
-        "train": [(im, label) for im, label, _ in make_samples(2, 2, seed=1)],
-        "test": [(im, label) for im, label, _ in make_samples(2, 1, seed=2)],
-    })
+    write_image_folder(
+        tmp_path,
+        ["a", "b"],
+        {
+            "train": [(im, label) for im, label, _ in make_samples(2, 2, seed=1)],
+            "test": [(im, label) for im, label, _ in make_samples(2, 1, seed=2)],
+        },
+    )
     rep = check_dataset(tmp_path, progress=False)
     assert rep.ok and not rep.bad_files and not rep.duplicates and not rep.conversions
     assert "OK" in _render(rep)

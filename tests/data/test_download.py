@@ -72,7 +72,7 @@ class _Server:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if outer.cut_after is not None:
-                    self.wfile.write(body[:outer.cut_after])
+                    self.wfile.write(body[: outer.cut_after])
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -83,8 +83,7 @@ class _Server:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
@@ -252,6 +251,12 @@ def test_unreachable_url(tmp_path):
 
 def test_stanford_cars_instructions():
     text = download.stanford_cars_instructions()
-    for needle in ("jessicali9530/stanford-cars-dataset", "torchvision", "car_ims", "cars_annos.mat",
-                   "finegrain data check PATH", "no longer"):
+    for needle in (
+        "jessicali9530/stanford-cars-dataset",
+        "torchvision",
+        "car_ims",
+        "cars_annos.mat",
+        "finegrain data check PATH",
+        "no longer",
+    ):
         assert needle in text

@@ -162,8 +162,13 @@ print(json.dumps({"peak_mb": (after - before) / 1024, **result}))
 def decode_peak(path: Path, limit: int | None = DEFAULT_LIMIT) -> dict:
     """Decode ``path`` in a fresh process; its peak memory growth (MB) and what came out."""
     pytest.importorskip("resource")
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), "none" if limit is None else str(limit)],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path), "none" if limit is None else str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

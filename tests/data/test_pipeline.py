@@ -66,8 +66,7 @@ def test_cached_and_uncached_loading_give_the_same_pixels(tmp_path, margin):
     assert len(cache) == len(records)
     assert find_cache(records, (16, 20), tmp_path / "cache", margin) is not None
     assert find_cache(records, (16, 24), tmp_path / "cache", margin) is None  # another size: not this cache
-    kw = dict(size=(16, 20), preset="plain", train=False, batch_size=5,
-              bbox_margin=margin)
+    kw = dict(size=(16, 20), preset="plain", train=False, batch_size=5, bbox_margin=margin)
     a = torch.cat([b[0] for b in build_loader(records, cache=cache, **kw)])
     b = torch.cat([b[0] for b in build_loader(records, cache=None, **kw)])
     assert a.shape == (len(records), 3, 16, 20)
@@ -101,8 +100,7 @@ def test_batches_gather_cached_images_in_order_and_fall_back_for_the_rest(tmp_pa
 def test_augmented_batches_from_worker_processes_are_channels_last(tmp_path):
     records = _records(tmp_path)
     cache = prepare_cache(records, (16, 20), tmp_path / "cache", progress=False)
-    loader = build_loader(records, size=(16, 20), preset="light", train=True, batch_size=5, num_workers=2,
-                          cache=cache)
+    loader = build_loader(records, size=(16, 20), preset="light", train=True, batch_size=5, num_workers=2, cache=cache)
     assert loader.num_workers == 2  # augmentation runs in the workers
     batches = list(loader)
     assert sorted(i for _, _, idx in batches for i in idx.tolist()) == list(range(len(records)))
@@ -137,13 +135,14 @@ def test_bad_images_are_skipped_or_stop_the_run(tmp_path):
 
 def test_m_per_class_batches_are_balanced_and_split_across_processes():
     labels = np.repeat(np.arange(10), 7)
-    samplers = [DistributedMPerClassSampler(labels, m=4, batch_size=8, num_replicas=2, rank=r, seed=3)
-                for r in range(2)]
+    samplers = [
+        DistributedMPerClassSampler(labels, m=4, batch_size=8, num_replicas=2, rank=r, seed=3) for r in range(2)
+    ]
     draws = [list(s) for s in samplers]
     assert len(draws[0]) == len(draws[1]) == len(samplers[0])
     for idx in draws:
         for start in range(0, len(idx), 8):
-            counts = Counter(labels[idx[start:start + 8]])
+            counts = Counter(labels[idx[start : start + 8]])
             assert sorted(counts.values()) == [4, 4]
     assert draws[0] != draws[1]
     again = DistributedMPerClassSampler(labels, m=4, batch_size=8, num_replicas=2, rank=0, seed=3)
@@ -177,6 +176,5 @@ def test_eval_image_sizes_are_what_evaluation_reads_and_prepare_caches_every_siz
     assert [ld.dataset.size for ld in loaders] == [(40, 36), (32, 32)]
     assert [ld.dataset.cache for ld in loaders] == [dm.caches[(40, 36)], dm.caches[(32, 32)]]
     # a cache of another size is never read: the loader decodes instead
-    loader = build_loader(dm.test_records, size=(24, 24), preset="plain", train=False, batch_size=4,
-                          cache=dm.cache)
+    loader = build_loader(dm.test_records, size=(24, 24), preset="plain", train=False, batch_size=4, cache=dm.cache)
     assert loader.dataset.cache is None and next(iter(loader))[0].shape[2:] == (24, 24)

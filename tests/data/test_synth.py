@@ -44,8 +44,8 @@ def test_render_bbox_is_tight_around_the_object():
     object is not possible, so check the box against the object's dark wheels."""
     im, (x1, y1, x2, y2) = render(3, 16, (96, 128), np.random.default_rng(7))
     a = np.asarray(im).astype(int)
-    dark = (a.max(axis=2) < 45)
-    ys, xs = np.nonzero(dark[y1:y2 + 1, x1:x2 + 1])
+    dark = a.max(axis=2) < 45
+    ys, xs = np.nonzero(dark[y1 : y2 + 1, x1 : x2 + 1])
     assert ys.size > 0  # wheels inside the box
     # the box's lower part holds the wheels
     assert ys.max() > 0.6 * (y2 - y1)
@@ -81,12 +81,25 @@ def test_render_rejects_bad_label():
 
 @pytest.mark.parametrize(
     "format,layout",
-    [("stanford_cars", "devkit"), ("stanford_cars", "all_images"), ("stanford_cars", "kaggle"),
-     ("tiny_imagenet", "devkit"), ("image_folder", "devkit")],
+    [
+        ("stanford_cars", "devkit"),
+        ("stanford_cars", "all_images"),
+        ("stanford_cars", "kaggle"),
+        ("tiny_imagenet", "devkit"),
+        ("image_folder", "devkit"),
+    ],
 )
 def test_written_dataset_opens(tmp_path, format, layout):
-    root = make_synthetic(tmp_path / "ds", format=format, num_classes=5, train_per_class=4,
-                          test_per_class=2, size=(40, 56), seed=3, layout=layout)
+    root = make_synthetic(
+        tmp_path / "ds",
+        format=format,
+        num_classes=5,
+        train_per_class=4,
+        test_per_class=2,
+        size=(40, 56),
+        seed=3,
+        layout=layout,
+    )
     assert root == tmp_path / "ds"
     assert detect_format(root) == format
     col = open_collection(root)
@@ -108,11 +121,19 @@ def test_written_dataset_opens(tmp_path, format, layout):
 
 def test_bboxes_survive_the_round_trip(tmp_path):
     """The boxes on disk (1-based in the devkit) read back as the rendered 0-based boxes."""
-    make_synthetic(tmp_path / "a", format="stanford_cars", num_classes=3, train_per_class=2,
-                   test_per_class=1, size=(48, 64), seed=11)
+    make_synthetic(
+        tmp_path / "a",
+        format="stanford_cars",
+        num_classes=3,
+        train_per_class=2,
+        test_per_class=1,
+        size=(48, 64),
+        seed=11,
+    )
     col = open_collection(tmp_path / "a")
-    expected = [render(label, 3, (48, 64), np.random.default_rng([11, 1, label, i]))[1]
-                for i in range(2) for label in range(3)]
+    expected = [
+        render(label, 3, (48, 64), np.random.default_rng([11, 1, label, i]))[1] for i in range(2) for label in range(3)
+    ]
     assert [r.bbox for r in col.splits["train"]] == expected
 
 

@@ -19,9 +19,10 @@ DIM = 16
 SPEC = StoreSpec(DIM, "cosine", "model-a")
 
 
-def entry(rng: np.random.Generator, label: str = "a", metadata: dict | None = None, image: bytes | None = None) -> NewEntry:
-    return NewEntry(rng.normal(size=DIM).astype(np.float32), label, image or rng.bytes(32), "image/png",
-                    metadata or {})
+def entry(
+    rng: np.random.Generator, label: str = "a", metadata: dict | None = None, image: bytes | None = None
+) -> NewEntry:
+    return NewEntry(rng.normal(size=DIM).astype(np.float32), label, image or rng.bytes(32), "image/png", metadata or {})
 
 
 def brute_force(store, query: np.ndarray, k: int) -> list[int]:
@@ -80,8 +81,13 @@ def test_filters_select_by_label_and_metadata_and_values_never_break_out(tmp_pat
     rng = np.random.default_rng(2)
     s = open_store(tmp_path / "g", SPEC)
     sneaky = 'red" OR 1=1 --'
-    ids = s.add([entry(rng, "car", {"colour": "red", "n": 1}), entry(rng, "car", {"colour": "blue", "n": 2}),
-                 entry(rng, "bus", {"colour": sneaky, "n": 1, "ok": True})])
+    ids = s.add(
+        [
+            entry(rng, "car", {"colour": "red", "n": 1}),
+            entry(rng, "car", {"colour": "blue", "n": 2}),
+            entry(rng, "bus", {"colour": sneaky, "n": 1, "ok": True}),
+        ]
+    )
     q = rng.normal(size=DIM)
     assert {i for i, _ in s.search(q, 10, make_filter("label", "car"))} == set(ids[:2])
     assert [i for i, _ in s.search(q, 10, make_filter("metadata.colour", "red"))] == [ids[0]]
@@ -91,8 +97,15 @@ def test_filters_select_by_label_and_metadata_and_values_never_break_out(tmp_pat
     # a value made to break out of a quoted string matches only itself, literally
     assert [i for i, _ in s.search(q, 10, make_filter("metadata.colour", sneaky))] == [ids[2]]
     assert s.search(q, 10, make_filter("label", "car' OR '1'='1")) == []
-    for bad in ('{"metadata.colour\\") OR (1": 1}', '{"metadata.a.b": 1}', '{"label": 1}', '{"x": 1}',
-                '{"label": "a", "metadata.n": 1}', '{"metadata.n": {"$ne": 0}}', "not json"):
+    for bad in (
+        '{"metadata.colour\\") OR (1": 1}',
+        '{"metadata.a.b": 1}',
+        '{"label": 1}',
+        '{"x": 1}',
+        '{"label": "a", "metadata.n": 1}',
+        '{"metadata.n": {"$ne": 0}}',
+        "not json",
+    ):
         with pytest.raises(FinegrainError):
             parse_filter(bad)
     assert milvus_expression(make_filter("metadata.colour", sneaky)) == 'metadata["colour"] == "red\\" OR 1=1 --"'
@@ -123,7 +136,7 @@ def test_a_damaged_store_is_refused_and_left_as_it_was(tmp_path, damage):
     elif damage == "truncate":
         data = data[: len(data) // 2]
     elif damage == "flip-page":
-        data[4096 * 3: 4096 * 3 + 64] = b"\xff" * 64
+        data[4096 * 3 : 4096 * 3 + 64] = b"\xff" * 64
     if damage == "wrong-size-vector":
         with sqlite3.connect(db) as c:
             c.execute("UPDATE entries SET vector = x'00' WHERE id = 7")
@@ -183,7 +196,12 @@ def test_the_cli_refuses_a_damaged_store_in_one_line(tmp_path):
     db = tmp_path / "g" / DB_FILE
     damaged = b"not a database at all" + db.read_bytes()[21:]
     db.write_bytes(damaged)
-    r = subprocess.run([sys.executable, "-m", "finegrain", "gallery", "stats", str(tmp_path), "--store", str(tmp_path / "g")],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "finegrain", "gallery", "stats", str(tmp_path), "--store", str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 2 and "damaged gallery store" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and db.read_bytes() == damaged

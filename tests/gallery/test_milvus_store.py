@@ -41,8 +41,13 @@ def test_writes_reads_dedupe_and_images(store):
 def test_filters_on_milvus_never_break_out(store):
     rng = np.random.default_rng(1)
     sneaky = 'red" || label != "'
-    ids = store.add([entry(rng, "car", {"colour": "red"}), entry(rng, "car", {"colour": sneaky}),
-                     entry(rng, 'x" || true || "', {"colour": "blue"})])
+    ids = store.add(
+        [
+            entry(rng, "car", {"colour": "red"}),
+            entry(rng, "car", {"colour": sneaky}),
+            entry(rng, 'x" || true || "', {"colour": "blue"}),
+        ]
+    )
     q = rng.normal(size=DIM)
     assert [i for i, _ in store.search(q, 50, make_filter("metadata.colour", "red"))] == [ids[0]]
     assert [i for i, _ in store.search(q, 50, make_filter("metadata.colour", sneaky))] == [ids[1]]

@@ -18,11 +18,14 @@ def no_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(False, "32"), (True, "bf16-mixed")])
-def test_a_run_trained_in_bf16_infers_in_what_this_machine_runs_fastest(trained_run, monkeypatch, no_gpu,
-                                                                          native_bf16, expected):
+def test_a_run_trained_in_bf16_infers_in_what_this_machine_runs_fastest(
+    trained_run, monkeypatch, no_gpu, native_bf16, expected
+):
     monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native_bf16)
     loaded = load_model(trained_run)
-    loaded.cfg = loaded.cfg.model_copy(update={"train": loaded.cfg.train.model_copy(update={"precision": "bf16-mixed"})})
+    loaded.cfg = loaded.cfg.model_copy(
+        update={"train": loaded.cfg.train.model_copy(update={"precision": "bf16-mixed"})}
+    )
     encoder = Encoder(loaded)
     assert encoder.precision == expected
     assert encoder.signature()["precision"] == expected
@@ -49,8 +52,9 @@ def test_one_image_and_a_loader_of_it_give_the_same_vectors(trained_run):
 
 def test_sizes_are_averaged_for_one_image_as_for_a_loader(trained_run):
     loaded = load_model(trained_run)
-    loaded.cfg = loaded.cfg.model_copy(update={"data": loaded.cfg.data.model_copy(
-        update={"eval_image_sizes": [(32, 32), (40, 48)]})})
+    loaded.cfg = loaded.cfg.model_copy(
+        update={"data": loaded.cfg.data.model_copy(update={"eval_image_sizes": [(32, 32), (40, 48)]})}
+    )
     encoder = Encoder(loaded, precision="32")
     assert encoder.sizes == [(32, 32), (40, 48)]
     from finegrain.data.module import split_for

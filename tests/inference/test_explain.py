@@ -57,8 +57,9 @@ def test_the_mean_of_a_map_is_the_models_output(head):
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> RunDir:
     root = tmp_path_factory.mktemp("explain-cls")
-    cfg = tiny_config(root, name="cam", model={"backbone": BACKBONE}, data={"image_size": [64, 64]},
-                      train={"epochs": 1})
+    cfg = tiny_config(
+        root, name="cam", model={"backbone": BACKBONE}, data={"image_size": [64, 64]}, train={"epochs": 1}
+    )
     run, _ = engine.fit(cfg, runs_root=root)
     export_run(run.path)
     return run
@@ -69,12 +70,23 @@ def retrieval(tmp_path_factory) -> RunDir:
     """An embedding model with a BN neck, tested at two sizes with flip averaging."""
     root = tmp_path_factory.mktemp("explain-ml")
     cfg = tiny_config(
-        root, name="sim", task="metric_learning",
-        data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
-              "val_fraction": 0.0, "synthetic": {"num_classes": 4}, "image_size": [64, 64],
-              "eval_image_sizes": [[96, 96], [64, 64]]},
+        root,
+        name="sim",
+        task="metric_learning",
+        data={
+            "protocol": "retrieval",
+            "sampler": "m_per_class",
+            "m_per_class": 4,
+            "batch_size": 8,
+            "val_fraction": 0.0,
+            "synthetic": {"num_classes": 4},
+            "image_size": [64, 64],
+            "eval_image_sizes": [[96, 96], [64, 64]],
+        },
         model={"backbone": BACKBONE, "head": "embedding", "embedding_dim": 16, "bn_neck": True},
-        loss={"name": "multi_similarity"}, train={"epochs": 1}, eval={"tta_flip": True},
+        loss={"name": "multi_similarity"},
+        train={"epochs": 1},
+        eval={"tta_flip": True},
     )
     run, _ = engine.fit(cfg, runs_root=root)
     export_run(run.path)
@@ -152,8 +164,14 @@ class _PatchNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
-                                  nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, 2, 1),
+            nn.ReLU(),
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Identity()
 
@@ -172,8 +190,10 @@ def _patch_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
             a, b = rng.integers(0, SIDE - PATCH + 1, (2, 2))
             if abs(a[0] - b[0]) >= PATCH or abs(a[1] - b[1]) >= PATCH:  # the two patches do not overlap
                 break
-        x[i, :, a[0]:a[0] + PATCH, a[1]:a[1] + PATCH] = np.array([230, 20, 20] if y[i] else [20, 230, 20])[:, None, None]
-        x[i, :, b[0]:b[0] + PATCH, b[1]:b[1] + PATCH] = 255
+        x[i, :, a[0] : a[0] + PATCH, a[1] : a[1] + PATCH] = np.array([230, 20, 20] if y[i] else [20, 230, 20])[
+            :, None, None
+        ]
+        x[i, :, b[0] : b[0] + PATCH, b[1] : b[1] + PATCH] = 255
         corners[i] = a
     return x, y, corners
 
@@ -200,7 +220,7 @@ def test_a_trained_models_map_peaks_on_the_patch_that_decides_the_class():
     assert (out["logits"].argmax(1) == y).mean() >= 0.9  # it learned the task
     hits = 0
     for i in range(len(x)):
-        image = ImageMaps({"logits": out["logits"][i:i + 1]}, {"class_map": [out["class_map"][i]]})
+        image = ImageMaps({"logits": out["logits"][i : i + 1]}, {"class_map": [out["class_map"][i]]})
         cam = class_activation_map(image, size=(SIDE, SIDE))
         r, c = np.unravel_index(np.argmax(cam), cam.shape)
         top, left = corners[i]
@@ -214,5 +234,7 @@ def test_display_scales_each_map_to_its_own_range_in_viridis():
     assert not to_unit(np.full((2, 2), 3.0)).any()  # a constant map shows nothing, not a division by zero
     c = colorize(to_unit(m))
     assert c.dtype == np.uint8 and c.shape == (2, 2, 3)
-    assert tuple(c[0, 0]) == (0x44, 0x01, 0x54) and tuple(c[1, 1]) == (0xfd, 0xe7, 0x25)  # viridis' ends
-    assert np.all(np.diff(VIRIDIS.astype(int) @ np.array([299, 587, 114])) >= -1000)  # lighter as it grows (±1 rounding)
+    assert tuple(c[0, 0]) == (0x44, 0x01, 0x54) and tuple(c[1, 1]) == (0xFD, 0xE7, 0x25)  # viridis' ends
+    assert np.all(
+        np.diff(VIRIDIS.astype(int) @ np.array([299, 587, 114])) >= -1000
+    )  # lighter as it grows (±1 rounding)

@@ -28,8 +28,19 @@ from finegrain.tasks.evaluate import evaluate_run
 from finegrain.tasks.export import export_run
 from tests.conftest import ROOT, tiny_config
 
-BLOCKED = ("torch", "torchvision", "lightning", "pytorch_lightning", "lightning_fabric", "timm",
-           "pytorch_metric_learning", "sklearn", "scipy", "matplotlib", "tensorboard")
+BLOCKED = (
+    "torch",
+    "torchvision",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "timm",
+    "pytorch_metric_learning",
+    "sklearn",
+    "scipy",
+    "matplotlib",
+    "tensorboard",
+)
 # Runs before finegrain in a child process: importing any of the training stack fails, as where it is not installed.
 NO_TORCH_PRELUDE = f"""
 import sys
@@ -56,11 +67,22 @@ def multiscale(tmp_path_factory) -> RunDir:
     """A tiny embedding model tested at two sizes with flip averaging, exported in fp32."""
     root = tmp_path_factory.mktemp("onnx-ml")
     cfg = tiny_config(
-        root, name="ml", task="metric_learning",
-        data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
-              "val_fraction": 0.0, "synthetic": {"num_classes": 6}, "eval_image_sizes": [[40, 40], [32, 32]]},
+        root,
+        name="ml",
+        task="metric_learning",
+        data={
+            "protocol": "retrieval",
+            "sampler": "m_per_class",
+            "m_per_class": 4,
+            "batch_size": 8,
+            "val_fraction": 0.0,
+            "synthetic": {"num_classes": 6},
+            "eval_image_sizes": [[40, 40], [32, 32]],
+        },
         model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity"}, train={"epochs": 1}, eval={"tta_flip": True},
+        loss={"name": "multi_similarity"},
+        train={"epochs": 1},
+        eval={"tta_flip": True},
     )
     run, _ = engine.fit(cfg, runs_root=root)
     export_run(run.path)
@@ -133,8 +155,9 @@ def test_onnx_equals_torch_on_a_classifier(classifier):
 def test_a_cosine_classifier_trains_exports_and_scores_alike_on_both_engines(tmp_path):
     from finegrain.data.module import split_for
 
-    run, _ = engine.fit(tiny_config(tmp_path, name="cos", model={"head": "cosine"}, train={"epochs": 1}),
-                        runs_root=tmp_path)
+    run, _ = engine.fit(
+        tiny_config(tmp_path, name="cos", model={"head": "cosine"}, train={"epochs": 1}), runs_root=tmp_path
+    )
     export_run(run.path)
     t, o = both_engines(run)
     records = split_for(t.cfg.data).test
@@ -251,17 +274,29 @@ def _free_port() -> int:
 
 def _multipart(path: Path) -> tuple[bytes, str]:
     boundary = "finegrainboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + path.read_bytes() + \
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n3\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n--{boundary}--\r\n'.encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
 def _without_torch(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "FINEGRAIN_PROGRESS": "0", "PYTHONPATH": str(ROOT / "src")}
     code = NO_TORCH_PRELUDE + f"sys.argv = ['finegrain', *{list(args)!r}]\nfrom finegrain.cli import main\nmain()\n"
-    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow

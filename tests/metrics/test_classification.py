@@ -21,8 +21,18 @@ from finegrain.metrics.classification import (
     top_k_accuracy,
 )
 
-KEYS = {"top1", "top5", "loss", "precision_macro", "recall_macro", "f1_macro",
-        "precision_weighted", "recall_weighted", "f1_weighted", "n"}
+KEYS = {
+    "top1",
+    "top5",
+    "loss",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+    "n",
+}
 
 
 def _random(seed: int, n: int, c: int, present: int | None = None, signal: float = 1.0):
@@ -47,8 +57,10 @@ def _sklearn_reference(labels, probs, c):
     return ref
 
 
-@pytest.mark.parametrize("seed,n,c,present", [(0, 500, 20, None), (1, 300, 7, None), (2, 200, 50, 30),
-                                              (3, 100, 3, None), (4, 1000, 196, None)])
+@pytest.mark.parametrize(
+    "seed,n,c,present",
+    [(0, 500, 20, None), (1, 300, 7, None), (2, 200, 50, 30), (3, 100, 3, None), (4, 1000, 196, None)],
+)
 def test_logits_match_sklearn(seed, n, c, present):
     labels, logits = _random(seed, n, c, present)
     m = classification_metrics(labels, logits, num_classes=c, scores="logits")

@@ -58,11 +58,14 @@ def pml(query, query_labels, reference=None, reference_labels=None, include=PML_
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("seed,n_classes,per_class,spread", [
-    (0, 10, 30, 1.0),
-    (1, 8, [5, 60, 12, 33, 2, 40, 9, 25], 0.8),  # unbalanced, one class of 2
-    (2, 25, 12, 1.3),
-])
+@pytest.mark.parametrize(
+    "seed,n_classes,per_class,spread",
+    [
+        (0, 10, 30, 1.0),
+        (1, 8, [5, 60, 12, 33, 2, 40, 9, 25], 0.8),  # unbalanced, one class of 2
+        (2, 25, 12, 1.3),
+    ],
+)
 def test_leave_one_out_matches_pytorch_metric_learning(metric, seed, n_classes, per_class, spread):
     x, y = clustered(seed, n_classes, per_class, spread=spread)
     m = retrieval_metrics(x, y, ks=(1, 2, 4, 8), metric=metric, nmi=False)
@@ -239,8 +242,17 @@ def test_labels_of_any_type_and_torch_input():
 def test_values_are_python_floats_in_range():
     x, y = clustered(14, 6, 15)
     m = retrieval_metrics(x, y, ks=(1, 4))
-    assert set(m) == {"recall@1", "recall@4", "precision@1", "r_precision", "map@r", "nmi",
-                      "n_queries", "n_gallery", "n_lone_queries"}
+    assert set(m) == {
+        "recall@1",
+        "recall@4",
+        "precision@1",
+        "r_precision",
+        "map@r",
+        "nmi",
+        "n_queries",
+        "n_gallery",
+        "n_lone_queries",
+    }
     for key, value in m.items():
         if key.startswith("n_"):
             assert type(value) is int

@@ -76,6 +76,7 @@ def test_small_stem_keeps_an_8x8_map():
     def record(key):
         def hook(_m, _i, out):
             seen[key] = tuple(out.shape)  # returns None: the output is left alone
+
         return hook
 
     module.layer4.register_forward_hook(record("shape"))
@@ -138,16 +139,25 @@ def test_efficientnet_lite0_imagenet_offline():
 
 
 # ---------------------------------------------------------------------- the model
-@pytest.mark.parametrize("head,keys", [
-    ("classifier", {"features", "logits"}),
-    ("cosine", {"features", "logits"}),
-    ("embedding", {"features", "embedding"}),
-    ("both", {"features", "embedding", "logits"}),
-])
+@pytest.mark.parametrize(
+    "head,keys",
+    [
+        ("classifier", {"features", "logits"}),
+        ("cosine", {"features", "logits"}),
+        ("embedding", {"features", "embedding"}),
+        ("both", {"features", "embedding", "logits"}),
+    ],
+)
 def test_forward_keys_per_head(head, keys):
     torch.manual_seed(0)
-    m = build_model("cars_cnn4", num_classes=7 if head != "embedding" else None, head=head, embedding_dim=16,
-                    dropout=0.3, bn_neck=(head == "both"))
+    m = build_model(
+        "cars_cnn4",
+        num_classes=7 if head != "embedding" else None,
+        head=head,
+        embedding_dim=16,
+        dropout=0.3,
+        bn_neck=(head == "both"),
+    )
     assert isinstance(m, FinegrainModel) and m.feature_dim == 512
     x = torch.randn(3, 3, 32, 32)
     m.eval()
@@ -267,8 +277,11 @@ def test_drop_path_rises_over_the_blocks_and_acts_in_training_only(backbone, blo
 
     torch.manual_seed(0)
     m = build_model(backbone, num_classes=3, drop_path=0.2)
-    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0
-             for b in m.backbone.modules() if hasattr(b, "drop_path")]
+    rates = [
+        b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0
+        for b in m.backbone.modules()
+        if hasattr(b, "drop_path")
+    ]
     assert rates == pytest.approx([0.2 * i / blocks for i in range(blocks)])
     for bn in m.modules():  # timm starts residual branches at zero (their last BatchNorm): wake them
         if isinstance(bn, nn.BatchNorm2d):

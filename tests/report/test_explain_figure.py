@@ -16,8 +16,13 @@ def test_the_report_shows_right_and_wrong_predictions_with_their_maps(tmp_path):
     from finegrain.tasks import engine
     from finegrain.tasks.evaluate import evaluate_run
 
-    cfg = tiny_config(tmp_path, name="why-report", model={"backbone": "timm:test_efficientnet"},
-                      data={"image_size": [64, 64]}, train={"epochs": 1})
+    cfg = tiny_config(
+        tmp_path,
+        name="why-report",
+        model={"backbone": "timm:test_efficientnet"},
+        data={"image_size": [64, 64]},
+        train={"epochs": 1},
+    )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     evaluate_run(run.path)
     page = write_report(run.path).read_text()

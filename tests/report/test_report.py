@@ -16,8 +16,14 @@ from finegrain.report import figures
 from finegrain.report.html import definition_for, report_is_current, write_multi_report, write_report
 from finegrain.report.tables import comparison_rows, html_table, markdown_table
 
-CLASS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi S4 Sedan 2012",
-               "Audi A4 Sedan 2007", "BMW M3 Coupe 2012", "Chevrolet Silverado 2500HD Regular Cab 2012"]
+CLASS_NAMES = [
+    "AM General Hummer SUV 2000",
+    "Acura RL Sedan 2012",
+    "Audi S4 Sedan 2012",
+    "Audi A4 Sedan 2007",
+    "BMW M3 Coupe 2012",
+    "Chevrolet Silverado 2500HD Regular Cab 2012",
+]
 COLORS = [(200, 40, 40), (40, 160, 40), (40, 60, 200), (200, 160, 30), (140, 40, 160), (30, 160, 170)]
 
 
@@ -58,53 +64,103 @@ def fake_embeddings(labels: np.ndarray, dim: int = 16, noise: float = 0.6, seed:
     return (centres[labels] + noise * rng.normal(size=(len(labels), dim))).astype(np.float32)
 
 
-def make_classification_run(root: Path, name: str = "cls-run", epochs: int = 6, history: bool = True,
-                            n_per_class: int = 4) -> Path:
+def make_classification_run(
+    root: Path, name: str = "cls-run", epochs: int = 6, history: bool = True, n_per_class: int = 4
+) -> Path:
     run = root / name
     (run / "embeddings").mkdir(parents=True)
-    cfg = build_config({"name": name, "description": "ResNet-50 fine-tuned, augmentation, dropout 0.5",
-                        "model": {"backbone": "resnet50", "weights": "imagenet", "dropout": 0.5},
-                        "data": {"root": "data/stanford_cars", "augment": "seed", "batch_size": 32},
-                        "optim": {"name": "adam", "lr": 0.001}, "schedule": {"name": "step", "step_size": 7},
-                        "train": {"epochs": epochs}})
+    cfg = build_config(
+        {
+            "name": name,
+            "description": "ResNet-50 fine-tuned, augmentation, dropout 0.5",
+            "model": {"backbone": "resnet50", "weights": "imagenet", "dropout": 0.5},
+            "data": {"root": "data/stanford_cars", "augment": "seed", "batch_size": 32},
+            "optim": {"name": "adam", "lr": 0.001},
+            "schedule": {"name": "step", "step_size": 7},
+            "train": {"epochs": epochs},
+        }
+    )
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     n_classes = len(CLASS_NAMES)
     if history:
-        write_csv(run / "history.csv", [
-            {"epoch": e, "step": 10 * e, "train/acc": round(min(0.99, 0.2 + 0.12 * e), 4),
-             "train/loss": round(2.5 / e, 4),
-             "val/acc": round(min(0.8, 0.15 + 0.1 * e), 4), "val/loss": round(2.7 / e ** 0.7, 4),
-             "lr/backbone": 1e-4 * (0.1 if e > 4 else 1), "lr/head": 1e-3 * (0.1 if e > 4 else 1),
-             "seconds": 12.5} for e in range(1, epochs + 1)])
+        write_csv(
+            run / "history.csv",
+            [
+                {
+                    "epoch": e,
+                    "step": 10 * e,
+                    "train/acc": round(min(0.99, 0.2 + 0.12 * e), 4),
+                    "train/loss": round(2.5 / e, 4),
+                    "val/acc": round(min(0.8, 0.15 + 0.1 * e), 4),
+                    "val/loss": round(2.7 / e**0.7, 4),
+                    "lr/backbone": 1e-4 * (0.1 if e > 4 else 1),
+                    "lr/head": 1e-3 * (0.1 if e > 4 else 1),
+                    "seconds": 12.5,
+                }
+                for e in range(1, epochs + 1)
+            ],
+        )
     paths, labels = write_images(run.parent / f"{name}-images", n_per_class, n_classes)
-    np.savez(run / "embeddings" / "test.npz", embeddings=fake_embeddings(labels), labels=labels,
-             paths=np.array(paths))
+    np.savez(run / "embeddings" / "test.npz", embeddings=fake_embeddings(labels), labels=labels, paths=np.array(paths))
     per_class = []
     for c, cname in enumerate(CLASS_NAMES):
         correct = n_per_class - (c % 3)
-        per_class.append({"class": cname, "support": n_per_class, "correct": correct,
-                          "accuracy": correct / n_per_class, "precision": 0.7, "recall": correct / n_per_class,
-                          "f1": 0.66})
+        per_class.append(
+            {
+                "class": cname,
+                "support": n_per_class,
+                "correct": correct,
+                "accuracy": correct / n_per_class,
+                "precision": 0.7,
+                "recall": correct / n_per_class,
+                "f1": 0.66,
+            }
+        )
     write_csv(run / "per_class.csv", per_class)
     metrics = {
-        "run": name, "task": "classification", "evaluated_at": "2025-01-01T00:00:00+00:00",
-        "checkpoint": str(run / "checkpoints" / "best.ckpt"), "model_checksum": "ab" * 32,
+        "run": name,
+        "task": "classification",
+        "evaluated_at": "2025-01-01T00:00:00+00:00",
+        "checkpoint": str(run / "checkpoints" / "best.ckpt"),
+        "model_checksum": "ab" * 32,
         "machine": {"platform": "Linux", "cpus": 2, "cuda": False},
-        "protocol": {"dataset": "data/stanford_cars", "format": "stanford_cars_devkit",
-                     "protocol": "classification",
-                     "split": "Classification on stanford_cars_devkit (6 classes): train = the official train split "
-                              "minus val (40 images); test = the official test split (24 images).",
-                     "n_train": 40, "n_val": 4, "n_test": 24, "num_classes": n_classes, "image_size": [224, 224],
-                     "tta_flip": False, "method": "the classifier head's arg-max"},
-        "definitions": {"top1": "fraction of test images whose highest-scoring class is the true class",
-                        "precision/recall/f1_macro": "scikit-learn, unweighted mean over all classes",
-                        "loss": "mean cross-entropy"},
-        "classification": {"top1": 0.7378, "top5": 0.9512, "loss": 0.90123, "precision_macro": 0.7818,
-                           "recall_macro": 0.7366, "f1_macro": 0.7363, "precision_weighted": 0.78,
-                           "recall_weighted": 0.7378, "f1_weighted": 0.735, "n": 24, "prediction_seconds": 1.19984},
-        "confused_pairs": [{"true": CLASS_NAMES[2], "predicted": CLASS_NAMES[3], "count": 3},
-                           {"true": CLASS_NAMES[5], "predicted": CLASS_NAMES[0], "count": 2},
-                           {"true": "a class with no images", "predicted": CLASS_NAMES[1], "count": 1}],
+        "protocol": {
+            "dataset": "data/stanford_cars",
+            "format": "stanford_cars_devkit",
+            "protocol": "classification",
+            "split": "Classification on stanford_cars_devkit (6 classes): train = the official train split "
+            "minus val (40 images); test = the official test split (24 images).",
+            "n_train": 40,
+            "n_val": 4,
+            "n_test": 24,
+            "num_classes": n_classes,
+            "image_size": [224, 224],
+            "tta_flip": False,
+            "method": "the classifier head's arg-max",
+        },
+        "definitions": {
+            "top1": "fraction of test images whose highest-scoring class is the true class",
+            "precision/recall/f1_macro": "scikit-learn, unweighted mean over all classes",
+            "loss": "mean cross-entropy",
+        },
+        "classification": {
+            "top1": 0.7378,
+            "top5": 0.9512,
+            "loss": 0.90123,
+            "precision_macro": 0.7818,
+            "recall_macro": 0.7366,
+            "f1_macro": 0.7363,
+            "precision_weighted": 0.78,
+            "recall_weighted": 0.7378,
+            "f1_weighted": 0.735,
+            "n": 24,
+            "prediction_seconds": 1.19984,
+        },
+        "confused_pairs": [
+            {"true": CLASS_NAMES[2], "predicted": CLASS_NAMES[3], "count": 3},
+            {"true": CLASS_NAMES[5], "predicted": CLASS_NAMES[0], "count": 2},
+            {"true": "a class with no images", "predicted": CLASS_NAMES[1], "count": 1},
+        ],
         "timing": {"n_images": 24, "model_seconds": 1.1, "images_per_second": 21.8},
     }
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -115,31 +171,74 @@ def make_classification_run(root: Path, name: str = "cls-run", epochs: int = 6, 
 def make_retrieval_run(root: Path, name: str = "ret-run") -> Path:
     run = root / name
     (run / "embeddings").mkdir(parents=True)
-    cfg = build_config({"name": name, "description": "CUBS-ResNet-2 + multi-similarity loss",
-                        "task": "metric_learning",
-                        "data": {"root": "data/stanford_cars", "protocol": "retrieval", "sampler": "m_per_class"},
-                        "model": {"backbone": "resnet18", "head": "embedding", "embedding_dim": 512},
-                        "loss": {"name": "multi_similarity"}, "train": {"epochs": 3}})
+    cfg = build_config(
+        {
+            "name": name,
+            "description": "CUBS-ResNet-2 + multi-similarity loss",
+            "task": "metric_learning",
+            "data": {"root": "data/stanford_cars", "protocol": "retrieval", "sampler": "m_per_class"},
+            "model": {"backbone": "resnet18", "head": "embedding", "embedding_dim": 512},
+            "loss": {"name": "multi_similarity"},
+            "train": {"epochs": 3},
+        }
+    )
     (run / "config.yaml").write_text(config_to_yaml(cfg))
-    write_csv(run / "history.csv", [
-        {"epoch": e, "step": 5 * e, "train/loss": 1.0 / e, "val/recall@1": 0.1 * e, "val/map@r": 0.03 * e,
-         "lr/0": 1e-4, "seconds": 3.0} for e in range(1, 4)])
+    write_csv(
+        run / "history.csv",
+        [
+            {
+                "epoch": e,
+                "step": 5 * e,
+                "train/loss": 1.0 / e,
+                "val/recall@1": 0.1 * e,
+                "val/map@r": 0.03 * e,
+                "lr/0": 1e-4,
+                "seconds": 3.0,
+            }
+            for e in range(1, 4)
+        ],
+    )
     paths, labels = write_images(run.parent / f"{name}-images", 3, 4, seed=1)
     paths[0] = str(run.parent / "gone" / "missing.jpg")  # a deleted image: drawn as a placeholder
-    np.savez(run / "embeddings" / "test.npz", embeddings=fake_embeddings(labels, seed=1), labels=labels,
-             paths=np.array(paths))
+    np.savez(
+        run / "embeddings" / "test.npz",
+        embeddings=fake_embeddings(labels, seed=1),
+        labels=labels,
+        paths=np.array(paths),
+    )
     metrics = {
-        "run": name, "task": "metric_learning", "evaluated_at": "2025-01-01T00:00:00+00:00",
-        "protocol": {"dataset": "/data/stanford_cars/", "format": "stanford_cars_all", "protocol": "retrieval",
-                     "split": "Class-disjoint retrieval on stanford_cars_all: classes 1-98 are train; "
-                              "classes 99-196 are test",
-                     "n_train": 8054, "n_val": 0, "n_test": 8131, "num_classes": 196, "image_size": [224, 224],
-                     "tta_flip": True, "queries": "every test image",
-                     "gallery": "the rest of the test set (class-disjoint from training)"},
-        "definitions": {"recall@k": "fraction of queries with a same-class neighbour among k",
-                        "precision@1 / r_precision / map@r": "as in Musgrave et al. 2020"},
-        "retrieval": {"recall@1": 0.5123, "recall@2": 0.6456, "recall@4": 0.7589, "recall@8": 0.8512,
-                      "precision@1": 0.5123, "r_precision": 0.2, "map@r": 0.1234, "nmi": 0.55, "n_queries": 8131},
+        "run": name,
+        "task": "metric_learning",
+        "evaluated_at": "2025-01-01T00:00:00+00:00",
+        "protocol": {
+            "dataset": "/data/stanford_cars/",
+            "format": "stanford_cars_all",
+            "protocol": "retrieval",
+            "split": "Class-disjoint retrieval on stanford_cars_all: classes 1-98 are train; classes 99-196 are test",
+            "n_train": 8054,
+            "n_val": 0,
+            "n_test": 8131,
+            "num_classes": 196,
+            "image_size": [224, 224],
+            "tta_flip": True,
+            "queries": "every test image",
+            "gallery": "the rest of the test set (class-disjoint from training)",
+        },
+        "definitions": {
+            "recall@k": "fraction of queries with a same-class neighbour among k",
+            "precision@1 / r_precision / map@r": "as in Musgrave et al. 2020",
+        },
+        "retrieval": {
+            "recall@1": 0.5123,
+            "recall@2": 0.6456,
+            "recall@4": 0.7589,
+            "recall@8": 0.8512,
+            "precision@1": 0.5123,
+            "r_precision": 0.2,
+            "map@r": 0.1234,
+            "nmi": 0.55,
+            "n_queries": 8131,
+        },
         "timing": {"n_images": 12, "model_seconds": 0.5, "images_per_second": 24.0},
     }
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -166,6 +265,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------- tables
+
 
 def test_comparison_rows_values(runs, tmp_path):
     unfinished = tmp_path / "unfinished"
@@ -236,6 +336,7 @@ def test_html_table(runs):
 
 # ---------------------------------------------------------------- figures
 
+
 def test_learning_curves_png(runs, tmp_path):
     w, h = assert_png(figures.learning_curves(runs["cls"] / "history.csv", tmp_path / "lc.png"))
     assert w > 2 * h  # three panels side by side
@@ -243,13 +344,22 @@ def test_learning_curves_png(runs, tmp_path):
 
 
 def test_learning_rate_groups_sharing_a_rate_are_drawn_once():
-    cols = {"lr-AdamW/backbone": np.array([1e-3, 5e-4]), "lr-AdamW/head": np.array([1e-3, 5e-4]),
-            "lr-AdamW/proxies": np.array([1e-1, 5e-2]), "lr-SGD/0": np.array([1e-3, 5e-4])}
-    assert figures._lr_series(list(cols), cols) == [("lr-AdamW/backbone", "backbone, head and param group 0"),
-                                                     ("lr-AdamW/proxies", "proxies")]
+    cols = {
+        "lr-AdamW/backbone": np.array([1e-3, 5e-4]),
+        "lr-AdamW/head": np.array([1e-3, 5e-4]),
+        "lr-AdamW/proxies": np.array([1e-1, 5e-2]),
+        "lr-SGD/0": np.array([1e-3, 5e-4]),
+    }
+    assert figures._lr_series(list(cols), cols) == [
+        ("lr-AdamW/backbone", "backbone, head and param group 0"),
+        ("lr-AdamW/proxies", "proxies"),
+    ]
     cols["lr-AdamW/head"] = np.array([2e-3, 1e-3])
     assert [label for _, label in figures._lr_series(list(cols), cols)] == [
-        "backbone and param group 0", "head", "proxies"]
+        "backbone and param group 0",
+        "head",
+        "proxies",
+    ]
 
 
 def test_learning_curves_tolerates_missing_columns_and_cells(tmp_path):
@@ -265,10 +375,15 @@ def test_learning_curves_caption_says_whether_the_run_validated(tmp_path):
     hist = tmp_path / "history.csv"
     write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "val/acc": 0.3}, {"epoch": 2, "train/loss": 1.5, "val/acc": 0.4}])
     assert "validation metric" in figures.learning_curves_caption(hist)
-    write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "train/acc": 0.3}, {"epoch": 2, "train/loss": 1.5, "train/acc": 0.5}])
+    write_csv(
+        hist, [{"epoch": 1, "train/loss": 2.0, "train/acc": 0.3}, {"epoch": 2, "train/loss": 1.5, "train/acc": 0.5}]
+    )
     caption = figures.learning_curves_caption(hist)
     assert caption.startswith("Training loss and training accuracy per epoch") and "data.val_fraction: 0" in caption
-    write_csv(hist, [{"epoch": 1, "train/loss": 2.0, "lr/backbone": 1e-3}, {"epoch": 2, "train/loss": 1.5, "lr/backbone": 5e-4}])
+    write_csv(
+        hist,
+        [{"epoch": 1, "train/loss": 2.0, "lr/backbone": 1e-3}, {"epoch": 2, "train/loss": 1.5, "lr/backbone": 5e-4}],
+    )
     assert figures.learning_curves_caption(hist).startswith("Training loss and learning rate per epoch")
     assert "per epoch" in figures.learning_curves_caption(tmp_path / "missing.csv")
 
@@ -309,6 +424,7 @@ def test_missing_image_is_a_placeholder(tmp_path):
 
 # ---------------------------------------------------------------- HTML reports
 
+
 def _data_uris(page: str) -> list[bytes]:
     import base64
 
@@ -325,10 +441,26 @@ def test_write_report_classification(runs):
     assert all(p.startswith(b"\x89PNG") for p in pngs)
     for name in ("learning_curves", "confused_pairs", "per_class_accuracy", "retrieval_gallery"):
         assert_png(runs["cls"] / "report" / f"{name}.png")
-    for text in ("cls-run", "ResNet-50 fine-tuned, augmentation, dropout 0.5", "resnet50", "imagenet",
-                 "224×224", "adam", "0.001", "seed", "73.78%", "95.12%", "0.9012", "78.18%", "1.200 s",
-                 "official test split", "arg-max", "unweighted mean over all classes",
-                 "Audi S4 Sedan 2012", "Audi A4 Sedan 2007"):
+    for text in (
+        "cls-run",
+        "ResNet-50 fine-tuned, augmentation, dropout 0.5",
+        "resnet50",
+        "imagenet",
+        "224×224",
+        "adam",
+        "0.001",
+        "seed",
+        "73.78%",
+        "95.12%",
+        "0.9012",
+        "78.18%",
+        "1.200 s",
+        "official test split",
+        "arg-max",
+        "unweighted mean over all classes",
+        "Audi S4 Sedan 2012",
+        "Audi A4 Sedan 2007",
+    ):
         assert text in page, text
     assert not re.search(r'(src|href)="(https?:)?//', page)
 
@@ -388,8 +520,12 @@ def test_stale_report_is_rewritten(tmp_path):
 
 
 def test_definition_lookup():
-    defs = {"precision/recall/f1_macro": "macro", "precision@1 / r_precision / map@r": "musgrave",
-            "recall@k": "rk", "top1": "t1"}
+    defs = {
+        "precision/recall/f1_macro": "macro",
+        "precision@1 / r_precision / map@r": "musgrave",
+        "recall@k": "rk",
+        "top1": "t1",
+    }
     assert definition_for("f1_macro", defs) == "macro"
     assert definition_for("map@r", defs) == "musgrave"
     assert definition_for("recall@4", defs) == "rk"
@@ -402,10 +538,18 @@ def test_the_protocol_says_at_which_sizes_a_run_was_trained_and_tested():
 
     one = protocol_words({"image_size": [64, 64], "tta_flip": False})
     assert "Images resized to 64×64 (H×W)." in one and "tested at" not in one
-    two = protocol_words({"image_size": [192, 256], "train_image_size": [192, 256], "tta_flip": True,
-                          "eval_image_sizes": [[192, 256], [256, 341]]})
-    assert ("Images resized to 192×256 (H×W), tested at 192×256 and 256×341 (outputs averaged), "
-            "horizontal-flip test-time augmentation.") in two
+    two = protocol_words(
+        {
+            "image_size": [192, 256],
+            "train_image_size": [192, 256],
+            "tta_flip": True,
+            "eval_image_sizes": [[192, 256], [256, 341]],
+        }
+    )
+    assert (
+        "Images resized to 192×256 (H×W), tested at 192×256 and 256×341 (outputs averaged), "
+        "horizontal-flip test-time augmentation."
+    ) in two
 
 
 def test_class_names_come_from_what_training_logged_when_there_is_no_per_class_csv(tmp_path):
@@ -413,7 +557,9 @@ def test_class_names_come_from_what_training_logged_when_there_is_no_per_class_c
 
     assert logged_class_names(tmp_path) is None
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "hparams.yaml").write_text("config: {}\nclass_names:\n- AM General Hummer SUV 2000\n- Acura RL\n")
+    (tmp_path / "logs" / "hparams.yaml").write_text(
+        "config: {}\nclass_names:\n- AM General Hummer SUV 2000\n- Acura RL\n"
+    )
     assert logged_class_names(tmp_path) == ["AM General Hummer SUV 2000", "Acura RL"]
     (tmp_path / "logs" / "hparams.yaml").write_text("class_names: [unclosed\n")
     assert logged_class_names(tmp_path) is None
@@ -437,9 +583,13 @@ def test_the_settings_table_names_the_seed_and_the_regularisers():
     from finegrain.config import build_config
     from finegrain.report.run_sections import config_brief
 
-    cfg = build_config({"name": "x", "model": {"backbone": "efficientnet_lite0", "drop_path": 0.2,
-                                                       "global_pool": "avgmax"},
-                        "train": {"seed": 3, "cutmix": 1.0, "ema_decay": 0.99}})
+    cfg = build_config(
+        {
+            "name": "x",
+            "model": {"backbone": "efficientnet_lite0", "drop_path": 0.2, "global_pool": "avgmax"},
+            "train": {"seed": 3, "cutmix": 1.0, "ema_decay": 0.99},
+        }
+    )
     rows = dict(config_brief(cfg, None))
     assert rows["seed"] == "3" and rows["backbone"].endswith("stochastic depth up to 0.2, avgmax pooling")
     assert rows["augmentation"].endswith("cutmix 1") and rows["optimiser"].endswith("(EMA, decay 0.99)")

@@ -50,8 +50,9 @@ def test_flat_search_equals_brute_force(metric):
     rng = np.random.default_rng(1)
     g = rng.normal(size=(300, 16)).astype(np.float32)
     q = rng.normal(size=(20, 16)).astype(np.float32)
-    idx = GalleryIndex.build(g, rng.integers(0, 5, 300), paths_for(300), metric=metric, kind="flat",
-                             model_checksum=CHECKSUM)
+    idx = GalleryIndex.build(
+        g, rng.integers(0, 5, 300), paths_for(300), metric=metric, kind="flat", model_checksum=CHECKSUM
+    )
     assert idx.meta["approx_recall_at_10"] is None
     scores, ids = idx.search(q, 7)
     exp_scores, exp_ids = brute_force(g, q, 7, metric)
@@ -89,16 +90,32 @@ def test_ivf_params_small_and_large():
 def test_save_load_round_trip(tmp_path, data, kind):
     x, labels = data
     x, labels = x[:2000], labels[:2000]
-    idx = GalleryIndex.build(x, labels, paths_for(len(x)), metric="cosine", kind=kind, model_checksum=CHECKSUM,
-                             class_names=[f"c{i}" for i in range(50)])
+    idx = GalleryIndex.build(
+        x,
+        labels,
+        paths_for(len(x)),
+        metric="cosine",
+        kind=kind,
+        model_checksum=CHECKSUM,
+        class_names=[f"c{i}" for i in range(50)],
+    )
     q = x[:50] + 0.1
     before = idx.search(q, 10)
     idx.save(tmp_path / "index")
     for name in ("index.faiss", "labels.npy", "paths.json", "meta.json"):
         assert (tmp_path / "index" / name).is_file()
     meta = json.loads((tmp_path / "index" / "meta.json").read_text())
-    for key in ("model_checksum", "dim", "metric", "kind", "n", "created_at", "approx_recall_at_10",
-                "finegrain_version", "index_sha256"):
+    for key in (
+        "model_checksum",
+        "dim",
+        "metric",
+        "kind",
+        "n",
+        "created_at",
+        "approx_recall_at_10",
+        "finegrain_version",
+        "index_sha256",
+    ):
         assert key in meta
     assert meta["created_at"].endswith("+00:00") and meta["n"] == 2000 and meta["dim"] == 64
     loaded = GalleryIndex.load(tmp_path / "index", expected_model_checksum=CHECKSUM)
@@ -114,8 +131,9 @@ def test_save_load_round_trip(tmp_path, data, kind):
 def saved(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(200, 8)).astype(np.float32)
-    idx = GalleryIndex.build(x, rng.integers(0, 3, 200), paths_for(200), metric="euclidean", kind="flat",
-                             model_checksum=CHECKSUM)
+    idx = GalleryIndex.build(
+        x, rng.integers(0, 3, 200), paths_for(200), metric="euclidean", kind="flat", model_checksum=CHECKSUM
+    )
     return idx.save(tmp_path / "index")
 
 
@@ -221,11 +239,14 @@ def test_faiss_blas_uses_cpu_kernels_and_leaves_environment_clean():
 
     from finegrain.faiss_import import _openblas_coretype
 
-    code = ("import os\nfrom finegrain.faiss_import import faiss_blas_core, import_faiss\n"
-            "import_faiss()\nprint(os.environ.get('OPENBLAS_CORETYPE'), faiss_blas_core())")
+    code = (
+        "import os\nfrom finegrain.faiss_import import faiss_blas_core, import_faiss\n"
+        "import_faiss()\nprint(os.environ.get('OPENBLAS_CORETYPE'), faiss_blas_core())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     assert out[0] == "None"  # not leaked to the environment
     expected = _openblas_coretype()
     if expected is not None and out[1] != "None":

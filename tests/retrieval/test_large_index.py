@@ -28,13 +28,13 @@ def x() -> np.ndarray:
 
 
 def _chunks(x: np.ndarray, size: int):
-    return lambda: (x[s:s + size] for s in range(0, len(x), size))
+    return lambda: (x[s : s + size] for s in range(0, len(x), size))
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_streaming_knn_equals_brute_force(x, metric):
     q = x[:50]
-    d, i = streaming_knn(q, (x[s:s + 700] for s in range(0, N, 700)), 10, metric)
+    d, i = streaming_knn(q, (x[s : s + 700] for s in range(0, N, 700)), 10, metric)
     ed, ei = exact_neighbours(q, x, 10, metric)
     assert np.array_equal(i, ei)
     assert np.allclose(d, ed, atol=1e-5)
@@ -53,14 +53,19 @@ def test_built_shard_by_shard_equals_built_in_one_go(x, tmp_path):
     params = ivfpq_params(N, D)
     params["nprobe"] = 8
     one = RerankedIVFPQ.empty(D, "cosine", params)
-    one.train(x[:params["train_points"]])
+    one.train(x[: params["train_points"]])
     trained = one.serialize()
     one.add(x)
     from finegrain.faiss_import import import_faiss
 
     faiss = import_faiss()
-    shards = RerankedIVFPQ(faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8)), "cosine", dict(params),
-                           vectors_file=tmp_path / "v.npy", n=N)
+    shards = RerankedIVFPQ(
+        faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8)),
+        "cosine",
+        dict(params),
+        vectors_file=tmp_path / "v.npy",
+        n=N,
+    )
     for lo, hi in ((0, 1), (1, 1500), (1500, 4321), (4321, N)):
         shards.add(x[lo:hi])
     q = x[::97]
@@ -102,8 +107,9 @@ def test_built_in_chunks_saves_and_loads_through_gallery_index(x, tmp_path):
 
 
 def test_truncated_vectors_file_refused(x, tmp_path):
-    gallery = GalleryIndex.build(x[:1000], np.zeros(1000), [f"{i}" for i in range(1000)], kind="ivfpq",
-                                 model_checksum="c" * 64)
+    gallery = GalleryIndex.build(
+        x[:1000], np.zeros(1000), [f"{i}" for i in range(1000)], kind="ivfpq", model_checksum="c" * 64
+    )
     dest = gallery.save(tmp_path / "index")
     data = (dest / VECTORS_FILE).read_bytes()
     (dest / VECTORS_FILE).write_bytes(data[: len(data) // 2])

@@ -44,13 +44,16 @@ def draw_bird(color: tuple[int, int, int], variant: int, size: tuple[int, int] =
     hx, hy, hr = cx + rw - int(4 * u), cy - rh - int(2 * u), int(15 * u)
     dark = tuple(int(c * 0.6) for c in color)
     d.rectangle([0, int(h * 0.72), w, int(h * 0.76)], fill=(110, 80, 50))  # branch
-    d.polygon([(cx - rw + 6 * u, cy), (cx - rw - 30 * u, cy - (10 - 5 * variant) * u),
-               (cx - rw - 26 * u, cy + 14 * u)], fill=dark)  # tail
+    d.polygon(
+        [(cx - rw + 6 * u, cy), (cx - rw - 30 * u, cy - (10 - 5 * variant) * u), (cx - rw - 26 * u, cy + 14 * u)],
+        fill=dark,
+    )  # tail
     d.ellipse([cx - rw, cy - rh, cx + rw, cy + rh], fill=color)  # body
     d.ellipse([cx - rw * 0.5, cy - rh * 0.2, cx + rw * 0.4, cy + rh * 0.6], fill=dark)  # wing
     d.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=color)  # head
-    d.polygon([(hx + hr - 2 * u, hy - 4 * u), (hx + hr + 12 * u, hy), (hx + hr - 2 * u, hy + 4 * u)],
-              fill=(60, 50, 40))  # beak
+    d.polygon(
+        [(hx + hr - 2 * u, hy - 4 * u), (hx + hr + 12 * u, hy), (hx + hr - 2 * u, hy + 4 * u)], fill=(60, 50, 40)
+    )  # beak
     d.ellipse([hx + 3 * u, hy - 6 * u, hx + 9 * u, hy], fill=(20, 20, 20))  # eye
     d.line([(cx - 4 * u, cy + rh), (cx - 4 * u, h * 0.72)], fill=(60, 50, 40), width=max(1, int(2 * u)))  # legs
     d.line([(cx + 6 * u, cy + rh), (cx + 6 * u, h * 0.72)], fill=(60, 50, 40), width=max(1, int(2 * u)))
@@ -72,8 +75,9 @@ class FakeSearcher:
     returned by ``info`` as given, so a test can hand the service a path and check it is hidden.
     """
 
-    def __init__(self, root: Path, with_classifier: bool = True, delay: float = 0.0,
-                 dataset: str = "synthetic-birds") -> None:
+    def __init__(
+        self, root: Path, with_classifier: bool = True, delay: float = 0.0, dataset: str = "synthetic-birds"
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         paths, labels = [], []
         for c, (_name, color) in enumerate(CLASSES):
@@ -111,13 +115,23 @@ class FakeSearcher:
 
     @property
     def info(self) -> ServiceInfo:
-        return {"run": self.run.name, "model": "tiny_cnn",
-                "task": "classification" if self._with_classifier else "metric_learning",
-                "dataset": self._dataset, "gallery_size": self.gallery_size, "embedding_dim": 3,
-                "metric": "cosine", "index_kind": "flat", "index_bytes_per_vector": 32.0, "index_recall_at_10": None,
-                "has_classifier": self._with_classifier,
-                "engine": self.engine, "created_at": "2024-01-01T00:00:00Z", "precision": "32",
-                "image_sizes": [[120, 160]]}
+        return {
+            "run": self.run.name,
+            "model": "tiny_cnn",
+            "task": "classification" if self._with_classifier else "metric_learning",
+            "dataset": self._dataset,
+            "gallery_size": self.gallery_size,
+            "embedding_dim": 3,
+            "metric": "cosine",
+            "index_kind": "flat",
+            "index_bytes_per_vector": 32.0,
+            "index_recall_at_10": None,
+            "has_classifier": self._with_classifier,
+            "engine": self.engine,
+            "created_at": "2024-01-01T00:00:00Z",
+            "precision": "32",
+            "image_sizes": [[120, 160]],
+        }
 
     def gallery_path(self, i: int) -> str:
         return self._paths[i]
@@ -140,8 +154,16 @@ class FakeSearcher:
             q = self._norm(_mean_color(image)[None])[0]
             scores = self._emb @ q
             order = np.argsort(-scores, kind="stable")[:k]
-            hits = [Hit(rank=r + 1, id=int(i), label=self._class_names[int(self._labels[i])],
-                        score=float(scores[i]), path=self._paths[i]) for r, i in enumerate(order)]
+            hits = [
+                Hit(
+                    rank=r + 1,
+                    id=int(i),
+                    label=self._class_names[int(self._labels[i])],
+                    score=float(scores[i]),
+                    path=self._paths[i],
+                )
+                for r, i in enumerate(order)
+            ]
             top = None
             if self._with_classifier:
                 per_class = np.array([scores[self._labels == c].mean() for c in range(len(CLASSES))])
@@ -171,8 +193,7 @@ def png_bytes(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 def post_image(client, data: bytes, name: str = "q.png", ctype: str = "image/png", **fields):
-    return client.post("/api/search", files={"image": (name, data, ctype)},
-                       data={k: str(v) for k, v in fields.items()})
+    return client.post("/api/search", files={"image": (name, data, ctype)}, data={k: str(v) for k, v in fields.items()})
 
 
 def assert_error(resp, status: int, contains: str = "") -> dict:

@@ -137,8 +137,12 @@ def test_search_without_classifier_has_null_prediction(tmp_path, gallery_dir, bl
 
 
 def test_unusual_image_modes_are_accepted(client):
-    for im in (Image.new("L", (40, 30), 128), Image.new("RGBA", (40, 30), (10, 200, 10, 100)),
-               Image.new("P", (40, 30)), Image.new("I;16", (40, 30), 30000)):
+    for im in (
+        Image.new("L", (40, 30), 128),
+        Image.new("RGBA", (40, 30), (10, 200, 10, 100)),
+        Image.new("P", (40, 30)),
+        Image.new("I;16", (40, 30), 30000),
+    ):
         r = post_image(client, png_bytes(im), k=2)
         assert r.status_code == 200, (im.mode, r.text)
     gif = png_bytes(Image.new("RGB", (30, 30), (200, 10, 10)), "GIF")
@@ -162,17 +166,36 @@ def test_gallery_serves_indexed_images(client, searcher):
     assert last.status_code == 200
 
 
-@pytest.mark.parametrize("ident", [
-    "24", "9999", "99999999999999999999", "-1", "1.0", "0x1", " 1", "abc", "..%2F..%2Fetc%2Fpasswd",
-    "%2Fetc%2Fpasswd", "..%2Fetc%2Fpasswd", "0%2F..%2F..%2Fetc%2Fpasswd",
-])
+@pytest.mark.parametrize(
+    "ident",
+    [
+        "24",
+        "9999",
+        "99999999999999999999",
+        "-1",
+        "1.0",
+        "0x1",
+        " 1",
+        "abc",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "..%2Fetc%2Fpasswd",
+        "0%2F..%2F..%2Fetc%2Fpasswd",
+    ],
+)
 def test_gallery_unknown_ids_are_404(client, ident):
     assert_error(client.get(f"/gallery/{ident}"), 404)
 
 
 def test_gallery_path_traversal_is_404(client):
-    for url in ("/gallery/../etc/passwd", "/gallery/../../etc/passwd", "/gallery/0/../../etc/passwd",
-                "/static/../app.py", "/static/..%2Fapp.py", "/gallery/"):
+    for url in (
+        "/gallery/../etc/passwd",
+        "/gallery/../../etc/passwd",
+        "/gallery/0/../../etc/passwd",
+        "/static/../app.py",
+        "/static/..%2Fapp.py",
+        "/gallery/",
+    ):
         r = client.get(url)
         assert r.status_code == 404, url
         assert b"root:" not in r.content and b"def create_app" not in r.content
@@ -186,8 +209,9 @@ def test_unknown_route_is_json_404(client):
 
 
 def test_non_image_is_400(client):
-    body = assert_error(post_image(client, b"hello, I am a text file\n" * 20, name="cat.jpg", ctype="image/jpeg"),
-                        400, "not an image")
+    body = assert_error(
+        post_image(client, b"hello, I am a text file\n" * 20, name="cat.jpg", ctype="image/jpeg"), 400, "not an image"
+    )
     assert "/" not in body["error"].split("(")[0]  # no server paths in the message
 
 
@@ -196,8 +220,9 @@ def test_empty_file_is_400(client):
 
 
 def test_truncated_jpeg_is_400(client, real_jpeg):
-    assert_error(post_image(client, real_jpeg[: len(real_jpeg) // 2], name="cut.jpg", ctype="image/jpeg"),
-                 400, "truncated")
+    assert_error(
+        post_image(client, real_jpeg[: len(real_jpeg) // 2], name="cut.jpg", ctype="image/jpeg"), 400, "truncated"
+    )
 
 
 def test_corrupt_png_is_400(client, blue_query):
@@ -214,8 +239,10 @@ def test_oversize_upload_is_413(client):
 def test_oversize_upload_without_content_length_is_413(client):
     """A chunked body (no Content-Length) is counted while it is read."""
     boundary = "finegrainboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     def chunks():
@@ -224,16 +251,22 @@ def test_oversize_upload_without_content_length_is_413(client):
             yield b"\x00" * 10_000
         yield tail
 
-    r = client.post("/api/search", content=chunks(),
-                    headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    r = client.post(
+        "/api/search", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert "content-length" not in {k.lower() for k in r.request.headers}
     assert_error(r, 413)
 
 
 def test_lying_content_length_is_413(client):
-    assert_error(client.post("/api/search", content=b"x",
-                             headers={"content-type": "multipart/form-data; boundary=b",
-                                      "content-length": str(10**9)}), 413)
+    assert_error(
+        client.post(
+            "/api/search",
+            content=b"x",
+            headers={"content-type": "multipart/form-data; boundary=b", "content-length": str(10**9)},
+        ),
+        413,
+    )
 
 
 def test_decompression_bomb_is_400(client, bomb_png):
@@ -267,8 +300,12 @@ def test_missing_image_field_and_wrong_content_type_are_400(client, blue_query):
     assert_error(client.post("/api/search", files={"picture": ("q.png", blue_query, "image/png")}), 400, "image")
     assert_error(client.post("/api/search", data={"image": "not a file"}), 400, "image")
     assert_error(client.post("/api/search", content=blue_query, headers={"content-type": "image/png"}), 400)
-    assert_error(client.post("/api/search", content=b"--x\r\ngarbage",
-                             headers={"content-type": "multipart/form-data; boundary=x"}), 400)
+    assert_error(
+        client.post(
+            "/api/search", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=x"}
+        ),
+        400,
+    )
 
 
 def test_server_still_answers_after_bad_input(client, searcher, blue_query, real_jpeg, bomb_png):
@@ -294,9 +331,11 @@ def test_inference_runs_off_the_event_loop_behind_a_semaphore(gallery_dir, blue_
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as ac:
+
             async def one():
-                return await ac.post("/api/search", files={"image": ("q.png", blue_query, "image/png")},
-                                     data={"k": "3"})
+                return await ac.post(
+                    "/api/search", files={"image": ("q.png", blue_query, "image/png")}, data={"k": "3"}
+                )
 
             t0 = time.perf_counter()
             health_during = asyncio.create_task(ac.get("/api/health"))

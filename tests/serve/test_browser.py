@@ -83,19 +83,27 @@ def _watch(page, origin: str) -> dict[str, list[str]]:
     seen: dict[str, list[str]] = {"errors": [], "external": []}
     page.on("pageerror", lambda e: seen["errors"].append(str(e)))
     page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
-    page.on("request", lambda r: seen["external"].append(r.url)
-            if not (r.url.startswith(origin) or r.url.startswith(("blob:", "data:"))) else None)
+    page.on(
+        "request",
+        lambda r: (
+            seen["external"].append(r.url)
+            if not (r.url.startswith(origin) or r.url.startswith(("blob:", "data:")))
+            else None
+        ),
+    )
     return seen
 
 
 def _upload_and_wait(page, path: Path, n: int) -> None:
     page.set_input_files("#file", str(path))
     page.wait_for_function(
-        "n => document.querySelectorAll('#results .result:not(.skeleton)').length === n", arg=n, timeout=15000)
+        "n => document.querySelectorAll('#results .result:not(.skeleton)').length === n", arg=n, timeout=15000
+    )
     # every thumbnail decoded
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('#results img')).every(i => i.complete && i.naturalWidth > 0)",
-        timeout=15000)
+        timeout=15000,
+    )
 
 
 def _save(page, name: str, tmp_path: Path, full_page: bool = True) -> Path:
@@ -134,13 +142,16 @@ def test_desktop_search_flow(browser, server_url, query_files, tmp_path):
 
     # k selector re-runs the search
     page.select_option("#k", "4")
-    page.wait_for_function("() => document.querySelectorAll('#results .result:not(.skeleton)').length === 4",
-                           timeout=15000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#results .result:not(.skeleton)').length === 4", timeout=15000
+    )
 
     # lightbox
     cards.nth(1).locator("button").click()
     page.wait_for_selector("#lightbox[open]", timeout=5000)
-    page.wait_for_function("() => { const i = document.getElementById('lb-img'); return i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('lb-img'); return i.complete && i.naturalWidth > 0; }"
+    )
     assert page.inner_text("#lb-rank") == "#2"
     _save(page, "finegrain-lightbox.png", tmp_path, full_page=False)
     page.keyboard.press("ArrowRight")
@@ -164,8 +175,9 @@ def test_desktop_search_flow(browser, server_url, query_files, tmp_path):
 
 
 def test_phone_width(browser, server_url, query_files, tmp_path):
-    ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
-                              has_touch=True)
+    ctx = browser.new_context(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
     page = ctx.new_page()
     seen = _watch(page, server_url)
     page.goto(server_url + "/")
@@ -178,7 +190,9 @@ def test_phone_width(browser, server_url, query_files, tmp_path):
         .map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + ' ' + e.getAttribute('class'))""")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390, wide
     # two result columns at phone width
-    xs = page.eval_on_selector_all("#results .result", "els => els.map(e => Math.round(e.getBoundingClientRect().left))")
+    xs = page.eval_on_selector_all(
+        "#results .result", "els => els.map(e => Math.round(e.getBoundingClientRect().left))"
+    )
     assert len(set(xs)) == 2
     _save(page, "finegrain-phone.png", tmp_path)
     assert not seen["external"], seen["external"]

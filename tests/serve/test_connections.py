@@ -24,8 +24,14 @@ PER_CLIENT = 3
 @pytest.fixture(scope="module")
 def port(gallery_dir) -> Iterator[int]:
     app = make_app(FakeSearcher(gallery_dir), body_timeout=1.0)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", server_header=False,
-                            http=guarded_protocol(header_timeout=1.0, max_per_client=PER_CLIENT))
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="error",
+        server_header=False,
+        http=guarded_protocol(header_timeout=1.0, max_per_client=PER_CLIENT),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -70,8 +76,10 @@ def test_headers_that_never_end_are_answered_408_and_closed(port):
 def test_a_body_that_never_completes_is_answered_408(port):
     s = connect(port)
     part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n\r\nabc'
-    s.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-              b"Content-Length: 1000\r\n\r\n" + part)
+    s.sendall(
+        b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 1000\r\n\r\n" + part
+    )
     assert_guarded(*answer(s), 408, "did not arrive")
 
 

@@ -29,14 +29,20 @@ def test_echo_quotes_short_values_whole_and_cuts_long_ones():
     assert echo("z" * 5000, limit=3) == repr("zzz…")
 
 
-@pytest.mark.parametrize("message, expected", [
-    ("cannot open /srv/data/birds/img 1.png", "cannot open img 1.png"),
-    ("the index in /home/u/runs/r/index was built by another model", "the index in index was built by another model"),
-    ("see C:\\Users\\me\\run\\ for details", "see run for details"),
-    ("(/tmp/secret/file.jpg)", "(file.jpg)"),
-    ("ratio 3/4 and http://host/x are not paths", "ratio 3/4 and http://host/x are not paths"),
-    ("root is / itself", "root is … itself"),
-])
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("cannot open /srv/data/birds/img 1.png", "cannot open img 1.png"),
+        (
+            "the index in /home/u/runs/r/index was built by another model",
+            "the index in index was built by another model",
+        ),
+        ("see C:\\Users\\me\\run\\ for details", "see run for details"),
+        ("(/tmp/secret/file.jpg)", "(file.jpg)"),
+        ("ratio 3/4 and http://host/x are not paths", "ratio 3/4 and http://host/x are not paths"),
+        ("root is / itself", "root is … itself"),
+    ],
+)
 def test_no_paths_keeps_only_the_last_component(message, expected):
     assert no_paths(message) == expected
 

@@ -33,8 +33,13 @@ def run(tmp_path_factory) -> RunDir:
     from finegrain.tasks.export import export_run
 
     root = tmp_path_factory.mktemp("explain-serve")
-    cfg = tiny_config(root, name="why", model={"backbone": "timm:test_efficientnet"},
-                      data={"image_size": [64, 64]}, train={"epochs": 1})
+    cfg = tiny_config(
+        root,
+        name="why",
+        model={"backbone": "timm:test_efficientnet"},
+        data={"image_size": [64, 64]},
+        train={"epochs": 1},
+    )
     run, _ = engine.fit(cfg, runs_root=root)
     export_run(run.path)
     build_index(run.path, gallery="test")
@@ -85,11 +90,14 @@ def _search_error(client, files, query: str = "") -> tuple[int, dict]:
     return res.status_code, res.json()
 
 
-@pytest.mark.parametrize("files", [
-    {"image": ("x.jpg", b"not an image at all" * 10)},
-    {"image": ("x.png", b"")},
-    {"other": ("x.png", b"123")},
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"image": ("x.jpg", b"not an image at all" * 10)},
+        {"image": ("x.png", b"")},
+        {"other": ("x.png", b"123")},
+    ],
+)
 def test_bad_uploads_get_the_same_answer_as_search(client, files):
     want = _search_error(client, files)
     res = client.post("/api/explain?ids=0", files=files)
@@ -98,8 +106,11 @@ def test_bad_uploads_get_the_same_answer_as_search(client, files):
 
 def test_bad_ids_are_refused_in_one_line(client, run):
     query = {"image": ("q.png", _query(run))}
-    for ids, words in (("0,x", "whole numbers"), ("99999", "no gallery image with id 99999"),
-                       (",".join(str(i) for i in range(60)), "at most 50")):
+    for ids, words in (
+        ("0,x", "whole numbers"),
+        ("99999", "no gallery image with id 99999"),
+        (",".join(str(i) for i in range(60)), "at most 50"),
+    ):
         res = client.post(f"/api/explain?ids={ids}", files=query)
         assert res.status_code == 422 and words in res.json()["error"] and "\n" not in res.json()["error"]
 
@@ -147,10 +158,11 @@ def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server
     _upload_and_wait(page, query, 8)
     assert page.locator(".explain-overlay").count() == 0  # a plain search asks for no maps
     toggle.click()
-    page.wait_for_function("() => document.querySelectorAll('#results .explain-overlay').length === 8",
-                           timeout=20000)
-    page.wait_for_function("() => Array.from(document.querySelectorAll('.explain-overlay'))"
-                           ".every(i => i.complete && i.naturalWidth > 0)", timeout=10000)
+    page.wait_for_function("() => document.querySelectorAll('#results .explain-overlay').length === 8", timeout=20000)
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('.explain-overlay')).every(i => i.complete && i.naturalWidth > 0)",
+        timeout=10000,
+    )
     assert page.locator(".dz-preview .explain-overlay").count() == 1
     assert page.locator("#explain-legend").is_visible() and "Evidence for" in page.inner_text("#explain-legend")
     opacity = float(page.eval_on_selector("#results .explain-overlay", "n => getComputedStyle(n).opacity"))

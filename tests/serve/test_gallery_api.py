@@ -69,8 +69,11 @@ def test_add_search_list_relabel_remove(client, live):
     hit = client.post("/api/search", files={"image": ("q.png", png(1), "image/png")}, data={"k": "3"}).json()
     assert hit["results"][0]["id"] == ids[0] and hit["results"][0]["same_image"]
     assert hit["results"][0]["label"] == "mine" and hit["results"][0]["metadata"] == {"sku": "A-1"}
-    only = client.post("/api/search", files={"image": ("q.png", png(1), "image/png")},
-                       data={"filter": json.dumps({"metadata.sku": "A-1"}), "k": "5"}).json()
+    only = client.post(
+        "/api/search",
+        files={"image": ("q.png", png(1), "image/png")},
+        data={"filter": json.dumps({"metadata.sku": "A-1"}), "k": "5"},
+    ).json()
     assert sorted(h["id"] for h in only["results"]) == sorted(ids[:2])
     listing = client.get("/api/gallery", params={"label": "mine"}).json()
     assert [e["id"] for e in listing["entries"]] == sorted(ids[:2]) and listing["count"] == 2
@@ -93,14 +96,23 @@ def test_adds_keep_the_upload_limits_and_decode_guard(client, live, bomb_png):
     assert live.store.count() == before
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789abcdef"},
-                                     {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789abcdef"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+    ],
+)
 def test_every_write_needs_the_token_and_changes_nothing(client, live, headers):
     [entry_id] = add(client, png(11), label="kept").json()["ids"]
     before = (live.store.count(), live.store.get(entry_id))
-    answers = [add(client, png(12), headers=headers),
-               client.delete(f"/api/gallery/{entry_id}", headers=headers),
-               client.patch(f"/api/gallery/{entry_id}", json={"label": "x"}, headers=headers)]
+    answers = [
+        add(client, png(12), headers=headers),
+        client.delete(f"/api/gallery/{entry_id}", headers=headers),
+        client.patch(f"/api/gallery/{entry_id}", json={"label": "x"}, headers=headers),
+    ]
     assert [r.status_code for r in answers] == [401, 401, 401]
     assert all("error" in r.json() and TOKEN not in r.text for r in answers)
     assert (live.store.count(), live.store.get(entry_id)) == before

@@ -38,8 +38,9 @@ def test_add_from_the_page_then_find_it(browser, gallery_url, tmp_path):  # noqa
     page.fill("#gallery-metadata", '{"shop": "north"}')
     page.fill("#gallery-token", TOKEN)
     page.click("#gallery-submit")
-    page.wait_for_function("() => document.getElementById('gallery-status').textContent.startsWith('Added as #')",
-                           timeout=30000)
+    page.wait_for_function(
+        "() => document.getElementById('gallery-status').textContent.startsWith('Added as #')", timeout=30000
+    )
     assert page.input_value("#gallery-token") == ""  # typed once, then only in the script's memory
     stored = page.evaluate("() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage) + document.cookie")
     assert TOKEN not in stored

@@ -32,9 +32,23 @@ def _free_port() -> int:
 def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     out = log.open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "finegrain", "serve", str(run), "--port", str(port),
-                             "--engine", "torch", "--write-token-file", str(token_file)],
-                            stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "finegrain",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--engine",
+            "torch",
+            "--write-token-file",
+            str(token_file),
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300  # a loaded machine imports torch slowly
     while time.monotonic() < deadline:
@@ -65,8 +79,12 @@ def stream(url: str, n: int, seed: int, acked: dict[int, bytes], fn: str) -> Non
             try:
                 if fn == "add":
                     data = png(seed * 1000 + i)
-                    r = c.post(f"{url}/api/gallery", files={"image": ("a.png", data, "image/png")},
-                               data={"label": f"s{seed}"}, headers=AUTH)
+                    r = c.post(
+                        f"{url}/api/gallery",
+                        files={"image": ("a.png", data, "image/png")},
+                        data={"label": f"s{seed}"},
+                        headers=AUTH,
+                    )
                     if r.status_code == 200:
                         acked[r.json()["ids"][0]] = data
                 else:
@@ -116,8 +134,9 @@ def test_kill_9_during_adds_then_removes_loses_no_acknowledged_write(trained_run
         assert set(acked) <= ids
         for entry_id, data in list(acked.items())[:6]:  # each is stored whole and searchable
             assert httpx.get(f"{url}/gallery/{entry_id}").content == data
-            top = httpx.post(f"{url}/api/search", files={"image": ("q.png", data, "image/png")},
-                             data={"k": "1"}).json()["results"][0]
+            top = httpx.post(
+                f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"}
+            ).json()["results"][0]
             assert top["id"] == entry_id and top["same_image"]
         removing = dict(sorted(acked.items()))
         kill_during(url, proc, [(3, removing, "remove")], after=5)
@@ -163,4 +182,7 @@ def test_kill_9_during_cli_gallery_add(trained_run, tmp_path):
     store = open_store(run / "gallery")
     assert store.count() == indexed + 150
     assert {label: n for label, n in store.labels().items() if label.startswith("class")} == {
-        "class0": 50, "class1": 50, "class2": 50}
+        "class0": 50,
+        "class1": 50,
+        "class2": 50,
+    }

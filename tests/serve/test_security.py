@@ -24,10 +24,18 @@ from finegrain.serve.security import (
 from .fakes import assert_error, assert_security_headers, post_image
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("Search.Lan", "search.lan"), (" 192.168.1.5 ", "192.168.1.5"), ("::1", "[::1]"), ("[::1]", "[::1]"),
-    ("fe80::1", "[fe80::1]"), ("a", "a"), ("my-host_1.local", "my-host_1.local"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Search.Lan", "search.lan"),
+        (" 192.168.1.5 ", "192.168.1.5"),
+        ("::1", "[::1]"),
+        ("[::1]", "[::1]"),
+        ("fe80::1", "[fe80::1]"),
+        ("a", "a"),
+        ("my-host_1.local", "my-host_1.local"),
+    ],
+)
 def test_normalise_host_accepts_names_and_addresses(name, expected):
     assert normalise_host(name) == expected
 
@@ -41,16 +49,31 @@ def test_normalise_host_refuses_anything_else_quoting_little(name):
 
 def test_allowed_hosts_are_local_names_the_bind_address_and_extras():
     assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "[::1]"}
-    assert allowed_hosts("192.168.1.20", ["Search.Lan"]) == {"localhost", "127.0.0.1", "[::1]", "192.168.1.20",
-                                                            "search.lan"}
+    assert allowed_hosts("192.168.1.20", ["Search.Lan"]) == {
+        "localhost",
+        "127.0.0.1",
+        "[::1]",
+        "192.168.1.20",
+        "search.lan",
+    }
     for wildcard in ("0.0.0.0", "::", "[::]", " "):
         assert allowed_hosts(wildcard) == {"localhost", "127.0.0.1", "[::1]"}
 
 
-@pytest.mark.parametrize("header, expected", [
-    ("localhost", "localhost"), ("LocalHost:8000", "localhost"), ("[::1]:8000", "[::1]"), ("127.0.0.1:", "127.0.0.1"),
-    ("", None), (":8000", None), ("a:b:c", None), ("host:123456", None), ("[::1", None),
-])
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("localhost", "localhost"),
+        ("LocalHost:8000", "localhost"),
+        ("[::1]:8000", "[::1]"),
+        ("127.0.0.1:", "127.0.0.1"),
+        ("", None),
+        (":8000", None),
+        ("a:b:c", None),
+        ("host:123456", None),
+        ("[::1", None),
+    ],
+)
 def test_host_of_drops_the_port(header, expected):
     assert host_of(header) == expected
 
@@ -60,15 +83,27 @@ def test_host_of_drops_the_port(header, expected):
 
 async def _inner(scope: dict, receive: Any, send: Any) -> None:
     """A route that sets its own (weaker) security header and one of its own."""
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"x-frame-options", b"SAMEORIGIN"), (b"x-mine", b"1")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"x-frame-options", b"SAMEORIGIN"), (b"x-mine", b"1")],
+        }
+    )
     await send({"type": "http.response.body", "body": b"ok"})
 
 
 def _call(app: Any, scope_type: str = "http", path: str = "/", hosts: tuple[bytes, ...] = (b"localhost:8000",)):
     sent: list[dict] = []
-    scope = {"type": scope_type, "path": path, "headers": [(b"host", h) for h in hosts], "method": "GET",
-             "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 8000)}
+    scope = {
+        "type": scope_type,
+        "path": path,
+        "headers": [(b"host", h) for h in hosts],
+        "method": "GET",
+        "query_string": b"",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+    }
 
     async def receive() -> dict:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -128,8 +163,19 @@ def test_guard_closes_a_websocket_for_another_host_and_passes_lifespan():
 # ----------------------------------------------------------------------------- the service: Host header (DNS rebinding)
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
-                                  "testserver.evil", "", "[::2]:8000", "local host"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:8000",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io",
+        "testserver.evil",
+        "",
+        "[::2]:8000",
+        "local host",
+    ],
+)
 def test_unknown_host_is_refused(client, host):
     for url in ("/api/info", "/gallery/0", "/"):
         r = client.get(url, headers={"host": host})
@@ -139,8 +185,9 @@ def test_unknown_host_is_refused(client, host):
         assert "evil" not in body["error"]  # the refused name is not echoed
 
 
-@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "LocalHost:8000", "127.0.0.1", "127.0.0.1:1",
-                                  "[::1]", "[::1]:8000"])
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:8000", "LocalHost:8000", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:8000"]
+)
 def test_local_hosts_are_accepted(client, host):
     r = client.get("/api/info", headers={"host": host})
     assert r.status_code == 200 and r.json()["run"] == "fake-run"
@@ -170,8 +217,19 @@ def test_bound_address_and_allow_host_are_accepted(searcher):
 
 
 def test_every_response_has_the_security_headers(client, blue_query):
-    for url in ("/", "/static/index.html", "/static/app.js", "/static/app.css", "/api/info", "/api/health",
-                "/gallery/0", "/openapi.json", "/nope", "/static/nope.js", "/gallery/abc"):
+    for url in (
+        "/",
+        "/static/index.html",
+        "/static/app.js",
+        "/static/app.css",
+        "/api/info",
+        "/api/health",
+        "/gallery/0",
+        "/openapi.json",
+        "/nope",
+        "/static/nope.js",
+        "/gallery/abc",
+    ):
         assert_security_headers(client.get(url))
     assert client.get("/static/index.html").headers["content-type"].startswith("text/html")
     assert_security_headers(client.get("/docs"), docs=True)

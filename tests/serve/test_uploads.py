@@ -39,26 +39,42 @@ BOUNDARY = "b0undary"
 def multipart(image: bytes | None = None, filename: str = "q.png", /, **fields: str) -> bytes:
     parts = []
     if image is not None:
-        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-                     "Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")
+        parts.append(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            "Content-Type: image/png\r\n\r\n".encode()
+            + image
+            + b"\r\n"
+        )
     for name, value in fields.items():
         parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def request(body: bytes, query: str = "", chunk: int = 1 << 30, length: bool = True,
-            ctype: str = f"multipart/form-data; boundary={BOUNDARY}") -> Request:
+def request(
+    body: bytes,
+    query: str = "",
+    chunk: int = 1 << 30,
+    length: bool = True,
+    ctype: str = f"multipart/form-data; boundary={BOUNDARY}",
+) -> Request:
     headers = [(b"content-type", ctype.encode())]
     if length:
         headers.append((b"content-length", str(len(body)).encode()))
-    pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
 
     async def receive() -> dict[str, Any]:
         piece = pieces.pop(0)
         return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
 
-    scope = {"type": "http", "method": "POST", "path": "/api/search", "headers": headers,
-             "query_string": query.encode(), "scheme": "http", "server": ("127.0.0.1", 8000)}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/search",
+        "headers": headers,
+        "query_string": query.encode(),
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+    }
     return Request(scope, receive=receive)
 
 
@@ -86,12 +102,21 @@ def test_k_from_the_form_or_the_query():
     assert parse_k([], ["20"], 24, 20) == 20
 
 
-@pytest.mark.parametrize("form_k, query_k, gallery, fragment", [
-    (["0"], [], 24, "between 1 and 20; got 0"), (["21"], [], 24, "between 1 and 20"),
-    (["10"], [], 6, "between 1 and 6"), (["-1"], [], 24, "whole number"), (["2.5"], [], 24, "whole number"),
-    (["3"], ["4"], 24, "given 2 times"), (["1", "2"], [], 24, "given 2 times"), ([], [], 0, "empty"),
-    ([b"file"], [], 24, "not a file"), (["9" * 400], [], 24, "'99999999…'"),
-])
+@pytest.mark.parametrize(
+    "form_k, query_k, gallery, fragment",
+    [
+        (["0"], [], 24, "between 1 and 20; got 0"),
+        (["21"], [], 24, "between 1 and 20"),
+        (["10"], [], 6, "between 1 and 6"),
+        (["-1"], [], 24, "whole number"),
+        (["2.5"], [], 24, "whole number"),
+        (["3"], ["4"], 24, "given 2 times"),
+        (["1", "2"], [], 24, "given 2 times"),
+        ([], [], 0, "empty"),
+        ([b"file"], [], 24, "not a file"),
+        (["9" * 400], [], 24, "'99999999…'"),
+    ],
+)
 def test_parse_k_refuses_bad_values_with_422(form_k, query_k, gallery, fragment):
     status, message = status_of(parse_k, form_k, query_k, gallery, 20)
     assert status == 422 and fragment in message and len(message) < 80
@@ -108,10 +133,18 @@ def test_human_sizes():
 def test_headers_refuse_a_declared_oversize_body_a_bad_length_or_no_multipart():
     limit = 1000
     check_headers({"content-length": str(limit + MULTIPART_OVERHEAD), "content-type": "multipart/form-data"}, limit)
-    assert status_of(check_headers, {"content-length": str(limit + MULTIPART_OVERHEAD + 1),
-                                     "content-type": "multipart/form-data"}, limit)[0] == 413
+    assert (
+        status_of(
+            check_headers,
+            {"content-length": str(limit + MULTIPART_OVERHEAD + 1), "content-type": "multipart/form-data"},
+            limit,
+        )[0]
+        == 413
+    )
     assert status_of(check_headers, {"content-length": "ten", "content-type": "multipart/form-data"}, limit) == (
-        400, "invalid Content-Length header")
+        400,
+        "invalid Content-Length header",
+    )
     assert status_of(check_headers, {"content-type": "image/png"}, limit)[0] == 400
 
 

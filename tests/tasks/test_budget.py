@@ -41,11 +41,7 @@ def _work(p) -> tuple:
 
 def test_parse_budget():
     assert parse_budget("30m") == parse_budget("30") == parse_budget("0.5h") == 1800
-    assert (
-        parse_budget("1h30m") == 5400
-        and parse_budget("90s") == 90
-        and parse_budget("2h") == 7200
-    )
+    assert parse_budget("1h30m") == 5400 and parse_budget("90s") == 90 and parse_budget("2h") == 7200
     for bad in ("soon", "30x", "", "10s"):
         with pytest.raises(ConfigError, match="--budget"):
             parse_budget(bad)
@@ -69,9 +65,7 @@ def test_plans_fit_their_budget_and_grow_with_it(name, speed):
         else:
             assert p.rung == LADDER[0] and "exceed the budget" in p.words()
         if previous is not None:
-            assert all(
-                x >= y for x, y in zip(_work(p), _work(previous), strict=True)
-            ), (minutes, p, previous)
+            assert all(x >= y for x, y in zip(_work(p), _work(previous), strict=True)), (minutes, p, previous)
             assert p.predicted_seconds >= previous.predicted_seconds
         previous = p
     # the data's aspect (2:1, as cropped cars) shapes the images; evaluation sizes follow the recipe's
@@ -87,9 +81,7 @@ def test_a_faster_machine_or_less_data_plans_at_least_as_much():
             plan(minutes * 60, CARS, FAST, recipe),
         )
         assert all(x >= y for x, y in zip(_work(fast), _work(slow), strict=True))
-        small = plan(
-            minutes * 60, replace(CARS, train_images=500, test_images=500), SLOW, recipe
-        )
+        small = plan(minutes * 60, replace(CARS, train_images=500, test_images=500), SLOW, recipe)
         assert all(x >= y for x, y in zip(_work(small), _work(slow), strict=True))
     # at 45 minutes on the slow machine the plan is neither the smallest nor the largest
     p = plan(45 * 60, CARS, SLOW, recipe)
@@ -100,10 +92,7 @@ def test_the_plan_sets_what_it_says(tmp_path):
     recipe = _recipe()
     p = plan(1800, CARS, SLOW, recipe)
     cfg = load_config("classify", overrides=["data.root=synthetic", *p.overrides()])
-    assert (
-        cfg.data.image_size == p.image_size
-        and cfg.data.eval_image_sizes == p.eval_image_sizes
-    )
+    assert cfg.data.image_size == p.image_size and cfg.data.eval_image_sizes == p.eval_image_sizes
     assert (
         cfg.model.freeze_stages,
         cfg.train.frozen_cache_views,
@@ -113,9 +102,7 @@ def test_the_plan_sets_what_it_says(tmp_path):
 
 
 def test_a_recipe_without_the_frozen_cache_is_refused():
-    with pytest.raises(
-        ConfigError, match="--budget plans recipes that train on the frozen cache"
-    ):
+    with pytest.raises(ConfigError, match="--budget plans recipes that train on the frozen cache"):
         plan(
             1800,
             CARS,
@@ -134,38 +121,22 @@ def test_plan_for_measures_the_data_with_a_patched_probe(monkeypatch, tmp_path):
         tmp_path / "wide",
         ["a", "b", "c"],
         {
-            "train": [
-                (im.resize((48, 16)), label)
-                for im, label, _ in make_samples(3, 5, seed=1)
-            ],
-            "test": [
-                (im.resize((48, 16)), label)
-                for im, label, _ in make_samples(3, 2, seed=2)
-            ],
+            "train": [(im.resize((48, 16)), label) for im, label, _ in make_samples(3, 5, seed=1)],
+            "test": [(im.resize((48, 16)), label) for im, label, _ in make_samples(3, 2, seed=2)],
         },
     )
     asked = []
-    monkeypatch.setattr(
-        budget, "measure_speed", lambda recipe, n: asked.append(n) or SLOW
-    )
+    monkeypatch.setattr(budget, "measure_speed", lambda recipe, n: asked.append(n) or SLOW)
     p = budget.plan_for(load_config("classify", overrides=[f"data.root={root}"]), 1800)
     assert asked == [3] and p.data == DataSize(15, 6, 3.0)
-    assert (
-        p.rung == LADDER[-1] and p.fits
-    )  # 15 images: the largest plan fits in 30 minutes
-    assert (
-        p.image_size[1] == round(2.5 * p.image_size[0] / 8) * 8
-    )  # the aspect, clipped at 2.5:1
+    assert p.rung == LADDER[-1] and p.fits  # 15 images: the largest plan fits in 30 minutes
+    assert p.image_size[1] == round(2.5 * p.image_size[0] / 8) * 8  # the aspect, clipped at 2.5:1
 
 
 @pytest.mark.slow
 def test_the_probe_measures_every_kind_of_work():
     speed = budget.measure_speed(_recipe(), 4)
-    assert (
-        set(speed.frozen_forward)
-        == set(speed.trained_step)
-        == {r.freeze_stages for r in LADDER}
-    )
+    assert set(speed.frozen_forward) == set(speed.trained_step) == {r.freeze_stages for r in LADDER}
     assert all(
         v > 0
         for v in [
@@ -181,9 +152,7 @@ def test_a_spent_budget_stops_training_evaluates_and_resumes(tmp_path):
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path, name="budgeted", train={"epochs": 3})
-    run, metrics = train_and_evaluate(
-        cfg, tmp_path / "runs", deadline=time.monotonic()
-    )  # already spent
+    run, metrics = train_and_evaluate(cfg, tmp_path / "runs", deadline=time.monotonic())  # already spent
     assert metrics is not None and metrics["partial"] and metrics["epochs_done"] == 1
     assert run.training_state()["status"] == "training"
     history = (run.path / "history.csv").read_text().splitlines()

@@ -20,8 +20,9 @@ from tests.conftest import ROOT, CrashAt, tiny_config
 
 @pytest.mark.slow
 def test_tiny_cnn_learns_synthetic_classes(tmp_path):
-    cfg = tiny_config(tmp_path, train={"epochs": 6}, optim={"lr": 0.003},
-                      schedule={"name": "step", "step_size": 3, "gamma": 0.1})
+    cfg = tiny_config(
+        tmp_path, train={"epochs": 6}, optim={"lr": 0.003}, schedule={"name": "step", "step_size": 3, "gamma": 0.1}
+    )
     run, zero = engine.fit(cfg, runs_root=tmp_path)
     assert zero
     m = evaluate_run(run.path)
@@ -128,11 +129,22 @@ def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
 @pytest.mark.parametrize("eval_sizes", [[], [[40, 40], [32, 32]]], ids=["train-size", "two-sizes"])
 def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, eval_sizes):
     cfg = tiny_config(
-        tmp_path, name="ml", task="metric_learning",
-        data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
-              "val_fraction": 0.0, "synthetic": {"num_classes": 6}, "eval_image_sizes": eval_sizes},
+        tmp_path,
+        name="ml",
+        task="metric_learning",
+        data={
+            "protocol": "retrieval",
+            "sampler": "m_per_class",
+            "m_per_class": 4,
+            "batch_size": 8,
+            "val_fraction": 0.0,
+            "synthetic": {"num_classes": 6},
+            "eval_image_sizes": eval_sizes,
+        },
         model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity"}, train={"epochs": 1}, eval={"tta_flip": True},
+        loss={"name": "multi_similarity"},
+        train={"epochs": 1},
+        eval={"tta_flip": True},
     )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     m = evaluate_run(run.path)
@@ -152,9 +164,9 @@ def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, e
         np.testing.assert_allclose(saved["embeddings"], np.mean(per_size, axis=0), atol=1e-5)
 
     # index the test split, search with a gallery image: itself first, the class named by the neighbours' vote
+    import finegrain.retrieval.gallery as search_mod
     from finegrain.data.images import open_rgb
     from finegrain.errors import FinegrainError
-    import finegrain.retrieval.gallery as search_mod
     from finegrain.retrieval.gallery import build_index
     from finegrain.retrieval.searcher import Searcher
 
@@ -181,8 +193,9 @@ def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, e
 
 def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "FINEGRAIN_PROGRESS": "0", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "finegrain", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -206,8 +219,16 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
     path = tmp_path / "ddp.yaml"
     path.write_text(config_to_yaml(cfg))
-    r = cli("train", str(path), "--devices", "2", "--runs", str(tmp_path / "runs"), cwd=tmp_path,
-            env_extra={"PYTHONPATH": str(ROOT / "src")})
+    r = cli(
+        "train",
+        str(path),
+        "--devices",
+        "2",
+        "--runs",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+        env_extra={"PYTHONPATH": str(ROOT / "src")},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from finegrain.data.module import split_for
-
 from finegrain.errors import FinegrainError
 from finegrain.retrieval.embeddings import load_embeddings
 from finegrain.runs import open_run
@@ -72,8 +71,15 @@ def test_knn_metrics_are_those_of_scikit_learns_kneighbors_on_the_saved_vectors(
     from finegrain.data.module import split_for
     from finegrain.inference import open_encoder
 
-    cfg = build_config({"name": "knn", "task": "knn", "eval": {"k": 3, "source_run": run.path.name},
-                        "data": run.load_config().data.model_dump(mode="json"), "model": {"backbone": "cars_cnn4"}})
+    cfg = build_config(
+        {
+            "name": "knn",
+            "task": "knn",
+            "eval": {"k": 3, "source_run": run.path.name},
+            "data": run.load_config().data.model_dump(mode="json"),
+            "model": {"backbone": "cars_cnn4"},
+        }
+    )
     knn_dir = run.path.parent / "knn"
     knn_dir.mkdir()
     (knn_dir / "config.yaml").write_text(config_to_yaml(cfg))

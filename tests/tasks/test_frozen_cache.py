@@ -24,10 +24,18 @@ from tests.conftest import tiny_config
 
 
 # ---------------------------------------------------------------------- (a) the split forward pass
-@pytest.mark.parametrize("backbone, stages", [
-    ("efficientnet_lite0", 1), ("efficientnet_lite0", 3), ("efficientnet_lite0", 5),
-    ("resnet18", 1), ("resnet18", 2), ("resnet18", 4), ("timm:resnet10t", 2),
-])
+@pytest.mark.parametrize(
+    "backbone, stages",
+    [
+        ("efficientnet_lite0", 1),
+        ("efficientnet_lite0", 3),
+        ("efficientnet_lite0", 5),
+        ("resnet18", 1),
+        ("resnet18", 2),
+        ("resnet18", 4),
+        ("timm:resnet10t", 2),
+    ],
+)
 @pytest.mark.slow
 def test_frozen_prefix_then_the_rest_is_the_whole_model(backbone, stages):
     torch.manual_seed(0)
@@ -98,8 +106,12 @@ def spy(monkeypatch):
 @pytest.mark.slow
 def test_classification_trains_on_the_cache_and_leaves_a_normal_checkpoint(tmp_path, spy):
     spy, start = spy
-    cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 3},
-                      data={"augment": "light"}, train={"epochs": 6, "frozen_cache_views": 3})
+    cfg = tiny_config(
+        tmp_path,
+        model={"backbone": "resnet18", "freeze_stages": 3},
+        data={"augment": "light"},
+        train={"epochs": 6, "frozen_cache_views": 3},
+    )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
 
     # every training batch was cached layer3 outputs (256 channels, a crop of the 2x2 map of 32x32
@@ -134,8 +146,12 @@ def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing
 
     monkeypatch.setattr(engine, "make_task", hooked_make_task)
     spy, _ = spy
-    cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 2},
-                      data={"image_size": [64, 64]}, train={"epochs": 2, "frozen_cache_views": 2, **mixing})
+    cfg = tiny_config(
+        tmp_path,
+        model={"backbone": "resnet18", "freeze_stages": 2},
+        data={"image_size": [64, 64]},
+        train={"epochs": 2, "frozen_cache_views": 2, **mixing},
+    )
     engine.fit(cfg, runs_root=tmp_path)
     assert mixed and len(mixed) == len(spy.batches) and spy.calls_in_steps == 0
     for x, y, xm, target in mixed:
@@ -160,8 +176,12 @@ def test_schedules_that_count_steps_before_fit_starts_train_on_the_cache(tmp_pat
         builds.append(1)
         return real(*args, **kwargs)
 
-    cfg = tiny_config(tmp_path, model={"backbone": "resnet18", "freeze_stages": 2},
-                      schedule={"name": schedule, "warmup_epochs": 1}, train={"epochs": 2, "frozen_cache_views": 2})
+    cfg = tiny_config(
+        tmp_path,
+        model={"backbone": "resnet18", "freeze_stages": 2},
+        schedule={"name": schedule, "warmup_epochs": 1},
+        train={"epochs": 2, "frozen_cache_views": 2},
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(frozen_features, "build_frozen_views", counting)
         run, _ = engine.fit(cfg, runs_root=tmp_path)
@@ -174,14 +194,19 @@ def _prefix(model):
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return model.frozen_prefix(model.normalise_input(x))
+
     return run
 
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     """Read only (a test may set the data module's frozen_views): built once for the module."""
-    cfg = tiny_config(tmp_path_factory.mktemp("cached"), model={"backbone": "resnet18", "freeze_stages": 2},
-                      data={"augment": "light", "image_size": [64, 64]}, train={"frozen_cache_views": 3})
+    cfg = tiny_config(
+        tmp_path_factory.mktemp("cached"),
+        model={"backbone": "resnet18", "freeze_stages": 2},
+        data={"augment": "light", "image_size": [64, 64]},
+        train={"frozen_cache_views": 3},
+    )
     dm = FinegrainDataModule(cfg)
     torch.manual_seed(0)
     model = build_from_config(cfg, len(dm.class_names)).eval()
@@ -253,8 +278,9 @@ def test_batches_are_cropped_to_75_to_100_percent_of_the_map(cached):
         sizes.add((kh, kw))
         for crop, i in zip(x, idx.tolist(), strict=True):  # each a window of its image's drawn view
             full = torch.from_numpy(views.features[i, ds.view_of[i]])
-            assert any(torch.equal(crop, full[:, t:t + kh, s:s + kw])
-                       for t in range(8 - kh + 1) for s in range(8 - kw + 1))
+            assert any(
+                torch.equal(crop, full[:, t : t + kh, s : s + kw]) for t in range(8 - kh + 1) for s in range(8 - kw + 1)
+            )
     assert len(sizes) > 1
 
 
@@ -278,11 +304,21 @@ def test_the_training_loader_keeps_the_sampler_and_passes_the_epoch_on(cached):
 def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_path, spy, loss):
     spy, _ = spy
     cfg = tiny_config(
-        tmp_path, name="ml", task="metric_learning",
-        data={"protocol": "retrieval", "sampler": "m_per_class", "m_per_class": 4, "batch_size": 8,
-              "val_fraction": 0.0, "synthetic": {"num_classes": 6}, "augment": "light"},
+        tmp_path,
+        name="ml",
+        task="metric_learning",
+        data={
+            "protocol": "retrieval",
+            "sampler": "m_per_class",
+            "m_per_class": 4,
+            "batch_size": 8,
+            "val_fraction": 0.0,
+            "synthetic": {"num_classes": 6},
+            "augment": "light",
+        },
         model={"backbone": "resnet18", "freeze_stages": 2, "head": "embedding", "embedding_dim": 16},
-        loss={"name": loss}, train={"epochs": 2, "frozen_cache_views": 2},
+        loss={"name": loss},
+        train={"epochs": 2, "frozen_cache_views": 2},
     )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     assert spy.batches and spy.calls_in_steps == 0
@@ -294,10 +330,13 @@ def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_pat
 
 
 # ---------------------------------------------------------------------- (e) what the config refuses
-@pytest.mark.parametrize("model, train, keys", [
-    ({}, {}, ("train.frozen_cache_views", "model.freeze_stages")),
-    ({"freeze_stages": 2}, {"head_epochs": 1}, ("train.frozen_cache_views", "train.head_epochs")),
-])
+@pytest.mark.parametrize(
+    "model, train, keys",
+    [
+        ({}, {}, ("train.frozen_cache_views", "model.freeze_stages")),
+        ({"freeze_stages": 2}, {"head_epochs": 1}, ("train.frozen_cache_views", "train.head_epochs")),
+    ],
+)
 def test_the_config_refuses_what_the_cache_cannot_do(model, train, keys):
     raw = {"name": "x", "model": {"backbone": "resnet18", **model}, "train": {"frozen_cache_views": 2, **train}}
     with pytest.raises(ConfigError) as e:

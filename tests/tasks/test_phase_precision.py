@@ -53,14 +53,18 @@ def model_of(cfg):
     return build_from_config(cfg, num_outputs(cfg, 4), None)
 
 
-@pytest.mark.parametrize("export_onnx, onnxruntime, cache", [
-    (False, True, "bf16-mixed"),
-    (True, True, "32"),  # evaluated on ONNX Runtime, in fp32
-    (True, False, "bf16-mixed"),  # no ONNX Runtime: the evaluation runs on PyTorch, in bf16 here
-])
+@pytest.mark.parametrize(
+    "export_onnx, onnxruntime, cache",
+    [
+        (False, True, "bf16-mixed"),
+        (True, True, "32"),  # evaluated on ONNX Runtime, in fp32
+        (True, False, "bf16-mixed"),  # no ONNX Runtime: the evaluation runs on PyTorch, in bf16 here
+    ],
+)
 @pytest.mark.parametrize("faster", ["32", "bf16-mixed"])
 def test_auto_on_a_native_bf16_cpu_caches_as_the_evaluation_runs_and_trains_in_the_faster(
-        tmp_path, cpu, probe, monkeypatch, faster, export_onnx, onnxruntime, cache):
+    tmp_path, cpu, probe, monkeypatch, faster, export_onnx, onnxruntime, cache
+):
     cpu(True)
     monkeypatch.setattr(engines, "onnxruntime_available", lambda: onnxruntime)
     calls = probe(faster)
@@ -68,17 +72,21 @@ def test_auto_on_a_native_bf16_cpu_caches_as_the_evaluation_runs_and_trains_in_t
     chosen = phase_precision.choose(cfg, model_of(cfg))
     assert (chosen.cache, chosen.steps) == (cache, faster)
     assert chosen.images_per_second[faster] == 30.0 and len(calls) == 1
-    assert chosen.words().startswith(f"precision auto: frozen cache in {SHORT[cache]}, training steps in "
-                                     f"{SHORT[faster]} (")
+    assert chosen.words().startswith(
+        f"precision auto: frozen cache in {SHORT[cache]}, training steps in {SHORT[faster]} ("
+    )
 
 
-@pytest.mark.parametrize("native, precision, sections, expected", [
-    (False, "auto", CACHED, "32"),  # auto is fp32 everywhere on this CPU: nothing to choose
-    (True, "auto", {"train": {"epochs": 1}}, "bf16-mixed"),  # no cache: one workload
-    (True, "32", CACHED, "32"),  # explicit precisions are obeyed in both phases
-    (True, "bf16-mixed", CACHED, "bf16-mixed"),
-    (True, "auto", {**CACHED, "train": {**CACHED["train"], "devices": 2}}, "bf16-mixed"),  # processes train alike
-])
+@pytest.mark.parametrize(
+    "native, precision, sections, expected",
+    [
+        (False, "auto", CACHED, "32"),  # auto is fp32 everywhere on this CPU: nothing to choose
+        (True, "auto", {"train": {"epochs": 1}}, "bf16-mixed"),  # no cache: one workload
+        (True, "32", CACHED, "32"),  # explicit precisions are obeyed in both phases
+        (True, "bf16-mixed", CACHED, "bf16-mixed"),
+        (True, "auto", {**CACHED, "train": {**CACHED["train"], "devices": 2}}, "bf16-mixed"),  # processes train alike
+    ],
+)
 def test_no_probe_where_there_is_nothing_to_choose(tmp_path, cpu, probe, native, precision, sections, expected):
     cpu(native)
     calls = probe("32" if expected != "32" else "bf16-mixed")  # the probe would disagree, were it asked
@@ -109,8 +117,9 @@ def test_the_probe_times_both_and_leaves_the_model_and_the_random_state_alone(tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("faster, export_onnx", [("32", False), ("bf16-mixed", False), ("bf16-mixed", True)])
-def test_a_run_builds_its_cache_as_evaluated_and_trains_in_the_probes_choice(tmp_path, cpu, probe, monkeypatch,
-                                                                               faster, export_onnx):
+def test_a_run_builds_its_cache_as_evaluated_and_trains_in_the_probes_choice(
+    tmp_path, cpu, probe, monkeypatch, faster, export_onnx
+):
     cpu(True)
     monkeypatch.setattr(engines, "onnxruntime_available", lambda: True)
     probe(faster)

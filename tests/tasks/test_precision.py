@@ -12,10 +12,16 @@ from finegrain.runs import RunDir
 from finegrain.tasks.engine import trainer_for
 
 
-@pytest.mark.parametrize("native_bf16, requested, expected", [
-    (False, "auto", "32-true"), (True, "auto", "bf16-mixed"), (False, "32", "32-true"),
-    (True, "32", "32-true"), (False, "bf16-mixed", "bf16-mixed"),
-])
+@pytest.mark.parametrize(
+    "native_bf16, requested, expected",
+    [
+        (False, "auto", "32-true"),
+        (True, "auto", "bf16-mixed"),
+        (False, "32", "32-true"),
+        (True, "32", "32-true"),
+        (False, "bf16-mixed", "bf16-mixed"),
+    ],
+)
 def test_trainer_precision(tmp_path, monkeypatch, native_bf16, requested, expected):
     monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(machine, "cuda_available", lambda: False)
@@ -33,8 +39,9 @@ def test_bf16_on_a_cpu_without_it_warns_once_in_a_line(monkeypatch, caplog):
     assert len(lines) == 1 and "\n" not in lines[0] and "slower" in lines[0]
 
 
-@pytest.mark.parametrize("written, value", [("32", "32"), ("'32'", "32"), ("bf16-mixed", "bf16-mixed"),
-                                            ("auto", "auto")])
+@pytest.mark.parametrize(
+    "written, value", [("32", "32"), ("'32'", "32"), ("bf16-mixed", "bf16-mixed"), ("auto", "auto")]
+)
 def test_precision_is_accepted_as_a_user_writes_it(written, value):
     from finegrain.config import parse_override
 

@@ -26,8 +26,13 @@ class TrainingSizes(Callback):
 
 
 def _config(tmp_path, name: str):
-    return tiny_config(tmp_path, name=name, model={"backbone": "resnet18"},
-                       data={"augment": "light", "progressive_sizes": STAGES}, train={"epochs": 5})
+    return tiny_config(
+        tmp_path,
+        name=name,
+        model={"backbone": "resnet18"},
+        data={"augment": "light", "progressive_sizes": STAGES},
+        train={"epochs": 5},
+    )
 
 
 def test_each_epoch_trains_at_its_stage_size_then_at_image_size():
@@ -69,13 +74,22 @@ def test_a_run_trains_each_stage_at_its_size_and_resumes_at_the_right_one(tmp_pa
     assert min(resumed) == 2 and resumed == {e: s for e, s in expected.items() if e >= 2}
 
 
-@pytest.mark.parametrize("sections, words", [
-    ({"data": {"progressive_sizes": [[16, 16, 3]]}, "train": {"epochs": 3}}, "none would train at data.image_size"),
-    ({"data": {"progressive_sizes": [[16, 16, 0]]}}, r"stage \[16, 16, 0\]"),
-    ({"data": {"progressive_sizes": [[4, 16, 1]]}}, r"stage \[4, 16, 1\]"),
-    ({"data": {"progressive_sizes": [[16, 16, 1]]}, "model": {"freeze_stages": 2},
-      "train": {"frozen_cache_views": 2}}, "cannot be combined with train.frozen_cache_views"),
-])
+@pytest.mark.parametrize(
+    "sections, words",
+    [
+        ({"data": {"progressive_sizes": [[16, 16, 3]]}, "train": {"epochs": 3}}, "none would train at data.image_size"),
+        ({"data": {"progressive_sizes": [[16, 16, 0]]}}, r"stage \[16, 16, 0\]"),
+        ({"data": {"progressive_sizes": [[4, 16, 1]]}}, r"stage \[4, 16, 1\]"),
+        (
+            {
+                "data": {"progressive_sizes": [[16, 16, 1]]},
+                "model": {"freeze_stages": 2},
+                "train": {"frozen_cache_views": 2},
+            },
+            "cannot be combined with train.frozen_cache_views",
+        ),
+    ],
+)
 def test_the_config_refuses_stages_it_cannot_train(sections, words):
     with pytest.raises(ConfigError, match=f"data.progressive_sizes.*{words}"):
         build_config(sections)

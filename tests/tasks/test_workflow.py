@@ -43,7 +43,9 @@ def test_export_onnx_exports_before_evaluating_and_evaluation_runs_the_export(tm
     run, metrics = train_and_evaluate(cfg, tmp_path / "runs")
     meta = json.loads((run.path / "export" / "model.json").read_text())
     assert metrics["inference"]["engine"] == "onnx" and metrics["model_checksum"] == meta["model_checksum"]
-    plain, plain_metrics = train_and_evaluate(tiny_config(tmp_path, name="torch", train={"epochs": 1}), tmp_path / "runs")
+    plain, plain_metrics = train_and_evaluate(
+        tiny_config(tmp_path, name="torch", train={"epochs": 1}), tmp_path / "runs"
+    )
     assert plain_metrics["inference"]["engine"] == "torch" and not (plain.path / "export").exists()
     # the same training on both: the engines agree on every test image's class
     assert abs(metrics["classification"]["top1"] - plain_metrics["classification"]["top1"]) < 1e-9

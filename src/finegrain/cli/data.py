@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,10 +32,10 @@ def data_check(
 
 def data_prepare(
     source: Annotated[str, typer.Argument(help="A config (file or shipped name) or a dataset folder.")],
-    size: Annotated[Optional[tuple[int, int]], typer.Option(help="HEIGHT WIDTH (default: the config's).")] = None,
+    size: Annotated[tuple[int, int] | None, typer.Option(help="HEIGHT WIDTH (default: the config's).")] = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache root (default ~/.cache/finegrain).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache root (default ~/.cache/finegrain).")] = None,
     workers: Annotated[int, typer.Option(help="Decoding workers.")] = 2,
 ) -> None:
     """Decode and resize a dataset once into memory-mapped uint8 arrays."""
@@ -60,8 +60,14 @@ def data_synth(
     from finegrain.data.synth import make_synthetic
 
     root = make_synthetic(
-        out, format=format, num_classes=classes, train_per_class=train_per_class,
-        test_per_class=test_per_class, size=size, seed=seed, layout=layout,
+        out,
+        format=format,
+        num_classes=classes,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        size=size,
+        seed=seed,
+        layout=layout,
     )
     console.print(f"wrote a synthetic {format} dataset to [bold]{root}[/]")
 
@@ -69,7 +75,7 @@ def data_synth(
 def data_download(
     dataset: Annotated[str, typer.Argument(help="tiny-imagenet or stanford-cars.")],
     dest: Annotated[Path, typer.Option(help="Folder to download into.")] = Path("data"),
-    url: Annotated[Optional[str], typer.Option(help="Override the archive URL (a mirror).")] = None,
+    url: Annotated[str | None, typer.Option(help="Override the archive URL (a mirror).")] = None,
 ) -> None:
     """Download and unpack a dataset (resumable, checksum verified)."""
     from finegrain.data import download

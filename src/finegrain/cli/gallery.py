@@ -25,8 +25,12 @@ from finegrain.errors import FinegrainError
 
 gallery_app = typer.Typer(help="Add, remove and list the images of a run's living gallery.", no_args_is_help=True)
 RunArg = Annotated[Path, typer.Argument(help="A run directory.")]
-StoreOpt = Annotated[str | None, typer.Option(
-    help="The gallery store (default RUN/gallery): a folder, milvus://HOST:PORT/COLLECTION or a Milvus Lite *.db.")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The gallery store (default RUN/gallery): a folder, milvus://HOST:PORT/COLLECTION or a Milvus Lite *.db."
+    ),
+]
 ADD_BATCH = 32
 """Images stored per transaction: a kill loses at most the batch being written, never part of one."""
 
@@ -62,8 +66,9 @@ def add(
     run: RunArg,
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (labels from their sub-folders).")],
     label: Annotated[str | None, typer.Option(help="The label of every image added.")] = None,
-    metadata: Annotated[str | None, typer.Option(help='A JSON object stored with each image, e.g. {"sku": "A-12"}.')]
-    = None,
+    metadata: Annotated[
+        str | None, typer.Option(help='A JSON object stored with each image, e.g. {"sku": "A-12"}.')
+    ] = None,
     store: StoreOpt = None,
     index_dir: IndexDirOpt = None,
     engine: EngineOpt = "auto",
@@ -82,9 +87,10 @@ def add(
         ids: list[int] = []
         starts = range(0, len(files), ADD_BATCH)
         for start in track(starts, len(starts), f"adding {len(files)} images to the gallery"):
-            batch = files[start:start + ADD_BATCH]
-            ids += live.store.add([live.prepare(ImageBytes(p.read_bytes(), str(p)), lab, {"file": p.name, **meta})
-                                   for p, lab in batch])
+            batch = files[start : start + ADD_BATCH]
+            ids += live.store.add(
+                [live.prepare(ImageBytes(p.read_bytes(), str(p)), lab, {"file": p.name, **meta}) for p, lab in batch]
+            )
         size = live.store.count()
     if as_json:
         print_json({"ids": ids, "size": size})
@@ -101,8 +107,10 @@ def remove(
     """Remove entries (and their images) from a run's gallery."""
     s = _store(run, store)
     missing = [i for i in ids if not s.remove(i)]
-    console.print(f"removed {len(ids) - len(missing)} entr{'y' if len(ids) - len(missing) == 1 else 'ies'}; "
-                  f"the gallery holds {s.count()}")
+    console.print(
+        f"removed {len(ids) - len(missing)} entr{'y' if len(ids) - len(missing) == 1 else 'ies'}; "
+        f"the gallery holds {s.count()}"
+    )
     if missing:
         raise FinegrainError(f"no gallery entry with id {', '.join(map(str, missing))}")
 
@@ -133,10 +141,22 @@ def stats(run: RunArg, store: StoreOpt = None, as_json: JsonOpt = False) -> None
     """How many entries a run's gallery holds, per label, and what made its vectors."""
     s = _store(run, store)
     per_label = s.labels()
-    out = {"store": s.location, "backend": type(s).__name__, "count": s.count(), "labels": len(per_label),
-           "per_label": per_label, "dim": s.spec.dim, "metric": s.spec.metric, "model_checksum": s.spec.model_checksum}
+    out = {
+        "store": s.location,
+        "backend": type(s).__name__,
+        "count": s.count(),
+        "labels": len(per_label),
+        "per_label": per_label,
+        "dim": s.spec.dim,
+        "metric": s.spec.metric,
+        "model_checksum": s.spec.model_checksum,
+    }
     if as_json:
         print_json(out)
         return
-    console.print(Text(f"{out['count']} entries, {out['labels']} labels, {s.spec.dim}-d {s.spec.metric} vectors "
-                       f"in {s.location} ({out['backend']})"))
+    console.print(
+        Text(
+            f"{out['count']} entries, {out['labels']} labels, {s.spec.dim}-d {s.spec.metric} vectors "
+            f"in {s.location} ({out['backend']})"
+        )
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,20 +14,27 @@ from finegrain.errors import FinegrainError
 
 def print_embed_report(report) -> None:
     """What ``--ray`` embedding did, in one line."""
-    console.print(f"embedded {report.embedded} of {report.rows} rows in {report.shards} shards into "
-                  f"{report.folder} ({report.skipped} shard(s) already done, {report.unreadable} unreadable, "
-                  f"listed in {report.folder / 'unreadable.tsv'})")
+    console.print(
+        f"embedded {report.embedded} of {report.rows} rows in {report.shards} shards into "
+        f"{report.folder} ({report.skipped} shard(s) already done, {report.unreadable} unreadable, "
+        f"listed in {report.folder / 'unreadable.tsv'})"
+    )
 
 
 def embed(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
-    split: Annotated[str, typer.Option(help="train, val, test or all (with --ray: also a folder or a CSV/Parquet "
-                                             "listing of path[,label][,id]).")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="train, val, test or all (with --ray: also a folder or a CSV/Parquet listing of path[,label][,id])."
+        ),
+    ] = "test",
     engine: EngineOpt = "auto",
-    ray: Annotated[str | None, typer.Option(
-        help="Embed on Ray into resumable shards under RUN/embeddings: 'local' or a cluster address.")] = None,
-    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")]
-    = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(help="Embed on Ray into resumable shards under RUN/embeddings: 'local' or a cluster address."),
+    ] = None,
+    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")] = None,
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
     if ray is not None:
@@ -45,19 +52,25 @@ def embed(
 
 def index(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
-    gallery: Annotated[str, typer.Option(help="A split of the run's dataset (train, val, test, all) or a folder.")]
-    = "test",
-    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, ivf or ivfpq (10^6+ vectors; see docs/scale.md).")]
-    = "flat",
+    gallery: Annotated[
+        str, typer.Option(help="A split of the run's dataset (train, val, test, all) or a folder.")
+    ] = "test",
+    kind: Annotated[
+        str, typer.Option(help="flat (exact), hnsw, ivf or ivfpq (10^6+ vectors; see docs/scale.md).")
+    ] = "flat",
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
     engine: EngineOpt = "auto",
-    replace: Annotated[bool, typer.Option(
-        help="Replace RUN/index even when it holds another gallery or one of a very different size.")] = False,
-    ray: Annotated[str | None, typer.Option(
-        help="Embed on Ray: 'local' starts Ray here, else a cluster address ('auto', 'ray://HOST:10001'); the "
-             "gallery may then also be a CSV/Parquet listing of path[,label][,id].")] = None,
-    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")]
-    = None,
+    replace: Annotated[
+        bool, typer.Option(help="Replace RUN/index even when it holds another gallery or one of a very different size.")
+    ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Embed on Ray: 'local' starts Ray here, else a cluster address ('auto', 'ray://HOST:10001'); the "
+            "gallery may then also be a CSV/Parquet listing of path[,label][,id]."
+        ),
+    ] = None,
+    actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")] = None,
     recall: Annotated[float, typer.Option(help="With --ray and --kind ivfpq: the recall@10 to reach.")] = 0.95,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
@@ -65,8 +78,9 @@ def index(
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.cluster.gallery import build_index_on_ray
 
-        dest, info, report = build_index_on_ray(run, gallery, ray, kind=kind, metric=metric, recall=recall,
-                                                engine=engine, actors=actors)
+        dest, info, report = build_index_on_ray(
+            run, gallery, ray, kind=kind, metric=metric, recall=recall, engine=engine, actors=actors
+        )
         print_embed_report(report)
     else:
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
@@ -83,7 +97,7 @@ def search(
     run: Annotated[Path, typer.Argument(help="A run directory with an index.")],
     image: Annotated[Path, typer.Argument(help="The query image.")],
     k: Annotated[int, typer.Option(help="Number of neighbours.")] = 10,
-    sheet: Annotated[Optional[Path], typer.Option(help="Write a contact sheet PNG of the results here.")] = None,
+    sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the results here.")] = None,
     index_dir: IndexDirOpt = None,
     as_json: JsonOpt = False,
     engine: EngineOpt = "auto",
@@ -127,35 +141,50 @@ def check_sheet_path(sheet: Path) -> None:
         raise FinegrainError(f"--sheet {sheet}: the folder {folder} is not writable")
 
 
-def print_search(gallery_size: int, prediction_source: str, hits: list,
-                 top: list[tuple[str, float]] | None, sheet: Path | None) -> None:
+def print_search(
+    gallery_size: int, prediction_source: str, hits: list, top: list[tuple[str, float]] | None, sheet: Path | None
+) -> None:
     """``finegrain search`` for a person: the predicted classes, a table of the hits, the sheet written."""
     from rich.table import Table
     from rich.text import Text
 
     if top:
         how = "" if prediction_source == "classifier" else " (share of the neighbours)"
-        console.print(f"predicted{how}: " + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}"
-                                                for i, (n, p) in enumerate(top)))
+        console.print(
+            f"predicted{how}: "
+            + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}" for i, (n, p) in enumerate(top))
+        )
     table = Table("rank", "label", "score", title=f"{len(hits)} nearest of {gallery_size}")
     table.add_column("path", overflow="fold")
     for h in hits:  # Text: a name with [brackets] is not markup
-        table.add_row(str(h.rank), Text(h.label), f"{h.score:.4f}",
-                      Text(h.path + (" (the query itself)" if h.same_image else "")))
+        table.add_row(
+            str(h.rank), Text(h.label), f"{h.score:.4f}", Text(h.path + (" (the query itself)" if h.same_image else ""))
+        )
     console.print(table)
     if sheet is not None:
         console.print(Text.assemble("contact sheet: ", (str(sheet), "bold")))
 
 
-def search_to_dict(query: Path, gallery_size: int, prediction_source: str, hits: list,
-                   top: list[tuple[str, float]] | None, sheet: Path | None = None) -> dict:
+def search_to_dict(
+    query: Path,
+    gallery_size: int,
+    prediction_source: str,
+    hits: list,
+    top: list[tuple[str, float]] | None,
+    sheet: Path | None = None,
+) -> dict:
     """``finegrain search --json``: the query, the predicted classes and every hit."""
     return {
-        "query": str(query), "gallery_size": gallery_size,
-        "prediction": {"source": prediction_source,
-                       "classes": [{"label": n, "probability": p} for n, p in (top or [])]},
-        "hits": [{"rank": h.rank, "label": h.label, "score": h.score, "path": h.path, "same_image": h.same_image}
-                 for h in hits],
+        "query": str(query),
+        "gallery_size": gallery_size,
+        "prediction": {
+            "source": prediction_source,
+            "classes": [{"label": n, "probability": p} for n, p in (top or [])],
+        },
+        "hits": [
+            {"rank": h.rank, "label": h.label, "score": h.score, "path": h.path, "same_image": h.same_image}
+            for h in hits
+        ],
         "sheet": str(sheet) if sheet is not None else None,
     }
 
@@ -166,28 +195,58 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB.")] = 10.0,
-    max_image_mpixels: Annotated[float, typer.Option(
-        help="Largest accepted image in megapixels (larger JPEGs are decoded reduced, others refused).")] = 16.0,
-    allow_host: Annotated[Optional[list[str]], typer.Option(
-        "--allow-host", help="Another Host name to answer to (repeatable); by default only the bound "
-                             "address, localhost, 127.0.0.1 and [::1].")] = None,
+    max_image_mpixels: Annotated[
+        float,
+        typer.Option(help="Largest accepted image in megapixels (larger JPEGs are decoded reduced, others refused)."),
+    ] = 16.0,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Another Host name to answer to (repeatable); by default only the bound "
+            "address, localhost, 127.0.0.1 and [::1].",
+        ),
+    ] = None,
     engine: EngineOpt = "auto",
-    max_concurrency: Annotated[int, typer.Option(
-        help="Searches run at once; the cores are shared out among them, the others wait.")] = 2,
-    store: Annotated[Optional[str], typer.Option(
-        help="The gallery store: a folder (embedded; default RUN/gallery, made from the index on first use), "
-             "milvus://HOST:PORT/COLLECTION or a Milvus Lite file (*.db).")] = None,
-    write_token_file: Annotated[Optional[Path], typer.Option(
-        help="A file holding the token that allows adding, removing and relabelling gallery images "
-             "(Authorization: Bearer TOKEN); or set $FINEGRAIN_WRITE_TOKEN. Without one, writes are off.")] = None,
-    read_token_file: Annotated[Optional[Path], typer.Option(
-        help="A file holding a token that searches and listings then need (or $FINEGRAIN_READ_TOKEN); "
-             "without one they are open.")] = None,
+    max_concurrency: Annotated[
+        int, typer.Option(help="Searches run at once; the cores are shared out among them, the others wait.")
+    ] = 2,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="The gallery store: a folder (embedded; default RUN/gallery, made from the index on first use), "
+            "milvus://HOST:PORT/COLLECTION or a Milvus Lite file (*.db)."
+        ),
+    ] = None,
+    write_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding the token that allows adding, removing and relabelling gallery images "
+            "(Authorization: Bearer TOKEN); or set $FINEGRAIN_WRITE_TOKEN. Without one, writes are off."
+        ),
+    ] = None,
+    read_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding a token that searches and listings then need (or $FINEGRAIN_READ_TOKEN); "
+            "without one they are open."
+        ),
+    ] = None,
 ) -> None:
     """Serve the search page and JSON API for a run (FastAPI + uvicorn), over its living gallery."""
     from finegrain.serve.app import serve as serve_run
 
-    serve_run(run, index_dir=index_dir, host=host, port=port, max_upload_mb=max_upload_mb,
-              max_image_mpixels=max_image_mpixels, allow_hosts=allow_host or [], engine=engine,
-              max_concurrency=max_concurrency, store=store, write_token_file=write_token_file,
-              read_token_file=read_token_file)
+    serve_run(
+        run,
+        index_dir=index_dir,
+        host=host,
+        port=port,
+        max_upload_mb=max_upload_mb,
+        max_image_mpixels=max_image_mpixels,
+        allow_hosts=allow_host or [],
+        engine=engine,
+        max_concurrency=max_concurrency,
+        store=store,
+        write_token_file=write_token_file,
+        read_token_file=read_token_file,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,25 +15,40 @@ from finegrain.errors import FinegrainError
 
 def train(
     config: Annotated[str, typer.Argument(help="A config file, or a shipped config name (see `finegrain configs`).")],
-    data: Annotated[Path | None, typer.Option(
-        help="Your images: a folder of class sub-folders (train/ and test/ inside if you have a test split) or a "
-             "CSV list; sets data.root.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your images: a folder of class sub-folders (train/ and test/ inside if you have a test split) or a "
+            "CSV list; sets data.root."
+        ),
+    ] = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    name: Annotated[Optional[str], typer.Option(help="Run name (default: the config's name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default: the config's name).")] = None,
     runs: RunsOpt = Path("runs"),
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
-    devices: Annotated[Optional[str], typer.Option(help="Devices per node (DDP when > 1).")] = None,
-    num_nodes: Annotated[Optional[int], typer.Option(help="Number of nodes (DDP).")] = None,
-    evaluate_after: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate on test when done.")] = True,
-    override_stored: Annotated[bool, typer.Option(
-        "--override-stored", help="With --resume: continue with this config although it differs from the "
-                                  "stored one (which it replaces).")] = False,
-    budget: Annotated[str | None, typer.Option(
-        help="A time budget such as 30m or 2h, in wall-clock time on this machine for the whole command: "
-             "chooses the image size, frozen stages, cached views and epochs of a frozen-cache recipe "
-             "(classify, retrieve) from the data's size and a speed probe, prints the plan, and stops "
-             "training in time for the evaluation (--resume continues).")] = None,
+    devices: Annotated[str | None, typer.Option(help="Devices per node (DDP when > 1).")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes (DDP).")] = None,
+    evaluate_after: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate on test when done.")
+    ] = True,
+    override_stored: Annotated[
+        bool,
+        typer.Option(
+            "--override-stored",
+            help="With --resume: continue with this config although it differs from the "
+            "stored one (which it replaces).",
+        ),
+    ] = False,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="A time budget such as 30m or 2h, in wall-clock time on this machine for the whole command: "
+            "chooses the image size, frozen stages, cached views and epochs of a frozen-cache recipe "
+            "(classify, retrieve) from the data's size and a speed probe, prints the plan, and stops "
+            "training in time for the evaluation (--resume continues)."
+        ),
+    ] = None,
 ) -> None:
     """Train a model; writes the run directory."""
     from finegrain.config import load_config
@@ -68,16 +83,20 @@ def train(
         words = cfg.description + (f"; with --set {', '.join(changed)}" if changed else "")
         words += f"; planned for --budget {budget}: {', '.join(plan.overrides())}" if plan else ""
         cfg = cfg.model_copy(update={"description": words})
-    run, metrics = train_and_evaluate(cfg, runs, resume=resume, override_stored=override_stored,
-                                      evaluate=evaluate_after, deadline=deadline)
+    run, metrics = train_and_evaluate(
+        cfg, runs, resume=resume, override_stored=override_stored, evaluate=evaluate_after, deadline=deadline
+    )
     if plan is not None and (metrics is not None or not evaluate_after):
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.tasks.budget import minutes, write_plan
 
         spent = time.monotonic() - started
         write_plan(run.path, plan, spent)
-        console.print(f"budget {minutes(plan.budget_seconds)}: {minutes(spent)} spent (predicted "
-                      f"{minutes(plan.predicted_seconds)}); the plan is in {run.path / 'budget.json'}", highlight=False)
+        console.print(
+            f"budget {minutes(plan.budget_seconds)}: {minutes(spent)} spent (predicted "
+            f"{minutes(plan.predicted_seconds)}); the plan is in {run.path / 'budget.json'}",
+            highlight=False,
+        )
     if metrics is not None or not evaluate_after:  # a DDP process other than the first says nothing
         console.print(f"run directory: [bold]{run.path}[/]")
     if metrics is not None:
@@ -94,7 +113,7 @@ def data_override(path: Path) -> str:
 
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
-    protocol: Annotated[Optional[str], typer.Option(help="classification or retrieval (default: the run's).")] = None,
+    protocol: Annotated[str | None, typer.Option(help="classification or retrieval (default: the run's).")] = None,
     as_json: JsonOpt = False,
     engine: EngineOpt = "auto",
 ) -> None:
@@ -112,10 +131,11 @@ def evaluate(
 def export(
     run: Annotated[Path, typer.Argument(help="A trained run directory.")],
     format: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
-    quantize: Annotated[Optional[str], typer.Option(help="int8: also a statically quantized model, with the "
-                                                          "test accuracy it loses.")] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: also a statically quantized model, with the test accuracy it loses.")
+    ] = None,
     calibration_images: Annotated[int, typer.Option(help="Training images that calibrate int8.")] = 300,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 17).")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17).")] = None,
 ) -> None:
     """Export the model to RUN/export/model.onnx (ONNX Runtime serves it without PyTorch)."""
     from finegrain.tasks.export import export_run, render_export
@@ -136,18 +156,18 @@ def experiments_run(
     from finegrain.experiments import run_suite
 
     target: str | list[str] = suite if "," not in suite else [s for s in suite.split(",") if s]
-    tables = run_suite(target, profile=profile, data=data, runs_root=runs, overrides=list(set_ or []),
-                       console=console)
+    tables = run_suite(target, profile=profile, data=data, runs_root=runs, overrides=list(set_ or []), console=console)
     console.print(f"tables: [bold]{tables['markdown']}[/] and [bold]{tables['html']}[/]")
     if tables["failed"]:
         raise typer.Exit(1)
 
 
 def demo(
-    data: Annotated[Path | None, typer.Option(help="Run on this dataset instead of the built-in synthetic one.")]
-    = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Run on this dataset instead of the built-in synthetic one.")
+    ] = None,
     runs: Annotated[Path, typer.Option(help="Folder for the demo's run directories.")] = Path("runs"),
-    epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
 ) -> None:
     """Train a classifier and an embedding model, evaluate, index, search: the whole flow in minutes."""
     from finegrain.demo import run_demo
@@ -157,8 +177,7 @@ def demo(
 
 def report(
     runs_: Annotated[list[Path], typer.Argument(metavar="RUN...", help="One or more run directories.")],
-    out: Annotated[Optional[Path], typer.Option(help="Cross-run page (default runs/report.html with 2+ runs).")]
-    = None,
+    out: Annotated[Path | None, typer.Option(help="Cross-run page (default runs/report.html with 2+ runs).")] = None,
 ) -> None:
     """Write a self-contained HTML report per run (RUN/report/index.html), and one across runs."""
     from finegrain.report.html import write_multi_report, write_report
@@ -182,11 +201,14 @@ def configs() -> None:
     if not names:  # an install without its package data: say so rather than print an empty table
         raise FinegrainError(f"no shipped configs found in {CONFIG_DIR}; this finegrain install is incomplete")
     table = Table(title=f"configs in {CONFIG_DIR}")
-    table.add_column("name", no_wrap=True)  # whole names, however narrow the terminal: `finegrain train NAME` takes them
+    table.add_column(
+        "name", no_wrap=True
+    )  # whole names, however narrow the terminal: `finegrain train NAME` takes them
     for col in ("task", "description", "profiles"):
         table.add_column(col)
     for n in names:
         raw = load_raw(CONFIG_DIR / f"{n}.yaml")
-        table.add_row(n, raw.get("task", "classification"), raw.get("description", ""),
-                      ", ".join(raw.get("profiles", {}) or {}))
+        table.add_row(
+            n, raw.get("task", "classification"), raw.get("description", ""), ", ".join(raw.get("profiles", {}) or {})
+        )
     console.print(table)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from finegrain.cluster.shards import ShardDir, ShardResult, shards_folder
 from finegrain.cluster.sources import Listing, is_uri, read_source
 from finegrain.errors import FinegrainError, ImageError
 from finegrain.runs import open_run
-import time
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def load_pixels(path: str, size: tuple[int, int], box: tuple[int, int, int, int]
 class ShardEmbedder:
     """A Ray Data actor: the run's model on ``threads`` intra-op threads, embedding whole shards."""
 
-    def __init__(self, run_path: str, engine: str, precision: str | None, threads: int, folder: str,
-                 margin: float) -> None:
+    def __init__(
+        self, run_path: str, engine: str, precision: str | None, threads: int, folder: str, margin: float
+    ) -> None:
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.inference import open_encoder
 
@@ -111,10 +112,15 @@ class ShardEmbedder:
         self.margin = margin
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [self.embed_shard(int(i), json.loads(str(rows))) for i, rows in
-                   zip(batch["shard"], batch["rows"], strict=True)]
-        return {"shard": np.array([r.shard for r in results]), "embedded": np.array([r.embedded for r in results]),
-                "unreadable": np.array([r.unreadable for r in results])}
+        results = [
+            self.embed_shard(int(i), json.loads(str(rows)))
+            for i, rows in zip(batch["shard"], batch["rows"], strict=True)
+        ]
+        return {
+            "shard": np.array([r.shard for r in results]),
+            "embedded": np.array([r.embedded for r in results]),
+            "unreadable": np.array([r.unreadable for r in results]),
+        }
 
     def embed_shard(self, i: int, rows: dict) -> ShardResult:
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
@@ -126,35 +132,56 @@ class ShardEmbedder:
         pixels: list[list[np.ndarray]] = []
         for r, (path, box) in enumerate(zip(rows["paths"], rows["boxes"], strict=True)):
             try:
-                pixels.append([load_pixels(path, s, tuple(box) if box else None, self.margin)
-                               for s in enc.sizes])
+                pixels.append([load_pixels(path, s, tuple(box) if box else None, self.margin) for s in enc.sizes])
                 good.append(r)
             except ImageError as e:
                 bad.append((rows["ids"][r], path, f"{e.reason}: {e.detail}" if e.detail else e.reason))
         outs = []
         step = max(1, PASS_IMAGES // (2 if enc.tta_flip else 1))
         for s in range(0, len(good), step):
-            per_size = [enc.forward(np.stack([p[k] for p in pixels[s:s + step]]).transpose(0, 3, 1, 2))
-                        for k in range(len(enc.sizes))]
+            per_size = [
+                enc.forward(np.stack([p[k] for p in pixels[s : s + step]]).transpose(0, 3, 1, 2))
+                for k in range(len(enc.sizes))
+            ]
             outs.append(mean_over_sizes(per_size)["embedding"])
         if outs:
             vectors = np.concatenate(outs)
         else:  # no readable row: an empty shard of the model's width
             probe = enc.forward(np.zeros((1, 3, *enc.sizes[0]), dtype=np.uint8))["embedding"]
             vectors = np.zeros((0, probe.shape[1]), dtype=np.float32)
-        return self.shards.write(i, vectors, [rows["ids"][r] for r in good], [int(rows["labels"][r]) for r in good],
-                                 [rows["paths"][r] for r in good], bad)
+        return self.shards.write(
+            i,
+            vectors,
+            [rows["ids"][r] for r in good],
+            [int(rows["labels"][r]) for r in good],
+            [rows["paths"][r] for r in good],
+            bad,
+        )
 
 
 def manifest_of(listing: Listing, source: str, shard_rows: int, checksum: str, signature: dict) -> dict:
-    return {"source": source, "rows": len(listing), "fingerprint": listing.fingerprint(), "shard_rows": shard_rows,
-            "shards": (len(listing) + shard_rows - 1) // shard_rows, "model_checksum": checksum, **signature,
-            "class_names": listing.class_names}
+    return {
+        "source": source,
+        "rows": len(listing),
+        "fingerprint": listing.fingerprint(),
+        "shard_rows": shard_rows,
+        "shards": (len(listing) + shard_rows - 1) // shard_rows,
+        "model_checksum": checksum,
+        **signature,
+        "class_names": listing.class_names,
+    }
 
 
-def embed_on_ray(run_path: str | Path, source: str, address: str = "local", engine: str = "auto",
-                 precision: str | None = None, actors: int | None = None, cpus_per_actor: int = 1,
-                 shard_rows: int = SHARD_ROWS) -> EmbedReport:
+def embed_on_ray(
+    run_path: str | Path,
+    source: str,
+    address: str = "local",
+    engine: str = "auto",
+    precision: str | None = None,
+    actors: int | None = None,
+    cpus_per_actor: int = 1,
+    shard_rows: int = SHARD_ROWS,
+) -> EmbedReport:
     """Embed every row of ``source`` into shards under ``RUN/embeddings/`` on Ray (see the module
     docstring); returns what was done. ``actors``: the pool's size (default: the cluster's CPUs
     divided by ``cpus_per_actor``)."""
@@ -181,12 +208,22 @@ def embed_on_ray(run_path: str | Path, source: str, address: str = "local", engi
         ray = connect(address)
         pool = actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_actor)
         items = [{"shard": i, "rows": _rows_json(listing, i, shard_rows)} for i in pending]
-        done = (ray.data.from_items(items, override_num_blocks=len(items))
-                .map_batches(ShardEmbedder, batch_size=1, concurrency=pool, num_cpus=cpus_per_actor,
-                             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
-                             fn_constructor_kwargs={"run_path": str(run.path), "engine": engine,
-                                                    "precision": precision, "threads": cpus_per_actor,
-                                                    "folder": str(shards.folder), "margin": listing.bbox_margin}))
+        done = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardEmbedder,
+            batch_size=1,
+            concurrency=pool,
+            num_cpus=cpus_per_actor,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
+            fn_constructor_kwargs={
+                "run_path": str(run.path),
+                "engine": engine,
+                "precision": precision,
+                "threads": cpus_per_actor,
+                "folder": str(shards.folder),
+                "margin": listing.bbox_margin,
+            },
+        )
         finished = [int(r["shard"]) for r in done.iter_rows()]
         if sorted(finished) != pending:
             log.warning("Ray reported shards %s for %d pending", sorted(set(pending) - set(finished))[:5], len(pending))
@@ -198,5 +235,11 @@ def embed_on_ray(run_path: str | Path, source: str, address: str = "local", engi
 
 def _rows_json(listing: Listing, i: int, shard_rows: int) -> str:
     s = slice(i * shard_rows, (i + 1) * shard_rows)
-    return json.dumps({"paths": listing.paths[s], "ids": listing.ids[s], "labels": listing.labels[s].tolist(),
-                       "boxes": listing.boxes[s]})
+    return json.dumps(
+        {
+            "paths": listing.paths[s],
+            "ids": listing.ids[s],
+            "labels": listing.labels[s].tolist(),
+            "boxes": listing.boxes[s],
+        }
+    )

@@ -27,32 +27,50 @@ def shard_vectors(files: list[Path], metric: str) -> Iterator[np.ndarray]:
             yield l2_normalize(x) if metric == "cosine" else x
 
 
-def index_from_shards(shards: ShardDir, dest: Path, kind: str = "flat", metric: str = "cosine",
-                      recall: float = DEFAULT_RECALL) -> GalleryIndex:
+def index_from_shards(
+    shards: ShardDir, dest: Path, kind: str = "flat", metric: str = "cosine", recall: float = DEFAULT_RECALL
+) -> GalleryIndex:
     """Build and save (into ``dest``) the index of a whole set of shards."""
     files, labels, paths, _, _ = shards.gather()
     manifest = shards.manifest()
     checksum, class_names = manifest["model_checksum"], manifest.get("class_names")
     if kind != KIND:
         x = np.concatenate(list(shard_vectors(files, "euclidean")))  # as stored: build() normalises for cosine
-        index = GalleryIndex.build(x, labels, paths, metric=metric, kind=kind, model_checksum=checksum,
-                                   class_names=class_names)
+        index = GalleryIndex.build(
+            x, labels, paths, metric=metric, kind=kind, model_checksum=checksum, class_names=class_names
+        )
     else:
         dims = {int(np.load(f, mmap_mode="r").shape[1]) for f in files}
         dim = max(dims)
         t0 = time.perf_counter()
         work = dest.parent / f".{dest.name}-vectors.part.npy"
         ivfpq = build_ivfpq(lambda: shard_vectors(files, metric), len(paths), dim, metric, work, recall=recall)
-        meta = index_meta(checksum, dim, metric, kind, len(paths), ivfpq.params, ivfpq.params["measured_recall"],
-                          time.perf_counter() - t0)
+        meta = index_meta(
+            checksum,
+            dim,
+            metric,
+            kind,
+            len(paths),
+            ivfpq.params,
+            ivfpq.params["measured_recall"],
+            time.perf_counter() - t0,
+        )
         index = GalleryIndex(ivfpq, labels, paths, class_names, meta)
     index.save(dest)
     return index
 
 
-def build_index_on_ray(run_path: str | Path, gallery: str, address: str = "local", kind: str = "flat",
-                       metric: str = "cosine", recall: float = DEFAULT_RECALL, engine: str = "auto",
-                       actors: int | None = None, cpus_per_actor: int = 1) -> tuple[Path, dict, EmbedReport]:
+def build_index_on_ray(
+    run_path: str | Path,
+    gallery: str,
+    address: str = "local",
+    kind: str = "flat",
+    metric: str = "cosine",
+    recall: float = DEFAULT_RECALL,
+    engine: str = "auto",
+    actors: int | None = None,
+    cpus_per_actor: int = 1,
+) -> tuple[Path, dict, EmbedReport]:
     """Embed ``gallery`` on Ray (resuming whole shards), then index it into ``RUN/index``."""
     # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.retrieval.index import index_builder
@@ -61,6 +79,12 @@ def build_index_on_ray(run_path: str | Path, gallery: str, address: str = "local
     report = embed_on_ray(run_path, gallery, address, engine=engine, actors=actors, cpus_per_actor=cpus_per_actor)
     run = open_run(run_path)
     index = index_from_shards(ShardDir(report.folder), run.index, kind, metric, recall)
-    info = {"n": index.n, "dim": index.dim, "kind": kind, "metric": metric, "gallery": gallery,
-            "approx_recall_at_10": index.meta.get("approx_recall_at_10")}
+    info = {
+        "n": index.n,
+        "dim": index.dim,
+        "kind": kind,
+        "metric": metric,
+        "gallery": gallery,
+        "approx_recall_at_10": index.meta.get("approx_recall_at_10"),
+    }
     return run.index, info, report

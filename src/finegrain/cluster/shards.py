@@ -68,8 +68,9 @@ class ShardDir:
                 old = None
             if old == manifest:
                 return
-            log.info("%s holds shards made another way (model, engine, listing or shard size): starting over",
-                     self.folder)
+            log.info(
+                "%s holds shards made another way (model, engine, listing or shard size): starting over", self.folder
+            )
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, manifest)
@@ -91,14 +92,23 @@ class ShardDir:
         except (OSError, ValueError, KeyError):
             return False
 
-    def write(self, i: int, vectors: np.ndarray, ids: list[str], labels: list[int], paths: list[str],
-              unreadable: list[tuple[str, str, str]]) -> ShardResult:
+    def write(
+        self,
+        i: int,
+        vectors: np.ndarray,
+        ids: list[str],
+        labels: list[int],
+        paths: list[str],
+        unreadable: list[tuple[str, str, str]],
+    ) -> ShardResult:
         """Write shard ``i`` whole (vectors, then the JSON that marks it done)."""
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
         atomic_write_bytes(self.vectors_file(i), buf.getvalue())
-        atomic_write_json(self.rows_file(i), {"shard": i, "ids": ids, "labels": labels, "paths": paths,
-                                              "unreadable": [list(u) for u in unreadable]})
+        atomic_write_json(
+            self.rows_file(i),
+            {"shard": i, "ids": ids, "labels": labels, "paths": paths, "unreadable": [list(u) for u in unreadable]},
+        )
         return ShardResult(i, len(ids), len(unreadable))
 
     def rows(self, i: int) -> dict:
@@ -111,8 +121,10 @@ class ShardDir:
         """Refuse a set with a missing or partial shard, or an id twice."""
         missing = [i for i in range(self.count()) if not self.complete(i)]
         if missing:
-            raise FinegrainError(f"{self.folder}: {len(missing)} shard(s) missing or partial (first "
-                                 f"{shard_name(missing[0])}); run the same command again to finish them")
+            raise FinegrainError(
+                f"{self.folder}: {len(missing)} shard(s) missing or partial (first "
+                f"{shard_name(missing[0])}); run the same command again to finish them"
+            )
 
     def gather(self) -> tuple[list[Path], np.ndarray, list[str], list[str], list[list[str]]]:
         """(vector files, labels, paths, ids, unreadable rows) of every shard, in order; an id
@@ -128,8 +140,9 @@ class ShardDir:
             bad.extend(r["unreadable"])
         seen = set(ids) | {b[0] for b in bad}
         if len(seen) != len(ids) + len(bad):
-            raise FinegrainError(f"{self.folder}: a row appears twice across the shards; delete the folder "
-                                 "and embed again")
+            raise FinegrainError(
+                f"{self.folder}: a row appears twice across the shards; delete the folder and embed again"
+            )
         return files, np.asarray(labels, dtype=np.int64), paths, ids, bad
 
     def write_unreadable(self, bad: list[list[str]]) -> Path:

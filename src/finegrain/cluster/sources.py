@@ -59,10 +59,15 @@ def read_source(source: str, cfg: ExperimentConfig) -> Listing:
 
     records, class_names, description = gallery_records(cfg, source)
     crop = cfg.data.crop_bbox
-    return Listing(paths=[str(r.path) for r in records], labels=np.array([r.label for r in records], dtype=np.int64),
-                   ids=[str(i) for i in range(len(records))],
-                   boxes=[tuple(r.bbox) if crop and r.bbox is not None else None for r in records],  # type: ignore[misc]
-                   class_names=class_names, description=description, bbox_margin=cfg.data.bbox_margin if crop else 0.0)
+    return Listing(
+        paths=[str(r.path) for r in records],
+        labels=np.array([r.label for r in records], dtype=np.int64),
+        ids=[str(i) for i in range(len(records))],
+        boxes=[tuple(r.bbox) if crop and r.bbox is not None else None for r in records],  # type: ignore[misc]
+        class_names=class_names,
+        description=description,
+        bbox_margin=cfg.data.bbox_margin if crop else 0.0,
+    )
 
 
 def read_listing(source: str) -> Listing:
@@ -81,8 +86,9 @@ def read_listing(source: str) -> Listing:
             table = pq.read_table(inner, filesystem=fs)
         else:
             with fs.open_input_stream(inner) as f:
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
-                    column_types={"path": "string", "id": "string"}))
+                table = pacsv.read_csv(
+                    f, convert_options=pacsv.ConvertOptions(column_types={"path": "string", "id": "string"})
+                )
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise FinegrainError(f"cannot read the listing {source}: {str(e).splitlines()[0]}") from None
     if "path" not in table.column_names:
@@ -93,13 +99,22 @@ def read_listing(source: str) -> Listing:
     if not is_uri(source):
         base = Path(inner).parent
         paths = [p if is_uri(p) or Path(p).is_absolute() else str(base / p) for p in paths]
-    ids = ([str(i) for i in table.column("id").to_pylist()] if "id" in table.column_names
-           else [str(i) for i in range(len(paths))])
+    ids = (
+        [str(i) for i in table.column("id").to_pylist()]
+        if "id" in table.column_names
+        else [str(i) for i in range(len(paths))]
+    )
     if len(set(ids)) != len(ids):
         raise FinegrainError(f"the listing {source} repeats an id: every row needs its own")
     labels, class_names = _labels(table, source)
-    return Listing(paths=paths, labels=labels, ids=ids, boxes=[None] * len(paths), class_names=class_names,
-                   description=f"the {len(paths)} rows of {source}")
+    return Listing(
+        paths=paths,
+        labels=labels,
+        ids=ids,
+        boxes=[None] * len(paths),
+        class_names=class_names,
+        description=f"the {len(paths)} rows of {source}",
+    )
 
 
 def _labels(table, source: str) -> tuple[np.ndarray, list[str] | None]:

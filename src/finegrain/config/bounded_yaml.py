@@ -30,8 +30,9 @@ def expanded_size(root: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
             on_path.discard(key)
             sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
             if sizes[key] > limit:
-                raise YamlTooLargeError(f"it expands to more than {limit:,} values (anchors and aliases "
-                                        "nested to repeat themselves)")
+                raise YamlTooLargeError(
+                    f"it expands to more than {limit:,} values (anchors and aliases nested to repeat themselves)"
+                )
             continue
         if key in sizes:
             continue

@@ -25,8 +25,12 @@ def deep_merge(base: dict, over: dict) -> dict:
     """A new dict: ``over`` merged into ``base`` recursively (dicts merge, the rest replaces)."""
     out = dict(base)
     for k, v in over.items():
-        if k == "loss" and isinstance(v, dict) and isinstance(out.get(k), dict) \
-                and v.get("name", out[k].get("name")) != out[k].get("name"):
+        if (
+            k == "loss"
+            and isinstance(v, dict)
+            and isinstance(out.get(k), dict)
+            and v.get("name", out[k].get("name")) != out[k].get("name")
+        ):
             out[k] = v  # another loss: its settings replace the old loss's, they do not mix
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
@@ -142,13 +146,15 @@ def load_config(
     if missing == ["data.root"]:
         raise ConfigError(
             f"{source.stem} needs your images: give --data PATH (a folder of class sub-folders, with train/ and "
-            "test/ sub-folders if you have a test split, or a CSV list path,label[,split]), or --set data.root=PATH")
+            "test/ sub-folders if you have a test split, or a CSV list path,label[,split]), or --set data.root=PATH"
+        )
     if missing:
         raise ConfigError(
             f"config {source} does not set {', '.join(missing)}: a config must name its run (name), "
             "its images (data.root: a dataset folder, a CSV file or 'synthetic') and its model "
             "(model.backbone; a kNN row may use eval.source_run's model instead); add "
-            f"{'it' if len(missing) == 1 else 'them'} to the file or pass --set KEY=VALUE")
+            f"{'it' if len(missing) == 1 else 'them'} to the file or pass --set KEY=VALUE"
+        )
     root = resolve_data_root(cfg.data.root, source.stem)
     return cfg if root == cfg.data.root else cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root})})
 
@@ -165,8 +171,10 @@ def resolve_data_root(root: str, config: str) -> str:
     unset = [n for n in _ENV_REFERENCE.findall(root) if not os.environ.get(n)]
     if unset:
         rest = _ENV_REFERENCE.sub("", root).lstrip("/") or "the dataset"
-        raise ConfigError(f"{config} reads its images from {root}: give --data PATH (the {rest} folder) or set "
-                          f"{unset[0]} to the folder that holds {rest}/")
+        raise ConfigError(
+            f"{config} reads its images from {root}: give --data PATH (the {rest} folder) or set "
+            f"{unset[0]} to the folder that holds {rest}/"
+        )
     return _ENV_REFERENCE.sub(lambda m: os.environ[m.group(1)], root)
 
 
@@ -174,8 +182,9 @@ REQUIRED_KEYS = ("name", "data.root", "model.backbone")
 """Keys a config file must set explicitly (``model.backbone`` or, for ``task: knn``, ``eval.source_run``)."""
 
 
-def missing_required_keys(raw: dict, profile: str | None = None,
-                          overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+def missing_required_keys(
+    raw: dict, profile: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> list[str]:
     """The :data:`REQUIRED_KEYS` that neither ``raw``, its profile nor the overrides set."""
     merged = deep_merge(dict(raw), (raw.get("profiles") or {}).get(profile) or {}) if profile else dict(raw)
     for item in overrides:
@@ -254,6 +263,4 @@ def resolve_config_path(name: str | Path) -> Path:
     if shipped.is_file():
         return shipped
     hint = did_you_mean(str(name), shipped_configs())
-    raise ConfigError(
-        f"config not found: '{name}' is neither a file nor a shipped config in {CONFIG_DIR}.{hint}"
-    )
+    raise ConfigError(f"config not found: '{name}' is neither a file nor a shipped config in {CONFIG_DIR}.{hint}")

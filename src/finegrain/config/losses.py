@@ -80,14 +80,26 @@ class ArcFaceLoss(ProxyLoss):
 
 LOSS_CONFIGS: dict[str, type[Section]] = {
     m.model_fields["name"].annotation.__args__[0]: m  # type: ignore[union-attr]
-    for m in (CrossEntropyLoss, MultiSimilarityLoss, ContrastiveLoss, TripletLoss, ProxyAnchorLoss,
-              NormalizedSoftmaxLoss, ArcFaceLoss)
+    for m in (
+        CrossEntropyLoss,
+        MultiSimilarityLoss,
+        ContrastiveLoss,
+        TripletLoss,
+        ProxyAnchorLoss,
+        NormalizedSoftmaxLoss,
+        ArcFaceLoss,
+    )
 }
 """Every loss by name, each with only its own settings: no loss can silently ignore a key."""
 
 LossConfig = Annotated[
-    CrossEntropyLoss | MultiSimilarityLoss | ContrastiveLoss | TripletLoss | ProxyAnchorLoss
-    | NormalizedSoftmaxLoss | ArcFaceLoss,
+    CrossEntropyLoss
+    | MultiSimilarityLoss
+    | ContrastiveLoss
+    | TripletLoss
+    | ProxyAnchorLoss
+    | NormalizedSoftmaxLoss
+    | ArcFaceLoss,
     Field(discriminator="name"),
 ]
 

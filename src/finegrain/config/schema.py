@@ -86,6 +86,7 @@ class ModelConfig(Section):
     @classmethod
     def _known_backbone(cls, v: str) -> str:
         return check_backbone(v)
+
     head: Literal["classifier", "cosine", "embedding", "both"] = "classifier"
     """``classifier``: a linear layer on the features; ``cosine``: a cosine classifier on them (class
     scores are cosine similarities over a temperature of 0.05); ``embedding``: an embedder;
@@ -212,8 +213,10 @@ class ExperimentConfig(Section):
         t = self.train
         for key, value in (("mixup", t.mixup), ("cutmix", t.cutmix)):
             if value > 0 and self.task != "classification":
-                raise ConfigError(f"train.{key} ({value:g}) mixes the images and labels of a classifier's batch; "
-                                  f"task {self.task} does not use it: set train.{key} to 0")
+                raise ConfigError(
+                    f"train.{key} ({value:g}) mixes the images and labels of a classifier's batch; "
+                    f"task {self.task} does not use it: set train.{key} to 0"
+                )
         return self
 
     @model_validator(mode="after")
@@ -223,13 +226,17 @@ class ExperimentConfig(Section):
         if not n:
             return self
         if self.model.freeze_stages < 1:
-            raise ConfigError(f"train.frozen_cache_views: {n} caches the outputs of the frozen stages, but "
-                              "model.freeze_stages is 0: set model.freeze_stages to 1 or more, or "
-                              "train.frozen_cache_views to 0")
+            raise ConfigError(
+                f"train.frozen_cache_views: {n} caches the outputs of the frozen stages, but "
+                "model.freeze_stages is 0: set model.freeze_stages to 1 or more, or "
+                "train.frozen_cache_views to 0"
+            )
         if t.head_epochs > 0:
-            raise ConfigError(f"train.frozen_cache_views cannot be combined with train.head_epochs "
-                              f"({t.head_epochs}): the head-only epochs change what of the backbone trains; "
-                              "set train.head_epochs or train.frozen_cache_views to 0")
+            raise ConfigError(
+                f"train.frozen_cache_views cannot be combined with train.head_epochs "
+                f"({t.head_epochs}): the head-only epochs change what of the backbone trains; "
+                "set train.head_epochs or train.frozen_cache_views to 0"
+            )
         return self
 
     @model_validator(mode="after")
@@ -239,17 +246,23 @@ class ExperimentConfig(Section):
             return self
         for h, w, n in stages:
             if min(h, w) < 8 or n < 1:
-                raise ConfigError(f"data.progressive_sizes: the stage {[h, w, n]} needs a height and width of "
-                                  "8 or more and 1 epoch or more")
+                raise ConfigError(
+                    f"data.progressive_sizes: the stage {[h, w, n]} needs a height and width of "
+                    "8 or more and 1 epoch or more"
+                )
         early = sum(n for _, _, n in stages)
         if early >= t.epochs:
-            raise ConfigError(f"data.progressive_sizes: its stages take {early} epoch(s) of train.epochs ({t.epochs}), "
-                              f"so none would train at data.image_size {list(self.data.image_size)}: shorten the "
-                              "stages or raise train.epochs")
+            raise ConfigError(
+                f"data.progressive_sizes: its stages take {early} epoch(s) of train.epochs ({t.epochs}), "
+                f"so none would train at data.image_size {list(self.data.image_size)}: shorten the "
+                "stages or raise train.epochs"
+            )
         if t.frozen_cache_views:
-            raise ConfigError("data.progressive_sizes cannot be combined with train.frozen_cache_views "
-                              f"({t.frozen_cache_views}): the cache holds the frozen stages' outputs at one image "
-                              "size; set one of them to 0 / []")
+            raise ConfigError(
+                "data.progressive_sizes cannot be combined with train.frozen_cache_views "
+                f"({t.frozen_cache_views}): the cache holds the frozen stages' outputs at one image "
+                "size; set one of them to 0 / []"
+            )
         return self
 
     @property

@@ -88,20 +88,30 @@ class PreparedCache:
     def get_many(self, records: list[ImageRecord]) -> tuple[np.ndarray, list[int]]:
         """``[K, H, W, 3]`` pixels of the records the cache holds readable, read in one gather, and
         the positions in ``records`` they belong to (the others: use :meth:`get`, which explains why)."""
-        found = [(i, self._row[str(r.path)]) for i, r in enumerate(records)
-                 if str(r.path) in self._row and str(r.path) not in self.bad]
+        found = [
+            (i, self._row[str(r.path)])
+            for i, r in enumerate(records)
+            if str(r.path) in self._row and str(r.path) not in self.bad
+        ]
         rows = np.fromiter((row for _, row in found), dtype=np.int64, count=len(found))
         return self._rows()[rows], [i for i, _ in found]
 
 
-def find_cache(records: list[ImageRecord], size: tuple[int, int], cache_root: Path,
-               bbox_margin: float | None = None) -> PreparedCache | None:
+def find_cache(
+    records: list[ImageRecord], size: tuple[int, int], cache_root: Path, bbox_margin: float | None = None
+) -> PreparedCache | None:
     path = cache_root / "prepared" / cache_key(records, size, bbox_margin)
     return PreparedCache(path) if (path / ".complete").is_file() else None
 
 
-def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: Path,
-                  bbox_margin: float | None = None, num_workers: int = 2, progress: bool = True) -> PreparedCache:
+def prepare_cache(
+    records: list[ImageRecord],
+    size: tuple[int, int],
+    cache_dir: Path,
+    bbox_margin: float | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> PreparedCache:
     """Decode and resize every record once (threads, progress bar); returns the cache."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -127,8 +137,10 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
             bad[str(r.path)] = e.reason
 
     columns = (TextColumn("preparing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not (progress and progress_wanted())) as bar, \
-            ThreadPoolExecutor(max(1, num_workers)) as pool:
+    with (
+        Progress(*columns, disable=not (progress and progress_wanted())) as bar,
+        ThreadPoolExecutor(max(1, num_workers)) as pool,
+    ):
         task = bar.add_task(f"{h}x{w}", total=len(unique))
         for _ in pool.map(load, range(len(unique))):
             bar.advance(task)
@@ -136,8 +148,10 @@ def prepare_cache(records: list[ImageRecord], size: tuple[int, int], cache_dir: 
     del array
     with open(work / "images.npy", "rb+") as f:  # the rows on disk before any marker says so
         os.fsync(f.fileno())
-    atomic_write_text(work / "index.json", json.dumps(
-        {"paths": [str(r.path) for r in unique], "bad": bad, "size": [h, w], "bbox_margin": bbox_margin}))
+    atomic_write_text(
+        work / "index.json",
+        json.dumps({"paths": [str(r.path) for r in unique], "bad": bad, "size": [h, w], "bbox_margin": bbox_margin}),
+    )
     atomic_write_text(work / ".complete", "ok\n")
     return PreparedCache(install(work, final))
 

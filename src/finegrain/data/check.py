@@ -107,7 +107,9 @@ def check_dataset(
     hashes: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda job: _inspect(job[1], hash_duplicates), jobs, chunksize=64)
-        for (split, path), (conv, reason, detail, digest) in _tracked(zip(jobs, results, strict=True), len(jobs), progress):
+        for (split, path), (conv, reason, detail, digest) in _tracked(
+            zip(jobs, results, strict=True), len(jobs), progress
+        ):
             if reason is not None:
                 report.bad_files.append(BadFile(path, split, reason, detail))
                 continue
@@ -130,8 +132,7 @@ def _tracked(items, total: int, progress: bool):
     from rich.progress import track
 
     # on stderr: stdout carries the report alone (``--json``, ``> log.txt``)
-    yield from track(items, total=total, description="Decoding images", transient=True,
-                     console=Console(stderr=True))
+    yield from track(items, total=total, description="Decoding images", transient=True, console=Console(stderr=True))
 
 
 def _find_duplicates(report: CheckReport, hashes: dict[str, dict[str, list[Path]]]) -> None:
@@ -153,12 +154,18 @@ def _find_duplicates(report: CheckReport, hashes: dict[str, dict[str, list[Path]
 def check_to_dict(report: CheckReport) -> dict:
     """``report`` as JSON-able data for scripts: the counts, and every problem file by its full path."""
     return {
-        "root": str(report.root), "format": report.format, "ok": report.ok,
-        "num_classes": report.num_classes, "class_names": list(report.class_names),
-        "images": dict(report.images), "classes": dict(report.classes), "missing": dict(report.missing),
+        "root": str(report.root),
+        "format": report.format,
+        "ok": report.ok,
+        "num_classes": report.num_classes,
+        "class_names": list(report.class_names),
+        "images": dict(report.images),
+        "classes": dict(report.classes),
+        "missing": dict(report.missing),
         "notes": list(report.notes),
-        "bad_files": [{"path": str(b.path), "split": b.split, "reason": b.reason, "detail": b.detail}
-                      for b in report.bad_files],
+        "bad_files": [
+            {"path": str(b.path), "split": b.split, "reason": b.reason, "detail": b.detail} for b in report.bad_files
+        ],
         "conversions": {kind: [str(p) for p in paths] for kind, paths in report.conversions.items()},
         "duplicates": [{"train": str(a), "test": str(b)} for a, b in report.duplicates],
         "hashed": report.hashed,
@@ -175,7 +182,10 @@ def render_check(report: CheckReport):
     from rich.text import Text
 
     head = Text.assemble(
-        ("Dataset ", "bold"), str(report.root), "  format: ", (report.format, "cyan"),
+        ("Dataset ", "bold"),
+        str(report.root),
+        "  format: ",
+        (report.format, "cyan"),
         f"  classes: {report.num_classes}",
     )
     splits = Table(title="Splits", show_edge=False)
@@ -208,8 +218,11 @@ def render_check(report: CheckReport):
             t.add_row(kind, str(len(paths)), Text(", ".join(str(p) for p in paths[:EXAMPLES])))
         parts.append(t)
     if report.duplicates:
-        t = Table(title=f"Identical images in train and test ({len(report.duplicates)})",
-                  show_edge=False, title_style="bold red")
+        t = Table(
+            title=f"Identical images in train and test ({len(report.duplicates)})",
+            show_edge=False,
+            title_style="bold red",
+        )
         t.add_column("train", overflow="fold")
         t.add_column("test", overflow="fold")
         for train_path, test_path in report.duplicates:
@@ -217,8 +230,13 @@ def render_check(report: CheckReport):
         parts.append(t)
     elif not report.hashed:
         parts.append(Text("Duplicate check skipped (hashing disabled).", style="dim"))
-    verdict = Text("OK", style="bold green") if report.ok else Text(
-        f"PROBLEMS: {len(report.bad_files)} bad files, {len(report.duplicates)} train/test duplicates",
-        style="bold red")
+    verdict = (
+        Text("OK", style="bold green")
+        if report.ok
+        else Text(
+            f"PROBLEMS: {len(report.bad_files)} bad files, {len(report.duplicates)} train/test duplicates",
+            style="bold red",
+        )
+    )
     parts.append(verdict)
     return Group(*parts)

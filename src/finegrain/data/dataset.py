@@ -30,9 +30,15 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    def __init__(self, records: list[ImageRecord], size: tuple[int, int], transform,
-                 bbox_margin: float | None = None, cache: PreparedCache | None = None,
-                 on_bad_image: str = "skip") -> None:
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        size: tuple[int, int],
+        transform,
+        bbox_margin: float | None = None,
+        cache: PreparedCache | None = None,
+        on_bad_image: str = "skip",
+    ) -> None:
         self.records, self.transform = records, transform
         self.size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.bbox_margin, self.cache, self.on_bad_image = bbox_margin, cache, on_bad_image
@@ -142,9 +148,13 @@ def build_loader(
         num_workers = 0  # a gather from the memory map costs less than sending the batch from a worker
     ds = ImageDataset(records, size, transform, bbox_margin, cache, on_bad_image)
     generator = torch.Generator().manual_seed(seed)
-    kwargs: dict = dict(num_workers=num_workers, collate_fn=collate_skip_bad, generator=generator,
-                        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    kwargs: dict = dict(
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
     if batch_sampler is not None:
         return DataLoader(ds, batch_sampler=batch_sampler, **kwargs)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last, **kwargs)
-

@@ -30,7 +30,7 @@ READERS: dict[str, Callable[[Path], ImageCollection]] = {
 LOOKED_FOR = {
     "tiny_imagenet": "wnids.txt and a train/ or val/ folder at {root}",
     "stanford_cars": "a Stanford Cars .mat file (cars_meta.mat, cars_train_annos.mat, "
-                     "cars_test_annos_withlabels*.mat or cars_annos.mat) within 4 levels under {root}",
+    "cars_test_annos_withlabels*.mat or cars_annos.mat) within 4 levels under {root}",
     "image_folder": "class sub-folders holding image files (jpg, png, ...) in {root} or {root}/train",
     "csv": "a .csv file given as the path (columns path,label[,split])",
 }
@@ -49,8 +49,10 @@ def detect_format(root: str | Path) -> str:
     if root.is_file():
         if root.suffix.lower() == ".csv":
             return "csv"
-        raise DataError(f"{root} is a file but not a .csv; a dataset is a folder or a CSV list. "
-                        f"Looked for: " + "; ".join(f"{k}: {v.format(root=root)}" for k, v in LOOKED_FOR.items()))
+        raise DataError(
+            f"{root} is a file but not a .csv; a dataset is a folder or a CSV list. "
+            f"Looked for: " + "; ".join(f"{k}: {v.format(root=root)}" for k, v in LOOKED_FOR.items())
+        )
     if looks_like_tiny_imagenet(root):
         return "tiny_imagenet"
     if looks_like_stanford_cars(root):

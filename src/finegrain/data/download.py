@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import logging
 import shutil
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -55,13 +54,14 @@ def _archive_name(url: str) -> str:
 
 def _manual_hint(url: str, dest: Path, name: str) -> str:
     source = url if url == TINY_IMAGENET_URL else f"{url} (or the official {TINY_IMAGENET_URL})"
-    return (f"This machine may have no internet access. To set the data up by hand, download "
-            f"{source} elsewhere and either put the zip at {dest / name} and run this "
-            f"command again, or unzip it so that {dest / TINY_IMAGENET_DIR / 'wnids.txt'} exists.")
+    return (
+        f"This machine may have no internet access. To set the data up by hand, download "
+        f"{source} elsewhere and either put the zip at {dest / name} and run this "
+        f"command again, or unzip it so that {dest / TINY_IMAGENET_DIR / 'wnids.txt'} exists."
+    )
 
 
-def download_tiny_imagenet(dest: Path | str, url: str = TINY_IMAGENET_URL,
-                           md5: str | None = TINY_IMAGENET_MD5) -> Path:
+def download_tiny_imagenet(dest: Path | str, url: str = TINY_IMAGENET_URL, md5: str | None = TINY_IMAGENET_MD5) -> Path:
     """Download, verify and unpack Tiny ImageNet under ``dest``; return its root.
 
     Returns at once when ``dest`` already holds the unpacked dataset. An
@@ -92,11 +92,11 @@ def download_tiny_imagenet(dest: Path | str, url: str = TINY_IMAGENET_URL,
     _extract(archive, dest)
     found = _find_root(dest)
     if found is None:
-        raise DataError(f"{archive} unpacked into {dest}, but no folder with wnids.txt and train/ or val/ "
-                        f"appeared; is it really Tiny ImageNet?")
+        raise DataError(
+            f"{archive} unpacked into {dest}, but no folder with wnids.txt and train/ or val/ "
+            f"appeared; is it really Tiny ImageNet?"
+        )
     return found
-
-
 
 
 def _open(url: str, start: int):
@@ -153,17 +153,20 @@ def _write_mode(part: Path, start: int, status: int) -> tuple[str, int]:
 
 def _stream(resp, part: Path, mode: str, start: int, url: str, hint: str) -> None:
     """Copy the response body into ``part`` with a progress bar; DataError when it ends early."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     with resp:
         length = resp.headers.get("Content-Length")
         remaining = int(length) if length and length.isdigit() else None
         total = start + remaining if remaining is not None else None
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), TimeRemainingColumn())
-        with open(part, mode) as f, Progress(*columns, transient=True,
-                                              disable=not progress_wanted()) as bar:
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with open(part, mode) as f, Progress(*columns, transient=True, disable=not progress_wanted()) as bar:
             task = bar.add_task(f"downloading {part.name[:-5]}", total=total, completed=start)
             got = 0
             while chunk := resp.read(CHUNK):
@@ -171,8 +174,10 @@ def _stream(resp, part: Path, mode: str, start: int, url: str, hint: str) -> Non
                 got += len(chunk)
                 bar.advance(task, len(chunk))
         if remaining is not None and got < remaining:
-            raise DataError(f"download of {url} stopped after {start + got} of {total} bytes; "
-                            f"run the command again to resume from {part}. {hint}")
+            raise DataError(
+                f"download of {url} stopped after {start + got} of {total} bytes; "
+                f"run the command again to resume from {part}. {hint}"
+            )
 
 
 def _download(url: str, part: Path, hint: str) -> None:
@@ -188,12 +193,14 @@ def _download(url: str, part: Path, hint: str) -> None:
         raise DataError(f"cannot download {url}: HTTP {e.code} {e.reason}. {hint}") from None
     except urllib.error.URLError as e:
         raise DataError(f"cannot download {url}: {e.reason}. {hint}") from None
-    except (TimeoutError, socket.timeout) as e:
-        raise DataError(f"cannot download {url}: timed out ({e}); partial data kept in {part} "
-                        f"and resumed next time. {hint}") from None
+    except TimeoutError as e:
+        raise DataError(
+            f"cannot download {url}: timed out ({e}); partial data kept in {part} and resumed next time. {hint}"
+        ) from None
     except (OSError, http.client.HTTPException) as e:
-        raise DataError(f"cannot download {url}: {type(e).__name__}: {e}; partial data kept in {part} "
-                        f"and resumed next time. {hint}") from None
+        raise DataError(
+            f"cannot download {url}: {type(e).__name__}: {e}; partial data kept in {part} and resumed next time. {hint}"
+        ) from None
 
 
 def md5_of(path: Path) -> str:
@@ -208,8 +215,10 @@ def _verify(path: Path, expected: str, url: str) -> None:
     actual = md5_of(path)
     if actual.lower() != expected.lower():
         path.unlink(missing_ok=True)
-        raise DataError(f"checksum mismatch for {url}: expected MD5 {expected.lower()}, got {actual} "
-                        f"({path.name} deleted; run the command again to download it afresh)")
+        raise DataError(
+            f"checksum mismatch for {url}: expected MD5 {expected.lower()}, got {actual} "
+            f"({path.name} deleted; run the command again to download it afresh)"
+        )
 
 
 def _safe_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
@@ -219,8 +228,10 @@ def _safe_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
         name = m.filename.replace("\\", "/")
         parts = PurePosixPath(name).parts
         if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
-            raise DataError(f"{archive}: refusing to unpack unsafe member '{m.filename}' "
-                            f"(absolute path or '..'); the archive is not a genuine Tiny ImageNet zip")
+            raise DataError(
+                f"{archive}: refusing to unpack unsafe member '{m.filename}' "
+                f"(absolute path or '..'); the archive is not a genuine Tiny ImageNet zip"
+            )
         if (m.external_attr >> 16) & 0o170000 == 0o120000:
             raise DataError(f"{archive}: refusing to unpack symbolic link '{m.filename}'")
     return members

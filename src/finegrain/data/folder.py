@@ -138,12 +138,12 @@ def read_image_folder(root: Path) -> ImageCollection:
         per_split[split] = classes
     names = sorted({c for classes in per_split.values() for c in classes})
     if not names:
-        raise DataError(f"{root}: no image files found in class sub-folders "
-                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no image files found in class sub-folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
     index = {c: i for i, c in enumerate(names)}
     splits = {
         split: [ImageRecord(p, index[c]) for c in sorted(classes) for p in classes[c]]
-        for split, classes in per_split.items() if classes
+        for split, classes in per_split.items()
+        if classes
     }
     for split in split_dirs:
         if split not in splits:
@@ -202,8 +202,9 @@ def read_csv(path: Path) -> ImageCollection:
             continue
         splits.setdefault(split, []).append(ImageRecord(p, index[label]))
     notes = [f"{absent} listed images not found on disk (dropped), paths relative to {base}"] if absent else []
-    missing = {s: f"no rows of {path} with split '{s}' (and an existing file)" for s in ("train", "test")
-               if s not in splits}
+    missing = {
+        s: f"no rows of {path} with split '{s}' (and an existing file)" for s in ("train", "test") if s not in splits
+    }
     if not splits:
         raise DataError(f"{path}: none of the {len(rows)} listed image files exists (paths relative to {base})")
     splits = {s: splits[s] for s in ("train", "test") if s in splits}

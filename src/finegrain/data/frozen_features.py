@@ -80,23 +80,37 @@ def _allocate(n: int, views: int, shape: tuple[int, ...]) -> np.ndarray:
     need = n * views * math.prod(shape) * 2
     free = _available_bytes()
     if free is not None and need > 0.8 * free:
-        raise ConfigError(f"train.frozen_cache_views: {views} view(s) of {n} images at {list(shape)} need "
-                          f"{need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB are available; lower "
-                          "train.frozen_cache_views or data.image_size, or set train.frozen_cache_views: 0")
-    log.info("caching the frozen stages' outputs: %d images x %d view(s) x %s float16 = %.2f GiB",
-             n, views, list(shape), need / 2**30)
+        raise ConfigError(
+            f"train.frozen_cache_views: {views} view(s) of {n} images at {list(shape)} need "
+            f"{need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB are available; lower "
+            "train.frozen_cache_views or data.image_size, or set train.frozen_cache_views: 0"
+        )
+    log.info(
+        "caching the frozen stages' outputs: %d images x %d view(s) x %s float16 = %.2f GiB",
+        n,
+        views,
+        list(shape),
+        need / 2**30,
+    )
     return np.empty((n, views, *shape), dtype=np.float16)
 
 
-def build_frozen_views(records: list[ImageRecord], data: DataConfig, prefix: Callable[[torch.Tensor], torch.Tensor],
-                       views: int, seed: int, cache=None) -> FrozenViews:
+def build_frozen_views(
+    records: list[ImageRecord],
+    data: DataConfig,
+    prefix: Callable[[torch.Tensor], torch.Tensor],
+    views: int,
+    seed: int,
+    cache=None,
+) -> FrozenViews:
     """Run ``prefix`` (uint8 images ``[B, 3, H, W]`` to the frozen stages' output) over ``views`` views of
     every readable record (see the module docstring); ``cache``: the prepared cache at ``data.image_size``."""
     if views < 1:
         raise ConfigError(f"train.frozen_cache_views must be 1 or more to build a cache, got {views}")
     if views > 2 and data.augment == "plain":
-        log.warning("train.frozen_cache_views: %d with data.augment: plain: views 2 to %d repeat view 0",
-                    views, views - 1)
+        log.warning(
+            "train.frozen_cache_views: %d with data.augment: plain: views 2 to %d repeat view 0", views, views - 1
+        )
     augment = build_transform(data.augment, data.image_size, train=True)
     loader = make_loader(records, data, False, size=data.image_size, cache=cache, seed=seed)
     set_threads(loader.num_workers)  # torch's threads and the decoding workers share the cores
@@ -118,17 +132,23 @@ def build_frozen_views(records: list[ImageRecord], data: DataConfig, prefix: Cal
                 f = prefix(xv).to("cpu", torch.float16)
                 if features is None:
                     features = _allocate(len(records), views, tuple(f.shape[1:]))
-                features[done:done + len(f), v] = f.numpy()
+                features[done : done + len(f), v] = f.numpy()
             labels.append(y)
             indices.append(idx)
             done += len(x)
     if features is None:
         raise ConfigError("train.frozen_cache_views: no readable training image to cache")
     seconds = time.perf_counter() - t0
-    log.info("cached %d view(s) of %d images in %.0f s (%.1f images/s per view)",
-             views, done, seconds, done * views / max(seconds, 1e-9))
-    return FrozenViews(features[:done], torch.cat(labels).numpy().astype(np.int64),
-                       torch.cat(indices).numpy().astype(np.int64))
+    log.info(
+        "cached %d view(s) of %d images in %.0f s (%.1f images/s per view)",
+        views,
+        done,
+        seconds,
+        done * views / max(seconds, 1e-9),
+    )
+    return FrozenViews(
+        features[:done], torch.cat(labels).numpy().astype(np.int64), torch.cat(indices).numpy().astype(np.int64)
+    )
 
 
 class FrozenViewDataset(Dataset):
@@ -162,7 +182,7 @@ class FrozenViewDataset(Dataset):
         tops, lefts = rng.integers(0, h - kh + 1, len(idx)), rng.integers(0, w - kw + 1, len(idx))
         out = np.empty((len(idx), c, kh, kw), dtype=np.float16)
         for row, (i, t, left) in enumerate(zip(idx, tops, lefts, strict=True)):
-            out[row] = f.features[i, self.view_of[i], :, t:t + kh, left:left + kw]
+            out[row] = f.features[i, self.view_of[i], :, t : t + kh, left : left + kw]
         return torch.from_numpy(out), torch.from_numpy(f.labels[idx]), torch.from_numpy(f.indices[idx])
 
 
@@ -201,5 +221,12 @@ def frozen_loader(frozen: FrozenViews, sampler: EpochOrder, batch_size: int, see
     """Training batches of cached features in ``sampler``'s order (over ``range(len(frozen))``),
     in the main process: the features are in its memory already."""
     ds = FrozenViewDataset(frozen, seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=_EpochSampler(sampler, ds), collate_fn=_batch_as_is,
-                      num_workers=0, drop_last=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=_EpochSampler(sampler, ds),
+        collate_fn=_batch_as_is,
+        num_workers=0,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+    )

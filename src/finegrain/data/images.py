@@ -126,8 +126,9 @@ def _reduce_or_refuse(im: Image.Image, name: str | Path, max_pixels: int | None)
     limits = [(Image.MAX_IMAGE_PIXELS, "the limit of {}")] if Image.MAX_IMAGE_PIXELS else []
     if max_pixels is not None:
         per_pixel = decode_bytes_per_pixel(im.mode)
-        budget = (f"the {DECODE_BUDGET_BYTES // 2**20} MB one decode may take "
-                  f"({per_pixel} bytes a pixel for {im.mode}: {{}})")
+        budget = (
+            f"the {DECODE_BUDGET_BYTES // 2**20} MB one decode may take ({per_pixel} bytes a pixel for {im.mode}: {{}})"
+        )
         limits += [(max_pixels, "the limit of {}"), (DECODE_BUDGET_BYTES // per_pixel, budget)]
     if not limits:
         return
@@ -238,9 +239,7 @@ def resize_rgb(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.array(im, dtype=np.uint8)  # writable: loaders hand out views of it
 
 
-def expand_box(
-    bbox: tuple[int, int, int, int], margin: float, width: int, height: int
-) -> tuple[int, int, int, int]:
+def expand_box(bbox: tuple[int, int, int, int], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
     """Grow an inclusive ``(x1, y1, x2, y2)`` box by ``margin`` of its size on each
     side, clip it to the image, and return a Pillow crop box (exclusive right/bottom)."""
     x1, y1, x2, y2 = bbox

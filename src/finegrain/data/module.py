@@ -39,8 +39,13 @@ def synthetic_root(data: DataConfig, cache_root: Path | None = None) -> Path:
     if not marker.is_file():
         log.info("writing the built-in synthetic dataset to %s", root)
         make_synthetic(
-            root, format="stanford_cars", num_classes=s.num_classes, train_per_class=s.train_per_class,
-            test_per_class=s.test_per_class, size=s.image_size, seed=s.seed,
+            root,
+            format="stanford_cars",
+            num_classes=s.num_classes,
+            train_per_class=s.train_per_class,
+            test_per_class=s.test_per_class,
+            size=s.image_size,
+            seed=s.seed,
         )
         marker.write_text("ok\n")
     return root
@@ -59,16 +64,19 @@ def open_data(data: DataConfig) -> ImageCollection:
 def split_for(data: DataConfig, collection: ImageCollection | None = None) -> Split:
     """The protocol split (train / val / test records) a config asks for."""
     return make_split(
-        collection or open_data(data), protocol=data.protocol, holdout=data.holdout,
-        val_fraction=data.val_fraction, seed=data.split_seed, holdout_fraction=data.holdout_fraction,
+        collection or open_data(data),
+        protocol=data.protocol,
+        holdout=data.holdout,
+        val_fraction=data.val_fraction,
+        seed=data.split_seed,
+        holdout_fraction=data.holdout_fraction,
     )
 
 
 def sizes_read(data: DataConfig) -> list[tuple[int, int]]:
     """Every size a config reads images at (what ``data prepare`` caches): training, then evaluation,
     then the progressive-resizing stages'."""
-    return list(dict.fromkeys([data.image_size, *eval_sizes(data),
-                               *((h, w) for h, w, _ in data.progressive_sizes)]))
+    return list(dict.fromkeys([data.image_size, *eval_sizes(data), *((h, w) for h, w, _ in data.progressive_sizes)]))
 
 
 def train_size(data: DataConfig, epoch: int) -> tuple[int, int]:
@@ -100,7 +108,10 @@ def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> 
     if problems:
         log.warning(
             "%s: skipped %d unreadable image(s) of %d (first: %s); set data.on_bad_image=fail to stop instead",
-            what, len(problems), len(records), problems[0],
+            what,
+            len(problems),
+            len(records),
+            problems[0],
         )
     return good
 
@@ -150,8 +161,10 @@ class FinegrainDataModule(L.LightningDataModule):
                 task = getattr(getattr(self, "trainer", None), "lightning_module", None)
                 cache_outputs = getattr(task, "cache_frozen_outputs", None)
                 if not callable(cache_outputs):
-                    raise DataError("train.frozen_cache_views: the frozen stages' outputs are computed by the task "
-                                    "being fitted (FinegrainTask.cache_frozen_outputs); there is none")
+                    raise DataError(
+                        "train.frozen_cache_views: the frozen stages' outputs are computed by the task "
+                        "being fitted (FinegrainTask.cache_frozen_outputs); there is none"
+                    )
                 cache_outputs()  # sets self.frozen_views
             views = self.frozen_views
             if views is None:
@@ -163,8 +176,9 @@ class FinegrainDataModule(L.LightningDataModule):
         size = train_size(d, trainer.current_epoch if trainer is not None else 0)
         if d.progressive_sizes:
             log.info("training images at %dx%d this epoch (data.progressive_sizes)", *size)
-        return make_loader(self.train_records, d, True, sampler=sampler, seed=seed, cache=self.caches.get(size),
-                           size=size)
+        return make_loader(
+            self.train_records, d, True, sampler=sampler, seed=seed, cache=self.caches.get(size), size=size
+        )
 
     def _train_sampler(self, labels: list[int]):
         """Class-balanced batches (``data.sampler: m_per_class``) or one seeded shuffle per epoch
@@ -176,11 +190,21 @@ class FinegrainDataModule(L.LightningDataModule):
             from finegrain.data.samplers import DistributedMPerClassSampler
 
             return DistributedMPerClassSampler(
-                labels, m=d.m_per_class, batch_size=d.batch_size, num_replicas=replicas, rank=rank, seed=seed,
+                labels,
+                m=d.m_per_class,
+                batch_size=d.batch_size,
+                num_replicas=replicas,
+                rank=rank,
+                seed=seed,
             )
         # DistributedSampler takes only len() of its dataset (torch types it as a Dataset)
-        return DistributedSampler(range(len(labels)),  # type: ignore[arg-type]
-                                  num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        return DistributedSampler(
+            range(len(labels)),  # type: ignore[arg-type]
+            num_replicas=replicas,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_records:
@@ -207,11 +231,17 @@ def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, wor
     root = cache_dir or default_cache_root()
     lines = []
     for h, w in sizes_read(cfg.data):
-        cache = prepare_cache(collection.all_records(), size=(h, w), cache_dir=root,
-                              bbox_margin=bbox_margin(cfg.data), num_workers=workers)
+        cache = prepare_cache(
+            collection.all_records(),
+            size=(h, w),
+            cache_dir=root,
+            bbox_margin=bbox_margin(cfg.data),
+            num_workers=workers,
+        )
         lines.append(f"prepared {len(cache)} images at {h}x{w} in {cache.path}")
         if cache.bad:
-            lines.append(f"{len(cache.bad)} unreadable image(s) recorded: " + ", ".join(
-                f"{p} ({r})" for p, r in list(cache.bad.items())[:5]))
+            lines.append(
+                f"{len(cache.bad)} unreadable image(s) recorded: "
+                + ", ".join(f"{p} ({r})" for p, r in list(cache.bad.items())[:5])
+            )
     return lines
-

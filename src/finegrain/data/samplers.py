@@ -24,8 +24,9 @@ class DistributedMPerClassSampler(Sampler[int]):
     Call :meth:`set_epoch` each epoch (Lightning does) for a new draw.
     """
 
-    def __init__(self, labels: Sequence[int], m: int, batch_size: int, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, labels: Sequence[int], m: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ) -> None:
         label_array = np.asarray(labels)
         n_classes = len(np.unique(label_array))
         if batch_size % m:
@@ -57,6 +58,6 @@ class DistributedMPerClassSampler(Sampler[int]):
                 pool = members[c]
                 order.extend(rng.choice(pool, size=self.m, replace=len(pool) < self.m).tolist())
         b = self.batch_size
-        batches = [order[i:i + b] for i in range(0, len(order), b)]
-        mine = batches[self.rank::self.num_replicas][: self.batches_per_rank]
+        batches = [order[i : i + b] for i in range(0, len(order), b)]
+        mine = batches[self.rank :: self.num_replicas][: self.batches_per_rank]
         return iter([int(i) for batch in mine for i in batch])

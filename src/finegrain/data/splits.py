@@ -86,8 +86,11 @@ def make_split(
             raise ConfigError(f"data.holdout_fraction must be in (0, 1), got {holdout_fraction}")
     elif holdout is not None and (isinstance(holdout, str) or not 0.0 < holdout < 1.0):
         raise ConfigError(f"data.holdout must be auto, a fraction in (0, 1) or null, got {holdout}")
-    split = (_classification(collection, holdout, holdout_fraction, val_fraction, seed) if protocol == "classification"
-             else _retrieval(collection, holdout, val_fraction, seed))
+    split = (
+        _classification(collection, holdout, holdout_fraction, val_fraction, seed)
+        if protocol == "classification"
+        else _retrieval(collection, holdout, val_fraction, seed)
+    )
     for warning in split.warnings:
         log.warning("%s", warning)
     return split
@@ -130,12 +133,15 @@ def stratified_split(
 def _unused_test_warning(c: ImageCollection, holdout: float | str | None, instead: str) -> str:
     """The loud line of a run that does not test on the data's own test split."""
     asked = f"data.holdout={holdout}" if holdout is not None else "data.holdout=null"
-    return (f"NOT TESTED ON YOUR TEST SPLIT: {c.root} has a test split ({len(c.splits['test']):,} images) but "
-            f"{asked} tests on {instead} instead; set data.holdout=auto to test on your test split")
+    return (
+        f"NOT TESTED ON YOUR TEST SPLIT: {c.root} has a test split ({len(c.splits['test']):,} images) but "
+        f"{asked} tests on {instead} instead; set data.holdout=auto to test on your test split"
+    )
 
 
-def _classification(c: ImageCollection, holdout: float | str | None, holdout_fraction: float, val_fraction: float,
-                    seed: int) -> Split:
+def _classification(
+    c: ImageCollection, holdout: float | str | None, holdout_fraction: float, val_fraction: float, seed: int
+) -> Split:
     if "train" not in c.splits or not c.splits["train"]:
         why = c.missing.get("train", "the collection has no train split")
         raise DataError(f"{c.root}: no train images for the classification protocol: {why}")
@@ -168,7 +174,9 @@ def _classification(c: ImageCollection, holdout: float | str | None, holdout_fra
     train, val = stratified_split(train, val_fraction, seed + 1)
     val_desc = (
         f"val = a seeded (seed {seed}) stratified {val_fraction:.0%} of each class of the remaining train images "
-        f"({len(val)} images)" if val else "no val images (val_fraction 0)"
+        f"({len(val)} images)"
+        if val
+        else "no val images (val_fraction 0)"
     )
     desc = (
         f"Classification on {c.format} ({c.num_classes} classes): "
@@ -193,15 +201,20 @@ def _retrieval(c: ImageCollection, holdout: float | str | None, val_fraction: fl
     desc = (
         f"Class-disjoint retrieval on {c.format}: classes 1-{half} (labels 0-{half - 1}) with all their images "
         f"from the official {' and '.join(used)} split{'s' if len(used) > 1 else ''} are train"
-        + (f" ({len(train)} images), of which {len(val_classes)} classes chosen with seed {seed} are val "
-           f"({len(val)} images)" if val_classes else f" ({len(train)} images)")
+        + (
+            f" ({len(train)} images), of which {len(val_classes)} classes chosen with seed {seed} are val "
+            f"({len(val)} images)"
+            if val_classes
+            else f" ({len(train)} images)"
+        )
         + f"; classes {half + 1}-{n} (labels {half}-{n - 1}, {len(test)} images) are test, "
         "every test image a query against the rest of the test set"
     )
     if c.missing:
         desc += f" (absent: {', '.join(sorted(c.missing))})"
-    tested_on = (f"classes {half + 1}-{n} held out of training ({len(test):,} images, every one a query "
-                 "against the rest)")
+    tested_on = (
+        f"classes {half + 1}-{n} held out of training ({len(test):,} images, every one a query against the rest)"
+    )
     warnings: list[str] = []
     if c.splits.get("test") and c.splits.get("train"):
         tested_on += f"; the data's own test split ({len(c.splits['test']):,} images) is not the test"
@@ -209,19 +222,20 @@ def _retrieval(c: ImageCollection, holdout: float | str | None, val_fraction: fl
             warnings.append(_unused_test_warning(c, holdout, f"classes {half + 1}-{n}, held out of training"))
     elif holdout == "auto":
         tested_on += ": the data has no test split"
-    return Split(train, val, test, list(c.class_names), "retrieval", desc + ".", "held-out classes", tested_on,
-                 warnings)
+    return Split(
+        train, val, test, list(c.class_names), "retrieval", desc + ".", "held-out classes", tested_on, warnings
+    )
 
 
-def _val_classes(train: list[ImageRecord], val_fraction: float,
-                 seed: int) -> tuple[list[ImageRecord], list[ImageRecord], set[int]]:
+def _val_classes(
+    train: list[ImageRecord], val_fraction: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord], set[int]]:
     """(train, val, val classes): a seeded ``val_fraction`` of the train classes, with all their images, is val."""
     train_classes = sorted({r.label for r in train})
     k = min(max(1, int(round(val_fraction * len(train_classes)))), len(train_classes) - 1) if val_fraction > 0 else 0
     rng = np.random.default_rng([seed, 7919])
     val_classes = {train_classes[i] for i in rng.permutation(len(train_classes))[:k].tolist()}
-    return ([r for r in train if r.label not in val_classes], [r for r in train if r.label in val_classes],
-            val_classes)
+    return ([r for r in train if r.label not in val_classes], [r for r in train if r.label in val_classes], val_classes)
 
 
 def _retrieval_on_test_split(c: ImageCollection, val_fraction: float, seed: int) -> Split:
@@ -229,13 +243,20 @@ def _retrieval_on_test_split(c: ImageCollection, val_fraction: float, seed: int)
     train, val, val_classes = _val_classes(_sorted(c.splits["train"]), val_fraction, seed)
     test = _sorted(c.splits["test"])
     overlap = len({r.label for r in test} & ({r.label for r in train} | val_classes))
-    classes = (f"{overlap} of its {len({r.label for r in test})} classes also in training" if overlap
-               else "its classes disjoint from training")
-    desc = (f"Retrieval on {c.format}: the official train split is train ({len(train)} images"
-            + (f", of which {len(val_classes)} classes chosen with seed {seed} are val ({len(val)} images)"
-               if val_classes else "")
-            + f"); the official test split ({len(test)} images, {classes}) is test, every test image a query "
-            "against the rest of the test set.")
+    classes = (
+        f"{overlap} of its {len({r.label for r in test})} classes also in training"
+        if overlap
+        else "its classes disjoint from training"
+    )
+    desc = (
+        f"Retrieval on {c.format}: the official train split is train ({len(train)} images"
+        + (
+            f", of which {len(val_classes)} classes chosen with seed {seed} are val ({len(val)} images)"
+            if val_classes
+            else ""
+        )
+        + f"); the official test split ({len(test)} images, {classes}) is test, every test image a query "
+        "against the rest of the test set."
+    )
     tested_on = f"the data's own test split ({len(test):,} images, {classes})"
     return Split(train, val, test, list(c.class_names), "retrieval", desc, "test split", tested_on)
-

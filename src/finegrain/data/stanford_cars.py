@@ -207,8 +207,11 @@ def _read_all_images(root: Path, mat_path: Path, recs: np.ndarray, names: list[s
         splits[split].append(_record(path, r, len(names), mat_path))
     notes = [f"Stanford Cars, 'all images' layout: annotations from {mat_path}"]
     notes += _absent_notes(absent, base / "car_ims")
-    missing = {s: f"no {s} images: none of the {s} records of {mat_path} has its file under {base}"
-               for s in ("train", "test") if not splits[s]}
+    missing = {
+        s: f"no {s} images: none of the {s} records of {mat_path} has its file under {base}"
+        for s in ("train", "test")
+        if not splits[s]
+    }
     for s in missing:
         del splits[s]
     if not splits:
@@ -263,10 +266,14 @@ def _read_devkit(root: Path, found: Found) -> ImageCollection:
 
 def _missing_annos(root: Path, split: str, found: Found) -> str:
     if split == "train":
-        return (f"train annotations not found: looked for a .mat file with an 'annotations' struct "
-                f"(fields bbox_x1..bbox_y2, class, fname; e.g. devkit/cars_train_annos.mat) under {root}")
-    msg = (f"test labels not found: looked for cars_test_annos_withlabels.mat (an 'annotations' struct "
-           f"with a 'class' field) under {root}, up to {SEARCH_DEPTH} levels deep")
+        return (
+            f"train annotations not found: looked for a .mat file with an 'annotations' struct "
+            f"(fields bbox_x1..bbox_y2, class, fname; e.g. devkit/cars_train_annos.mat) under {root}"
+        )
+    msg = (
+        f"test labels not found: looked for cars_test_annos_withlabels.mat (an 'annotations' struct "
+        f"with a 'class' field) under {root}, up to {SEARCH_DEPTH} levels deep"
+    )
     if found.test_unlabeled:
         msg += f"; only {found.test_unlabeled[0][0]} was found, and it has no class labels"
     return msg

@@ -104,8 +104,10 @@ def classify_mat(path: Path, found: Found) -> None:
             found.unused.append(path)
         return
     if known:
-        want = "a 'class_names' variable" if "meta" in path.name.lower() else (
-            "an 'annotations' struct array with fields " + ", ".join([*BOX_FIELDS, "class", "fname"])
+        want = (
+            "a 'class_names' variable"
+            if "meta" in path.name.lower()
+            else ("an 'annotations' struct array with fields " + ", ".join([*BOX_FIELDS, "class", "fname"]))
         )
         have = sorted(k for k in mat if not k.startswith("__"))
         got = f"variables {have}" + (f", annotation fields {sorted(fields)}" if fields else "")

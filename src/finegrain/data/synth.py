@@ -49,10 +49,27 @@ BODIES = (
 PATTERNS = (("stripe", 1), ("stripe", 2), ("stripe", 3), ("spot", 3))
 # Named hues (degrees) for readable class names.
 COLOUR_NAMES = (
-    (0, "Crimson"), (20, "Vermilion"), (35, "Orange"), (50, "Amber"), (62, "Yellow"), (80, "Chartreuse"),
-    (105, "Lime"), (130, "Green"), (155, "Jade"), (175, "Teal"), (190, "Cyan"), (205, "Azure"),
-    (225, "Cobalt"), (245, "Blue"), (265, "Indigo"), (280, "Violet"), (295, "Purple"), (310, "Magenta"),
-    (330, "Fuchsia"), (345, "Rose"), (360, "Crimson"),
+    (0, "Crimson"),
+    (20, "Vermilion"),
+    (35, "Orange"),
+    (50, "Amber"),
+    (62, "Yellow"),
+    (80, "Chartreuse"),
+    (105, "Lime"),
+    (130, "Green"),
+    (155, "Jade"),
+    (175, "Teal"),
+    (190, "Cyan"),
+    (205, "Azure"),
+    (225, "Cobalt"),
+    (245, "Blue"),
+    (265, "Indigo"),
+    (280, "Violet"),
+    (295, "Purple"),
+    (310, "Magenta"),
+    (330, "Fuchsia"),
+    (345, "Rose"),
+    (360, "Crimson"),
 )
 _SPLIT_IDS = {"train": 1, "test": 2}
 
@@ -134,15 +151,16 @@ def _background(h: int, w: int, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def _draw_car(hue: float, body: int, pattern: int, length: int, rng: np.random.Generator,
-              hue_jitter: float) -> Image.Image:
+def _draw_car(
+    hue: float, body: int, pattern: int, length: int, rng: np.random.Generator, hue_jitter: float
+) -> Image.Image:
     """The object on a transparent RGBA layer, ``length`` pixels long (before rotation)."""
     _, aspect, cabin = BODIES[body]
     aspect *= rng.uniform(0.95, 1.05)
     L = float(length)
-    bh = L / aspect                       # body height
-    ch = bh * rng.uniform(0.55, 0.65)     # cabin height
-    r = bh * 0.32                         # wheel radius
+    bh = L / aspect  # body height
+    ch = bh * rng.uniform(0.55, 0.65)  # cabin height
+    r = bh * 0.32  # wheel radius
     pad = 0.02 * L
     H = ch + bh + r * 0.7 + 2 * pad
     layer = Image.new("RGBA", (int(math.ceil(L + 2 * pad)), int(math.ceil(H))), (0, 0, 0, 0))
@@ -157,8 +175,15 @@ def _draw_car(hue: float, body: int, pattern: int, length: int, rng: np.random.G
     d.polygon([(rx, y_body + 1), (rtx, pad), (ftx, pad), (fx, y_body + 1)], fill=shade)
     inset = 0.18 * ch
     glass = _rgb(205, 0.15, rng.uniform(0.75, 0.92)) + (255,)
-    d.polygon([(rx + inset * 1.3, y_body), (rtx + inset * 0.6, pad + inset),
-               (ftx - inset * 0.6, pad + inset), (fx - inset * 1.3, y_body)], fill=glass)
+    d.polygon(
+        [
+            (rx + inset * 1.3, y_body),
+            (rtx + inset * 0.6, pad + inset),
+            (ftx - inset * 0.6, pad + inset),
+            (fx - inset * 1.3, y_body),
+        ],
+        fill=glass,
+    )
     mid = (rtx + ftx) / 2
     d.line([(mid, pad), (mid + (rx + fx - rtx - ftx) / 4, y_body)], fill=shade, width=max(1, int(0.06 * L)))
     # body
@@ -181,10 +206,10 @@ def _draw_car(hue: float, body: int, pattern: int, length: int, rng: np.random.G
             d.ellipse((cx - rad, cy - rad, cx + rad, cy + rad), fill=light)
     # lights: head (front, right) and tail (rear, left)
     lh = 0.16 * bh
-    d.rectangle((x0 + L - 0.05 * L, y_body + 0.15 * bh, x0 + L - 0.005 * L, y_body + 0.15 * bh + lh),
-                fill=(250, 235, 140, 255))
-    d.rectangle((x0 + 0.005 * L, y_body + 0.15 * bh, x0 + 0.04 * L, y_body + 0.15 * bh + lh),
-                fill=(200, 30, 30, 255))
+    d.rectangle(
+        (x0 + L - 0.05 * L, y_body + 0.15 * bh, x0 + L - 0.005 * L, y_body + 0.15 * bh + lh), fill=(250, 235, 140, 255)
+    )
+    d.rectangle((x0 + 0.005 * L, y_body + 0.15 * bh, x0 + 0.04 * L, y_body + 0.15 * bh + lh), fill=(200, 30, 30, 255))
     # wheels
     for fx_ in (0.2, 0.8):
         cx, cy = x0 + fx_ * L, y_body + bh - r * 0.05
@@ -194,8 +219,9 @@ def _draw_car(hue: float, body: int, pattern: int, length: int, rng: np.random.G
     return layer
 
 
-def render(label: int, num_classes: int, size: tuple[int, int], rng: np.random.Generator
-           ) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def render(
+    label: int, num_classes: int, size: tuple[int, int], rng: np.random.Generator
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """One RGB image of class ``label`` at ``size`` = ``(H, W)`` and the object's box.
 
     The box is ``(x1, y1, x2, y2)``, inclusive and 0-based: the tight box of the
@@ -279,8 +305,7 @@ def _check_layout(format: str, layout: str) -> None:
             raise DataError(f"unknown Stanford Cars layout '{layout}'; valid: {', '.join(LAYOUTS)}")
 
 
-def _render_splits(num_classes: int, per_split: dict[str, int], size: tuple[int, int],
-                   seed: int) -> dict[str, list]:
+def _render_splits(num_classes: int, per_split: dict[str, int], size: tuple[int, int], seed: int) -> dict[str, list]:
     """(image, label, bbox) of every image of each split with images, classes interleaved."""
     samples: dict[str, list] = {}
     for split, per_class in per_split.items():
@@ -339,9 +364,15 @@ def make_synthetic(
     size = (int(size[0]), int(size[1]))
     root = Path(root).expanduser()
     _check_layout(format, layout)
-    args = {"format": format, "num_classes": num_classes, "train_per_class": train_per_class,
-            "test_per_class": test_per_class, "size": list(size), "seed": seed,
-            "layout": layout if format == "stanford_cars" else None}
+    args = {
+        "format": format,
+        "num_classes": num_classes,
+        "train_per_class": train_per_class,
+        "test_per_class": test_per_class,
+        "size": list(size),
+        "seed": seed,
+        "layout": layout if format == "stanford_cars" else None,
+    }
     _prepare_root(root, args)
     names = class_names_for(num_classes)
     samples = _render_splits(num_classes, {"train": train_per_class, "test": test_per_class}, size, seed)

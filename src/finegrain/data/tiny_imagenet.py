@@ -165,8 +165,9 @@ def read_tiny_imagenet(root: Path) -> ImageCollection:
         splits["test"] = test
         notes.append(VAL_NOTE)
     else:
-        missing["test"] = (f"no validation images (used as test): looked for {root}/val/val_annotations.txt "
-                           f"and {root}/val/images/")
+        missing["test"] = (
+            f"no validation images (used as test): looked for {root}/val/val_annotations.txt and {root}/val/images/"
+        )
     if not splits:
         raise DataError(f"{root}: Tiny ImageNet wnids.txt found but no images. " + " ".join(missing.values()))
     return ImageCollection(FORMAT, root, names, splits, missing, notes)
@@ -188,8 +189,10 @@ def _read_train(root: Path, wnids: list[str], notes: list[str]) -> list[ImageRec
             box = boxes.get(path.name)
             records.append(ImageRecord(path, label, _to_box(box, box_file) if box else None))
     if absent_classes and len(absent_classes) < len(wnids):
-        notes.append(f"{len(absent_classes)} classes have no train folder under {root / 'train'} "
-                     f"(e.g. {', '.join(absent_classes[:3])})")
+        notes.append(
+            f"{len(absent_classes)} classes have no train folder under {root / 'train'} "
+            f"(e.g. {', '.join(absent_classes[:3])})"
+        )
     return records
 
 

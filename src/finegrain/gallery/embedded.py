@@ -85,13 +85,15 @@ def _connect(db: Path) -> sqlite3.Connection:
 
 
 def _damaged(db: Path, why: object) -> FinegrainError:
-    return FinegrainError(f"damaged gallery store {db}: {why}; restore it from a backup "
-                          "(a damaged store is never emptied or replaced)")
+    return FinegrainError(
+        f"damaged gallery store {db}: {why}; restore it from a backup (a damaged store is never emptied or replaced)"
+    )
 
 
 def _entry(row: tuple) -> Entry:
-    return Entry(id=int(row[0]), label=row[1], metadata=json.loads(row[2]), sha256=row[3], media_type=row[4],
-                 added_at=row[5])
+    return Entry(
+        id=int(row[0]), label=row[1], metadata=json.loads(row[2]), sha256=row[3], media_type=row[4], added_at=row[5]
+    )
 
 
 class EmbeddedStore(StoreBase):
@@ -116,13 +118,16 @@ class EmbeddedStore(StoreBase):
     # -- creating and checking -------------------------------------------------------------------
     def _create(self, spec: StoreSpec | None, import_from: Path | None) -> None:
         if spec is None:
-            raise FinegrainError(f"no gallery store in {self.folder} (serve the run, or add images with "
-                                 "`finegrain gallery add RUN PATH`, to create it)")
+            raise FinegrainError(
+                f"no gallery store in {self.folder} (serve the run, or add images with "
+                "`finegrain gallery add RUN PATH`, to create it)"
+            )
         if spec.metric not in METRICS:
             raise FinegrainError(f"unknown metric {spec.metric!r}; valid: {', '.join(METRICS)}")
         if self.folder.is_dir() and any(not p.name.startswith(".") for p in self.folder.iterdir()):
-            raise FinegrainError(f"{self.folder} holds files but no {DB_FILE}: not a gallery store "
-                                 "(choose an empty or new folder)")
+            raise FinegrainError(
+                f"{self.folder} holds files but no {DB_FILE}: not a gallery store (choose an empty or new folder)"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(f".{DB_FILE}.*.tmp*"):  # a creation that was killed
             stale.unlink(missing_ok=True)
@@ -131,9 +136,14 @@ class EmbeddedStore(StoreBase):
         try:
             conn.executescript(SCHEMA)
             conn.execute("BEGIN")
-            meta = {"format": FORMAT, "dim": str(spec.dim), "metric": spec.metric,
-                    "model_checksum": spec.model_checksum, "class_names": json.dumps(spec.class_names),
-                    "created_at": now_iso()}
+            meta = {
+                "format": FORMAT,
+                "dim": str(spec.dim),
+                "metric": spec.metric,
+                "model_checksum": spec.model_checksum,
+                "class_names": json.dumps(spec.class_names),
+                "created_at": now_iso(),
+            }
             if import_from is not None:
                 # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
                 from finegrain.gallery.importer import import_index
@@ -164,8 +174,12 @@ class EmbeddedStore(StoreBase):
             meta = dict(self._read.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-            return StoreSpec(dim=int(meta["dim"]), metric=meta["metric"], model_checksum=meta["model_checksum"],
-                             class_names=json.loads(meta.get("class_names") or "null"))
+            return StoreSpec(
+                dim=int(meta["dim"]),
+                metric=meta["metric"],
+                model_checksum=meta["model_checksum"],
+                class_names=json.loads(meta.get("class_names") or "null"),
+            )
         except (KeyError, ValueError, sqlite3.DatabaseError) as e:
             raise _damaged(self.db, e) from None
 
@@ -216,9 +230,10 @@ class EmbeddedStore(StoreBase):
             rows: list[tuple[int, bytes]] = []
             todo = sorted(added)
             for start in range(0, len(todo), 500):
-                chunk = todo[start:start + 500]
-                rows += c.execute(f"SELECT id, vector FROM entries WHERE id IN ({','.join('?' * len(chunk))})",
-                                  chunk).fetchall()
+                chunk = todo[start : start + 500]
+                rows += c.execute(
+                    f"SELECT id, vector FROM entries WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
             self._add_rows(rows)
             self._seq = max(int(s) for s, _, _ in changes)
 
@@ -249,9 +264,11 @@ class EmbeddedStore(StoreBase):
                     ids.append(int(found[0]))
                     continue
                 c.execute("INSERT OR IGNORE INTO images (sha256, data) VALUES (?, ?)", (sha, e.image))
-                cur = c.execute("INSERT INTO entries (label, metadata, sha256, media_type, added_at, vector) "
-                                "VALUES (?, ?, ?, ?, ?, ?)",
-                                (e.label, json.dumps(e.metadata), sha, e.media_type, now_iso(), v.tobytes()))
+                cur = c.execute(
+                    "INSERT INTO entries (label, metadata, sha256, media_type, added_at, vector) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (e.label, json.dumps(e.metadata), sha, e.media_type, now_iso(), v.tobytes()),
+                )
                 new_id = int(cur.lastrowid or 0)
                 c.execute("INSERT INTO changes (id, op) VALUES (?, 'add')", (new_id,))
                 ids.append(new_id)
@@ -265,9 +282,11 @@ class EmbeddedStore(StoreBase):
         with self._transaction() as c:
             for v, label in zip(x, labels, strict=True):
                 vec = check_vector(v, self.spec)
-                cur = c.execute("INSERT INTO entries (label, metadata, sha256, media_type, added_at, vector) "
-                                "VALUES (?, '{}', ?, NULL, ?, ?)",
-                                (label, "vector-" + uuid.uuid4().hex, now_iso(), vec.tobytes()))
+                cur = c.execute(
+                    "INSERT INTO entries (label, metadata, sha256, media_type, added_at, vector) "
+                    "VALUES (?, '{}', ?, NULL, ?, ?)",
+                    (label, "vector-" + uuid.uuid4().hex, now_iso(), vec.tobytes()),
+                )
                 ids.append(int(cur.lastrowid or 0))
             c.executemany("INSERT INTO changes (id, op) VALUES (?, 'add')", [(i,) for i in ids])
         self.refresh()
@@ -279,8 +298,10 @@ class EmbeddedStore(StoreBase):
             if row is None:
                 return False
             c.execute("DELETE FROM entries WHERE id = ?", (int(entry_id),))
-            c.execute("DELETE FROM images WHERE sha256 = ? AND NOT EXISTS "
-                      "(SELECT 1 FROM entries WHERE sha256 = ?)", (row[0], row[0]))
+            c.execute(
+                "DELETE FROM images WHERE sha256 = ? AND NOT EXISTS (SELECT 1 FROM entries WHERE sha256 = ?)",
+                (row[0], row[0]),
+            )
             c.execute("INSERT INTO changes (id, op) VALUES (?, 'remove')", (int(entry_id),))
         self.refresh()
         return True
@@ -300,21 +321,26 @@ class EmbeddedStore(StoreBase):
         if not wanted:
             return {}
         with self._index_lock:
-            rows = self._read.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id IN "
-                                      f"({','.join('?' * len(wanted))})", wanted).fetchall()
+            rows = self._read.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id IN ({','.join('?' * len(wanted))})", wanted
+            ).fetchall()
         return {int(r[0]): _entry(r) for r in rows}
 
     def image(self, entry_id: int) -> tuple[bytes, str | None] | None:
         with self._index_lock:
-            row = self._read.execute("SELECT i.data, e.media_type FROM entries e JOIN images i "
-                                     "ON i.sha256 = e.sha256 WHERE e.id = ?", (int(entry_id),)).fetchone()
+            row = self._read.execute(
+                "SELECT i.data, e.media_type FROM entries e JOIN images i ON i.sha256 = e.sha256 WHERE e.id = ?",
+                (int(entry_id),),
+            ).fetchone()
         return None if row is None else (bytes(row[0]), row[1])
 
     def list(self, label: str | None = None, offset: int = 0, limit: int = 100) -> list[Entry]:
         where, args = ("WHERE label = ?", [label]) if label is not None else ("", [])
         with self._index_lock:
-            rows = self._read.execute(f"SELECT {ENTRY_COLUMNS} FROM entries {where} ORDER BY id LIMIT ? OFFSET ?",
-                                      [*args, int(limit), int(offset)]).fetchall()
+            rows = self._read.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries {where} ORDER BY id LIMIT ? OFFSET ?",
+                [*args, int(limit), int(offset)],
+            ).fetchall()
         return [_entry(r) for r in rows]
 
     def count(self, label: str | None = None) -> int:
@@ -338,13 +364,17 @@ class EmbeddedStore(StoreBase):
         else:
             path = f'$."{key}"'  # key is a checked identifier; it is still bound, never pasted
             if isinstance(where.value, bool):
-                rows = self._read.execute("SELECT id FROM entries WHERE json_type(metadata, ?) = ?",
-                                          (path, "true" if where.value else "false")).fetchall()
+                rows = self._read.execute(
+                    "SELECT id FROM entries WHERE json_type(metadata, ?) = ?",
+                    (path, "true" if where.value else "false"),
+                ).fetchall()
             else:
                 types = _JSON_TYPES[type(where.value)]
                 rows = self._read.execute(
                     f"SELECT id FROM entries WHERE json_type(metadata, ?) IN ({','.join('?' * len(types))}) "
-                    "AND json_extract(metadata, ?) = ?", (path, *types, path, where.value)).fetchall()
+                    "AND json_extract(metadata, ?) = ?",
+                    (path, *types, path, where.value),
+                ).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def search(self, query: np.ndarray, k: int, where: Filter | None = None) -> Neighbours:

@@ -32,7 +32,7 @@ class Filter:
     @property
     def metadata_key(self) -> str | None:
         """The metadata field's name, or None for a label filter."""
-        return self.field[len(METADATA_PREFIX):] if self.field.startswith(METADATA_PREFIX) else None
+        return self.field[len(METADATA_PREFIX) :] if self.field.startswith(METADATA_PREFIX) else None
 
 
 def check_value(value: Any, what: str) -> Scalar:
@@ -48,10 +48,12 @@ def check_value(value: Any, what: str) -> Scalar:
 
 def make_filter(field: str, value: Any) -> Filter:
     """A checked :class:`Filter`."""
-    key = field[len(METADATA_PREFIX):] if field.startswith(METADATA_PREFIX) else None
+    key = field[len(METADATA_PREFIX) :] if field.startswith(METADATA_PREFIX) else None
     if field != "label" and (key is None or not FIELD_RE.fullmatch(key)):
-        raise FinegrainError("a filter names 'label' or 'metadata.NAME' (NAME: letters, digits and _, "
-                             f"at most 64); got {json.dumps(field[:40])}")
+        raise FinegrainError(
+            "a filter names 'label' or 'metadata.NAME' (NAME: letters, digits and _, "
+            f"at most 64); got {json.dumps(field[:40])}"
+        )
     if field == "label" and not isinstance(value, str):
         raise FinegrainError("a label filter's value must be a string")
     return Filter(field, check_value(value, f"the value of filter {field}"))
@@ -64,8 +66,9 @@ def parse_filter(text: str | None) -> Filter | None:
     try:
         obj = json.loads(text)
     except ValueError:
-        raise FinegrainError('the filter must be a JSON object such as {"label": "NAME"} '
-                             'or {"metadata.FIELD": VALUE}') from None
+        raise FinegrainError(
+            'the filter must be a JSON object such as {"label": "NAME"} or {"metadata.FIELD": VALUE}'
+        ) from None
     if not isinstance(obj, dict) or len(obj) != 1:
         raise FinegrainError("the filter must be a JSON object with exactly one entry")
     [(field, value)] = obj.items()
@@ -83,8 +86,9 @@ def check_metadata(metadata: Any) -> dict[str, Scalar | None]:
     out: dict[str, Scalar | None] = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not FIELD_RE.fullmatch(key):
-            raise FinegrainError(f"metadata field names are letters, digits and _ (at most 64); got "
-                                 f"{json.dumps(str(key)[:40])}")
+            raise FinegrainError(
+                f"metadata field names are letters, digits and _ (at most 64); got {json.dumps(str(key)[:40])}"
+            )
         out[key] = None if value is None else check_value(value, f"metadata field {key}")
     return out
 
@@ -96,7 +100,7 @@ def parse_metadata(text: str | None) -> dict[str, Scalar | None]:
     try:
         return check_metadata(json.loads(text))
     except ValueError:
-        raise FinegrainError("metadata must be a JSON object such as {\"sku\": \"A-12\"}") from None
+        raise FinegrainError('metadata must be a JSON object such as {"sku": "A-12"}') from None
 
 
 def check_label(label: Any) -> str:

@@ -41,8 +41,9 @@ def index_spec(index_dir: Path, model_checksum: str, class_names: list[str] | No
     if not meta_file.is_file():
         return None
     meta = json.loads(meta_file.read_text())
-    return StoreSpec(dim=int(meta["dim"]), metric=str(meta["metric"]), model_checksum=model_checksum,
-                     class_names=class_names)
+    return StoreSpec(
+        dim=int(meta["dim"]), metric=str(meta["metric"]), model_checksum=model_checksum, class_names=class_names
+    )
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,21 @@ def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
         except OSError:
             missing, data = missing + 1, None
             sha = "missing-" + hashlib.sha256(str(path).encode()).hexdigest()
-        yield Imported(i, name, {"file": Path(path).name}, sha, mimetypes.guess_type(str(path))[0],
-                       np.ascontiguousarray(vector, dtype=np.float32), data)
+        yield Imported(
+            i,
+            name,
+            {"file": Path(path).name},
+            sha,
+            mimetypes.guess_type(str(path))[0],
+            np.ascontiguousarray(vector, dtype=np.float32),
+            data,
+        )
     if missing:
-        log.warning("%d of the index's %d images are no longer on disk: imported without their picture",
-                    missing, len(index.paths))
+        log.warning(
+            "%d of the index's %d images are no longer on disk: imported without their picture",
+            missing,
+            len(index.paths),
+        )
     log.info("imported the %d images of the index in %s into the gallery store", len(index.paths), index_dir)
 
 
@@ -95,6 +106,8 @@ def import_index(conn: sqlite3.Connection, index_dir: Path, spec: StoreSpec) -> 
     for e in index_entries(index_dir, spec):
         if e.image is not None:
             conn.execute("INSERT OR IGNORE INTO images (sha256, data) VALUES (?, ?)", (e.sha256, e.image))
-        conn.execute("INSERT INTO entries (id, label, metadata, sha256, media_type, added_at, vector) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (e.id, e.label, json.dumps(e.metadata), e.sha256, e.media_type, added_at, e.vector.tobytes()))
+        conn.execute(
+            "INSERT INTO entries (id, label, metadata, sha256, media_type, added_at, vector) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (e.id, e.label, json.dumps(e.metadata), e.sha256, e.media_type, added_at, e.vector.tobytes()),
+        )

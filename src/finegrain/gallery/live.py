@@ -59,8 +59,14 @@ def media_type_of(im: Image.Image) -> str | None:
 class LiveGallery:
     """A run's model and a gallery store: search, add, remove, relabel."""
 
-    def __init__(self, run_path: str | Path, store: str | None = None, index_dir: Path | None = None,
-                 engine: str = "auto", precision: str | None = None) -> None:
+    def __init__(
+        self,
+        run_path: str | Path,
+        store: str | None = None,
+        index_dir: Path | None = None,
+        engine: str = "auto",
+        precision: str | None = None,
+    ) -> None:
         run = open_run(run_path)
         self.run: NamedRun = run
         self.encoder = open_encoder(run, engine, precision)
@@ -73,8 +79,11 @@ class LiveGallery:
         index_dir = index_dir or run.index
         checksum = self.encoder.loaded.checksum
         spec = index_spec(index_dir, checksum, self.class_names) or StoreSpec(
-            dim=self._embed(Image.new("RGB", (32, 32))).shape[0], metric="cosine", model_checksum=checksum,
-            class_names=self.class_names)
+            dim=self._embed(Image.new("RGB", (32, 32))).shape[0],
+            metric="cosine",
+            model_checksum=checksum,
+            class_names=self.class_names,
+        )
         self.store: GalleryStore = open_store(store or default_store(run), spec, import_from=index_dir)
 
     # -- SearchService -----------------------------------------------------------------------------
@@ -98,11 +107,21 @@ class LiveGallery:
     @property
     def info(self) -> ServiceInfo:
         spec = self.store.spec
-        return {"run": self.run.name, "model": str(self.cfg.model.backbone), "task": str(self.cfg.task),
-                "dataset": dataset_name(self.cfg.data.root), "gallery_size": self.gallery_size,
-                "embedding_dim": spec.dim, "metric": spec.metric, "index_kind": "flat",
-                "has_classifier": bool(self.encoder.has_classifier), "engine": self.engine, "created_at": None,
-                "precision": str(self.encoder.precision), "image_sizes": [list(s) for s in self.sizes]}
+        return {
+            "run": self.run.name,
+            "model": str(self.cfg.model.backbone),
+            "task": str(self.cfg.task),
+            "dataset": dataset_name(self.cfg.data.root),
+            "gallery_size": self.gallery_size,
+            "embedding_dim": spec.dim,
+            "metric": spec.metric,
+            "index_kind": "flat",
+            "has_classifier": bool(self.encoder.has_classifier),
+            "engine": self.engine,
+            "created_at": None,
+            "precision": str(self.encoder.precision),
+            "image_sizes": [list(s) for s in self.sizes],
+        }
 
     def _encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         out = self.encoder.encode_rgb(to_rgb(image)[0])
@@ -119,16 +138,19 @@ class LiveGallery:
         hits, top, _ = self.search_where(image, k, None)
         return hits, top
 
-    def search_where(self, image: Image.Image, k: int,
-                     where: Filter | None) -> tuple[list[Hit], Prediction | None, dict[int, Entry]]:
+    def search_where(
+        self, image: Image.Image, k: int, where: Filter | None
+    ) -> tuple[list[Hit], Prediction | None, dict[int, Entry]]:
         """The k nearest entries (of those ``where`` selects), the top-5 classes and the hits' entries."""
         check_k(k, max(1, self.gallery_size))
         vector, probs = self._encode(image)
         found = self.store.search(vector, k, where)
         entries = self.store.entries([i for i, _ in found])
         found = [(i, s) for i, s in found if i in entries]  # removed since the search: not shown
-        hits = [Hit(rank=r + 1, id=i, label=entries[i].label, score=s, path=f"/gallery/{i}")
-                for r, (i, s) in enumerate(found)]
+        hits = [
+            Hit(rank=r + 1, id=i, label=entries[i].label, score=s, path=f"/gallery/{i}")
+            for r, (i, s) in enumerate(found)
+        ]
         close = [h for h in hits if (h.score >= 0.999 if self.store.spec.metric == "cosine" else h.score <= 1e-3)]
         if close:  # an exact copy scores 1 (cosine) or 0 (L2), up to rounding: compare the pixels
             rgb = to_rgb(image)[0]
@@ -160,10 +182,16 @@ class LiveGallery:
         return [(label, n / len(voters)) for label, n in ranked] if voters else None
 
     # -- writes ------------------------------------------------------------------------------------
-    def prepare(self, image: ImageBytes, label: str, metadata: dict[str, Any] | None,
-                max_pixels: int | None = None) -> NewEntry:
+    def prepare(
+        self, image: ImageBytes, label: str, metadata: dict[str, Any] | None, max_pixels: int | None = None
+    ) -> NewEntry:
         """Decode (within ``max_pixels``; an unreadable image is an ImageError) and encode one image."""
         im = decode_bytes(image.data, image.name, max_pixels=max_pixels)
         media_type = media_type_of(im)
-        return NewEntry(vector=self._embed(im), label=check_label(label), image=image.data,
-                        media_type=media_type, metadata=check_metadata(metadata))
+        return NewEntry(
+            vector=self._embed(im),
+            label=check_label(label),
+            image=image.data,
+            media_type=media_type,
+            metadata=check_metadata(metadata),
+        )

@@ -54,7 +54,7 @@ FIELDS = ["id", "label", "metadata", "sha256", "media_type", "added_at"]
 def parse_location(location: str) -> tuple[str, str, Path]:
     """(Milvus URI, collection, images file) of a ``--store`` value."""
     if location.startswith(MILVUS_SCHEME):
-        hostport, _, collection = location[len(MILVUS_SCHEME):].partition("/")
+        hostport, _, collection = location[len(MILVUS_SCHEME) :].partition("/")
         if not hostport:
             raise FinegrainError(f"--store {location}: give milvus://HOST:PORT/COLLECTION")
         uri = f"http://{hostport}"
@@ -97,8 +97,14 @@ class ImageFiles:
 
 
 def _entry(row: dict[str, Any]) -> Entry:
-    return Entry(id=int(row["id"]), label=str(row["label"]), metadata=dict(row["metadata"] or {}),
-                 sha256=str(row["sha256"]), media_type=row["media_type"] or None, added_at=str(row["added_at"]))
+    return Entry(
+        id=int(row["id"]),
+        label=str(row["label"]),
+        metadata=dict(row["metadata"] or {}),
+        sha256=str(row["sha256"]),
+        media_type=row["media_type"] or None,
+        added_at=str(row["added_at"]),
+    )
 
 
 class MilvusStore(StoreBase):
@@ -109,8 +115,10 @@ class MilvusStore(StoreBase):
             # optional: the milvus extra, loaded only where this runs
             from pymilvus import MilvusClient
         except ImportError:
-            raise FinegrainError("the milvus gallery store needs pymilvus (and milvus-lite for a *.db file): "
-                                 "pip install 'finegrain[milvus]'") from None
+            raise FinegrainError(
+                "the milvus gallery store needs pymilvus (and milvus-lite for a *.db file): "
+                "pip install 'finegrain[milvus]'"
+            ) from None
         self.location = location
         uri, self.collection, images = parse_location(location)
         try:
@@ -133,8 +141,10 @@ class MilvusStore(StoreBase):
         from pymilvus import DataType, MilvusClient
 
         if spec is None:
-            raise FinegrainError(f"no gallery collection {self.collection} in {self.location} "
-                                 "(serve the run with --store, or `finegrain gallery add`, to create it)")
+            raise FinegrainError(
+                f"no gallery collection {self.collection} in {self.location} "
+                "(serve the run with --store, or `finegrain gallery add`, to create it)"
+            )
         if spec.metric not in METRICS:
             raise FinegrainError(f"unknown metric {spec.metric!r}; valid: {', '.join(METRICS)}")
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -153,8 +163,9 @@ class MilvusStore(StoreBase):
         spec_schema.add_field("spec", DataType.JSON)
         spec_params = self.client.prepare_index_params()
         spec_params.add_index("vector", index_type="FLAT", metric_type="L2")
-        self.client.create_collection(f"{self.collection}_spec", schema=spec_schema, index_params=spec_params,
-                                      consistency_level="Strong")
+        self.client.create_collection(
+            f"{self.collection}_spec", schema=spec_schema, index_params=spec_params, consistency_level="Strong"
+        )
         self.client.create_collection(self.collection, schema=schema, index_params=params, consistency_level="Strong")
         if import_from is not None:
             # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
@@ -165,23 +176,53 @@ class MilvusStore(StoreBase):
             for e in index_entries(import_from, spec):
                 if e.image is not None:
                     self.images.put(e.sha256, e.image)
-                rows.append({"id": e.id, "vector": e.vector.tolist(), "label": e.label, "metadata": e.metadata,
-                             "sha256": e.sha256, "media_type": e.media_type or "", "added_at": now_iso()})
+                rows.append(
+                    {
+                        "id": e.id,
+                        "vector": e.vector.tolist(),
+                        "label": e.label,
+                        "metadata": e.metadata,
+                        "sha256": e.sha256,
+                        "media_type": e.media_type or "",
+                        "added_at": now_iso(),
+                    }
+                )
             for start in range(0, len(rows), 1000):
-                self.client.insert(self.collection, rows[start:start + 1000])
-        self.client.insert(f"{self.collection}_spec", [{"id": 0, "vector": [0.0, 0.0], "spec": {
-            "dim": spec.dim, "metric": spec.metric, "model_checksum": spec.model_checksum,
-            "class_names": spec.class_names}}])  # last: a collection without its spec was not finished
+                self.client.insert(self.collection, rows[start : start + 1000])
+        self.client.insert(
+            f"{self.collection}_spec",
+            [
+                {
+                    "id": 0,
+                    "vector": [0.0, 0.0],
+                    "spec": {
+                        "dim": spec.dim,
+                        "metric": spec.metric,
+                        "model_checksum": spec.model_checksum,
+                        "class_names": spec.class_names,
+                    },
+                }
+            ],
+        )  # last: a collection without its spec was not finished
 
     def _read_spec(self) -> StoreSpec:
-        rows = self.client.query(f"{self.collection}_spec", filter="id == 0", output_fields=["spec"]) \
-            if self.client.has_collection(f"{self.collection}_spec") else []
+        rows = (
+            self.client.query(f"{self.collection}_spec", filter="id == 0", output_fields=["spec"])
+            if self.client.has_collection(f"{self.collection}_spec")
+            else []
+        )
         if not rows:
-            raise FinegrainError(f"the Milvus collection {self.collection} in {self.location} is not a finished "
-                                 f"finegrain gallery (no {self.collection}_spec): drop it or name another")
+            raise FinegrainError(
+                f"the Milvus collection {self.collection} in {self.location} is not a finished "
+                f"finegrain gallery (no {self.collection}_spec): drop it or name another"
+            )
         s = rows[0]["spec"]
-        return StoreSpec(dim=int(s["dim"]), metric=str(s["metric"]), model_checksum=str(s["model_checksum"]),
-                         class_names=s.get("class_names"))
+        return StoreSpec(
+            dim=int(s["dim"]),
+            metric=str(s["metric"]),
+            model_checksum=str(s["model_checksum"]),
+            class_names=s.get("class_names"),
+        )
 
     def _new_id(self) -> int:
         """An id no other writer takes: microseconds since 1970 (below 2**53, exact in JSON) with random low bits."""
@@ -202,16 +243,28 @@ class MilvusStore(StoreBase):
         seen: dict[str, int] = {}
         for e in entries:
             vector, sha = check_vector(e.vector, self.spec), e.sha256
-            found = seen.get(sha) or next((int(r["id"]) for r in self._query(f"sha256 == {milvus_literal(sha)}",
-                                                                               ["id"], 1)), None)
+            found = seen.get(sha) or next(
+                (int(r["id"]) for r in self._query(f"sha256 == {milvus_literal(sha)}", ["id"], 1)), None
+            )
             if found is not None:
                 ids.append(found)
                 continue
             self.images.put(sha, e.image)  # first: an entry is never without its image
             new_id = self._new_id()
-            self.client.insert(self.collection, [{"id": new_id, "vector": vector.tolist(), "label": e.label,
-                                                  "metadata": e.metadata, "sha256": sha,
-                                                  "media_type": e.media_type or "", "added_at": now_iso()}])
+            self.client.insert(
+                self.collection,
+                [
+                    {
+                        "id": new_id,
+                        "vector": vector.tolist(),
+                        "label": e.label,
+                        "metadata": e.metadata,
+                        "sha256": sha,
+                        "media_type": e.media_type or "",
+                        "added_at": now_iso(),
+                    }
+                ],
+            )
             seen[sha] = new_id
             ids.append(new_id)
         return ids
@@ -221,11 +274,20 @@ class MilvusStore(StoreBase):
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.gallery.embedded import now_iso
 
-        rows = [{"id": self._new_id(), "vector": check_vector(v, self.spec).tolist(), "label": label,
-                 "metadata": {}, "sha256": f"vector-{random.getrandbits(128):032x}", "media_type": "",
-                 "added_at": now_iso()} for v, label in zip(np.asarray(vectors), labels, strict=True)]
+        rows = [
+            {
+                "id": self._new_id(),
+                "vector": check_vector(v, self.spec).tolist(),
+                "label": label,
+                "metadata": {},
+                "sha256": f"vector-{random.getrandbits(128):032x}",
+                "media_type": "",
+                "added_at": now_iso(),
+            }
+            for v, label in zip(np.asarray(vectors), labels, strict=True)
+        ]
         for start in range(0, len(rows), 1000):
-            self.client.insert(self.collection, rows[start:start + 1000])
+            self.client.insert(self.collection, rows[start : start + 1000])
         return [int(r["id"]) for r in rows]
 
     def remove(self, entry_id: int) -> bool:
@@ -266,7 +328,7 @@ class MilvusStore(StoreBase):
         return sorted(int(r["id"]) for r in self._query(expr, ["id"]))
 
     def list(self, label: str | None = None, offset: int = 0, limit: int = 100) -> list[Entry]:
-        page = self._ids(label)[int(offset):int(offset) + int(limit)]
+        page = self._ids(label)[int(offset) : int(offset) + int(limit)]
         found = self.entries(page)
         return [found[i] for i in page if i in found]
 
@@ -280,9 +342,14 @@ class MilvusStore(StoreBase):
     def search(self, query: np.ndarray, k: int, where: Filter | None = None) -> Neighbours:
         q = check_vector(query, self.spec)
         metric = "IP" if self.spec.metric == "cosine" else "L2"
-        found = self.client.search(self.collection, data=[q.tolist()], limit=int(k),
-                                   filter=milvus_expression(where) if where is not None else "",
-                                   search_params={"metric_type": metric}, output_fields=[])[0]
+        found = self.client.search(
+            self.collection,
+            data=[q.tolist()],
+            limit=int(k),
+            filter=milvus_expression(where) if where is not None else "",
+            search_params={"metric_type": metric},
+            output_fields=[],
+        )[0]
         out = [(int(h["id"]), float(h["distance"])) for h in found]
         if self.spec.metric == "euclidean":
             out = [(i, float(np.sqrt(max(d, 0.0)))) for i, d in out]

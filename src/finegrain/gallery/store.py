@@ -47,8 +47,15 @@ class Entry:
     added_at: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "label": self.label, "metadata": self.metadata, "sha256": self.sha256,
-                "media_type": self.media_type, "added_at": self.added_at, "url": f"/gallery/{self.id}"}
+        return {
+            "id": self.id,
+            "label": self.label,
+            "metadata": self.metadata,
+            "sha256": self.sha256,
+            "media_type": self.media_type,
+            "added_at": self.added_at,
+            "url": f"/gallery/{self.id}",
+        }
 
 
 @dataclass(frozen=True)
@@ -146,12 +153,17 @@ def open_store(location: str | Path, spec: StoreSpec | None = None, import_from:
     backend, where = backend_of(str(location))
     store = STORES.get(backend)(where, spec, import_from)
     if spec is not None and (store.spec.model_checksum, store.spec.dim, store.spec.metric) != (
-            spec.model_checksum, spec.dim, spec.metric):
+        spec.model_checksum,
+        spec.dim,
+        spec.metric,
+    ):
         store.close()
-        raise FinegrainError(f"the gallery store {location} was made by another model or metric "
-                             f"({store.spec.model_checksum[:12]}…, {store.spec.dim}-d {store.spec.metric}); "
-                             f"this model is {spec.model_checksum[:12]}… ({spec.dim}-d {spec.metric}): name another "
-                             "store with --store, or move this one away to start a new one from the run's index")
+        raise FinegrainError(
+            f"the gallery store {location} was made by another model or metric "
+            f"({store.spec.model_checksum[:12]}…, {store.spec.dim}-d {store.spec.metric}); "
+            f"this model is {spec.model_checksum[:12]}… ({spec.dim}-d {spec.metric}): name another "
+            "store with --store, or move this one away to start a new one from the run's index"
+        )
     return store
 
 

@@ -51,9 +51,11 @@ def evaluation_precision(export_onnx: bool) -> str:
 
 def _require_torch(why: str) -> None:
     if not torch_available():
-        raise FinegrainError(f"{why} needs PyTorch, which is not installed here: pip install 'finegrain[train]', "
-                             "or run an exported model with --engine onnx (`finegrain export RUN` on a machine "
-                             "with PyTorch)")
+        raise FinegrainError(
+            f"{why} needs PyTorch, which is not installed here: pip install 'finegrain[train]', "
+            "or run an exported model with --engine onnx (`finegrain export RUN` on a machine "
+            "with PyTorch)"
+        )
 
 
 def current_export(run: RunDir) -> tuple[dict | None, str]:
@@ -70,9 +72,11 @@ def current_export(run: RunDir) -> tuple[dict | None, str]:
         return None, f"{run.path} has no checkpoint to check its export against"
     checksum = file_sha256(ckpt)
     if checksum != meta["model_checksum"]:
-        return None, (f"{export_dir(run) / META_FILE} was exported from another checkpoint (sha256 "
-                      f"{str(meta['model_checksum'])[:12]}…) than the run's {ckpt.name} (sha256 {checksum[:12]}…): "
-                      f"the model changed since; run `finegrain export {run.path}` again")
+        return None, (
+            f"{export_dir(run) / META_FILE} was exported from another checkpoint (sha256 "
+            f"{str(meta['model_checksum'])[:12]}…) than the run's {ckpt.name} (sha256 {checksum[:12]}…): "
+            f"the model changed since; run `finegrain export {run.path}` again"
+        )
     return meta, ""
 
 
@@ -113,12 +117,16 @@ def open_encoder(run: RunDir | str | Path, engine: str = "auto", precision: str 
         why = why or "onnxruntime is not installed"
         log.info("not using the ONNX export: %s", why)
     if precision == "int8":
-        raise FinegrainError(f"precision int8 needs a current int8 export: {why or 'no ONNX export'}; "
-                             f"run `finegrain export {run.path} --quantize int8`")
+        raise FinegrainError(
+            f"precision int8 needs a current int8 export: {why or 'no ONNX export'}; "
+            f"run `finegrain export {run.path} --quantize int8`"
+        )
     if engine == "auto" and not torch_available():
-        raise FinegrainError(f"cannot run {run.path} here: PyTorch is not installed and there is no usable ONNX "
-                             f"export ({why or 'none in ' + str(run.path / 'export')}); export the run with "
-                             "`finegrain export RUN` where PyTorch is, or pip install 'finegrain[train]'")
+        raise FinegrainError(
+            f"cannot run {run.path} here: PyTorch is not installed and there is no usable ONNX "
+            f"export ({why or 'none in ' + str(run.path / 'export')}); export the run with "
+            "`finegrain export RUN` where PyTorch is, or pip install 'finegrain[train]'"
+        )
     _require_torch("the torch engine")
     from finegrain.inference.encoder import Encoder
     from finegrain.inference.load import load_model

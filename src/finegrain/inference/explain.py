@@ -43,8 +43,10 @@ from finegrain.inference.outputs import mean_over_sizes, named_outputs
 EMBEDDING_MAP = "embedding_map"
 CLASS_MAP = "class_map"
 MAP_NAMES = (EMBEDDING_MAP, CLASS_MAP)
-_VIRIDIS_ANCHORS = ("44015448186a472d7b4240863b528b33638d2c728e26828e21918c1fa08828ae803fbc735ec96284d44baddc30d8e219"
-                    "fde725")  # matplotlib's viridis at 17 evenly spaced points, interpolated linearly between them
+_VIRIDIS_ANCHORS = (
+    "44015448186a472d7b4240863b528b33638d2c728e26828e21918c1fa08828ae803fbc735ec96284d44baddc30d8e219"
+    "fde725"
+)  # matplotlib's viridis at 17 evenly spaced points, interpolated linearly between them
 OVERLAY_ALPHA = 0.5
 
 
@@ -102,11 +104,13 @@ def explain_rgbs(encoder: Any, rgbs: list[Image.Image]) -> list[ImageMaps]:
     # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.images import resize_rgb
 
-    per_size = [encoder.forward_maps(np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in rgbs]))
-                for size in encoder.sizes]
+    per_size = [
+        encoder.forward_maps(np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in rgbs]))
+        for size in encoder.sizes
+    ]
     images = []
     for i in range(len(rgbs)):
-        outs = [{k: v[i:i + 1] for k, v in res.items() if k not in MAP_NAMES} for res in per_size]
+        outs = [{k: v[i : i + 1] for k, v in res.items() if k not in MAP_NAMES} for res in per_size]
         maps = {k: [res[k][i] for res in per_size] for k in MAP_NAMES if k in per_size[0]}
         images.append(ImageMaps(mean_over_sizes(outs), maps))
     return images
@@ -130,8 +134,9 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def class_activation_map(image: ImageMaps, cls: int | None = None, size: tuple[int, int] | None = None,
-                         contrastive: bool = True) -> np.ndarray:
+def class_activation_map(
+    image: ImageMaps, cls: int | None = None, size: tuple[int, int] | None = None, contrastive: bool = True
+) -> np.ndarray:
     """The class activation map ``[H, W]`` of class ``cls`` (default: the predicted one), each size's
     map resized to ``size`` (default: the first size's map) and averaged.
 
@@ -179,8 +184,10 @@ def to_unit(m: np.ndarray) -> np.ndarray:
 
 
 def _viridis_lut() -> np.ndarray:
-    anchors = np.array([[int(_VIRIDIS_ANCHORS[i + j:i + j + 2], 16) for j in (0, 2, 4)]
-                        for i in range(0, len(_VIRIDIS_ANCHORS), 6)], dtype=np.float32)
+    anchors = np.array(
+        [[int(_VIRIDIS_ANCHORS[i + j : i + j + 2], 16) for j in (0, 2, 4)] for i in range(0, len(_VIRIDIS_ANCHORS), 6)],
+        dtype=np.float32,
+    )
     x = np.linspace(0, 1, len(anchors))
     t = np.linspace(0, 1, 256)
     return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)

@@ -77,20 +77,31 @@ def export_onnx(loaded: LoadedModel, size: tuple[int, int], opset: int = DEFAULT
     names = output_names(loaded, maps)
     graph = _Graph(loaded.model, names).eval()
     x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
-    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-            **{n: ({0: "batch", 2: "map_height", 3: "map_width"} if n in MAP_OUTPUTS else {0: "batch"})
-               for n in names}}
+    axes = {
+        INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+        **{n: ({0: "batch", 2: "map_height", 3: "map_width"} if n in MAP_OUTPUTS else {0: "batch"}) for n in names},
+    }
     buf = io.BytesIO()
     target: Any = buf  # the TorchScript exporter writes to a file object too; torch types only paths
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(graph, (x,), target, dynamo=False, input_names=[INPUT_NAME], output_names=names,
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+            torch.onnx.export(
+                graph,
+                (x,),
+                target,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
     except Exception as e:  # noqa: BLE001 - an operator ONNX cannot express, an unsupported opset...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise FinegrainError(f"this model ({loaded.cfg.model.backbone}) does not export to ONNX opset {opset}: "
-                             f"{first}") from None
+        raise FinegrainError(
+            f"this model ({loaded.cfg.model.backbone}) does not export to ONNX opset {opset}: {first}"
+        ) from None
     finally:
         loaded.model.eval()  # the exporter restores the wrapper's training flag onto the model
     return buf.getvalue()
@@ -112,16 +123,20 @@ def check_parity(onnx_path: Path, loaded: LoadedModel, sizes: Iterable[tuple[int
             got = dict(zip(names, sess.run(None, {INPUT_NAME: x.numpy()}), strict=True))
         except Exception as e:  # noqa: BLE001
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise FinegrainError(f"the ONNX export of {loaded.cfg.model.backbone} does not run at "
-                                 f"{size[0]}x{size[1]} ({first}): its image size is not dynamic") from None
+            raise FinegrainError(
+                f"the ONNX export of {loaded.cfg.model.backbone} does not run at "
+                f"{size[0]}x{size[1]} ({first}): its image size is not dynamic"
+            ) from None
         with torch.inference_mode():
             ref = model_outputs(loaded.model, x, maps=MAP_OUTPUTS[0] in names)
         for n in names:
             r = ref[n].float().numpy()
             diff = float(np.abs(got[n] - r).max())
             if diff > PARITY_TOLERANCE * max(1.0, float(np.abs(r).max())):
-                raise FinegrainError(f"the ONNX export of {loaded.cfg.model.backbone} disagrees with PyTorch at "
-                                     f"{size[0]}x{size[1]} ({n}: max difference {diff:.3g})")
+                raise FinegrainError(
+                    f"the ONNX export of {loaded.cfg.model.backbone} disagrees with PyTorch at "
+                    f"{size[0]}x{size[1]} ({n}: max difference {diff:.3g})"
+                )
             worst = max(worst, diff)
     return worst
 
@@ -152,8 +167,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Iterable[np.ndarray]
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     reader = BatchReader(batches)
-    settings = {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": True,
-                "reduce_range": True, "calibration": "minmax"}
+    settings = {
+        "format": "QDQ",
+        "activations": "uint8",
+        "weights": "int8",
+        "per_channel": True,
+        "reduce_range": True,
+        "calibration": "minmax",
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as tmp:
         source = Path(tmp) / "pre.onnx"
@@ -168,9 +189,17 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Iterable[np.ndarray]
             settings["pre_process"] = False
         target = Path(tmp) / "int8.onnx"
         # reduce_range: 7-bit weights, which CPUs without VNNI (AVX2) multiply without saturating
-        quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(source),
+            str(target),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=True,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
         if reader.count == 0:
             raise FinegrainError("no calibration images could be read for int8 quantization")
         os.replace(target, out_path)

@@ -24,8 +24,15 @@ if TYPE_CHECKING:  # torch is imported where a model is built: the ONNX engine u
 
 # Sections of config.yaml that decide what the model computes for an image; the rest
 # (data.root, batch sizes, workers, training settings) may differ between the copy and the checkpoint.
-INFERENCE_KEYS = ("model", "data.image_size", "data.eval_image_sizes", "data.crop_bbox", "data.bbox_margin",
-                  "eval.tta_flip", "task")
+INFERENCE_KEYS = (
+    "model",
+    "data.image_size",
+    "data.eval_image_sizes",
+    "data.crop_bbox",
+    "data.bbox_margin",
+    "eval.tta_flip",
+    "task",
+)
 
 
 @dataclass
@@ -77,8 +84,10 @@ def read_checkpoint_hashed(path: Path) -> tuple[dict[str, Any], str]:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise FinegrainError(f"refusing checkpoint {path}: it is unsafe or not a finegrain checkpoint (it holds "
-                             f"Python objects that loading would execute; {first})") from None
+        raise FinegrainError(
+            f"refusing checkpoint {path}: it is unsafe or not a finegrain checkpoint (it holds "
+            f"Python objects that loading would execute; {first})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise FinegrainError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(state, dict):
@@ -112,10 +121,13 @@ def check_config_copy(run: RunDir, cfg: ExperimentConfig) -> None:
     stored = cfg.model_dump(mode="json")
     differ = [k for k in INFERENCE_KEYS if _get(copy, k) != _get(stored, k)]
     if differ:
-        detail = "; ".join(f"{k}: {_get(copy, k)!r} in config.yaml, {_get(stored, k)!r} in the checkpoint"
-                           for k in differ)
-        raise FinegrainError(f"{run.config_file} disagrees with the config stored in its checkpoint ({detail}); "
-                             "the model was trained with the checkpoint's: restore config.yaml, or train anew")
+        detail = "; ".join(
+            f"{k}: {_get(copy, k)!r} in config.yaml, {_get(stored, k)!r} in the checkpoint" for k in differ
+        )
+        raise FinegrainError(
+            f"{run.config_file} disagrees with the config stored in its checkpoint ({detail}); "
+            "the model was trained with the checkpoint's: restore config.yaml, or train anew"
+        )
 
 
 def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> LoadedModel:

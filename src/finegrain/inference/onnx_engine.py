@@ -71,8 +71,9 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise FinegrainError("the onnx engine needs ONNX Runtime: pip install 'finegrain[serve]' "
-                             "(or onnxruntime)") from None
+        raise FinegrainError(
+            "the onnx engine needs ONNX Runtime: pip install 'finegrain[serve]' (or onnxruntime)"
+        ) from None
     return onnxruntime
 
 
@@ -107,14 +108,18 @@ class OnnxEncoder(EncodingLoop):
         entry = meta["files"].get(key)
         folder = export_dir(run)
         if not entry:
-            raise FinegrainError(f"{folder} has no {key} model"
-                                 + (f" (run `finegrain export {run.path} --quantize int8`)" if key == "int8" else ""))
+            raise FinegrainError(
+                f"{folder} has no {key} model"
+                + (f" (run `finegrain export {run.path} --quantize int8`)" if key == "int8" else "")
+            )
         path = folder / entry["file"]
         if not path.is_file():
             raise FinegrainError(f"{path} is missing; run `finegrain export {run.path}` again")
         if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-            raise FinegrainError(f"{path} is not the file that was exported (its sha256 differs from {folder / META_FILE}'s):"
-                                 f" damaged or replaced; run `finegrain export {run.path}` again")
+            raise FinegrainError(
+                f"{path} is not the file that was exported (its sha256 differs from {folder / META_FILE}'s):"
+                f" damaged or replaced; run `finegrain export {run.path}` again"
+            )
         self.run = run
         self.meta = meta
         self.path = path
@@ -122,8 +127,14 @@ class OnnxEncoder(EncodingLoop):
         cfg, class_names = checkpoint_config(fake_state, folder / META_FILE)
         check_config_copy(run, cfg)
         self.cfg = cfg
-        self.loaded = ExportedModel(cfg, class_names, Path(meta.get("checkpoint", "-")), meta["model_checksum"],
-                                    classifier=bool(meta.get("has_classifier")), onnx_file=path)
+        self.loaded = ExportedModel(
+            cfg,
+            class_names,
+            Path(meta.get("checkpoint", "-")),
+            meta["model_checksum"],
+            classifier=bool(meta.get("has_classifier")),
+            onnx_file=path,
+        )
         self.sizes: list[tuple[int, int]] = eval_sizes(cfg.data)
         self.tta_flip = cfg.eval.tta_flip
         self.precision = precision
@@ -146,8 +157,9 @@ class OnnxEncoder(EncodingLoop):
                 sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 - any unloadable file is reported the same way
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise FinegrainError(f"cannot load {self.path} with ONNX Runtime ({first}); "
-                                     f"run `finegrain export {self.run.path}` again") from None
+                raise FinegrainError(
+                    f"cannot load {self.path} with ONNX Runtime ({first}); run `finegrain export {self.run.path}` again"
+                ) from None
             self._sessions[threads] = sess
             self._outputs = [o.name for o in sess.get_outputs()]
         return self._sessions[threads]
@@ -171,8 +183,10 @@ class OnnxEncoder(EncodingLoop):
         :class:`NeedsReexport` for a model exported before the graph had them."""
         self.session(self._threads or next(iter(self._sessions)))
         if EMBEDDING_MAP not in self._outputs:
-            raise NeedsReexport(f"the ONNX export of run {self.run.name} was made before explanations existed: "
-                                f"run `finegrain export RUN` again to explain its answers")
+            raise NeedsReexport(
+                f"the ONNX export of run {self.run.name} was made before explanations existed: "
+                f"run `finegrain export RUN` again to explain its answers"
+            )
         x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.uint8)
         both = np.concatenate([x, x[..., ::-1]]) if self.tta_flip else x
         return maps_outputs(self._run(both, maps=True), len(x), self.tta_flip)

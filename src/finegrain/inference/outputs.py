@@ -10,8 +10,10 @@ from typing import Protocol
 
 import numpy as np
 
-from finegrain.config.schema import ExperimentConfig
-from finegrain.config.schema import eval_sizes  # noqa: F401 - where the ONNX engine finds it
+from finegrain.config.schema import (
+    ExperimentConfig,
+    eval_sizes,  # noqa: F401 - where the ONNX engine finds it
+)
 from finegrain.errors import FinegrainError
 
 PASS_IMAGES = 32
@@ -24,12 +26,12 @@ their mirrors in one ONNX Runtime pass, 1.8 GB for 32 (and ran no slower)."""
 class Outputs:
     """Model outputs over records, in record order (unreadable images dropped)."""
 
-    labels: np.ndarray          # [N] int
-    indices: np.ndarray         # [N] index into the records
-    features: np.ndarray        # [N, feature_dim] float32
-    embeddings: np.ndarray      # [N, D] float32 (the embedding head, else the features)
-    logits: np.ndarray | None   # [N, C] float32 when the model has a classifier
-    seconds: float              # wall time of the forward passes
+    labels: np.ndarray  # [N] int
+    indices: np.ndarray  # [N] index into the records
+    features: np.ndarray  # [N, feature_dim] float32
+    embeddings: np.ndarray  # [N, D] float32 (the embedding head, else the features)
+    logits: np.ndarray | None  # [N, C] float32 when the model has a classifier
+    seconds: float  # wall time of the forward passes
 
     @property
     def images_per_second(self) -> float:
@@ -46,8 +48,10 @@ class Outputs:
 def named_outputs(out: dict) -> dict[str, np.ndarray]:
     """A model's outputs (arrays by name) as both engines give them: ``features``, ``embedding``
     (the features when the model has no embedder) and, with a classifier, ``logits``; float32."""
-    res = {"features": np.asarray(out["features"], dtype=np.float32),
-           "embedding": np.asarray(out.get("embedding", out["features"]), dtype=np.float32)}
+    res = {
+        "features": np.asarray(out["features"], dtype=np.float32),
+        "embedding": np.asarray(out.get("embedding", out["features"]), dtype=np.float32),
+    }
     if "logits" in out:
         res["logits"] = np.asarray(out["logits"], dtype=np.float32)
     return res
@@ -96,8 +100,12 @@ class EncodingLoop:
 
     def signature(self) -> dict:
         """What the vectors depend on besides the model: saved beside embeddings and checked on reuse."""
-        return {"sizes": [list(s) for s in self.sizes], "tta_flip": self.tta_flip,
-                "precision": self.precision, "engine": self.engine}
+        return {
+            "sizes": [list(s) for s in self.sizes],
+            "tta_flip": self.tta_flip,
+            "precision": self.precision,
+            "engine": self.engine,
+        }
 
     def prepare(self, loader) -> None:
         """Get ready to run ``loader``'s batches (threads beside its worker processes)."""
@@ -131,8 +139,14 @@ class EncodingLoop:
         if len(runs) == 1:
             return first
         mean = mean_over_sizes([r.arrays() for r in runs])
-        return Outputs(labels=first.labels, indices=first.indices, features=mean["features"],
-                       embeddings=mean["embedding"], logits=mean.get("logits"), seconds=sum(r.seconds for r in runs))
+        return Outputs(
+            labels=first.labels,
+            indices=first.indices,
+            features=mean["features"],
+            embeddings=mean["embedding"],
+            logits=mean.get("logits"),
+            seconds=sum(r.seconds for r in runs),
+        )
 
     def run_loader(self, loader, description: str = "encoding") -> Outputs:
         """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
@@ -149,12 +163,18 @@ class EncodingLoop:
                 continue
             x, y, idx = batch
             t0 = time.perf_counter()
-            outs.extend(self.forward(x[i:i + step]) for i in range(0, len(x), step))
+            outs.extend(self.forward(x[i : i + step]) for i in range(0, len(x), step))
             seconds += time.perf_counter() - t0
             labels.append(np.asarray(y))
             indices.append(np.asarray(idx))
         if not labels:
             raise FinegrainError("no readable images to run the model on")
         cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
-        return Outputs(labels=np.concatenate(labels), indices=np.concatenate(indices), features=cat["features"],
-                       embeddings=cat["embedding"], logits=cat.get("logits"), seconds=seconds)
+        return Outputs(
+            labels=np.concatenate(labels),
+            indices=np.concatenate(indices),
+            features=cat["features"],
+            embeddings=cat["embedding"],
+            logits=cat.get("logits"),
+            seconds=seconds,
+        )

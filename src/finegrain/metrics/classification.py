@@ -145,11 +145,17 @@ def per_class_table(labels: Any, preds: Any, class_names: Sequence[str]) -> list
     rows = []
     for i in classes:
         s = int(support[i])
-        rows.append({
-            "class": str(class_names[i]), "support": s, "correct": int(correct[i]),
-            "accuracy": float(correct[i] / s) if s else 0.0,
-            "precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-        })
+        rows.append(
+            {
+                "class": str(class_names[i]),
+                "support": s,
+                "correct": int(correct[i]),
+                "accuracy": float(correct[i] / s) if s else 0.0,
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+            }
+        )
     return rows
 
 

@@ -131,7 +131,7 @@ class _Problem:
         _, codes = np.unique(all_labels, return_inverse=True)
         codes = codes.reshape(-1).astype(np.int64)
         self.g_codes = codes[: len(gallery)]
-        self.q_codes = self.g_codes if self.loo else codes[len(gallery):]
+        self.q_codes = self.g_codes if self.loo else codes[len(gallery) :]
         counts = np.bincount(self.g_codes, minlength=int(codes.max()) + 1)
         self.r = counts[self.q_codes] - (1 if self.loo else 0)
         if metric == "cosine":
@@ -148,8 +148,11 @@ class _Problem:
 
         k = int(min(k, self.n_gallery))
         k_search = k + 1 if self.loo else k
-        index = faiss.IndexFlatIP(self.gallery.shape[1]) if self.metric == "cosine" else \
-            faiss.IndexFlatL2(self.gallery.shape[1])
+        index = (
+            faiss.IndexFlatIP(self.gallery.shape[1])
+            if self.metric == "cosine"
+            else faiss.IndexFlatL2(self.gallery.shape[1])
+        )
         index.add(self.gallery)
         n_q = len(self.queries)
         chunk = int(max(1, min(n_q, 8192, memory_mb * 2**20 // (_BYTES_PER_ENTRY * k_search))))
@@ -167,9 +170,15 @@ class _Problem:
             yield start, end, self.g_codes[ids]
 
 
-def recall_at_k(embeddings: Any, labels: Any, ks: Sequence[int] | int = DEFAULT_KS, metric: str = "cosine",
-                query_embeddings: Any = None, query_labels: Any = None,
-                memory_mb: float = DEFAULT_MEMORY_MB) -> dict[int, float]:
+def recall_at_k(
+    embeddings: Any,
+    labels: Any,
+    ks: Sequence[int] | int = DEFAULT_KS,
+    metric: str = "cosine",
+    query_embeddings: Any = None,
+    query_labels: Any = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> dict[int, float]:
     """Recall@K only, as ``{k: value}``; same protocol and definition as :func:`retrieval_metrics`."""
     ks = _check_ks(ks)
     p = _Problem(embeddings, labels, metric, query_embeddings, query_labels)
@@ -194,9 +203,18 @@ def _nmi(x: np.ndarray, codes: np.ndarray, seed: int) -> float:
     return float(normalized_mutual_info_score(codes, clusters))
 
 
-def retrieval_metrics(embeddings: Any, labels: Any, ks: Sequence[int] | int = DEFAULT_KS, metric: str = "cosine",
-                      query_embeddings: Any = None, query_labels: Any = None, *, nmi: bool = True, seed: int = 0,
-                      memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
+def retrieval_metrics(
+    embeddings: Any,
+    labels: Any,
+    ks: Sequence[int] | int = DEFAULT_KS,
+    metric: str = "cosine",
+    query_embeddings: Any = None,
+    query_labels: Any = None,
+    *,
+    nmi: bool = True,
+    seed: int = 0,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> dict:
     """Recall@K, Precision@1, R-Precision, MAP@R and NMI of an embedding.
 
     ``embeddings``: ``[N, D]`` gallery vectors (and queries, in leave-one-out mode);

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,8 +50,16 @@ LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 SMALL_STEM_OK = "torchvision ResNets (resnet18, resnet34, resnet50, ...)"
 WEIGHT_CHOICES = ("imagenet", "none")
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
-_EXAMPLES = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny",
-             "mobilenet_v3_large", "timm:<name>")
+_EXAMPLES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "mobilenet_v3_large",
+    "timm:<name>",
+)
 
 
 def torchvision_names() -> list[str]:
@@ -75,8 +83,10 @@ def _unknown_backbone(name: str, pool: list[str] | None = None, timm_pool: bool 
     if timm_pool:
         note = f"a sample; timm:<name> accepts any of timm's {len(pool)} models, see timm.list_models()"
     else:
-        note = (f"a sample of {len(pool)}: finegrain's own and every torchvision classification model, "
-                "see finegrain.models.backbones.list_backbones(); timm models as timm:<name>")
+        note = (
+            f"a sample of {len(pool)}: finegrain's own and every torchvision classification model, "
+            "see finegrain.models.backbones.list_backbones(); timm models as timm:<name>"
+        )
     return ConfigError(f"{err} ({note})")
 
 
@@ -101,7 +111,7 @@ def _candidate_keys(key: str) -> list[str]:
     k = key
     for prefix in ("module.", "model.", "backbone."):
         if k.startswith(prefix):
-            k = k[len(prefix):]
+            k = k[len(prefix) :]
             out.append(k)
     return out
 
@@ -168,8 +178,9 @@ def _strip_head(model: nn.Module) -> int:
             parent = getattr(parent, p)
         setattr(parent, leaf, nn.Identity())
         return last.in_features if isinstance(last, nn.Linear) else last.in_channels
-    raise ConfigError(f"cannot find the classification layer of {type(model).__name__} "
-                      f"(looked for {', '.join(_HEAD_ATTRS)})")
+    raise ConfigError(
+        f"cannot find the classification layer of {type(model).__name__} (looked for {', '.join(_HEAD_ATTRS)})"
+    )
 
 
 def _drop_aux(model: nn.Module) -> None:
@@ -259,8 +270,9 @@ def load_lite_imagenet(model: nn.Module, variant: int = 0) -> None:
     if len(dst_keys) == len(src_items) - 2:  # num_classes=0: no classifier to fill
         src_items = [(k, v) for k, v in src_items if not k.startswith("_fc.")]
     if len(src_items) != len(dst_keys):
-        raise ConfigError(f"{name} checkpoint has {len(src_items)} tensors, "
-                          f"the timm model {len(dst_keys)}: incompatible versions")
+        raise ConfigError(
+            f"{name} checkpoint has {len(src_items)} tensors, the timm model {len(dst_keys)}: incompatible versions"
+        )
     new = {}
     for (sk, sv), dk in zip(src_items, dst_keys, strict=True):
         if tuple(sv.shape) != tuple(dst[dk].shape):
@@ -307,7 +319,7 @@ for _variant in LITE_VARIANTS:
 def _timm(name: str, weights: str) -> Built:
     import timm
 
-    tname = name[len("timm:"):]
+    tname = name[len("timm:") :]
     if not tname or not timm.is_model(tname):
         raise _unknown_backbone(name, [f"timm:{n}" for n in timm.list_models()], timm_pool=True)
     try:
@@ -315,9 +327,11 @@ def _timm(name: str, weights: str) -> Built:
     except (OSError, RuntimeError) as e:
         if weights != "imagenet":
             raise
-        raise ConfigError(f"the pretrained weights of timm model '{tname}' could not be loaded "
-                          f"({type(e).__name__}: {e}). Offline? Use model.weights: none, a local file, "
-                          "or backbone efficientnet_lite0.") from None
+        raise ConfigError(
+            f"the pretrained weights of timm model '{tname}' could not be loaded "
+            f"({type(e).__name__}: {e}). Offline? Use model.weights: none, a local file, "
+            "or backbone efficientnet_lite0."
+        ) from None
     cfg = getattr(module, "pretrained_cfg", None) or {}
     return module, module.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
@@ -327,11 +341,16 @@ def set_drop_path(module: nn.Module, rate: float, name: str) -> int:
     block i of n is dropped with probability ``rate * i / n`` during training. Returns n."""
     from timm.layers import DropPath
 
-    blocks = [m for m in module.modules()  # timm blocks hold an Identity, a DropPath or None (ResNets)
-              if hasattr(m, "drop_path") and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))]
+    blocks = [
+        m
+        for m in module.modules()  # timm blocks hold an Identity, a DropPath or None (ResNets)
+        if hasattr(m, "drop_path") and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))
+    ]
     if not blocks:
-        raise ConfigError(f"model.drop_path needs a backbone of timm residual blocks (efficientnet_lite0-"
-                          f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' has none: set model.drop_path to 0")
+        raise ConfigError(
+            f"model.drop_path needs a backbone of timm residual blocks (efficientnet_lite0-"
+            f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' has none: set model.drop_path to 0"
+        )
     for i, block in enumerate(blocks):
         block.drop_path = DropPath(rate * i / len(blocks)) if i else block.drop_path
     return len(blocks)
@@ -341,8 +360,10 @@ def set_global_pool(module: nn.Module, pool: str, name: str) -> None:
     """Make a timm backbone pool its last feature map by ``pool`` (``avg``, ``max`` or ``avgmax``);
     the feature width is unchanged."""
     if not (hasattr(module, "global_pool") and hasattr(module, "reset_classifier")):
-        raise ConfigError(f"model.global_pool: {pool} needs a timm backbone (efficientnet_lite0-"
-                          f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' pools on its own: set model.global_pool to avg")
+        raise ConfigError(
+            f"model.global_pool: {pool} needs a timm backbone (efficientnet_lite0-"
+            f"{max(LITE_VARIANTS)}, timm:<name>); '{name}' pools on its own: set model.global_pool to avg"
+        )
     timm_model: Any = module  # a timm model: reset_classifier tested above
     timm_model.reset_classifier(0, global_pool=pool)  # timm's own way; no classifier, as the backbone was built
 
@@ -353,8 +374,10 @@ def _check_weights(weights: str) -> str:
     if w.lower() in WEIGHT_CHOICES:
         return w.lower()
     if not Path(w).expanduser().is_file():
-        raise ConfigError(f"model.weights must be 'imagenet', 'none' or the path of a weights file; "
-                          f"'{weights}' is neither (file not found)")
+        raise ConfigError(
+            f"model.weights must be 'imagenet', 'none' or the path of a weights file; "
+            f"'{weights}' is neither (file not found)"
+        )
     return str(Path(w).expanduser())
 
 

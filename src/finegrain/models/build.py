@@ -17,10 +17,19 @@ def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: s
 
     m = cfg.model
     model = build_model(
-        backbone=m.backbone, weights=weights if weights is not None else m.weights, num_classes=num_classes,
-        head=m.head, dropout=m.dropout, embedding_dim=m.embedding_dim,
-        normalize_embedding=m.normalize_embedding, bn_neck=m.bn_neck, stem=m.stem, cubs=m.cubs,
-        cubs_stages=list(m.cubs_stages), drop_path=m.drop_path, global_pool=m.global_pool,
+        backbone=m.backbone,
+        weights=weights if weights is not None else m.weights,
+        num_classes=num_classes,
+        head=m.head,
+        dropout=m.dropout,
+        embedding_dim=m.embedding_dim,
+        normalize_embedding=m.normalize_embedding,
+        bn_neck=m.bn_neck,
+        stem=m.stem,
+        cubs=m.cubs,
+        cubs_stages=list(m.cubs_stages),
+        drop_path=m.drop_path,
+        global_pool=m.global_pool,
     )
     apply_freeze(model, m.freeze, m.freeze_stages)
     return model

@@ -179,8 +179,10 @@ class CUBS2(nn.Module):
         """Refuse (ConfigError) or warn when the similarity matrix would be too large."""
         need, limit = self.memory_bytes(batch, height, width), self.limit()
         hw = height * width
-        what = (f"CUBS2 on a {height}x{width} map (HW={hw}) with batch {batch} needs a "
-                f"[{batch}, {hw}, {hw}] similarity matrix of {_fmt_bytes(need)}")
+        what = (
+            f"CUBS2 on a {height}x{width} map (HW={hw}) with batch {batch} needs a "
+            f"[{batch}, {hw}, {hw}] similarity matrix of {_fmt_bytes(need)}"
+        )
         if need > limit:
             raise ConfigError(
                 f"{what}, over the limit of {_fmt_bytes(limit)}. Place CUBS2 after a later stage "
@@ -189,8 +191,10 @@ class CUBS2(nn.Module):
             )
         if need > limit / 4 and (batch, hw) not in self._warned:
             self._warned.add((batch, hw))
-            warnings.warn(f"{what} (over a quarter of the {_fmt_bytes(limit)} limit); "
-                          "autograd keeps several such matrices", stacklevel=3)
+            warnings.warn(
+                f"{what} (over a quarter of the {_fmt_bytes(limit)} limit); autograd keeps several such matrices",
+                stacklevel=3,
+            )
 
     def similarity(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled cosine similarity ``[B, HW, HW]`` between query position i and key position j."""

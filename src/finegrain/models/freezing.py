@@ -85,16 +85,19 @@ def _layout(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module], Tail
             return [b.conv1, b.bn1, b.act1, b.maxpool], stages, b.forward_head
         # torchvision ResNet: its stem ends with relu and maxpool; fc is Identity (backbones._strip_head)
         return [b.conv1, b.bn1, b.relu, b.maxpool], stages, lambda x: b.fc(torch.flatten(b.avgpool(x), 1))
-    raise ConfigError(f"model.freeze_stages: {type(b).__name__} has no known stages "
-                      "(supported: timm EfficientNets, torchvision ResNets)")
+    raise ConfigError(
+        f"model.freeze_stages: {type(b).__name__} has no known stages "
+        "(supported: timm EfficientNets, torchvision ResNets)"
+    )
 
 
 def early_modules(backbone: nn.Module, stages: int) -> list[nn.Module]:
     """The stem and the first ``stages`` stages of ``backbone``, in forward order (none for 0)."""
     stem, all_stages, _ = _layout(backbone)
     if not 0 <= stages <= len(all_stages):
-        raise ConfigError(f"model.freeze_stages must be between 0 and {len(all_stages)} for this backbone, "
-                          f"got {stages}")
+        raise ConfigError(
+            f"model.freeze_stages must be between 0 and {len(all_stages)} for this backbone, got {stages}"
+        )
     return stem + all_stages[:stages] if stages else []
 
 
@@ -103,9 +106,11 @@ def _split(backbone: nn.Module, stages: int) -> tuple[list[nn.Module], list[nn.M
     stem, all_stages, tail = _layout(backbone)
     early = early_modules(backbone, stages)
     if tail is None:
-        raise ConfigError(f"train.frozen_cache_views: cannot split {type(backbone).__name__}'s forward pass after "
-                          "its frozen stages (supported: timm EfficientNets and MobileNetV3s, torchvision and "
-                          "timm ResNets)")
+        raise ConfigError(
+            f"train.frozen_cache_views: cannot split {type(backbone).__name__}'s forward pass after "
+            "its frozen stages (supported: timm EfficientNets and MobileNetV3s, torchvision and "
+            "timm ResNets)"
+        )
     return early, ([] if stages else stem) + all_stages[stages:], tail
 
 

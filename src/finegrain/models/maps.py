@@ -56,9 +56,11 @@ def pooling_module(backbone: nn.Module) -> nn.Module:
         after = [getattr(backbone, a, None) for a in ("fc", "classifier")]
         if all(_passive(m) for m in after if isinstance(m, nn.Module)):
             return pool
-    raise ConfigError(f"maps need a backbone whose features are the global pool of its last feature map "
-                      f"(timm models such as efficientnet_lite0, torchvision ResNets); {type(backbone).__name__} "
-                      "computes more after pooling")
+    raise ConfigError(
+        f"maps need a backbone whose features are the global pool of its last feature map "
+        f"(timm models such as efficientnet_lite0, torchvision ResNets); {type(backbone).__name__} "
+        "computes more after pooling"
+    )
 
 
 def _locations(fmap: torch.Tensor) -> torch.Tensor:
@@ -110,8 +112,9 @@ def forward_with_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tens
     if classifier is not None:
         linear = [m for m in classifier.modules() if isinstance(m, nn.Linear)][-1]
         if isinstance(linear, CosineLinear):
-            cls_rows = F.linear(rows, F.normalize(linear.weight, dim=1)) / (_per_image(f_norm, fmap)
-                                                                           * linear.temperature)
+            cls_rows = F.linear(rows, F.normalize(linear.weight, dim=1)) / (
+                _per_image(f_norm, fmap) * linear.temperature
+            )
         elif embedder is not None and model.classifier_on_embedding:
             cls_rows = classifier(embedder(rows))
         else:

@@ -39,11 +39,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import ConfigError, unknown_name
-from finegrain.registry import Registry
-from finegrain.models.backbones import (WEIGHT_CHOICES, _check_weights, build_backbone, load_local_weights,
-                                        set_drop_path, set_global_pool)
+from finegrain.models.backbones import (
+    WEIGHT_CHOICES,
+    _check_weights,
+    build_backbone,
+    load_local_weights,
+    set_drop_path,
+    set_global_pool,
+)
 from finegrain.models.cubs import VARIANTS, CUBSBlock
 from finegrain.models.freezing import early_forward, late_forward
+from finegrain.registry import Registry
 
 CUBS_CHOICES: tuple[str, ...] = ("none", *VARIANTS)
 
@@ -106,7 +112,7 @@ class FinegrainModel(nn.Module):
         self.frozen_stages = 0  # model.freeze_stages, set by apply_freeze
 
     # ------------------------------------------------------------------ modes
-    def train(self, mode: bool = True) -> "FinegrainModel":
+    def train(self, mode: bool = True) -> FinegrainModel:
         """As ``nn.Module.train``, but a frozen backbone (or its BatchNorm layers) stays in eval mode."""
         super().train(mode)
         if mode and self.freeze_policy == "backbone":
@@ -206,8 +212,10 @@ def insert_cubs(backbone: nn.Module, variant: str, stages, backbone_name: str = 
     import torchvision
 
     if not isinstance(backbone, torchvision.models.ResNet):
-        raise ConfigError(f"model.cubs: {variant} needs a torchvision ResNet backbone (resnet18, resnet50, ...), "
-                          f"not '{backbone_name or type(backbone).__name__}'")
+        raise ConfigError(
+            f"model.cubs: {variant} needs a torchvision ResNet backbone (resnet18, resnet50, ...), "
+            f"not '{backbone_name or type(backbone).__name__}'"
+        )
     stages = sorted({int(s) for s in stages})
     if not stages:
         raise ConfigError("model.cubs_stages is empty: name the residual stages (1-4) to put CUBS blocks after")
@@ -297,6 +305,12 @@ def build_model(
         set_global_pool(body, global_pool, backbone)
     embedder, classifier = make_head(feature_dim, num_classes, int(embedding_dim), float(dropout), bn_neck)
     return FinegrainModel(
-        body, feature_dim, classifier=classifier, embedder=embedder, normalize_embedding=normalize_embedding,
-        classifier_on_embedding=embedder is not None and classifier is not None, mean=mean, std=std,
+        body,
+        feature_dim,
+        classifier=classifier,
+        embedder=embedder,
+        normalize_embedding=normalize_embedding,
+        classifier_on_embedding=embedder is not None and classifier is not None,
+        mean=mean,
+        std=std,
     )

@@ -17,8 +17,13 @@ def hit_title(h: Hit) -> str:
     return f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}" + (" (the query itself)" if h.same_image else "")
 
 
-def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: str | None = None,
-                  explanation: Explanation | None = None) -> Path:
+def contact_sheet(
+    query: Image.Image,
+    hits: list[Hit],
+    out: Path,
+    query_label: str | None = None,
+    explanation: Explanation | None = None,
+) -> Path:
     """A PNG of the query and its neighbours, each titled with rank, class and score; with
     ``explanation`` (of these hits), each image with its map laid over it."""
     # optional: the train extra (matplotlib), loaded only where a sheet is drawn
@@ -52,8 +57,15 @@ def contact_sheet(query: Image.Image, hits: list[Hit], out: Path, query_label: s
         ax.imshow(overlay(np.asarray(img), maps[h.id]) if h.id in maps else img)
         ax.set_title(hit_title(h), fontsize=8)
     if explanation is not None:
-        fig.text(0.5, 0.005, "maps (viridis): dark purple = least, yellow = most evidence; each scaled to its own "
-                 "range. Neighbours: what made them alike the query", ha="center", va="bottom", fontsize=7)
+        fig.text(
+            0.5,
+            0.005,
+            "maps (viridis): dark purple = least, yellow = most evidence; each scaled to its own "
+            "range. Neighbours: what made them alike the query",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     fig.tight_layout(rect=(0, 0.03 if explanation is not None else 0, 1, 1))
     out = out if out.suffix else out.with_suffix(".png")  # what savefig writes to a name without one
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,16 @@ from finegrain.report.figures import _new_figure, _save, _short
 from finegrain.report.page_parts import skipped, try_figure
 from finegrain.runs import RunDir
 
-CAPTION_CLASS = ("Test images the model classified right (top row) and wrong (bottom row), each with the class "
-                 "activation map of the class it predicted (viridis: yellow = most evidence, each map scaled to "
-                 "its own range).")
-CAPTION_PAIRS = ("Test queries whose nearest test image is of the same class (top row) or of another (bottom "
-                 "row): each pair with the query's map against the neighbour and the neighbour's against the "
-                 "query (viridis: yellow = what made them most alike).")
+CAPTION_CLASS = (
+    "Test images the model classified right (top row) and wrong (bottom row), each with the class "
+    "activation map of the class it predicted (viridis: yellow = most evidence, each map scaled to "
+    "its own range)."
+)
+CAPTION_PAIRS = (
+    "Test queries whose nearest test image is of the same class (top row) or of another (bottom "
+    "row): each pair with the query's map against the neighbour and the neighbour's against the "
+    "query (viridis: yellow = what made them most alike)."
+)
 
 
 def _name(names: Sequence[str] | None, label: int) -> str:
@@ -39,9 +43,16 @@ def _tile(ax, rgb: np.ndarray, m01: np.ndarray, title: str, right: bool) -> None
     ax.axis("off")
 
 
-def explained_predictions(run: RunDir, emb: tuple[np.ndarray, np.ndarray, list[str]], names: list[str] | None,
-                          resolve: Callable[[str], Path], out_png: Path, n: int = 4, pool: int = 32,
-                          seed: int = 0) -> Path:
+def explained_predictions(
+    run: RunDir,
+    emb: tuple[np.ndarray, np.ndarray, list[str]],
+    names: list[str] | None,
+    resolve: Callable[[str], Path],
+    out_png: Path,
+    n: int = 4,
+    pool: int = 32,
+    seed: int = 0,
+) -> Path:
     """Draw the figure (see the module docstring) into ``out_png``."""
     # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.data.images import open_rgb
@@ -57,6 +68,7 @@ def explained_predictions(run: RunDir, emb: tuple[np.ndarray, np.ndarray, list[s
     encoder = open_encoder(run)
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(paths), size=min(pool, len(paths)), replace=False)
+
     def rgb(i: int):
         return open_rgb(resolve(paths[i]))[0]
 
@@ -74,7 +86,8 @@ def explained_predictions(run: RunDir, emb: tuple[np.ndarray, np.ndarray, list[s
             for c in range(n):
                 axes[r][c].axis("off")
             for c, (i, m) in enumerate(row):
-                title = f"true {_short(_name(names, int(labels[i])), 22)}\npred {_short(_name(names, int(m.predicted_class or 0)), 22)}"
+                true, pred = _name(names, int(labels[i])), _name(names, int(m.predicted_class or 0))
+                title = f"true {_short(true, 22)}\npred {_short(pred, 22)}"
                 _tile(axes[r][c], np.asarray(rgb(i)), to_unit(class_activation_map(m, size=size)), title, r == 0)
         return _save(fig, out_png)
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -94,10 +107,20 @@ def explained_predictions(run: RunDir, emb: tuple[np.ndarray, np.ndarray, list[s
         for c, (q, h) in enumerate(row):
             qm, hm = explain_rgbs(encoder, [rgb(q), rgb(h)])
             q_map, h_map = pair_maps(qm, hm, size)
-            _tile(axes[r][2 * c], np.asarray(rgb(q)), to_unit(q_map), f"query\n{_short(_name(names, int(labels[q])), 22)}",
-                  r == 0)
-            _tile(axes[r][2 * c + 1], np.asarray(rgb(h)), to_unit(h_map),
-                  f"nearest\n{_short(_name(names, int(labels[h])), 22)}", r == 0)
+            _tile(
+                axes[r][2 * c],
+                np.asarray(rgb(q)),
+                to_unit(q_map),
+                f"query\n{_short(_name(names, int(labels[q])), 22)}",
+                r == 0,
+            )
+            _tile(
+                axes[r][2 * c + 1],
+                np.asarray(rgb(h)),
+                to_unit(h_map),
+                f"nearest\n{_short(_name(names, int(labels[h])), 22)}",
+                r == 0,
+            )
     return _save(fig, out_png)
 
 
@@ -109,6 +132,12 @@ def explain_section(inp) -> list[str]:
         return body + [skipped("Maps of right and wrong predictions", "embeddings/test.npz not found")]
     png = inp.out_dir / "explained_predictions.png"
     caption = CAPTION_CLASS if inp.cfg is not None and inp.cfg.predicts_with_classifier else CAPTION_PAIRS
-    body.append(try_figure("Maps of right and wrong predictions",
-                           lambda: explained_predictions(inp.run, emb, inp.names, inp.resolve, png), png, caption))
+    body.append(
+        try_figure(
+            "Maps of right and wrong predictions",
+            lambda: explained_predictions(inp.run, emb, inp.names, inp.resolve, png),
+            png,
+            caption,
+        )
+    )
     return body

@@ -37,7 +37,7 @@ STYLE: dict[RcKeyType, Any] = {
     "axes.grid": True,
     "grid.alpha": 0.3,
 }
-SAME = "#2e9d3a"   # green frame: neighbour of the query's class
+SAME = "#2e9d3a"  # green frame: neighbour of the query's class
 OTHER = "#d62728"  # red frame: neighbour of another class
 QUERY = "#1f4e9c"
 
@@ -69,6 +69,7 @@ def _short(text: str, n: int = 30) -> str:
 
 
 # ---------------------------------------------------------------- learning curves
+
 
 def read_history_csv(history_csv: Path) -> dict[str, np.ndarray]:
     """history.csv as columns of floats (NaN where a cell is empty or not a number)."""
@@ -118,15 +119,18 @@ def _epoch_axis(cols: dict[str, np.ndarray], history_csv: Path) -> np.ndarray:
 
 def _curve_panels(cols: dict[str, np.ndarray], history_csv: Path) -> list[tuple[str, list[str]]]:
     """(kind, columns) of each panel with data: loss, the validation metric, learning rates."""
+
     def has(c: str) -> bool:
         return c in cols and not np.isnan(cols[c]).all()
 
     loss_cols = [c for c in cols if c.split("/")[-1] == "loss" and has(c)]
     loss_cols.sort(key=lambda c: (not c.startswith("train"), c))
-    metric_cols = [c for c in cols if c.split("/")[-1] in ("acc", "top1", "recall@1", "map@r", "precision@1")
-                   and has(c)]
-    metric_cols.sort(key=lambda c: (c.split("/")[-1] != "acc", c.split("/")[-1] != "recall@1",
-                                    not c.startswith("train"), c))
+    metric_cols = [
+        c for c in cols if c.split("/")[-1] in ("acc", "top1", "recall@1", "map@r", "precision@1") and has(c)
+    ]
+    metric_cols.sort(
+        key=lambda c: (c.split("/")[-1] != "acc", c.split("/")[-1] != "recall@1", not c.startswith("train"), c)
+    )
     lr_cols = [c for c in cols if c.startswith("lr") and has(c)]
     panels = [p for p in (("loss", loss_cols), ("metric", metric_cols), ("lr", lr_cols)) if p[1]]
     if not panels:
@@ -145,12 +149,17 @@ def learning_curves_caption(history_csv: Path) -> str:
     drawn, kinds = [c for _, names in panels for c in names], {kind for kind, _ in panels}
     if any(c.startswith("val") for c in drawn):
         return "Loss, validation metric and learning rate per epoch (from history.csv)."
-    shown = [what for kind, what in (("loss", "training loss"), ("metric", "training accuracy"),
-                                     ("lr", "learning rate")) if kind in kinds]
+    shown = [
+        what
+        for kind, what in (("loss", "training loss"), ("metric", "training accuracy"), ("lr", "learning rate"))
+        if kind in kinds
+    ]
     listed = ", ".join(shown[:-1]) + " and " + shown[-1] if len(shown) > 1 else shown[0]
-    return (f"{listed[0].upper()}{listed[1:]} per epoch (from history.csv). The run held no images out for "
-            "validation (data.val_fraction: 0), so there are no validation curves; the checkpoint kept is "
-            "the epoch with the lowest training loss.")
+    return (
+        f"{listed[0].upper()}{listed[1:]} per epoch (from history.csv). The run held no images out for "
+        "validation (data.val_fraction: 0), so there are no validation curves; the checkpoint kept is "
+        "the epoch with the lowest training loss."
+    )
 
 
 def _style_metric_axis(ax, cols: dict[str, np.ndarray], names: list[str]) -> None:
@@ -203,8 +212,9 @@ def _lr_series(names: list[str], cols: dict[str, np.ndarray]) -> list[tuple[str,
             same[1].append(group)
         else:
             merged.append((c, [group]))
-    return [(c, groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1])
-            for c, groups in merged]
+    return [
+        (c, groups[0] if len(groups) == 1 else ", ".join(groups[:-1]) + " and " + groups[-1]) for c, groups in merged
+    ]
 
 
 def _draw_curve_panel(ax, kind: str, names: list[str], cols: dict[str, np.ndarray], x: np.ndarray) -> None:
@@ -248,6 +258,7 @@ def learning_curves(history_csv: Path, out_png: Path, title: str | None = None) 
 
 # ---------------------------------------------------------------- per-class accuracy
 
+
 def _number(text: str | None) -> float | None:
     """A CSV cell as a float; None when empty or not a number."""
     try:
@@ -267,9 +278,18 @@ def read_per_class_csv(per_class_csv: Path) -> list[dict]:
                 acc = num["recall"]
             if acc is None and support:
                 acc = (num["correct"] or 0.0) / support
-            out.append({"index": i, "class": r.get("class") or f"class {i}", "accuracy": acc,
-                        "support": support, "correct": num["correct"],
-                        "precision": num["precision"], "recall": num["recall"], "f1": num["f1"]})
+            out.append(
+                {
+                    "index": i,
+                    "class": r.get("class") or f"class {i}",
+                    "accuracy": acc,
+                    "support": support,
+                    "correct": num["correct"],
+                    "precision": num["precision"],
+                    "recall": num["recall"],
+                    "f1": num["f1"],
+                }
+            )
     return out
 
 
@@ -283,8 +303,7 @@ def per_class_accuracy(per_class_csv: Path, out_png: Path, n: int = 15) -> Path:
     if len(rows) <= 2 * n:
         groups = [(f"All {len(rows)} classes, by test accuracy", rows)]
     else:
-        groups = [(f"Worst {n} of {len(rows)} classes", rows[:n]),
-                  (f"Best {n} of {len(rows)} classes", rows[-n:])]
+        groups = [(f"Worst {n} of {len(rows)} classes", rows[:n]), (f"Best {n} of {len(rows)} classes", rows[-n:])]
     longest = max(len(_short(r["class"], 38)) for r in rows)
     height = 1.2 + 0.28 * max(len(g) for _, g in groups)
     width_each = 3.4 + 0.065 * longest
@@ -297,8 +316,9 @@ def per_class_accuracy(per_class_csv: Path, out_png: Path, n: int = 15) -> Path:
         for ax, (title, group) in zip(axes, groups, strict=True):
             y = np.arange(len(group))
             acc = np.array([r["accuracy"] for r in group]) * 100
-            ax.barh(y, acc, color=[cmap(0.1 + 0.8 * a / 100) for a in acc], edgecolor="#444", linewidth=0.4,
-                    height=0.75)
+            ax.barh(
+                y, acc, color=[cmap(0.1 + 0.8 * a / 100) for a in acc], edgecolor="#444", linewidth=0.4, height=0.75
+            )
             ax.set_yticks(y, [_short(r["class"], 38) for r in group])
             ax.invert_yaxis() if "Best" not in title else None
             ax.set_xlim(0, 118)
@@ -314,8 +334,15 @@ def per_class_accuracy(per_class_csv: Path, out_png: Path, n: int = 15) -> Path:
 
 # ---------------------------------------------------------------- confused pairs
 
-def confused_pairs_figure(pairs: Sequence[dict], examples: dict[str, list[Path]], out_png: Path,
-                          n_pairs: int = 5, per_class: int = 2, thumb: int = 128) -> Path:
+
+def confused_pairs_figure(
+    pairs: Sequence[dict],
+    examples: dict[str, list[Path]],
+    out_png: Path,
+    n_pairs: int = 5,
+    per_class: int = 2,
+    thumb: int = 128,
+) -> Path:
     """For each of the top ``n_pairs`` (true, predicted) pairs, one row: ``per_class`` images
     of the true class (blue frame) and ``per_class`` of the class it was mistaken for (orange).
 
@@ -332,9 +359,11 @@ def confused_pairs_figure(pairs: Sequence[dict], examples: dict[str, list[Path]]
         subs = fig.subfigures(len(pairs), 1, squeeze=False)[:, 0]
         for i, (sub, p) in enumerate(zip(subs, pairs, strict=True)):
             t, pr, cnt = str(p.get("true")), str(p.get("predicted")), p.get("count")
-            sub.suptitle(f"#{i + 1}: true “{_short(t, 40)}”\npredicted as “{_short(pr, 40)}”"
-                         + (f" ({int(cnt)} test image{'s' if int(cnt) != 1 else ''})" if cnt is not None else ""),
-                         fontsize=9.5)
+            sub.suptitle(
+                f"#{i + 1}: true “{_short(t, 40)}”\npredicted as “{_short(pr, 40)}”"
+                + (f" ({int(cnt)} test image{'s' if int(cnt) != 1 else ''})" if cnt is not None else ""),
+                fontsize=9.5,
+            )
             axes = sub.subplots(1, 2 * per_class)
             for j in range(2 * per_class):
                 cls, color, role = (t, true_c, "true class") if j < per_class else (pr, pred_c, "predicted class")
@@ -346,6 +375,7 @@ def confused_pairs_figure(pairs: Sequence[dict], examples: dict[str, list[Path]]
 
 
 # ---------------------------------------------------------------- retrieval gallery
+
 
 def nearest_neighbours(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of ``emb[queries]`` among all of ``emb`` by cosine similarity, the
@@ -359,9 +389,17 @@ def nearest_neighbours(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np
     return idx, np.take_along_axis(sim, idx, axis=1)
 
 
-def retrieval_gallery(emb: np.ndarray, labels: np.ndarray, paths: Sequence[str | Path], out_png: Path,
-                      n_queries: int = 6, k: int = 5, seed: int = 0,
-                      class_names: Sequence[str] | None = None, thumb: int = 128) -> Path:
+def retrieval_gallery(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    paths: Sequence[str | Path],
+    out_png: Path,
+    n_queries: int = 6,
+    k: int = 5,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    thumb: int = 128,
+) -> Path:
     """``n_queries`` seeded random queries, each followed by its ``k`` nearest neighbours by
     cosine similarity (query excluded): green frame = same class as the query, red = another.
 
@@ -397,11 +435,25 @@ def retrieval_gallery(emb: np.ndarray, labels: np.ndarray, paths: Sequence[str |
         gap, wgap, top, bottom, side = 0.42, 0.25, 0.42 + 0.42, 0.45, 0.25
         ax_h = (h - top - bottom - gap * (len(q) - 1)) / len(q)
         ax_w = (w - 2 * side - wgap * k) / (k + 1)
-        axes = fig.subplots(len(q), k + 1, squeeze=False, gridspec_kw={
-            "left": side / w, "right": 1 - side / w, "top": 1 - top / h, "bottom": bottom / h,
-            "hspace": gap / ax_h, "wspace": wgap / ax_w})
-        fig.suptitle(f"Retrieval: {len(q)} random test queries and their {k} nearest neighbours (cosine)",
-                     fontweight="bold", y=1 - 0.12 / h, va="top")
+        axes = fig.subplots(
+            len(q),
+            k + 1,
+            squeeze=False,
+            gridspec_kw={
+                "left": side / w,
+                "right": 1 - side / w,
+                "top": 1 - top / h,
+                "bottom": bottom / h,
+                "hspace": gap / ax_h,
+                "wspace": wgap / ax_w,
+            },
+        )
+        fig.suptitle(
+            f"Retrieval: {len(q)} random test queries and their {k} nearest neighbours (cosine)",
+            fontweight="bold",
+            y=1 - 0.12 / h,
+            va="top",
+        )
         for r, qi in enumerate(q):
             show_image(axes[r, 0], paths[qi], thumb, frame=QUERY, width=4)
             axes[r, 0].set_title(f"query\n{name(labels[qi], 22)}", fontsize=8.5, color=QUERY, fontweight="bold")
@@ -409,11 +461,18 @@ def retrieval_gallery(emb: np.ndarray, labels: np.ndarray, paths: Sequence[str |
                 ni = int(idx[r, c])
                 same = labels[ni] == labels[qi]
                 show_image(axes[r, c + 1], paths[ni], thumb, frame=SAME if same else OTHER, width=4)
-                axes[r, c + 1].set_title(f"#{c + 1} sim {sims[r, c]:.2f}\n{name(labels[ni])}", fontsize=8.5,
-                                         color="#222" if same else OTHER)
-        fig.legend(handles=[Patch(facecolor="white", edgecolor=QUERY, linewidth=3, label="query"),
-                            Patch(facecolor="white", edgecolor=SAME, linewidth=3, label="same class as query"),
-                            Patch(facecolor="white", edgecolor=OTHER, linewidth=3, label="different class")],
-                   loc="lower center", bbox_to_anchor=(0.5, 0.02 / h), ncol=3, frameon=False)
+                axes[r, c + 1].set_title(
+                    f"#{c + 1} sim {sims[r, c]:.2f}\n{name(labels[ni])}", fontsize=8.5, color="#222" if same else OTHER
+                )
+        fig.legend(
+            handles=[
+                Patch(facecolor="white", edgecolor=QUERY, linewidth=3, label="query"),
+                Patch(facecolor="white", edgecolor=SAME, linewidth=3, label="same class as query"),
+                Patch(facecolor="white", edgecolor=OTHER, linewidth=3, label="different class"),
+            ],
+            loc="lower center",
+            bbox_to_anchor=(0.5, 0.02 / h),
+            ncol=3,
+            frameon=False,
+        )
         return _save(fig, out_png)
-

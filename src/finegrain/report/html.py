@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from finegrain.report import figures
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the run report
 
+
 def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
     """Write ``<run>/report/index.html`` (self-contained) and its PNG figures; return the page's path.
 
@@ -76,7 +77,7 @@ def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
     body += per_class_section(inp)
     body += retrieval_section(inp)
     body += explain_section(inp)
-    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
     body.append(f"<footer>finegrain report of <code>{esc(inp.run.path)}</code>, generated {generated}.</footer>")
     page = html_page(f"{inp.title} — finegrain report", "\n".join(body), REPORT_CSS)
     out = inp.out_dir / "index.html"
@@ -99,8 +100,9 @@ def report_is_current(run_path: Path) -> bool:
     return all(not (run.path / f).is_file() or (run.path / f).stat().st_mtime <= built for f in REPORT_INPUTS)
 
 
-def write_multi_report(run_paths: list[Path], out_html: Path, title: str = "Runs compared",
-                       run_reports: bool = True) -> Path:
+def write_multi_report(
+    run_paths: list[Path], out_html: Path, title: str = "Runs compared", run_reports: bool = True
+) -> Path:
     """An index page across runs: the comparison table (names linking to each run's report),
     then one card per run with its learning-curve thumbnail. Returns ``out_html``.
 
@@ -130,18 +132,30 @@ def write_multi_report(run_paths: list[Path], out_html: Path, title: str = "Runs
                 figures.learning_curves(run.history, png)
             except Exception as e:  # noqa: BLE001
                 log.warning("%s: learning curves failed: %s", run.path, e)
-        img = (f'<a href="{esc(r["report"])}"><img src="{png_data_uri(png)}" '
-               f'alt="learning curves of {esc(r["name"])}"></a>'
-               if run.history.is_file() and png.is_file() else '<p class="skipped">no history.csv</p>')
-        cards.append(f'<div class="card"><h3><a href="{esc(r["report"])}">{esc(r["name"])}</a></h3>'
-                     f'<div class="desc">{esc(r.get("description") or "")}</div>{img}</div>')
+        img = (
+            f'<a href="{esc(r["report"])}"><img src="{png_data_uri(png)}" '
+            f'alt="learning curves of {esc(r["name"])}"></a>'
+            if run.history.is_file() and png.is_file()
+            else '<p class="skipped">no history.csv</p>'
+        )
+        cards.append(
+            f'<div class="card"><h3><a href="{esc(r["report"])}">{esc(r["name"])}</a></h3>'
+            f'<div class="desc">{esc(r.get("description") or "")}</div>{img}</div>'
+        )
     unfinished = [p for p in run_paths if p not in finished]
-    body = [f"<h1>{esc(title)}</h1>", html_tables_fragment(rows), "<h2>Learning curves</h2>",
-            f'<div class="cards">{"".join(cards)}</div>' if cards else "<p>No finished runs.</p>"]
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        html_tables_fragment(rows),
+        "<h2>Learning curves</h2>",
+        f'<div class="cards">{"".join(cards)}</div>' if cards else "<p>No finished runs.</p>",
+    ]
     if unfinished:
-        body.append("<h2>Not evaluated</h2><ul>" + "".join(
-            f"<li><code>{esc(p)}</code>: no metrics.json</li>" for p in unfinished) + "</ul>")
-    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        body.append(
+            "<h2>Not evaluated</h2><ul>"
+            + "".join(f"<li><code>{esc(p)}</code>: no metrics.json</li>" for p in unfinished)
+            + "</ul>"
+        )
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
     body.append(f"<footer>finegrain comparison of {len(rows)} run(s), generated {generated}.</footer>")
     atomic_write_text(out_html, html_page(title, "\n".join(body), REPORT_CSS))
     return out_html

@@ -49,8 +49,10 @@ def png_data_uri(path: Path) -> str:
 
 def figure_html(png: Path, alt: str, caption: str) -> str:
     """A ``<figure>`` with ``png`` embedded and its caption."""
-    return (f'<figure><img src="{png_data_uri(png)}" alt="{esc(alt)}">'
-            f"<figcaption>{esc(caption)} Also saved as <code>{esc(png.name)}</code>.</figcaption></figure>")
+    return (
+        f'<figure><img src="{png_data_uri(png)}" alt="{esc(alt)}">'
+        f"<figcaption>{esc(caption)} Also saved as <code>{esc(png.name)}</code>.</figcaption></figure>"
+    )
 
 
 def skipped(what: str, why: str) -> str:
@@ -60,8 +62,7 @@ def skipped(what: str, why: str) -> str:
 
 def kv_table(rows: list[tuple[str, str]]) -> str:
     """A two-column table of (label, value) rows."""
-    return '<table class="kv">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + \
-        "</table>"
+    return '<table class="kv">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
 def try_figure(title: str, build, png: Path, caption: str) -> str:

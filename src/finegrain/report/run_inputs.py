@@ -113,8 +113,14 @@ def path_resolver(run: RunDir):
     return resolve
 
 
-def examples_by_class(wanted: list[str], labels: np.ndarray | None, paths: list[str] | None,
-                      class_names: list[str] | None, per_class: int = 2, resolve=Path) -> dict[str, list[Path]]:
+def examples_by_class(
+    wanted: list[str],
+    labels: np.ndarray | None,
+    paths: list[str] | None,
+    class_names: list[str] | None,
+    per_class: int = 2,
+    resolve=Path,
+) -> dict[str, list[Path]]:
     """Up to ``per_class`` example image paths for each wanted class name: by label (through
     ``class_names``), else by the image's parent folder name."""
     out: dict[str, list[Path]] = {}
@@ -158,8 +164,11 @@ def read_run_inputs(run_path: Path, class_names: list[str] | None = None) -> Run
     cfg = load_config(run)
     metrics = read_metrics(run)
     per_class_csv = run.path / "per_class.csv"
-    names = list(class_names) if class_names is not None else (
-        per_class_names(per_class_csv) or logged_class_names(run.path))
+    names = (
+        list(class_names)
+        if class_names is not None
+        else (per_class_names(per_class_csv) or logged_class_names(run.path))
+    )
     npz = run.embeddings / "test.npz"
     emb = load_embeddings(npz)
     if names is None and emb is not None:

@@ -25,7 +25,9 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     head = ("cosine classifier" if m.head == "cosine" else m.head) + (
         f" ({m.embedding_dim}-d embedding{', L2-normalised' if m.normalize_embedding else ''})"
-        if m.has_embedder else "")
+        if m.has_embedder
+        else ""
+    )
     if m.dropout:
         head += f", dropout {m.dropout}"
     backbone = m.backbone
@@ -49,12 +51,15 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     if sch.name == "step":
         lr += f"; StepLR γ={sch.gamma:g} every {sch.step_size} epochs"
     elif sch.name != "none":
-        lr += f"; {sch.name} schedule" + (f", {sch.warmup_epochs:g} warm-up epoch{'' if sch.warmup_epochs == 1 else 's'}"
-                                             if sch.warmup_epochs else "")
+        lr += f"; {sch.name} schedule" + (
+            f", {sch.warmup_epochs:g} warm-up epoch{'' if sch.warmup_epochs == 1 else 's'}" if sch.warmup_epochs else ""
+        )
     aug = d.augment + "".join(f", {k} {v:g}" for k, v in (("mixup", t.mixup), ("cutmix", t.cutmix)) if v)
     if t.frozen_cache_views:
-        aug += (f"; trained on {t.frozen_cache_views} cached view(s) per image of the frozen stages' outputs, "
-                "feature maps cropped to 75-100%")
+        aug += (
+            f"; trained on {t.frozen_cache_views} cached view(s) per image of the frozen stages' outputs, "
+            "feature maps cropped to 75-100%"
+        )
     epochs = f"{t.epochs}" + (f" (first {t.head_epochs} head only)" if t.head_epochs else "")
     if d.progressive_sizes:
         epochs += " (progressive resizing: " + ", ".join(f"{n} at {h}x{w}" for h, w, n in d.progressive_sizes)
@@ -71,11 +76,20 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
         ("epochs", epochs),
         ("optimiser", opt),
         ("learning rate", lr),
-        ("batch size", f"{d.batch_size}" + (f", sampler {d.sampler} (m={d.m_per_class})"
-                                            if d.sampler == "m_per_class" else "")),
+        (
+            "batch size",
+            f"{d.batch_size}" + (f", sampler {d.sampler} (m={d.m_per_class})" if d.sampler == "m_per_class" else ""),
+        ),
         ("augmentation", aug),
-        ("loss", cfg.loss.name + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in cfg.loss.model_dump().items()
-                                         if k != "name" and isinstance(v, (int, float)) and v)),
+        (
+            "loss",
+            cfg.loss.name
+            + "".join(
+                f", {k.replace('_', ' ')} {v:g}"
+                for k, v in cfg.loss.model_dump().items()
+                if k != "name" and isinstance(v, (int, float)) and v
+            ),
+        ),
         ("precision", precision_words(t.precision, (metrics or {}).get("training_precision"))),
         ("seed", str(t.seed)),
     ]
@@ -89,13 +103,16 @@ def precision_words(requested: str, phases: Any) -> str:
     """The configured precision, with what ``auto`` chose for each phase where it chose per phase."""
     if not isinstance(phases, dict) or not isinstance(phases.get("images_per_second"), dict):
         return requested
+
     def name(p: Any) -> str:  # Lightning's precision names, as people say them
         return {"32": "fp32", "bf16-mixed": "bf16"}.get(str(p), str(p))
 
     speeds = ", ".join(f"{name(p)} {v}" for p, v in phases["images_per_second"].items())
-    return (f"{requested}: frozen cache in {name(phases.get('cache', '?'))}, training steps in "
-            f"{name(phases.get('steps', '?'))} (the faster cached step on {phases.get('cpu') or 'the training CPU'}, "
-            f"images/s: {speeds})")
+    return (
+        f"{requested}: frozen cache in {name(phases.get('cache', '?'))}, training steps in "
+        f"{name(phases.get('steps', '?'))} (the faster cached step on {phases.get('cpu') or 'the training CPU'}, "
+        f"images/s: {speeds})"
+    )
 
 
 def definition_for(key: str, definitions: dict[str, str]) -> str:
@@ -118,12 +135,23 @@ def definition_for(key: str, definitions: dict[str, str]) -> str:
 
 
 PRETTY = {
-    "top1": "top-1 accuracy", "top5": "top-5 accuracy", "loss": "loss",
-    "precision_macro": "precision (macro)", "recall_macro": "recall (macro)", "f1_macro": "F1 (macro)",
-    "precision_weighted": "precision (weighted)", "recall_weighted": "recall (weighted)",
-    "f1_weighted": "F1 (weighted)", "n": "test images", "prediction_seconds": "prediction time",
-    "n_gallery": "gallery images", "n_queries": "queries", "map@r": "MAP@R", "r_precision": "R-precision",
-    "precision@1": "precision@1", "nmi": "NMI",
+    "top1": "top-1 accuracy",
+    "top5": "top-5 accuracy",
+    "loss": "loss",
+    "precision_macro": "precision (macro)",
+    "recall_macro": "recall (macro)",
+    "f1_macro": "F1 (macro)",
+    "precision_weighted": "precision (weighted)",
+    "recall_weighted": "recall (weighted)",
+    "f1_weighted": "F1 (weighted)",
+    "n": "test images",
+    "prediction_seconds": "prediction time",
+    "n_gallery": "gallery images",
+    "n_queries": "queries",
+    "map@r": "MAP@R",
+    "r_precision": "R-precision",
+    "precision@1": "precision@1",
+    "nmi": "NMI",
 }
 
 
@@ -151,8 +179,10 @@ def metrics_section(metrics: dict) -> str:
     defs = metrics.get("definitions") or {}
     parts = ["<h2>Test metrics</h2>"]
     if metrics.get("partial"):
-        parts.append(f'<p class="partial"><b>Partial:</b> evaluated after {esc(metrics.get("epochs_done"))} of '
-                     f'{esc(metrics.get("epochs_planned"))} training epochs; training had not finished.</p>')
+        parts.append(
+            f'<p class="partial"><b>Partial:</b> evaluated after {esc(metrics.get("epochs_done"))} of '
+            f"{esc(metrics.get('epochs_planned'))} training epochs; training had not finished.</p>"
+        )
     if kind is None:
         parts.append("<p>metrics.json has no classification or retrieval section.</p>")
     else:
@@ -161,21 +191,31 @@ def metrics_section(metrics: dict) -> str:
             if isinstance(v, (dict, list)):
                 continue
             label = PRETTY.get(k) or (k.replace("recall@", "Recall@") if k.startswith("recall@") else k)
-            rows.append(f"<tr><td>{esc(label)}</td><td class=\"value\">{esc(format_metric(k, v))}</td>"
-                        f"<td class=\"def\">{esc(definition_for(k, defs))}</td></tr>")
+            rows.append(
+                f'<tr><td>{esc(label)}</td><td class="value">{esc(format_metric(k, v))}</td>'
+                f'<td class="def">{esc(definition_for(k, defs))}</td></tr>'
+            )
         timing = metrics.get("timing") or {}
         if timing.get("images_per_second") is not None:
-            rows.append(f"<tr><td>throughput</td><td class=\"value\">{timing['images_per_second']:.1f} images/s"
-                        f"</td><td class=\"def\">model forward passes over {timing.get('n_images', '?')} test images"
-                        f" ({fmt_seconds(timing.get('model_seconds'))} s), excluding decoding</td></tr>")
-        parts.append('<table class="metrics"><thead><tr><th>metric</th><th>value</th><th>definition</th></tr>'
-                     f"</thead><tbody>{''.join(rows)}</tbody></table>")
-    counts = ", ".join(f"{proto[k]:,} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test")
-                       if isinstance(proto.get(k), int))
+            rows.append(
+                f'<tr><td>throughput</td><td class="value">{timing["images_per_second"]:.1f} images/s'
+                f'</td><td class="def">model forward passes over {timing.get("n_images", "?")} test images'
+                f" ({fmt_seconds(timing.get('model_seconds'))} s), excluding decoding</td></tr>"
+            )
+        parts.append(
+            '<table class="metrics"><thead><tr><th>metric</th><th>value</th><th>definition</th></tr>'
+            f"</thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+    counts = ", ".join(
+        f"{proto[k]:,} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test") if isinstance(proto.get(k), int)
+    )
     tested = metrics.get("tested_on") or {}
     info = [
-        ("tested on", tested.get("words") or "not recorded (evaluated before runs said which images they were "
-                                             "tested on: see the protocol)"),
+        (
+            "tested on",
+            tested.get("words")
+            or "not recorded (evaluated before runs said which images they were tested on: see the protocol)",
+        ),
         ("data", data_words(proto) if proto else MISSING),
         ("protocol", protocol_words(proto)),
         ("images", counts or MISSING),
@@ -186,8 +226,13 @@ def metrics_section(metrics: dict) -> str:
         cpu = mach.get("cpu") or mach.get("platform", "?")
         flags = f" ({', '.join(mach['cpu_flags'])})" if mach.get("cpu_flags") else ""
         bf16 = "" if "native_bf16" not in mach else f", native bf16 {'yes' if mach['native_bf16'] else 'no'}"
-        info.append(("machine", f"{cpu}{flags}, {mach.get('cores', mach.get('cpus', '?'))} CPU cores{bf16}, "
-                                f"CUDA {'yes' if mach.get('cuda') else 'no'}"))
+        info.append(
+            (
+                "machine",
+                f"{cpu}{flags}, {mach.get('cores', mach.get('cpus', '?'))} CPU cores{bf16}, "
+                f"CUDA {'yes' if mach.get('cuda') else 'no'}",
+            )
+        )
     run_with = metrics.get("inference") or {}
     if run_with:
         info.append(("inference", f"{run_with.get('engine', '?')} engine, precision {run_with.get('precision', '?')}"))
@@ -202,10 +247,15 @@ def metrics_section(metrics: dict) -> str:
 
 def confused_table(pairs: list[dict]) -> str:
     """The most confused (true, predicted) class pairs with their counts."""
-    rows = "".join(f"<tr><td>{i + 1}</td><td>{esc(p.get('true'))}</td><td>{esc(p.get('predicted'))}</td>"
-                   f"<td class=\"value\">{esc(p.get('count'))}</td></tr>" for i, p in enumerate(pairs))
-    return ('<table class="metrics"><thead><tr><th>#</th><th>true class</th><th>predicted as</th>'
-            f"<th>test images</th></tr></thead><tbody>{rows}</tbody></table>")
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{esc(p.get('true'))}</td><td>{esc(p.get('predicted'))}</td>"
+        f'<td class="value">{esc(p.get("count"))}</td></tr>'
+        for i, p in enumerate(pairs)
+    )
+    return (
+        '<table class="metrics"><thead><tr><th>#</th><th>true class</th><th>predicted as</th>'
+        f"<th>test images</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def per_class_details(per_class_csv: Path) -> str:
@@ -217,12 +267,16 @@ def per_class_details(per_class_csv: Path) -> str:
 
     body = "".join(
         f"<tr><td>{esc(r['class'])}</td>"
-        f"<td class=\"value\">{int(r['support']) if r['support'] is not None else MISSING}</td>"
-        f"<td class=\"value\">{pct(r['accuracy'])}</td><td class=\"value\">{pct(r['precision'])}</td>"
-        f"<td class=\"value\">{pct(r['f1'])}</td></tr>" for r in rows)
-    return (f"<details><summary>Every class ({len(rows)})</summary><table class=\"metrics\"><thead><tr><th>class</th>"
-            "<th>test images</th><th>accuracy</th><th>precision</th><th>F1</th></tr></thead>"
-            f"<tbody>{body}</tbody></table></details>")
+        f'<td class="value">{int(r["support"]) if r["support"] is not None else MISSING}</td>'
+        f'<td class="value">{pct(r["accuracy"])}</td><td class="value">{pct(r["precision"])}</td>'
+        f'<td class="value">{pct(r["f1"])}</td></tr>'
+        for r in rows
+    )
+    return (
+        f'<details><summary>Every class ({len(rows)})</summary><table class="metrics"><thead><tr><th>class</th>'
+        "<th>test images</th><th>accuracy</th><th>precision</th><th>F1</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></details>"
+    )
 
 
 def header_section(inp: RunInputs) -> str:
@@ -237,8 +291,9 @@ def header_section(inp: RunInputs) -> str:
 def metrics_or_note(inp: RunInputs) -> str:
     """The metrics section, or a note on how to produce metrics.json."""
     if inp.metrics is None:
-        return "<h2>Test metrics</h2>" + skipped("Metrics", f"{inp.run.metrics.name} not found "
-                                                            f"(run `finegrain evaluate {inp.run.path}`)")
+        return "<h2>Test metrics</h2>" + skipped(
+            "Metrics", f"{inp.run.metrics.name} not found (run `finegrain evaluate {inp.run.path}`)"
+        )
     return metrics_section(inp.metrics)
 
 
@@ -248,11 +303,16 @@ def training_section(inp: RunInputs) -> list[str]:
     run, cfg = inp.run, inp.cfg
     png = inp.out_dir / "learning_curves.png"
     if run.history.is_file():
-        body.append(try_figure("Learning curves", lambda: figures.learning_curves(run.history, png), png,
-                               figures.learning_curves_caption(run.history)))
+        body.append(
+            try_figure(
+                "Learning curves",
+                lambda: figures.learning_curves(run.history, png),
+                png,
+                figures.learning_curves_caption(run.history),
+            )
+        )
     else:
-        why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains
-                                         else "")
+        why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains else "")
         body.append(skipped("Learning curves", why))
     return body
 
@@ -270,9 +330,15 @@ def confused_section(inp: RunInputs) -> list[str]:
                 wanted = [str(p.get(k)) for p in pairs[:5] for k in ("true", "predicted")]
                 ex = examples_by_class(wanted, emb[1], emb[2], inp.names, resolve=inp.resolve)
                 png = inp.out_dir / "confused_pairs.png"
-                body.append(try_figure("Confused pairs", lambda: figures.confused_pairs_figure(pairs, ex, png),
-                                       png, "Two test images of the true class (blue frame) beside two of the "
-                                            "class it was most often mistaken for (orange frame)."))
+                body.append(
+                    try_figure(
+                        "Confused pairs",
+                        lambda: figures.confused_pairs_figure(pairs, ex, png),
+                        png,
+                        "Two test images of the true class (blue frame) beside two of the "
+                        "class it was most often mistaken for (orange frame).",
+                    )
+                )
             else:
                 body.append(skipped("Example images of confused pairs", "embeddings/test.npz (image paths) not found"))
         else:
@@ -287,8 +353,14 @@ def per_class_section(inp: RunInputs) -> list[str]:
     if per_class_csv.is_file():
         body.append("<h2>Per-class accuracy</h2>")
         png = inp.out_dir / "per_class_accuracy.png"
-        body.append(try_figure("Per-class accuracy", lambda: figures.per_class_accuracy(per_class_csv, png), png,
-                               "Test accuracy (= recall) of the worst and best classes, with correct / test images."))
+        body.append(
+            try_figure(
+                "Per-class accuracy",
+                lambda: figures.per_class_accuracy(per_class_csv, png),
+                png,
+                "Test accuracy (= recall) of the worst and best classes, with correct / test images.",
+            )
+        )
         body.append(per_class_details(per_class_csv))
     elif metrics is not None and "classification" in metrics:
         body.append("<h2>Per-class accuracy</h2>" + skipped("Per-class accuracy", "per_class.csv not found"))
@@ -302,11 +374,15 @@ def retrieval_section(inp: RunInputs) -> list[str]:
     if emb is not None:
         png = inp.out_dir / "retrieval_gallery.png"
         paths = [str(inp.resolve(p)) for p in emb[2]]
-        body.append(try_figure(
-            "Retrieval gallery",
-            lambda: figures.retrieval_gallery(emb[0], emb[1], paths, png, class_names=inp.names), png,
-            "Seeded random test queries and their 5 nearest test images by cosine similarity of the embeddings "
-            "(the query itself excluded); green frame = same class, red = another class."))
+        body.append(
+            try_figure(
+                "Retrieval gallery",
+                lambda: figures.retrieval_gallery(emb[0], emb[1], paths, png, class_names=inp.names),
+                png,
+                "Seeded random test queries and their 5 nearest test images by cosine similarity of the embeddings "
+                "(the query itself excluded); green frame = same class, red = another class.",
+            )
+        )
     else:
         body.append(skipped("Retrieval gallery", "embeddings/test.npz not found"))
     return body

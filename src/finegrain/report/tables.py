@@ -41,6 +41,7 @@ RETRIEVAL_COLUMNS: list[tuple[str, str, str]] = [
 
 # ---------------------------------------------------------------- formatting
 
+
 def _num(v: Any) -> float | None:
     """A finite float, or None for missing / non-numeric / NaN values."""
     if v is None or isinstance(v, bool):
@@ -89,6 +90,7 @@ def tested_on_label(tested_on: Any) -> str:
 
 # ---------------------------------------------------------------- protocol in words
 
+
 def data_words(protocol: dict) -> str:
     """``'stanford_cars (stanford_cars_devkit)'``: the dataset folder name and its format.
 
@@ -116,8 +118,11 @@ def sizes_words(trained: list[int], tested: list[list[int]]) -> str:
     256×341 (outputs averaged)``."""
     text = f"{trained[0]}×{trained[1]} (H×W)"
     if tested and tested != [trained]:
-        text += (", tested at " + " and ".join(f"{h}×{w}" for h, w in tested)
-                 + (" (outputs averaged)" if len(tested) > 1 else ""))
+        text += (
+            ", tested at "
+            + " and ".join(f"{h}×{w}" for h, w in tested)
+            + (" (outputs averaged)" if len(tested) > 1 else "")
+        )
     return text
 
 
@@ -131,8 +136,11 @@ def protocol_words(protocol: dict) -> str:
     if split:
         parts.append(split if split.endswith(".") else split + ".")
     else:
-        counts = ", ".join(f"{protocol[k]} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test")
-                           if protocol.get(k) is not None)
+        counts = ", ".join(
+            f"{protocol[k]} {k.removeprefix('n_')}"
+            for k in ("n_train", "n_val", "n_test")
+            if protocol.get(k) is not None
+        )
         what = {"retrieval": "Class-disjoint retrieval", "classification": "Classification"}.get(str(kind), str(kind))
         ncls = protocol.get("num_classes")
         parts.append(f"{what}" + (f" ({ncls} classes)" if ncls else "") + (f": {counts} images." if counts else "."))
@@ -147,12 +155,16 @@ def protocol_words(protocol: dict) -> str:
     tested = [list(t) for t in protocol.get("eval_image_sizes") or ([size] if size else [])]
     if tested and all(isinstance(t, list) and len(t) == 2 for t in tested):
         trained = protocol.get("train_image_size") or tested[0]
-        parts.append("Images resized to " + sizes_words(list(trained), tested)
-                     + (", horizontal-flip test-time augmentation." if protocol.get("tta_flip") else "."))
+        parts.append(
+            "Images resized to "
+            + sizes_words(list(trained), tested)
+            + (", horizontal-flip test-time augmentation." if protocol.get("tta_flip") else ".")
+        )
     return " ".join(parts)
 
 
 # ---------------------------------------------------------------- rows
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -182,9 +194,15 @@ def run_row(run_path: Path) -> dict:
         "name": metrics.get("run") or (cfg.name if cfg else run.name),
         "description": (cfg.description if cfg else "") or "",
         "task": metrics.get("task") or (cfg.task if cfg else None),
-        "data": (_synthetic_words(cfg, protocol) if cfg is not None and cfg.data.root == "synthetic" else
-                 data_words(protocol) if protocol else
-                 data_words({"dataset": cfg.data.root, "format": cfg.data.format}) if cfg else MISSING),
+        "data": (
+            _synthetic_words(cfg, protocol)
+            if cfg is not None and cfg.data.root == "synthetic"
+            else data_words(protocol)
+            if protocol
+            else data_words({"dataset": cfg.data.root, "format": cfg.data.format})
+            if cfg
+            else MISSING
+        ),
         "protocol": protocol_words(protocol),
         "protocol_kind": protocol.get("protocol") or ("retrieval" if ret else "classification"),
         "loss": _num(cls.get("loss")),
@@ -243,14 +261,23 @@ def comparison_rows(run_paths: list[Path]) -> list[dict]:
 
 def _split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(classification-table rows, retrieval-table rows)."""
-    ret = [r for r in rows if r.get("has_retrieval")
-           or any(r.get(k) is not None for _, k, kind in RETRIEVAL_COLUMNS if kind != "text")]
-    cls = [r for r in rows if r not in ret or r.get("has_classification")
-           or any(r.get(k) is not None for _, k, kind in CLASSIFICATION_COLUMNS if kind != "text")]
+    ret = [
+        r
+        for r in rows
+        if r.get("has_retrieval") or any(r.get(k) is not None for _, k, kind in RETRIEVAL_COLUMNS if kind != "text")
+    ]
+    cls = [
+        r
+        for r in rows
+        if r not in ret
+        or r.get("has_classification")
+        or any(r.get(k) is not None for _, k, kind in CLASSIFICATION_COLUMNS if kind != "text")
+    ]
     return cls, ret
 
 
 # ---------------------------------------------------------------- Markdown
+
 
 def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -268,8 +295,10 @@ def _md_link(target: str) -> str:
 
 
 def _md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
-    lines = ["| Model | " + " | ".join(h for h, _, _ in columns) + " |",
-             "|:--|" + "|".join("--:" for _ in columns) + "|"]
+    lines = [
+        "| Model | " + " | ".join(h for h, _, _ in columns) + " |",
+        "|:--|" + "|".join("--:" for _ in columns) + "|",
+    ]
     for r in rows:
         label = _model_label(r) + (f" ([report]({_md_link(str(r['report']))}))" if r.get("report") else "")
         cells = [_md_cell(label)] + [fmt_value(r.get(k), kind) for _, k, kind in columns]
@@ -280,8 +309,10 @@ def _md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str
 def _md_protocol_list(rows: list[dict]) -> list[str]:
     lines = ["**Data and protocol**", ""]
     for r in rows:
-        lines.append(f"- **{_md_cell(r['name'])}** ({r.get('task') or MISSING}): data {r.get('data') or MISSING}. "
-                     f"{_md_cell(r.get('protocol') or '')}")
+        lines.append(
+            f"- **{_md_cell(r['name'])}** ({r.get('task') or MISSING}): data {r.get('data') or MISSING}. "
+            f"{_md_cell(r.get('protocol') or '')}"
+        )
     return lines
 
 
@@ -300,13 +331,19 @@ def markdown_table(rows: list[dict], title: str = "Results", failed: dict[str, s
     cls, ret = _split_rows(rows)
     if cls:
         out += ["## Classification", ""] + _md_table(cls, CLASSIFICATION_COLUMNS) + [""]
-        out += ["Accuracy is top-1; F1, precision and recall are macro averages over classes; "
-                "prediction time is the wall time of the model (or kNN search) over all test images.", ""]
+        out += [
+            "Accuracy is top-1; F1, precision and recall are macro averages over classes; "
+            "prediction time is the wall time of the model (or kNN search) over all test images.",
+            "",
+        ]
         out += _md_protocol_list(cls) + [""]
     if ret:
         out += ["## Retrieval", ""] + _md_table(ret, RETRIEVAL_COLUMNS) + [""]
-        out += ["Recall@K: fraction of queries with at least one same-class image among their K nearest "
-                "neighbours (query excluded); MAP@R as in Musgrave et al. 2020.", ""]
+        out += [
+            "Recall@K: fraction of queries with at least one same-class image among their K nearest "
+            "neighbours (query excluded); MAP@R as in Musgrave et al. 2020.",
+            "",
+        ]
         out += _md_protocol_list(ret) + [""]
     return "\n".join(out + tail)
 
@@ -352,7 +389,9 @@ def _html_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def _html_protocol_list(rows: list[dict]) -> str:
     items = "".join(
         f"<li><b>{_esc(r['name'])}</b> ({_esc(r.get('task') or MISSING)}): data {_esc(r.get('data') or MISSING)}. "
-        f"{_esc(r.get('protocol') or '')}</li>" for r in rows)
+        f"{_esc(r.get('protocol') or '')}</li>"
+        for r in rows
+    )
     return f'<p><b>Data and protocol</b></p><ul class="protocol">{items}</ul>'
 
 
@@ -363,25 +402,33 @@ def html_tables_fragment(rows: list[dict]) -> str:
     cls, ret = _split_rows(rows)
     parts = []
     if cls:
-        parts += ["<h2>Classification</h2>", _html_table(cls, CLASSIFICATION_COLUMNS),
-                  '<p class="note">Accuracy is top-1; F1, precision and recall are macro averages over classes; '
-                  "prediction time (seconds) is the wall time of the model (or kNN search) over all test images. "
-                  "“—” marks a value that does not apply.</p>",
-                  _html_protocol_list(cls)]
+        parts += [
+            "<h2>Classification</h2>",
+            _html_table(cls, CLASSIFICATION_COLUMNS),
+            '<p class="note">Accuracy is top-1; F1, precision and recall are macro averages over classes; '
+            "prediction time (seconds) is the wall time of the model (or kNN search) over all test images. "
+            "“—” marks a value that does not apply.</p>",
+            _html_protocol_list(cls),
+        ]
     if ret:
-        parts += ["<h2>Retrieval</h2>", _html_table(ret, RETRIEVAL_COLUMNS),
-                  '<p class="note">Recall@K: fraction of queries with at least one same-class image among their '
-                  "K nearest neighbours (query excluded); MAP@R as in Musgrave et al. 2020.</p>",
-                  _html_protocol_list(ret)]
+        parts += [
+            "<h2>Retrieval</h2>",
+            _html_table(ret, RETRIEVAL_COLUMNS),
+            '<p class="note">Recall@K: fraction of queries with at least one same-class image among their '
+            "K nearest neighbours (query excluded); MAP@R as in Musgrave et al. 2020.</p>",
+            _html_protocol_list(ret),
+        ]
     return "\n".join(parts)
 
 
 def html_page(title: str, body: str, extra_css: str = "") -> str:
     """A self-contained HTML page (inline CSS, no external resources)."""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{TABLE_CSS}{extra_css}</style></head>\n"
-            f"<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{TABLE_CSS}{extra_css}</style></head>\n"
+        f"<body>\n{body}\n</body></html>\n"
+    )
 
 
 def html_table(rows: list[dict], title: str = "Results", failed: dict[str, str] | None = None) -> str:

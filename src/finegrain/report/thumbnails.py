@@ -27,8 +27,9 @@ def thumb(path: str | Path | None, size: int) -> tuple[np.ndarray, str | None]:
 
     try:
         with Image.open(path) as source:
-            im = ImageOps.contain(ImageOps.exif_transpose(source).convert("RGB"), (size, size),
-                                  method=Image.Resampling.LANCZOS)
+            im = ImageOps.contain(
+                ImageOps.exif_transpose(source).convert("RGB"), (size, size), method=Image.Resampling.LANCZOS
+            )
             canvas = Image.new("RGB", (size, size), (255, 255, 255))
             canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
             return np.asarray(canvas), None
@@ -49,8 +50,17 @@ def show_image(ax, path: str | Path | None, size: int, frame: str | None = None,
     img, note = thumb(path, size)
     ax.imshow(img, interpolation="antialiased")
     if note:
-        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#333",
-                bbox={"facecolor": "#c8c8c8", "edgecolor": "none", "pad": 2})
+        ax.text(
+            0.5,
+            0.5,
+            note,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="#333",
+            bbox={"facecolor": "#c8c8c8", "edgecolor": "none", "pad": 2},
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)

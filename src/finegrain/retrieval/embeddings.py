@@ -24,11 +24,17 @@ def save_embeddings(run: RunDir, split: str, out: Outputs, paths: list[str], enc
     # the old sidecar goes first: a kill between the two writes leaves vectors that are never reused
     (run.embeddings / f"{split}.json").unlink(missing_ok=True)
     atomic_write_bytes(run.embeddings / f"{split}.npz", buf.getvalue())
-    atomic_write_json(run.embeddings / f"{split}.json", {
-        "split": split, "n": int(len(out.labels)), "dim": int(out.embeddings.shape[1]),
-        "model_checksum": encoder.loaded.checksum, **encoder.signature(),
-        "images_per_second": out.images_per_second,
-    })
+    atomic_write_json(
+        run.embeddings / f"{split}.json",
+        {
+            "split": split,
+            "n": int(len(out.labels)),
+            "dim": int(out.embeddings.shape[1]),
+            "model_checksum": encoder.loaded.checksum,
+            **encoder.signature(),
+            "images_per_second": out.images_per_second,
+        },
+    )
 
 
 def load_embeddings(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -40,8 +46,9 @@ def load_embeddings(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray, li
         return z["embeddings"], z["labels"], [str(p) for p in z["paths"]]
 
 
-def reusable_embeddings(run: RunDir, split: str, records: list[ImageRecord],
-                        encoder: EncodingLoop) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+def reusable_embeddings(
+    run: RunDir, split: str, records: list[ImageRecord], encoder: EncodingLoop
+) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
     """A split's saved embeddings if this encoder (same model, sizes, flips, precision, engine)
     made them from exactly these images; else None."""
     meta = run.embeddings / f"{split}.json"

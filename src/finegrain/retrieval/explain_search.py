@@ -85,10 +85,16 @@ class SearchExplainer:
         rgbs = [to_rgb(image)[0]] + [open_rgb(Path(self.searcher.gallery_path(i)))[0] for i in ids]
         query, *hits = explain_rgbs(self.encoder, rgbs)
         grid = query.maps["embedding_map"][0].shape[1:]
-        maps = [HitMaps(id=i, map=to_unit(similarity_map(h, query.embedding, grid)),
-                        query_map=to_unit(similarity_map(query, h.embedding, grid)),
-                        similarity=float(query.embedding @ h.embedding), image_size=(rgb.height, rgb.width))
-                for i, h, rgb in zip(ids, hits, rgbs[1:], strict=True)]
+        maps = [
+            HitMaps(
+                id=i,
+                map=to_unit(similarity_map(h, query.embedding, grid)),
+                query_map=to_unit(similarity_map(query, h.embedding, grid)),
+                similarity=float(query.embedding @ h.embedding),
+                image_size=(rgb.height, rgb.width),
+            )
+            for i, h, rgb in zip(ids, hits, rgbs[1:], strict=True)
+        ]
         query_size = (rgbs[0].height, rgbs[0].width)
         if self._explains_class(query):
             cls = int(query.predicted_class or 0)

@@ -76,13 +76,22 @@ def check_replacement(dest: Path, description: str, n: int) -> None:
     if not other_source and old_n / REPLACE_RATIO <= n <= old_n * REPLACE_RATIO:
         return
     source = f" from the {old_source}" if old_source else ""
-    raise FinegrainError(f"{dest} holds an index of {old_n} images{source}; the new one would hold {n} from the "
-                         f"{description}: pass --replace to replace it")
+    raise FinegrainError(
+        f"{dest} holds an index of {old_n} images{source}; the new one would hold {n} from the "
+        f"{description}: pass --replace to replace it"
+    )
 
 
-def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat", metric: str = "cosine",
-                out_dir: Path | None = None, precision: str | None = None,
-                engine: str = "auto", replace: bool = False) -> tuple[Path, dict]:
+def build_index(
+    run_path: str | Path,
+    gallery: str = "test",
+    kind: str = "flat",
+    metric: str = "cosine",
+    out_dir: Path | None = None,
+    precision: str | None = None,
+    engine: str = "auto",
+    replace: bool = False,
+) -> tuple[Path, dict]:
     """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
     way) and save a FAISS index with its metadata (the gallery it holds among them). An existing
     index of another gallery or of a very different size is replaced only with ``replace``."""
@@ -102,12 +111,25 @@ def build_index(run_path: str | Path, gallery: str = "test", kind: str = "flat",
     else:
         out = embed_records(encoder, records, "embedding gallery")
         embeddings, labels, paths = out.embeddings, out.labels, [str(records[i].path) for i in out.indices]
-    index = GalleryIndex.build(embeddings, labels, paths, metric=metric, kind=kind,
-                               model_checksum=encoder.loaded.checksum, class_names=class_names)
+    index = GalleryIndex.build(
+        embeddings,
+        labels,
+        paths,
+        metric=metric,
+        kind=kind,
+        model_checksum=encoder.loaded.checksum,
+        class_names=class_names,
+    )
     index.meta["gallery"] = description
     index.meta["engine"], index.meta["precision"] = encoder.engine, str(encoder.precision)  # searches compare
     index.meta["gallery_root"] = str(common_root(paths))  # the only folder a service hands files out of
     index.save(dest)
-    info = {"n": len(paths), "dim": int(embeddings.shape[1]), "kind": kind, "metric": metric,
-            "gallery": description, "approx_recall_at_10": index.meta.get("approx_recall_at_10")}
+    info = {
+        "n": len(paths),
+        "dim": int(embeddings.shape[1]),
+        "kind": kind,
+        "metric": metric,
+        "gallery": description,
+        "approx_recall_at_10": index.meta.get("approx_recall_at_10"),
+    }
     return dest, info

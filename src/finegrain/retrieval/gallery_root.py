@@ -29,8 +29,10 @@ def served_root(recorded: object, paths: Sequence[str]) -> Path:
     its paths); :class:`FinegrainError` when it is too wide a folder to serve images from."""
     root = Path(recorded).resolve() if isinstance(recorded, str) and recorded else common_root(paths)
     if too_wide(root):
-        raise FinegrainError(f"the gallery images of this index lie in {root}, too wide a folder to serve "
-                             "images from (rebuild the index with `finegrain index RUN` from an image folder)")
+        raise FinegrainError(
+            f"the gallery images of this index lie in {root}, too wide a folder to serve "
+            "images from (rebuild the index with `finegrain index RUN` from an image folder)"
+        )
     return root
 
 

@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +149,12 @@ def _ivf(dim: int, metric: str, n: int) -> tuple[Any, dict]:
     index.cp.max_points_per_centroid = IVF_MAX_TRAIN_POINTS_PER_LIST
     index.cp.min_points_per_centroid = 1  # tiny galleries: nlist is already capped by n / 39
     index.nprobe = nprobe
-    return index, {"nlist": nlist, "nprobe": nprobe, "kmeans_niter": IVF_KMEANS_NITER,
-                   "train_points": min(n, nlist * IVF_MAX_TRAIN_POINTS_PER_LIST)}
-
+    return index, {
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "kmeans_niter": IVF_KMEANS_NITER,
+        "train_points": min(n, nlist * IVF_MAX_TRAIN_POINTS_PER_LIST),
+    }
 
 
 def index_builder(kind: str, metric: str) -> Callable[[int, str, int], tuple[Any, dict]]:
@@ -175,8 +178,12 @@ def exact_neighbours(queries: np.ndarray, base: np.ndarray, k: int, metric: str)
     Vectors must already be prepared (normalised for cosine). For euclidean the
     scores are squared distances, as FAISS returns them.
     """
-    return import_faiss().knn(np.ascontiguousarray(queries, dtype=np.float32),
-                        np.ascontiguousarray(base, dtype=np.float32), k, metric=faiss_metric(metric))
+    return import_faiss().knn(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(base, dtype=np.float32),
+        k,
+        metric=faiss_metric(metric),
+    )
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -193,8 +200,16 @@ def check_k(k: object, gallery_size: int) -> int:
     return int(k)
 
 
-def index_meta(model_checksum: str, dim: int, metric: str, kind: str, n: int, params: dict,
-               recall: float | None, build_seconds: float) -> dict:
+def index_meta(
+    model_checksum: str,
+    dim: int,
+    metric: str,
+    kind: str,
+    n: int,
+    params: dict,
+    recall: float | None,
+    build_seconds: float,
+) -> dict:
     """meta.json of a new index (its files' sha256 and sizes are added by :meth:`GalleryIndex.save`)."""
     return {
         "model_checksum": model_checksum,
@@ -203,9 +218,10 @@ def index_meta(model_checksum: str, dim: int, metric: str, kind: str, n: int, pa
         "kind": kind,
         "n": int(n),
         "params": params,
-        "score": "cosine similarity (higher is closer)" if metric == "cosine"
-                 else "euclidean distance (lower is closer)",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "score": "cosine similarity (higher is closer)"
+        if metric == "cosine"
+        else "euclidean distance (lower is closer)",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "approx_recall_at_10": recall,
         "build_seconds": round(build_seconds, 4),
         "finegrain_version": package_version("finegrain"),
@@ -220,8 +236,9 @@ class GalleryIndex:
     Build with :meth:`build`, persist with :meth:`save`, reopen with :meth:`load`.
     """
 
-    def __init__(self, index: Any, labels: np.ndarray, paths: list[str], class_names: list[str] | None,
-                 meta: dict) -> None:
+    def __init__(
+        self, index: Any, labels: np.ndarray, paths: list[str], class_names: list[str] | None, meta: dict
+    ) -> None:
         self.index = index
         self.labels = np.asarray(labels, dtype=np.int64)
         self.paths = list(paths)
@@ -253,9 +270,18 @@ class GalleryIndex:
 
     # -- building ---------------------------------------------------------
     @classmethod
-    def build(cls, embeddings: np.ndarray, labels: np.ndarray, paths: list[str], metric: str = "cosine",
-              kind: str = "flat", *, model_checksum: str, class_names: list[str] | None = None,
-              measure_recall: bool = True) -> "GalleryIndex":
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        labels: np.ndarray,
+        paths: list[str],
+        metric: str = "cosine",
+        kind: str = "flat",
+        *,
+        model_checksum: str,
+        class_names: list[str] | None = None,
+        measure_recall: bool = True,
+    ) -> GalleryIndex:
         """Index ``embeddings`` [N, D] with their ``labels`` [N] and image ``paths``.
 
         For approximate kinds (``hnsw``, ``ivf``) the recall@10 against exact
@@ -344,11 +370,16 @@ class GalleryIndex:
         for stale in d.parent.glob(f".{d.name}.*.tmp"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if d.is_dir():
-            others = sorted(p.name for p in d.iterdir() if p.name not in INDEX_FILES and p.name not in KIND_FILES
-                            and not p.name.endswith(".tmp"))
+            others = sorted(
+                p.name
+                for p in d.iterdir()
+                if p.name not in INDEX_FILES and p.name not in KIND_FILES and not p.name.endswith(".tmp")
+            )
             if others:
-                raise FinegrainError(f"{d} holds other files than an index ({', '.join(others[:3])}); "
-                                     "choose an empty folder for the index")
+                raise FinegrainError(
+                    f"{d} holds other files than an index ({', '.join(others[:3])}); "
+                    "choose an empty folder for the index"
+                )
         data = self._serialize()
         labels = encode_labels(self.labels)
         paths = encode_paths(self.paths, self.class_names)
@@ -383,7 +414,7 @@ class GalleryIndex:
         return own() if own is not None else import_faiss().serialize_index(self.index).tobytes()
 
     @classmethod
-    def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> "GalleryIndex":
+    def load(cls, directory: str | Path, expected_model_checksum: str | None = None) -> GalleryIndex:
         """Reopen a saved index, refusing damaged files and indexes built by another model."""
         d = recover_swap(Path(directory))
         if not d.is_dir():
@@ -401,4 +432,4 @@ class GalleryIndex:
         return cls(index, labels, paths, class_names, meta)
 
 
-from finegrain.retrieval import large_index as _large_index  # noqa: F401 - registers the "ivfpq" kind
+from finegrain.retrieval import large_index as _large_index  # noqa: E402, F401 - registers "ivfpq" (it imports this module)

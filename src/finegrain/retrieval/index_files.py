@@ -88,8 +88,9 @@ def read_meta(d: Path, metrics: Container[str], kinds: Container[str]) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise FinegrainError(f"damaged index file {d / META_FILE}: {e}") from e
     if meta["metric"] not in metrics or meta["kind"] not in kinds:
-        raise FinegrainError(f"damaged index file {d / META_FILE}: unknown metric or kind "
-                             f"({meta['metric']!r}, {meta['kind']!r})")
+        raise FinegrainError(
+            f"damaged index file {d / META_FILE}: unknown metric or kind ({meta['metric']!r}, {meta['kind']!r})"
+        )
     return meta
 
 
@@ -98,20 +99,25 @@ def check_model(d: Path, meta: dict, expected_model_checksum: str | None) -> Non
     if expected_model_checksum is not None and meta["model_checksum"] != expected_model_checksum:
         raise FinegrainError(
             f"the index in {d} was built by another model (checksum {str(meta['model_checksum'])[:12]}…, "
-            f"this model is {expected_model_checksum[:12]}…); rebuild it with `finegrain index RUN`")
+            f"this model is {expected_model_checksum[:12]}…); rebuild it with `finegrain index RUN`"
+        )
 
 
 def read_faiss(d: Path, meta: dict) -> Any:
     """The FAISS index, once its bytes match the sha256 in meta.json."""
     data = (d / INDEX_FILE).read_bytes()
     if sha256(data) != meta["index_sha256"]:
-        raise FinegrainError(f"damaged index file {d / INDEX_FILE}: its sha256 does not match meta.json "
-                             "(rebuild it with `finegrain index RUN`)")
+        raise FinegrainError(
+            f"damaged index file {d / INDEX_FILE}: its sha256 does not match meta.json "
+            "(rebuild it with `finegrain index RUN`)"
+        )
     try:
         return import_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except Exception as e:  # faiss raises RuntimeError on a bad stream
-        raise FinegrainError(f"damaged index file {d / INDEX_FILE}: FAISS cannot read it "
-                             f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+        raise FinegrainError(
+            f"damaged index file {d / INDEX_FILE}: FAISS cannot read it "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        ) from e
 
 
 def read_labels(d: Path) -> np.ndarray:
@@ -133,8 +139,9 @@ def read_paths(d: Path) -> tuple[list, list[str] | None]:
         bad = next((i for i, x in enumerate(paths) if not isinstance(x, str)), None)
         if bad is not None:
             raise ValueError(f"path {bad} is not a string")
-        if class_names is not None and not (isinstance(class_names, list)
-                                            and all(isinstance(x, str) for x in class_names)):
+        if class_names is not None and not (
+            isinstance(class_names, list) and all(isinstance(x, str) for x in class_names)
+        ):
             raise ValueError("'class_names' is not a list of strings")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise FinegrainError(f"damaged index file {d / PATHS_FILE}: {e}") from e
@@ -154,9 +161,12 @@ def check_consistent(d: Path, meta: dict, index: Any, labels: np.ndarray, paths:
     if len(paths) != index.ntotal:
         problems.append(f"{len(paths)} paths for {index.ntotal} vectors")
     if problems:
-        raise FinegrainError(f"inconsistent index in {d}: {'; '.join(problems)} "
-                             "(rebuild it with `finegrain index RUN`)")
+        raise FinegrainError(
+            f"inconsistent index in {d}: {'; '.join(problems)} (rebuild it with `finegrain index RUN`)"
+        )
     for name, digest in (meta.get("files_sha256") or {}).items():  # recorded since saves became one unit
         if name in (LABELS_FILE, PATHS_FILE) and sha256((d / name).read_bytes()) != digest:
-            raise FinegrainError(f"damaged index file {d / name}: its sha256 does not match meta.json "
-                                 "(rebuild it with `finegrain index RUN`)")
+            raise FinegrainError(
+                f"damaged index file {d / name}: its sha256 does not match meta.json "
+                "(rebuild it with `finegrain index RUN`)"
+            )

@@ -35,9 +35,15 @@ def _matrix(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def knn_classify(gallery_emb: np.ndarray, gallery_labels: np.ndarray, query_emb: np.ndarray, k: int = 10,
-                 metric: str = "euclidean", weights: str = "uniform",
-                 num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+def knn_classify(
+    gallery_emb: np.ndarray,
+    gallery_labels: np.ndarray,
+    query_emb: np.ndarray,
+    k: int = 10,
+    metric: str = "euclidean",
+    weights: str = "uniform",
+    num_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Classify each query by its ``k`` nearest gallery vectors.
 
     Returns ``(preds [Q] int64, scores [Q, C] float32 vote fractions, seconds)``
@@ -94,4 +100,3 @@ def knn_classify(gallery_emb: np.ndarray, gallery_labels: np.ndarray, query_emb:
     scores = (votes / votes.sum(axis=1, keepdims=True)).astype(np.float32)
     seconds = time.perf_counter() - t0
     return preds, scores, seconds
-

@@ -77,15 +77,22 @@ def ivfpq_params(n: int, dim: int, recall: float = DEFAULT_RECALL, opq: bool = F
     wanted = max(1, dim // (8 if recall >= 0.9 else 16))
     m = max(d for d in range(1, wanted + 1) if dim % d == 0)
     nbits = int(max(1, min(8, math.floor(math.log2(max(2, n // 39))))))
-    return {"nlist": nlist, "m": m, "nbits": nbits, "opq": bool(opq), "recall_target": recall,
-            "rerank": RERANK_CANDIDATES,
-            "train_points": min(n, max(nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS))}
+    return {
+        "nlist": nlist,
+        "m": m,
+        "nbits": nbits,
+        "opq": bool(opq),
+        "recall_target": recall,
+        "rerank": RERANK_CANDIDATES,
+        "train_points": min(n, max(nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_POINTS)),
+    }
 
 
 def _factory(dim: int, params: dict) -> str:
     quantizer = "_HNSW32" if params["nlist"] >= HNSW_QUANTIZER_FROM else ""
     opq = f"OPQ{params['m']}," if params["opq"] else ""
-    return f"{opq}IVF{params['nlist']}{quantizer},PQ{params['m']}x{params['nbits']}np"  # np: no polysemous training (slow, unused)
+    # np: no polysemous training (slow, unused)
+    return f"{opq}IVF{params['nlist']}{quantizer},PQ{params['m']}x{params['nbits']}np"
 
 
 def _top(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +103,9 @@ def _top(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.n
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def streaming_knn(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int,
-                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+def streaming_knn(
+    queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact neighbours of ``queries`` over a stream of base chunks (ids count rows across them),
     holding one chunk at a time: (faiss scores, ids) as :func:`exact_neighbours` gives them."""
     faiss = import_faiss()
@@ -118,7 +126,7 @@ def rows(array: np.ndarray, chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:
     streaming a file larger than RAM leaves none of it mapped in this process."""
     if not isinstance(array, np.memmap) or array.filename is None:
         for s in range(0, len(array), chunk):
-            yield np.asarray(array[s:s + chunk], dtype=np.float32)
+            yield np.asarray(array[s : s + chunk], dtype=np.float32)
         return
     width = array.shape[1] * array.dtype.itemsize
     with open(array.filename, "rb") as f:
@@ -135,8 +143,15 @@ class RerankedIVFPQ:
     ``search``), so :class:`~finegrain.retrieval.index.GalleryIndex` holds it like any other kind.
     """
 
-    def __init__(self, ivf: Any, metric: str, params: dict, vectors: np.ndarray | None = None,
-                 vectors_file: Path | None = None, n: int | None = None) -> None:
+    def __init__(
+        self,
+        ivf: Any,
+        metric: str,
+        params: dict,
+        vectors: np.ndarray | None = None,
+        vectors_file: Path | None = None,
+        n: int | None = None,
+    ) -> None:
         self.ivf = ivf
         self.metric = metric
         self.params = params
@@ -149,14 +164,16 @@ class RerankedIVFPQ:
             if n is None:
                 raise ValueError("a vectors file needs the number of vectors")
             self._out = open(vectors_file, "wb")  # noqa: SIM115 - closed by finish()
-            np.lib.format.write_array_header_1_0(self._out, {"descr": np.dtype(np.float16).str,
-                                                             "fortran_order": False, "shape": (n, int(ivf.d))})
+            np.lib.format.write_array_header_1_0(
+                self._out, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (n, int(ivf.d))}
+            )
         self._filled = 0
         self.set_nprobe(int(params.get("nprobe", 1)))
 
     @classmethod
-    def empty(cls, dim: int, metric: str, params: dict, vectors_file: Path | None = None,
-              n: int | None = None) -> RerankedIVFPQ:
+    def empty(
+        cls, dim: int, metric: str, params: dict, vectors_file: Path | None = None, n: int | None = None
+    ) -> RerankedIVFPQ:
         """An untrained index of ``params`` (:func:`ivfpq_params`)."""
         faiss = import_faiss()
         ivf = faiss.index_factory(dim, _factory(dim, params), faiss_metric(metric))
@@ -202,7 +219,7 @@ class RerankedIVFPQ:
         """The ``k`` best of the PQ candidates by exact score: (faiss scores, ids)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         if len(q) > SEARCH_BLOCK:  # bounds the candidates' vectors held at once
-            parts = [self.search(q[s:s + SEARCH_BLOCK], k) for s in range(0, len(q), SEARCH_BLOCK)]
+            parts = [self.search(q[s : s + SEARCH_BLOCK], k) for s in range(0, len(q), SEARCH_BLOCK)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         vectors = self._stored()
         _, cand = self.ivf.search(q, max(k, int(self.params.get("rerank", RERANK_CANDIDATES))))
@@ -263,11 +280,11 @@ class RerankedIVFPQ:
         return {VECTORS_FILE: dest.stat().st_size}
 
 
-def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int | None = None,
-                seed: int = 0) -> tuple[float, int]:
+def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int | None = None, seed: int = 0) -> tuple[float, int]:
     """The smallest power-of-two ``nprobe`` (then, with every list scanned, the fewest re-ranked
-    candidates) whose recall@10 reaches ``target``, and the recall it measured, on up to ``queries`` gallery vectors searched as held-out
-    queries: each one's own entry is dropped from the exact and the approximate answers."""
+    candidates) whose recall@10 reaches ``target``, and the recall it measured, on up to ``queries``
+    gallery vectors searched as held-out queries: each one's own entry is dropped from the exact and the
+    approximate answers."""
     vectors = index._stored()
     n = len(vectors)
     k = min(RECALL_K, n - 1)
@@ -303,9 +320,16 @@ def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def build_ivfpq(chunks: Callable[[], Iterable[np.ndarray]], n: int, dim: int, metric: str,
-                vectors_file: Path, recall: float = DEFAULT_RECALL, opq: bool = False,
-                seed: int = 0) -> RerankedIVFPQ:
+def build_ivfpq(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    n: int,
+    dim: int,
+    metric: str,
+    vectors_file: Path,
+    recall: float = DEFAULT_RECALL,
+    opq: bool = False,
+    seed: int = 0,
+) -> RerankedIVFPQ:
     """An ``ivfpq`` index of ``n`` vectors that ``chunks()`` yields (ready: normalised for cosine)
     in two passes, holding one chunk at a time: the training sample, then the codes and the float16
     copy (written to ``vectors_file``). ``nprobe`` is tuned to ``recall`` (:meth:`finish`)."""
@@ -344,6 +368,8 @@ def _open(d: Path, ivf: Any, meta: dict) -> RerankedIVFPQ:
     except (OSError, ValueError) as e:
         raise FinegrainError(f"damaged index file {path}: {e} (rebuild it with `finegrain index RUN`)") from None
     if vectors.shape != (int(meta["n"]), int(meta["dim"])) or vectors.dtype != np.float16:
-        raise FinegrainError(f"damaged index file {path}: {vectors.dtype} {vectors.shape}, the index holds "
-                             f"{meta['n']} vectors of {meta['dim']} (rebuild it with `finegrain index RUN`)")
+        raise FinegrainError(
+            f"damaged index file {path}: {vectors.dtype} {vectors.shape}, the index holds "
+            f"{meta['n']} vectors of {meta['dim']} (rebuild it with `finegrain index RUN`)"
+        )
     return RerankedIVFPQ(ivf, meta["metric"], dict(meta.get("params") or {}), vectors=vectors)

@@ -138,8 +138,9 @@ def _name(names: list[str] | None, label: int) -> str:
 class Searcher:
     """A run's model and gallery index, loaded once, answering image queries."""
 
-    def __init__(self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None,
-                 engine: str = "auto") -> None:
+    def __init__(
+        self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None, engine: str = "auto"
+    ) -> None:
         from finegrain.retrieval.index import GalleryIndex
 
         self.run = open_run(run_path)
@@ -188,9 +189,11 @@ class Searcher:
         now = (self.engine, str(self.encoder.precision))
         if None in built or built == now:
             return None
-        message = (f"the index was built with {built[0]} in {built[1]} and this search runs {now[0]} in {now[1]}: "
-                   f"scores differ slightly from the index's own (rebuild it with `finegrain index "
-                   f"{self.run.path} --engine {now[0]}` to match)")
+        message = (
+            f"the index was built with {built[0]} in {built[1]} and this search runs {now[0]} in {now[1]}: "
+            f"scores differ slightly from the index's own (rebuild it with `finegrain index "
+            f"{self.run.path} --engine {now[0]}` to match)"
+        )
         log.warning(message)
         return message
 
@@ -213,14 +216,23 @@ class Searcher:
     def info(self) -> ServiceInfo:
         """What the service says about itself (no server paths)."""
         meta = self.index.meta
-        return {"run": self.run.name, "model": str(self.cfg.model.backbone), "task": str(self.cfg.task),
-                "dataset": dataset_name(self.cfg.data.root), "gallery_size": self.gallery_size,
-                "embedding_dim": meta.get("dim"), "metric": meta.get("metric"), "index_kind": meta.get("kind"),
-                "index_bytes_per_vector": meta.get("bytes_per_vector"),
-                "index_recall_at_10": meta.get("approx_recall_at_10"),
-                "has_classifier": bool(self.encoder.has_classifier), "engine": self.engine,
-                "created_at": meta.get("created_at"), "precision": str(self.encoder.precision),
-                "image_sizes": [list(s) for s in self.sizes]}
+        return {
+            "run": self.run.name,
+            "model": str(self.cfg.model.backbone),
+            "task": str(self.cfg.task),
+            "dataset": dataset_name(self.cfg.data.root),
+            "gallery_size": self.gallery_size,
+            "embedding_dim": meta.get("dim"),
+            "metric": meta.get("metric"),
+            "index_kind": meta.get("kind"),
+            "index_bytes_per_vector": meta.get("bytes_per_vector"),
+            "index_recall_at_10": meta.get("approx_recall_at_10"),
+            "has_classifier": bool(self.encoder.has_classifier),
+            "engine": self.engine,
+            "created_at": meta.get("created_at"),
+            "precision": str(self.encoder.precision),
+            "image_sizes": [list(s) for s in self.sizes],
+        }
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one image."""
@@ -242,9 +254,17 @@ class Searcher:
         emb, probs = self.encode(image)
         scores, ids = self.index.search(emb, k)
         names = self.index.class_names or self.class_names
-        hits = [Hit(rank=r + 1, id=int(i), label=_name(names, int(self.index.labels[i])), score=float(s),
-                    path=self.index.paths[i])
-                for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True)) if i >= 0]
+        hits = [
+            Hit(
+                rank=r + 1,
+                id=int(i),
+                label=_name(names, int(self.index.labels[i])),
+                score=float(s),
+                path=self.index.paths[i],
+            )
+            for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True))
+            if i >= 0
+        ]
         rgb, query = to_rgb(image)[0], None
         for h in hits:  # by content, not score: scores of a copy vary with the engine and precision
             mark = self._fingerprint(h)

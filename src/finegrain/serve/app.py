@@ -85,8 +85,9 @@ given twice, 400 for a request whose `Host` is not one of the server's names.
 # --------------------------------------------------------------------------- what the service says
 
 
-def service_info(searcher: SearchService, max_upload_bytes: int, max_k: int,
-                 max_image_pixels: int | None) -> dict[str, Any]:
+def service_info(
+    searcher: SearchService, max_upload_bytes: int, max_k: int, max_image_pixels: int | None
+) -> dict[str, Any]:
     """The ``/api/info`` payload: the searcher's :class:`ServiceInfo` (the dataset's folder name
     only, whatever it gives) and the server's limits. TypeError for an incomplete ``info``."""
     info = dict(searcher.info)
@@ -100,26 +101,55 @@ def service_info(searcher: SearchService, max_upload_bytes: int, max_k: int,
 def search_openapi(max_k: int, max_upload_bytes: int) -> dict[str, Any]:
     """The OpenAPI description of ``POST /api/search`` (FastAPI cannot infer it: we read the body ourselves)."""
     k_schema = {"type": "integer", "minimum": 1, "maximum": max_k, "default": DEFAULT_K}
-    image = {"type": "string", "format": "binary", "description": f"The query image (at most {max_upload_bytes} bytes)."}
+    image = {
+        "type": "string",
+        "format": "binary",
+        "description": f"The query image (at most {max_upload_bytes} bytes).",
+    }
     return {
-        "parameters": [{"name": "k", "in": "query", "required": False, "schema": k_schema,
-                        "description": "Number of results (may also be sent as a form field)."}],
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["image"], "properties": {"image": image, "k": k_schema}}}}},
-        "responses": {"400": {"description": "Not an image, corrupt, truncated or too many pixels"},
-                      "413": {"description": "Upload too large"},
-                      "422": {"description": "k out of range"}},
+        "parameters": [
+            {
+                "name": "k",
+                "in": "query",
+                "required": False,
+                "schema": k_schema,
+                "description": "Number of results (may also be sent as a form field).",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["image"], "properties": {"image": image, "k": k_schema}}
+                }
+            },
+        },
+        "responses": {
+            "400": {"description": "Not an image, corrupt, truncated or too many pixels"},
+            "413": {"description": "Upload too large"},
+            "422": {"description": "k out of range"},
+        },
     }
 
 
-def search_response(prediction_source: str, hits: list[Hit], top: Prediction | None, k: int,
-                    started: float) -> dict[str, Any]:
+def search_response(
+    prediction_source: str, hits: list[Hit], top: Prediction | None, k: int, started: float
+) -> dict[str, Any]:
     """The ``POST /api/search`` answer: gallery ids and URLs, never file names."""
     return {
         "prediction_source": prediction_source,
         "prediction": None if top is None else [{"label": str(label), "probability": float(p)} for label, p in top],
-        "results": [{"rank": int(h.rank), "id": int(h.id), "label": str(h.label), "score": float(h.score),
-                     "same_image": bool(h.same_image), "url": f"/gallery/{int(h.id)}"} for h in hits],
+        "results": [
+            {
+                "rank": int(h.rank),
+                "id": int(h.id),
+                "label": str(h.label),
+                "score": float(h.score),
+                "same_image": bool(h.same_image),
+                "url": f"/gallery/{int(h.id)}",
+            }
+            for h in hits
+        ],
         "query_ms": round((time.perf_counter() - started) * 1000.0, 2),
         "k": k,
     }
@@ -149,10 +179,17 @@ def image_media_type(path: Path) -> str | None:
 # --------------------------------------------------------------------------- the application
 
 
-def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_concurrency: int = 2,
-               max_k: int = 50, max_image_pixels: int | None = int(DEFAULT_MAX_IMAGE_MPIXELS * 1e6),
-               host: str = "127.0.0.1", allow_hosts: Iterable[str] = (),
-               body_timeout: float = BODY_TIMEOUT, tokens: Any = None) -> FastAPI:
+def create_app(
+    searcher: SearchService,
+    max_upload_bytes: int = 10 * 2**20,
+    max_concurrency: int = 2,
+    max_k: int = 50,
+    max_image_pixels: int | None = int(DEFAULT_MAX_IMAGE_MPIXELS * 1e6),
+    host: str = "127.0.0.1",
+    allow_hosts: Iterable[str] = (),
+    body_timeout: float = BODY_TIMEOUT,
+    tokens: Any = None,
+) -> FastAPI:
     """The FastAPI application serving ``searcher``.
 
     A living gallery (:class:`~finegrain.gallery.live.LiveGallery`) also gets the gallery routes of
@@ -166,9 +203,13 @@ def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_
     max_upload_bytes, max_k = int(max_upload_bytes), int(max_k)
     max_image_pixels = int(max_image_pixels) if max_image_pixels else None
     app = GuardedFastAPI(
-        title="finegrain search", description=DESCRIPTION, version=(package_version("finegrain") or "0"),
-        openapi_tags=[{"name": "search", "description": "Image search and classification"},
-                      {"name": "service", "description": "Health and metadata"}],
+        title="finegrain search",
+        description=DESCRIPTION,
+        version=(package_version("finegrain") or "0"),
+        openapi_tags=[
+            {"name": "search", "description": "Image search and classification"},
+            {"name": "service", "description": "Health and metadata"},
+        ],
     )
     app.state.searcher = searcher
     app.state.max_upload_bytes = max_upload_bytes
@@ -181,8 +222,13 @@ def create_app(searcher: SearchService, max_upload_bytes: int = 10 * 2**20, max_
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.serve.gallery_routes import Tokens, add_gallery_routes
 
-        add_gallery_routes(app, searcher, tokens or Tokens(),  # type: ignore[arg-type]
-                           service_info(searcher, max_upload_bytes, max_k, max_image_pixels), max_concurrency)
+        add_gallery_routes(
+            app,
+            searcher,
+            tokens or Tokens(),
+            service_info(searcher, max_upload_bytes, max_k, max_image_pixels),
+            max_concurrency,
+        )
     _add_page(app)
     _add_service_routes(app, service_info(searcher, max_upload_bytes, max_k, max_image_pixels))
     _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
@@ -195,8 +241,9 @@ def _add_page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
         # the security headers (CSP, nosniff, ...) are added to every response by the Guard
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(
+            STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
+        )
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -217,8 +264,12 @@ def _add_service_routes(app: FastAPI, info: dict[str, Any]) -> None:
 def _add_search_route(app: FastAPI, searcher: SearchService, limit: asyncio.Semaphore) -> None:
     max_upload_bytes, max_k, max_pixels = app.state.max_upload_bytes, app.state.max_k, app.state.max_image_pixels
 
-    @app.post("/api/search", tags=["search"], summary="Search the gallery with an image",
-              openapi_extra=search_openapi(max_k, max_upload_bytes))
+    @app.post(
+        "/api/search",
+        tags=["search"],
+        summary="Search the gallery with an image",
+        openapi_extra=search_openapi(max_k, max_upload_bytes),
+    )
     async def search(request: Request) -> dict[str, Any]:
         """Top-5 class probabilities (``prediction``, ``null`` without a classifier) and the
         ``k`` most similar gallery images (``results``), with the query time in ms."""
@@ -229,8 +280,12 @@ def _add_search_route(app: FastAPI, searcher: SearchService, limit: asyncio.Sema
 
 
 def _add_gallery_route(app: FastAPI, searcher: SearchService) -> None:
-    @app.get("/gallery/{image_id}", tags=["search"], summary="One gallery image by id",
-             responses={200: {"content": {"image/*": {}}}, 404: {"description": "No such image"}})
+    @app.get(
+        "/gallery/{image_id}",
+        tags=["search"],
+        summary="One gallery image by id",
+        responses={200: {"content": {"image/*": {}}}, 404: {"description": "No such image"}},
+    )
     async def gallery(image_id: str) -> Response:
         """The indexed image with this integer id (as in ``results[].id``)."""
         if not _ID_RE.fullmatch(image_id) or int(image_id) >= searcher.gallery_size:
@@ -250,8 +305,14 @@ def _add_gallery_route(app: FastAPI, searcher: SearchService) -> None:
 # --------------------------------------------------------------------------- finegrain serve
 
 
-def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpixels: Any,
-                        allow_hosts: Iterable[str], max_concurrency: Any = 2) -> frozenset[str]:
+def check_serve_options(
+    host: str,
+    port: Any,
+    max_upload_mb: Any,
+    max_image_mpixels: Any,
+    allow_hosts: Iterable[str],
+    max_concurrency: Any = 2,
+) -> frozenset[str]:
     """Validate ``serve``'s options (one :class:`FinegrainError` naming the option); return the allowed hosts."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise FinegrainError(f"--port must be between 1 and 65535; got {echo(port, 12)}")
@@ -265,10 +326,20 @@ def check_serve_options(host: str, port: Any, max_upload_mb: Any, max_image_mpix
     return allowed_hosts(host, allow_hosts)
 
 
-def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_mb: float = 10, max_image_mpixels: float = DEFAULT_MAX_IMAGE_MPIXELS,
-          allow_hosts: Iterable[str] = (), engine: str = "auto", max_concurrency: int = 2,
-          store: str | None = None, write_token_file: Path | None = None, read_token_file: Path | None = None) -> None:
+def serve(
+    run_path: str | Path,
+    index_dir: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 10,
+    max_image_mpixels: float = DEFAULT_MAX_IMAGE_MPIXELS,
+    allow_hosts: Iterable[str] = (),
+    engine: str = "auto",
+    max_concurrency: int = 2,
+    store: str | None = None,
+    write_token_file: Path | None = None,
+    read_token_file: Path | None = None,
+) -> None:
     """Load a run's model (on ``engine``: torch, onnx or auto) and its gallery store (``store``, by default
     RUN/gallery, made from the index on first use); serve the page and API with uvicorn,
     ``max_concurrency`` searches at once, each on its share of the cores. Writes are on with a write token.
@@ -282,28 +353,42 @@ def serve(run_path: str | Path, index_dir: Path | None = None, host: str = "127.
     # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
     from finegrain.serve.gallery_routes import READ_TOKEN_ENV, WRITE_TOKEN_ENV, Tokens, load_token
 
-    tokens = Tokens(write=load_token(write_token_file, WRITE_TOKEN_ENV, "--write-token-file"),
-                    read=load_token(read_token_file, READ_TOKEN_ENV, "--read-token-file"))
+    tokens = Tokens(
+        write=load_token(write_token_file, WRITE_TOKEN_ENV, "--write-token-file"),
+        read=load_token(read_token_file, READ_TOKEN_ENV, "--read-token-file"),
+    )
     searcher = live.LiveGallery(run_path, store=store, index_dir=Path(index_dir) if index_dir else None, engine=engine)
     threads = searcher.share_cores(max_concurrency)  # concurrent searches must not oversubscribe the cores
-    app = create_app(searcher, max_upload_bytes=int(max_upload_mb * 2**20), max_concurrency=max_concurrency,
-                     max_image_pixels=int(max_image_mpixels * 1e6), host=host, allow_hosts=allow_hosts,
-                     tokens=tokens)
+    app = create_app(
+        searcher,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_concurrency=max_concurrency,
+        max_image_pixels=int(max_image_mpixels * 1e6),
+        host=host,
+        allow_hosts=allow_hosts,
+        tokens=tokens,
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
     if host.strip().lower() in WILDCARD_BINDS and not allow_hosts:
-        log.warning("listening on all interfaces, but only %s are accepted as Host: add this machine's "
-                    "name or address with --allow-host", ", ".join(sorted(hosts)))
+        log.warning(
+            "listening on all interfaces, but only %s are accepted as Host: add this machine's "
+            "name or address with --allow-host",
+            ", ".join(sorted(hosts)),
+        )
     try:
         root = getattr(searcher, "gallery_root", None)
     except FinegrainError as e:
         log.warning("%s; the gallery images will not be shown", e)
         root = None
     where = f" in {root}" if root else ""
-    print(f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
-          f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
-          f"on http://{host}:{port}/  (API docs at /docs; gallery writes "
-          f"{'on, with the write token' if tokens.write else 'off'})", flush=True)
+    print(
+        f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
+        f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
+        f"on http://{host}:{port}/  (API docs at /docs; gallery writes "
+        f"{'on, with the write token' if tokens.write else 'off'})",
+        flush=True,
+    )
     # uvicorn's own answers (malformed requests, slow headers) carry the security headers too; no
     # "server: uvicorn" header
     uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(), server_header=False)

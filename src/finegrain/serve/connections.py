@@ -33,14 +33,19 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailabl
 def raw_error(status: int, message: str) -> bytes:
     """A whole ``{"error": message}`` response that closes the connection, security headers included."""
     body = json.dumps({"error": message}).encode()
-    headers = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close",
-               **SECURITY_HEADERS}
+    headers = {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "connection": "close",
+        **SECURITY_HEADERS,
+    }
     head = f"HTTP/1.1 {status} {_REASONS[status]}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return head.encode("latin-1") + b"\r\n" + body
 
 
-def guarded_protocol(header_timeout: float = HEADER_TIMEOUT,
-                     max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> type[H11Protocol]:
+def guarded_protocol(
+    header_timeout: float = HEADER_TIMEOUT, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+) -> type[H11Protocol]:
     """An h11 protocol class for uvicorn with a header timeout and a limit of open connections
     per client address (each class counts its own connections)."""
     open_per_client: Counter[str] = Counter()
@@ -49,7 +54,7 @@ def guarded_protocol(header_timeout: float = HEADER_TIMEOUT,
         _header_timer: asyncio.TimerHandle | None = None
         _counted: str | None = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             address = str(self.client[0]) if self.client else ""
             if open_per_client[address] >= max_per_client:

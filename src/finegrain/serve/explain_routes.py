@@ -38,8 +38,12 @@ router = APIRouter()
 
 MAP_SIDE = 96
 """Pixels along a map PNG's longer side: maps are a few cells a side, the browser smooths them further."""
-LEGEND = {"colormap": "viridis", "low": "least evidence", "high": "most evidence",
-          "note": "each map is scaled to its own range"}
+LEGEND = {
+    "colormap": "viridis",
+    "low": "least evidence",
+    "high": "most evidence",
+    "note": "each map is scaled to its own range",
+}
 
 
 def parse_ids(raw: list[str], gallery_size: int, max_k: int) -> list[int]:
@@ -69,10 +73,19 @@ def data_url(m: np.ndarray, image_size: tuple[int, int]) -> str:
 
 def explanation_response(e: Explanation, started: float) -> dict[str, Any]:
     return {
-        "kind": e.kind, "explains": e.explains, "legend": LEGEND,
+        "kind": e.kind,
+        "explains": e.explains,
+        "legend": LEGEND,
         "query": {"map": data_url(e.query_map, e.query_size)},
-        "results": [{"id": h.id, "similarity": round(h.similarity, 6), "map": data_url(h.map, h.image_size),
-                     "query_map": data_url(h.query_map, e.query_size)} for h in e.hits],
+        "results": [
+            {
+                "id": h.id,
+                "similarity": round(h.similarity, 6),
+                "map": data_url(h.map, h.image_size),
+                "query_map": data_url(h.query_map, e.query_size),
+            }
+            for h in e.hits
+        ],
         "query_ms": round((time.perf_counter() - started) * 1000.0, 2),
     }
 
@@ -115,8 +128,10 @@ async def explain(request: Request) -> dict[str, Any]:
         except ImageError as e:
             raise ApiError(400, image_error_message(e, state.max_image_pixels)) from None
         except NeedsReexport:
-            raise ApiError(409, "this model was exported before explanations existed: "
-                                "run `finegrain export RUN` again on the server") from None
+            raise ApiError(
+                409,
+                "this model was exported before explanations existed: run `finegrain export RUN` again on the server",
+            ) from None
         except FinegrainError as e:
             raise ApiError(422, no_paths(str(e))) from None
     return explanation_response(explanation, started)

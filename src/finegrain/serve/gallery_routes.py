@@ -86,8 +86,10 @@ def load_token(file: Path | None, env: str, option: str) -> str | None:
         if not token:
             return None
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
-        raise FinegrainError(f"{where}: a token is at least {MIN_TOKEN_CHARS} characters without spaces "
-                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise FinegrainError(
+            f"{where}: a token is at least {MIN_TOKEN_CHARS} characters without spaces "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     return token
 
 
@@ -147,8 +149,9 @@ def _field_text(form: Any, name: str) -> str | None:
 # --------------------------------------------------------------------------- the routes
 
 
-def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: dict[str, Any],
-                       max_concurrency: int) -> None:
+def add_gallery_routes(
+    app: FastAPI, live: LiveGallery, tokens: Tokens, info: dict[str, Any], max_concurrency: int
+) -> None:
     """Put the gallery routes (and the live search, image and info routes) ahead of the app's."""
     router = APIRouter(tags=["gallery"])
     limit = asyncio.Semaphore(max(1, int(max_concurrency)))
@@ -185,8 +188,12 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
         """As the static service's, with the gallery's current size and whether it accepts writes."""
         require_read(request, tokens)
         size = await anyio.to_thread.run_sync(live.store.count)
-        return {**info, "gallery_size": size, "gallery_writes": tokens.write is not None,
-                "gallery_store": type(live.store).__name__}
+        return {
+            **info,
+            "gallery_size": size,
+            "gallery_writes": tokens.write is not None,
+            "gallery_store": type(live.store).__name__,
+        }
 
     @router.post("/api/search", tags=["search"], summary="Search the gallery with an image, optionally filtered")
     async def search(request: Request) -> dict[str, Any]:
@@ -222,8 +229,7 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
         check_headers(request.headers, total)
         body = await read_body(request, total)
         try:
-            form = await Request(request.scope, receive=replay(body)).form(max_files=MAX_IMAGES_PER_ADD,
-                                                                            max_fields=10)
+            form = await Request(request.scope, receive=replay(body)).form(max_files=MAX_IMAGES_PER_ADD, max_fields=10)
         except Exception as e:  # noqa: BLE001 - malformed multipart, or too many files
             raise ApiError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
         try:
@@ -300,15 +306,22 @@ def add_gallery_routes(app: FastAPI, live: LiveGallery, tokens: Tokens, info: di
             raise ApiError(404, "no gallery entry with this id")
         return entry.to_dict()
 
-    @router.get("/gallery/{entry_id}", tags=["search"], summary="One gallery image by id",
-                responses={200: {"content": {"image/*": {}}}, 404: {"description": "No such image"}})
+    @router.get(
+        "/gallery/{entry_id}",
+        tags=["search"],
+        summary="One gallery image by id",
+        responses={200: {"content": {"image/*": {}}}, 404: {"description": "No such image"}},
+    )
     async def image(entry_id: str, request: Request) -> Response:
         require_read(request, tokens)
         stored = await anyio.to_thread.run_sync(live.store.image, parse_id(entry_id))
         if stored is None:
             raise ApiError(404, "no gallery image with this id")
         data, media_type = stored
-        return Response(data, media_type=media_type or "application/octet-stream",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        return Response(
+            data,
+            media_type=media_type or "application/octet-stream",
+            headers={"Cache-Control": "private, max-age=3600"},
+        )
 
     app.include_router(router)

@@ -18,14 +18,18 @@ from finegrain.errors import FinegrainError
 from finegrain.serve.errors import echo, error_response
 
 # The page's policy: everything from this origin, no inline code, never framed.
-PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 # FastAPI's /docs and /redoc pages are inline scripts + CDN assets; still never framed.
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-            "font-src 'self' https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
-            "https://cdn.jsdelivr.net; worker-src 'self' blob:; connect-src 'self'; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'")
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    "font-src 'self' https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
+    "https://cdn.jsdelivr.net; worker-src 'self' blob:; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "Content-Security-Policy": PAGE_CSP,
     "X-Content-Type-Options": "nosniff",
@@ -36,8 +40,9 @@ SECURITY_HEADERS = {
 }
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 WILDCARD_BINDS = ("0.0.0.0", "::", "[::]", "")
-UNKNOWN_HOST = ("Unknown Host header: this server answers only to its own address "
-                "(start it with --allow-host NAME to add a name).")
+UNKNOWN_HOST = (
+    "Unknown Host header: this server answers only to its own address (start it with --allow-host NAME to add a name)."
+)
 _HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
 _HOST_HEADER_RE = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]{0,5})?")
 
@@ -49,8 +54,10 @@ def normalise_host(name: str) -> str:
     if h.count(":") >= 2 and not h.startswith("["):
         h = f"[{h}]"
     if not _HOST_RE.fullmatch(h):
-        raise FinegrainError(f"not a host name or IP address: {echo(name, 40)} "
-                             "(give a name such as myhost.lan or 192.168.1.5, without a port)")
+        raise FinegrainError(
+            f"not a host name or IP address: {echo(name, 40)} "
+            "(give a name such as myhost.lan or 192.168.1.5, without a port)"
+        )
     return h
 
 

@@ -130,8 +130,9 @@ async def parse_form(request: Request, body: bytes) -> FormData:
         raise ApiError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
 
 
-async def read_upload(request: Request, max_bytes: int, gallery_size: int, max_k: int,
-                      body_timeout: float = BODY_TIMEOUT) -> Upload:
+async def read_upload(
+    request: Request, max_bytes: int, gallery_size: int, max_k: int, body_timeout: float = BODY_TIMEOUT
+) -> Upload:
     """The image and ``k`` of a ``POST /api/search`` request, within ``max_bytes`` of image and
     ``body_timeout`` seconds."""
     check_headers(request.headers, max_bytes)
@@ -160,19 +161,23 @@ def image_error_message(e: ImageError, max_pixels: int | None = None) -> str:
     if e.detail:
         text = f"{text[:-1]} ({no_paths(e.detail)})."
     if max_pixels:
-        text += (f" This server accepts at most {max_pixels / 1e6:g} Mpixel per image (setting "
-                 f"{IMAGE_LIMIT_SETTING}); larger JPEGs are decoded at a reduced scale.")
+        text += (
+            f" This server accepts at most {max_pixels / 1e6:g} Mpixel per image (setting "
+            f"{IMAGE_LIMIT_SETTING}); larger JPEGs are decoded at a reduced scale."
+        )
     return text
 
 
-def decode_and_search(searcher: SearchService, upload: Upload,
-                      max_pixels: int | None) -> tuple[list[Hit], Prediction | None]:
+def decode_and_search(
+    searcher: SearchService, upload: Upload, max_pixels: int | None
+) -> tuple[list[Hit], Prediction | None]:
     """Decode the upload (at most ``max_pixels``; JPEGs reduced) and search with it."""
     return searcher.search(decode_bytes(upload.data, upload.name, max_pixels=max_pixels), upload.k)
 
 
-async def search_upload(searcher: SearchService, upload: Upload, max_pixels: int | None,
-                        limit: asyncio.Semaphore) -> tuple[list[Hit], Prediction | None]:
+async def search_upload(
+    searcher: SearchService, upload: Upload, max_pixels: int | None, limit: asyncio.Semaphore
+) -> tuple[list[Hit], Prediction | None]:
     """:func:`decode_and_search` in a worker thread, at most ``limit`` at once; an unreadable
     image is a 400, any other refusal of the searcher a 422 (without server paths)."""
     async with limit:

@@ -10,9 +10,8 @@ import torch
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError, unknown_name
-from finegrain.registry import Registry
 from finegrain.models.build import build_from_config, num_outputs
-
+from finegrain.registry import Registry
 
 TASKS: Registry[type[FinegrainTask]] = Registry("trained task")
 """Task name → its LightningModule class, registered where each is defined (a kNN row trains nothing)."""
@@ -24,8 +23,9 @@ class FinegrainTask(L.LightningModule):
     monitor: str = "val/acc"
     monitor_mode: str = "max"
 
-    def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
-                 train_labels: list[int] | None = None) -> None:
+    def __init__(
+        self, config: dict, class_names: list[str], weights: str | None = None, train_labels: list[int] | None = None
+    ) -> None:
         """``train_labels``: the classes of the training split (used by tasks that need them)."""
         super().__init__()
         self.save_hyperparameters({"config": config, "class_names": class_names})
@@ -79,16 +79,20 @@ class FinegrainTask(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
         def prefix(x: torch.Tensor) -> torch.Tensor:
-            precision = (autocast_for(self.cache_precision) if self.cache_precision
-                         else self.trainer.precision_plugin.forward_context())
+            precision = (
+                autocast_for(self.cache_precision)
+                if self.cache_precision
+                else self.trainer.precision_plugin.forward_context()
+            )
             with torch.inference_mode(), precision:
                 return self.model.frozen_prefix(self.prepare_input(x.to(self.device)))
 
         training = self.model.training
         self.model.eval()
         try:
-            dm.frozen_views = build_frozen_views(dm.train_records, self.cfg.data, prefix, t.frozen_cache_views,
-                                                 t.seed, cache=dm.cache)
+            dm.frozen_views = build_frozen_views(
+                dm.train_records, self.cfg.data, prefix, t.frozen_cache_views, t.seed, cache=dm.cache
+            )
         finally:
             self.model.train(training)
 
@@ -142,8 +146,9 @@ class FinegrainTask(L.LightningModule):
         elif o.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
         elif o.name == "sgd":
-            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                  weight_decay=o.weight_decay)
+            opt = torch.optim.SGD(
+                groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            )
         else:  # pragma: no cover - the config's Literal already refuses it
             raise unknown_name("optimizer", o.name, ["adam", "adamw", "sgd"])
         if s.name == "none":
@@ -156,7 +161,10 @@ class FinegrainTask(L.LightningModule):
             pct = min(0.5, max(0.05, s.warmup_epochs / max(1, self.cfg.train.epochs))) if s.warmup_epochs else 0.25
             total = max(total, 4)  # each of one-cycle's two phases needs 2 steps or more (a tiny dataset has fewer)
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=min(0.5, max(pct, 2 / total)),
+                opt,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=total,
+                pct_start=min(0.5, max(pct, 2 / total)),
             )
         else:  # cosine with linear warm-up, stepped per batch
             warm = int(total * s.warmup_epochs / max(1, self.cfg.train.epochs))

@@ -149,8 +149,7 @@ class Plan:
         )
         if not self.fits:
             line += (
-                "; even the smallest plan is predicted to exceed the budget: training stops when the budget "
-                "is spent"
+                "; even the smallest plan is predicted to exceed the budget: training stops when the budget is spent"
             )
         return line
 
@@ -172,13 +171,9 @@ def parse_budget(text: str) -> float:
     if re.fullmatch(r"\d+(\.\d+)?", t):
         seconds = float(t) * 60
     else:
-        parts = re.fullmatch(
-            r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", t
-        )
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", t)
         if not parts or not any(parts.groups()):
-            raise ConfigError(
-                f"--budget {text!r}: write a time such as 30m, 1h30m, 90s or 2h"
-            )
+            raise ConfigError(f"--budget {text!r}: write a time such as 30m, 1h30m, 90s or 2h")
         h, m, s = (float(g) if g else 0.0 for g in parts.groups())
         seconds = h * 3600 + m * 60 + s
     if seconds < 60:
@@ -194,14 +189,10 @@ def image_size(short_side: int, aspect: float) -> tuple[int, int]:
     def r8(v: float) -> int:
         return max(8, round(v / 8) * 8)
 
-    return (
-        (short_side, r8(short_side * a)) if a >= 1 else (r8(short_side / a), short_side)
-    )
+    return (short_side, r8(short_side * a)) if a >= 1 else (r8(short_side / a), short_side)
 
 
-def scaled_eval_sizes(
-    recipe: ExperimentConfig, size: tuple[int, int]
-) -> list[tuple[int, int]]:
+def scaled_eval_sizes(recipe: ExperimentConfig, size: tuple[int, int]) -> list[tuple[int, int]]:
     """The recipe's evaluation sizes, scaled as they relate to its training size, at ``size``."""
     base_h = recipe.data.image_size[0]
     out = []
@@ -221,26 +212,14 @@ def predict(
     flips = 2 if recipe.eval.tta_flip else 1
     seconds = {
         "overhead": OVERHEAD_SECONDS,
-        "cache": data.train_images
-        * rung.views
-        * mp
-        * speed.frozen_forward[rung.freeze_stages],
-        "training": rung.epochs
-        * data.train_images
-        * mp
-        * CROP_AREA
-        * speed.trained_step[rung.freeze_stages],
-        "evaluation": data.test_images
-        * flips
-        * sum(h * w / 1e6 for h, w in tested)
-        * speed.full_forward,
+        "cache": data.train_images * rung.views * mp * speed.frozen_forward[rung.freeze_stages],
+        "training": rung.epochs * data.train_images * mp * CROP_AREA * speed.trained_step[rung.freeze_stages],
+        "evaluation": data.test_images * flips * sum(h * w / 1e6 for h, w in tested) * speed.full_forward,
     }
     return {k: round(v, 1) for k, v in seconds.items()}, size, tested
 
 
-def plan(
-    budget_seconds: float, data: DataSize, speed: Speed, recipe: ExperimentConfig
-) -> Plan:
+def plan(budget_seconds: float, data: DataSize, speed: Speed, recipe: ExperimentConfig) -> Plan:
     """The largest rung of :data:`LADDER` predicted to fit :data:`PLANNED_SHARE` of the budget (the
     smallest, marked as not fitting, when none does)."""
     check_plannable(recipe)
@@ -248,24 +227,16 @@ def plan(
     for rung in LADDER:
         seconds, size, tested = predict(rung, data, speed, recipe)
         if sum(seconds.values()) <= PLANNED_SHARE * budget_seconds:
-            chosen = Plan(
-                budget_seconds, rung, size, tested, seconds, True, data, speed
-            )
+            chosen = Plan(budget_seconds, rung, size, tested, seconds, True, data, speed)
     if chosen is None:
         seconds, size, tested = predict(LADDER[0], data, speed, recipe)
-        chosen = Plan(
-            budget_seconds, LADDER[0], size, tested, seconds, False, data, speed
-        )
+        chosen = Plan(budget_seconds, LADDER[0], size, tested, seconds, False, data, speed)
     return chosen
 
 
 def check_plannable(recipe: ExperimentConfig) -> None:
     """A ConfigError unless the recipe trains on the frozen cache (what a plan chooses the settings of)."""
-    if (
-        not recipe.trains
-        or recipe.train.frozen_cache_views < 1
-        or recipe.model.freeze_stages < 1
-    ):
+    if not recipe.trains or recipe.train.frozen_cache_views < 1 or recipe.model.freeze_stages < 1:
         raise ConfigError(
             f"--budget plans recipes that train on the frozen cache (train.frozen_cache_views and "
             f"model.freeze_stages, as classify and retrieve do); {recipe.name} does not"
@@ -325,12 +296,7 @@ def measure_speed(recipe: ExperimentConfig, num_classes: int | None) -> Speed:
             )
             model = build_from_config(cfg, num_classes, weights="none").eval()
             with torch.no_grad(), autocast_for(cache_precision):
-                frozen[f] = (
-                    _seconds_per_image(
-                        lambda m=model: m.frozen_prefix(m.normalise_input(images))
-                    )
-                    / mp
-                )
+                frozen[f] = _seconds_per_image(lambda m=model: m.frozen_prefix(m.normalise_input(images))) / mp
                 if not full:
                     full = _seconds_per_image(lambda m=model: m(images)) / mp
             ips = time_cached_step(model, cfg, batch=PROBE_BATCH, rounds=2)

@@ -15,12 +15,15 @@ class ClassificationTask(FinegrainTask):
     monitor = "val/acc"
     monitor_mode = "max"
 
-    def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
-                 train_labels: list[int] | None = None) -> None:
+    def __init__(
+        self, config: dict, class_names: list[str], weights: str | None = None, train_labels: list[int] | None = None
+    ) -> None:
         super().__init__(config, class_names, weights)
         if self.cfg.loss.name != "cross_entropy":
-            raise ConfigError(f"task classification trains with loss cross_entropy, not '{self.cfg.loss.name}' "
-                              "(config key 'loss.name'; metric-learning losses need task: metric_learning)")
+            raise ConfigError(
+                f"task classification trains with loss cross_entropy, not '{self.cfg.loss.name}' "
+                "(config key 'loss.name'; metric-learning losses need task: metric_learning)"
+            )
         t, n = self.cfg.train, len(class_names)
         mixers = []
         if t.mixup > 0:

@@ -123,8 +123,9 @@ class History(Callback):
         self._t0 = time.perf_counter()
         # the rates at the start of the epoch (at its end an epoch-wise scheduler has already stepped;
         # a per-step schedule such as one-cycle moves within the epoch)
-        self._lrs = {f"lr/{g.get('name', i)}": g["lr"] for opt in trainer.optimizers
-                     for i, g in enumerate(opt.param_groups)}
+        self._lrs = {
+            f"lr/{g.get('name', i)}": g["lr"] for opt in trainer.optimizers for i, g in enumerate(opt.param_groups)
+        }
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
@@ -167,9 +168,13 @@ class BudgetStop(Callback):
         if done < trainer.max_epochs and now + (now - self._t0) > self.deadline:
             trainer.should_stop = True
             self.stopped_after = done
-            log.warning("budget: stopping after epoch %d of %d, as another epoch (%.0f s) would overrun the time "
-                        "left for the evaluation; `finegrain train --resume` continues the run",
-                        done, trainer.max_epochs, now - self._t0)
+            log.warning(
+                "budget: stopping after epoch %d of %d, as another epoch (%.0f s) would overrun the time "
+                "left for the evaluation; `finegrain train --resume` continues the run",
+                done,
+                trainer.max_epochs,
+                now - self._t0,
+            )
 
 
 class ThreadPlan(Callback):
@@ -206,16 +211,31 @@ class PlainProgress(Callback):
         rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
         loss = trainer.callback_metrics.get("train/loss_step")
         loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
-        log.info("epoch %d/%d: batch %d/%d, %.1f images/s%s", trainer.current_epoch + 1, trainer.max_epochs,
-                 batch_idx + 1, total, rate, loss_text)
+        log.info(
+            "epoch %d/%d: batch %d/%d, %.1f images/s%s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            batch_idx + 1,
+            total,
+            rate,
+            loss_text,
+        )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # after validation, in Lightning 2
         if not trainer.is_global_zero:
             return
-        vals = {k.removesuffix("_epoch"): float(v) for k, v in sorted(trainer.callback_metrics.items())
-                if k.startswith("val/") or k == "train/loss_epoch"}
-        log.info("epoch %d/%d done in %.0f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
-                 time.perf_counter() - self._t0, ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+        vals = {
+            k.removesuffix("_epoch"): float(v)
+            for k, v in sorted(trainer.callback_metrics.items())
+            if k.startswith("val/") or k == "train/loss_epoch"
+        }
+        log.info(
+            "epoch %d/%d done in %.0f s: %s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            time.perf_counter() - self._t0,
+            ", ".join(f"{k} {v:.4f}" for k, v in vals.items()),
+        )
 
 
 def read_history(path: Path) -> list[dict[str, str]]:
@@ -256,20 +276,41 @@ def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
         raise FinegrainError(f"checkpoint {ckpt} was written by another model architecture ({detail})")
 
 
-def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has_val: bool,
-                precision: str | None = None, deadline: float | None = None) -> L.Trainer:
+def trainer_for(
+    cfg: ExperimentConfig,
+    run: RunDir,
+    monitor: str,
+    mode: str,
+    has_val: bool,
+    precision: str | None = None,
+    deadline: float | None = None,
+) -> L.Trainer:
     """The Lightning trainer of a run, in ``precision`` (default: ``train.precision`` resolved); with a
     ``deadline`` (``--budget``), :class:`BudgetStop`."""
     t = cfg.train
     if not has_val:
         monitor, mode = "train/loss_epoch", "min"
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        save_last=False, enable_version_counter=False, auto_insert_metric_name=False),
+        ModelCheckpoint(
+            dirpath=run.checkpoints,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        ),
         # last.ckpt after every epoch: Lightning's save_last writes it only in epochs that improved
         # the monitored metric, so a kill after an epoch without progress lost that epoch
-        ModelCheckpoint(dirpath=run.checkpoints, filename="last", monitor=None, save_top_k=1,
-                        enable_version_counter=False, auto_insert_metric_name=False),
+        ModelCheckpoint(
+            dirpath=run.checkpoints,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        ),
         LearningRateMonitor(logging_interval="epoch"),
         History(run.history),
         RngState(),
@@ -321,8 +362,13 @@ def trainer_for(cfg: ExperimentConfig, run: RunDir, monitor: str, mode: str, has
     )
 
 
-def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False,
-        override_stored: bool = False, deadline: float | None = None) -> tuple[RunDir, bool]:
+def fit(
+    cfg: ExperimentConfig,
+    runs_root: Path = Path("runs"),
+    resume: bool = False,
+    override_stored: bool = False,
+    deadline: float | None = None,
+) -> tuple[RunDir, bool]:
     """Train ``cfg`` into ``runs_root/<name>``; returns the run and whether this is the global-zero process.
 
     Resuming with a config other than the stored one is refused unless ``override_stored``.
@@ -353,8 +399,15 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
         task.cache_precision = phases.cache if phases.cache != phases.steps else None
         if phases.images_per_second:
             atomic_write_json(run.precision_file, phases.as_dict())
-        trainer = trainer_for(cfg, run, task.monitor, task.monitor_mode, has_val=bool(dm.val_records),
-                              precision=phases.steps, deadline=deadline)
+        trainer = trainer_for(
+            cfg,
+            run,
+            task.monitor,
+            task.monitor_mode,
+            has_val=bool(dm.val_records),
+            precision=phases.steps,
+            deadline=deadline,
+        )
         trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     except BaseException:
         if not run.has_started() and not run.metrics.is_file():
@@ -363,7 +416,8 @@ def fit(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = Fa
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
-    budget_stopped = any(isinstance(c, BudgetStop) and c.stopped_after for c in trainer.callbacks)
+    callbacks = getattr(trainer, "callbacks", [])  # Lightning sets it at run time; its stubs do not declare it
+    budget_stopped = any(isinstance(c, BudgetStop) and c.stopped_after for c in callbacks)
     if trainer.is_global_zero and not budget_stopped:  # a budget's stop leaves it "training": --resume continues
         done = int(trainer.current_epoch)
         run.write_state("finished", done, cfg.train.epochs, stopped_early=done < cfg.train.epochs)

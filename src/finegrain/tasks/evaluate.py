@@ -6,7 +6,7 @@ import csv
 import io
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +24,14 @@ DEFINITIONS = {
     "top5": "fraction of test images whose true class is among the 5 highest-scoring classes",
     "precision/recall/f1_macro": "scikit-learn, unweighted mean over all classes (zero_division=0)",
     "precision/recall/f1_weighted": "scikit-learn, mean over classes weighted by support "
-                                    "(weighted recall equals top-1 accuracy by definition)",
+    "(weighted recall equals top-1 accuracy by definition)",
     "loss": "mean cross-entropy of the softmax over the logits",
     "recall@k": "fraction of queries with at least one of their k nearest gallery images (query itself excluded) "
-                "of the same class",
+    "of the same class",
     "precision@1 / r_precision / map@r": "as in Musgrave et al. 2020 (A Metric Learning Reality Check) and "
-                                         "pytorch-metric-learning's AccuracyCalculator",
+    "pytorch-metric-learning's AccuracyCalculator",
     "prediction_seconds": "wall time of the model's forward passes (kNN: the neighbour search and vote) "
-                          "over all test images, excluding image decoding",
+    "over all test images, excluding image decoding",
 }
 
 
@@ -39,17 +39,24 @@ def protocol_of(cfg: ExperimentConfig, split, root: Path, protocol: str, collect
     from finegrain.data.module import eval_sizes
 
     return {
-        "dataset": str(root), "format": collection_format, "protocol": protocol,
-        "split": split.description, "n_train": len(split.train), "n_val": len(split.val),
-        "n_test": len(split.test), "num_classes": len(split.class_names),
-        "image_size": list(eval_sizes(cfg.data)[0]), "train_image_size": list(cfg.data.image_size),
+        "dataset": str(root),
+        "format": collection_format,
+        "protocol": protocol,
+        "split": split.description,
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        "num_classes": len(split.class_names),
+        "image_size": list(eval_sizes(cfg.data)[0]),
+        "train_image_size": list(cfg.data.image_size),
         "eval_image_sizes": [list(size) for size in eval_sizes(cfg.data)],
         "tta_flip": cfg.eval.tta_flip,
     }
 
 
-def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: str | None = None,
-                 engine: str = "auto") -> dict:
+def evaluate_run(
+    run_path: str | Path, protocol: str | None = None, precision: str | None = None, engine: str = "auto"
+) -> dict:
     """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV); ``engine``
     as :func:`finegrain.inference.open_encoder` takes it."""
     from finegrain.data.module import FinegrainDataModule, dataset_root
@@ -66,8 +73,13 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     dm = FinegrainDataModule(cfg)
     fmt = dm.collection_format
     result: dict = {
-        "run": run.name, "task": cfg.task, "tested_on": dm.split.tested_on_record(), "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "finegrain": __version__, "checkpoint": str(loaded.checkpoint), "model_checksum": loaded.checksum,
+        "run": run.name,
+        "task": cfg.task,
+        "tested_on": dm.split.tested_on_record(),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finegrain": __version__,
+        "checkpoint": str(loaded.checkpoint),
+        "model_checksum": loaded.checksum,
         "machine": machine_info(),
         "inference": encoder.signature(),
         "protocol": protocol_of(cfg, dm.split, dataset_root(cfg.data), protocol, fmt),
@@ -78,8 +90,11 @@ def evaluate_run(run_path: str | Path, protocol: str | None = None, precision: s
     out = encoder.encode_records(dm.test_records, dm.caches, "test images")
     paths = [str(dm.test_records[i].path) for i in out.indices]
     save_embeddings(run, "test", out, paths, encoder)
-    timing = {"n_images": int(len(out.labels)), "model_seconds": round(out.seconds, 4),
-              "images_per_second": round(out.images_per_second, 2)}
+    timing = {
+        "n_images": int(len(out.labels)),
+        "model_seconds": round(out.seconds, 4),
+        "images_per_second": round(out.images_per_second, 2),
+    }
 
     if protocol == "retrieval":
         add_retrieval_metrics(result, cfg, out, dm.split.test_source)
@@ -98,9 +113,12 @@ def add_retrieval_metrics(result: dict, cfg: ExperimentConfig, out, test_source:
     m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
     result["protocol"]["queries"] = "every test image"
     result["protocol"]["gallery"] = "the rest of the test set" + (
-        " (class-disjoint from training)" if test_source == "held-out classes" else "")
-    result["retrieval"] = {k: (int(v) if isinstance(v, (int, np.integer)) else
-                               float(v) if isinstance(v, (float, np.floating)) else v) for k, v in m.items()}
+        " (class-disjoint from training)" if test_source == "held-out classes" else ""
+    )
+    result["retrieval"] = {
+        k: (int(v) if isinstance(v, (int, np.integer)) else float(v) if isinstance(v, (float, np.floating)) else v)
+        for k, v in m.items()
+    }
 
 
 def add_classification_metrics(result: dict, run: RunDir, encoder, dm, out) -> None:
@@ -121,9 +139,11 @@ def add_classification_metrics(result: dict, run: RunDir, encoder, dm, out) -> N
         result["protocol"]["method"] = "the classifier head's arg-max"
     else:
         m, preds = knn_metrics(encoder, dm, out)
-        result["protocol"]["method"] = (f"kNN on {'embeddings' if cfg.model.has_embedder else 'features'}"
-                                        f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
-                                        "gallery = train split, queries = test split")
+        result["protocol"]["method"] = (
+            f"kNN on {'embeddings' if cfg.model.has_embedder else 'features'}"
+            f", k={cfg.eval.k}, {cfg.eval.metric}, {cfg.eval.weights} votes; "
+            "gallery = train split, queries = test split"
+        )
     result["classification"] = m
     table = per_class_table(out.labels, preds, dm.class_names)
     write_per_class(run, table)
@@ -137,8 +157,12 @@ def write_metrics(run: RunDir, result: dict) -> None:
     """Write metrics.json, and the DONE marker unless training had not finished (then remove it)."""
     if result["partial"]:  # an unfinished run's numbers: never DONE, so `experiments run` finishes it
         run.done_marker.unlink(missing_ok=True)
-        log.warning("%s has not finished training (%d of %d epochs): metrics.json is marked partial",
-                    run.path, result["epochs_done"], result["epochs_planned"])
+        log.warning(
+            "%s has not finished training (%d of %d epochs): metrics.json is marked partial",
+            run.path,
+            result["epochs_done"],
+            result["epochs_planned"],
+        )
     atomic_write_json(run.metrics, result)
     if not result["partial"]:
         atomic_write_text(run.done_marker, result["evaluated_at"] + "\n")
@@ -147,8 +171,12 @@ def write_metrics(run: RunDir, result: dict) -> None:
 def training_progress(run: RunDir) -> dict:
     """``partial`` (training did not reach its end), ``epochs_done``, ``epochs_planned``, ``stopped_early``."""
     state = run.training_state()
-    return {"partial": state["status"] != "finished", "epochs_done": int(state["epochs_done"]),
-            "epochs_planned": int(state["epochs_planned"]), "stopped_early": bool(state["stopped_early"])}
+    return {
+        "partial": state["status"] != "finished",
+        "epochs_done": int(state["epochs_done"]),
+        "epochs_planned": int(state["epochs_planned"]),
+        "stopped_early": bool(state["stopped_early"]),
+    }
 
 
 def knn_metrics(encoder, dm, test_out) -> tuple[dict, np.ndarray]:
@@ -160,8 +188,15 @@ def knn_metrics(encoder, dm, test_out) -> tuple[dict, np.ndarray]:
     e = encoder.cfg.eval
     if e.k > len(gallery.labels):
         raise FinegrainError(f"eval.k={e.k} is larger than the gallery ({len(gallery.labels)} images)")
-    preds, scores, seconds = knn_classify(gallery.embeddings, gallery.labels, test_out.embeddings, k=e.k,
-                                          metric=e.metric, weights=e.weights, num_classes=len(dm.class_names))
+    preds, scores, seconds = knn_classify(
+        gallery.embeddings,
+        gallery.labels,
+        test_out.embeddings,
+        k=e.k,
+        metric=e.metric,
+        weights=e.weights,
+        num_classes=len(dm.class_names),
+    )
     m = classification_metrics(test_out.labels, scores, num_classes=len(dm.class_names), scores="probs")
     # Vote shares are no probability model: their cross-entropy mostly counts the classes no neighbour
     # voted for (clipped zeros), so a kNN row reports no loss, as the seed's kNN table did.
@@ -185,11 +220,15 @@ def render_metrics(metrics: dict):
     """A rich table of the headline numbers."""
     from rich.table import Table
 
-    partial = (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} "
-               "epochs]") if metrics.get("partial") else ""
+    partial = (
+        (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} epochs]")
+        if metrics.get("partial")
+        else ""
+    )
     tested = (metrics.get("tested_on") or {}).get("words") or f"{metrics['protocol']['n_test']} test images"
-    table = Table(title=f"{metrics['run']}: {metrics['protocol']['protocol']}, tested on {tested}{partial}",
-                  show_header=True)
+    table = Table(
+        title=f"{metrics['run']}: {metrics['protocol']['protocol']}, tested on {tested}{partial}", show_header=True
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     section = metrics.get("classification") or metrics.get("retrieval") or {}

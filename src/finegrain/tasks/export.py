@@ -11,7 +11,7 @@ import hashlib
 import logging
 import random
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich import filesize
@@ -105,8 +105,10 @@ def open_exportable(run_path: str | Path):
     """The run, once it has a checkpoint and the onnx package is installed."""
     run = open_run(run_path)
     if not run.best_ckpt.is_file() and not run.last_ckpt.is_file():
-        raise FinegrainError(f"{run.path}: no checkpoint in {run.checkpoints} to export "
-                             "(train it first; a kNN run trains nothing: export its source run)")
+        raise FinegrainError(
+            f"{run.path}: no checkpoint in {run.checkpoints} to export "
+            "(train it first; a kNN run trains nothing: export its source run)"
+        )
     try:
         import onnx  # noqa: F401 - torch's exporter writes through it
     except ImportError:
@@ -122,17 +124,31 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
 
     cfg = loaded.cfg
     return {
-        "format": "onnx", "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "finegrain": __version__, "run": run.name,
-        "checkpoint": str(loaded.checkpoint.relative_to(run.path)) if loaded.checkpoint.is_relative_to(run.path)
+        "format": "onnx",
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finegrain": __version__,
+        "run": run.name,
+        "checkpoint": str(loaded.checkpoint.relative_to(run.path))
+        if loaded.checkpoint.is_relative_to(run.path)
         else str(loaded.checkpoint),
-        "model_checksum": loaded.checksum, "task": cfg.task, "backbone": cfg.model.backbone,
-        "has_classifier": loaded.has_classifier, "class_names": loaded.class_names,
-        "image_sizes": [list(s) for s in sizes], "tta_flip": cfg.eval.tta_flip,
-        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, "height", "width"],
-                  "values": "RGB 0-255; the graph normalises them"},
-        "outputs": output_names(loaded), "dynamic_axes": ["batch", "height", "width"],
-        "opset": opset, "onnxruntime": onnxruntime_version(), "torch": torch.__version__,
+        "model_checksum": loaded.checksum,
+        "task": cfg.task,
+        "backbone": cfg.model.backbone,
+        "has_classifier": loaded.has_classifier,
+        "class_names": loaded.class_names,
+        "image_sizes": [list(s) for s in sizes],
+        "tta_flip": cfg.eval.tta_flip,
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["batch", 3, "height", "width"],
+            "values": "RGB 0-255; the graph normalises them",
+        },
+        "outputs": output_names(loaded),
+        "dynamic_axes": ["batch", "height", "width"],
+        "opset": opset,
+        "onnxruntime": onnxruntime_version(),
+        "torch": torch.__version__,
         "parity": {"max_abs_diff": parity, "what": "every output, random uint8 images at every size, vs PyTorch fp32"},
         "files": {"fp32": {"file": FP32_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
         "config": cfg.model_dump(mode="json"),
@@ -150,21 +166,33 @@ def add_int8(run, meta: dict, dest: Path, cfg, calibration_images: int) -> None:
     from finegrain.inference.load import file_sha256
 
     int8 = dest / INT8_FILE
-    meta["files"]["int8"] = {"file": INT8_FILE, "sha256": file_sha256(int8), "bytes": int8.stat().st_size,
-                             "quantization": how}
+    meta["files"]["int8"] = {
+        "file": INT8_FILE,
+        "sha256": file_sha256(int8),
+        "bytes": int8.stat().st_size,
+        "quantization": how,
+    }
     atomic_write_json(dest / META_FILE, meta)  # the encoders below read it
     fp32_acc = headline_accuracy(OnnxEncoder(run, meta, "32"), cfg)
     int8_acc = headline_accuracy(OnnxEncoder(run, meta, "int8"), cfg)
     meta["accuracy"] = {
-        "split": "test", "metric": fp32_acc["metric"], "n_images": fp32_acc["n_images"],
-        "fp32": fp32_acc["value"], "int8": int8_acc["value"],
+        "split": "test",
+        "metric": fp32_acc["metric"],
+        "n_images": fp32_acc["n_images"],
+        "fp32": fp32_acc["value"],
+        "int8": int8_acc["value"],
         "int8_drop": round(fp32_acc["value"] - int8_acc["value"], 10),
         "how": "both ONNX models evaluated on the test split by the code of `finegrain evaluate`",
     }
 
 
-def export_run(run_path: str | Path, fmt: str = "onnx", quantize: str | None = None,
-               calibration_images: int = DEFAULT_CALIBRATION_IMAGES, opset: int | None = None) -> dict:
+def export_run(
+    run_path: str | Path,
+    fmt: str = "onnx",
+    quantize: str | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    opset: int | None = None,
+) -> dict:
     """Write ``RUN/export/model.onnx`` (+ ``model.int8.onnx`` with ``quantize="int8"``) and
     ``RUN/export/model.json``; returns the JSON's contents."""
     check_request(fmt, quantize, calibration_images)
@@ -201,16 +229,19 @@ def render_export(meta: dict, run_path: Path) -> list[str]:
     """Lines for the terminal."""
     dest = Path(run_path) / EXPORT_DIR
     sizes = ", ".join(f"{h}x{w}" for h, w in meta["image_sizes"])
-    lines = [f"exported {meta['backbone']} to {dest / meta['files']['fp32']['file']} "
-             f"({filesize.decimal(meta['files']['fp32']['bytes'])}, opset {meta['opset']}, sizes {sizes}); "
-             f"max difference to PyTorch {meta['parity']['max_abs_diff']:.2g}"]
+    lines = [
+        f"exported {meta['backbone']} to {dest / meta['files']['fp32']['file']} "
+        f"({filesize.decimal(meta['files']['fp32']['bytes'])}, opset {meta['opset']}, sizes {sizes}); "
+        f"max difference to PyTorch {meta['parity']['max_abs_diff']:.2g}"
+    ]
     if "int8" in meta["files"]:
         acc = meta["accuracy"]
         int8 = meta["files"]["int8"]
-        lines.append(f"int8: {dest / int8['file']} ({filesize.decimal(int8['bytes'])}, "
-                     f"{int8['quantization']['calibration_images']} calibration images); test "
-                     f"{acc['metric']} {acc['fp32']:.4f} in fp32, {acc['int8']:.4f} in int8 "
-                     f"(drop {acc['int8_drop']:+.4f})")
+        lines.append(
+            f"int8: {dest / int8['file']} ({filesize.decimal(int8['bytes'])}, "
+            f"{int8['quantization']['calibration_images']} calibration images); test "
+            f"{acc['metric']} {acc['fp32']:.4f} in fp32, {acc['int8']:.4f} in int8 "
+            f"(drop {acc['int8_drop']:+.4f})"
+        )
     lines.append(f"described in {dest / META_FILE}")
     return lines
-

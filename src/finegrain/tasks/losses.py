@@ -48,8 +48,10 @@ def _contrastive(cfg: C.ContrastiveLoss, num_classes: int, dim: int) -> Built:
 
 @LOSSES.register("triplet")
 def _triplet(cfg: C.TripletLoss, num_classes: int, dim: int) -> Built:
-    return (losses.TripletMarginLoss(margin=cfg.margin),
-            miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"))
+    return (
+        losses.TripletMarginLoss(margin=cfg.margin),
+        miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"),
+    )
 
 
 @LOSSES.register("proxy_anchor")
@@ -70,6 +72,8 @@ def _arcface(cfg: C.ArcFaceLoss, num_classes: int, dim: int) -> Built:
 def build_loss(cfg, num_classes: int, dim: int) -> Built:
     """(loss, miner) of a metric-learning config's ``loss`` section."""
     if cfg.name == "cross_entropy":
-        raise ConfigError("task metric_learning needs a metric-learning loss (config key 'loss.name'); "
-                          f"valid: {', '.join(LOSSES.names())}")
+        raise ConfigError(
+            "task metric_learning needs a metric-learning loss (config key 'loss.name'); "
+            f"valid: {', '.join(LOSSES.names())}"
+        )
     return LOSSES.get(cfg.name)(cfg, num_classes, dim)

@@ -20,8 +20,9 @@ class MetricLearningTask(FinegrainTask):
     monitor_mode = "max"
     label_lookup: torch.Tensor  # a buffer: class id -> its index among the training classes
 
-    def __init__(self, config: dict, class_names: list[str], weights: str | None = None,
-                 train_labels: list[int] | None = None) -> None:
+    def __init__(
+        self, config: dict, class_names: list[str], weights: str | None = None, train_labels: list[int] | None = None
+    ) -> None:
         super().__init__(config, class_names, weights)
         classes = sorted(set(train_labels or range(len(class_names))))
         self.save_hyperparameters({"train_labels": classes})
@@ -49,9 +50,11 @@ class MetricLearningTask(FinegrainTask):
         batch = self.cfg.data.batch_size * world_size
         if size and size < batch:
             devices = f" x {world_size} devices" if world_size > 1 else ""
-            raise ConfigError(f"loss.xbm_size ({size}) is smaller than a training batch ({batch} embeddings: "
-                              f"data.batch_size {self.cfg.data.batch_size}{devices}): the memory holds at least "
-                              f"one batch; raise loss.xbm_size to {batch} or more, or set it to 0")
+            raise ConfigError(
+                f"loss.xbm_size ({size}) is smaller than a training batch ({batch} embeddings: "
+                f"data.batch_size {self.cfg.data.batch_size}{devices}): the memory holds at least "
+                f"one batch; raise loss.xbm_size to {batch} or more, or set it to 0"
+            )
 
     def extra_param_groups(self, lr: float) -> list[dict]:
         params = [p for p in self.loss_fn.parameters() if p.requires_grad]

@@ -84,8 +84,9 @@ def choose(cfg: ExperimentConfig, model: FinegrainModel) -> PhasePrecision:
     return chosen
 
 
-def time_cached_step(model: FinegrainModel, cfg: ExperimentConfig, batch: int = PROBE_BATCH,
-                     rounds: int = PROBE_ROUNDS) -> dict[str, float]:
+def time_cached_step(
+    model: FinegrainModel, cfg: ExperimentConfig, batch: int = PROBE_BATCH, rounds: int = PROBE_ROUNDS
+) -> dict[str, float]:
     """Images per second of a cached training step (the stages after ``model.freeze_stages`` and the
     heads, forward and backward, at ``data.image_size``) in each of :data:`CANDIDATES`; on a copy of
     the model and random images, leaving the model and the random number generators untouched."""

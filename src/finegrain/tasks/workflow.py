@@ -12,9 +12,14 @@ from finegrain.runs import RunDir, create_run
 log = logging.getLogger(__name__)
 
 
-def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), resume: bool = False,
-                       override_stored: bool = False, evaluate: bool = True,
-                       deadline: float | None = None) -> tuple[RunDir, dict | None]:
+def train_and_evaluate(
+    cfg: ExperimentConfig,
+    runs_root: Path = Path("runs"),
+    resume: bool = False,
+    override_stored: bool = False,
+    evaluate: bool = True,
+    deadline: float | None = None,
+) -> tuple[RunDir, dict | None]:
     """Train ``cfg`` into ``runs_root/<name>`` (a kNN row trains nothing: its run is only created;
     a resumed run whose training already ended with this config is not trained again), then
     evaluate it on its test split (with ``eval.export_onnx``, exported first and evaluated on ONNX
@@ -24,14 +29,19 @@ def train_and_evaluate(cfg: ExperimentConfig, runs_root: Path = Path("runs"), re
     from finegrain.tasks.evaluate import evaluate_run
 
     run = RunDir(runs_root / cfg.name)
-    trained = (resume and run.config_file.is_file() and run.training_finished()
-               and run.config_file.read_text() == config_to_yaml(cfg))
+    trained = (
+        resume
+        and run.config_file.is_file()
+        and run.training_finished()
+        and run.config_file.read_text() == config_to_yaml(cfg)
+    )
     global_zero = True
     if not cfg.trains or trained:
         run = create_run(cfg, runs_root, resume=resume, override_stored=override_stored)
     else:
-        run, global_zero = fit(cfg, runs_root=runs_root, resume=resume, override_stored=override_stored,
-                               deadline=deadline)
+        run, global_zero = fit(
+            cfg, runs_root=runs_root, resume=resume, override_stored=override_stored, deadline=deadline
+        )
     if not (evaluate and global_zero):
         return run, None
     if cfg.trains and cfg.eval.export_onnx:
