@@ -158,6 +158,7 @@ def test_list_prints_each_registry_from_the_registry_itself():
         assert r.exit_code == 0, r.output
         assert r.stdout.split() == registry_names(kind) and registry_names(kind)
     assert "arcface" in registry_names("losses") and "hnsw" in registry_names("index-kinds")
+    assert {"embedded", "milvus"} <= set(registry_names("stores"))
     r = runner.invoke(app, ["list", "lossses"])  # main() turns this into one line and exit code 2
     assert isinstance(r.exception, FinegrainError) and "Did you mean 'losses'?" in str(r.exception)
 

@@ -15,6 +15,7 @@ REGISTRIES: dict[str, tuple[str, str]] = {
     "heads": ("finegrain.models.model", "HEADS"),
     "losses": ("finegrain.tasks.losses", "LOSSES"),
     "index-kinds": ("finegrain.retrieval.index", "INDEX_KINDS"),
+    "stores": ("finegrain.gallery.backends", "STORES"),
 }
 """``finegrain list`` name -> (module, registry attribute); imported when listed (torch, faiss: start-up cost)."""
 
@@ -30,7 +31,7 @@ def registry_names(kind: str) -> list[str]:
 
 
 def list_names(kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGISTRIES)}.")]) -> None:
-    """List the names of one registry (backbones, heads, losses, index kinds)."""
+    """List the names of one registry (backbones, heads, losses, index kinds, gallery stores)."""
     for name in registry_names(kind):
         console.print(name, highlight=False)
     if kind in NOTES:  # on stderr: stdout stays one name a line for scripts

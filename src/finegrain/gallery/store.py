@@ -188,9 +188,8 @@ def id_list(ids: Sequence[int]) -> list[int]:
 
 def _register_backends() -> None:
     """Import the backends (each registers itself); Milvus's client is imported only when used."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    import finegrain.gallery.embedded
-    import finegrain.gallery.milvus_store  # noqa: F401
+    # the backends import this module: they can only be loaded once it is
+    import finegrain.gallery.backends  # noqa: F401
 
 
 def check_vector(vector: np.ndarray, spec: StoreSpec) -> np.ndarray:
