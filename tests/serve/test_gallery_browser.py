@@ -41,6 +41,7 @@ def test_add_from_the_page_then_find_it(browser, gallery_url, tmp_path):  # noqa
     page.wait_for_function(
         "() => document.getElementById('gallery-status').textContent.startsWith('Added as #')", timeout=30000
     )
+    assert page.inner_text("#gallery-size b") == "33"  # the header's count follows the add (32 indexed + 1)
     assert page.input_value("#gallery-token") == ""  # typed once, then only in the script's memory
     stored = page.evaluate("() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage) + document.cookie")
     assert TOKEN not in stored

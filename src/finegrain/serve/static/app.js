@@ -71,7 +71,7 @@
       state.maxUpload = info.max_upload_bytes || null;
       const chips = [];
       chips.push(el("li", { class: "chip chip-accent", title: "Backbone" }, [el("b", { text: info.model })]));
-      chips.push(el("li", { class: "chip", title: "Gallery images in the index" },
+      chips.push(el("li", { class: "chip", id: "gallery-size", title: "Gallery images in the index" },
         [el("b", { text: Number(info.gallery_size).toLocaleString() }), document.createTextNode(" gallery images")]));
       if (info.dataset) {
         const base = String(info.dataset).replace(/[\\/]+$/, "").split(/[\\/]/).pop() || info.dataset;

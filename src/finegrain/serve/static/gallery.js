@@ -63,6 +63,8 @@
         return;
       }
       status.textContent = "Added as #" + body.ids.join(", #") + " · the gallery holds " + body.size + " images.";
+      const count = document.querySelector("#gallery-size b");  // the header's chip, read at page load
+      if (count) count.textContent = Number(body.size).toLocaleString();
       files.value = "";
     });
 
