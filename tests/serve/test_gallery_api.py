@@ -53,7 +53,7 @@ def test_the_index_is_the_store_s_first_content(live, trained_run):
     from finegrain.retrieval.index import GalleryIndex
 
     index = GalleryIndex.load(trained_run / "index")
-    assert live.store.count() >= index.n
+    assert live.store.count() == index.n
     entry = live.store.get(0)
     assert entry is not None and entry.metadata["file"] == index.paths[0].rsplit("/", 1)[-1]
     assert live.store.image(0)[0] == Path(index.paths[0]).read_bytes()
@@ -147,3 +147,26 @@ def test_a_filter_made_to_break_out_is_refused_or_literal(client):
     for bad in ['{"label": "x\\" || true"}', '{"metadata.a\\"] or true or [\\"": 1}', '{"metadata.n": [1]}']:
         r = client.post("/api/search", files=query, data={"filter": bad})
         assert r.status_code == 422 or r.json()["results"] == [], bad
+
+
+def test_the_gallery_routes_answer_a_body_that_never_completes_408(live):
+    """The living gallery's own search and add routes keep the server's body timeout."""
+    from .live_server import running_server
+    from .test_connections import answer, connect
+
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n\r\nabc'
+    app = create_app(live, body_timeout=1.0, tokens=Tokens(write=TOKEN))
+    with running_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for route, extra in (("/api/search", b""), ("/api/gallery", f"Authorization: Bearer {TOKEN}\r\n".encode())):
+            s = connect(port)
+            s.sendall(
+                b"POST "
+                + route.encode()
+                + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                + extra
+                + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                + part
+            )
+            status, _, body = answer(s)
+            assert status == 408 and "did not arrive" in json.loads(body)["error"], (route, body)

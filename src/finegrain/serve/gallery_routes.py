@@ -42,9 +42,9 @@ from finegrain.serve.errors import ApiError, no_paths
 from finegrain.serve.uploads import (
     check_headers,
     image_error_message,
+    parse_form,
     read_body,
     read_upload,
-    replay,
     too_large,
 )
 
@@ -156,6 +156,7 @@ def add_gallery_routes(
     router = APIRouter(tags=["gallery"])
     limit = asyncio.Semaphore(max(1, int(max_concurrency)))
     max_bytes, max_k, max_pixels = app.state.max_upload_bytes, app.state.max_k, app.state.max_image_pixels
+    body_timeout = app.state.body_timeout
 
     async def run(fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in a worker thread, at most ``max_concurrency`` at once; refusals as 4xx."""
@@ -205,7 +206,7 @@ def add_gallery_routes(
         require_read(request, tokens)
         started = time.perf_counter()
         size = await anyio.to_thread.run_sync(live.store.count)
-        upload = await read_upload(request, max_bytes, size, max_k)
+        upload = await read_upload(request, max_bytes, size, max_k, body_timeout)
         try:
             where = parse_filter(upload.filter)
         except FinegrainError as e:
@@ -227,11 +228,8 @@ def add_gallery_routes(
         require_write(request, tokens)
         total = max_bytes * ADD_BODY_FACTOR
         check_headers(request.headers, total)
-        body = await read_body(request, total)
-        try:
-            form = await Request(request.scope, receive=replay(body)).form(max_files=MAX_IMAGES_PER_ADD, max_fields=10)
-        except Exception as e:  # noqa: BLE001 - malformed multipart, or too many files
-            raise ApiError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
+        body = await read_body(request, total, body_timeout)
+        form = await parse_form(request, body, max_files=MAX_IMAGES_PER_ADD)
         try:
             files = form.getlist("image")
             if not files or not all(isinstance(f, UploadFile) for f in files):
@@ -273,7 +271,7 @@ def add_gallery_routes(
 
         require_write(request, tokens)
         i = parse_id(entry_id)
-        raw = await read_body(request, 64 * 1024)
+        raw = await read_body(request, 64 * 1024, body_timeout)
         try:
             body = json.loads(raw or b"null")
             if not isinstance(body, dict) or not body or set(body) - {"label", "metadata"}:

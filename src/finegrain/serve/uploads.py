@@ -122,11 +122,11 @@ def replay(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
     return receive
 
 
-async def parse_form(request: Request, body: bytes) -> FormData:
-    """``body`` parsed as the request's multipart form (one file, a few fields)."""
+async def parse_form(request: Request, body: bytes, max_files: int = 1) -> FormData:
+    """``body`` parsed as the request's multipart form (``max_files`` files, a few fields)."""
     try:
-        return await Request(request.scope, receive=replay(body)).form(max_files=1, max_fields=10)
-    except Exception as e:  # noqa: BLE001 - malformed multipart
+        return await Request(request.scope, receive=replay(body)).form(max_files=max_files, max_fields=10)
+    except Exception as e:  # noqa: BLE001 - malformed multipart, or too many files
         raise ApiError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
 
 
