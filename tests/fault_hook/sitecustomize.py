@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 FAULT = os.environ.get("FINEGRAIN_FAULT", "")
@@ -41,17 +40,14 @@ def _install_write_fault() -> None:
     from finegrain import runs  # before any module imports atomic_write_bytes by name
 
     real = runs.atomic_write_bytes
+    real_fdopen = os.fdopen
 
     def atomic_write_bytes(path: Path, data: bytes) -> None:
-        if _due(f"write:{path.name}"):  # as the real writer leaves it, killed half-way through the temporary file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                _die()
-        real(path, data)
+        if not _due(f"write:{path.name}"):
+            return real(path, data)
+        # the real writer, killed half-way through its own temporary file
+        os.fdopen = lambda *a, **k: _KilledMidWrite(real_fdopen(*a, **k))
+        return real(path, data)
 
     runs.atomic_write_bytes = atomic_write_bytes
 
@@ -87,6 +83,17 @@ class _FullDisk:
 
     def __exit__(self, *exc) -> None:
         self._f.close()
+
+
+class _KilledMidWrite(_FullDisk):
+    """A file whose next write lands half its data, synced, and then the process dies."""
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        _die()
+        return 0
 
 
 def _install_nospace_fault() -> None:
