@@ -14,6 +14,7 @@ import numpy as np
 
 from finegrain.cluster.embed import EmbedReport, embed_on_ray
 from finegrain.cluster.shards import ShardDir
+from finegrain.errors import FinegrainError
 from finegrain.retrieval.index import GalleryIndex, index_meta, l2_normalize
 from finegrain.retrieval.large_index import DEFAULT_RECALL, KIND, build_ivfpq
 from finegrain.runs import open_run
@@ -41,7 +42,9 @@ def index_from_shards(
         )
     else:
         dims = {int(np.load(f, mmap_mode="r").shape[1]) for f in files}
-        dim = max(dims)
+        if len(dims) != 1:  # FAISS would fail later with an assertion that names nothing
+            raise FinegrainError(f"shards of different widths {sorted(dims)} in {files[0].parent}; embed again")
+        (dim,) = dims
         t0 = time.perf_counter()
         work = dest.parent / f".{dest.name}-vectors.part.npy"
         ivfpq = build_ivfpq(lambda: shard_vectors(files, metric), len(paths), dim, metric, work, recall=recall)

@@ -116,7 +116,7 @@ def forward_with_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tens
                 _per_image(f_norm, fmap) * linear.temperature
             )
         elif embedder is not None and model.classifier_on_embedding:
-            cls_rows = classifier(embedder(rows))
+            cls_rows = classifier(raw_rows)  # the embedder's rows, computed above
         else:
             cls_rows = classifier(rows)
         out["class_map"] = _as_map(cls_rows, fmap)

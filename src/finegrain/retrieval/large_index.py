@@ -231,12 +231,15 @@ class RerankedIVFPQ:
         if self.metric == "cosine":
             scores = np.einsum("qcd,qd->qc", v, q)
         else:
-            scores = np.einsum("qcd,qcd->qc", v - q[:, None], v - q[:, None])
+            diff = v - q[:, None]
+            scores = np.einsum("qcd,qcd->qc", diff, diff)
         return _top(scores.astype(np.float32), cand, k, self.metric)
 
     # -- building ---------------------------------------------------------------------
     def _stored(self) -> np.ndarray:
         if self._out is not None:  # the last chunk is written: map the file
+            if self._filled != self._n:  # np.load would fail on a short file with a bare ValueError
+                raise FinegrainError(f"{self._filled} vectors added, {self._n} announced")
             self._out.flush()
             os.fsync(self._out.fileno())
             self._out.close()
@@ -252,9 +255,6 @@ class RerankedIVFPQ:
     def finish(self) -> dict:
         """After the last :meth:`add`: choose ``nprobe`` for the recall target on held-out
         queries; returns the parameters, with ``measured_recall``."""
-        vectors = self._stored()
-        if self._filled != len(vectors):
-            raise FinegrainError(f"{self._filled} vectors added, {len(vectors)} announced")
         recall, nprobe = tune_nprobe(self, float(self.params.get("recall_target", DEFAULT_RECALL)))
         self.set_nprobe(nprobe)
         self.params["measured_recall"] = recall

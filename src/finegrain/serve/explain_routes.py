@@ -55,7 +55,7 @@ def parse_ids(raw: list[str], gallery_size: int, max_k: int) -> list[int]:
         raise ApiError(422, f"ids names {len(parts)} images; at most {max_k}")
     ids: list[int] = []
     for p in parts:
-        if not p.isdigit() or len(p) > 12:
+        if not (p.isascii() and p.isdigit()) or len(p) > 12:  # int() of '²' fails
             raise ApiError(422, f"ids must be gallery ids (whole numbers); got {echo(p, 12)}")
         if int(p) >= gallery_size:
             raise ApiError(422, f"no gallery image with id {int(p)} (the gallery has {gallery_size})")
