@@ -1,10 +1,9 @@
 """Class-balanced batches (m images per class) that also work under DDP.
 
-Each batch is drawn as pytorch-metric-learning's :class:`MPerClassSampler` draws it (shuffle the
-classes, take ``batch_size // m`` of them, ``m`` images of each, with replacement only for a class
-with fewer), from a generator seeded per epoch (pml's sampler reads a module-wide random state
-that cannot be seeded per sampler), so runs and resumes are reproducible; the batches are dealt
-out to the processes of a distributed run, each process getting whole class-balanced batches.
+pytorch-metric-learning's :class:`MPerClassSampler` draws the index list; this
+wrapper seeds it per epoch (so runs and resumes are reproducible) and deals its
+batches out to the processes of a distributed run, each process getting whole
+class-balanced batches.
 """
 
 from __future__ import annotations
@@ -12,9 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
 
-from finegrain.errors import ConfigError
+from finegrain.faiss_import import import_faiss
+
+import_faiss()  # before pytorch-metric-learning loads faiss with a slow BLAS kernel choice
+from pytorch_metric_learning.samplers import MPerClassSampler  # noqa: E402 - after import_faiss
+from pytorch_metric_learning.utils import common_functions as c_f  # noqa: E402 - after import_faiss
+from torch.utils.data import Sampler  # noqa: E402 - after import_faiss
+
+from finegrain.errors import ConfigError  # noqa: E402 - after import_faiss
 
 
 class DistributedMPerClassSampler(Sampler[int]):
@@ -49,14 +54,13 @@ class DistributedMPerClassSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         length = self.batches_per_rank * self.batch_size * self.num_replicas
-        rng = np.random.default_rng([self.seed, self.epoch])
-        classes = np.unique(self.labels)
-        members = {c: np.flatnonzero(self.labels == c) for c in classes}
-        order: list[int] = []
-        while len(order) < length:
-            for c in rng.permutation(classes)[: self.batch_size // self.m]:
-                pool = members[c]
-                order.extend(rng.choice(pool, size=self.m, replace=len(pool) < self.m).tolist())
+        sampler = MPerClassSampler(self.labels, self.m, batch_size=self.batch_size, length_before_new_iter=length)
+        saved = c_f.NUMPY_RANDOM
+        c_f.NUMPY_RANDOM = np.random.RandomState((self.seed * 100_003 + self.epoch) % 2**32)
+        try:
+            order = list(iter(sampler))
+        finally:
+            c_f.NUMPY_RANDOM = saved
         b = self.batch_size
         batches = [order[i : i + b] for i in range(0, len(order), b)]
         mine = batches[self.rank :: self.num_replicas][: self.batches_per_rank]
