@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from finegrain.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 REPORT_CSS = """
@@ -69,6 +71,9 @@ def try_figure(title: str, build, png: Path, caption: str) -> str:
     """Call ``build()`` to draw ``png`` and return it embedded, or a "not drawn" note when drawing fails."""
     try:
         build()
+    except ConfigError as e:  # the figure does not apply to this run (a backbone without maps): say why
+        log.info("%s: %s", title, e)
+        return skipped(title, str(e))
     except Exception as e:  # noqa: BLE001 - one figure failing never loses the report
         log.warning("%s: %s", title, e)
         return skipped(title, f"drawing failed ({type(e).__name__}: {e})")
