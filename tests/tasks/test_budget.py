@@ -135,7 +135,13 @@ def test_plan_for_measures_the_data_with_a_patched_probe(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_the_probe_measures_every_kind_of_work():
-    speed = budget.measure_speed(_recipe(), 4)
+    """Including the evaluation on the engine the run evaluates with: ONNX Runtime for an exported recipe."""
+    recipe = _recipe()
+    assert recipe.eval.export_onnx
+    speed = budget.measure_speed(recipe, 4)
+    assert speed.evaluation_engine == "onnx"
+    plain = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"export_onnx": False})})
+    assert budget.measure_speed(plain, 4).evaluation_engine == "torch"
     assert set(speed.frozen_forward) == set(speed.trained_step) == {r.freeze_stages for r in LADDER}
     assert all(
         v > 0

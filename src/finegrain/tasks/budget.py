@@ -46,6 +46,7 @@ OVERHEAD_SECONDS = 40.0
 CROP_AREA = 0.77
 """Mean area of a cached training step's feature map: each side randomly cropped to 75-100% (0.875^2)."""
 PROBE_SIZE = (128, 128)
+ENGINE_WORDS = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
 PROBE_BATCH = 8
 
 
@@ -91,8 +92,10 @@ class Speed:
     trained_step: dict[int, float]
     """By frozen stages: a training step (forward and backward) of the rest on the cached maps."""
     full_forward: float
-    """The whole model's forward pass (the evaluation; on ONNX Runtime it is faster)."""
+    """The whole model's forward pass (the evaluation), on the engine the run evaluates with."""
     cpu: str = ""
+    evaluation_engine: str = "torch"
+    """``onnx`` where the recipe exports its model and evaluates the export with ONNX Runtime."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ class Plan:
             f"images at {h}x{w}, stem and first {r.freeze_stages} stages frozen, {r.views} cached views, "
             f"{r.epochs} epochs, tested at {', '.join(f'{a}x{b}' for a, b in self.eval_image_sizes)} on "
             f"{self.data.test_images:,} images; predicted {minutes(self.predicted_seconds)} (cache "
-            f"{minutes(s['cache'])}, training {minutes(s['training'])}, evaluation {minutes(s['evaluation'])}, "
+            f"{minutes(s['cache'])}, training {minutes(s['training'])}, evaluation {minutes(s['evaluation'])} on "
+            f"{ENGINE_WORDS[self.speed.evaluation_engine]}, "
             f"start-up and export {minutes(s['overhead'])})"
         )
         if not self.fits:
@@ -298,17 +302,44 @@ def measure_speed(recipe: ExperimentConfig, num_classes: int | None) -> Speed:
             with torch.no_grad(), autocast_for(cache_precision):
                 frozen[f] = _seconds_per_image(lambda m=model: m.frozen_prefix(m.normalise_input(images))) / mp
                 if not full:
-                    full = _seconds_per_image(lambda m=model: m(images)) / mp
+                    full = _seconds_per_image(lambda m=model: m(images))
             ips = time_cached_step(model, cfg, batch=PROBE_BATCH, rounds=2)
             step[f] = 1 / max(ips.values()) / mp
+        onnx = _onnx_seconds_per_image(model, cfg, images) if recipe.eval.export_onnx else None
     speed = Speed(
         {k: round(v, 5) for k, v in frozen.items()},
         {k: round(v, 5) for k, v in step.items()},
-        round(full, 5),
+        round((onnx or full) / mp, 5),
         machine.cpu_model(),
+        "onnx" if onnx else "torch",
     )
     log.info("budget probe: %s", speed)
     return speed
+
+
+def _onnx_seconds_per_image(model, cfg: ExperimentConfig, images) -> float | None:
+    """Seconds per image of ``model``'s ONNX export on ONNX Runtime, as the run's evaluation runs it
+    (fp32, this process's threads); None where ONNX Runtime or the exporter is missing, or the model
+    does not export (the evaluation then runs in torch)."""
+    # optional: torch (the train extra) and ONNX Runtime (the serve extra), loaded only where this runs
+    import torch
+
+    from finegrain.errors import FinegrainError
+    from finegrain.inference.export import export_onnx
+    from finegrain.inference.load import LoadedModel
+    from finegrain.inference.onnx_engine import INPUT_NAME, import_onnxruntime
+
+    try:
+        ort = import_onnxruntime()
+        data = export_onnx(LoadedModel(model, cfg, [], Path("-"), ""), PROBE_SIZE, maps=False)
+    except (FinegrainError, ImportError) as e:
+        log.info("budget probe: the evaluation is timed in torch (%s)", e)
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+    session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    x = images.numpy()
+    return _seconds_per_image(lambda: session.run(None, {INPUT_NAME: x}))
 
 
 def _seconds_per_image(work, rounds: int = 2) -> float:
