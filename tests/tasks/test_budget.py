@@ -73,6 +73,19 @@ def test_plans_fit_their_budget_and_grow_with_it(name, speed):
     assert len(p.eval_image_sizes) == len(recipe.data.eval_image_sizes)
 
 
+def test_time_left_below_the_next_rung_buys_epochs():
+    """A plan fills its share of the budget with epochs, up to the next rung's: one more epoch would
+    not fit, or the next rung's epochs are reached."""
+    recipe = _recipe()
+    for minutes in (20, 45, 90):
+        p = plan(minutes * 60, CARS, SLOW, recipe)
+        i = [replace(r, epochs=0) for r in LADDER].index(replace(p.rung, epochs=0))
+        assert LADDER[i].epochs <= p.rung.epochs <= LADDER[i + 1].epochs
+        if p.rung.epochs < LADDER[i + 1].epochs:
+            seconds, _, _ = budget.predict(replace(p.rung, epochs=p.rung.epochs + 1), CARS, SLOW, recipe)
+            assert sum(seconds.values()) > budget.PLANNED_SHARE * minutes * 60, (minutes, p.rung)
+
+
 def test_a_faster_machine_or_less_data_plans_at_least_as_much():
     recipe = _recipe()
     for minutes in (15, 45, 90):
@@ -129,7 +142,7 @@ def test_plan_for_measures_the_data_with_a_patched_probe(monkeypatch, tmp_path):
     monkeypatch.setattr(budget, "measure_speed", lambda recipe, n: asked.append(n) or SLOW)
     p = budget.plan_for(load_config("classify", overrides=[f"data.root={root}"]), 1800)
     assert asked == [3] and p.data == DataSize(15, 6, 3.0)
-    assert p.rung == LADDER[-1] and p.fits  # 15 images: the largest plan fits in 30 minutes
+    assert replace(p.rung, epochs=LADDER[-1].epochs) == LADDER[-1] and p.fits  # 15 images: the largest plan fits
     assert p.image_size[1] == round(2.5 * p.image_size[0] / 8) * 8  # the aspect, clipped at 2.5:1
 
 

@@ -6,9 +6,10 @@ frozen cache, training, the ONNX export and the evaluation. A short probe (:func
 a few seconds) times the three kinds of work of a frozen-cache recipe on a copy of its model: the
 frozen stages' forward pass (the cache), a training step of the rest (the cached step, in the faster
 of bf16 and fp32, as :mod:`~finegrain.tasks.phase_precision` picks) and the whole model's forward
-pass (the evaluation). :func:`plan` then takes the largest rung of :data:`LADDER` whose predicted
-time fits :data:`PLANNED_SHARE` of the budget: each rung does at least the work of the one before
-in every setting, so a larger budget never plans less work. Training stops after the epoch that
+pass (the evaluation, on ONNX Runtime where the run evaluates its export). :func:`plan` then takes
+the largest rung of :data:`LADDER` whose predicted time fits :data:`PLANNED_SHARE` of the budget,
+and spends the time left below the next rung on more epochs: each rung does at least the work of the
+one before in every setting, so a larger budget never plans less work. Training stops after the epoch that
 leaves too little time for the next one and the evaluation (``engine.BudgetStop``): the run is
 then evaluated, and ``--resume`` continues it.
 """
@@ -19,7 +20,7 @@ import logging
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ BUDGET_CLOCK = (
 )
 """What ``--budget`` counts, as ``finegrain info`` and the plan say it."""
 
-PLANNED_SHARE = 0.85
+PLANNED_SHARE = 0.9
 """The share of the budget a plan may predict: the measured speed varies, and what a stop saves is
 at most one epoch."""
 OVERHEAD_SECONDS = 40.0
@@ -224,14 +225,18 @@ def predict(
 
 
 def plan(budget_seconds: float, data: DataSize, speed: Speed, recipe: ExperimentConfig) -> Plan:
-    """The largest rung of :data:`LADDER` predicted to fit :data:`PLANNED_SHARE` of the budget (the
-    smallest, marked as not fitting, when none does)."""
+    """The largest rung of :data:`LADDER` predicted to fit :data:`PLANNED_SHARE` of the budget, with
+    the epochs the time left allows up to the next rung's (the smallest, marked as not fitting, when
+    none fits)."""
     check_plannable(recipe)
     chosen = None
-    for rung in LADDER:
-        seconds, size, tested = predict(rung, data, speed, recipe)
-        if sum(seconds.values()) <= PLANNED_SHARE * budget_seconds:
-            chosen = Plan(budget_seconds, rung, size, tested, seconds, True, data, speed)
+    for i, rung in enumerate(LADDER):
+        most = LADDER[i + 1].epochs if i + 1 < len(LADDER) else rung.epochs * 3 // 2
+        for epochs in range(rung.epochs, most + 1):  # time left below the next rung: more epochs
+            seconds, size, tested = predict(replace(rung, epochs=epochs), data, speed, recipe)
+            if sum(seconds.values()) > PLANNED_SHARE * budget_seconds:
+                break
+            chosen = Plan(budget_seconds, replace(rung, epochs=epochs), size, tested, seconds, True, data, speed)
     if chosen is None:
         seconds, size, tested = predict(LADDER[0], data, speed, recipe)
         chosen = Plan(budget_seconds, LADDER[0], size, tested, seconds, False, data, speed)
