@@ -103,7 +103,7 @@ def test_wheel_installs_and_runs_the_demo_outside_the_repo(tmp_path: Path) -> No
     wheel = build_wheel(tmp_path / "build", env)
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-    for sub, pattern in (("configs", "*.yaml"), ("serve/static", "*")):
+    for sub, pattern in (("configs", "*.yaml"), ("serve/static", "*"), ("report/templates", "*")):
         for f in (PACKAGE / sub).glob(pattern):
             assert f"finegrain/{sub}/{f.name}" in names, f"{f.name} is not in the wheel"
 

@@ -151,6 +151,31 @@ def test_m_per_class_batches_are_balanced_and_split_across_processes():
     assert list(again) != draws[0]  # a new draw each epoch
 
 
+def test_m_per_class_draw_is_the_librarys_own_for_the_seed():
+    from pytorch_metric_learning.samplers import MPerClassSampler
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    from finegrain.data.samplers import epoch_seed
+
+    labels = np.repeat(np.arange(10), 7)
+    ours = DistributedMPerClassSampler(labels, m=4, batch_size=8, seed=3)
+    draws = []
+    for epoch in (0, 1):
+        ours.set_epoch(epoch)
+        assert c_f.NUMPY_RANDOM is np.random  # the library's default: numpy's global state
+        np.random.seed(99)
+        before = np.random.get_state()[1].copy()
+        draw = list(ours)
+        assert c_f.NUMPY_RANDOM is np.random and (np.random.get_state()[1] == before).all()  # global untouched
+        np.random.seed(epoch_seed(3, epoch))  # the library seeded the way its users seed it
+        assert draw == list(MPerClassSampler(labels, 4, batch_size=8, length_before_new_iter=len(ours)))
+        ours.set_epoch(epoch)
+        assert list(ours) == draw  # the same seed and epoch repeat
+        draws.append(draw)
+    assert draws[0] != draws[1]  # each epoch a new draw
+    assert list(DistributedMPerClassSampler(labels, m=4, batch_size=8, seed=4)) != draws[0]  # and each seed
+
+
 def test_m_per_class_refuses_impossible_batches():
     with pytest.raises(ConfigError, match="multiple"):
         DistributedMPerClassSampler([0, 1, 2], m=4, batch_size=6)

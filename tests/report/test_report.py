@@ -610,3 +610,29 @@ def test_the_contact_sheet_titles_say_which_neighbour_is_the_query_itself(tmp_pa
     assert "query itself" not in hit_title(hits[1]) and "score 0.800" in hit_title(hits[1])
     out = contact_sheet(Image.open(img), hits, tmp_path / "sheet")
     assert out.suffix == ".png" and Image.open(out).size[0] > 0
+
+
+def test_names_and_text_from_a_run_are_escaped_in_its_pages(tmp_path):
+    """Class names, file names and descriptions are text: markup in them is shown, never run."""
+    hostile = '<script>alert("x")</script>'
+    run = make_classification_run(tmp_path, 'run"><b>bold', history=False)
+    (run / "embeddings" / "test.npz").unlink()
+    per_class = (run / "per_class.csv").read_text()
+    (run / "per_class.csv").write_text(per_class.replace(CLASS_NAMES[2], hostile.replace('"', '""')))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["confused_pairs"][0]["true"] = hostile
+    metrics["classification"]["top1"] = 0.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    config = (run / "config.yaml").read_text()
+    described = json.dumps("dropout 0.5 & " + hostile)  # a YAML double-quoted scalar
+    (run / "config.yaml").write_text(re.sub(r"(?m)^description: .*$", f"description: {described}", config))
+    pages = [write_report(run).read_text(), write_multi_report([run], tmp_path / "all.html").read_text()]
+    pages.append(html_table(comparison_rows([run]), title=hostile))
+    for page in pages:
+        assert "<script" not in page.lower() and "<b>bold" not in page
+        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    report, index, table = pages
+    assert f"<code>{tmp_path}/run&#34;&gt;&lt;b&gt;bold</code>" in report  # the run's folder in the footer
+    assert 'href="run&#34;&gt;&lt;b&gt;bold/report/index.html"' in index  # a link stays one attribute
+    assert "dropout 0.5 &amp; &lt;script&gt;" in report
+    assert "<title>&lt;script&gt;" in table

@@ -17,7 +17,6 @@ from finegrain.serve.security import (
     SECURITY_HEADERS,
     Guard,
     allowed_hosts,
-    host_of,
     normalise_host,
 )
 
@@ -40,7 +39,9 @@ def test_normalise_host_accepts_names_and_addresses(name, expected):
     assert normalise_host(name) == expected
 
 
-@pytest.mark.parametrize("name", ["search.lan:8000", "http://evil/", "a b", "", "-lead", "trail.", "x" * 60 + " y"])
+@pytest.mark.parametrize(
+    "name", ["search.lan:8000", "http://evil/", "a b", "", "-lead", "trail.", "x" * 60 + " y", "*", "*.", "a.*.lan"]
+)
 def test_normalise_host_refuses_anything_else_quoting_little(name):
     with pytest.raises(FinegrainError, match="host name") as e:
         normalise_host(name)
@@ -58,24 +59,6 @@ def test_allowed_hosts_are_local_names_the_bind_address_and_extras():
     }
     for wildcard in ("0.0.0.0", "::", "[::]", " "):
         assert allowed_hosts(wildcard) == {"localhost", "127.0.0.1", "[::1]"}
-
-
-@pytest.mark.parametrize(
-    "header, expected",
-    [
-        ("localhost", "localhost"),
-        ("LocalHost:8000", "localhost"),
-        ("[::1]:8000", "[::1]"),
-        ("127.0.0.1:", "127.0.0.1"),
-        ("", None),
-        (":8000", None),
-        ("a:b:c", None),
-        ("host:123456", None),
-        ("[::1", None),
-    ],
-)
-def test_host_of_drops_the_port(header, expected):
-    assert host_of(header) == expected
 
 
 # ----------------------------------------------------------------------------- the ASGI guard
@@ -149,6 +132,38 @@ def test_guard_refuses_other_missing_or_repeated_hosts(hosts):
     assert _headers(sent)["x-frame-options"] == ["DENY"]
 
 
+@pytest.mark.parametrize(
+    "header, admitted",
+    [
+        (b"localhost", True),
+        (b"LocalHost:8000", True),
+        (b"[::1]:8000", True),
+        (b"[::1]", True),
+        (b"127.0.0.1:1", True),
+        (b"", False),
+        (b":8000", False),
+        (b"a:b:c", False),
+        (b"[::1", False),
+        (b"[::2]:8000", False),
+        (b"localhost.evil", False),
+        (b"local host", False),
+    ],
+)
+def test_guard_reads_the_host_header_port_dropped_and_in_any_case(header, admitted):
+    guard = Guard(_inner, frozenset({"localhost", "127.0.0.1", "[::1]"}), frozenset())
+    sent = _call(guard, hosts=(header,))
+    assert sent[0]["status"] == (200 if admitted else 400), header
+
+
+def test_guard_matches_wildcard_names_and_never_redirects_to_www():
+    guard = Guard(_inner, frozenset({"*.search.lan", "www.photos.lan"}), frozenset())
+    for host in (b"a.search.lan", b"b.a.search.lan:8000"):
+        assert _call(guard, hosts=(host,))[0]["status"] == 200, host
+    for host in (b"search.lan.evil", b"evilsearch.lan", b"photos.lan"):  # photos.lan: no www. redirect
+        sent = _call(guard, hosts=(host,))
+        assert sent[0]["status"] == 400 and b"Unknown Host header" in sent[-1]["body"], host
+
+
 def test_guard_closes_a_websocket_for_another_host_and_passes_lifespan():
     assert _call(GUARD, scope_type="websocket", hosts=(b"evil.example",)) == [{"type": "websocket.close", "code": 1008}]
     seen = []
@@ -211,6 +226,10 @@ def test_bound_address_and_allow_host_are_accepted(searcher):
         assert_error(c.get("/api/health"), 400)
     with pytest.raises(FinegrainError, match="host name"):
         create_app(searcher, allow_hosts=["search.lan:8000"])
+    everywhere = create_app(searcher, allow_hosts=["*.Search.Lan"])
+    with TestClient(everywhere, base_url="http://box1.search.lan:8000") as c:
+        assert c.get("/api/health").status_code == 200
+        assert_error(c.get("/api/health", headers={"host": "search.lan.evil"}), 400, "host")
 
 
 # ----------------------------------------------------------------------------- the service: security headers

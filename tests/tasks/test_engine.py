@@ -49,7 +49,7 @@ def _weights(run) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", [0.0, 0.5])  # with an average of the weights, that average resumes too
-def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch, ema):
+def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch, recwarn, ema):
     cfg = tiny_config(tmp_path, name="unbroken", train={"epochs": 3, "ema_decay": ema}, model={"dropout": 0.3})
     unbroken, _ = engine.fit(cfg, runs_root=tmp_path)
 
@@ -72,7 +72,12 @@ def test_crash_mid_epoch_then_resume_equals_unbroken_run(tmp_path, monkeypatch, 
     # Starting again without --resume is refused rather than overwriting.
     with pytest.raises(FinegrainError, match="--resume"):
         engine.fit(crashed_cfg, runs_root=tmp_path)
+    recwarn.clear()
     resumed, _ = engine.fit(crashed_cfg, runs_root=tmp_path, resume=True)
+    # history.csv is the one CSV log: no second logger warning about, or rewriting, logs/ on resume
+    assert not [str(w.message) for w in recwarn if "logs directory" in str(w.message)]
+    assert not (resumed.path / "logs" / "metrics.csv").exists()
+    assert (resumed.path / "logs" / "hparams.yaml").is_file()  # what reports read class names from
     a, b = _weights(unbroken), _weights(resumed)
     assert a.keys() == b.keys()
     for k in a:

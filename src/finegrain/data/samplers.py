@@ -4,11 +4,18 @@ pytorch-metric-learning's :class:`MPerClassSampler` draws the index list; this
 wrapper seeds it per epoch (so runs and resumes are reproducible) and deals its
 batches out to the processes of a distributed run, each process getting whole
 class-balanced batches.
+
+The sampler takes no seed: it draws from the library's module-level random state,
+``common_functions.NUMPY_RANDOM`` (numpy's global one unless replaced), which the library
+exposes for replacing. :func:`pml_random_state` replaces it for one draw and puts it back, so
+an epoch's draw is exactly the library's own after ``np.random.seed(epoch_seed(seed, epoch))``,
+and numpy's global state is neither read nor advanced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -20,6 +27,22 @@ from pytorch_metric_learning.utils import common_functions as c_f  # noqa: E402 
 from torch.utils.data import Sampler  # noqa: E402 - after import_faiss
 
 from finegrain.errors import ConfigError  # noqa: E402 - after import_faiss
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The numpy seed of the draw of ``epoch`` in a run seeded ``seed``."""
+    return (seed * 100_003 + epoch) % 2**32
+
+
+@contextmanager
+def pml_random_state(seed: int) -> Iterator[None]:
+    """Within the block pytorch-metric-learning draws from a ``RandomState(seed)`` of its own."""
+    saved = c_f.NUMPY_RANDOM
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed)
+    try:
+        yield
+    finally:
+        c_f.NUMPY_RANDOM = saved
 
 
 class DistributedMPerClassSampler(Sampler[int]):
@@ -55,12 +78,8 @@ class DistributedMPerClassSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         length = self.batches_per_rank * self.batch_size * self.num_replicas
         sampler = MPerClassSampler(self.labels, self.m, batch_size=self.batch_size, length_before_new_iter=length)
-        saved = c_f.NUMPY_RANDOM
-        c_f.NUMPY_RANDOM = np.random.RandomState((self.seed * 100_003 + self.epoch) % 2**32)
-        try:
-            order = list(iter(sampler))
-        finally:
-            c_f.NUMPY_RANDOM = saved
+        with pml_random_state(epoch_seed(self.seed, self.epoch)):
+            order = list(sampler)  # the library draws the whole epoch here, eagerly
         b = self.batch_size
         batches = [order[i : i + b] for i in range(0, len(order), b)]
         mine = batches[self.rank :: self.num_replicas][: self.batches_per_rank]

@@ -8,5 +8,6 @@
   metrics and the protocol that produced them, and every figure embedded, plus an
   index page across runs; assembled from :mod:`~finegrain.report.run_inputs` (what a
   run's report is drawn from), :mod:`~finegrain.report.run_sections` (its sections)
-  and :mod:`~finegrain.report.page_parts` (stylesheet, escaping, embedded figures).
+  and :mod:`~finegrain.report.page_parts` (embedded figures, and the Jinja2 templates of
+  ``templates/`` that lay the pages out and escape every value).
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from finegrain.report.figures import _new_figure, _save, _short
-from finegrain.report.page_parts import skipped, try_figure
+from finegrain.report.page_parts import Figure, skipped, try_figure
 from finegrain.runs import RunDir
 
 CAPTION_CLASS = (
@@ -124,20 +124,16 @@ def explained_predictions(
     return _save(fig, out_png)
 
 
-def explain_section(inp) -> list[str]:
-    """The report section: the figure, or why it is not drawn."""
-    body = ["<h2>What the model looked at</h2>"]
+def explain_section(inp) -> Figure:
+    """The report section's figure, or why it is not drawn."""
     emb = inp.emb
     if emb is None:
-        return body + [skipped("Maps of right and wrong predictions", "embeddings/test.npz not found")]
+        return skipped("Maps of right and wrong predictions", "embeddings/test.npz not found")
     png = inp.out_dir / "explained_predictions.png"
     caption = CAPTION_CLASS if inp.cfg is not None and inp.cfg.predicts_with_classifier else CAPTION_PAIRS
-    body.append(
-        try_figure(
-            "Maps of right and wrong predictions",
-            lambda: explained_predictions(inp.run, emb, inp.names, inp.resolve, png),
-            png,
-            caption,
-        )
+    return try_figure(
+        "Maps of right and wrong predictions",
+        lambda: explained_predictions(inp.run, emb, inp.names, inp.resolve, png),
+        png,
+        caption,
     )
-    return body

@@ -7,7 +7,8 @@ was missing.
 
 The page is assembled here from :mod:`finegrain.report.run_inputs` (what a run's
 report is drawn from), :mod:`finegrain.report.run_sections` (its sections) and
-:mod:`finegrain.report.page_parts` (stylesheet, escaping, embedded figures).
+:mod:`finegrain.report.page_parts` (embedded figures and the templates under ``templates/``,
+which lay the pages out and escape every value: Jinja2 with autoescape).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from finegrain.report import figures
 from finegrain.report.explain_figure import explain_section
-from finegrain.report.page_parts import REPORT_CSS, esc, png_data_uri
+from finegrain.report.page_parts import png_data_uri, render
 from finegrain.report.run_inputs import (
     examples_by_class,
     logged_class_names,
@@ -38,12 +39,11 @@ from finegrain.report.run_sections import (
     retrieval_section,
     training_section,
 )
-from finegrain.report.tables import comparison_rows, html_page, html_tables_fragment
+from finegrain.report.tables import comparison_rows, html_tables
 from finegrain.runs import RunDir, atomic_write_text
 
 __all__ = [
     "PRETTY",
-    "REPORT_CSS",
     "REPORT_INPUTS",
     "definition_for",
     "examples_by_class",
@@ -71,15 +71,18 @@ def write_report(run_path: Path, class_names: list[str] | None = None) -> Path:
     else from the images' folders; failing all, labels are shown as numbers.
     """
     inp = read_run_inputs(run_path, class_names)
-    body = [header_section(inp), metrics_or_note(inp)]
-    body += training_section(inp)
-    body += confused_section(inp)
-    body += per_class_section(inp)
-    body += retrieval_section(inp)
-    body += explain_section(inp)
-    generated = datetime.now(UTC).isoformat(timespec="seconds")
-    body.append(f"<footer>finegrain report of <code>{esc(inp.run.path)}</code>, generated {generated}.</footer>")
-    page = html_page(f"{inp.title} — finegrain report", "\n".join(body), REPORT_CSS)
+    page = render(
+        "run_report.html.j2",
+        **header_section(inp),
+        metrics=metrics_or_note(inp),
+        training=training_section(inp),
+        confused=confused_section(inp),
+        per_class=per_class_section(inp),
+        retrieval=retrieval_section(inp),
+        explained=explain_section(inp),
+        run_path=str(inp.run.path),
+        generated=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     out = inp.out_dir / "index.html"
     atomic_write_text(out, page)
     return out
@@ -132,30 +135,18 @@ def write_multi_report(
                 figures.learning_curves(run.history, png)
             except Exception as e:  # noqa: BLE001
                 log.warning("%s: learning curves failed: %s", run.path, e)
-        img = (
-            f'<a href="{esc(r["report"])}"><img src="{png_data_uri(png)}" '
-            f'alt="learning curves of {esc(r["name"])}"></a>'
-            if run.history.is_file() and png.is_file()
-            else '<p class="skipped">no history.csv</p>'
-        )
+        uri = png_data_uri(png) if run.history.is_file() and png.is_file() else ""
         cards.append(
-            f'<div class="card"><h3><a href="{esc(r["report"])}">{esc(r["name"])}</a></h3>'
-            f'<div class="desc">{esc(r.get("description") or "")}</div>{img}</div>'
+            {"report": r["report"], "name": str(r["name"]), "description": r.get("description") or "", "uri": uri}
         )
-    unfinished = [p for p in run_paths if p not in finished]
-    body = [
-        f"<h1>{esc(title)}</h1>",
-        html_tables_fragment(rows),
-        "<h2>Learning curves</h2>",
-        f'<div class="cards">{"".join(cards)}</div>' if cards else "<p>No finished runs.</p>",
-    ]
-    if unfinished:
-        body.append(
-            "<h2>Not evaluated</h2><ul>"
-            + "".join(f"<li><code>{esc(p)}</code>: no metrics.json</li>" for p in unfinished)
-            + "</ul>"
-        )
-    generated = datetime.now(UTC).isoformat(timespec="seconds")
-    body.append(f"<footer>finegrain comparison of {len(rows)} run(s), generated {generated}.</footer>")
-    atomic_write_text(out_html, html_page(title, "\n".join(body), REPORT_CSS))
+    page = render(
+        "runs_index.html.j2",
+        title=title,
+        tables=html_tables(rows),
+        cards=cards,
+        unfinished=[str(p) for p in run_paths if p not in finished],
+        n_runs=len(rows),
+        generated=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    atomic_write_text(out_html, page)
     return out_html

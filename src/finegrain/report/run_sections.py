@@ -1,5 +1,6 @@
 """The sections of a run's report page: header, test metrics, training, most confused
-classes, per-class accuracy and retrieval examples, each drawn from :class:`RunInputs`."""
+classes, per-class accuracy and retrieval examples, each drawn from :class:`RunInputs` as the
+values (text and figures) that ``templates/run_report.html.j2`` lays out."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finegrain.report import figures
-from finegrain.report.page_parts import esc, kv_table, skipped, try_figure
+from finegrain.report.page_parts import Figure, skipped, try_figure
 from finegrain.report.run_inputs import RunInputs, examples_by_class
 from finegrain.report.tables import (
     MISSING,
@@ -172,40 +173,35 @@ def format_metric(key: str, v: Any) -> str:
     return str(v)
 
 
-def metrics_section(metrics: dict) -> str:
-    """The test metrics with their definitions, then the data, protocol and machine."""
+def metrics_section(metrics: dict) -> dict[str, Any]:
+    """The test metrics with their definitions (``rows``: label, value, definition; None when
+    metrics.json has neither kind), then the data, protocol and machine (``info``)."""
     kind = "classification" if "classification" in metrics else "retrieval" if "retrieval" in metrics else None
     proto = metrics.get("protocol") or {}
     defs = metrics.get("definitions") or {}
-    parts = ["<h2>Test metrics</h2>"]
-    if metrics.get("partial"):
-        parts.append(
-            f'<p class="partial"><b>Partial:</b> evaluated after {esc(metrics.get("epochs_done"))} of '
-            f"{esc(metrics.get('epochs_planned'))} training epochs; training had not finished.</p>"
-        )
-    if kind is None:
-        parts.append("<p>metrics.json has no classification or retrieval section.</p>")
-    else:
+    partial = (
+        {"done": metrics.get("epochs_done"), "planned": metrics.get("epochs_planned")}
+        if metrics.get("partial")
+        else None
+    )
+    rows: list[tuple[str, str, str]] | None = None
+    if kind is not None:
         rows = []
         for k, v in metrics[kind].items():
             if isinstance(v, (dict, list)):
                 continue
             label = PRETTY.get(k) or (k.replace("recall@", "Recall@") if k.startswith("recall@") else k)
-            rows.append(
-                f'<tr><td>{esc(label)}</td><td class="value">{esc(format_metric(k, v))}</td>'
-                f'<td class="def">{esc(definition_for(k, defs))}</td></tr>'
-            )
+            rows.append((label, format_metric(k, v), definition_for(k, defs)))
         timing = metrics.get("timing") or {}
         if timing.get("images_per_second") is not None:
             rows.append(
-                f'<tr><td>throughput</td><td class="value">{timing["images_per_second"]:.1f} images/s'
-                f'</td><td class="def">model forward passes over {timing.get("n_images", "?")} test images'
-                f" ({fmt_seconds(timing.get('model_seconds'))} s), excluding decoding</td></tr>"
+                (
+                    "throughput",
+                    f"{timing['images_per_second']:.1f} images/s",
+                    f"model forward passes over {timing.get('n_images', '?')} test images"
+                    f" ({fmt_seconds(timing.get('model_seconds'))} s), excluding decoding",
+                )
             )
-        parts.append(
-            '<table class="metrics"><thead><tr><th>metric</th><th>value</th><th>definition</th></tr>'
-            f"</thead><tbody>{''.join(rows)}</tbody></table>"
-        )
     counts = ", ".join(
         f"{proto[k]:,} {k.removeprefix('n_')}" for k in ("n_train", "n_val", "n_test") if isinstance(proto.get(k), int)
     )
@@ -241,148 +237,110 @@ def metrics_section(metrics: dict) -> str:
         info.append(("checkpoint", f"{metrics['checkpoint']}" + (f" (sha256 {checksum}…)" if checksum else "")))
     if metrics.get("evaluated_at"):
         info.append(("evaluated at", metrics["evaluated_at"]))
-    parts += ["<h3>Data and protocol</h3>", kv_table(info)]
-    return "\n".join(parts)
+    return {"missing": None, "partial": partial, "rows": rows, "info": info}
 
 
-def confused_table(pairs: list[dict]) -> str:
-    """The most confused (true, predicted) class pairs with their counts."""
-    rows = "".join(
-        f"<tr><td>{i + 1}</td><td>{esc(p.get('true'))}</td><td>{esc(p.get('predicted'))}</td>"
-        f'<td class="value">{esc(p.get("count"))}</td></tr>'
-        for i, p in enumerate(pairs)
-    )
-    return (
-        '<table class="metrics"><thead><tr><th>#</th><th>true class</th><th>predicted as</th>'
-        f"<th>test images</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
+def per_class_rows(per_class_csv: Path) -> list[dict[str, str]]:
+    """Every class's support, accuracy, precision and F1, as shown."""
 
-
-def per_class_details(per_class_csv: Path) -> str:
-    """A collapsed table of every class's support, accuracy, precision and F1."""
-    rows = figures.read_per_class_csv(per_class_csv)
-
-    def pct(v):
+    def pct(v: float | None) -> str:
         return MISSING if v is None else f"{100 * v:.1f}%"
 
-    body = "".join(
-        f"<tr><td>{esc(r['class'])}</td>"
-        f'<td class="value">{int(r["support"]) if r["support"] is not None else MISSING}</td>'
-        f'<td class="value">{pct(r["accuracy"])}</td><td class="value">{pct(r["precision"])}</td>'
-        f'<td class="value">{pct(r["f1"])}</td></tr>'
-        for r in rows
-    )
-    return (
-        f'<details><summary>Every class ({len(rows)})</summary><table class="metrics"><thead><tr><th>class</th>'
-        "<th>test images</th><th>accuracy</th><th>precision</th><th>F1</th></tr></thead>"
-        f"<tbody>{body}</tbody></table></details>"
-    )
+    return [
+        {
+            "name": str(r["class"]),
+            "support": MISSING if r["support"] is None else str(int(r["support"])),
+            "accuracy": pct(r["accuracy"]),
+            "precision": pct(r["precision"]),
+            "f1": pct(r["f1"]),
+        }
+        for r in figures.read_per_class_csv(per_class_csv)
+    ]
 
 
-def header_section(inp: RunInputs) -> str:
+def header_section(inp: RunInputs) -> dict[str, Any]:
     """The run's name, description and config in words."""
-    body = [f"<header><h1>{esc(inp.title)}</h1>"]
-    if inp.description:
-        body.append(f'<p class="desc">{esc(inp.description)}</p>')
-    body.append(kv_table(config_brief(inp.cfg, inp.metrics)) + "</header>")
-    return "\n".join(body)
+    return {"title": inp.title, "description": inp.description, "config": config_brief(inp.cfg, inp.metrics)}
 
 
-def metrics_or_note(inp: RunInputs) -> str:
+def metrics_or_note(inp: RunInputs) -> dict[str, Any]:
     """The metrics section, or a note on how to produce metrics.json."""
     if inp.metrics is None:
-        return "<h2>Test metrics</h2>" + skipped(
-            "Metrics", f"{inp.run.metrics.name} not found (run `finegrain evaluate {inp.run.path}`)"
-        )
+        why = f"{inp.run.metrics.name} not found (run `finegrain evaluate {inp.run.path}`)"
+        return {"missing": skipped("Metrics", why)}
     return metrics_section(inp.metrics)
 
 
-def training_section(inp: RunInputs) -> list[str]:
+def training_section(inp: RunInputs) -> Figure:
     """The learning curves from history.csv."""
-    body = ["<h2>Training</h2>"]
     run, cfg = inp.run, inp.cfg
     png = inp.out_dir / "learning_curves.png"
     if run.history.is_file():
-        body.append(
-            try_figure(
-                "Learning curves",
-                lambda: figures.learning_curves(run.history, png),
-                png,
-                figures.learning_curves_caption(run.history),
-            )
+        return try_figure(
+            "Learning curves",
+            lambda: figures.learning_curves(run.history, png),
+            png,
+            figures.learning_curves_caption(run.history),
         )
-    else:
-        why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains else "")
-        body.append(skipped("Learning curves", why))
-    return body
+    why = "history.csv not found" + (" (a kNN row is not trained)" if cfg is not None and not cfg.trains else "")
+    return skipped("Learning curves", why)
 
 
-def confused_section(inp: RunInputs) -> list[str]:
-    """The most confused class pairs with example images (classification runs only)."""
+def confused_section(inp: RunInputs) -> dict[str, Any] | None:
+    """The most confused class pairs with example images (classification runs only, else None)."""
     metrics, emb = inp.metrics, inp.emb
-    pairs = (metrics or {}).get("confused_pairs") or []
-    body: list[str] = []
-    if metrics is not None and "classification" in metrics:
-        body.append("<h2>Most confused classes</h2>")
-        if pairs:
-            body.append(confused_table(pairs))
-            if emb is not None:
-                wanted = [str(p.get(k)) for p in pairs[:5] for k in ("true", "predicted")]
-                ex = examples_by_class(wanted, emb[1], emb[2], inp.names, resolve=inp.resolve)
-                png = inp.out_dir / "confused_pairs.png"
-                body.append(
-                    try_figure(
-                        "Confused pairs",
-                        lambda: figures.confused_pairs_figure(pairs, ex, png),
-                        png,
-                        "Two test images of the true class (blue frame) beside two of the "
-                        "class it was most often mistaken for (orange frame).",
-                    )
-                )
-            else:
-                body.append(skipped("Example images of confused pairs", "embeddings/test.npz (image paths) not found"))
-        else:
-            body.append("<p>No misclassified test images.</p>")
-    return body
+    if metrics is None or "classification" not in metrics:
+        return None
+    pairs = metrics.get("confused_pairs") or []
+    shown = [{k: str(p.get(k)) for k in ("true", "predicted", "count")} for p in pairs]
+    if not pairs:
+        return {"pairs": [], "figure": None}
+    if emb is None:
+        return {
+            "pairs": shown,
+            "figure": skipped("Example images of confused pairs", "embeddings/test.npz (image paths) not found"),
+        }
+    wanted = [str(p.get(k)) for p in pairs[:5] for k in ("true", "predicted")]
+    ex = examples_by_class(wanted, emb[1], emb[2], inp.names, resolve=inp.resolve)
+    png = inp.out_dir / "confused_pairs.png"
+    caption = (
+        "Two test images of the true class (blue frame) beside two of the "
+        "class it was most often mistaken for (orange frame)."
+    )
+    return {
+        "pairs": shown,
+        "figure": try_figure("Confused pairs", lambda: figures.confused_pairs_figure(pairs, ex, png), png, caption),
+    }
 
 
-def per_class_section(inp: RunInputs) -> list[str]:
-    """The per-class accuracy figure and table from per_class.csv."""
+def per_class_section(inp: RunInputs) -> dict[str, Any] | None:
+    """The per-class accuracy figure and table from per_class.csv (None for a run without either)."""
     per_class_csv, metrics = inp.per_class_csv, inp.metrics
-    body: list[str] = []
     if per_class_csv.is_file():
-        body.append("<h2>Per-class accuracy</h2>")
         png = inp.out_dir / "per_class_accuracy.png"
-        body.append(
-            try_figure(
-                "Per-class accuracy",
-                lambda: figures.per_class_accuracy(per_class_csv, png),
-                png,
-                "Test accuracy (= recall) of the worst and best classes, with correct / test images.",
-            )
+        figure = try_figure(
+            "Per-class accuracy",
+            lambda: figures.per_class_accuracy(per_class_csv, png),
+            png,
+            "Test accuracy (= recall) of the worst and best classes, with correct / test images.",
         )
-        body.append(per_class_details(per_class_csv))
-    elif metrics is not None and "classification" in metrics:
-        body.append("<h2>Per-class accuracy</h2>" + skipped("Per-class accuracy", "per_class.csv not found"))
-    return body
+        return {"figure": figure, "rows": per_class_rows(per_class_csv)}
+    if metrics is not None and "classification" in metrics:
+        return {"figure": skipped("Per-class accuracy", "per_class.csv not found"), "rows": None}
+    return None
 
 
-def retrieval_section(inp: RunInputs) -> list[str]:
+def retrieval_section(inp: RunInputs) -> Figure:
     """The retrieval gallery drawn from the test embeddings."""
-    body = ["<h2>Retrieval examples</h2>"]
     emb = inp.emb
-    if emb is not None:
-        png = inp.out_dir / "retrieval_gallery.png"
-        paths = [str(inp.resolve(p)) for p in emb[2]]
-        body.append(
-            try_figure(
-                "Retrieval gallery",
-                lambda: figures.retrieval_gallery(emb[0], emb[1], paths, png, class_names=inp.names),
-                png,
-                "Seeded random test queries and their 5 nearest test images by cosine similarity of the embeddings "
-                "(the query itself excluded); green frame = same class, red = another class.",
-            )
-        )
-    else:
-        body.append(skipped("Retrieval gallery", "embeddings/test.npz not found"))
-    return body
+    if emb is None:
+        return skipped("Retrieval gallery", "embeddings/test.npz not found")
+    png = inp.out_dir / "retrieval_gallery.png"
+    paths = [str(inp.resolve(p)) for p in emb[2]]
+    return try_figure(
+        "Retrieval gallery",
+        lambda: figures.retrieval_gallery(emb[0], emb[1], paths, png, class_names=inp.names),
+        png,
+        "Seeded random test queries and their 5 nearest test images by cosine similarity of the embeddings "
+        "(the query itself excluded); green frame = same class, red = another class.",
+    )

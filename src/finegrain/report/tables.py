@@ -9,12 +9,12 @@ data and which evaluation protocol produced each row, read from ``metrics.json``
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from finegrain.report.page_parts import render
 from finegrain.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -350,91 +350,47 @@ def markdown_table(rows: list[dict], title: str = "Results", failed: dict[str, s
 
 # ---------------------------------------------------------------- HTML
 
-TABLE_CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.25em; margin-top: 1.6em; }
-table.results { border-collapse: collapse; width: 100%; margin: .6em 0; font-size: .95em; }
-table.results th, table.results td { border-bottom: 1px solid #ddd; padding: .35em .6em; }
-table.results th { background: #f3f5f8; text-align: right; }
-table.results th:first-child, table.results td:first-child { text-align: left; }
-table.results td { text-align: right; font-variant-numeric: tabular-nums; }
-table.results td.model .desc { color: #555; font-size: .9em; display: block; }
-table.results tr.best td { font-weight: 600; }
-.note { color: #555; font-size: .9em; }
-ul.protocol { font-size: .9em; color: #333; } ul.protocol li { margin-bottom: .3em; }
-a { color: #1a5fb4; }
-"""
+CLASSIFICATION_NOTE = (
+    "Accuracy is top-1; F1, precision and recall are macro averages over classes; prediction time (seconds) "
+    "is the wall time of the model (or kNN search) over all test images. “—” marks a value that does not apply."
+)
+RETRIEVAL_NOTE = (
+    "Recall@K: fraction of queries with at least one same-class image among their K nearest neighbours "
+    "(query excluded); MAP@R as in Musgrave et al. 2020."
+)
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _html_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    head = "<tr><th>Model</th>" + "".join(f"<th>{_esc(h)}</th>" for h, _, _ in columns) + "</tr>"
-    body = []
-    for r in rows:
-        desc = r.get("description") or ""
-        link = r.get("report")
-        name = f'<a href="{_esc(link)}">{_esc(r["name"])}</a>' if link else _esc(r["name"])
-        if r.get("partial"):
-            name += f' <em class="partial">({_esc(r["partial"])})</em>'
-        model = f'<td class="model">{name}' + (f'<span class="desc">{_esc(desc)}</span>' if desc else "") + "</td>"
-        cells = "".join(f"<td>{_esc(fmt_value(r.get(k), kind))}</td>" for _, k, kind in columns)
-        body.append(f"<tr>{model}{cells}</tr>")
-    return f'<table class="results"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
-
-
-def _html_protocol_list(rows: list[dict]) -> str:
-    items = "".join(
-        f"<li><b>{_esc(r['name'])}</b> ({_esc(r.get('task') or MISSING)}): data {_esc(r.get('data') or MISSING)}. "
-        f"{_esc(r.get('protocol') or '')}</li>"
+def _html_rows(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": str(r["name"]),
+            "report": r.get("report") or "",
+            "partial": r.get("partial") or "",
+            "description": r.get("description") or "",
+            "cells": [fmt_value(r.get(k), kind) for _, k, kind in columns],
+            "task": r.get("task") or MISSING,
+            "data": r.get("data") or MISSING,
+            "protocol": r.get("protocol") or "",
+        }
         for r in rows
-    )
-    return f'<p><b>Data and protocol</b></p><ul class="protocol">{items}</ul>'
+    ]
 
 
-def html_tables_fragment(rows: list[dict]) -> str:
-    """The tables (with their protocol lists) as an HTML fragment, for embedding in other pages."""
-    if not rows:
-        return "<p>No finished runs.</p>"
+def html_tables(rows: list[dict]) -> list[dict[str, Any]]:
+    """The comparison tables as the values ``parts.html.j2``'s ``comparison`` lays out: a
+    classification table and a retrieval table where there are such rows."""
     cls, ret = _split_rows(rows)
-    parts = []
-    if cls:
-        parts += [
-            "<h2>Classification</h2>",
-            _html_table(cls, CLASSIFICATION_COLUMNS),
-            '<p class="note">Accuracy is top-1; F1, precision and recall are macro averages over classes; '
-            "prediction time (seconds) is the wall time of the model (or kNN search) over all test images. "
-            "“—” marks a value that does not apply.</p>",
-            _html_protocol_list(cls),
-        ]
-    if ret:
-        parts += [
-            "<h2>Retrieval</h2>",
-            _html_table(ret, RETRIEVAL_COLUMNS),
-            '<p class="note">Recall@K: fraction of queries with at least one same-class image among their '
-            "K nearest neighbours (query excluded); MAP@R as in Musgrave et al. 2020.</p>",
-            _html_protocol_list(ret),
-        ]
-    return "\n".join(parts)
-
-
-def html_page(title: str, body: str, extra_css: str = "") -> str:
-    """A self-contained HTML page (inline CSS, no external resources)."""
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{TABLE_CSS}{extra_css}</style></head>\n"
-        f"<body>\n{body}\n</body></html>\n"
-    )
+    tables = []
+    for heading, these, columns, note in (
+        ("Classification", cls, CLASSIFICATION_COLUMNS, CLASSIFICATION_NOTE),
+        ("Retrieval", ret, RETRIEVAL_COLUMNS, RETRIEVAL_NOTE),
+    ):
+        if these:
+            headers = [h for h, _, _ in columns]
+            tables.append({"heading": heading, "headers": headers, "rows": _html_rows(these, columns), "note": note})
+    return tables
 
 
 def html_table(rows: list[dict], title: str = "Results", failed: dict[str, str] | None = None) -> str:
     """The comparison as a self-contained HTML page; each run's name links to its report."""
-    body = f"<h1>{_esc(title)}</h1>\n" + html_tables_fragment(rows)
-    if failed:
-        items = "".join(f"<li><b>{_esc(name)}</b>: {_esc(reason)}</li>" for name, reason in failed.items())
-        body += f'\n<h2>Not run</h2><ul class="protocol">{items}</ul>'
-    return html_page(title, body)
+    return render("results.html.j2", title=title, tables=html_tables(rows), failed=failed or {})

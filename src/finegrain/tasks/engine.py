@@ -2,6 +2,14 @@
 
 ``fit(cfg)`` is all a command needs: it creates (or resumes) the run directory,
 builds the data module and the task, and runs ``Trainer.fit``.
+
+``history.csv`` (one row per epoch) is written by our :class:`History` callback, and Lightning's
+own logger is TensorBoard's alone (``logs/``, with the ``hparams.yaml`` reports read class names
+from). Lightning's CSVLogger is not used: it writes a row per logging step with train and
+validation metrics on separate rows, has no column for an epoch's seconds, appends to and rewrites
+its file in place (a kill can leave it half-written; ours is replaced atomically), and on
+``--resume`` warns that its directory is not empty and deletes the rows of the epochs before the
+resume, where ours keeps them and replaces only the epochs trained again (one row per epoch).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
@@ -349,7 +357,7 @@ def trainer_for(
         precision=cast(_PRECISION_INPUT, precision or resolve_precision(t.precision)),
         gradient_clip_val=t.grad_clip,
         callbacks=callbacks,
-        logger=[CSVLogger(run.path, name="logs", version=""), TensorBoardLogger(run.path, name="logs", version="")],
+        logger=TensorBoardLogger(run.path, name="logs", version=""),  # history.csv: History (module docstring)
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
