@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
 from finegrain.errors import FinegrainError
@@ -44,6 +46,7 @@ def embed(
         report = embed_on_ray(run, split, ray, engine=engine, actors=actors)
         print_embed_report(report)
         return
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.retrieval.gallery import embed_split
 
     path = embed_split(run, split, engine=engine)
@@ -145,8 +148,6 @@ def print_search(
     gallery_size: int, prediction_source: str, hits: list, top: list[tuple[str, float]] | None, sheet: Path | None
 ) -> None:
     """``finegrain search`` for a person: the predicted classes, a table of the hits, the sheet written."""
-    from rich.table import Table
-    from rich.text import Text
 
     if top:
         how = "" if prediction_source == "classifier" else " (share of the neighbours)"
@@ -234,6 +235,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the search page and JSON API for a run (FastAPI + uvicorn), over its living gallery."""
+    # optional: FastAPI (the serve extra), imported only when this runs
     from finegrain.serve.app import serve as serve_run
 
     serve_run(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from finegrain.cli.common import EngineOpt, JsonOpt, ProfileOpt, RunsOpt, SetOpt, console, print_json, stdout_for
 from finegrain.errors import FinegrainError
@@ -51,6 +52,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a model; writes the run directory."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.config import load_config
     from finegrain.tasks.workflow import train_and_evaluate
 
@@ -100,6 +102,7 @@ def train(
     if metrics is not None or not evaluate_after:  # a DDP process other than the first says nothing
         console.print(f"run directory: [bold]{run.path}[/]")
     if metrics is not None:
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.tasks.evaluate import render_metrics
 
         console.print(render_metrics(metrics))
@@ -118,6 +121,7 @@ def evaluate(
     engine: EngineOpt = "auto",
 ) -> None:
     """Evaluate a run on its test split; writes metrics.json."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.tasks.evaluate import evaluate_run, render_metrics
 
     with stdout_for(as_json):
@@ -138,6 +142,7 @@ def export(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17).")] = None,
 ) -> None:
     """Export the model to RUN/export/model.onnx (ONNX Runtime serves it without PyTorch)."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.tasks.export import export_run, render_export
 
     meta = export_run(run, fmt=format, quantize=quantize, calibration_images=calibration_images, opset=opset)
@@ -153,6 +158,7 @@ def experiments_run(
     set_: SetOpt = None,
 ) -> None:
     """Run a suite: finished runs are skipped, interrupted ones resumed; writes the comparison table."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.experiments import run_suite
 
     target: str | list[str] = suite if "," not in suite else [s for s in suite.split(",") if s]
@@ -170,6 +176,7 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
 ) -> None:
     """Train a classifier and an embedding model, evaluate, index, search: the whole flow in minutes."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.demo import run_demo
 
     run_demo(console, data=data, runs_root=runs, epochs=epochs)
@@ -180,6 +187,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Cross-run page (default runs/report.html with 2+ runs).")] = None,
 ) -> None:
     """Write a self-contained HTML report per run (RUN/report/index.html), and one across runs."""
+    # optional: matplotlib (the train extra), imported only when this runs
     from finegrain.report.html import write_multi_report, write_report
     from finegrain.runs import open_run
 
@@ -193,8 +201,8 @@ def report(
 
 def configs() -> None:
     """List the shipped experiment configs."""
-    from rich.table import Table
 
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.config import CONFIG_DIR, load_raw, shipped_configs
 
     names = shipped_configs()

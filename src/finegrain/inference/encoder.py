@@ -4,6 +4,7 @@ precision this machine runs fastest. The one place a trained model is run for in
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ class Encoder(EncodingLoop):
     def __init__(self, loaded: LoadedModel, precision: str | None = None) -> None:
         self.loaded = loaded
         self.cfg = loaded.cfg
+        # optional: torch, Lightning (the train extra), imported only when this runs
         from finegrain.data.module import eval_sizes
 
         self.sizes: list[tuple[int, int]] = eval_sizes(self.cfg.data)
@@ -53,7 +55,6 @@ class Encoder(EncodingLoop):
     @classmethod
     def of_model(cls, model: torch.nn.Module, cfg, precision: str | None = None) -> Encoder:
         """An encoder of a model that no run holds (benchmarks, probes)."""
-        from pathlib import Path
 
         return cls(LoadedModel(model.eval(), cfg, [], Path("-"), "-"), precision)
 

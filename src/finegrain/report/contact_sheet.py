@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from finegrain.data.images import open_rgb
 from finegrain.errors import FinegrainError
 from finegrain.retrieval.explain_search import Explanation
 from finegrain.retrieval.searcher import Hit
@@ -34,9 +35,8 @@ def contact_sheet(
     from finegrain.inference.explain import overlay
 
     matplotlib.use("Agg")
+    # optional: matplotlib (the train extra), imported only when this runs
     import matplotlib.pyplot as plt
-
-    from finegrain.data.images import open_rgb
 
     n = len(hits) + 1
     cols = min(n, 6)

@@ -17,11 +17,12 @@ from typing import Protocol, TypedDict, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from finegrain.data.images import open_rgb, to_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.gallery_root import inside, served_root
-from finegrain.retrieval.index import check_k
+from finegrain.retrieval.index import GalleryIndex, check_k
 from finegrain.retrieval.index_files import recover_swap
 from finegrain.runs import open_run
 
@@ -122,7 +123,6 @@ Fingerprint = tuple[tuple[int, int], str]
 
 
 def _file_fingerprint(path: str) -> Fingerprint | None:
-    from finegrain.data.images import open_rgb
 
     try:
         image = open_rgb(path)[0]
@@ -141,7 +141,6 @@ class Searcher:
     def __init__(
         self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None, engine: str = "auto"
     ) -> None:
-        from finegrain.retrieval.index import GalleryIndex
 
         self.run = open_run(run_path)
         self.encoder = open_encoder(self.run, engine, precision)  # torch or ONNX Runtime
@@ -236,7 +235,6 @@ class Searcher:
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one image."""
-        from finegrain.data.images import to_rgb
 
         out = self.encoder.encode_rgb(to_rgb(image)[0])
         probs = None
@@ -248,7 +246,6 @@ class Searcher:
     def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]:
         """The k most similar gallery images and the top-5 classes: a classification run's
         head probabilities, else the share of the k neighbours in each class."""
-        from finegrain.data.images import to_rgb
 
         check_k(k, self.gallery_size)
         emb, probs = self.encode(image)

@@ -345,6 +345,7 @@ def serve(
     ``max_concurrency`` searches at once, each on its share of the cores. Writes are on with a write token.
 
     Options are checked before anything loads: a bad one is a :class:`FinegrainError`."""
+    # optional: uvicorn (the serve extra), imported only when this runs
     import uvicorn
 
     allow_hosts = list(allow_hosts or ())

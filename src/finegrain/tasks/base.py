@@ -67,6 +67,7 @@ class FinegrainTask(L.LightningModule):
         training loader (which asks when it is first built: the frozen weights never change, so a
         resumed run gets the same); in eval mode, without autograd, in :attr:`cache_precision` (else
         the training precision), channels-last as configured."""
+        # optional: torch (the train extra), imported only when this runs
         from finegrain.data.frozen_features import build_frozen_views
         from finegrain.inference.encoder import autocast_for
 
