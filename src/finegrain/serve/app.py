@@ -377,14 +377,8 @@ def serve(
             "name or address with --allow-host",
             ", ".join(sorted(hosts)),
         )
-    try:
-        root = getattr(searcher, "gallery_root", None)
-    except FinegrainError as e:
-        log.warning("%s; the gallery images will not be shown", e)
-        root = None
-    where = f" in {root}" if root else ""
     print(
-        f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
+        f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images) "
         f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
         f"on http://{host}:{port}/  (API docs at /docs; gallery writes "
         f"{'on, with the write token' if tokens.write else 'off'})",
