@@ -218,21 +218,18 @@ def create_app(
     app.state.body_timeout = float(body_timeout)
     app.state.allowed_hosts = allowed_hosts(host, allow_hosts)
     install_error_handlers(app)
-    if isinstance(searcher, LiveGallery):  # its routes come first, ahead of the static ones
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    info = service_info(searcher, max_upload_bytes, max_k, max_image_pixels)
+    live = isinstance(searcher, LiveGallery)
+    if live:  # its own info, search and image routes
+        # import cycle: gallery_routes uses this module's search_response and search_openapi
         from finegrain.serve.gallery_routes import Tokens, add_gallery_routes
 
-        add_gallery_routes(
-            app,
-            searcher,
-            tokens or Tokens(),
-            service_info(searcher, max_upload_bytes, max_k, max_image_pixels),
-            max_concurrency,
-        )
+        add_gallery_routes(app, searcher, tokens or Tokens(), info, max_concurrency)
     _add_page(app)
-    _add_service_routes(app, service_info(searcher, max_upload_bytes, max_k, max_image_pixels))
-    _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
-    _add_gallery_route(app, searcher)
+    _add_service_routes(app, None if live else info)
+    if not live:
+        _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
+        _add_gallery_route(app, searcher)
     app.include_router(explain_router)  # POST /api/explain
     return app
 
@@ -248,10 +245,15 @@ def _add_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def _add_service_routes(app: FastAPI, info: dict[str, Any]) -> None:
+def _add_service_routes(app: FastAPI, info: dict[str, Any] | None) -> None:
+    """``/api/health``, and ``/api/info`` answering ``info`` unless it is None (a live gallery answers its own)."""
+
     @app.get("/api/health", tags=["service"], summary="Liveness check")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    if info is None:
+        return
 
     @app.get("/api/info", tags=["service"], summary="What the service runs")
     async def api_info() -> dict[str, Any]:
