@@ -23,7 +23,6 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from finegrain.gallery.store import (
     StoreSpec,
     check_vector,
     id_list,
+    now_iso,
 )
 from finegrain.runs import fsync_dir
 
@@ -70,10 +70,6 @@ CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL
 """
 ENTRY_COLUMNS = "id, label, metadata, sha256, media_type, added_at"
 _JSON_TYPES = {str: ("text",), int: ("integer",), float: ("integer", "real")}
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _connect(db: Path) -> sqlite3.Connection:
