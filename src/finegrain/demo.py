@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from finegrain.config import ExperimentConfig, load_config
+from finegrain.config import ExperimentConfig, data_override, load_config
 from finegrain.data.images import open_rgb
 from finegrain.report.contact_sheet import contact_sheet
 from finegrain.retrieval.gallery import build_index
@@ -39,7 +39,7 @@ def _data_overrides(data: Path | None) -> list[str]:
         return []
     # your test split is the test; where there is none, a stratified half of train (classification) or the
     # second half of the classes (retrieval; the built-in data's retrieval test is always its unseen classes)
-    return [f"data.root={data}", "data.num_workers=2", "data.holdout=auto", "data.holdout_fraction=0.5"]
+    return [data_override(data), "data.num_workers=2", "data.holdout=auto", "data.holdout_fraction=0.5"]
 
 
 def run_demo(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from finegrain.config import ExperimentConfig, load_config, profiles_of
+from finegrain.config import ExperimentConfig, data_override, load_config, profiles_of
 from finegrain.errors import FinegrainError, unknown_name
 from finegrain.report.tables import comparison_rows, html_table, markdown_table
 from finegrain.runs import DEFAULT_RUNS_ROOT, RunDir, atomic_write_text
@@ -108,7 +108,7 @@ def load_suite(
         raise FinegrainError("the suite names no configs")
     sets = list(overrides or [])
     if data is not None:
-        sets.append(f"data.root={data}")
+        sets.append(data_override(data))
     cfgs: list[ExperimentConfig] = []
     for name in names:
         prof = profile if profile and profile in profiles_of(name) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -53,7 +52,7 @@ def train(
 ) -> None:
     """Train a model; writes the run directory."""
     # start-up: loaded when the command runs, so `finegrain --help` stays fast
-    from finegrain.config import load_config
+    from finegrain.config import data_override, load_config
     from finegrain.tasks.workflow import train_and_evaluate
 
     started = time.monotonic()
@@ -106,12 +105,6 @@ def train(
         from finegrain.tasks.evaluate import render_metrics
 
         console.print(render_metrics(metrics))
-
-
-def data_override(path: Path) -> str:
-    """``data.root=PATH`` as a ``--set`` value: absolute (the run is opened from anywhere) and quoted
-    (a folder named ``2024`` or ``yes`` stays a path)."""
-    return "data.root=" + json.dumps(str(path.expanduser().absolute()))
 
 
 def evaluate(
