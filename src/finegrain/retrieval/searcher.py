@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,21 @@ def pixels_digest(image: Image.Image) -> str:
 
 Fingerprint = tuple[tuple[int, int], str]
 """An image's size and :func:`pixels_digest`."""
+
+SAME_IMAGE_MIN_COSINE = 0.98
+"""Only hits at least this close to the query are fingerprinted for ``same_image``: a copy scores about
+1, and another engine or precision moves that by far less than 0.02, so a search reads only the few
+gallery files that could be the query (for a Euclidean index: within the same angle, scaled by the
+query's length)."""
+
+
+def could_be_copies(hits: list[Hit], metric: str, query_norm: float) -> list[Hit]:
+    """The hits close enough to the query to be a copy of it (see :data:`SAME_IMAGE_MIN_COSINE`);
+    ``query_norm`` is the query embedding's length (for a Euclidean index's scores)."""
+    if metric == "cosine":
+        return [h for h in hits if h.score >= SAME_IMAGE_MIN_COSINE]
+    radius = math.sqrt(2 * (1 - SAME_IMAGE_MIN_COSINE)) * query_norm
+    return [h for h in hits if h.score <= radius]
 
 
 def _file_fingerprint(path: str) -> Fingerprint | None:
@@ -263,7 +279,8 @@ class Searcher:
             if i >= 0
         ]
         rgb, query = to_rgb(image)[0], None
-        for h in hits:  # by content, not score: scores of a copy vary with the engine and precision
+        for h in could_be_copies(hits, self.index.metric, float(np.linalg.norm(emb))):
+            # then by content: scores of a copy vary with the engine and precision
             mark = self._fingerprint(h)
             if mark is not None and mark[0] == rgb.size:
                 query = query or pixels_digest(rgb)
