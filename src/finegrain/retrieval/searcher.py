@@ -24,7 +24,6 @@ from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.gallery_root import inside, served_root
 from finegrain.retrieval.index import GalleryIndex, check_k
-from finegrain.retrieval.index_files import recover_swap
 from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
@@ -162,10 +161,9 @@ class Searcher:
         self.encoder = open_encoder(self.run, engine, precision)  # torch or ONNX Runtime
         self.engine = self.encoder.engine
         self.cfg = self.encoder.cfg
-        index_dir = recover_swap(index_dir or self.run.index)  # before looking: a killed save may hide it
-        if not (index_dir / "meta.json").is_file():
-            raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
-        self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
+        # GalleryIndex.load completes a save a kill interrupted, then refuses a missing or incomplete index
+        checksum = self.encoder.loaded.checksum
+        self.index = GalleryIndex.load(index_dir or self.run.index, expected_model_checksum=checksum)
         self.class_names = self.encoder.loaded.class_names
         self._gallery_root: Path | None = None
         self._fingerprints: dict[int, Fingerprint | None] = {}  # gallery id -> its fingerprint, as hits need them
