@@ -223,6 +223,11 @@ def plan(budget_seconds: float, data: DataSize, speed: Speed, recipe: Experiment
     """The largest rung of :data:`LADDER` predicted to fit :data:`PLANNED_SHARE` of the budget (the
     smallest, marked as not fitting, when none does)."""
     check_plannable(recipe)
+    return _largest_fitting(budget_seconds, data, speed, recipe)
+
+
+def _largest_fitting(budget_seconds: float, data: DataSize, speed: Speed, recipe: ExperimentConfig) -> Plan:
+    """:func:`plan` for a recipe already checked by :func:`check_plannable`."""
     chosen = None
     for rung in LADDER:
         seconds, size, tested = predict(rung, data, speed, recipe)
@@ -329,7 +334,7 @@ def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
 
     split = split_for(recipe.data)
     num_classes = None if recipe.model.head == "embedding" else len(split.class_names)
-    return plan(
+    return _largest_fitting(  # checked above, before measuring anything
         budget_seconds,
         data_size(recipe, split),
         measure_speed(recipe, num_classes),
