@@ -40,7 +40,7 @@ def embed(
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
     if ray is not None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.cluster.embed import embed_on_ray
 
         report = embed_on_ray(run, split, ray, engine=engine, actors=actors)
@@ -78,7 +78,7 @@ def index(
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     if ray is not None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.cluster.gallery import build_index_on_ray
 
         dest, info, report = build_index_on_ray(
@@ -86,7 +86,7 @@ def index(
         )
         print_embed_report(report)
     else:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.retrieval.gallery import build_index
 
         dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
@@ -107,7 +107,7 @@ def search(
     explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
     """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.images import open_rgb
     from finegrain.errors import FinegrainError
     from finegrain.report.contact_sheet import contact_sheet

@@ -69,7 +69,7 @@ def train(
     changed = [s for s in set_ or [] if not s.startswith("description=")]
     plan, deadline = None, None
     if budget is not None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.tasks.budget import parse_budget, plan_for
 
         seconds = parse_budget(budget)
@@ -88,7 +88,7 @@ def train(
         cfg, runs, resume=resume, override_stored=override_stored, evaluate=evaluate_after, deadline=deadline
     )
     if plan is not None and (metrics is not None or not evaluate_after):
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.tasks.budget import minutes, write_plan
 
         spent = time.monotonic() - started

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from finegrain.config import DataConfig, ExperimentConfig
 from finegrain.config.schema import eval_sizes
 from finegrain.data.cache import default_cache_root, find_cache, prepare_cache
+from finegrain.data.dataset import preflight
+from finegrain.data.detect import open_collection
 from finegrain.data.frozen_features import FrozenViews, frozen_loader
 from finegrain.data.loaders import bbox_margin, eval_loaders, make_loader
 from finegrain.data.records import ImageCollection, ImageRecord
@@ -56,8 +58,6 @@ def dataset_root(data: DataConfig) -> Path:
 
 
 def open_data(data: DataConfig) -> ImageCollection:
-    # optional: SciPy (the train extra), imported only when this runs
-    from finegrain.data.detect import open_collection
 
     return open_collection(dataset_root(data), format=data.format)
 
@@ -102,8 +102,6 @@ def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, in
 
 def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> list[ImageRecord]:
     """Drop files that fail a quick header check, with a warning and a count (or fail)."""
-    # optional: torch (the train extra), imported only when this runs
-    from finegrain.data.dataset import preflight
 
     good, problems = preflight(records, on_bad_image=data.on_bad_image)
     if problems:

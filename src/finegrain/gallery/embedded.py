@@ -31,6 +31,7 @@ import numpy as np
 from finegrain.errors import FinegrainError
 from finegrain.faiss_import import import_faiss
 from finegrain.gallery.filters import Filter
+from finegrain.gallery.importer import import_index
 from finegrain.gallery.store import (
     METRICS,
     STORES,
@@ -141,9 +142,6 @@ class EmbeddedStore(StoreBase):
                 "created_at": now_iso(),
             }
             if import_from is not None:
-                # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-                from finegrain.gallery.importer import import_index
-
                 meta["imported_from"] = str(import_from)
                 import_index(conn, import_from, spec)
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finegrain.inference.explain import maps_outputs
 from finegrain.inference.load import LoadedModel
 from finegrain.inference.outputs import EncodingLoop, Outputs, mean_of_halves, named_outputs  # noqa: F401 - re-exported
 from finegrain.machine import inference_precision, resolve_precision, set_threads
+from finegrain.models.maps import forward_with_maps
 
 
 def autocast_for(precision: str):
@@ -72,9 +74,6 @@ class Encoder(EncodingLoop):
     @torch.inference_mode()
     def forward_maps(self, x) -> dict[str, np.ndarray]:
         """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32)."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.inference.explain import maps_outputs
-        from finegrain.models.maps import forward_with_maps
 
         x = torch.as_tensor(x).to(self.device)
         n = len(x)

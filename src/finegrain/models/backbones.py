@@ -42,6 +42,7 @@ from torch import nn
 
 from finegrain.config.backbone_names import CNN_BACKBONES, LITE_VARIANTS
 from finegrain.errors import ConfigError, unknown_name
+from finegrain.models.cnns import CNNS
 from finegrain.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -293,8 +294,6 @@ these, every torchvision classification model by name and every timm model as ``
 def _register_cnn(name: str) -> None:
     @BACKBONES.register(name)
     def build(weights: str) -> Built:
-        # optional: torch (the train extra), imported only when this runs
-        from finegrain.models.cnns import CNNS
 
         if weights == "imagenet":
             raise ConfigError(f"'{name}' is trained from scratch: there are no ImageNet weights (use weights: none)")

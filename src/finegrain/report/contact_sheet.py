@@ -9,6 +9,7 @@ from PIL import Image
 
 from finegrain.data.images import open_rgb
 from finegrain.errors import FinegrainError
+from finegrain.inference.explain import overlay
 from finegrain.retrieval.explain_search import Explanation
 from finegrain.retrieval.searcher import Hit
 
@@ -30,9 +31,6 @@ def contact_sheet(
     # optional: the train extra (matplotlib), loaded only where a sheet is drawn
     import matplotlib
     import numpy as np
-
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.inference.explain import overlay
 
     matplotlib.use("Agg")
     # optional: matplotlib (the train extra), imported only when this runs

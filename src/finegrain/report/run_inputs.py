@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from finegrain.config import load_yaml
 from finegrain.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,6 @@ def logged_class_names(run_dir: Path) -> list[str] | None:
     path = run_dir / "logs" / "hparams.yaml"
     if not path.is_file():
         return None
-
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.config import load_yaml
 
     try:
         names = (load_yaml(path.read_text()) or {}).get("class_names")

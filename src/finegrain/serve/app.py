@@ -220,7 +220,7 @@ def create_app(
     install_error_handlers(app)
     info = service_info(searcher, max_upload_bytes, max_k, max_image_pixels)
     live = isinstance(searcher, LiveGallery)
-    if live:  # its own info, search and image routes
+    if isinstance(searcher, LiveGallery):  # its own info, search and image routes
         # import cycle: gallery_routes uses this module's search_response and search_openapi
         from finegrain.serve.gallery_routes import Tokens, add_gallery_routes
 
@@ -353,7 +353,7 @@ def serve(
     allow_hosts = list(allow_hosts or ())
     hosts = check_serve_options(host, port, max_upload_mb, max_image_mpixels, allow_hosts, max_concurrency)
 
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # import cycle: gallery_routes imports this module
     from finegrain.serve.gallery_routes import READ_TOKEN_ENV, WRITE_TOKEN_ENV, Tokens, load_token
 
     tokens = Tokens(

@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
-from finegrain.gallery.filters import parse_filter, parse_metadata
+from finegrain.gallery.filters import check_label, check_metadata, parse_filter, parse_metadata
 from finegrain.gallery.live import ImageBytes, LiveGallery
 from finegrain.serve.app import search_openapi, search_response
 from finegrain.serve.errors import ApiError, no_paths
@@ -275,8 +275,6 @@ def add_gallery_routes(
     @router.patch("/api/gallery/{entry_id}", summary="Change an entry's label or metadata (needs the write token)")
     async def update(entry_id: str, request: Request) -> dict[str, Any]:
         """JSON body ``{"label": "...", "metadata": {...}}`` (either or both; metadata is replaced)."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.gallery.filters import check_label, check_metadata
 
         require_write(request, tokens)
         i = parse_id(entry_id)

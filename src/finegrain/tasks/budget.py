@@ -23,9 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finegrain import machine
 from finegrain.config import ExperimentConfig
 from finegrain.config.schema import eval_sizes
 from finegrain.errors import ConfigError
+from finegrain.inference.engines import evaluation_precision
+from finegrain.models.build import build_from_config
+from finegrain.runs import atomic_write_json
 
 if TYPE_CHECKING:
     from finegrain.data.splits import Split
@@ -278,11 +282,8 @@ def measure_speed(recipe: ExperimentConfig, num_classes: int | None) -> Speed:
     # optional: the train extra, loaded only where this runs
     import torch
 
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain import machine
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.inference.encoder import autocast_for
-    from finegrain.inference.engines import evaluation_precision
-    from finegrain.models.build import build_from_config
     from finegrain.tasks.phase_precision import time_cached_step
 
     mp = PROBE_SIZE[0] * PROBE_SIZE[1] / 1e6
@@ -329,7 +330,7 @@ def _seconds_per_image(work, rounds: int = 2) -> float:
 def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
     """Measure the data and the machine, and plan ``recipe`` within ``budget_seconds``."""
     check_plannable(recipe)
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import split_for
 
     split = split_for(recipe.data)
@@ -344,8 +345,6 @@ def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
 
 def write_plan(run_path: Path, p: Plan, spent_seconds: float | None = None) -> Path:
     """``RUN/budget.json``: the plan, its prediction and (when known) the wall time spent."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.runs import atomic_write_json
 
     out = p.as_dict()
     if spent_seconds is not None:

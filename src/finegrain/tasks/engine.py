@@ -26,12 +26,14 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
+from finegrain.data.module import FinegrainDataModule
 from finegrain.errors import FinegrainError
 from finegrain.inference.load import read_checkpoint
 from finegrain.machine import resolve_precision, set_threads, tune_allocator
 from finegrain.progress import wanted as progress_wanted
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run
 from finegrain.tasks import phase_precision
+from finegrain.tasks.base import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +252,6 @@ def make_task(cfg: ExperimentConfig, class_names: list[str], train_labels: list[
     import finegrain.tasks.classification  # noqa: F401 - registers its task
     import finegrain.tasks.metric_learning  # noqa: F401 - registers its task
 
-    # optional: torch, Lightning (the train extra), imported only when this runs
-    from finegrain.tasks.base import TASKS
-
     if not cfg.trains:
         raise FinegrainError(f"task '{cfg.task}' is not trained; run `finegrain evaluate` on it instead")
     return TASKS.get(cfg.task)(cfg.model_dump(mode="json"), class_names, train_labels=train_labels)
@@ -380,8 +379,6 @@ def fit(
     When ``Trainer.fit`` returns normally (last epoch, early stopping, or a ``deadline`` of
     ``--budget``: :class:`BudgetStop`) ``state.json`` says ``finished``.
     """
-    # optional: torch, Lightning (the train extra), imported only when this runs
-    from finegrain.data.module import FinegrainDataModule
 
     quiet_lightning()
     tune_allocator()  # no mmap/munmap of every step's tensors (machine.ALLOCATOR_SETTINGS)
