@@ -311,3 +311,16 @@ def test_a_failing_run_is_listed_and_the_suite_goes_on(tmp_path):
     not_run = md.split("## Not run", 1)[1]
     assert "- t-broken: " in not_run and "- t-broken-knn: " in not_run
     assert "<h2>Not run</h2>" in page and "missing.pt" in page
+
+
+@pytest.mark.parametrize("folder", ["2024", "yes"])
+def test_data_is_the_same_absolute_path_for_the_suite_and_the_demo(folder, tmp_path, monkeypatch):
+    # a folder named like a YAML number or boolean stays a path, relative to where the command runs
+    from finegrain.config import load_config
+    from finegrain.demo import _data_overrides
+    from finegrain.experiments import load_suite
+
+    monkeypatch.chdir(tmp_path)
+    suite = load_suite(["demo-classifier"], None, Path(folder), tmp_path / "runs", None)
+    demo = load_config("demo-classifier", overrides=_data_overrides(Path(folder)))
+    assert suite[0].data.root == demo.data.root == str(tmp_path / folder)

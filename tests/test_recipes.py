@@ -29,8 +29,7 @@ def _folder(root: Path, with_test: bool) -> Path:
 
 def _resolved(name: str, folder: Path):
     """The config as ``finegrain train NAME --data FOLDER`` resolves it (with its cpu45 profile, if any)."""
-    from finegrain.cli.train import data_override
-    from finegrain.config import profiles_of
+    from finegrain.config import data_override, profiles_of
 
     profiles = [None] + [p for p in profiles_of(name) if p == "cpu45"]
     return [load_config(name, profile=p, overrides=[data_override(folder)]) for p in profiles]
@@ -73,7 +72,7 @@ def test_no_test_folder_gets_the_holdout_and_says_so(tmp_path, caplog):
 def test_a_holdout_where_the_data_has_a_test_split_is_never_silent(tmp_path, caplog):
     folder = _folder(tmp_path / "flowers", with_test=True)
     for name, holdout in (("classify", "0.5"), ("retrieve", "0.5")):
-        from finegrain.cli.train import data_override
+        from finegrain.config import data_override
 
         cfg = load_config(name, overrides=[data_override(folder), f"data.holdout={holdout}"])
         with caplog.at_level(logging.WARNING, logger="finegrain.data.splits"):

@@ -13,12 +13,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from finegrain.config import ExperimentConfig, load_config
+from finegrain.config import ExperimentConfig, data_override, load_config
+from finegrain.data.images import open_rgb
+from finegrain.report.contact_sheet import contact_sheet
+from finegrain.retrieval.gallery import build_index
+from finegrain.retrieval.searcher import Searcher
 from finegrain.runs import RunDir
+from finegrain.tasks.workflow import train_and_evaluate
 
 
 def _train_or_reuse(cfg: ExperimentConfig, runs_root: Path, console: Console) -> RunDir:
-    from finegrain.tasks.workflow import train_and_evaluate
 
     run = RunDir(runs_root / cfg.name)
     if run.is_finished():
@@ -35,17 +39,13 @@ def _data_overrides(data: Path | None) -> list[str]:
         return []
     # your test split is the test; where there is none, a stratified half of train (classification) or the
     # second half of the classes (retrieval; the built-in data's retrieval test is always its unseen classes)
-    return [f"data.root={data}", "data.num_workers=2", "data.holdout=auto", "data.holdout_fraction=0.5"]
+    return [data_override(data), "data.num_workers=2", "data.holdout=auto", "data.holdout_fraction=0.5"]
 
 
 def run_demo(
     console: Console, data: Path | None = None, runs_root: Path = Path("runs"), epochs: int | None = None
 ) -> dict:
     """Run the demo; returns the headline numbers."""
-    from finegrain.data.images import open_rgb
-    from finegrain.report.contact_sheet import contact_sheet
-    from finegrain.retrieval.gallery import build_index
-    from finegrain.retrieval.searcher import Searcher
 
     t0 = time.perf_counter()
     sets = _data_overrides(data)
@@ -91,6 +91,7 @@ def run_demo(
         f"{r['map@r']:.1%}",
     )
     console.print(table)
+    # optional: matplotlib (the train extra), imported only when this runs
     from finegrain.report.html import write_multi_report
 
     report = write_multi_report([clf.path, ret.path], runs_root / f"demo{suffix}-report.html", title="finegrain demo")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from finegrain.config import ExperimentConfig, load_config, profiles_of
+from finegrain.config import ExperimentConfig, data_override, load_config, profiles_of
 from finegrain.errors import FinegrainError, unknown_name
-from finegrain.runs import RunDir, atomic_write_text
+from finegrain.report.tables import comparison_rows, html_table, markdown_table
+from finegrain.runs import DEFAULT_RUNS_ROOT, RunDir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ def suite_configs(suite: str) -> list[str]:
 
 def _source_exists(source: str, runs_root: Path) -> bool:
     """Whether a kNN row's ``eval.source_run`` names an existing run (as :func:`source_model` finds it)."""
-    from finegrain.runs import DEFAULT_RUNS_ROOT
 
     return any((p / "config.yaml").is_file() for p in (runs_root / source, Path(source), DEFAULT_RUNS_ROOT / source))
 
@@ -108,7 +108,7 @@ def load_suite(
         raise FinegrainError("the suite names no configs")
     sets = list(overrides or [])
     if data is not None:
-        sets.append(f"data.root={data}")
+        sets.append(data_override(data))
     cfgs: list[ExperimentConfig] = []
     for name in names:
         prof = profile if profile and profile in profiles_of(name) else None
@@ -156,7 +156,6 @@ def write_tables(
     suite: str | list[str], finished: list[Path], failed: dict[str, str], runs_root: Path
 ) -> tuple[Path, Path]:
     """The suite's comparison table as ``runs_root/<suite>-results.md`` and ``.html``."""
-    from finegrain.report.tables import comparison_rows, html_table, markdown_table
 
     label = suite if isinstance(suite, str) else "custom"
     rows = comparison_rows(finished)

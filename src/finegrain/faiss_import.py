@@ -6,6 +6,8 @@ calls :func:`import_faiss` first.
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import logging
 import os
 import platform
@@ -45,6 +47,7 @@ def import_faiss():
     if coretype:
         os.environ["OPENBLAS_CORETYPE"] = coretype
     try:
+        # optional: FAISS (the train/serve extra), imported only when this runs
         import faiss
     finally:
         if coretype:
@@ -54,8 +57,6 @@ def import_faiss():
 
 def faiss_blas_core() -> str | None:
     """The kernel family FAISS's bundled OpenBLAS runs with (diagnostics; None if unknown)."""
-    import ctypes
-    import glob
 
     faiss = import_faiss()
     libs = glob.glob(os.path.join(os.path.dirname(faiss.__file__), os.pardir, "faiss_cpu.libs", "libopenblas*"))

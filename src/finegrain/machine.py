@@ -12,8 +12,11 @@ import ctypes
 import logging
 import os
 import platform
+import sys
 from functools import lru_cache
 from importlib import metadata
+
+from finegrain.errors import FinegrainError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cuda_available() -> bool:
+    # optional: torch (the train extra), imported only when this runs
     import torch
 
     return torch.cuda.is_available()
@@ -84,6 +88,7 @@ def cuda_available() -> bool:
 def auto_precision() -> tuple[str, str]:
     """The precision ``auto`` picks on this machine, and why (one sentence)."""
     if cuda_available():
+        # optional: torch (the train extra), imported only when this runs
         import torch
 
         if torch.cuda.is_bf16_supported():
@@ -98,8 +103,6 @@ def resolve_precision(requested: str) -> str:
     """The precision to run with: ``auto`` decided by the machine, an explicit one obeyed
     (with a one-line warning where it is slow or impossible here)."""
     if requested not in PRECISIONS:
-        from finegrain.errors import FinegrainError
-
         raise FinegrainError(
             f"unknown precision '{requested}' (train.precision or FINEGRAIN_PRECISION); valid: {', '.join(PRECISIONS)}"
         )
@@ -173,6 +176,7 @@ def query_threads(concurrency: int) -> int:
 def set_threads(busy_workers: int) -> int:
     """Give torch (and FAISS, when loaded) the cores that ``busy_workers`` loader processes leave;
     returns the number of threads set."""
+    # optional: torch (the train extra), imported only when this runs
     import torch
 
     if not thread_plan_enabled():  # benchmark switch: leave torch's threads alone
@@ -186,7 +190,6 @@ def set_threads(busy_workers: int) -> int:
 
 def set_faiss_threads(threads: int) -> None:
     """FAISS's OpenMP threads, when FAISS is loaded (it is not imported for this)."""
-    import sys
 
     if "faiss" in sys.modules:
         sys.modules["faiss"].omp_set_num_threads(threads)
@@ -216,6 +219,7 @@ def machine_info() -> dict:
         "versions": {p: package_version(p) for p in PACKAGES},
     }
     if info["cuda"]:
+        # optional: torch (the train extra), imported only when this runs
         import torch
 
         info["gpu"] = torch.cuda.get_device_name(0)

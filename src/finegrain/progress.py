@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.progress import Progress
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -30,8 +32,6 @@ def track(
         yield from items
         return
     if sys.stderr.isatty():
-        from rich.progress import Progress
-
         with Progress(transient=True) as bar:
             task = bar.add_task(description, total=total)
             for item in items:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from finegrain.data.images import open_rgb
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.searcher import Searcher
+from finegrain.retrieval.searcher import SAME_IMAGE_MIN_COSINE, Hit, Searcher, could_be_copies
 
 
 @pytest.fixture
@@ -25,6 +25,17 @@ def test_a_gallery_image_finds_itself_first_marked_same_image(searcher):
     assert [h.rank for h in hits] == [1, 2, 3, 4]
     assert hits[0].path == path and hits[0].same_image and not any(h.same_image for h in hits[1:])
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)  # cosine: higher first
+
+
+def test_only_hits_that_could_be_a_copy_are_read_for_same_image(searcher):
+    hits, _ = searcher.search(open_rgb(searcher.gallery_path(2))[0], k=4)
+    assert set(searcher._fingerprints) == {h.id for h in hits if h.score >= SAME_IMAGE_MIN_COSINE}
+    scored = [Hit(rank=r, id=r, label="a", score=s, path="") for r, s in enumerate([1.0, 0.985, 0.9, 0.2])]
+    assert [h.id for h in could_be_copies(scored, "cosine", 1.0)] == [0, 1]
+    # Euclidean: the same angle, whatever the embeddings' length
+    far = [Hit(rank=r, id=r, label="a", score=s, path="") for r, s in enumerate([0.0, 1.5, 2.5, 30.0])]
+    assert [h.id for h in could_be_copies(far, "euclidean", 10.0)] == [0, 1]
+    assert [h.id for h in could_be_copies(far, "euclidean", 1.0)] == [0]
 
 
 def test_a_classifier_run_names_the_class_with_its_head(searcher):

@@ -170,3 +170,8 @@ def test_the_gallery_routes_answer_a_body_that_never_completes_408(live):
             )
             status, _, body = answer(s)
             assert status == 408 and "did not arrive" in json.loads(body)["error"], (route, body)
+
+
+def test_the_live_search_route_is_the_one_documented_with_its_filter(client):
+    body = client.get("/openapi.json").json()["paths"]["/api/search"]["post"]["requestBody"]
+    assert {"image", "k", "filter"} <= set(body["content"]["multipart/form-data"]["schema"]["properties"])

@@ -104,7 +104,7 @@ def main() -> None:
     except FinegrainError as e:
         _fail(str(e))
     except OSError as e:  # a writer outside finegrain's own (ONNX, FAISS, matplotlib) found the disk full
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.runs import NO_SPACE_ERRNOS, no_space_error
 
         if e.errno not in NO_SPACE_ERRNOS:

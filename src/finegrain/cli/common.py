@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console, ConsoleDimensions
+from rich.logging import RichHandler
+from rich.rule import Rule
 
 PIPE_WIDTH = 10_000  # columns of stdout when it is not a terminal: no file name is cut or folded
 RULE_WIDTH = 100  # a rule (section line) in a log file
@@ -41,7 +43,6 @@ class PipeConsole(Console):
         self.width, self.height = new_size  # Console's own setters, as its size setter does
 
     def rule(self, title: Any = "", *, characters: str = "─", style: Any = "rule.line", align: Any = "center") -> None:
-        from rich.rule import Rule
 
         self.print(
             Rule(title=title, characters=characters, style=style, align=align),
@@ -103,7 +104,6 @@ def stdout_for(as_json: bool) -> Iterator[None]:
 
 
 def setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -18,6 +18,7 @@ def data_check(
     as_json: JsonOpt = False,
 ) -> None:
     """Detect the format, count images and classes, and list every problem file."""
+    # optional: SciPy (the train extra), imported only when this runs
     from finegrain.data.check import check_dataset, check_to_dict, render_check
 
     with stdout_for(as_json):
@@ -39,6 +40,7 @@ def data_prepare(
     workers: Annotated[int, typer.Option(help="Decoding workers.")] = 2,
 ) -> None:
     """Decode and resize a dataset once into memory-mapped uint8 arrays."""
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import prepare_for_config
 
     cfg = config_for_data(source, profile, set_ or [], size)
@@ -57,6 +59,7 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
 ) -> None:
     """Write a deterministic synthetic fine-grained dataset in a real format."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.synth import make_synthetic
 
     root = make_synthetic(
@@ -78,6 +81,7 @@ def data_download(
     url: Annotated[str | None, typer.Option(help="Override the archive URL (a mirror).")] = None,
 ) -> None:
     """Download and unpack a dataset (resumable, checksum verified)."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data import download
 
     if dataset in ("stanford-cars", "stanford_cars", "cars"):
@@ -91,6 +95,7 @@ def data_download(
 
 def config_for_data(source: str, profile: str | None, sets: list[str], size: tuple[int, int] | None):
     """A config from a config name/file, or a default config over a dataset folder."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.config import build_config, load_config
 
     p = Path(source)

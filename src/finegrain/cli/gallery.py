@@ -36,7 +36,7 @@ ADD_BATCH = 32
 
 
 def _store(run: Path, store: str | None):
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.gallery.live import default_store
     from finegrain.gallery.store import open_store
     from finegrain.runs import open_run
@@ -46,7 +46,7 @@ def _store(run: Path, store: str | None):
 
 def _files(paths: list[Path], label: str | None) -> list[tuple[Path, str]]:
     """(image file, label) of every PATH: a folder gives all its images, labelled by sub-folder."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # optional: SciPy (the train extra), imported only when this runs
     from finegrain.data.detect import open_collection
 
     out: list[tuple[Path, str]] = []
@@ -75,7 +75,7 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Encode images with the run's model and add them to its gallery (an image already stored keeps its id)."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.gallery.filters import parse_metadata
     from finegrain.gallery.live import ImageBytes, LiveGallery
     from finegrain.progress import track

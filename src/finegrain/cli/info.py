@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from finegrain.cli.common import JsonOpt, console, err_console, print_json, stdout_for
 
@@ -32,6 +34,7 @@ def machine_facts(workers: int = 2, bench_seconds: float | None = 5.0, quiet: bo
     # optional: the train extra (torch), loaded only where this runs
     import torch
 
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain import machine
     from finegrain.tasks.budget import BUDGET_CLOCK
 
@@ -81,8 +84,6 @@ def _n(count: int, noun: str) -> str:
 
 def render_info(facts: dict):
     """A rich table of :func:`machine_facts` for the terminal."""
-    from rich.table import Table
-    from rich.text import Text
 
     t = Table(show_header=False, title="finegrain on this machine", title_justify="left")
     t.add_column("what", style="bold")
@@ -102,7 +103,6 @@ def render_info(facts: dict):
 
 def add_cpu_rows(t, facts: dict) -> None:
     """The CPU, threads, GPU, precision and engine rows of :func:`render_info`."""
-    from rich.text import Text
 
     t.add_row("cpu", facts["cpu"])
     t.add_row("vector features", " ".join(facts["cpu_flags"]) or "none known")

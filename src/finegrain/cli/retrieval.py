@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
 from finegrain.errors import FinegrainError
@@ -38,12 +40,13 @@ def embed(
 ) -> None:
     """Write a split's embeddings (with labels and paths) into the run directory."""
     if ray is not None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.cluster.embed import embed_on_ray
 
         report = embed_on_ray(run, split, ray, engine=engine, actors=actors)
         print_embed_report(report)
         return
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.retrieval.gallery import embed_split
 
     path = embed_split(run, split, engine=engine)
@@ -75,7 +78,7 @@ def index(
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     if ray is not None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.cluster.gallery import build_index_on_ray
 
         dest, info, report = build_index_on_ray(
@@ -83,7 +86,7 @@ def index(
         )
         print_embed_report(report)
     else:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.retrieval.gallery import build_index
 
         dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
@@ -104,7 +107,7 @@ def search(
     explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
     """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.images import open_rgb
     from finegrain.errors import FinegrainError
     from finegrain.report.contact_sheet import contact_sheet
@@ -145,8 +148,6 @@ def print_search(
     gallery_size: int, prediction_source: str, hits: list, top: list[tuple[str, float]] | None, sheet: Path | None
 ) -> None:
     """``finegrain search`` for a person: the predicted classes, a table of the hits, the sheet written."""
-    from rich.table import Table
-    from rich.text import Text
 
     if top:
         how = "" if prediction_source == "classifier" else " (share of the neighbours)"
@@ -234,6 +235,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the search page and JSON API for a run (FastAPI + uvicorn), over its living gallery."""
+    # optional: FastAPI (the serve extra), imported only when this runs
     from finegrain.serve.app import serve as serve_run
 
     serve_run(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from finegrain.cli.common import EngineOpt, JsonOpt, ProfileOpt, RunsOpt, SetOpt, console, print_json, stdout_for
 from finegrain.errors import FinegrainError
@@ -51,7 +51,8 @@ def train(
     ] = None,
 ) -> None:
     """Train a model; writes the run directory."""
-    from finegrain.config import load_config
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
+    from finegrain.config import data_override, load_config
     from finegrain.tasks.workflow import train_and_evaluate
 
     started = time.monotonic()
@@ -68,7 +69,7 @@ def train(
     changed = [s for s in set_ or [] if not s.startswith("description=")]
     plan, deadline = None, None
     if budget is not None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.tasks.budget import parse_budget, plan_for
 
         seconds = parse_budget(budget)
@@ -87,7 +88,7 @@ def train(
         cfg, runs, resume=resume, override_stored=override_stored, evaluate=evaluate_after, deadline=deadline
     )
     if plan is not None and (metrics is not None or not evaluate_after):
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.tasks.budget import minutes, write_plan
 
         spent = time.monotonic() - started
@@ -100,15 +101,10 @@ def train(
     if metrics is not None or not evaluate_after:  # a DDP process other than the first says nothing
         console.print(f"run directory: [bold]{run.path}[/]")
     if metrics is not None:
+        # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.tasks.evaluate import render_metrics
 
         console.print(render_metrics(metrics))
-
-
-def data_override(path: Path) -> str:
-    """``data.root=PATH`` as a ``--set`` value: absolute (the run is opened from anywhere) and quoted
-    (a folder named ``2024`` or ``yes`` stays a path)."""
-    return "data.root=" + json.dumps(str(path.expanduser().absolute()))
 
 
 def evaluate(
@@ -118,6 +114,7 @@ def evaluate(
     engine: EngineOpt = "auto",
 ) -> None:
     """Evaluate a run on its test split; writes metrics.json."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.tasks.evaluate import evaluate_run, render_metrics
 
     with stdout_for(as_json):
@@ -138,6 +135,7 @@ def export(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17).")] = None,
 ) -> None:
     """Export the model to RUN/export/model.onnx (ONNX Runtime serves it without PyTorch)."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.tasks.export import export_run, render_export
 
     meta = export_run(run, fmt=format, quantize=quantize, calibration_images=calibration_images, opset=opset)
@@ -153,6 +151,7 @@ def experiments_run(
     set_: SetOpt = None,
 ) -> None:
     """Run a suite: finished runs are skipped, interrupted ones resumed; writes the comparison table."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.experiments import run_suite
 
     target: str | list[str] = suite if "," not in suite else [s for s in suite.split(",") if s]
@@ -170,6 +169,7 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
 ) -> None:
     """Train a classifier and an embedding model, evaluate, index, search: the whole flow in minutes."""
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.demo import run_demo
 
     run_demo(console, data=data, runs_root=runs, epochs=epochs)
@@ -180,6 +180,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Cross-run page (default runs/report.html with 2+ runs).")] = None,
 ) -> None:
     """Write a self-contained HTML report per run (RUN/report/index.html), and one across runs."""
+    # optional: matplotlib (the train extra), imported only when this runs
     from finegrain.report.html import write_multi_report, write_report
     from finegrain.runs import open_run
 
@@ -193,8 +194,8 @@ def report(
 
 def configs() -> None:
     """List the shipped experiment configs."""
-    from rich.table import Table
 
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.config import CONFIG_DIR, load_raw, shipped_configs
 
     names = shipped_configs()

@@ -22,7 +22,10 @@ import numpy as np
 
 from finegrain.cluster.shards import ShardDir, ShardResult, shards_folder
 from finegrain.cluster.sources import Listing, is_uri, read_source
+from finegrain.data.images import decode, expand_box, load_resized, resize_rgb
 from finegrain.errors import FinegrainError, ImageError
+from finegrain.inference import open_encoder
+from finegrain.inference.outputs import PASS_IMAGES, mean_over_sizes
 from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
@@ -77,8 +80,6 @@ def connect(address: str, num_cpus: int | None = None) -> Any:
 def load_pixels(path: str, size: tuple[int, int], box: tuple[int, int, int, int] | None, margin: float) -> np.ndarray:
     """uint8 ``[H, W, 3]`` of one row, decoded as the evaluation loaders decode it (local files) or
     from any file system pyarrow opens (URIs)."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.data.images import decode, expand_box, load_resized, resize_rgb
 
     if not is_uri(path):
         return load_resized(path, size, box, margin)
@@ -102,8 +103,6 @@ class ShardEmbedder:
     def __init__(
         self, run_path: str, engine: str, precision: str | None, threads: int, folder: str, margin: float
     ) -> None:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.inference import open_encoder
 
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self.encoder = open_encoder(run_path, engine, precision)
@@ -123,8 +122,6 @@ class ShardEmbedder:
         }
 
     def embed_shard(self, i: int, rows: dict) -> ShardResult:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.inference.outputs import PASS_IMAGES, mean_over_sizes
 
         enc = self.encoder
         good: list[int] = []
@@ -185,9 +182,6 @@ def embed_on_ray(
     """Embed every row of ``source`` into shards under ``RUN/embeddings/`` on Ray (see the module
     docstring); returns what was done. ``actors``: the pool's size (default: the cluster's CPUs
     divided by ``cpus_per_actor``)."""
-
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.inference import open_encoder
 
     if shard_rows < 1 or cpus_per_actor < 1 or (actors is not None and actors < 1):
         raise FinegrainError("--actors, --cpus-per-actor and the shard size must be at least 1")

@@ -15,7 +15,7 @@ import numpy as np
 from finegrain.cluster.embed import EmbedReport, embed_on_ray
 from finegrain.cluster.shards import ShardDir
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.index import GalleryIndex, index_meta, l2_normalize
+from finegrain.retrieval.index import GalleryIndex, index_builder, index_meta, l2_normalize
 from finegrain.retrieval.large_index import DEFAULT_RECALL, KIND, build_ivfpq
 from finegrain.runs import open_run
 
@@ -75,8 +75,6 @@ def build_index_on_ray(
     cpus_per_actor: int = 1,
 ) -> tuple[Path, dict, EmbedReport]:
     """Embed ``gallery`` on Ray (resuming whole shards), then index it into ``RUN/index``."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.retrieval.index import index_builder
 
     index_builder(kind, metric)  # an unknown kind or metric is named before anything runs
     report = embed_on_ray(run_path, gallery, address, engine=engine, actors=actors, cpus_per_actor=cpus_per_actor)

@@ -17,6 +17,7 @@ import numpy as np
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
+from finegrain.retrieval.gallery import gallery_records
 
 LISTING_SUFFIXES = (".csv", ".parquet")
 
@@ -54,8 +55,6 @@ def read_source(source: str, cfg: ExperimentConfig) -> Listing:
     """The rows of ``source`` (a split, a folder or a listing file); errors name the source."""
     if source.lower().endswith(LISTING_SUFFIXES):
         return read_listing(source)
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.retrieval.gallery import gallery_records
 
     records, class_names, description = gallery_records(cfg, source)
     crop = cfg.data.crop_bbox

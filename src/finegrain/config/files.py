@@ -3,6 +3,7 @@ and the configs shipped with the package."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import reprlib
@@ -106,6 +107,12 @@ def parse_override(item: str) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
+
+
+def data_override(path: Path) -> str:
+    """``data.root=PATH`` as a ``--set`` value for a ``--data`` option: absolute (the run is opened from
+    anywhere) and quoted (a folder named ``2024`` or ``yes`` stays a path)."""
+    return "data.root=" + json.dumps(str(path.expanduser().absolute()))
 
 
 def build_config(

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from finegrain.data.images import load_resized
 from finegrain.data.records import ImageRecord
@@ -113,7 +114,6 @@ def prepare_cache(
     progress: bool = True,
 ) -> PreparedCache:
     """Decode and resize every record once (threads, progress bar); returns the cache."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     existing = find_cache(records, size, cache_dir, bbox_margin)
     if existing is not None:

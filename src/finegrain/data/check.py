@@ -17,6 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console, Group
+from rich.progress import track
+from rich.table import Table
+from rich.text import Text
+
 from finegrain.data.detect import open_collection
 from finegrain.data.images import open_rgb
 from finegrain.errors import ImageError
@@ -128,8 +133,6 @@ def _tracked(items, total: int, progress: bool):
     if not _progress_enabled(progress):
         yield from items
         return
-    from rich.console import Console
-    from rich.progress import track
 
     # on stderr: stdout carries the report alone (``--json``, ``> log.txt``)
     yield from track(items, total=total, description="Decoding images", transient=True, console=Console(stderr=True))
@@ -177,9 +180,6 @@ def render_check(report: CheckReport):
 
     File names are never cut: columns that hold paths fold rather than end in an ellipsis
     (the CLI's console is wide when its output is not a terminal, so there they stay whole)."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
 
     head = Text.assemble(
         ("Dataset ", "bold"),

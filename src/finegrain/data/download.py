@@ -19,6 +19,8 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
 from finegrain.errors import DataError
 from finegrain.progress import wanted as progress_wanted
 
@@ -153,7 +155,6 @@ def _write_mode(part: Path, start: int, status: int) -> tuple[str, int]:
 
 def _stream(resp, part: Path, mode: str, start: int, url: str, hint: str) -> None:
     """Copy the response body into ``part`` with a progress bar; DataError when it ends early."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     with resp:
         length = resp.headers.get("Content-Length")

@@ -16,10 +16,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from finegrain.config import DataConfig, ExperimentConfig
 from finegrain.config.schema import eval_sizes
+from finegrain.data.cache import default_cache_root, find_cache, prepare_cache
+from finegrain.data.dataset import preflight
+from finegrain.data.detect import open_collection
 from finegrain.data.frozen_features import FrozenViews, frozen_loader
 from finegrain.data.loaders import bbox_margin, eval_loaders, make_loader
 from finegrain.data.records import ImageCollection, ImageRecord
 from finegrain.data.splits import Split, make_split
+from finegrain.data.synth import make_synthetic
 from finegrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,6 @@ SYNTHETIC = "synthetic"
 
 def synthetic_root(data: DataConfig, cache_root: Path | None = None) -> Path:
     """The built-in synthetic dataset (Stanford Cars devkit layout), written on first use."""
-    from finegrain.data.cache import default_cache_root
-    from finegrain.data.synth import make_synthetic
 
     s = data.synthetic
     key = hashlib.sha1(json.dumps(s.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
@@ -56,7 +58,6 @@ def dataset_root(data: DataConfig) -> Path:
 
 
 def open_data(data: DataConfig) -> ImageCollection:
-    from finegrain.data.detect import open_collection
 
     return open_collection(dataset_root(data), format=data.format)
 
@@ -94,7 +95,6 @@ def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, in
     `data prepare` made one."""
     if data.cache == "off":
         return None
-    from finegrain.data.cache import default_cache_root, find_cache
 
     size = size or data.image_size
     return find_cache(collection.all_records(), size, default_cache_root(), bbox_margin(data))
@@ -102,7 +102,6 @@ def cache_for(collection: ImageCollection, data: DataConfig, size: tuple[int, in
 
 def checked_records(records: list[ImageRecord], data: DataConfig, what: str) -> list[ImageRecord]:
     """Drop files that fail a quick header check, with a warning and a count (or fail)."""
-    from finegrain.data.dataset import preflight
 
     good, problems = preflight(records, on_bad_image=data.on_bad_image)
     if problems:
@@ -187,6 +186,7 @@ class FinegrainDataModule(L.LightningDataModule):
         replicas, rank = self._world()
         seed = self.cfg.train.seed
         if d.sampler == "m_per_class":
+            # optional: torch, FAISS (the train extra and the train/serve extra), imported only when this runs
             from finegrain.data.samplers import DistributedMPerClassSampler
 
             return DistributedMPerClassSampler(
@@ -225,7 +225,6 @@ class FinegrainDataModule(L.LightningDataModule):
 
 def prepare_for_config(cfg: ExperimentConfig, cache_dir: Path | None = None, workers: int = 2) -> list[str]:
     """Build the prepared cache for every split of a config; returns lines to print."""
-    from finegrain.data.cache import default_cache_root, prepare_cache
 
     collection = open_data(cfg.data)
     root = cache_dir or default_cache_root()

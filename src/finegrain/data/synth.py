@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from finegrain.data.folder import write_image_folder
+from finegrain.data.tiny_imagenet import write_tiny_imagenet
 from finegrain.errors import DataError
 
 FORMATS = ("stanford_cars", "tiny_imagenet", "image_folder")
@@ -299,6 +301,7 @@ def _check_args(format: str, num_classes: int, train_per_class: int, test_per_cl
 def _check_layout(format: str, layout: str) -> None:
     """Refuse an unknown Stanford Cars layout."""
     if format == "stanford_cars":
+        # optional: SciPy (the train extra), imported only when this runs
         from finegrain.data.stanford_cars import LAYOUTS
 
         if layout not in LAYOUTS:
@@ -325,20 +328,17 @@ def _write_format(root: Path, format: str, names: list[str], samples: dict[str, 
     """Write the rendered images and their label files in ``format``'s layout."""
     num_classes = len(names)
     if format == "stanford_cars":
+        # optional: SciPy (the train extra), imported only when this runs
         from finegrain.data.stanford_cars import write_stanford_cars
 
         write_stanford_cars(root, names, samples, layout=layout)
         _fix_mat_headers(root)
     elif format == "tiny_imagenet":
-        from finegrain.data.tiny_imagenet import write_tiny_imagenet
-
         wnids = [f"n{label + 1:08d}" for label in range(num_classes)]
         words = dict(zip(wnids, names, strict=True))
         splits = {"val" if k == "test" else k: v for k, v in samples.items()}
         write_tiny_imagenet(root, wnids, words, splits)
     else:
-        from finegrain.data.folder import write_image_folder
-
         write_image_folder(root, names, {k: [(im, label) for im, label, _ in v] for k, v in samples.items()})
 
 

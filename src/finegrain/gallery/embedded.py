@@ -23,7 +23,6 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from finegrain.errors import FinegrainError
 from finegrain.faiss_import import import_faiss
 from finegrain.gallery.filters import Filter
+from finegrain.gallery.importer import import_index
 from finegrain.gallery.store import (
     METRICS,
     STORES,
@@ -43,6 +43,7 @@ from finegrain.gallery.store import (
     StoreSpec,
     check_vector,
     id_list,
+    now_iso,
 )
 from finegrain.runs import fsync_dir
 
@@ -70,10 +71,6 @@ CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL
 """
 ENTRY_COLUMNS = "id, label, metadata, sha256, media_type, added_at"
 _JSON_TYPES = {str: ("text",), int: ("integer",), float: ("integer", "real")}
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _connect(db: Path) -> sqlite3.Connection:
@@ -145,9 +142,6 @@ class EmbeddedStore(StoreBase):
                 "created_at": now_iso(),
             }
             if import_from is not None:
-                # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-                from finegrain.gallery.importer import import_index
-
                 meta["imported_from"] = str(import_from)
                 import_index(conn, import_from, spec)
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from finegrain.faiss_import import import_faiss
-from finegrain.gallery.store import StoreSpec
+from finegrain.gallery.store import StoreSpec, now_iso
+from finegrain.retrieval.index import GalleryIndex
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ class Imported:
 
 def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
     """The entries of the index in ``index_dir`` (none if there is no index there), ids kept."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.retrieval.index import GalleryIndex
 
     if not (index_dir / "meta.json").is_file():
         return
@@ -99,9 +98,6 @@ def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
 
 def import_index(conn: sqlite3.Connection, index_dir: Path, spec: StoreSpec) -> None:
     """Copy the index in ``index_dir`` (if there is one) into a new embedded store's open transaction."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.gallery.embedded import now_iso
-
     added_at = now_iso()
     for e in index_entries(index_dir, spec):
         if e.image is not None:

@@ -23,7 +23,7 @@ from finegrain.gallery.filters import Filter, check_label, check_metadata
 from finegrain.gallery.importer import index_spec
 from finegrain.gallery.store import Entry, GalleryStore, NewEntry, StoreSpec, open_store
 from finegrain.inference import open_encoder
-from finegrain.machine import query_threads
+from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.index import check_k
 from finegrain.retrieval.searcher import (
     Hit,
@@ -96,8 +96,6 @@ class LiveGallery:
         return self.store.location
 
     def share_cores(self, concurrency: int) -> int:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.machine import set_faiss_threads
 
         threads = query_threads(concurrency)
         self.encoder.use_threads(threads)

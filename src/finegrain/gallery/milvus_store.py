@@ -28,6 +28,7 @@ import numpy as np
 
 from finegrain.errors import FinegrainError
 from finegrain.gallery.filters import Filter, milvus_expression, milvus_literal
+from finegrain.gallery.importer import index_entries
 from finegrain.gallery.store import (
     METRICS,
     MILVUS_SCHEME,
@@ -40,6 +41,7 @@ from finegrain.gallery.store import (
     StoreSpec,
     check_vector,
     id_list,
+    now_iso,
 )
 
 DEFAULT_COLLECTION = "finegrain_gallery"
@@ -168,10 +170,6 @@ class MilvusStore(StoreBase):
         )
         self.client.create_collection(self.collection, schema=schema, index_params=params, consistency_level="Strong")
         if import_from is not None:
-            # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-            from finegrain.gallery.embedded import now_iso
-            from finegrain.gallery.importer import index_entries
-
             rows = []
             for e in index_entries(import_from, spec):
                 if e.image is not None:
@@ -236,9 +234,6 @@ class MilvusStore(StoreBase):
 
     # -- writes --------------------------------------------------------------------------------------
     def add(self, entries: Sequence[NewEntry]) -> list[int]:
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.gallery.embedded import now_iso
-
         ids: list[int] = []
         seen: dict[str, int] = {}
         for e in entries:
@@ -271,9 +266,6 @@ class MilvusStore(StoreBase):
 
     def add_vectors(self, vectors: np.ndarray, labels: Sequence[str]) -> list[int]:
         """Add bare vectors (no image; for benchmarks)."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.gallery.embedded import now_iso
-
         rows = [
             {
                 "id": self._new_id(),

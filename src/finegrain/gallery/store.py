@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -130,6 +131,11 @@ class GalleryStore(Protocol):
 StoreOpener = Callable[[str, "StoreSpec | None", "Path | None"], GalleryStore]
 STORES: Registry[StoreOpener] = Registry("gallery store backend")
 """Backend name → opener(location, spec or None to read it from the store, index folder to import)."""
+
+
+def now_iso() -> str:
+    """The current UTC time as an ISO 8601 string to the second (an entry's ``added_at``)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def backend_of(location: str) -> tuple[str, str]:

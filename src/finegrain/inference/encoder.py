@@ -4,13 +4,16 @@ precision this machine runs fastest. The one place a trained model is run for in
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from finegrain.inference.explain import maps_outputs
 from finegrain.inference.load import LoadedModel
 from finegrain.inference.outputs import EncodingLoop, Outputs, mean_of_halves, named_outputs  # noqa: F401 - re-exported
 from finegrain.machine import inference_precision, resolve_precision, set_threads
+from finegrain.models.maps import forward_with_maps
 
 
 def autocast_for(precision: str):
@@ -39,6 +42,7 @@ class Encoder(EncodingLoop):
     def __init__(self, loaded: LoadedModel, precision: str | None = None) -> None:
         self.loaded = loaded
         self.cfg = loaded.cfg
+        # optional: torch, Lightning (the train extra), imported only when this runs
         from finegrain.data.module import eval_sizes
 
         self.sizes: list[tuple[int, int]] = eval_sizes(self.cfg.data)
@@ -53,7 +57,6 @@ class Encoder(EncodingLoop):
     @classmethod
     def of_model(cls, model: torch.nn.Module, cfg, precision: str | None = None) -> Encoder:
         """An encoder of a model that no run holds (benchmarks, probes)."""
-        from pathlib import Path
 
         return cls(LoadedModel(model.eval(), cfg, [], Path("-"), "-"), precision)
 
@@ -71,9 +74,6 @@ class Encoder(EncodingLoop):
     @torch.inference_mode()
     def forward_maps(self, x) -> dict[str, np.ndarray]:
         """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32)."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.inference.explain import maps_outputs
-        from finegrain.models.maps import forward_with_maps
 
         x = torch.as_tensor(x).to(self.device)
         n = len(x)

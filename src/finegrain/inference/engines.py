@@ -15,7 +15,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finegrain import machine
 from finegrain.errors import FinegrainError
+from finegrain.inference.load import file_sha256, load_model
+from finegrain.inference.onnx_engine import META_FILE, OnnxEncoder, export_dir, read_export_meta
 from finegrain.runs import RunDir, open_run
 
 if TYPE_CHECKING:
@@ -44,7 +47,6 @@ def evaluation_precision(export_onnx: bool) -> str:
     """The precision a run's own evaluation will run its model in on this machine: ``32`` on ONNX
     Runtime for a run exported at the end of training (``eval.export_onnx``) where ONNX Runtime is
     installed (:func:`open_encoder`'s ``auto``), else PyTorch's :func:`machine.inference_precision`."""
-    from finegrain import machine
 
     return "32" if export_onnx and onnxruntime_available() else machine.inference_precision()
 
@@ -61,8 +63,6 @@ def _require_torch(why: str) -> None:
 def current_export(run: RunDir) -> tuple[dict | None, str]:
     """(the export's description, why not) : the description when the run has an export made from
     its current checkpoint, else None and the reason in words."""
-    from finegrain.inference.load import file_sha256
-    from finegrain.inference.onnx_engine import META_FILE, export_dir, read_export_meta
 
     meta = read_export_meta(run)
     if meta is None:
@@ -128,13 +128,12 @@ def open_encoder(run: RunDir | str | Path, engine: str = "auto", precision: str 
             "`finegrain export RUN` where PyTorch is, or pip install 'finegrain[train]'"
         )
     _require_torch("the torch engine")
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.inference.encoder import Encoder
-    from finegrain.inference.load import load_model
 
     return Encoder(load_model(run), None if precision in (None, "int8") else precision)
 
 
 def _onnx(run: RunDir, meta: dict, precision: str) -> OnnxEncoder:
-    from finegrain.inference.onnx_engine import OnnxEncoder
 
     return OnnxEncoder(run, meta, precision)

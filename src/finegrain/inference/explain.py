@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from finegrain.data.images import resize_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference.outputs import mean_over_sizes, named_outputs
 
@@ -101,8 +102,6 @@ def explain_rgb(encoder: Any, rgb: Image.Image) -> ImageMaps:
 
 def explain_rgbs(encoder: Any, rgbs: list[Image.Image]) -> list[ImageMaps]:
     """:func:`explain_rgb` of several images, in one forward pass per size."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.data.images import resize_rgb
 
     per_size = [
         encoder.forward_maps(np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in rgbs]))

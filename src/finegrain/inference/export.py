@@ -164,6 +164,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Iterable[np.ndarray]
     """Static int8 quantization of ``fp32_path`` into ``out_path`` (written atomically), calibrated
     on ``batches``; returns how (format, types, calibration images)."""
     import_onnxruntime()
+    # optional: ONNX Runtime (the serve extra), imported only when this runs
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     reader = BatchReader(batches)
@@ -179,6 +180,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: Iterable[np.ndarray]
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as tmp:
         source = Path(tmp) / "pre.onnx"
         try:  # shape inference + graph optimisation first, as ONNX Runtime advises
+            # optional: ONNX Runtime (the serve extra), imported only when this runs
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             quant_pre_process(str(fp32_path), str(source), skip_symbolic_shape=False)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from finegrain.config import ExperimentConfig, build_config, migrate_stored, read_yaml
 from finegrain.errors import FinegrainError
+from finegrain.models.build import build_from_config, num_outputs
 from finegrain.runs import RunDir, open_run
 
 if TYPE_CHECKING:  # torch is imported where a model is built: the ONNX engine uses the checks here without it
@@ -74,6 +75,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def read_checkpoint_hashed(path: Path) -> tuple[dict[str, Any], str]:
     """:func:`read_checkpoint`, and the sha256 of the very bytes it unpickled (one read of the file)."""
+    # optional: torch (the train extra), imported only when this runs
     import torch
 
     try:
@@ -141,7 +143,6 @@ def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> Load
     state, checksum = read_checkpoint_hashed(ckpt)
     cfg, class_names = checkpoint_config(state, ckpt)
     check_config_copy(run, cfg)
-    from finegrain.models.build import build_from_config, num_outputs
 
     model = build_from_config(cfg, num_outputs(cfg, len(class_names)), weights="none")
     sd = state.get("state_dict")
@@ -161,8 +162,8 @@ def load_model(run: RunDir | str | Path, checkpoint: Path | None = None) -> Load
 def source_model(cfg: ExperimentConfig, run: RunDir) -> LoadedModel:
     """The model of a kNN run (which trains nothing): ``eval.source_run``'s trained one, else the
     backbone with its pretrained weights. The kNN run's own config says how to see images."""
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import split_for
-    from finegrain.models.build import build_from_config, num_outputs
 
     class_names = split_for(cfg.data).class_names
     if cfg.eval.source_run:

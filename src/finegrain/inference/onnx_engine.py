@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,6 @@ def read_export_meta(run: RunDir) -> dict | None:
 
 
 def onnxruntime_version() -> str | None:
-    from importlib import metadata
 
     try:
         return metadata.version("onnxruntime")
@@ -69,6 +69,7 @@ def onnxruntime_version() -> str | None:
 def import_onnxruntime():
     """``onnxruntime``, or a :class:`FinegrainError` saying how to install it."""
     try:
+        # optional: ONNX Runtime (the serve extra), imported only when this runs
         import onnxruntime
     except ImportError:
         raise FinegrainError(

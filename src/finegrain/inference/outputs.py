@@ -14,7 +14,9 @@ from finegrain.config.schema import (
     ExperimentConfig,
     eval_sizes,  # noqa: F401 - where the ONNX engine finds it
 )
+from finegrain.data.images import resize_rgb
 from finegrain.errors import FinegrainError
+from finegrain.progress import track
 
 PASS_IMAGES = 32
 """Images in one forward pass, mirrors included: a loader's batch is run in slices of this many.
@@ -120,7 +122,6 @@ class EncodingLoop:
 
     def encode_rgb(self, rgb) -> dict[str, np.ndarray]:
         """One RGB image (Pillow), resized to every size as its gallery was: outputs ``[1, ...]``."""
-        from finegrain.data.images import resize_rgb
 
         return mean_over_sizes([self.forward(resize_rgb(rgb, size).transpose(2, 0, 1)[None]) for size in self.sizes])
 
@@ -150,7 +151,6 @@ class EncodingLoop:
 
     def run_loader(self, loader, description: str = "encoding") -> Outputs:
         """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
-        from finegrain.progress import track
 
         self.prepare(loader)
         labels: list[np.ndarray] = []

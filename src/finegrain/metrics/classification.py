@@ -91,6 +91,7 @@ def classification_metrics(labels: Any, values: Any, num_classes: int, scores: s
     logits (``scores="logits"``) or class probabilities (``scores="probs"``) with
     ``C == num_classes``. See the module docstring for the exact definitions.
     """
+    # optional: scikit-learn (the train extra), imported only when this runs
     from sklearn.metrics import precision_recall_fscore_support
 
     if scores not in SCORE_KINDS:
@@ -130,6 +131,7 @@ def per_class_table(labels: Any, preds: Any, class_names: Sequence[str]) -> list
     (correct / support; 0.0 when support is 0), ``precision``, ``recall``, ``f1``
     (scikit-learn, zero_division=0).
     """
+    # optional: scikit-learn (the train extra), imported only when this runs
     from sklearn.metrics import precision_recall_fscore_support
 
     c = len(class_names)

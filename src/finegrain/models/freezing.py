@@ -67,6 +67,7 @@ def _layout(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module], Tail
     flattened features, or None where the forward pass is not known well enough to be split)."""
     b: Any = backbone  # duck-typed: the attributes tested with hasattr below
     if hasattr(b, "conv_stem") and hasattr(b, "blocks"):  # timm EfficientNet / MobileNet
+        # optional: timm (the train extra), imported only when this runs
         from timm.models.efficientnet import EfficientNet
         from timm.models.mobilenetv3 import MobileNetV3
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import ConfigError
+from finegrain.models.model import CosineLinear, FinegrainModel
 
 MAP_OUTPUTS = ("embedding_map", "class_map")
 _PASSIVE = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -83,9 +84,6 @@ def _per_image(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def forward_with_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``model(x)`` (a :class:`FinegrainModel`) and, besides its outputs, ``embedding_map`` and (with a
     classifier) ``class_map`` (see the module docstring); the model runs once."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.models.model import CosineLinear, FinegrainModel
-
     if not isinstance(model, FinegrainModel):
         raise ConfigError(f"maps need a finegrain model (a backbone and heads), not {type(model).__name__}")
 

@@ -209,6 +209,7 @@ def stage_channels(stage: nn.Module) -> int:
 
 def insert_cubs(backbone: nn.Module, variant: str, stages, backbone_name: str = "") -> list[int]:
     """Append a CUBSBlock(variant) to ``layerN`` for N in ``stages``; return the stages."""
+    # optional: torchvision (the train extra), imported only when this runs
     import torchvision
 
     if not isinstance(backbone, torchvision.models.ResNet):

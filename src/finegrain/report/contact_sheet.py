@@ -7,7 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from finegrain.data.images import open_rgb
 from finegrain.errors import FinegrainError
+from finegrain.inference.explain import overlay
 from finegrain.retrieval.explain_search import Explanation
 from finegrain.retrieval.searcher import Hit
 
@@ -30,13 +32,9 @@ def contact_sheet(
     import matplotlib
     import numpy as np
 
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.inference.explain import overlay
-
     matplotlib.use("Agg")
+    # optional: matplotlib (the train extra), imported only when this runs
     import matplotlib.pyplot as plt
-
-    from finegrain.data.images import open_rgb
 
     n = len(hits) + 1
     cols = min(n, 6)

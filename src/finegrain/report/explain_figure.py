@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finegrain.data.images import open_rgb
+from finegrain.inference import open_encoder
+from finegrain.inference.explain import class_activation_map, explain_rgbs, overlay, pair_maps, to_unit
 from finegrain.report.figures import _new_figure, _save, _short
 from finegrain.report.page_parts import Figure, skipped, try_figure
 from finegrain.runs import RunDir
@@ -35,8 +38,6 @@ def _name(names: Sequence[str] | None, label: int) -> str:
 
 
 def _tile(ax, rgb: np.ndarray, m01: np.ndarray, title: str, right: bool) -> None:
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.inference.explain import overlay
 
     ax.imshow(overlay(rgb, m01))
     ax.set_title(title, fontsize=7, color="#1a7f37" if right else "#b3261e")
@@ -54,16 +55,6 @@ def explained_predictions(
     seed: int = 0,
 ) -> Path:
     """Draw the figure (see the module docstring) into ``out_png``."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.data.images import open_rgb
-    from finegrain.inference import open_encoder
-    from finegrain.inference.explain import (
-        class_activation_map,
-        explain_rgbs,
-        pair_maps,
-        to_unit,
-    )
-
     vectors, labels, paths = emb
     encoder = open_encoder(run)
     rng = np.random.default_rng(seed)

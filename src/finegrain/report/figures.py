@@ -193,6 +193,7 @@ def _style_epoch_axis(ax, x: np.ndarray) -> None:
     if x.size <= 20:
         ax.set_xticks(x)
     else:
+        # optional: matplotlib (the train extra), imported only when this runs
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -307,6 +308,7 @@ def per_class_accuracy(per_class_csv: Path, out_png: Path, n: int = 15) -> Path:
     longest = max(len(_short(r["class"], 38)) for r in rows)
     height = 1.2 + 0.28 * max(len(g) for _, g in groups)
     width_each = 3.4 + 0.065 * longest
+    # optional: matplotlib (the train extra), imported only when this runs
     from matplotlib import colormaps
 
     cmap = colormaps["RdYlGn"]

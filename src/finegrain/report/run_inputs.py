@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from finegrain.config import load_yaml
 from finegrain.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -52,10 +55,6 @@ def logged_class_names(run_dir: Path) -> list[str] | None:
     path = run_dir / "logs" / "hparams.yaml"
     if not path.is_file():
         return None
-    import yaml
-
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.config import load_yaml
 
     try:
         names = (load_yaml(path.read_text()) or {}).get("class_names")
@@ -67,7 +66,6 @@ def logged_class_names(run_dir: Path) -> list[str] | None:
 def names_from_folders(labels: np.ndarray, paths: list[str]) -> list[str] | None:
     """Class names from an image-folder layout: each label's most common parent folder name,
     used only when it covers at least 90% of that label's images and labels get distinct names."""
-    from collections import Counter
 
     if not len(labels):
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
 
 def placeholder(size: int = 128) -> np.ndarray:
@@ -23,7 +24,6 @@ def thumb(path: str | Path | None, size: int) -> tuple[np.ndarray, str | None]:
     """(RGB uint8 [size, size, 3], None) for a readable image, else (placeholder, why)."""
     if path is None:
         return placeholder(size), "no example"
-    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as source:

@@ -13,6 +13,7 @@ from finegrain.inference import open_encoder
 from finegrain.inference.outputs import EncodingLoop, Outputs
 from finegrain.retrieval.embeddings import SPLITS, reusable_embeddings, save_embeddings
 from finegrain.retrieval.gallery_root import common_root
+from finegrain.retrieval.index import GalleryIndex, index_builder
 from finegrain.retrieval.index_files import META_FILE, recover_swap
 from finegrain.runs import open_run
 
@@ -24,6 +25,7 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
 
     Returns the records, the class names and a description.
     """
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import split_for
 
     if not gallery.strip():
@@ -35,6 +37,7 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     path = Path(gallery)
     if not path.exists():
         raise FinegrainError(f"gallery '{gallery}' is neither a split ({', '.join(SPLITS)}, all) nor a folder")
+    # optional: SciPy (the train extra), imported only when this runs
     from finegrain.data.detect import open_collection
 
     coll = open_collection(path)
@@ -95,7 +98,6 @@ def build_index(
     """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
     way) and save a FAISS index with its metadata (the gallery it holds among them). An existing
     index of another gallery or of a very different size is replaced only with ``replace``."""
-    from finegrain.retrieval.index import GalleryIndex, index_builder
 
     index_builder(kind, metric)  # a bad kind or metric is refused before the gallery is embedded
     run = open_run(run_path)

@@ -27,7 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -361,8 +363,6 @@ class GalleryIndex:
         moment leaves the old index or the new one, whole, and at most a ``.<name>.*.tmp``
         folder that the next save removes. A folder that holds other files is refused.
         """
-        import shutil
-        import uuid
 
         d = Path(directory)
         d.parent.mkdir(parents=True, exist_ok=True)

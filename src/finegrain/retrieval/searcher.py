@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,12 @@ from typing import Protocol, TypedDict, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from finegrain.data.images import open_rgb, to_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.gallery_root import inside, served_root
-from finegrain.retrieval.index import check_k
-from finegrain.retrieval.index_files import recover_swap
+from finegrain.retrieval.index import GalleryIndex, check_k
 from finegrain.runs import open_run
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,23 @@ def pixels_digest(image: Image.Image) -> str:
 Fingerprint = tuple[tuple[int, int], str]
 """An image's size and :func:`pixels_digest`."""
 
+SAME_IMAGE_MIN_COSINE = 0.98
+"""Only hits at least this close to the query are fingerprinted for ``same_image``: a copy scores about
+1, and another engine or precision moves that by far less than 0.02, so a search reads only the few
+gallery files that could be the query (for a Euclidean index: within the same angle, scaled by the
+query's length)."""
+
+
+def could_be_copies(hits: list[Hit], metric: str, query_norm: float) -> list[Hit]:
+    """The hits close enough to the query to be a copy of it (see :data:`SAME_IMAGE_MIN_COSINE`);
+    ``query_norm`` is the query embedding's length (for a Euclidean index's scores)."""
+    if metric == "cosine":
+        return [h for h in hits if h.score >= SAME_IMAGE_MIN_COSINE]
+    radius = math.sqrt(2 * (1 - SAME_IMAGE_MIN_COSINE)) * query_norm
+    return [h for h in hits if h.score <= radius]
+
 
 def _file_fingerprint(path: str) -> Fingerprint | None:
-    from finegrain.data.images import open_rgb
 
     try:
         image = open_rgb(path)[0]
@@ -141,16 +156,14 @@ class Searcher:
     def __init__(
         self, run_path: str | Path, index_dir: Path | None = None, precision: str | None = None, engine: str = "auto"
     ) -> None:
-        from finegrain.retrieval.index import GalleryIndex
 
         self.run = open_run(run_path)
         self.encoder = open_encoder(self.run, engine, precision)  # torch or ONNX Runtime
         self.engine = self.encoder.engine
         self.cfg = self.encoder.cfg
-        index_dir = recover_swap(index_dir or self.run.index)  # before looking: a killed save may hide it
-        if not (index_dir / "meta.json").is_file():
-            raise FinegrainError(f"no index in {index_dir} (run `finegrain index {self.run.path}` first)")
-        self.index = GalleryIndex.load(index_dir, expected_model_checksum=self.encoder.loaded.checksum)
+        # GalleryIndex.load completes a save a kill interrupted, then refuses a missing or incomplete index
+        checksum = self.encoder.loaded.checksum
+        self.index = GalleryIndex.load(index_dir or self.run.index, expected_model_checksum=checksum)
         self.class_names = self.encoder.loaded.class_names
         self._gallery_root: Path | None = None
         self._fingerprints: dict[int, Fingerprint | None] = {}  # gallery id -> its fingerprint, as hits need them
@@ -236,7 +249,6 @@ class Searcher:
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one image."""
-        from finegrain.data.images import to_rgb
 
         out = self.encoder.encode_rgb(to_rgb(image)[0])
         probs = None
@@ -248,7 +260,6 @@ class Searcher:
     def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]:
         """The k most similar gallery images and the top-5 classes: a classification run's
         head probabilities, else the share of the k neighbours in each class."""
-        from finegrain.data.images import to_rgb
 
         check_k(k, self.gallery_size)
         emb, probs = self.encode(image)
@@ -266,7 +277,8 @@ class Searcher:
             if i >= 0
         ]
         rgb, query = to_rgb(image)[0], None
-        for h in hits:  # by content, not score: scores of a copy vary with the engine and precision
+        for h in could_be_copies(hits, self.index.metric, float(np.linalg.norm(emb))):
+            # then by content: scores of a copy vary with the engine and precision
             mark = self._fingerprint(h)
             if mark is not None and mark[0] == rgb.size:
                 query = query or pixels_digest(rgb)

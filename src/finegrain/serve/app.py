@@ -218,21 +218,18 @@ def create_app(
     app.state.body_timeout = float(body_timeout)
     app.state.allowed_hosts = allowed_hosts(host, allow_hosts)
     install_error_handlers(app)
-    if isinstance(searcher, LiveGallery):  # its routes come first, ahead of the static ones
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    info = service_info(searcher, max_upload_bytes, max_k, max_image_pixels)
+    live = isinstance(searcher, LiveGallery)
+    if isinstance(searcher, LiveGallery):  # its own info, search and image routes
+        # import cycle: gallery_routes uses this module's search_response and search_openapi
         from finegrain.serve.gallery_routes import Tokens, add_gallery_routes
 
-        add_gallery_routes(
-            app,
-            searcher,
-            tokens or Tokens(),
-            service_info(searcher, max_upload_bytes, max_k, max_image_pixels),
-            max_concurrency,
-        )
+        add_gallery_routes(app, searcher, tokens or Tokens(), info, max_concurrency)
     _add_page(app)
-    _add_service_routes(app, service_info(searcher, max_upload_bytes, max_k, max_image_pixels))
-    _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
-    _add_gallery_route(app, searcher)
+    _add_service_routes(app, None if live else info)
+    if not live:
+        _add_search_route(app, searcher, asyncio.Semaphore(max(1, int(max_concurrency))))
+        _add_gallery_route(app, searcher)
     app.include_router(explain_router)  # POST /api/explain
     return app
 
@@ -248,10 +245,15 @@ def _add_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def _add_service_routes(app: FastAPI, info: dict[str, Any]) -> None:
+def _add_service_routes(app: FastAPI, info: dict[str, Any] | None) -> None:
+    """``/api/health``, and ``/api/info`` answering ``info`` unless it is None (a live gallery answers its own)."""
+
     @app.get("/api/health", tags=["service"], summary="Liveness check")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    if info is None:
+        return
 
     @app.get("/api/info", tags=["service"], summary="What the service runs")
     async def api_info() -> dict[str, Any]:
@@ -345,12 +347,13 @@ def serve(
     ``max_concurrency`` searches at once, each on its share of the cores. Writes are on with a write token.
 
     Options are checked before anything loads: a bad one is a :class:`FinegrainError`."""
+    # optional: uvicorn (the serve extra), imported only when this runs
     import uvicorn
 
     allow_hosts = list(allow_hosts or ())
     hosts = check_serve_options(host, port, max_upload_mb, max_image_mpixels, allow_hosts, max_concurrency)
 
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # import cycle: gallery_routes imports this module
     from finegrain.serve.gallery_routes import READ_TOKEN_ENV, WRITE_TOKEN_ENV, Tokens, load_token
 
     tokens = Tokens(
@@ -376,14 +379,8 @@ def serve(
             "name or address with --allow-host",
             ", ".join(sorted(hosts)),
         )
-    try:
-        root = getattr(searcher, "gallery_root", None)
-    except FinegrainError as e:
-        log.warning("%s; the gallery images will not be shown", e)
-        root = None
-    where = f" in {root}" if root else ""
     print(
-        f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images{where}) "
+        f"finegrain: serving {searcher.run.name} ({searcher.gallery_size} gallery images) "
         f"with the {searcher.engine} engine ({max_concurrency} searches at once, {threads} thread(s) each) "
         f"on http://{host}:{port}/  (API docs at /docs; gallery writes "
         f"{'on, with the write token' if tokens.write else 'off'})",

@@ -36,8 +36,9 @@ from starlette.datastructures import UploadFile
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
-from finegrain.gallery.filters import parse_filter, parse_metadata
+from finegrain.gallery.filters import check_label, check_metadata, parse_filter, parse_metadata
 from finegrain.gallery.live import ImageBytes, LiveGallery
+from finegrain.serve.app import search_openapi, search_response
 from finegrain.serve.errors import ApiError, no_paths
 from finegrain.serve.uploads import (
     check_headers,
@@ -196,13 +197,21 @@ def add_gallery_routes(
             "gallery_store": type(live.store).__name__,
         }
 
-    @router.post("/api/search", tags=["search"], summary="Search the gallery with an image, optionally filtered")
+    search_doc = search_openapi(max_k, max_bytes)
+    search_doc["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["filter"] = {
+        "type": "string",
+        "description": 'JSON: {"label": NAME} or {"metadata.FIELD": VALUE}.',
+    }
+
+    @router.post(
+        "/api/search",
+        tags=["search"],
+        summary="Search the gallery with an image, optionally filtered",
+        openapi_extra=search_doc,
+    )
     async def search(request: Request) -> dict[str, Any]:
         """Multipart ``image`` (+ ``k``, + ``filter``: JSON ``{"label": NAME}`` or
         ``{"metadata.FIELD": VALUE}``): the prediction and the k nearest entries, with labels and metadata."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.serve.app import search_response
-
         require_read(request, tokens)
         started = time.perf_counter()
         size = await anyio.to_thread.run_sync(live.store.count)
@@ -266,8 +275,6 @@ def add_gallery_routes(
     @router.patch("/api/gallery/{entry_id}", summary="Change an entry's label or metadata (needs the write token)")
     async def update(entry_id: str, request: Request) -> dict[str, Any]:
         """JSON body ``{"label": "...", "metadata": {...}}`` (either or both; metadata is replaced)."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.gallery.filters import check_label, check_metadata
 
         require_write(request, tokens)
         i = parse_id(entry_id)

@@ -9,7 +9,9 @@ import lightning as L
 import torch
 
 from finegrain.config import ExperimentConfig
+from finegrain.data.frozen_features import build_frozen_views
 from finegrain.errors import FinegrainError, unknown_name
+from finegrain.inference.encoder import autocast_for
 from finegrain.models.build import build_from_config, num_outputs
 from finegrain.registry import Registry
 
@@ -67,8 +69,6 @@ class FinegrainTask(L.LightningModule):
         training loader (which asks when it is first built: the frozen weights never change, so a
         resumed run gets the same); in eval mode, without autograd, in :attr:`cache_precision` (else
         the training precision), channels-last as configured."""
-        from finegrain.data.frozen_features import build_frozen_views
-        from finegrain.inference.encoder import autocast_for
 
         # Lightning sets Trainer.datamodule when fitting, without declaring it on the class
         dm, t = self.trainer.datamodule, self.cfg.train  # type: ignore[attr-defined]

@@ -24,9 +24,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finegrain import machine
 from finegrain.config import ExperimentConfig
 from finegrain.config.schema import eval_sizes
 from finegrain.errors import ConfigError
+from finegrain.inference.engines import evaluation_precision
+from finegrain.models.build import build_from_config
+from finegrain.runs import atomic_write_json
 
 if TYPE_CHECKING:
     from finegrain.data.splits import Split
@@ -229,6 +233,11 @@ def plan(budget_seconds: float, data: DataSize, speed: Speed, recipe: Experiment
     the epochs the time left allows up to the next rung's (the smallest, marked as not fitting, when
     none fits)."""
     check_plannable(recipe)
+    return _largest_fitting(budget_seconds, data, speed, recipe)
+
+
+def _largest_fitting(budget_seconds: float, data: DataSize, speed: Speed, recipe: ExperimentConfig) -> Plan:
+    """:func:`plan` for a recipe already checked by :func:`check_plannable`."""
     chosen = None
     for i, rung in enumerate(LADDER):
         most = LADDER[i + 1].epochs if i + 1 < len(LADDER) else rung.epochs * 3 // 2
@@ -282,11 +291,8 @@ def measure_speed(recipe: ExperimentConfig, num_classes: int | None) -> Speed:
     # optional: the train extra, loaded only where this runs
     import torch
 
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain import machine
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.inference.encoder import autocast_for
-    from finegrain.inference.engines import evaluation_precision
-    from finegrain.models.build import build_from_config
     from finegrain.tasks.phase_precision import time_cached_step
 
     mp = PROBE_SIZE[0] * PROBE_SIZE[1] / 1e6
@@ -360,12 +366,12 @@ def _seconds_per_image(work, rounds: int = 2) -> float:
 def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
     """Measure the data and the machine, and plan ``recipe`` within ``budget_seconds``."""
     check_plannable(recipe)
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import split_for
 
     split = split_for(recipe.data)
     num_classes = None if recipe.model.head == "embedding" else len(split.class_names)
-    return plan(
+    return _largest_fitting(  # checked above, before measuring anything
         budget_seconds,
         data_size(recipe, split),
         measure_speed(recipe, num_classes),
@@ -375,8 +381,6 @@ def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
 
 def write_plan(run_path: Path, p: Plan, spent_seconds: float | None = None) -> Path:
     """``RUN/budget.json``: the plan, its prediction and (when known) the wall time spent."""
-    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-    from finegrain.runs import atomic_write_json
 
     out = p.as_dict()
     if spent_seconds is not None:

@@ -34,11 +34,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finegrain.config import ExperimentConfig, ModelConfig
+from finegrain.data.module import FinegrainDataModule
 from finegrain.errors import FinegrainError
+from finegrain.inference.load import read_checkpoint
 from finegrain.machine import resolve_precision, set_threads, tune_allocator
 from finegrain.progress import wanted as progress_wanted
 from finegrain.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, create_run
 from finegrain.tasks import phase_precision
+from finegrain.tasks.base import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(Path(path), buf.getvalue())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        from finegrain.inference.load import read_checkpoint
 
         return read_checkpoint(Path(path))
 
@@ -257,7 +259,6 @@ def make_task(cfg: ExperimentConfig, class_names: list[str], train_labels: list[
     """The registered LightningModule of the config's task."""
     import finegrain.tasks.classification  # noqa: F401 - registers its task
     import finegrain.tasks.metric_learning  # noqa: F401 - registers its task
-    from finegrain.tasks.base import TASKS
 
     if not cfg.trains:
         raise FinegrainError(f"task '{cfg.task}' is not trained; run `finegrain evaluate` on it instead")
@@ -267,7 +268,6 @@ def make_task(cfg: ExperimentConfig, class_names: list[str], train_labels: list[
 def check_resumable(ckpt: Path, cfg: ExperimentConfig) -> None:
     """Refuse an unsafe or unreadable checkpoint, or one written for another model architecture,
     naming what differs."""
-    from finegrain.inference.load import read_checkpoint
 
     state = read_checkpoint(ckpt)  # weights_only: a planted checkpoint cannot run code
     hp = state.get("hyper_parameters")
@@ -326,6 +326,7 @@ def trainer_for(
         RunState(run),
     ]
     if t.ema_decay:
+        # optional: Lightning (the train extra), imported only when this runs
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
@@ -337,6 +338,7 @@ def trainer_for(
     wanted = progress_wanted()
     progress = wanted and sys.stdout.isatty()
     if progress:
+        # optional: Lightning (the train extra), imported only when this runs
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=True))
@@ -385,7 +387,6 @@ def fit(
     When ``Trainer.fit`` returns normally (last epoch, early stopping, or a ``deadline`` of
     ``--budget``: :class:`BudgetStop`) ``state.json`` says ``finished``.
     """
-    from finegrain.data.module import FinegrainDataModule
 
     quiet_lightning()
     tune_allocator()  # no mmap/munmap of every step's tensors (machine.ALLOCATOR_SETTINGS)

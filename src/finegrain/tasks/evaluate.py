@@ -10,11 +10,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from rich.table import Table
 
 from finegrain import __version__
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
+from finegrain.inference import open_encoder
 from finegrain.machine import machine_info, tune_allocator
+from finegrain.metrics.classification import classification_metrics, confusion_pairs, per_class_table
+from finegrain.metrics.retrieval import retrieval_metrics
+from finegrain.retrieval.embeddings import save_embeddings
+from finegrain.retrieval.knn import knn_classify
 from finegrain.runs import RunDir, atomic_write_json, atomic_write_text, open_run
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,7 @@ DEFINITIONS = {
 
 
 def protocol_of(cfg: ExperimentConfig, split, root: Path, protocol: str, collection_format: str) -> dict:
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import eval_sizes
 
     return {
@@ -59,9 +66,8 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run on its test split and write ``metrics.json`` (and per-class CSV); ``engine``
     as :func:`finegrain.inference.open_encoder` takes it."""
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import FinegrainDataModule, dataset_root
-    from finegrain.inference import open_encoder
-    from finegrain.retrieval.embeddings import save_embeddings
 
     run = open_run(run_path)
     tune_allocator()  # the evaluation's batches too (machine.ALLOCATOR_SETTINGS)
@@ -108,7 +114,6 @@ def evaluate_run(
 
 def add_retrieval_metrics(result: dict, cfg: ExperimentConfig, out, test_source: str) -> None:
     """``result["retrieval"]``: every test image queries the rest of the test set."""
-    from finegrain.metrics.retrieval import retrieval_metrics
 
     m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
     result["protocol"]["queries"] = "every test image"
@@ -123,12 +128,6 @@ def add_retrieval_metrics(result: dict, cfg: ExperimentConfig, out, test_source:
 
 def add_classification_metrics(result: dict, run: RunDir, encoder, dm, out) -> None:
     """``result["classification"]`` and ``confused_pairs`` (by the classifier head, else kNN), and per_class.csv."""
-    from finegrain.metrics.classification import (
-        classification_metrics,
-        confusion_pairs,
-        per_class_table,
-    )
-
     cfg = encoder.cfg
     num_classes = len(dm.class_names)
     if out.logits is not None and cfg.predicts_with_classifier:
@@ -181,8 +180,6 @@ def training_progress(run: RunDir) -> dict:
 
 def knn_metrics(encoder, dm, test_out) -> tuple[dict, np.ndarray]:
     """kNN classification: gallery = the train split's vectors, queries = the test split's."""
-    from finegrain.metrics.classification import classification_metrics
-    from finegrain.retrieval.knn import knn_classify
 
     gallery = encoder.encode_records(dm.split.train + dm.split.val, dm.caches, "gallery images")
     e = encoder.cfg.eval
@@ -218,7 +215,6 @@ def write_per_class(run: RunDir, table: list[dict]) -> None:
 
 def render_metrics(metrics: dict):
     """A rich table of the headline numbers."""
-    from rich.table import Table
 
     partial = (
         (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} epochs]")

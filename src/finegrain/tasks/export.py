@@ -18,6 +18,7 @@ from rich import filesize
 
 from finegrain import __version__
 from finegrain.errors import FinegrainError
+from finegrain.inference.load import file_sha256, load_model
 from finegrain.inference.onnx_engine import (
     EXPORT_DIR,
     FP32_FILE,
@@ -26,12 +27,16 @@ from finegrain.inference.onnx_engine import (
     OnnxEncoder,
     onnxruntime_version,
 )
+from finegrain.inference.outputs import eval_sizes
+from finegrain.metrics.classification import classification_metrics
+from finegrain.metrics.retrieval import retrieval_metrics
 from finegrain.runs import (
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_tmp,
     open_run,
 )
+from finegrain.tasks.evaluate import knn_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +48,12 @@ DEFAULT_CALIBRATION_IMAGES = 300
 def headline_accuracy(encoder, cfg) -> dict:
     """The run's headline test number on ``encoder``, computed as ``finegrain evaluate`` computes it:
     top-1 of the classifier head (or of the kNN vote without one), or Recall@1 for retrieval."""
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import FinegrainDataModule
-    from finegrain.metrics.classification import classification_metrics
-    from finegrain.tasks.evaluate import knn_metrics
 
     dm = FinegrainDataModule(cfg)
     out = encoder.encode_records(dm.test_records, dm.caches, f"test images ({encoder.engine} {encoder.precision})")
     if cfg.data.protocol == "retrieval":
-        from finegrain.metrics.retrieval import retrieval_metrics
-
         m = retrieval_metrics(out.embeddings, out.labels, ks=tuple(cfg.eval.recall_ks), metric="cosine")
         return {"metric": "recall@1", "value": float(m["recall@1"]), "n_images": len(out.labels)}
     if out.logits is not None and cfg.predicts_with_classifier:
@@ -67,6 +69,7 @@ class CalibrationSample:
     readable images that were fed."""
 
     def __init__(self, cfg, n_images: int, seed: int = 0) -> None:
+        # optional: torch, Lightning (the train extra), imported only when this runs
         from finegrain.data.module import FinegrainDataModule
 
         self.cfg = cfg
@@ -82,6 +85,7 @@ class CalibrationSample:
         return len(self._seen)
 
     def __iter__(self):
+        # optional: torch, Lightning (the train extra), imported only when this runs
         from finegrain.data.module import eval_loaders
 
         for loader in eval_loaders(self.records, self.cfg.data, self.dm.caches):
@@ -118,8 +122,10 @@ def open_exportable(run_path: str | Path):
 
 def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict:
     """model.json's contents for the fp32 model: what it was made from, its input and outputs, its parity."""
+    # optional: torch (the train extra), imported only when this runs
     import torch
 
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.inference.export import output_names
 
     cfg = loaded.cfg
@@ -157,13 +163,13 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
 
 def add_int8(run, meta: dict, dest: Path, cfg, calibration_images: int) -> None:
     """Write ``model.int8.onnx`` and record it and the test accuracy it loses against fp32 in ``meta``."""
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.inference.export import quantize_int8
 
     fp32 = dest / FP32_FILE
     sample = CalibrationSample(cfg, calibration_images)
     how = quantize_int8(fp32, dest / INT8_FILE, sample)
     how["calibration_images"] = sample.images
-    from finegrain.inference.load import file_sha256
 
     int8 = dest / INT8_FILE
     meta["files"]["int8"] = {
@@ -198,9 +204,8 @@ def export_run(
     check_request(fmt, quantize, calibration_images)
     run = open_exportable(run_path)
 
+    # optional: torch (the train extra), imported only when this runs
     from finegrain.inference.export import DEFAULT_OPSET, check_parity, export_onnx
-    from finegrain.inference.load import load_model
-    from finegrain.inference.outputs import eval_sizes
 
     opset = opset or DEFAULT_OPSET
     loaded = load_model(run)

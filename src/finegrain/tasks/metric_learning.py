@@ -10,6 +10,7 @@ import torch
 
 from finegrain.config.losses import ProxyLoss
 from finegrain.errors import ConfigError
+from finegrain.metrics.retrieval import retrieval_metrics
 from finegrain.tasks.base import TASKS, FinegrainTask
 from finegrain.tasks.losses import build_loss
 
@@ -37,6 +38,7 @@ class MetricLearningTask(FinegrainTask):
         if stage == "fit":
             self._check_xbm_fits(self.trainer.world_size if self.trainer is not None else 1)
         if self.trainer is not None and self.trainer.world_size > 1:
+            # optional: pytorch-metric-learning (the train extra), imported only when this runs
             from pytorch_metric_learning.utils import distributed as pml_dist
 
             self.loss_fn = pml_dist.DistributedLossWrapper(self.loss_fn)
@@ -85,7 +87,6 @@ class MetricLearningTask(FinegrainTask):
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        from finegrain.metrics.retrieval import retrieval_metrics
 
         emb = torch.cat([e for e, _ in self._val])
         labels = torch.cat([y for _, y in self._val])

@@ -57,6 +57,7 @@ class PhasePrecision:
 
     def words(self) -> str:
         """The choice as the log line and the report word it (``report.run_sections.precision_words``)."""
+        # optional: matplotlib (the train extra), imported only when this runs
         from finegrain.report.run_sections import precision_words
 
         if not self.images_per_second:

@@ -8,6 +8,8 @@ from pathlib import Path
 from finegrain.config import ExperimentConfig, config_to_yaml
 from finegrain.errors import FinegrainError
 from finegrain.runs import RunDir, create_run
+from finegrain.tasks.evaluate import evaluate_run
+from finegrain.tasks.export import export_run
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,8 @@ def train_and_evaluate(
     evaluate it on its test split (with ``eval.export_onnx``, exported first and evaluated on ONNX
     Runtime). Returns the run and its metrics (None when not evaluated, or on a DDP process other
     than the first). ``deadline``: the ``time.monotonic`` instant training must stop by (``--budget``)."""
+    # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.tasks.engine import fit
-    from finegrain.tasks.evaluate import evaluate_run
 
     run = RunDir(runs_root / cfg.name)
     trained = (
@@ -45,8 +47,6 @@ def train_and_evaluate(
     if not (evaluate and global_zero):
         return run, None
     if cfg.trains and cfg.eval.export_onnx:
-        from finegrain.tasks.export import export_run
-
         try:
             export_run(run.path)  # evaluation (engine auto) then runs the export
         except FinegrainError as e:  # say, ONNX Runtime not installed: the trained model still evaluates
