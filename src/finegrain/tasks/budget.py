@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from finegrain import machine
 from finegrain.config import ExperimentConfig
 from finegrain.config.schema import eval_sizes
-from finegrain.errors import ConfigError
+from finegrain.errors import ConfigError, FinegrainError
 from finegrain.inference.engines import evaluation_precision
 from finegrain.models.build import build_from_config
 from finegrain.runs import atomic_write_json
@@ -332,10 +332,9 @@ def _onnx_seconds_per_image(model, cfg: ExperimentConfig, images) -> float | Non
     """Seconds per image of ``model``'s ONNX export on ONNX Runtime, as the run's evaluation runs it
     (fp32, this process's threads); None where ONNX Runtime or the exporter is missing, or the model
     does not export (the evaluation then runs in torch)."""
-    # optional: torch (the train extra) and ONNX Runtime (the serve extra), loaded only where this runs
+    # torch (the train extra): the exporter and the model it exports
     import torch
 
-    from finegrain.errors import FinegrainError
     from finegrain.inference.export import export_onnx
     from finegrain.inference.load import LoadedModel
     from finegrain.inference.onnx_engine import INPUT_NAME, import_onnxruntime
