@@ -335,6 +335,7 @@ def _onnx_seconds_per_image(model, cfg: ExperimentConfig, images) -> float | Non
     # torch (the train extra): the exporter and the model it exports
     import torch
 
+    # torch and ONNX Runtime (the serve extra), behind these modules
     from finegrain.inference.export import export_onnx
     from finegrain.inference.load import LoadedModel
     from finegrain.inference.onnx_engine import INPUT_NAME, import_onnxruntime
