@@ -10,7 +10,8 @@ is created, the index ``finegrain index`` built becomes its first content.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,15 @@ class ImageBytes:
 
     data: bytes
     name: str
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """One add: its images, and the label and metadata they all get."""
+
+    images: list[ImageBytes]
+    label: str = ""
+    metadata: dict[str, Any] | None = None
 
 
 def media_type_of(im: Image.Image) -> str | None:
@@ -182,16 +192,42 @@ class LiveGallery:
         return [(label, n / len(voters)) for label, n in ranked] if voters else None
 
     # -- writes ------------------------------------------------------------------------------------
-    def prepare(
-        self, image: ImageBytes, label: str, metadata: dict[str, Any] | None, max_pixels: int | None = None
-    ) -> NewEntry:
-        """Decode (within ``max_pixels``; an unreadable image is an ImageError) and encode one image."""
-        im = decode_bytes(image.data, image.name, max_pixels=max_pixels)
-        media_type = media_type_of(im)
-        return NewEntry(
-            vector=self._embed(im),
-            label=check_label(label),
-            image=image.data,
-            media_type=media_type,
-            metadata=check_metadata(metadata),
-        )
+    def add_many(
+        self, requests: Sequence[AddRequest], max_pixels: int | None = None
+    ) -> list[list[int] | FinegrainError]:
+        """Add several requests' images at once: each request's ids (in its order), or the error that
+        refused it. A request is all or nothing: an unreadable image (an :class:`ImageError`), a bad
+        label or metadata, or an image the model gives no finite vector refuses it alone. The
+        accepted requests' images are encoded as one batch and stored in one transaction: every id
+        returned is durable, and an image sent twice (in one request or two) gets one id."""
+        out: list[list[int] | FinegrainError] = []
+        accepted: list[tuple[int, list[NewEntry]]] = []
+        rgbs: list[Image.Image] = []
+        for r in requests:
+            try:
+                label, metadata = check_label(r.label), check_metadata(r.metadata)
+                decoded = [decode_bytes(im.data, im.name, max_pixels=max_pixels) for im in r.images]
+            except FinegrainError as e:
+                out.append(e)
+                continue
+            out.append([])
+            entries = [
+                NewEntry(np.empty(0), label, im.data, media_type_of(d), metadata)
+                for im, d in zip(r.images, decoded, strict=True)
+            ]
+            accepted.append((len(out) - 1, entries))
+            rgbs += [to_rgb(d)[0] for d in decoded]
+        if not rgbs:
+            return out
+        vectors = iter(self.encoder.encode_rgbs(rgbs)["embedding"])
+        storing: list[tuple[int, list[NewEntry]]] = []
+        for i, entries in accepted:
+            encoded = [replace(e, vector=next(vectors)) for e in entries]
+            if all(np.all(np.isfinite(e.vector)) for e in encoded):
+                storing.append((i, encoded))
+            else:
+                out[i] = FinegrainError("the model gives no finite vector for an image of this request")
+        ids = iter(self.store.add([e for _, entries in storing for e in entries]))
+        for i, entries in storing:
+            out[i] = [next(ids) for _ in entries]
+        return out
