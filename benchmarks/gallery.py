@@ -3,8 +3,10 @@
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/gallery.py [--images 2000] [--vectors 100000]
 
 1. adds: ``--images`` (``--milvus-images`` on Milvus Lite) real Stanford Cars thumbnails (../shared/data)
-   added over the API (8 per request, one client) against the model's own encoding rate measured in the same run
-   (``encode_records``, as ``finegrain embed`` encodes: goal >= 0.85 of it);
+   added over the API in each way of :data:`ADD_MODES` (8 concurrent clients posting one image
+   each, which the server micro-batches; 2 clients posting 16 images a request), each its own images,
+   against the model's own encoding rate measured in the same run (``encode_records`` over
+   ``--images`` of them, as ``finegrain embed`` encodes: goal >= 0.85 of it);
 2. searches: p50/p95 of 4 clients searching, idle and while a fifth client adds (goal: p50 at most
    1.5x idle, no errors);
 3. restart: a server over a store of ``--vectors`` vectors, inserted directly through the store API
@@ -39,6 +41,10 @@ DATA = ROOT.parent / "shared" / "data" / "stanford_cars"
 OUT = ROOT / "benchmarks" / "out" / "gallery"
 RESULTS = ROOT / "benchmarks" / "results" / "gallery.json"
 PER_REQUEST = 8
+ONE_AT_A_TIME = 300
+ADD_MODES = [("single_image_posts", 8, 1), ("multi_image_posts", 2, 16)]
+"""How the adds are sent, each mode its own half of the images: (name, concurrent clients, images per POST).
+A bulk loader sends many requests at once (the server batches them) or several images a request."""
 
 
 def make_run() -> Path:
@@ -139,8 +145,9 @@ def own_rate(run: Path, imgs: list[tuple[str, bytes, str]]) -> dict:
     seconds = time.perf_counter() - t0
     from finegrain.data.images import decode_bytes, to_rgb
 
+    singles = imgs[:ONE_AT_A_TIME]
     t0 = time.perf_counter()
-    for name, data, _ in imgs:  # what the server does per image, without HTTP and the store
+    for name, data, _ in singles:  # what the server did per image before adds were batched
         encoder.encode_rgb(to_rgb(decode_bytes(data, name))[0])
     single = time.perf_counter() - t0
     return {
@@ -148,9 +155,9 @@ def own_rate(run: Path, imgs: list[tuple[str, bytes, str]]) -> dict:
         "seconds": round(seconds, 2),
         "images_per_second": round(len(records) / seconds, 1),
         "how": "encode_records (batched, as `finegrain embed`), 1 thread",
-        "one_at_a_time_images_per_second": round(len(imgs) / single, 1),
-        "one_at_a_time_how": "decode_bytes + encode_rgb per image in-process (the server's work without HTTP "
-        "and the store), 1 thread",
+        "one_at_a_time_images_per_second": round(len(singles) / single, 1),
+        "one_at_a_time_how": f"decode_bytes + encode_rgb per image in-process over {len(singles)} images "
+        "(the server's work before adds were batched, without HTTP and the store), 1 thread",
     }
 
 
@@ -160,23 +167,35 @@ def add_all(
     imgs: list[tuple[str, bytes, str]],
     stop_flag: threading.Event | None = None,
     errors: list | None = None,
+    clients: int = 1,
+    per_request: int = PER_REQUEST,
 ) -> tuple[int, float]:
-    done, t0 = 0, time.perf_counter()
-    with httpx.Client(timeout=120) as c:
-        for start_at in range(0, len(imgs), PER_REQUEST):
-            if stop_flag is not None and stop_flag.is_set():
-                break
-            batch = imgs[start_at : start_at + PER_REQUEST]
-            files = [("image", (name, data, "image/jpeg")) for name, data, _ in batch]
-            r = c.post(f"{url}/api/gallery", files=files, data={"label": batch[0][2]}, headers=auth)
-            if r.status_code != 200:
-                (errors if errors is not None else []).append(r.status_code)
-                if errors is None:
-                    raise SystemExit(f"add failed: {r.status_code} {r.text[:200]}")
-            done += len(batch)
-            if stop_flag is None and done % 400 == 0:
-                log(f"  {done} added, {done / (time.perf_counter() - t0):.1f} images/s")
-    return done, time.perf_counter() - t0
+    """Add ``imgs`` from ``clients`` concurrent clients (each its share, ``per_request`` images a POST)."""
+    done, t0, lock = [0], time.perf_counter(), threading.Lock()
+
+    def client(share: list[tuple[str, bytes, str]]) -> None:
+        with httpx.Client(timeout=120) as c:
+            for start_at in range(0, len(share), per_request):
+                if stop_flag is not None and stop_flag.is_set():
+                    break
+                batch = share[start_at : start_at + per_request]
+                files = [("image", (name, data, "image/jpeg")) for name, data, _ in batch]
+                r = c.post(f"{url}/api/gallery", files=files, data={"label": batch[0][2]}, headers=auth)
+                if r.status_code != 200:
+                    (errors if errors is not None else []).append(r.status_code)
+                    if errors is None:
+                        raise SystemExit(f"add failed: {r.status_code} {r.text[:200]}")
+                with lock:
+                    done[0] += len(batch)
+                    if stop_flag is None and done[0] % 400 < len(batch):
+                        log(f"  {done[0]} added, {done[0] / (time.perf_counter() - t0):.1f} images/s")
+
+    threads = [threading.Thread(target=client, args=(imgs[i::clients],)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0], time.perf_counter() - t0
 
 
 def search_latencies(url: str, queries: list[bytes], clients: int, per_client: int, errors: list) -> list[float]:
@@ -209,18 +228,29 @@ def bench_backend(
     name: str, run: Path, store: str, token_file: Path, auth: dict, imgs: list, vectors: int, own: dict
 ) -> dict:
 
-    log(f"[{name}] adds: {len(imgs)} images over the API, {PER_REQUEST} per request")
     proc, url, _ = start(run, store, token_file)
     try:
-        n, seconds = add_all(url, auth, imgs)
-        rate = n / seconds
+        adds = {}
+        for i, (mode, clients, per_request) in enumerate(ADD_MODES):
+            some = imgs[i * len(imgs) // len(ADD_MODES) : (i + 1) * len(imgs) // len(ADD_MODES)]
+            log(f"[{name}] adds ({mode}): {len(some)} images, {clients} clients, {per_request} per request")
+            n, seconds = add_all(url, auth, some, clients=clients, per_request=per_request)
+            adds[mode] = {
+                "images": n,
+                "clients": clients,
+                "per_request": per_request,
+                "seconds": round(seconds, 2),
+                "images_per_second": round(n / seconds, 1),
+                "ratio_to_model_rate": round(n / seconds / own["images_per_second"], 3),
+                "goal": ">= 0.85",
+            }
         queries = [data for _, data, _ in imgs[::37]]
         log(f"[{name}] searches: idle")
         errors: list = []
         idle = search_latencies(url, queries, 4, 25, errors)
         log(f"[{name}] searches: while a fifth client adds")
         flag, add_errors = threading.Event(), []
-        extra = images(len(imgs) + 400)[len(imgs) :]
+        extra = images(len(imgs) + 400)[len(imgs) :]  # not added yet: new entries
         adder = threading.Thread(target=add_all, args=(url, auth, extra, flag, add_errors))
         adder.start()
         busy = search_latencies(url, queries, 4, 25, errors)
@@ -248,14 +278,7 @@ def bench_backend(
     stop(proc)
     p50_idle, p50_busy = pct(idle, 50), pct(busy, 50)
     return {
-        "adds": {
-            "images": n,
-            "per_request": PER_REQUEST,
-            "seconds": round(seconds, 2),
-            "images_per_second": round(rate, 1),
-            "ratio_to_model_rate": round(rate / own["images_per_second"], 3),
-            "goal": ">= 0.85",
-        },
+        "adds": adds,
         "search": {
             "clients": 4,
             "requests_each": 25,
@@ -335,9 +358,9 @@ def main() -> int:
     token_file.write_text(token + "\n")
     os.chmod(token_file, 0o600)
     auth = {"Authorization": f"Bearer {token}"}
-    imgs = images(args.images)
-    log(f"baseline: the model's own encoding rate over {len(imgs)} images")
-    own = own_rate(run, imgs)
+    imgs = images(args.images * len(ADD_MODES))  # each way of sending adds its own images
+    log(f"baseline: the model's own encoding rate over {args.images} images")
+    own = own_rate(run, imgs[: args.images])
     result: dict = {
         "benchmark": "gallery",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -366,7 +389,7 @@ def main() -> int:
     for name, store in backends:
         for p in OUT.glob(Path(store).name + "*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-        some = imgs if name == "embedded" else imgs[: args.milvus_images]
+        some = imgs if name == "embedded" else imgs[: args.milvus_images * len(ADD_MODES)]
         result["backends"][name] = {
             "model_encoding": own,
             **bench_backend(name, run, store, token_file, auth, some, args.vectors, own),

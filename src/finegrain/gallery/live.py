@@ -45,6 +45,26 @@ def default_store(run: RunDir) -> Path:
     return run.path / STORE_FOLDER
 
 
+def has_store(run_path: str | Path) -> bool:
+    """Whether a run has its own embedded gallery store (``RUN/gallery``) to search."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    from finegrain.gallery.embedded import DB_FILE
+
+    return (default_store(open_run(run_path)) / DB_FILE).is_file()
+
+
+def hit_files(live: LiveGallery, hits: list[Hit], folder: Path) -> list[Hit]:
+    """``hits`` with each stored image written into ``folder`` and its path there (for a contact sheet)."""
+    out = []
+    for h in hits:
+        stored = live.store.image(h.id)
+        path = folder / f"{h.id}"
+        if stored is not None:
+            path.write_bytes(stored[0])
+        out.append(replace(h, path=str(path)))
+    return out
+
+
 @dataclass(frozen=True)
 class ImageBytes:
     """An image to add: its bytes and the name it came with (for messages and its media type)."""
