@@ -65,13 +65,13 @@ def test_concurrent_posts_share_a_batch_and_each_gets_its_answer(live, monkeypat
     monkeypatch.setattr(add_batches, "WINDOW_S", 2.0)  # every request below joins the first batch
     app = make_app(live, max_upload_bytes=200_000, tokens=Tokens(write=TOKEN))
     seen: list[int] = []
-    real = live.add_many
+    real = live.decode_adds
 
     def counting(requests, max_pixels=None):
         seen.append(len(requests))
         return real(requests, max_pixels)
 
-    monkeypatch.setattr(live, "add_many", counting)
+    monkeypatch.setattr(live, "decode_adds", counting)
     before = live.store.count()
     sent = [
         [png(101)],

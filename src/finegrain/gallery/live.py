@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,16 @@ class ImageBytes:
 
     data: bytes
     name: str
+
+
+@dataclass
+class DecodedAdds:
+    """Requests to add, decoded: each one's place in the answers and its entries (vectors to come), the
+    images to encode in order, and the answers so far (the error of each request refused)."""
+
+    accepted: list[tuple[int, list[NewEntry]]] = field(default_factory=list)
+    rgbs: list[Image.Image] = field(default_factory=list)
+    results: list[list[int] | FinegrainError] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -220,34 +230,43 @@ class LiveGallery:
         label or metadata, or an image the model gives no finite vector refuses it alone. The
         accepted requests' images are encoded as one batch and stored in one transaction: every id
         returned is durable, and an image sent twice (in one request or two) gets one id."""
-        out: list[list[int] | FinegrainError] = []
-        accepted: list[tuple[int, list[NewEntry]]] = []
-        rgbs: list[Image.Image] = []
+        adds = self.decode_adds(requests, max_pixels)
+        vectors = self.encoder.encode_rgbs(adds.rgbs)["embedding"] if adds.rgbs else np.empty((0, 0))
+        return self.store_adds(adds, vectors)
+
+    def decode_adds(self, requests: Sequence[AddRequest], max_pixels: int | None = None) -> DecodedAdds:
+        """:meth:`add_many`'s first step: the requests' images decoded (within ``max_pixels``), checked."""
+        adds = DecodedAdds()
         for r in requests:
             try:
                 label, metadata = check_label(r.label), check_metadata(r.metadata)
                 decoded = [decode_bytes(im.data, im.name, max_pixels=max_pixels) for im in r.images]
             except FinegrainError as e:
-                out.append(e)
+                adds.results.append(e)
                 continue
-            out.append([])
+            adds.results.append([])
             entries = [
                 NewEntry(np.empty(0), label, im.data, media_type_of(d), metadata)
                 for im, d in zip(r.images, decoded, strict=True)
             ]
-            accepted.append((len(out) - 1, entries))
-            rgbs += [to_rgb(d)[0] for d in decoded]
-        if not rgbs:
-            return out
-        vectors = iter(self.encoder.encode_rgbs(rgbs)["embedding"])
+            adds.accepted.append((len(adds.results) - 1, entries))
+            adds.rgbs += [to_rgb(d)[0] for d in decoded]
+        return adds
+
+    def store_adds(self, adds: DecodedAdds, vectors: np.ndarray) -> list[list[int] | FinegrainError]:
+        """:meth:`add_many`'s last step: the accepted images with their ``vectors`` (those of
+        ``adds.rgbs``, in order) stored in one transaction; each request's ids or error."""
+        out = list(adds.results)
+        rows = iter(vectors)
         storing: list[tuple[int, list[NewEntry]]] = []
-        for i, entries in accepted:
-            encoded = [replace(e, vector=next(vectors)) for e in entries]
+        for i, entries in adds.accepted:
+            encoded = [replace(e, vector=next(rows)) for e in entries]
             if all(np.all(np.isfinite(e.vector)) for e in encoded):
                 storing.append((i, encoded))
             else:
                 out[i] = FinegrainError("the model gives no finite vector for an image of this request")
-        ids = iter(self.store.add([e for _, entries in storing for e in entries]))
-        for i, entries in storing:
-            out[i] = [next(ids) for _ in entries]
+        if storing:
+            ids = iter(self.store.add([e for _, entries in storing for e in entries]))
+            for i, entries in storing:
+                out[i] = [next(ids) for _ in entries]
         return out

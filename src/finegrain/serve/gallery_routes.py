@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
@@ -58,6 +59,8 @@ ADD_BODY_FACTOR = 4
 MAX_PAGE = 1000
 ADD_YIELD_S = 0.5
 """How long a batch of adds waits for the searches queued before it (searches go first)."""
+ADD_PASS_WHILE_SEARCHING = 4
+"""Images encoded in one pass of an add while searches wait (the whole batch otherwise)."""
 _ID_RE = re.compile(r"[0-9]{1,15}")
 
 
@@ -181,12 +184,25 @@ def add_gallery_routes(
         finally:
             searching[0] -= 1
 
-    async def add_many(requests: list[AddRequest]) -> list[list[int] | FinegrainError]:
-        """A batch of adds, once no search waits or after :data:`ADD_YIELD_S` (adds are never starved)."""
+    async def yield_to_searches() -> None:
+        """Wait while searches are queued, at most :data:`ADD_YIELD_S` (adds are never starved)."""
         deadline = time.monotonic() + ADD_YIELD_S
         while searching[0] and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
-        return await run(live.add_many, requests, max_pixels)
+
+    async def add_many(requests: list[AddRequest]) -> list[list[int] | FinegrainError]:
+        """A batch of adds: decoded, encoded in passes that let waiting searches go first (short ones
+        while searches wait), stored in one transaction."""
+        adds = await run(live.decode_adds, requests, max_pixels)
+        vectors: list[np.ndarray] = []
+        done = 0
+        while done < len(adds.rgbs):
+            await yield_to_searches()
+            step = ADD_PASS_WHILE_SEARCHING if searching[0] else len(adds.rgbs)
+            chunk = adds.rgbs[done : done + step]
+            vectors.append((await run(live.encoder.encode_rgbs, chunk))["embedding"])
+            done += len(chunk)
+        return await run(live.store_adds, adds, np.concatenate(vectors) if vectors else np.empty((0, 0)))
 
     batches = AddBatches(add_many)
 
