@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, token_file: Path, log: Path, store: str | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     out = log.open("ab")
     proc = subprocess.Popen(
@@ -45,6 +45,7 @@ def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Pop
             "torch",
             "--write-token-file",
             str(token_file),
+            *(["--store", store] if store else []),
         ],
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -112,7 +113,7 @@ def kill_during(url: str, proc: subprocess.Popen, streams: list[tuple[int, dict,
 def check_whole(url: str, run: Path) -> list[int]:
     ids = listed_ids(url)
     assert httpx.get(f"{url}/api/info").json()["gallery_size"] == len(ids) == len(set(ids))
-    store = open_store(run / "gallery")
+    store = open_store(run / "gallery")  # beside the server: the embedded store is one SQLite file
     assert store.count() == len(ids) and len(store.vectors()[0]) == len(ids)
     store.close()
     return ids
@@ -186,3 +187,31 @@ def test_kill_9_during_cli_gallery_add(trained_run, tmp_path):
         "class1": 50,
         "class2": 50,
     }
+
+
+def test_kill_9_during_adds_on_milvus_lite_loses_no_acknowledged_add(trained_run, tmp_path):
+    pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus: pip install 'finegrain[milvus]'")
+    pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed: pip install 'finegrain[milvus]'")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    log = tmp_path / "serve.log"
+    store = str(tmp_path / "gallery.db")
+    proc, url = start_server(run, token, log, store)
+    acked: dict[int, bytes] = {}
+    kill_during(url, proc, [(4, acked, "add")], after=8)
+    proc, url = start_server(run, token, log, store)  # the same Milvus Lite file, after the kill
+    try:
+        ids = listed_ids(url)
+        assert httpx.get(f"{url}/api/info").json()["gallery_size"] == len(ids) == len(set(ids))
+        assert set(acked) <= set(ids)
+        for entry_id, data in list(acked.items())[:4]:  # each is stored whole and searchable
+            assert httpx.get(f"{url}/gallery/{entry_id}").content == data
+            top = httpx.post(
+                f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"}
+            ).json()["results"][0]
+            assert top["id"] == entry_id and top["same_image"]
+    finally:
+        proc.kill()
+        proc.wait()
