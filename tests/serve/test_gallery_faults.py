@@ -110,6 +110,15 @@ def kill_during(url: str, proc: subprocess.Popen, streams: list[tuple[int, dict,
         t.join()
 
 
+def assert_stored_and_searchable(url: str, added: list[tuple[int, bytes]]) -> None:
+    """Each (id, image bytes) is stored whole and is its own image's nearest neighbour."""
+    for entry_id, data in added:
+        assert httpx.get(f"{url}/gallery/{entry_id}").content == data
+        found = httpx.post(f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"})
+        top = found.json()["results"][0]
+        assert top["id"] == entry_id and top["same_image"]
+
+
 def check_whole(url: str, run: Path) -> list[int]:
     ids = listed_ids(url)
     assert httpx.get(f"{url}/api/info").json()["gallery_size"] == len(ids) == len(set(ids))
@@ -133,12 +142,7 @@ def test_kill_9_during_adds_then_removes_loses_no_acknowledged_write(trained_run
         ids = set(check_whole(url, run))
         acked = {**first, **second}
         assert set(acked) <= ids
-        for entry_id, data in list(acked.items())[:6]:  # each is stored whole and searchable
-            assert httpx.get(f"{url}/gallery/{entry_id}").content == data
-            top = httpx.post(
-                f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"}
-            ).json()["results"][0]
-            assert top["id"] == entry_id and top["same_image"]
+        assert_stored_and_searchable(url, list(acked.items())[:6])
         removing = dict(sorted(acked.items()))
         kill_during(url, proc, [(3, removing, "remove")], after=5)
         proc, url = start_server(run, token, log)
@@ -206,12 +210,7 @@ def test_kill_9_during_adds_on_milvus_lite_loses_no_acknowledged_add(trained_run
         ids = listed_ids(url)
         assert httpx.get(f"{url}/api/info").json()["gallery_size"] == len(ids) == len(set(ids))
         assert set(acked) <= set(ids)
-        for entry_id, data in list(acked.items())[:4]:  # each is stored whole and searchable
-            assert httpx.get(f"{url}/gallery/{entry_id}").content == data
-            top = httpx.post(
-                f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"}
-            ).json()["results"][0]
-            assert top["id"] == entry_id and top["same_image"]
+        assert_stored_and_searchable(url, list(acked.items())[:4])
     finally:
         proc.kill()
         proc.wait()
