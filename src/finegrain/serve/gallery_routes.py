@@ -59,8 +59,8 @@ ADD_BODY_FACTOR = 4
 MAX_PAGE = 1000
 ADD_YIELD_S = 0.5
 """How long a batch of adds waits for the searches queued before it (searches go first)."""
-ADD_PASS_WHILE_SEARCHING = 4
-"""Images encoded in one pass of an add while searches wait (the whole batch otherwise)."""
+ADD_PASS_WHILE_SEARCHING = 1
+"""Images encoded in one pass of an add while searches wait (as before batching; the whole batch otherwise)."""
 _ID_RE = re.compile(r"[0-9]{1,18}")  # any int64 id of 18 digits (a Milvus store's are 16)
 
 
