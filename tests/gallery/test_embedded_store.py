@@ -3,7 +3,10 @@ writes, damage, and concurrent clients against an exact brute-force search."""
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+import shutil
 import sqlite3
 import threading
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 from finegrain.errors import ConfigError, FinegrainError
-from finegrain.gallery.embedded import DB_FILE, EmbeddedStore
+from finegrain.gallery.embedded import DB_FILE, SNAPSHOT_FILE, SNAPSHOT_MAGIC, EmbeddedStore
 from finegrain.gallery.filters import make_filter, milvus_expression, parse_filter
 from finegrain.gallery.store import NewEntry, StoreSpec, open_store
 
@@ -205,3 +208,76 @@ def test_the_cli_refuses_a_damaged_store_in_one_line(tmp_path):
     )
     assert r.returncode == 2 and "damaged gallery store" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and db.read_bytes() == damaged
+
+
+def _filled(folder, n: int = 40, seed: int = 0) -> EmbeddedStore:
+    rng = np.random.default_rng(seed)
+    s = EmbeddedStore(folder, SPEC)
+    s.add([entry(rng, "abc"[i % 3]) for i in range(n)])
+    return s
+
+
+def _same_answers(store, seed: int = 9) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        q = rng.normal(size=DIM).astype(np.float32)
+        assert [i for i, _ in store.search(q, 7)] == brute_force(store, q, 7)
+    assert store.count() == len(store.list(limit=1000)) == store.indexed
+
+
+def test_a_snapshot_is_loaded_and_the_ledger_after_it_replayed(tmp_path):
+    s = _filled(tmp_path / "g")
+    s.close()  # writes the snapshot
+    assert (tmp_path / "g" / SNAPSHOT_FILE).is_file()
+    other = EmbeddedStore(tmp_path / "g")  # another process's writes after the snapshot
+    assert other.loaded_from == "snapshot"
+    rng = np.random.default_rng(1)
+    new = other.add([entry(rng, "late") for _ in range(3)])
+    gone = [e.id for e in other.list(limit=2)]
+    for i in gone:
+        other.remove(i)
+    other._write.close(), other._read.close()  # killed: no snapshot written at close
+    s = EmbeddedStore(tmp_path / "g")
+    assert s.loaded_from == "snapshot" and s.count() == 41
+    assert set(new) <= {e.id for e in s.list(limit=1000)} and not set(gone) & {e.id for e in s.list(limit=1000)}
+    _same_answers(s)
+
+
+def _snapshot_header(path) -> dict:
+    data = path.read_bytes()
+    at = len(SNAPSHOT_MAGIC)
+    return json.loads(data[at + 8 : at + 8 + int.from_bytes(data[at : at + 8], "little")])
+
+
+@pytest.mark.parametrize("how", ["flipped-byte", "truncated", "other-store", "ahead-of-the-ledger", "not-a-snapshot"])
+def test_a_snapshot_that_cannot_be_trusted_is_rebuilt_from_the_ledger(tmp_path, how, caplog):
+    s = _filled(tmp_path / "g")
+    s.close()
+    snap = tmp_path / "g" / SNAPSHOT_FILE
+    if how == "flipped-byte":
+        data = bytearray(snap.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # a vector changed: the index would answer wrongly
+        snap.write_bytes(bytes(data))
+    elif how == "truncated":
+        snap.write_bytes(snap.read_bytes()[:-100])
+    elif how == "other-store":  # the same model and rows, but another store's index
+        o = _filled(tmp_path / "o", seed=5)
+        o.close()
+        snap.write_bytes((tmp_path / "o" / SNAPSHOT_FILE).read_bytes())
+    elif how == "ahead-of-the-ledger":  # the ledger restored from a backup older than the snapshot
+        backup = tmp_path / "backup.sqlite"
+        shutil.copy(tmp_path / "g" / DB_FILE, backup)
+        s = EmbeddedStore(tmp_path / "g")
+        s.add([entry(np.random.default_rng(7), "newer")])
+        s.close()
+        assert _snapshot_header(snap)["count"] == 41
+        shutil.copy(backup, tmp_path / "g" / DB_FILE)
+    else:
+        snap.write_bytes(b"\0" * 4096)
+    with caplog.at_level(logging.WARNING):
+        s = EmbeddedStore(tmp_path / "g")
+    assert s.loaded_from == "ledger" and "rebuilding the index from the ledger" in caplog.text
+    assert s.count() == 40
+    _same_answers(s)
+    s.close()  # and the snapshot is right again
+    assert EmbeddedStore(tmp_path / "g").loaded_from == "snapshot"

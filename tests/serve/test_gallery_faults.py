@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, token_file: Path, log: Path, store: str | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     out = log.open("ab")
     proc = subprocess.Popen(
@@ -45,6 +45,7 @@ def start_server(run: Path, token_file: Path, log: Path) -> tuple[subprocess.Pop
             "torch",
             "--write-token-file",
             str(token_file),
+            *(["--store", store] if store else []),
         ],
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -109,10 +110,19 @@ def kill_during(url: str, proc: subprocess.Popen, streams: list[tuple[int, dict,
         t.join()
 
 
+def assert_stored_and_searchable(url: str, added: list[tuple[int, bytes]]) -> None:
+    """Each (id, image bytes) is stored whole and is its own image's nearest neighbour."""
+    for entry_id, data in added:
+        assert httpx.get(f"{url}/gallery/{entry_id}").content == data
+        found = httpx.post(f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"})
+        top = found.json()["results"][0]
+        assert top["id"] == entry_id and top["same_image"]
+
+
 def check_whole(url: str, run: Path) -> list[int]:
     ids = listed_ids(url)
     assert httpx.get(f"{url}/api/info").json()["gallery_size"] == len(ids) == len(set(ids))
-    store = open_store(run / "gallery")
+    store = open_store(run / "gallery")  # beside the server: the embedded store is one SQLite file
     assert store.count() == len(ids) and len(store.vectors()[0]) == len(ids)
     store.close()
     return ids
@@ -132,12 +142,7 @@ def test_kill_9_during_adds_then_removes_loses_no_acknowledged_write(trained_run
         ids = set(check_whole(url, run))
         acked = {**first, **second}
         assert set(acked) <= ids
-        for entry_id, data in list(acked.items())[:6]:  # each is stored whole and searchable
-            assert httpx.get(f"{url}/gallery/{entry_id}").content == data
-            top = httpx.post(
-                f"{url}/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"}
-            ).json()["results"][0]
-            assert top["id"] == entry_id and top["same_image"]
+        assert_stored_and_searchable(url, list(acked.items())[:6])
         removing = dict(sorted(acked.items()))
         kill_during(url, proc, [(3, removing, "remove")], after=5)
         proc, url = start_server(run, token, log)
@@ -186,3 +191,26 @@ def test_kill_9_during_cli_gallery_add(trained_run, tmp_path):
         "class1": 50,
         "class2": 50,
     }
+
+
+def test_kill_9_during_adds_on_milvus_lite_loses_no_acknowledged_add(trained_run, tmp_path):
+    pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus: pip install 'finegrain[milvus]'")
+    pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed: pip install 'finegrain[milvus]'")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    log = tmp_path / "serve.log"
+    store = str(tmp_path / "gallery.db")
+    proc, url = start_server(run, token, log, store)
+    acked: dict[int, bytes] = {}
+    kill_during(url, proc, [(4, acked, "add")], after=8)
+    proc, url = start_server(run, token, log, store)  # the same Milvus Lite file, after the kill
+    try:
+        ids = listed_ids(url)
+        assert httpx.get(f"{url}/api/info").json()["gallery_size"] == len(ids) == len(set(ids))
+        assert set(acked) <= set(ids)
+        assert_stored_and_searchable(url, list(acked.items())[:4])
+    finally:
+        proc.kill()
+        proc.wait()

@@ -77,7 +77,7 @@ def add(
     """Encode images with the run's model and add them to its gallery (an image already stored keeps its id)."""
     # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.gallery.filters import parse_metadata
-    from finegrain.gallery.live import ImageBytes, LiveGallery
+    from finegrain.gallery.live import AddRequest, ImageBytes, LiveGallery
     from finegrain.progress import track
 
     meta = parse_metadata(metadata)
@@ -88,9 +88,13 @@ def add(
         starts = range(0, len(files), ADD_BATCH)
         for start in track(starts, len(starts), f"adding {len(files)} images to the gallery"):
             batch = files[start : start + ADD_BATCH]
-            ids += live.store.add(
-                [live.prepare(ImageBytes(p.read_bytes(), str(p)), lab, {"file": p.name, **meta}) for p, lab in batch]
+            done = live.add_many(
+                [AddRequest([ImageBytes(p.read_bytes(), str(p))], lab, {"file": p.name, **meta}) for p, lab in batch]
             )
+            refused = next((r for r in done if isinstance(r, FinegrainError)), None)
+            if refused is not None:  # the batch's other images are stored: run the command again once it is fixed
+                raise refused
+            ids += [i for r in done if not isinstance(r, FinegrainError) for i in r]
         size = live.store.count()
     if as_json:
         print_json({"ids": ids, "size": size})

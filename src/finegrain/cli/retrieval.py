@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
+from finegrain.cli.gallery import StoreOpt
 from finegrain.errors import FinegrainError
 
 
@@ -97,34 +99,52 @@ def index(
 
 
 def search(
-    run: Annotated[Path, typer.Argument(help="A run directory with an index.")],
+    run: Annotated[Path, typer.Argument(help="A run directory with an index or a gallery store.")],
     image: Annotated[Path, typer.Argument(help="The query image.")],
     k: Annotated[int, typer.Option(help="Number of neighbours.")] = 10,
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the results here.")] = None,
-    index_dir: IndexDirOpt = None,
+    index_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--index", help="Search this index folder (default: the run's gallery store if it has one, else RUN/index)."
+        ),
+    ] = None,
+    store: StoreOpt = None,
     as_json: JsonOpt = False,
     engine: EngineOpt = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
-    """Print the gallery images most similar to IMAGE (rank, label, score, path)."""
+    """Print the gallery images most similar to IMAGE (rank, label, score, path): those of the run's
+    living gallery (RUN/gallery or --store) when it has one, as `finegrain serve` answers, else of its index."""
     # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.images import open_rgb
     from finegrain.errors import FinegrainError
+    from finegrain.gallery.live import LiveGallery, has_store, hit_files
     from finegrain.report.contact_sheet import contact_sheet
     from finegrain.retrieval.explain_search import SearchExplainer
     from finegrain.retrieval.searcher import Searcher
 
     if sheet is not None:
         check_sheet_path(sheet)
-    with stdout_for(as_json):
+    with stdout_for(as_json), tempfile.TemporaryDirectory(prefix="finegrain-search-") as tmp:
         if explain and sheet is None:
             raise FinegrainError("--explain draws the maps on the contact sheet: give --sheet OUT.png too")
+        if store is not None and index_dir is not None:
+            raise FinegrainError("give --store (a gallery store) or --index (an index folder), not both")
         query, _ = open_rgb(image)
-        searcher = Searcher(run, index_dir, engine=engine)
+        live = index_dir is None and (store is not None or has_store(run))
+        if live and explain:
+            raise FinegrainError(
+                f"--explain reads the images of an index: add --index {run / 'index'} to search the index itself"
+            )
+        searcher: Searcher | LiveGallery = (
+            LiveGallery(run, store=store, engine=engine) if live else Searcher(run, index_dir, engine=engine)
+        )
         hits, top = searcher.search(query, k=k)
+        shown = hit_files(searcher, hits, Path(tmp)) if isinstance(searcher, LiveGallery) and sheet else hits
         why = SearchExplainer(searcher).explain(query, [h.id for h in hits]) if explain else None
         try:  # the path it wrote (.png added if none)
-            written = contact_sheet(query, hits, sheet, explanation=why) if sheet else None
+            written = contact_sheet(query, shown, sheet, explanation=why) if sheet else None
         except OSError as e:
             raise FinegrainError(f"--sheet: cannot write {e.filename or sheet}: {e.strerror or e}") from None
     if as_json:
@@ -183,7 +203,7 @@ def search_to_dict(
             "classes": [{"label": n, "probability": p} for n, p in (top or [])],
         },
         "hits": [
-            {"rank": h.rank, "label": h.label, "score": h.score, "path": h.path, "same_image": h.same_image}
+            {"rank": h.rank, "id": h.id, "label": h.label, "score": h.score, "path": h.path, "same_image": h.same_image}
             for h in hits
         ],
         "sheet": str(sheet) if sheet is not None else None,

@@ -4,6 +4,8 @@
 STORE/
   gallery.sqlite   entries (id, label, metadata, sha256, media type, vector), the images by sha256,
                    a log of adds and removes, and the store's spec (dim, metric, model)
+  index.faiss      a snapshot of the FAISS index (a cache: the ledger's last change it holds in
+                   its header, a CRC of its bytes); never trusted over the ledger
 ```
 
 Every write is one SQLite transaction (``synchronous=FULL``): when it returns, it is on disk, and a
@@ -11,6 +13,11 @@ kill at any moment leaves it whole or absent. The in-memory FAISS index (exact, 
 over a flat index) is built from the ledger on open and kept up to date from the change log before
 every read, so writes made by another process (``finegrain gallery add`` beside a running server)
 are seen by the next search. A file SQLite finds damaged is refused, never replaced.
+
+Opening loads the snapshot and replays only the changes logged after it; a snapshot that is absent,
+damaged, of another store or ahead of the ledger is ignored (the index is rebuilt from the ledger)
+and written again. It is written when a store whose snapshot is behind is closed, and in the
+background after an open that replayed many changes (a server that is always killed still gets one).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import sqlite3
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,11 +53,15 @@ from finegrain.gallery.store import (
     id_list,
     now_iso,
 )
-from finegrain.runs import fsync_dir
+from finegrain.runs import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "gallery.sqlite"
+SNAPSHOT_FILE = "index.faiss"
+SNAPSHOT_MAGIC = b"finegrain-faiss-snapshot-1\n"
+SNAPSHOT_AFTER = 10_000
+"""An open that replays more changes than this after the snapshot writes a new one (in the background)."""
 FORMAT = "finegrain-gallery-1"
 BUSY_TIMEOUT_S = 30.0
 MMAP_BYTES = 2**36  # SQLite caps it at its compiled maximum
@@ -140,6 +152,7 @@ class EmbeddedStore(StoreBase):
                 "model_checksum": spec.model_checksum,
                 "class_names": json.dumps(spec.class_names),
                 "created_at": now_iso(),
+                "store_id": uuid.uuid4().hex,  # what a snapshot must name to be this store's
             }
             if import_from is not None:
                 meta["imported_from"] = str(import_from)
@@ -168,6 +181,7 @@ class EmbeddedStore(StoreBase):
             meta = dict(self._read.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
+            self._identity = str(meta.get("store_id") or meta.get("created_at"))
             return StoreSpec(
                 dim=int(meta["dim"]),
                 metric=meta["metric"],
@@ -179,13 +193,113 @@ class EmbeddedStore(StoreBase):
 
     # -- the in-memory index ---------------------------------------------------------------------
     def _load(self) -> None:
+        self._open_index()
+        with self._index_lock:
+            snapshot_seq = self._seq
+            self._sync()
+            entries = int(self._read.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+            if self.loaded_from == "snapshot":  # the rows the snapshot stands for are still whole
+                bad = self._read.execute(
+                    "SELECT id FROM entries WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 1",
+                    (self.spec.dim * 4,),
+                ).fetchone()
+                if bad is not None:
+                    raise _damaged(self.db, f"a vector of the wrong size (entry {bad[0]})")
+            if self.loaded_from == "snapshot" and int(self._index.ntotal) != entries:
+                log.warning("%s does not match %s: rebuilt from the ledger", self._snapshot_path, self.db)
+                self._rebuild()
+                snapshot_seq = -1
+        self._snapshot_seq = snapshot_seq if self.loaded_from == "snapshot" else -1
+        replayed = self._seq - snapshot_seq if self.loaded_from == "snapshot" else entries
+        self._writer: threading.Thread | None = None
+        if replayed > SNAPSHOT_AFTER:
+            self._writer = threading.Thread(target=self._snapshot_quietly, name="gallery-snapshot", daemon=True)
+            self._writer.start()
+
+    def _open_index(self) -> None:
+        """The index from the snapshot if it can be trusted, else from the ledger (not yet caught up)."""
+        self._snapshot_path = self.folder / SNAPSHOT_FILE
+        loaded = self._read_snapshot()
+        if loaded is None:
+            self._rebuild()
+            return
+        self._index, self._seq = loaded
+        faiss = import_faiss()
+        self._present: set[int] = set(faiss.vector_to_array(self._index.id_map).tolist())
+        self.loaded_from = "snapshot"
+
+    def _rebuild(self) -> None:
         faiss = import_faiss()
         flat = faiss.IndexFlatIP(self.spec.dim) if self.spec.metric == "cosine" else faiss.IndexFlatL2(self.spec.dim)
         self._index = faiss.IndexIDMap2(flat)
-        self._present: set[int] = set()
-        with self._index_lock, self._snapshot() as c:
+        self._present = set()
+        self.loaded_from = "ledger"
+        with self._snapshot() as c:
             self._seq = int(c.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
             self._add_rows(c.execute("SELECT id, vector FROM entries").fetchall())
+
+    def _snapshot_header(self) -> dict[str, Any]:
+        return {"store": self._identity, "dim": self.spec.dim, "metric": self.spec.metric}
+
+    def _read_snapshot(self) -> tuple[Any, int] | None:
+        """(index, the last change it holds) from the snapshot, or None (absent, or not to be trusted: said)."""
+        try:
+            data = self._snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("cannot read %s (%s): rebuilding the index from the ledger", self._snapshot_path, e)
+            return None
+        try:
+            if not data.startswith(SNAPSHOT_MAGIC):
+                raise ValueError("not a finegrain snapshot")
+            at = len(SNAPSHOT_MAGIC)
+            size = int.from_bytes(data[at : at + 8], "little")
+            header = json.loads(data[at + 8 : at + 8 + size])
+            body = memoryview(data)[at + 8 + size :]
+            if {k: header.get(k) for k in ("store", "dim", "metric")} != self._snapshot_header():
+                raise ValueError("made for another store")
+            if len(body) != header["bytes"] or zlib.crc32(body) != header["crc32"]:
+                raise ValueError("damaged (its CRC does not match)")
+            seq = int(header["seq"])
+            row = self._read.execute("SELECT id, op FROM changes WHERE seq = ?", (seq,)).fetchone()
+            if seq and (row is None or [int(row[0]), row[1]] != header["change"]):
+                raise ValueError(f"its last change ({seq}) is not the ledger's")
+            faiss = import_faiss()
+            index = faiss.deserialize_index(np.frombuffer(body, dtype=np.uint8))
+            if index.d != self.spec.dim or int(index.ntotal) != int(header["count"]):
+                raise ValueError("its index is not the one described")
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            log.warning("ignoring %s (%s): rebuilding the index from the ledger", self._snapshot_path, e)
+            return None
+        return index, seq
+
+    def write_snapshot(self) -> Path:
+        """Write the index, caught up with the ledger, as the store's snapshot (atomically)."""
+        faiss = import_faiss()
+        with self._index_lock:
+            self._sync()
+            body = faiss.serialize_index(self._index).tobytes()
+            seq, count = self._seq, int(self._index.ntotal)
+            row = self._read.execute("SELECT id, op FROM changes WHERE seq = ?", (seq,)).fetchone()
+        header = {
+            **self._snapshot_header(),
+            "seq": seq,
+            "change": None if row is None else [int(row[0]), row[1]],
+            "count": count,
+            "bytes": len(body),
+            "crc32": zlib.crc32(body),
+        }
+        text = json.dumps(header).encode()
+        atomic_write_bytes(self._snapshot_path, SNAPSHOT_MAGIC + len(text).to_bytes(8, "little") + text + body)
+        self._snapshot_seq = seq
+        return self._snapshot_path
+
+    def _snapshot_quietly(self) -> None:
+        try:
+            self.write_snapshot()
+        except (OSError, FinegrainError, sqlite3.Error) as e:  # a cache: the ledger is still whole
+            log.warning("could not write %s: %s", self._snapshot_path, e)
 
     def _add_rows(self, rows: list[tuple[int, bytes]]) -> None:
         if not rows:
@@ -407,6 +521,14 @@ class EmbeddedStore(StoreBase):
             return int(self._index.ntotal)
 
     def close(self) -> None:
+        """Write the snapshot if it is behind the ledger, and close the connections."""
+        if self._writer is not None:
+            self._writer.join()
+        with self._index_lock:
+            self._sync()
+            behind = self._seq != self._snapshot_seq and self._index.ntotal > 0
+        if behind:
+            self._snapshot_quietly()
         for conn in (self._read, self._write):
             conn.close()
 

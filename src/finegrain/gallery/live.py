@@ -10,7 +10,8 @@ is created, the index ``finegrain index`` built becomes its first content.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,51 @@ def default_store(run: RunDir) -> Path:
     return run.path / STORE_FOLDER
 
 
+def has_store(run_path: str | Path) -> bool:
+    """Whether a run has its own embedded gallery store (``RUN/gallery``) to search."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    from finegrain.gallery.embedded import DB_FILE
+
+    return (default_store(open_run(run_path)) / DB_FILE).is_file()
+
+
+def hit_files(live: LiveGallery, hits: list[Hit], folder: Path) -> list[Hit]:
+    """``hits`` with each stored image written into ``folder`` and its path there (for a contact sheet)."""
+    out = []
+    for h in hits:
+        stored = live.store.image(h.id)
+        path = folder / f"{h.id}"
+        if stored is not None:
+            path.write_bytes(stored[0])
+        out.append(replace(h, path=str(path)))
+    return out
+
+
 @dataclass(frozen=True)
 class ImageBytes:
     """An image to add: its bytes and the name it came with (for messages and its media type)."""
 
     data: bytes
     name: str
+
+
+@dataclass
+class DecodedAdds:
+    """Requests to add, decoded: each one's place in the answers and its entries (vectors to come), the
+    images to encode in order, and the answers so far (the error of each request refused)."""
+
+    accepted: list[tuple[int, list[NewEntry]]] = field(default_factory=list)
+    rgbs: list[Image.Image] = field(default_factory=list)
+    results: list[list[int] | FinegrainError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """One add: its images, and the label and metadata they all get."""
+
+    images: list[ImageBytes]
+    label: str = ""
+    metadata: dict[str, Any] | None = None
 
 
 def media_type_of(im: Image.Image) -> str | None:
@@ -180,16 +220,51 @@ class LiveGallery:
         return [(label, n / len(voters)) for label, n in ranked] if voters else None
 
     # -- writes ------------------------------------------------------------------------------------
-    def prepare(
-        self, image: ImageBytes, label: str, metadata: dict[str, Any] | None, max_pixels: int | None = None
-    ) -> NewEntry:
-        """Decode (within ``max_pixels``; an unreadable image is an ImageError) and encode one image."""
-        im = decode_bytes(image.data, image.name, max_pixels=max_pixels)
-        media_type = media_type_of(im)
-        return NewEntry(
-            vector=self._embed(im),
-            label=check_label(label),
-            image=image.data,
-            media_type=media_type,
-            metadata=check_metadata(metadata),
-        )
+    def add_many(
+        self, requests: Sequence[AddRequest], max_pixels: int | None = None
+    ) -> list[list[int] | FinegrainError]:
+        """Add several requests' images at once: each request's ids (in its order), or the error that
+        refused it. A request is all or nothing: an unreadable image (an :class:`ImageError`), a bad
+        label or metadata, or an image the model gives no finite vector refuses it alone. The
+        accepted requests' images are encoded as one batch and stored in one transaction: every id
+        returned is durable, and an image sent twice (in one request or two) gets one id."""
+        adds = self.decode_adds(requests, max_pixels)
+        vectors = self.encoder.encode_rgbs(adds.rgbs)["embedding"] if adds.rgbs else np.empty((0, 0))
+        return self.store_adds(adds, vectors)
+
+    def decode_adds(self, requests: Sequence[AddRequest], max_pixels: int | None = None) -> DecodedAdds:
+        """:meth:`add_many`'s first step: the requests' images decoded (within ``max_pixels``), checked."""
+        adds = DecodedAdds()
+        for r in requests:
+            try:
+                label, metadata = check_label(r.label), check_metadata(r.metadata)
+                decoded = [decode_bytes(im.data, im.name, max_pixels=max_pixels) for im in r.images]
+            except FinegrainError as e:
+                adds.results.append(e)
+                continue
+            adds.results.append([])
+            entries = [
+                NewEntry(np.empty(0), label, im.data, media_type_of(d), metadata)
+                for im, d in zip(r.images, decoded, strict=True)
+            ]
+            adds.accepted.append((len(adds.results) - 1, entries))
+            adds.rgbs += [to_rgb(d)[0] for d in decoded]
+        return adds
+
+    def store_adds(self, adds: DecodedAdds, vectors: np.ndarray) -> list[list[int] | FinegrainError]:
+        """:meth:`add_many`'s last step: the accepted images with their ``vectors`` (those of
+        ``adds.rgbs``, in order) stored in one transaction; each request's ids or error."""
+        out = list(adds.results)
+        rows = iter(vectors)
+        storing: list[tuple[int, list[NewEntry]]] = []
+        for i, entries in adds.accepted:
+            encoded = [replace(e, vector=next(rows)) for e in entries]
+            if all(np.all(np.isfinite(e.vector)) for e in encoded):
+                storing.append((i, encoded))
+            else:
+                out[i] = FinegrainError("the model gives no finite vector for an image of this request")
+        if storing:
+            ids = iter(self.store.add([e for _, entries in storing for e in entries]))
+            for i, entries in storing:
+                out[i] = [next(ids) for _ in entries]
+        return out

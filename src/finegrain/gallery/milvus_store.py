@@ -234,23 +234,22 @@ class MilvusStore(StoreBase):
 
     # -- writes --------------------------------------------------------------------------------------
     def add(self, entries: Sequence[NewEntry]) -> list[int]:
-        ids: list[int] = []
+        checked = [(e, check_vector(e.vector, self.spec), e.sha256) for e in entries]
+        shas = sorted({sha for _, _, sha in checked})
         seen: dict[str, int] = {}
-        for e in entries:
-            vector, sha = check_vector(e.vector, self.spec), e.sha256
-            found = seen.get(sha) or next(
-                (int(r["id"]) for r in self._query(f"sha256 == {milvus_literal(sha)}", ["id"], 1)), None
-            )
-            if found is not None:
-                ids.append(found)
-                continue
-            self.images.put(sha, e.image)  # first: an entry is never without its image
-            new_id = self._new_id()
-            self.client.insert(
-                self.collection,
-                [
+        for start in range(0, len(shas), 500):  # the images already stored: one query per 500
+            chunk = shas[start : start + 500]
+            for r in self._query(f"sha256 in [{', '.join(map(milvus_literal, chunk))}]", ["id", "sha256"]):
+                seen[str(r["sha256"])] = min(int(r["id"]), seen.get(str(r["sha256"]), int(r["id"])))
+        ids: list[int] = []
+        rows: list[dict[str, Any]] = []
+        for e, vector, sha in checked:
+            if sha not in seen:
+                self.images.put(sha, e.image)  # first: an entry is never without its image
+                seen[sha] = self._new_id()
+                rows.append(
                     {
-                        "id": new_id,
+                        "id": seen[sha],
                         "vector": vector.tolist(),
                         "label": e.label,
                         "metadata": e.metadata,
@@ -258,10 +257,10 @@ class MilvusStore(StoreBase):
                         "media_type": e.media_type or "",
                         "added_at": now_iso(),
                     }
-                ],
-            )
-            seen[sha] = new_id
-            ids.append(new_id)
+                )
+            ids.append(seen[sha])
+        if rows:
+            self.client.insert(self.collection, rows)  # one insert: the batch is answered once it is in
         return ids
 
     def add_vectors(self, vectors: np.ndarray, labels: Sequence[str]) -> list[int]:

@@ -11,7 +11,13 @@ import torch
 
 from finegrain.inference.explain import maps_outputs
 from finegrain.inference.load import LoadedModel
-from finegrain.inference.outputs import EncodingLoop, Outputs, mean_of_halves, named_outputs  # noqa: F401 - re-exported
+from finegrain.inference.outputs import (  # noqa: F401 - re-exported
+    EncodingLoop,
+    Outputs,
+    eval_sizes,
+    mean_of_halves,
+    named_outputs,
+)
 from finegrain.machine import inference_precision, resolve_precision, set_threads
 from finegrain.models.maps import forward_with_maps
 
@@ -42,9 +48,6 @@ class Encoder(EncodingLoop):
     def __init__(self, loaded: LoadedModel, precision: str | None = None) -> None:
         self.loaded = loaded
         self.cfg = loaded.cfg
-        # optional: torch, Lightning (the train extra), imported only when this runs
-        from finegrain.data.module import eval_sizes
-
         self.sizes: list[tuple[int, int]] = eval_sizes(self.cfg.data)
         self.tta_flip = self.cfg.eval.tta_flip
         self.precision = resolve_precision(precision) if precision else inference_precision()

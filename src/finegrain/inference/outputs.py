@@ -125,6 +125,22 @@ class EncodingLoop:
 
         return mean_over_sizes([self.forward(resize_rgb(rgb, size).transpose(2, 0, 1)[None]) for size in self.sizes])
 
+    def encode_rgbs(self, rgbs: list) -> dict[str, np.ndarray]:
+        """:meth:`encode_rgb` of several images in batched passes (:data:`PASS_IMAGES` a pass, mirrors
+        included): outputs ``[len(rgbs), ...]`` in their order."""
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        from finegrain.data.images import resize_rgb
+
+        step = max(1, PASS_IMAGES // (2 if self.tta_flip else 1))
+        per_size = []
+        for size in self.sizes:
+            outs = [
+                self.forward(np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in rgbs[i : i + step]]))
+                for i in range(0, len(rgbs), step)
+            ]
+            per_size.append({k: np.concatenate([o[k] for o in outs]) for k in outs[0]})
+        return mean_over_sizes(per_size)
+
     def encode_records(self, records, caches: dict | None = None, description: str = "encoding") -> Outputs:
         """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
         from finegrain.data.module import eval_loaders  # the loaders are torch's: embedding a split needs it

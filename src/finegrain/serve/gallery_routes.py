@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
@@ -37,7 +38,8 @@ from starlette.datastructures import UploadFile
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
 from finegrain.gallery.filters import check_label, check_metadata, parse_filter, parse_metadata
-from finegrain.gallery.live import ImageBytes, LiveGallery
+from finegrain.gallery.live import AddRequest, ImageBytes, LiveGallery
+from finegrain.serve.add_batches import AddBatches
 from finegrain.serve.app import search_openapi, search_response
 from finegrain.serve.errors import ApiError, no_paths
 from finegrain.serve.uploads import (
@@ -57,8 +59,10 @@ ADD_BODY_FACTOR = 4
 """An add's whole request may be this many times the per-image upload limit."""
 MAX_PAGE = 1000
 ADD_YIELD_S = 0.5
-"""How long an add's next image waits for the searches queued before it (searches go first)."""
-_ID_RE = re.compile(r"[0-9]{1,15}")
+"""How long a batch of adds waits for the searches queued before it (searches go first)."""
+ADD_PASS_WHILE_SEARCHING = 1
+"""Images encoded in one pass of an add while searches wait (as before batching; the whole batch otherwise)."""
+_ID_RE = re.compile(r"[0-9]{1,18}")  # any int64 id of 18 digits (a Milvus store's are 16)
 
 
 @dataclass(frozen=True)
@@ -159,15 +163,18 @@ def add_gallery_routes(
     max_bytes, max_k, max_pixels = app.state.max_upload_bytes, app.state.max_k, app.state.max_image_pixels
     body_timeout = app.state.body_timeout
 
+    def refusal(e: FinegrainError) -> ApiError:
+        if isinstance(e, ImageError):
+            return ApiError(400, image_error_message(e, max_pixels))
+        return ApiError(422, no_paths(str(e)))
+
     async def run(fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in a worker thread, at most ``max_concurrency`` at once; refusals as 4xx."""
         async with limit:
             try:
                 return await anyio.to_thread.run_sync(fn, *args)
-            except ImageError as e:
-                raise ApiError(400, image_error_message(e, max_pixels)) from None
             except FinegrainError as e:
-                raise ApiError(422, no_paths(str(e))) from None
+                raise refusal(e) from None
 
     searching = [0]  # searches waiting for a slot or in one: adds let them go first
 
@@ -178,12 +185,27 @@ def add_gallery_routes(
         finally:
             searching[0] -= 1
 
-    async def run_add(fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` once no search waits, or after :data:`ADD_YIELD_S` (adds are never starved)."""
+    async def yield_to_searches() -> None:
+        """Wait while searches are queued, at most :data:`ADD_YIELD_S` (adds are never starved)."""
         deadline = time.monotonic() + ADD_YIELD_S
         while searching[0] and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
-        return await run(fn, *args)
+
+    async def add_many(requests: list[AddRequest]) -> list[list[int] | FinegrainError]:
+        """A batch of adds: decoded, encoded in passes that let waiting searches go first (short ones
+        while searches wait), stored in one transaction."""
+        adds = await run(live.decode_adds, requests, max_pixels)
+        vectors: list[np.ndarray] = []
+        done = 0
+        while done < len(adds.rgbs):
+            await yield_to_searches()
+            step = ADD_PASS_WHILE_SEARCHING if searching[0] else len(adds.rgbs)
+            chunk = adds.rgbs[done : done + step]
+            vectors.append((await run(live.encoder.encode_rgbs, chunk))["embedding"])
+            done += len(chunk)
+        return await run(live.store_adds, adds, np.concatenate(vectors) if vectors else np.empty((0, 0)))
+
+    batches = AddBatches(add_many)
 
     @router.get("/api/info", tags=["service"], summary="What the service runs")
     async def api_info(request: Request) -> dict[str, Any]:
@@ -257,12 +279,11 @@ def add_gallery_routes(
                 raise ApiError(422, str(e)) from None
         finally:
             await form.close()
-        # each image is decoded and encoded in its turn, after the searches waiting; then all are stored at once
-        entries = [await run_add(live.prepare, image, label, metadata, max_pixels) for image in images]
+        # encoded with the adds of other requests waiting (after the searches waiting), stored in one transaction
         try:
-            ids = await anyio.to_thread.run_sync(live.store.add, entries)
+            ids = await batches.add(AddRequest(images, label, metadata))
         except FinegrainError as e:
-            raise ApiError(422, no_paths(str(e))) from None
+            raise refusal(e) from None
         return {"ids": ids, "size": await anyio.to_thread.run_sync(live.store.count)}
 
     @router.delete("/api/gallery/{entry_id}", summary="Remove an entry and its image (needs the write token)")
