@@ -72,6 +72,14 @@ def index(
     ] = None,
     actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")] = None,
     recall: Annotated[float, typer.Option(help="With --ray and --kind ivfpq: the recall@10 to reach.")] = 0.95,
+    maps: Annotated[
+        bool | None,
+        typer.Option(
+            "--maps/--no-maps",
+            help="Store each image's map beside the index so explaining a search costs no second pass "
+            "(default: when the model gives maps; see docs/explain.md for the size).",
+        ),
+    ] = None,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     if ray is not None:
@@ -86,10 +94,15 @@ def index(
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
         from finegrain.retrieval.gallery import build_index
 
-        dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
+        dest, info = build_index(
+            run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace, maps=maps
+        )
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
+    if info.get("maps"):
+        grid = info["maps"]["grid"]
+        line += f"; maps ({grid[0]}x{grid[1]} cells) {info['maps']['bytes_per_image'] / 1e3:.1f} kB per image"
     console.print(line)
 
 

@@ -68,13 +68,24 @@ class Encoder(EncodingLoop):
             out = forward_tta(self.model, x, self.tta_flip)
         return named_outputs({k: v.float().cpu().numpy() for k, v in out.items()})
 
+    def maps_missing(self) -> str | None:
+        """Why this model gives no maps, or None when it gives them."""
+        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+        from finegrain.models.maps import maps_missing
+
+        return maps_missing(self.model)
+
     @torch.inference_mode()
     def forward_maps(self, x) -> dict[str, np.ndarray]:
-        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32)."""
+        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32);
+        :class:`~finegrain.inference.explain.NoMaps` for a model without them."""
         # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.inference.explain import maps_outputs
+        from finegrain.inference.explain import NoMaps, maps_outputs
         from finegrain.models.maps import forward_with_maps
 
+        why = self.maps_missing()
+        if why is not None:
+            raise NoMaps(why)
         x = torch.as_tensor(x).to(self.device)
         n = len(x)
         if self.tta_flip:

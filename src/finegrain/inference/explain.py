@@ -50,7 +50,11 @@ _VIRIDIS_ANCHORS = (
 OVERLAY_ALPHA = 0.5
 
 
-class NeedsReexport(FinegrainError):
+class NoMaps(FinegrainError):
+    """The model gives no maps: its message says why (and what to do, when anything can be done)."""
+
+
+class NeedsReexport(NoMaps):
     """The run's ONNX export was made before maps existed: it has no map outputs."""
 
 
@@ -164,6 +168,31 @@ def similarity_map(image: ImageMaps, other: np.ndarray, size: tuple[int, int] | 
     e = unit(np.asarray(other, dtype=np.float32).reshape(-1))
     per_size = [np.einsum("khw,k->hw", m, e) for m in image.maps[EMBEDDING_MAP]]
     return _mean_resized(per_size, size or per_size[0].shape)
+
+
+def embedding_grid(per_size: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """One image's embedding maps ``[D, h_i, w_i]`` (one per size) as one ``[D, *grid]`` map: each
+    channel resized to ``grid`` and the sizes averaged. What a gallery index stores per image: as
+    the resizing and the mean are linear, ``grid_similarity(embedding_grid(maps, g), e)`` is
+    :func:`similarity_map` of the same maps against ``e`` at ``g``."""
+    h, w = grid
+    out = np.zeros((per_size[0].shape[0], h, w), dtype=np.float32)
+    for m in per_size:
+        out += m if m.shape[1:] == (h, w) else np.stack([resize_map(c, grid) for c in m])
+    return out / len(per_size)
+
+
+def grid_similarity(grid_map: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """A stored ``[D, h, w]`` embedding map (:func:`embedding_grid`) against the embedding ``other``
+    (normalised here): ``[h, w]``."""
+    e = unit(np.asarray(other, dtype=np.float32).reshape(-1))
+    return np.einsum("khw,k->hw", np.asarray(grid_map, dtype=np.float32), e)
+
+
+def grid_embedding(grid_map: np.ndarray) -> np.ndarray:
+    """The L2-normalised embedding ``[D]`` of a stored map: the mean of its locations (exact at one
+    size, up to the stored precision; with several sizes, up to the resizing)."""
+    return unit(np.asarray(grid_map, dtype=np.float32).mean(axis=(1, 2)))
 
 
 def pair_maps(query: ImageMaps, hit: ImageMaps, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,10 @@ For a query and the gallery ids of its hits, :meth:`SearchExplainer.explain` giv
 
 Maps are ``[h, w]`` on the grid of the model's last feature map at the first size (a few cells a
 side), scaled to [0, 1] each on its own; a viewer stretches them over the image. Explaining costs
-one forward pass of the query and one of all the hits together, per size; a plain search pays none of it.
+one forward pass of the query (:meth:`SearchExplainer.search`: the same pass that searches) and dot
+products with the hits' maps that the index stores (``finegrain index`` writes them when the model
+gives maps); for an index without them, one more pass of all the hits together, per size. A plain
+search pays none of it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,20 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from finegrain.data.images import open_rgb, to_rgb
+from finegrain.data.images import image_size, open_rgb, to_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference.explain import (
+    EMBEDDING_MAP,
     ImageMaps,
     class_activation_map,
+    embedding_grid,
     explain_rgbs,
+    grid_embedding,
+    grid_similarity,
     similarity_map,
     to_unit,
 )
+from finegrain.retrieval.searcher import embedding_and_probabilities
 
 
 @dataclass
@@ -62,16 +70,30 @@ class Explanation:
 class ExplainService(Protocol):
     """What the web service needs to explain a search."""
 
+    def unavailable(self) -> str | None:
+        """Why the service cannot explain (its model gives no maps), or None when it can."""
+        ...
+
     def explain(self, image: Image.Image, ids: list[int]) -> Explanation: ...
 
 
 class SearchExplainer:
     """Explains the answers of a :class:`~finegrain.retrieval.searcher.Searcher` (its encoder, its
-    gallery's files and class names)."""
+    gallery's files and class names, and the maps its index stores, when it stores them)."""
 
     def __init__(self, searcher) -> None:
         self.searcher = searcher
         self.encoder = searcher.encoder
+
+    @property
+    def stored_maps(self) -> np.ndarray | None:
+        """The index's ``[N, D, h, w]`` maps, or None (an index built without them: hits run again)."""
+        index = getattr(self.searcher, "index", None)
+        return getattr(index, "maps", None)
+
+    def unavailable(self) -> str | None:
+        """Why this searcher cannot explain (its model gives no maps), or None when it can."""
+        return self.encoder.maps_missing()
 
     def _explains_class(self, query: ImageMaps) -> bool:
         return self.searcher.prediction_source == "classifier" and query.predicted_class is not None
@@ -82,25 +104,51 @@ class SearchExplainer:
         bad = [i for i in ids if not 0 <= i < size]
         if bad:
             raise FinegrainError(f"no gallery image with id {bad[0]} (the gallery has {size})")
-        rgbs = [to_rgb(image)[0]] + [open_rgb(Path(self.searcher.gallery_path(i)))[0] for i in ids]
-        query, *hits = explain_rgbs(self.encoder, rgbs)
-        grid = query.maps["embedding_map"][0].shape[1:]
-        maps = [
+        rgb = to_rgb(image)[0]
+        return self._explain(explain_rgbs(self.encoder, [rgb])[0], rgb, ids)
+
+    def search(self, image: Image.Image, k: int) -> tuple[list, list[tuple[str, float]] | None, Explanation]:
+        """An explained search: the searcher's hits and prediction and their :class:`Explanation`, from
+        one pass of the model over the query (its maps come with its outputs) when the index stores
+        the hits' maps."""
+        rgb = to_rgb(image)[0]
+        query = explain_rgbs(self.encoder, [rgb])[0]
+        hits, top = self.searcher.search(rgb, k, encoded=embedding_and_probabilities(query.outputs))
+        return hits, top, self._explain(query, rgb, [h.id for h in hits])
+
+    def _hit_maps(self, ids: list[int], grid: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray], list]:
+        """Per hit: its ``[D, h, w]`` embedding map on ``grid``, its unit embedding and its image size;
+        from the index when it stores maps on this grid, else from one pass over the hits' images."""
+        stored = self.stored_maps
+        paths = [Path(self.searcher.gallery_path(i)) for i in ids]
+        if stored is not None and tuple(stored.shape[2:]) == tuple(grid):
+            maps = [np.asarray(stored[i], dtype=np.float32) for i in ids]
+            return maps, [grid_embedding(m) for m in maps], [image_size(p) for p in paths]
+        rgbs = [open_rgb(p)[0] for p in paths]
+        hits = explain_rgbs(self.encoder, rgbs)
+        maps = [embedding_grid(h.maps[EMBEDDING_MAP], grid) for h in hits]
+        return maps, [h.embedding for h in hits], [(im.height, im.width) for im in rgbs]
+
+    def _explain(self, query: ImageMaps, rgb: Image.Image, ids: list[int]) -> Explanation:
+        grid = query.maps[EMBEDDING_MAP][0].shape[1:]
+        grid = (int(grid[0]), int(grid[1]))
+        maps, embeddings, sizes = self._hit_maps(ids, grid) if ids else ([], [], [])
+        hits = [
             HitMaps(
                 id=i,
-                map=to_unit(similarity_map(h, query.embedding, grid)),
-                query_map=to_unit(similarity_map(query, h.embedding, grid)),
-                similarity=float(query.embedding @ h.embedding),
-                image_size=(rgb.height, rgb.width),
+                map=to_unit(grid_similarity(m, query.embedding)),
+                query_map=to_unit(similarity_map(query, e, grid)),
+                similarity=float(query.embedding @ e),
+                image_size=hw,
             )
-            for i, h, rgb in zip(ids, hits, rgbs[1:], strict=True)
+            for i, m, e, hw in zip(ids, maps, embeddings, sizes, strict=True)
         ]
-        query_size = (rgbs[0].height, rgbs[0].width)
+        query_size = (rgb.height, rgb.width)
         if self._explains_class(query):
             cls = int(query.predicted_class or 0)
             names = self.searcher.class_names
             label = names[cls] if 0 <= cls < len(names) else str(cls)
-            return Explanation("class", label, to_unit(class_activation_map(query, cls, grid)), query_size, maps)
-        if not maps:
+            return Explanation("class", label, to_unit(class_activation_map(query, cls, grid)), query_size, hits)
+        if not hits:
             raise FinegrainError("explaining a search without a classifier needs the id of at least one hit")
-        return Explanation("similarity", "closest match", maps[0].query_map, query_size, maps)
+        return Explanation("similarity", "closest match", hits[0].query_map, query_size, hits)

@@ -121,6 +121,7 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
     import torch
 
     from finegrain.inference.export import output_names
+    from finegrain.models.maps import MAP_OUTPUTS
 
     cfg = loaded.cfg
     return {
@@ -145,6 +146,7 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
             "values": "RGB 0-255; the graph normalises them",
         },
         "outputs": output_names(loaded),
+        "maps": MAP_OUTPUTS[0] in output_names(loaded),  # False: the backbone gives none (not an old export)
         "dynamic_axes": ["batch", "height", "width"],
         "opset": opset,
         "onnxruntime": onnxruntime_version(),
