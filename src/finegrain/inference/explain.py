@@ -173,26 +173,13 @@ def similarity_map(image: ImageMaps, other: np.ndarray, size: tuple[int, int] | 
 def embedding_grid(per_size: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
     """One image's embedding maps ``[D, h_i, w_i]`` (one per size) as one ``[D, *grid]`` map: each
     channel resized to ``grid`` and the sizes averaged. What a gallery index stores per image: as
-    the resizing and the mean are linear, ``grid_similarity(embedding_grid(maps, g), e)`` is
-    :func:`similarity_map` of the same maps against ``e`` at ``g``."""
+    the resizing and the mean are linear, its cells' dot products with a unit embedding ``e`` are
+    :func:`similarity_map` of the same maps against ``e`` at ``grid``."""
     h, w = grid
     out = np.zeros((per_size[0].shape[0], h, w), dtype=np.float32)
     for m in per_size:
         out += m if m.shape[1:] == (h, w) else np.stack([resize_map(c, grid) for c in m])
     return out / len(per_size)
-
-
-def grid_similarity(grid_map: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """A stored ``[D, h, w]`` embedding map (:func:`embedding_grid`) against the embedding ``other``
-    (normalised here): ``[h, w]``."""
-    e = unit(np.asarray(other, dtype=np.float32).reshape(-1))
-    return np.einsum("khw,k->hw", np.asarray(grid_map, dtype=np.float32), e)
-
-
-def grid_embedding(grid_map: np.ndarray) -> np.ndarray:
-    """The L2-normalised embedding ``[D]`` of a stored map: the mean of its locations (exact at one
-    size, up to the stored precision; with several sizes, up to the resizing)."""
-    return unit(np.asarray(grid_map, dtype=np.float32).mean(axis=(1, 2)))
 
 
 def pair_maps(query: ImageMaps, hit: ImageMaps, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -33,11 +33,9 @@ from finegrain.inference.explain import (
     class_activation_map,
     embedding_grid,
     explain_rgbs,
-    grid_embedding,
-    grid_similarity,
-    similarity_map,
     to_unit,
 )
+from finegrain.retrieval.index import l2_normalize
 from finegrain.retrieval.searcher import embedding_and_probabilities
 
 
@@ -84,6 +82,7 @@ class SearchExplainer:
     def __init__(self, searcher) -> None:
         self.searcher = searcher
         self.encoder = searcher.encoder
+        self._sizes: dict[int, tuple[int, int]] = {}  # gallery id -> (height, width) of its image
 
     @property
     def stored_maps(self) -> np.ndarray | None:
@@ -116,33 +115,41 @@ class SearchExplainer:
         hits, top = self.searcher.search(rgb, k, encoded=embedding_and_probabilities(query.outputs))
         return hits, top, self._explain(query, rgb, [h.id for h in hits])
 
-    def _hit_maps(self, ids: list[int], grid: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray], list]:
-        """Per hit: its ``[D, h, w]`` embedding map on ``grid``, its unit embedding and its image size;
-        from the index when it stores maps on this grid, else from one pass over the hits' images."""
+    def _image_size(self, i: int) -> tuple[int, int]:
+        if i not in self._sizes:  # read once per gallery image (its header)
+            self._sizes[i] = image_size(self.searcher.gallery_path(i))
+        return self._sizes[i]
+
+    def _hit_maps(self, ids: list[int], grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list]:
+        """The hits' ``[n, D, h, w]`` embedding maps on ``grid``, their unit embeddings ``[n, D]`` and
+        image sizes: from the index when it stores maps on this grid, else from one pass over the hits."""
         stored = self.stored_maps
-        paths = [Path(self.searcher.gallery_path(i)) for i in ids]
-        if stored is not None and tuple(stored.shape[2:]) == tuple(grid):
-            maps = [np.asarray(stored[i], dtype=np.float32) for i in ids]
-            return maps, [grid_embedding(m) for m in maps], [image_size(p) for p in paths]
-        rgbs = [open_rgb(p)[0] for p in paths]
+        if stored is not None and tuple(stored.shape[2:]) == tuple(grid) and max(ids) < len(stored):
+            maps = np.asarray(stored[np.asarray(ids)], dtype=np.float32)
+            # a stored map's mean over its cells is the image's embedding (exact at one size)
+            embeddings = l2_normalize(maps.mean(axis=(2, 3)))
+            return maps, embeddings, [self._image_size(i) for i in ids]
+        rgbs = [open_rgb(Path(self.searcher.gallery_path(i)))[0] for i in ids]
         hits = explain_rgbs(self.encoder, rgbs)
-        maps = [embedding_grid(h.maps[EMBEDDING_MAP], grid) for h in hits]
-        return maps, [h.embedding for h in hits], [(im.height, im.width) for im in rgbs]
+        maps = np.stack([embedding_grid(h.maps[EMBEDDING_MAP], grid) for h in hits])
+        return maps, np.stack([h.embedding for h in hits]), [(im.height, im.width) for im in rgbs]
 
     def _explain(self, query: ImageMaps, rgb: Image.Image, ids: list[int]) -> Explanation:
-        grid = query.maps[EMBEDDING_MAP][0].shape[1:]
-        grid = (int(grid[0]), int(grid[1]))
-        maps, embeddings, sizes = self._hit_maps(ids, grid) if ids else ([], [], [])
-        hits = [
-            HitMaps(
-                id=i,
-                map=to_unit(grid_similarity(m, query.embedding)),
-                query_map=to_unit(similarity_map(query, e, grid)),
-                similarity=float(query.embedding @ e),
-                image_size=hw,
-            )
-            for i, m, e, hw in zip(ids, maps, embeddings, sizes, strict=True)
-        ]
+        first = query.maps[EMBEDDING_MAP][0].shape
+        grid = (int(first[1]), int(first[2]))
+        hits: list[HitMaps] = []
+        if ids:
+            maps, embeddings, sizes = self._hit_maps(ids, grid)
+            # both sides at once: each hit's cells against the query's embedding, the query's cells
+            # against each hit's (resizing and averaging the sizes are linear: as similarity_map)
+            e_query = query.embedding
+            hit_cells = np.einsum("nkhw,k->nhw", maps, e_query)
+            query_cells = np.einsum("khw,nk->nhw", embedding_grid(query.maps[EMBEDDING_MAP], grid), embeddings)
+            similarities = embeddings @ e_query
+            hits = [
+                HitMaps(id=i, map=to_unit(h), query_map=to_unit(q), similarity=float(sim), image_size=hw)
+                for i, h, q, sim, hw in zip(ids, hit_cells, query_cells, similarities, sizes, strict=True)
+            ]
         query_size = (rgb.height, rgb.width)
         if self._explains_class(query):
             cls = int(query.predicted_class or 0)

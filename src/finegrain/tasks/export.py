@@ -120,8 +120,7 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
     """model.json's contents for the fp32 model: what it was made from, its input and outputs, its parity."""
     import torch
 
-    from finegrain.inference.export import output_names
-    from finegrain.models.maps import MAP_OUTPUTS
+    from finegrain.inference.export import has_maps, output_names
 
     cfg = loaded.cfg
     return {
@@ -146,7 +145,7 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
             "values": "RGB 0-255; the graph normalises them",
         },
         "outputs": output_names(loaded),
-        "maps": MAP_OUTPUTS[0] in output_names(loaded),  # False: the backbone gives none (not an old export)
+        "maps": has_maps(loaded),  # False: the backbone gives none (an older export has no entry)
         "dynamic_axes": ["batch", "height", "width"],
         "opset": opset,
         "onnxruntime": onnxruntime_version(),
