@@ -150,7 +150,7 @@ def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
         assert "finegrain export" in res.json()["error"] and "\n" not in res.json()["error"]
 
 
-def test_a_model_without_maps_says_why_it_cannot_explain(trained_run):
+def test_a_model_without_maps_says_why_it_cannot_explain(trained_run, tmp_path):
     """A from-scratch CNN (dense layers after pooling) on the torch engine: no maps, and the reason."""
     from finegrain.retrieval.searcher import Searcher
 
@@ -159,6 +159,25 @@ def test_a_model_without_maps_says_why_it_cannot_explain(trained_run):
     assert info["available"] is False and "computes more after pooling" in info["reason"]
     res = c.post("/api/explain?ids=0", files={"image": ("q.png", b"anything")})
     assert res.status_code == 409 and "computes more after pooling" in res.json()["error"]
+    from finegrain.retrieval.gallery import build_index
+
+    with pytest.raises(FinegrainError, match="--maps: .*computes more after pooling"):  # asked for, refused
+        build_index(trained_run, gallery="test", engine="torch", maps=True, out_dir=tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
+def test_an_index_built_without_maps_explains_by_running_the_hits_again(run, tmp_path):
+    from finegrain.retrieval.explain_search import SearchExplainer
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.retrieval.searcher import Searcher
+
+    dest, info = build_index(run.path, gallery="test", engine="onnx", maps=False, out_dir=tmp_path / "index")
+    assert info["maps"] is None and not (dest / "maps.npy").exists()
+    searcher = Searcher(run.path, dest, engine="onnx")
+    assert searcher.index.maps is None and searcher.info["explain"]["stored_maps"] is False
+    query = Image.open(io.BytesIO(_query(run))).convert("RGB")
+    hits, _, why = SearchExplainer(searcher).search(query, 3)
+    assert [h.id for h in why.hits] == [h.id for h in hits] and all(np.ptp(h.map) > 0 for h in why.hits)
 
 
 # --------------------------------------------------------------------------- the page
