@@ -54,7 +54,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "explain.json"
 FRACTIONS = (0.1, 0.2, 0.4)
 ORDERS = ("most", "least", "random_map", "random_pixels")
 K_HITS = 8
-PARTS = ("classifier", "cost", "retrieval")
+PARTS = ("classifier", "cost", "retrieval", "imagenet_classifier")
 
 
 def blurred(rgb: np.ndarray) -> np.ndarray:
@@ -285,7 +285,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "explain.json")
     ap.add_argument(
         "--parts",
-        default="classifier,cost,retrieval",
+        default="classifier,cost,retrieval,imagenet_classifier",
         help="which parts to run (comma-separated); the others are kept from --out if it exists",
     )
     args = ap.parse_args()
@@ -349,6 +349,9 @@ def main() -> None:
     if "retrieval" in parts:
         retrieval_part(result, records, data.root, rng)
         atomic_write_json(args.out, result)
+    if "imagenet_classifier" in parts:
+        imagenet_classifier_part(result, records, data.root, rng)
+        atomic_write_json(args.out, result)
     if all(k in result for k in ("classifier", "extra_cost", "retrieval")):
         atomic_write_json(RESULTS, result)
         log(f"wrote {RESULTS}")
@@ -374,6 +377,39 @@ def retrieval_part(result: dict, records: list, root: str, rng: np.random.Genera
         "tta_flip": knn.tta_flip,
     }
     log(str(result["retrieval"]))
+
+
+def imagenet_classifier_part(result: dict, records: list, root: str, rng: np.random.Generator) -> None:
+    """The classifier deletion test again with a confident, well-trained classifier: EfficientNet-Lite0
+    with its own ImageNet head (1000 classes, from the offline checkpoint), on the same images at
+    224x224 (a 7x7 map): does the goal depend on the maps or on the weak thumbnail classifier?"""
+    import torch
+
+    from finegrain.config import load_config
+    from finegrain.data.images import open_rgb, resize_rgb
+    from finegrain.inference.encoder import Encoder
+    from finegrain.models.backbones import lite_checkpoint_path
+    from finegrain.models.build import build_from_config
+
+    cfg = load_config("cars-lite0-knn", profile="quick", overrides=[f"data.root={root}"])
+    model = build_from_config(cfg, 1000)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    state = torch.load(lite_checkpoint_path(0), map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        head.weight.copy_(state["_fc.weight"])
+        head.bias.copy_(state["_fc.bias"])
+    encoder = Encoder.of_model(model, cfg, "32")
+    size = encoder.sizes[0]
+    rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
+    log(f"ImageNet classifier deletion test on {len(rgbs)} images at {size}")
+    result["imagenet_classifier"] = {
+        **classifier_deletion(encoder, rgbs, rng),
+        "model": "EfficientNet-Lite0 with its ImageNet-1k head (offline checkpoint), nothing trained here; "
+        "the predicted class is an ImageNet class (sports car, convertible, ...)",
+        "sizes": [list(size)],
+        "tta_flip": encoder.tta_flip,
+    }
+    log(str(result["imagenet_classifier"]))
 
 
 if __name__ == "__main__":

@@ -131,8 +131,11 @@ def search(
             raise FinegrainError("--explain draws the maps on the contact sheet: give --sheet OUT.png too")
         query, _ = open_rgb(image)
         searcher = Searcher(run, index_dir, engine=engine)
-        hits, top = searcher.search(query, k=k)
-        why = SearchExplainer(searcher).explain(query, [h.id for h in hits]) if explain else None
+        why = None
+        if explain:  # one pass of the model: the search and the query's maps
+            hits, top, why = SearchExplainer(searcher).search(query, k)
+        else:
+            hits, top = searcher.search(query, k=k)
         try:  # the path it wrote (.png added if none)
             written = contact_sheet(query, hits, sheet, explanation=why) if sheet else None
         except OSError as e:
