@@ -152,6 +152,47 @@ def test_an_export_made_before_maps_asks_for_a_reexport(classifier, tmp_path):
         explain_rgb(o, image)
 
 
+@pytest.mark.slow
+def test_maps_stored_at_index_time_explain_as_a_second_pass_would_in_one_pass(retrieval, tmp_path, monkeypatch):
+    """The index stores each gallery image's map (two sizes, flips): an explained search runs the model
+    once, over the query, and gives the maps that running every hit again gives."""
+    from finegrain.retrieval.explain_search import SearchExplainer
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.retrieval.searcher import Searcher
+
+    _, info = build_index(retrieval.path, gallery="test", engine="onnx", out_dir=tmp_path / "index")
+    assert info["maps"]["grid"] == [3, 3] and info["maps"]["bytes_per_image"] == 16 * 9 * 2
+    searcher = Searcher(retrieval.path, tmp_path / "index", engine="onnx")
+    assert isinstance(searcher.index.maps, np.memmap) and searcher.index.maps.shape == (searcher.gallery_size, 16, 3, 3)
+    assert searcher.info["explain"] == {"available": True, "reason": None, "stored_maps": True}
+    query = _test_images(retrieval, 1)[0]
+    explainer, encoder = SearchExplainer(searcher), searcher.encoder
+    calls: list[str] = []
+    for name in ("forward", "forward_maps"):
+        real = getattr(encoder, name)
+        monkeypatch.setattr(encoder, name, lambda x, real=real, name=name: calls.append(name) or real(x))
+    hits, top, why = explainer.search(query, k=4)
+    assert calls == ["forward_maps"] * len(encoder.sizes)  # one pass per size, of the query alone
+    monkeypatch.undo()
+    plain_hits, plain_top = searcher.search(query, k=4)
+    assert [(h.id, round(h.score, 4)) for h in hits] == [(h.id, round(h.score, 4)) for h in plain_hits]
+    assert top == plain_top and why.kind == "similarity" and [h.id for h in why.hits] == [h.id for h in hits]
+    q = explain_rgb(encoder, query)
+    for got, hit in zip(why.hits, hits, strict=True):  # the definition: each hit's image run again
+        image = open_rgb(hit.path)[0]
+        h = explain_rgb(encoder, image)
+        assert got.similarity == pytest.approx(hit.score, abs=2e-3) and got.image_size == (image.height, image.width)
+        want = to_unit(similarity_map(h, q.embedding, (3, 3))), to_unit(similarity_map(q, h.embedding, (3, 3)))
+        assert np.ptp(want[0]) > 0 and np.ptp(want[1]) > 0
+        np.testing.assert_allclose(got.map, want[0], atol=0.02)
+        np.testing.assert_allclose(got.query_map, want[1], atol=0.02)
+    searcher.index.maps = None  # an index without maps: the hits run again, to the same maps
+    again = explainer.explain(query, [h.id for h in hits])
+    for a, b in zip(again.hits, why.hits, strict=True):
+        np.testing.assert_allclose(a.map, b.map, atol=0.02)
+        np.testing.assert_allclose(a.query_map, b.query_map, atol=0.02)
+
+
 # --------------------------------------------------------------------------- the painted patch
 
 PATCH = 8

@@ -251,3 +251,45 @@ def test_faiss_blas_uses_cpu_kernels_and_leaves_environment_clean():
     expected = _openblas_coretype()
     if expected is not None and out[1] != "None":
         assert out[1] == expected
+
+
+# --------------------------------------------------------------------------- stored maps
+
+
+def _with_maps(tmp_path, n: int = 30, d: int = 8, grid: tuple[int, int] = (3, 4)):
+    x, labels = clustered(n=n, d=d, centers=3)
+    maps = np.random.default_rng(1).normal(size=(n, d, *grid)).astype(np.float16)
+    index = GalleryIndex.build(x, labels, paths_for(n), model_checksum=CHECKSUM)
+    index.maps = maps
+    return index.save(tmp_path / "index"), maps
+
+
+def test_maps_are_saved_with_the_index_and_memory_mapped_back(tmp_path):
+    d, maps = _with_maps(tmp_path)
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["maps"]["grid"] == [3, 4] and meta["maps"]["bytes_per_image"] == 8 * 3 * 4 * 2
+    back = GalleryIndex.load(d, CHECKSUM)
+    assert isinstance(back.maps, np.memmap) and back.maps.dtype == np.float16
+    np.testing.assert_array_equal(back.maps, maps)
+    back.maps = None  # saved again without maps: the file and its entry go, in the same swap
+    back.save(d)
+    assert not (d / "maps.npy").exists() and "maps" not in json.loads((d / "meta.json").read_text())
+    assert GalleryIndex.load(d, CHECKSUM).maps is None
+
+
+def test_maps_that_do_not_match_the_index_are_refused(tmp_path):
+    d, maps = _with_maps(tmp_path)
+    np.save(d / "maps.npy", maps[:-1])  # one image short
+    with pytest.raises(FinegrainError, match=r"damaged index file .*maps\.npy: holds float16 \[29, 8, 3, 4\]"):
+        GalleryIndex.load(d, CHECKSUM)
+    np.save(d / "maps.npy", maps.astype(np.float32))
+    with pytest.raises(FinegrainError, match="damaged index file .*maps.npy"):
+        GalleryIndex.load(d, CHECKSUM)
+    (d / "maps.npy").unlink()
+    with pytest.raises(FinegrainError, match="incomplete index .*maps.npy is missing"):
+        GalleryIndex.load(d, CHECKSUM)
+    index = GalleryIndex.build(*clustered(n=30, d=8, centers=3), paths_for(30), model_checksum=CHECKSUM)
+    index.maps = maps[:, :4]  # another dimension than the vectors'
+    with pytest.raises(FinegrainError, match="maps of shape"):
+        index.save(tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -115,22 +115,69 @@ def test_bad_ids_are_refused_in_one_line(client, run):
         assert res.status_code == 422 and words in res.json()["error"] and "\n" not in res.json()["error"]
 
 
-def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
+def test_info_says_the_service_explains_from_the_maps_its_index_stores(client):
+    assert client.get("/api/info").json()["explain"] == {"available": True, "reason": None, "stored_maps": True}
+
+
+def _old_export(run: RunDir, dest: Path) -> RunDir:
+    """A copy of ``run`` whose ONNX export was made as before maps existed (no map outputs, no ``maps``
+    entry in model.json)."""
     from finegrain.inference.export import export_onnx
     from finegrain.inference.load import file_sha256, load_model
-    from finegrain.retrieval.searcher import Searcher
 
-    old = RunDir(shutil.copytree(run.path, tmp_path / "old"))
+    old = RunDir(shutil.copytree(run.path, dest))
     onnx = old.path / "export" / "model.onnx"
     onnx.write_bytes(export_onnx(load_model(old), (64, 64), maps=False))
     meta = json.loads((old.path / "export" / "model.json").read_text())
     meta["files"]["fp32"]["sha256"] = file_sha256(onnx)
+    del meta["maps"]
     (old.path / "export" / "model.json").write_text(json.dumps(meta))
+    return old
+
+
+def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
+    from finegrain.retrieval.searcher import Searcher
+
+    old = _old_export(run, tmp_path / "old")
     c = TestClient(make_app(Searcher(old.path, engine="onnx")))
     query = {"image": ("q.png", _query(run))}
     assert c.post("/api/search", files=query).status_code == 200  # searching still works
-    res = c.post("/api/explain?ids=0", files=query)
-    assert res.status_code == 409 and "finegrain export" in res.json()["error"]
+    info = c.get("/api/info").json()["explain"]
+    assert info["available"] is False and "run `finegrain export RUN` again" in info["reason"]
+    for files in (query, None):  # said before the upload is read: none is needed to learn it
+        res = c.post("/api/explain?ids=0", files=files)
+        assert res.status_code == 409 and "cannot explain" in res.json()["error"]
+        assert "finegrain export" in res.json()["error"] and "\n" not in res.json()["error"]
+
+
+def test_a_model_without_maps_says_why_it_cannot_explain(trained_run, tmp_path):
+    """A from-scratch CNN (dense layers after pooling) on the torch engine: no maps, and the reason."""
+    from finegrain.retrieval.searcher import Searcher
+
+    c = TestClient(make_app(Searcher(trained_run, engine="torch")))
+    info = c.get("/api/info").json()["explain"]
+    assert info["available"] is False and "computes more after pooling" in info["reason"]
+    res = c.post("/api/explain?ids=0", files={"image": ("q.png", b"anything")})
+    assert res.status_code == 409 and "computes more after pooling" in res.json()["error"]
+    from finegrain.retrieval.gallery import build_index
+
+    with pytest.raises(FinegrainError, match="--maps: .*computes more after pooling"):  # asked for, refused
+        build_index(trained_run, gallery="test", engine="torch", maps=True, out_dir=tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
+def test_an_index_built_without_maps_explains_by_running_the_hits_again(run, tmp_path):
+    from finegrain.retrieval.explain_search import SearchExplainer
+    from finegrain.retrieval.gallery import build_index
+    from finegrain.retrieval.searcher import Searcher
+
+    dest, info = build_index(run.path, gallery="test", engine="onnx", maps=False, out_dir=tmp_path / "index")
+    assert info["maps"] is None and not (dest / "maps.npy").exists()
+    searcher = Searcher(run.path, dest, engine="onnx")
+    assert searcher.index.maps is None and searcher.info["explain"]["stored_maps"] is False
+    query = Image.open(io.BytesIO(_query(run))).convert("RGB")
+    hits, _, why = SearchExplainer(searcher).search(query, 3)
+    assert [h.id for h in why.hits] == [h.id for h in hits] and all(np.ptp(h.map) > 0 for h in why.hits)
 
 
 # --------------------------------------------------------------------------- the page
@@ -172,6 +219,24 @@ def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server
     assert page.locator(".explain-overlay").count() == 0 and not page.locator("#explain-legend").is_visible()
     assert not errors
     page.close()
+
+
+@pytest.mark.browser
+def test_the_why_toggle_stays_hidden_for_a_model_without_maps(browser, run, tmp_path):  # noqa: F811
+    from finegrain.retrieval.searcher import Searcher
+    from finegrain.serve.app import create_app
+
+    query = tmp_path / "query.png"
+    query.write_bytes(_query(run))
+    old = _old_export(run, tmp_path / "old")
+    with running_server(create_app(Searcher(old.path, engine="onnx"))) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/")
+        page.wait_for_function("() => document.querySelectorAll('#info .chip').length > 1", timeout=10000)
+        _upload_and_wait(page, query, 8)
+        page.wait_for_timeout(300)  # /api/info has long answered: the toggle would show by now
+        assert page.locator("#explain-toggle").count() == 1 and page.locator("#explain-toggle").is_hidden()
+        page.close()
 
 
 def test_search_explain_draws_the_maps_on_the_contact_sheet(run, tmp_path):

@@ -77,6 +77,14 @@ def index(
     ] = None,
     actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")] = None,
     recall: Annotated[float, typer.Option(help="With --ray and --kind ivfpq: the recall@10 to reach.")] = 0.95,
+    maps: Annotated[
+        bool | None,
+        typer.Option(
+            "--maps/--no-maps",
+            help="Store each image's map beside the index so explaining a search costs no second pass "
+            "(default: when the model gives maps; see docs/explain.md for the size).",
+        ),
+    ] = None,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     if ray is not None:
@@ -91,10 +99,15 @@ def index(
         # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.retrieval.gallery import build_index
 
-        dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
+        dest, info = build_index(
+            run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace, maps=maps
+        )
     line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
+    if info.get("maps"):
+        grid = info["maps"]["grid"]
+        line += f"; maps ({grid[0]}x{grid[1]} cells) {info['maps']['bytes_per_image'] / 1e3:.1f} kB per image"
     console.print(line)
 
 
@@ -140,9 +153,12 @@ def search(
         searcher: Searcher | LiveGallery = (
             LiveGallery(run, store=store, engine=engine) if live else Searcher(run, index_dir, engine=engine)
         )
-        hits, top = searcher.search(query, k=k)
+        why = None
+        if explain and isinstance(searcher, Searcher):  # one pass of the model: the search and the query's maps
+            hits, top, why = SearchExplainer(searcher).search(query, k)
+        else:
+            hits, top = searcher.search(query, k=k)
         shown = hit_files(searcher, hits, Path(tmp)) if isinstance(searcher, LiveGallery) and sheet else hits
-        why = SearchExplainer(searcher).explain(query, [h.id for h in hits]) if explain else None
         try:  # the path it wrote (.png added if none)
             written = contact_sheet(query, shown, sheet, explanation=why) if sheet else None
         except OSError as e:

@@ -15,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finegrain.errors import ImageError
 
+ORIENTATION_TAG = 0x0112  # EXIF orientation: 5 to 8 turn the picture a quarter
+
 # Pillow's own decompression-bomb limit (about 179 Mpixel) is kept; above it an
 # image is refused rather than decoded.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -104,6 +106,20 @@ def decode(source: BinaryIO, name: str | Path, max_pixels: int | None = None) ->
         raise ImageError(name, reason, str(e)) from None
     except Exception as e:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, EOFError, ... on bad data
         raise ImageError(name, "corrupt", str(e) or type(e).__name__) from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file as :func:`open_rgb` gives it (EXIF orientation applied), from
+    its header only; an :class:`ImageError` for a file that is not a readable image."""
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # header only
+                w, h = im.size
+                turned = im.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise ImageError(path, "not-an-image", str(e) or type(e).__name__) from None
+    return (w, h) if turned else (h, w)
 
 
 def _mpixels(n: float) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finegrain.inference.explain import maps_outputs
+from finegrain.inference.explain import NoMaps, maps_outputs
 from finegrain.inference.load import LoadedModel
 from finegrain.inference.outputs import (  # noqa: F401 - re-exported
     EncodingLoop,
@@ -19,7 +19,7 @@ from finegrain.inference.outputs import (  # noqa: F401 - re-exported
     named_outputs,
 )
 from finegrain.machine import inference_precision, resolve_precision, set_threads
-from finegrain.models.maps import forward_with_maps
+from finegrain.models.maps import forward_with_maps, maps_missing
 
 
 def autocast_for(precision: str):
@@ -74,10 +74,18 @@ class Encoder(EncodingLoop):
             out = forward_tta(self.model, x, self.tta_flip)
         return named_outputs({k: v.float().cpu().numpy() for k, v in out.items()})
 
+    def maps_missing(self) -> str | None:
+        """Why this model gives no maps, or None when it gives them."""
+        return maps_missing(self.model)
+
     @torch.inference_mode()
     def forward_maps(self, x) -> dict[str, np.ndarray]:
-        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32)."""
+        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain` (float32);
+        :class:`~finegrain.inference.explain.NoMaps` for a model without them."""
 
+        why = self.maps_missing()
+        if why is not None:
+            raise NoMaps(why)
         x = torch.as_tensor(x).to(self.device)
         n = len(x)
         if self.tta_flip:

@@ -51,7 +51,11 @@ _VIRIDIS_ANCHORS = (
 OVERLAY_ALPHA = 0.5
 
 
-class NeedsReexport(FinegrainError):
+class NoMaps(FinegrainError):
+    """The model gives no maps: its message says why (and what to do, when anything can be done)."""
+
+
+class NeedsReexport(NoMaps):
     """The run's ONNX export was made before maps existed: it has no map outputs."""
 
 
@@ -163,6 +167,18 @@ def similarity_map(image: ImageMaps, other: np.ndarray, size: tuple[int, int] | 
     e = unit(np.asarray(other, dtype=np.float32).reshape(-1))
     per_size = [np.einsum("khw,k->hw", m, e) for m in image.maps[EMBEDDING_MAP]]
     return _mean_resized(per_size, size or per_size[0].shape)
+
+
+def embedding_grid(per_size: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """One image's embedding maps ``[D, h_i, w_i]`` (one per size) as one ``[D, *grid]`` map: each
+    channel resized to ``grid`` and the sizes averaged. What a gallery index stores per image: as
+    the resizing and the mean are linear, its cells' dot products with a unit embedding ``e`` are
+    :func:`similarity_map` of the same maps against ``e`` at ``grid``."""
+    h, w = grid
+    out = np.zeros((per_size[0].shape[0], h, w), dtype=np.float32)
+    for m in per_size:
+        out += m if m.shape[1:] == (h, w) else np.stack([resize_map(c, grid) for c in m])
+    return out / len(per_size)
 
 
 def pair_maps(query: ImageMaps, hit: ImageMaps, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from finegrain.config import ExperimentConfig
 from finegrain.errors import FinegrainError
-from finegrain.inference.explain import EMBEDDING_MAP, MAP_NAMES, NeedsReexport, maps_outputs
+from finegrain.inference.explain import EMBEDDING_MAP, MAP_NAMES, NeedsReexport, NoMaps, maps_outputs
 from finegrain.inference.load import check_config_copy, checkpoint_config, file_sha256
 from finegrain.inference.outputs import EncodingLoop, eval_sizes, mean_of_halves, named_outputs
 from finegrain.machine import model_threads
@@ -179,15 +179,27 @@ class OnnxEncoder(EncodingLoop):
             return named_outputs(self._run(x))
         return named_outputs(mean_of_halves(self._run(np.concatenate([x, x[..., ::-1]])), len(x)))  # one pass
 
+    def maps_missing(self) -> str | None:
+        """Why this export gives no maps, or None when it gives them."""
+        if EMBEDDING_MAP in self._outputs:
+            return None
+        if self.meta.get("maps") is False:  # recorded by exports made since maps exist
+            return (
+                f"the model of run {self.run.name} has no maps: its backbone {self.cfg.model.backbone} "
+                "computes more after pooling its last feature map"
+            )
+        return (
+            f"the ONNX export of run {self.run.name} was made before explanations existed: "
+            f"run `finegrain export RUN` again to explain its answers"
+        )
+
     def forward_maps(self, x: Any) -> dict[str, np.ndarray]:
         """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain`;
-        :class:`NeedsReexport` for a model exported before the graph had them."""
-        self.session(self._threads or next(iter(self._sessions)))
-        if EMBEDDING_MAP not in self._outputs:
-            raise NeedsReexport(
-                f"the ONNX export of run {self.run.name} was made before explanations existed: "
-                f"run `finegrain export RUN` again to explain its answers"
-            )
+        :class:`NeedsReexport` for a model exported before the graph had them, :class:`NoMaps` for a
+        backbone without them."""
+        why = self.maps_missing()
+        if why is not None:
+            raise NoMaps(why) if self.meta.get("maps") is False else NeedsReexport(why)
         x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.uint8)
         both = np.concatenate([x, x[..., ::-1]]) if self.tta_flip else x
         return maps_outputs(self._run(both, maps=True), len(x), self.tta_flip)

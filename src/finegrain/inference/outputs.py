@@ -34,6 +34,9 @@ class Outputs:
     embeddings: np.ndarray  # [N, D] float32 (the embedding head, else the features)
     logits: np.ndarray | None  # [N, C] float32 when the model has a classifier
     seconds: float  # wall time of the forward passes
+    maps: np.ndarray | None = None
+    """[N, D, h, w] float16 embedding maps on the first size's grid (``maps=True``; see
+    :func:`finegrain.inference.explain.embedding_grid`)."""
 
     @property
     def images_per_second(self) -> float:
@@ -128,9 +131,6 @@ class EncodingLoop:
     def encode_rgbs(self, rgbs: list) -> dict[str, np.ndarray]:
         """:meth:`encode_rgb` of several images in batched passes (:data:`PASS_IMAGES` a pass, mirrors
         included): outputs ``[len(rgbs), ...]`` in their order."""
-        # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
-        from finegrain.data.images import resize_rgb
-
         step = max(1, PASS_IMAGES // (2 if self.tta_flip else 1))
         per_size = []
         for size in self.sizes:
@@ -141,21 +141,39 @@ class EncodingLoop:
             per_size.append({k: np.concatenate([o[k] for o in outs]) for k in outs[0]})
         return mean_over_sizes(per_size)
 
-    def encode_records(self, records, caches: dict | None = None, description: str = "encoding") -> Outputs:
-        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes."""
+    def forward_maps(self, x) -> dict[str, np.ndarray]:
+        """:meth:`forward`'s outputs and the maps of :mod:`finegrain.inference.explain`."""
+        raise NotImplementedError
+
+    def encode_records(
+        self, records, caches: dict | None = None, description: str = "encoding", maps: bool = False
+    ) -> Outputs:
+        """Every record at every size (``caches``: prepared caches by size), outputs averaged over sizes;
+        with ``maps``, each image's embedding map too (every size's resized to the first size's grid
+        and averaged, float16)."""
         from finegrain.data.module import eval_loaders  # the loaders are torch's: embedding a split needs it
 
         loaders = eval_loaders(records, self.cfg.data, caches)
         runs = []
         for loader, size in zip(loaders, self.sizes, strict=True):
             what = description + (f" at {size[0]}x{size[1]}" if len(self.sizes) > 1 else "")
-            runs.append(self.run_loader(loader, what))
+            runs.append(self.run_loader(loader, what, maps))
         first = runs[0]
         if any(not np.array_equal(r.indices, first.indices) for r in runs[1:]):
             raise FinegrainError("the loaders of the evaluation sizes gave different images")
         if len(runs) == 1:
             return first
         mean = mean_over_sizes([r.arrays() for r in runs])
+        grid_maps = None
+        per_size = [r.maps for r in runs if r.maps is not None]
+        if per_size:
+            # start-up: deferred until this runs (explain imports this module)
+            from finegrain.inference.explain import embedding_grid
+
+            grid = (per_size[0].shape[2], per_size[0].shape[3])
+            grid_maps = np.stack(
+                [embedding_grid([m[i].astype(np.float32) for m in per_size], grid) for i in range(len(first.labels))]
+            ).astype(np.float16)
         return Outputs(
             labels=first.labels,
             indices=first.indices,
@@ -163,10 +181,12 @@ class EncodingLoop:
             embeddings=mean["embedding"],
             logits=mean.get("logits"),
             seconds=sum(r.seconds for r in runs),
+            maps=grid_maps,
         )
 
-    def run_loader(self, loader, description: str = "encoding") -> Outputs:
-        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped."""
+    def run_loader(self, loader, description: str = "encoding", maps: bool = False) -> Outputs:
+        """Outputs of one loader's batches (one size), in its order; bad images (None batches) skipped;
+        with ``maps``, the embedding maps too (float16)."""
 
         self.prepare(loader)
         labels: list[np.ndarray] = []
@@ -179,13 +199,13 @@ class EncodingLoop:
                 continue
             x, y, idx = batch
             t0 = time.perf_counter()
-            outs.extend(self.forward(x[i : i + step]) for i in range(0, len(x), step))
+            outs.extend(self._forward_kept(x[i : i + step], maps) for i in range(0, len(x), step))
             seconds += time.perf_counter() - t0
             labels.append(np.asarray(y))
             indices.append(np.asarray(idx))
         if not labels:
             raise FinegrainError("no readable images to run the model on")
-        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0]}
+        cat = {k: np.concatenate([o[k] for o in outs]).astype(np.float32) for k in outs[0] if k != "embedding_map"}
         return Outputs(
             labels=np.concatenate(labels),
             indices=np.concatenate(indices),
@@ -193,4 +213,12 @@ class EncodingLoop:
             embeddings=cat["embedding"],
             logits=cat.get("logits"),
             seconds=seconds,
+            maps=np.concatenate([o["embedding_map"] for o in outs]) if maps else None,
         )
+
+    def _forward_kept(self, x, maps: bool) -> dict[str, np.ndarray]:
+        """:meth:`forward`, or with ``maps`` :meth:`forward_maps` keeping the embedding map only (float16)."""
+        if not maps:
+            return self.forward(x)
+        out = self.forward_maps(x)
+        return {**named_outputs(out), "embedding_map": out["embedding_map"].astype(np.float16)}

@@ -64,6 +64,21 @@ def pooling_module(backbone: nn.Module) -> nn.Module:
     )
 
 
+def maps_missing(model: nn.Module) -> str | None:
+    """Why ``model`` gives no maps (not a finegrain model, or a backbone that computes more after
+    pooling), or None when it gives them."""
+    # start-up: deferred until this runs (keeps the heavy libraries out of plain imports)
+    from finegrain.models.model import FinegrainModel
+
+    if not isinstance(model, FinegrainModel):
+        return f"maps need a finegrain model (a backbone and heads), not {type(model).__name__}"
+    try:
+        pooling_module(model.backbone)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def _locations(fmap: torch.Tensor) -> torch.Tensor:
     """``[B, F, h, w]`` to one row per location ``[B*h*w, F]``."""
     return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
@@ -84,8 +99,9 @@ def _per_image(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def forward_with_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``model(x)`` (a :class:`FinegrainModel`) and, besides its outputs, ``embedding_map`` and (with a
     classifier) ``class_map`` (see the module docstring); the model runs once."""
-    if not isinstance(model, FinegrainModel):
-        raise ConfigError(f"maps need a finegrain model (a backbone and heads), not {type(model).__name__}")
+    why = maps_missing(model)
+    if why is not None or not isinstance(model, FinegrainModel):
+        raise ConfigError(why or "maps need a finegrain model")
 
     captured: list[torch.Tensor] = []
     handle = pooling_module(model.backbone).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))

@@ -10,7 +10,10 @@ For a query and the gallery ids of its hits, :meth:`SearchExplainer.explain` giv
 
 Maps are ``[h, w]`` on the grid of the model's last feature map at the first size (a few cells a
 side), scaled to [0, 1] each on its own; a viewer stretches them over the image. Explaining costs
-one forward pass of the query and one of all the hits together, per size; a plain search pays none of it.
+one forward pass of the query (:meth:`SearchExplainer.search`: the same pass that searches) and dot
+products with the hits' maps that the index stores (``finegrain index`` writes them when the model
+gives maps); for an index without them, one more pass of all the hits together, per size. A plain
+search pays none of it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from finegrain.data.images import open_rgb, to_rgb
+from finegrain.data.images import image_size, open_rgb, to_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference.explain import (
+    EMBEDDING_MAP,
     ImageMaps,
     class_activation_map,
+    embedding_grid,
     explain_rgbs,
-    similarity_map,
     to_unit,
 )
+from finegrain.retrieval.index import l2_normalize
+from finegrain.retrieval.searcher import embedding_and_probabilities
 
 
 @dataclass
@@ -62,16 +68,31 @@ class Explanation:
 class ExplainService(Protocol):
     """What the web service needs to explain a search."""
 
+    def unavailable(self) -> str | None:
+        """Why the service cannot explain (its model gives no maps), or None when it can."""
+        ...
+
     def explain(self, image: Image.Image, ids: list[int]) -> Explanation: ...
 
 
 class SearchExplainer:
     """Explains the answers of a :class:`~finegrain.retrieval.searcher.Searcher` (its encoder, its
-    gallery's files and class names)."""
+    gallery's files and class names, and the maps its index stores, when it stores them)."""
 
     def __init__(self, searcher) -> None:
         self.searcher = searcher
         self.encoder = searcher.encoder
+        self._sizes: dict[int, tuple[int, int]] = {}  # gallery id -> (height, width) of its image
+
+    @property
+    def stored_maps(self) -> np.ndarray | None:
+        """The index's ``[N, D, h, w]`` maps, or None (an index built without them: hits run again)."""
+        index = getattr(self.searcher, "index", None)
+        return getattr(index, "maps", None)
+
+    def unavailable(self) -> str | None:
+        """Why this searcher cannot explain (its model gives no maps), or None when it can."""
+        return self.encoder.maps_missing()
 
     def _explains_class(self, query: ImageMaps) -> bool:
         return self.searcher.prediction_source == "classifier" and query.predicted_class is not None
@@ -82,25 +103,59 @@ class SearchExplainer:
         bad = [i for i in ids if not 0 <= i < size]
         if bad:
             raise FinegrainError(f"no gallery image with id {bad[0]} (the gallery has {size})")
-        rgbs = [to_rgb(image)[0]] + [open_rgb(Path(self.searcher.gallery_path(i)))[0] for i in ids]
-        query, *hits = explain_rgbs(self.encoder, rgbs)
-        grid = query.maps["embedding_map"][0].shape[1:]
-        maps = [
-            HitMaps(
-                id=i,
-                map=to_unit(similarity_map(h, query.embedding, grid)),
-                query_map=to_unit(similarity_map(query, h.embedding, grid)),
-                similarity=float(query.embedding @ h.embedding),
-                image_size=(rgb.height, rgb.width),
-            )
-            for i, h, rgb in zip(ids, hits, rgbs[1:], strict=True)
-        ]
-        query_size = (rgbs[0].height, rgbs[0].width)
+        rgb = to_rgb(image)[0]
+        return self._explain(explain_rgbs(self.encoder, [rgb])[0], rgb, ids)
+
+    def search(self, image: Image.Image, k: int) -> tuple[list, list[tuple[str, float]] | None, Explanation]:
+        """An explained search: the searcher's hits and prediction and their :class:`Explanation`, from
+        one pass of the model over the query (its maps come with its outputs) when the index stores
+        the hits' maps."""
+        rgb = to_rgb(image)[0]
+        query = explain_rgbs(self.encoder, [rgb])[0]
+        hits, top = self.searcher.search(rgb, k, encoded=embedding_and_probabilities(query.outputs))
+        return hits, top, self._explain(query, rgb, [h.id for h in hits])
+
+    def _image_size(self, i: int) -> tuple[int, int]:
+        if i not in self._sizes:  # read once per gallery image (its header)
+            self._sizes[i] = image_size(self.searcher.gallery_path(i))
+        return self._sizes[i]
+
+    def _hit_maps(self, ids: list[int], grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list]:
+        """The hits' ``[n, D, h, w]`` embedding maps on ``grid``, their unit embeddings ``[n, D]`` and
+        image sizes: from the index when it stores maps on this grid, else from one pass over the hits."""
+        stored = self.stored_maps
+        if stored is not None and tuple(stored.shape[2:]) == tuple(grid) and max(ids) < len(stored):
+            maps = np.asarray(stored[np.asarray(ids)], dtype=np.float32)
+            # a stored map's mean over its cells is the image's embedding (exact at one size)
+            embeddings = l2_normalize(maps.mean(axis=(2, 3)))
+            return maps, embeddings, [self._image_size(i) for i in ids]
+        rgbs = [open_rgb(Path(self.searcher.gallery_path(i)))[0] for i in ids]
+        hits = explain_rgbs(self.encoder, rgbs)
+        maps = np.stack([embedding_grid(h.maps[EMBEDDING_MAP], grid) for h in hits])
+        return maps, np.stack([h.embedding for h in hits]), [(im.height, im.width) for im in rgbs]
+
+    def _explain(self, query: ImageMaps, rgb: Image.Image, ids: list[int]) -> Explanation:
+        first = query.maps[EMBEDDING_MAP][0].shape
+        grid = (int(first[1]), int(first[2]))
+        hits: list[HitMaps] = []
+        if ids:
+            maps, embeddings, sizes = self._hit_maps(ids, grid)
+            # both sides at once: each hit's cells against the query's embedding, the query's cells
+            # against each hit's (resizing and averaging the sizes are linear: as similarity_map)
+            e_query = query.embedding
+            hit_cells = np.einsum("nkhw,k->nhw", maps, e_query)
+            query_cells = np.einsum("khw,nk->nhw", embedding_grid(query.maps[EMBEDDING_MAP], grid), embeddings)
+            similarities = embeddings @ e_query
+            hits = [
+                HitMaps(id=i, map=to_unit(h), query_map=to_unit(q), similarity=float(sim), image_size=hw)
+                for i, h, q, sim, hw in zip(ids, hit_cells, query_cells, similarities, sizes, strict=True)
+            ]
+        query_size = (rgb.height, rgb.width)
         if self._explains_class(query):
             cls = int(query.predicted_class or 0)
             names = self.searcher.class_names
             label = names[cls] if 0 <= cls < len(names) else str(cls)
-            return Explanation("class", label, to_unit(class_activation_map(query, cls, grid)), query_size, maps)
-        if not maps:
+            return Explanation("class", label, to_unit(class_activation_map(query, cls, grid)), query_size, hits)
+        if not hits:
             raise FinegrainError("explaining a search without a classifier needs the id of at least one hit")
-        return Explanation("similarity", "closest match", maps[0].query_map, query_size, maps)
+        return Explanation("similarity", "closest match", hits[0].query_map, query_size, hits)

@@ -47,9 +47,11 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     return records, coll.class_names, f"all images of {path.resolve()}"
 
 
-def embed_records(encoder: EncodingLoop, records: list[ImageRecord], description: str = "embedding") -> Outputs:
-    """Embeddings of ``records`` (eval transform, every configured size)."""
-    return encoder.encode_records(records, description=description)
+def embed_records(
+    encoder: EncodingLoop, records: list[ImageRecord], description: str = "embedding", maps: bool = False
+) -> Outputs:
+    """Embeddings of ``records`` (eval transform, every configured size), with their maps if asked."""
+    return encoder.encode_records(records, description=description, maps=maps)
 
 
 def embed_split(run_path: str | Path, split: str, precision: str | None = None, engine: str = "auto") -> Path:
@@ -94,10 +96,15 @@ def build_index(
     precision: str | None = None,
     engine: str = "auto",
     replace: bool = False,
+    maps: bool | None = None,
 ) -> tuple[Path, dict]:
     """``finegrain index``: embed the gallery (or reuse the split's saved embeddings made the same
     way) and save a FAISS index with its metadata (the gallery it holds among them). An existing
-    index of another gallery or of a very different size is replaced only with ``replace``."""
+    index of another gallery or of a very different size is replaced only with ``replace``.
+
+    ``maps``: store each image's embedding map beside the vectors (``maps.npy``), so that explaining
+    a hit needs no second pass of the model; None: when the model gives maps (then the gallery is
+    always embedded again, as the saved embeddings have no maps)."""
 
     index_builder(kind, metric)  # a bad kind or metric is refused before the gallery is embedded
     run = open_run(run_path)
@@ -106,13 +113,19 @@ def build_index(
     dest = out_dir or run.index
     if not replace:
         check_replacement(dest, description, len(records))
-    saved = reusable_embeddings(run, gallery, records, encoder)
+    why_not = encoder.maps_missing() if maps is not False else None
+    if maps and why_not:
+        raise FinegrainError(f"--maps: {why_not}")
+    store_maps = maps is not False and why_not is None
+    saved = None if store_maps else reusable_embeddings(run, gallery, records, encoder)
+    grid_maps = None
     if saved is not None:
         embeddings, labels, paths = saved
         log.info("reusing the %s embeddings in %s (same model, sizes, precision and engine)", gallery, run.embeddings)
     else:
-        out = embed_records(encoder, records, "embedding gallery")
+        out = embed_records(encoder, records, "embedding gallery", maps=store_maps)
         embeddings, labels, paths = out.embeddings, out.labels, [str(records[i].path) for i in out.indices]
+        grid_maps = out.maps
     index = GalleryIndex.build(
         embeddings,
         labels,
@@ -122,6 +135,7 @@ def build_index(
         model_checksum=encoder.loaded.checksum,
         class_names=class_names,
     )
+    index.maps = grid_maps
     index.meta["gallery"] = description
     index.meta["engine"], index.meta["precision"] = encoder.engine, str(encoder.precision)  # searches compare
     index.meta["gallery_root"] = str(common_root(paths))  # the only folder a service hands files out of
@@ -133,5 +147,7 @@ def build_index(
         "metric": metric,
         "gallery": description,
         "approx_recall_at_10": index.meta.get("approx_recall_at_10"),
+        "maps": index.meta.get("maps"),
+        "no_maps_because": why_not,
     }
     return dest, info

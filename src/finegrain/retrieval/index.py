@@ -6,6 +6,7 @@ index/
   labels.npy    int64 label of every vector, in index order
   paths.json    {"paths": [...], "class_names": [...] | null}
   meta.json     model checksum, dim, metric, kind, n, sha256 of index.faiss, ...
+  maps.npy      optional: each image's embedding map, float16 [N, D, h, w] (explaining a hit)
 ```
 
 Their encoding and the checks that refuse a damaged or inconsistent one are in
@@ -45,15 +46,19 @@ from finegrain.retrieval.index_files import (
     INDEX_FILE,
     INDEX_FILES,
     LABELS_FILE,
+    MAPS_FILE,
     META_FILE,
     PATHS_FILE,
     check_complete,
     check_consistent,
     check_model,
     encode_labels,
+    encode_maps,
     encode_paths,
+    maps_meta,
     read_faiss,
     read_labels,
+    read_maps,
     read_meta,
     read_paths,
     recover_swap,
@@ -239,9 +244,18 @@ class GalleryIndex:
     """
 
     def __init__(
-        self, index: Any, labels: np.ndarray, paths: list[str], class_names: list[str] | None, meta: dict
+        self,
+        index: Any,
+        labels: np.ndarray,
+        paths: list[str],
+        class_names: list[str] | None,
+        meta: dict,
+        maps: np.ndarray | None = None,
     ) -> None:
         self.index = index
+        self.maps = maps
+        """Each vector's embedding map ``[N, D, h, w]`` float16 (memory-mapped once loaded), or None:
+        :mod:`finegrain.retrieval.explain_search` explains a hit from it without running the model."""
         self.labels = np.asarray(labels, dtype=np.int64)
         self.paths = list(paths)
         self.class_names = list(class_names) if class_names is not None else None
@@ -373,7 +387,7 @@ class GalleryIndex:
             others = sorted(
                 p.name
                 for p in d.iterdir()
-                if p.name not in INDEX_FILES and p.name not in KIND_FILES and not p.name.endswith(".tmp")
+                if p.name not in (*INDEX_FILES, MAPS_FILE) and p.name not in KIND_FILES and not p.name.endswith(".tmp")
             )
             if others:
                 raise FinegrainError(
@@ -386,6 +400,15 @@ class GalleryIndex:
         self.meta["index_sha256"] = sha256(data)
         self.meta["index_bytes"] = len(data)
         self.meta["files_sha256"] = {LABELS_FILE: sha256(labels), PATHS_FILE: sha256(paths)}
+        maps = None
+        self.meta.pop("maps", None)
+        if self.maps is not None:
+            if self.maps.ndim != 4 or self.maps.shape[:2] != (self.n, self.dim):
+                raise FinegrainError(
+                    f"maps of shape {list(self.maps.shape)} for {self.n} vectors of {self.dim} dimensions"
+                )
+            maps = encode_maps(self.maps)
+            self.meta["maps"] = maps_meta(self.maps, maps)
         tag = uuid.uuid4().hex[:8]
         new = d.with_name(f".{d.name}.{tag}.new.tmp")
         new.mkdir()
@@ -397,6 +420,8 @@ class GalleryIndex:
             sizes = {INDEX_FILE: len(data), **(write_files(new) if write_files is not None else {})}
             self.meta["files_bytes"] = sizes
             self.meta["bytes_per_vector"] = round(sum(sizes.values()) / max(1, self.n), 2)
+            if maps is not None:  # beside the vectors, not counted in their bytes (meta["maps"] has its own)
+                atomic_write_bytes(new / MAPS_FILE, maps)
             atomic_write_json(new / META_FILE, self.meta)  # last: its presence marks a complete index
         except Exception:  # a full disk, say: the old index stays, nothing half-written beside it
             shutil.rmtree(new, ignore_errors=True)
@@ -429,7 +454,7 @@ class GalleryIndex:
         labels = read_labels(d)
         paths, class_names = read_paths(d)
         check_consistent(d, meta, index, labels, paths)
-        return cls(index, labels, paths, class_names, meta)
+        return cls(index, labels, paths, class_names, meta, read_maps(d, meta))
 
 
 from finegrain.retrieval import large_index as _large_index  # noqa: E402, F401 - registers "ivfpq" (it imports this module)

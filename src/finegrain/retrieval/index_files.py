@@ -29,6 +29,8 @@ LABELS_FILE = "labels.npy"
 PATHS_FILE = "paths.json"
 META_FILE = "meta.json"
 INDEX_FILES = (INDEX_FILE, LABELS_FILE, PATHS_FILE, META_FILE)
+MAPS_FILE = "maps.npy"
+"""Optional: each image's embedding map ``[N, D, h, w]`` float16 (what explaining a hit needs)."""
 META_KEYS = ("model_checksum", "dim", "metric", "kind", "n", "index_sha256")
 REBUILD = "(rebuild it with `finegrain index RUN`)"
 
@@ -62,6 +64,49 @@ def encode_labels(labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, labels, allow_pickle=False)
     return buf.getvalue()
+
+
+def encode_maps(maps: np.ndarray) -> bytes:
+    """maps.npy's bytes: float16 ``[N, D, h, w]``."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(maps, dtype=np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def maps_meta(maps: np.ndarray, data: bytes) -> dict:
+    """meta.json's ``maps`` entry: the grid, the file's size and sha256, the bytes per image."""
+    n, dim, h, w = maps.shape
+    return {
+        "file": MAPS_FILE,
+        "dtype": "float16",
+        "dim": int(dim),
+        "grid": [int(h), int(w)],
+        "bytes": len(data),
+        "bytes_per_image": int(dim * h * w * 2),
+        "sha256": sha256(data),
+    }
+
+
+def read_maps(d: Path, meta: dict) -> np.ndarray | None:
+    """maps.npy, memory-mapped, when meta.json records one; refused unless it holds a float16 map of
+    meta's grid and dimension for each of the ``n`` vectors, in a file of the recorded size (its
+    sha256, recorded too, is not read back: that would read the whole file)."""
+    entry = meta.get("maps")
+    if entry is None:
+        return None
+    path = d / MAPS_FILE
+    try:
+        maps = np.load(path, mmap_mode="r", allow_pickle=False)
+        want = (int(meta["n"]), int(meta["dim"]), *map(int, entry["grid"]))
+        if maps.dtype != np.float16 or maps.shape != want:
+            raise ValueError(f"holds {maps.dtype} {list(maps.shape)}, meta.json says float16 {list(want)}")
+        if path.stat().st_size != int(entry["bytes"]):
+            raise ValueError(f"{path.stat().st_size} bytes, meta.json says {entry['bytes']}")
+    except FileNotFoundError:
+        raise FinegrainError(f"incomplete index in {d}: {MAPS_FILE} is missing {REBUILD}") from None
+    except (ValueError, OSError, EOFError, KeyError, TypeError) as e:
+        raise FinegrainError(f"damaged index file {path}: {e} {REBUILD}") from None
+    return maps
 
 
 def encode_paths(paths: list[str], class_names: list[str] | None) -> bytes:

@@ -52,7 +52,21 @@ class IndexFigures(TypedDict, total=False):
     """An approximate index's recall@10 against exact search, measured when it was built."""
 
 
-class ServiceInfo(IndexFigures):
+class ExplainInfo(TypedDict):
+    """Whether the service can say why it answered (``POST /api/explain``), and how."""
+
+    available: bool
+    reason: str | None
+    """Why not, when it cannot (a model without maps, an export made before them)."""
+    stored_maps: bool
+    """The index holds each gallery image's map: explaining costs no second pass of the model."""
+
+
+class Explainable(TypedDict, total=False):
+    explain: ExplainInfo
+
+
+class ServiceInfo(IndexFigures, Explainable):
     """What a searcher says about itself: ``/api/info`` without the server's own limits.
     No server paths: ``dataset`` is the dataset folder's name only."""
 
@@ -144,6 +158,15 @@ def _file_fingerprint(path: str) -> Fingerprint | None:
     except FinegrainError:  # the gallery file is gone or unreadable: not provably the same
         return None
     return image.size, pixels_digest(image)
+
+
+def embedding_and_probabilities(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embedding [1, D], class probabilities [C] or None) of one image's encoded outputs."""
+    probs = None
+    if "logits" in out:
+        z = out["logits"][0] - out["logits"][0].max()
+        probs = np.exp(z) / np.exp(z).sum()
+    return out["embedding"], probs
 
 
 def _name(names: list[str] | None, label: int) -> str:
@@ -245,24 +268,28 @@ class Searcher:
             "created_at": meta.get("created_at"),
             "precision": str(self.encoder.precision),
             "image_sizes": [list(s) for s in self.sizes],
+            "explain": self.explain_info,
         }
+
+    @property
+    def explain_info(self) -> ExplainInfo:
+        why = self.encoder.maps_missing()
+        return {"available": why is None, "reason": why, "stored_maps": self.index.maps is not None}
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one image."""
 
-        out = self.encoder.encode_rgb(to_rgb(image)[0])
-        probs = None
-        if "logits" in out:
-            z = out["logits"][0] - out["logits"][0].max()
-            probs = np.exp(z) / np.exp(z).sum()
-        return out["embedding"], probs
+        return embedding_and_probabilities(self.encoder.encode_rgb(to_rgb(image)[0]))
 
-    def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]:
+    def search(
+        self, image: Image.Image, k: int = 10, encoded: tuple[np.ndarray, np.ndarray | None] | None = None
+    ) -> tuple[list[Hit], Prediction | None]:
         """The k most similar gallery images and the top-5 classes: a classification run's
-        head probabilities, else the share of the k neighbours in each class."""
+        head probabilities, else the share of the k neighbours in each class. ``encoded``: the
+        image's :meth:`encode` when the caller has it already (an explained search's one pass)."""
 
         check_k(k, self.gallery_size)
-        emb, probs = self.encode(image)
+        emb, probs = encoded if encoded is not None else self.encode(image)
         scores, ids = self.index.search(emb, k)
         names = self.index.class_names or self.class_names
         hits = [

@@ -8,8 +8,9 @@ query string: the gallery ids of the hits to explain (comma-separated, at most `
 class; ``similarity``: the query's map against the closest match), ``query.map``, and for each id
 ``map`` (the gallery image's map against the query) and ``query_map`` (the query's against it).
 Maps are viridis PNGs (``data:`` URLs) shaped as their image, each scaled from its own least
-(dark purple) to most (yellow) evidence. Errors as ``/api/search``'s, and 409 for a run exported
-before maps existed (re-export it), 501 for a service that cannot explain.
+(dark purple) to most (yellow) evidence. Errors as ``/api/search``'s, and 409 for a model that
+gives no maps (an export made before maps existed: re-export it; a backbone without them), said
+before the upload is read, 501 for a service that cannot explain.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastapi import APIRouter, Request
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
-from finegrain.inference.explain import NeedsReexport, map_png, resize_map
+from finegrain.inference.explain import NoMaps, map_png, resize_map
 from finegrain.retrieval.explain_search import (
     ExplainService,
     Explanation,
@@ -104,7 +105,7 @@ def explainer_of(request: Request) -> ExplainService:
 def _limit(request: Request) -> asyncio.Semaphore:
     state = request.app.state
     if getattr(state, "explain_limit", None) is None:
-        state.explain_limit = asyncio.Semaphore(1)  # explaining costs a pass per hit: one at a time
+        state.explain_limit = asyncio.Semaphore(1)  # up to a pass of the query and one of the hits: one at a time
     return state.explain_limit
 
 
@@ -114,9 +115,12 @@ async def explain(request: Request) -> dict[str, Any]:
     started = time.perf_counter()
     state = request.app.state
     searcher = state.searcher
+    explainer = explainer_of(request)
+    why_not = explainer.unavailable()
+    if why_not is not None:
+        raise ApiError(409, f"this service cannot explain its answers: {no_paths(why_not)}")
     upload = await read_upload(request, state.max_upload_bytes, searcher.gallery_size, state.max_k)
     ids = parse_ids(request.query_params.getlist("ids"), searcher.gallery_size, state.max_k)
-    explainer = explainer_of(request)
 
     def run() -> Explanation:
         image = decode_bytes(upload.data, upload.name, max_pixels=state.max_image_pixels)
@@ -127,11 +131,8 @@ async def explain(request: Request) -> dict[str, Any]:
             explanation = await anyio.to_thread.run_sync(run)
         except ImageError as e:
             raise ApiError(400, image_error_message(e, state.max_image_pixels)) from None
-        except NeedsReexport:
-            raise ApiError(
-                409,
-                "this model was exported before explanations existed: run `finegrain export RUN` again on the server",
-            ) from None
+        except NoMaps as e:
+            raise ApiError(409, f"this service cannot explain its answers: {no_paths(str(e))}") from None
         except FinegrainError as e:
             raise ApiError(422, no_paths(str(e))) from None
     return explanation_response(explanation, started)

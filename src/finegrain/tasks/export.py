@@ -125,8 +125,8 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
     # optional: torch (the train extra), imported only when this runs
     import torch
 
-    # optional: torch (the train extra), imported only when this runs
-    from finegrain.inference.export import output_names
+    # torch (the train extra), behind the exporter
+    from finegrain.inference.export import has_maps, output_names
 
     cfg = loaded.cfg
     return {
@@ -151,6 +151,7 @@ def export_metadata(run, loaded, sizes, opset: int, data: bytes, parity) -> dict
             "values": "RGB 0-255; the graph normalises them",
         },
         "outputs": output_names(loaded),
+        "maps": has_maps(loaded),  # False: the backbone gives none (an older export has no entry)
         "dynamic_axes": ["batch", "height", "width"],
         "opset": opset,
         "onnxruntime": onnxruntime_version(),

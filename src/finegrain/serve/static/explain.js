@@ -1,10 +1,11 @@
 /* finegrain search page: the "why" toggle. Listens to the page's "finegrain:results" and
    "finegrain:reset" events; asks POST /api/explain only when the toggle is on, and lays the maps
-   (viridis, semi-transparent) over the query and each result, with a legend. */
+   (viridis, semi-transparent) over the query and each result, with a legend. The toggle shows only
+   when /api/info says the service can explain (its model gives maps). */
 (function () {
   "use strict";
 
-  const state = { file: null, ids: [], on: false, seq: 0, body: null };
+  const state = { file: null, ids: [], on: false, seq: 0, body: null, explainable: false };
   let toggle = null;
   let legend = null;
 
@@ -103,14 +104,30 @@
     head.after(legend);
   }
 
+  /** Show the toggle when there are results to explain and the service can explain them. */
+  function showToggle() {
+    if (toggle) toggle.hidden = !(state.explainable && state.ids.length);
+  }
+
+  async function readInfo() {
+    try {
+      const res = await fetch("/api/info", { headers: { Accept: "application/json" } });
+      const info = res.ok ? await res.json() : null;
+      state.explainable = Boolean(info && info.explain && info.explain.available);
+    } catch (err) {
+      state.explainable = false;
+    }
+    showToggle();
+  }
+
   document.addEventListener("finegrain:results", (ev) => {
     state.file = ev.detail.file;
     state.ids = (ev.detail.results || []).map((r) => r.id);
     state.body = null;
     state.seq++;
     clearOverlays();
-    toggle.hidden = !state.ids.length;
-    if (state.on && state.ids.length) explain();
+    showToggle();
+    if (state.on && state.explainable && state.ids.length) explain();
   });
   document.addEventListener("finegrain:reset", () => {
     state.file = null; state.ids = []; state.body = null; state.seq++;
@@ -118,4 +135,5 @@
     if (toggle) toggle.hidden = true;
   });
   build();
+  readInfo();
 })();
