@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import log, machine_info
+from common import load_average, log, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "stanford_cars"
@@ -134,6 +134,41 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def restart_cases(big: str, small: str) -> list[tuple[str, str]]:
+    """(store, engine) of the restart figures: the big store on ONNX and on torch, the small one on ONNX."""
+    return [(big, "onnx"), (big, "torch"), (small, "onnx")]
+
+
+def start_seconds(run: Path, store: str, token_file: Path, engine: str) -> float:
+    """Seconds from a server's start to its first answered search (the server stopped after)."""
+    proc, _, seconds = start(run, store, token_file, engine)
+    stop(proc)
+    return seconds
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root on Linux only), so the next start reads every file from disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def restarts_cold_and_warm(run: Path, big: str, small: str, token_file: Path, warm: int = 3) -> dict:
+    """Each restart of :func:`RESTARTS` cold (page cache dropped first, as after a reboot; where allowed)
+    and ``warm`` times with the files in the page cache (as after a crash), the median of those."""
+    out: dict = {"load_average_before": load_average()}
+    for store, engine in restart_cases(big, small):
+        key = f"{'big' if store == big else 'small'}_store_{engine}"
+        cold = start_seconds(run, store, token_file, engine) if drop_page_cache() else None
+        times = [start_seconds(run, store, token_file, engine) for _ in range(warm)]
+        out[key] = {"cold_seconds": cold and round(cold, 2), "warm_seconds_median": round(float(np.median(times)), 2)}
+    out["load_average_after"] = load_average()
+    return out
 
 
 def images(n: int) -> list[tuple[str, bytes, str]]:
@@ -325,12 +360,9 @@ def bench_backend(
         .splitlines()[-1]
     )
     count, in_process = filled["count"], filled["open_and_first_search_seconds"]
-    proc, url, restart = start(run, big_store, token_file, "onnx")
-    stop(proc)
-    proc, url, restart_torch = start(run, big_store, token_file, "torch")
-    stop(proc)
-    proc, url, small_restart = start(run, store, token_file, "onnx")  # the same server over the small store
-    stop(proc)
+    restart, restart_torch, small_restart = (
+        start_seconds(run, s, token_file, e) for s, e in restart_cases(big_store, store)
+    )
     p50_idle, p50_busy = pct(idle, 50), pct(busy, 50)
     return {
         "model_encoding": model_encoding,
@@ -386,6 +418,24 @@ def fill(small: str, big: str, vectors: int) -> None:
     print(json.dumps({"count": count, "open_and_first_search_seconds": seconds}))
 
 
+def restarts_only(run: Path) -> int:
+    """``--restarts-only``: restart times over the stores of an earlier run, into its results."""
+    result = json.loads(RESULTS.read_text())
+    stores = {"embedded": ("embedded-big", "embedded"), "milvus-lite": ("milvus-big.db", "milvus.db")}
+    for name, (big, small) in stores.items():
+        if not (OUT / big).exists() or name not in result["backends"]:
+            log(f"[{name}] no store of an earlier run in {OUT}: skipped")
+            continue
+        log(f"[{name}] restarts, cold and warm")
+        entry = restarts_cold_and_warm(run, str(OUT / big), str(OUT / small), OUT / "token")
+        entry["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+        result["backends"][name]["restart_cold_and_warm"] = entry
+        log(json.dumps(entry))
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--fill":
         fill(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -401,6 +451,12 @@ def main() -> int:
     )
     ap.add_argument("--skip-milvus", action="store_true")
     ap.add_argument(
+        "--restarts-only",
+        action="store_true",
+        help="Only time restarts, cold and warm, over the stores an earlier run left in benchmarks/out/gallery; "
+        "added to the results file as each backend's restart_cold_and_warm.",
+    )
+    ap.add_argument(
         "--only",
         choices=["embedded", "milvus-lite"],
         help="Measure one backend and update its entry in the results file (the model's rate again).",
@@ -411,6 +467,8 @@ def main() -> int:
         return 0
     OUT.mkdir(parents=True, exist_ok=True)
     run = exported(make_run())
+    if args.restarts_only:
+        return restarts_only(run)
     token = secrets.token_urlsafe(32)
     token_file = OUT / "token"
     token_file.write_text(token + "\n")
