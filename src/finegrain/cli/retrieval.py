@@ -72,6 +72,16 @@ def index(
     ] = None,
     actors: Annotated[int | None, typer.Option(help="With --ray: model actors (default: the cluster's CPUs).")] = None,
     recall: Annotated[float, typer.Option(help="With --ray and --kind ivfpq: the recall@10 to reach.")] = 0.95,
+    max_ram: Annotated[
+        float | None,
+        typer.Option(
+            help="With --ray and --kind ivfpq: GB of RAM the inverted lists may take; beyond it they live on disk "
+            "(memory-mapped). Default: half of this machine's RAM."
+        ),
+    ] = None,
+    on_disk: Annotated[
+        bool, typer.Option("--on-disk", help="With --ray and --kind ivfpq: keep the inverted lists on disk.")
+    ] = False,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
     if ray is not None:
@@ -79,7 +89,16 @@ def index(
         from finegrain.cluster.gallery import build_index_on_ray
 
         dest, info, report = build_index_on_ray(
-            run, gallery, ray, kind=kind, metric=metric, recall=recall, engine=engine, actors=actors
+            run,
+            gallery,
+            ray,
+            kind=kind,
+            metric=metric,
+            recall=recall,
+            engine=engine,
+            actors=actors,
+            max_ram=None if max_ram is None else int(max_ram * 2**30),
+            on_disk=on_disk,
         )
         print_embed_report(report)
     else:
@@ -87,7 +106,8 @@ def index(
         from finegrain.retrieval.gallery import build_index
 
         dest, info = build_index(run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace)
-    line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
+    what = f"{kind}, lists {info['lists']}" if info.get("lists") else kind
+    line = f"indexed {info['n']} images ({info['dim']}-d, {what}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
     console.print(line)
