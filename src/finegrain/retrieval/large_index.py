@@ -296,7 +296,9 @@ class RerankedIVFPQ:
             self._lists_dir.mkdir(parents=True)
             self._trained = faiss.serialize_index(self.ivf)
         code_size = int(faiss.extract_index_ivf(self.ivf).code_size)
-        per_shard = max(1, min(SHARD_BYTES, int(self.params["max_ram"]) // 4) // lists_bytes(1, code_size))
+        budget = int(self.params.get("max_ram") or 0)  # 0: unknown
+        shard_bytes = min(SHARD_BYTES, budget // 4) if budget > 0 else SHARD_BYTES
+        per_shard = max(1, shard_bytes // lists_bytes(1, code_size))
         start = 0
         while start < len(x):
             if self._shard is None:
