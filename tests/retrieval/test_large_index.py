@@ -242,6 +242,7 @@ GalleryIndex(index, np.zeros(len(x)), [str(i) for i in range(len(x))], None, met
 """
 
 
+@pytest.mark.slow
 def test_a_build_killed_half_way_leaves_the_old_index(saved, x, tmp_path):
     """SIGKILL while shards are being written: the old index still loads, unchanged; the next
     build clears the leftovers and replaces it."""
