@@ -309,3 +309,14 @@ def test_searcher_and_service_info_use_an_on_disk_index(trained_run, tmp_path):
     path = searcher.gallery_path(3)
     hits, _ = searcher.search(open_rgb(path)[0], k=3)
     assert hits[0].path == path and hits[0].same_image
+
+
+def test_tuning_re_ranks_more_before_it_scans_more_lists(x, tmp_path):
+    """A recall target the first list does not reach is sought by re-ranking up to 400 candidates
+    before scanning more lists (re-ranking is the cheaper of the two)."""
+    from finegrain.retrieval.large_index import RERANK_BEFORE_PROBE
+
+    index = build_ivfpq(_chunks(x, 1000), N, D, "cosine", tmp_path / "v.npy", recall=0.995)
+    assert index.params["nprobe"] > 1  # this target needs more than one list
+    assert index.params["rerank"] >= RERANK_BEFORE_PROBE
+    assert index.params["measured_recall"] >= 0.995
