@@ -30,6 +30,7 @@ searches memory-map. ``params["lists"]`` says which (``in-ram`` or ``on-disk``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import math
@@ -327,7 +328,7 @@ class RerankedIVFPQ:
         """Merge the shards' lists on disk into one file, which this index then searches."""
         if self._lists_dir is None or (not self._shards and self._shard is None):  # in RAM, opened, merged
             return
-        from faiss.contrib.ondisk import merge_ondisk
+        from faiss.contrib.ondisk import merge_ondisk  # optional dependency (faiss), as import_faiss
 
         self._write_shard()
         lists = self._lists_dir / LISTS_FILE
@@ -480,8 +481,6 @@ def sampled_digest(path: Path) -> str:
 @contextlib.contextmanager
 def _c_stdout_to_stderr() -> Iterator[None]:
     """Send what C code prints (FAISS's printf) to stderr meanwhile: stdout may be JSON or a pipe."""
-    import ctypes
-
     sys.stdout.flush()
     saved = os.dup(1)
     libc = ctypes.CDLL(None)
