@@ -1,6 +1,6 @@
 """Benchmark: indexes of 10^6 and 10^7 512-d vectors on one server (ivfpq beside flat and HNSW).
 
-    python benchmarks/scale_index.py [--sizes 1000000 10000000] [--kinds ivfpq flat hnsw] [--out PATH]
+    python benchmarks/scale_index.py [--sizes 1000000 10000000] [--kinds ivfpq ivfpq-disk flat hnsw] [--out PATH]
 
 Vectors. Real embeddings are the seeds: the 4,092 images of Cars196's test classes (99-196) in
 ``../shared/data/stanford_cars``, embedded by EfficientNet-Lite0 with its ImageNet weights (1280-d
@@ -17,8 +17,10 @@ objects has. Queries are 1,000 more vectors of the same generator, never added.
 
 Ground truth: exact top-10 by streaming brute force over regenerated chunks (one chunk in RAM at
 a time). Each index is built and measured in its own process (so its peak RSS is its own): build
-time, peak RSS, bytes per vector (the index's files), recall@10 of the 1,000 queries, and the
-p50/p99 latency of single queries on one thread (FAISS, and the re-rank, on one thread).
+time (on 2 FAISS threads), peak RSS, bytes per vector (the index's files), recall@10 of the 1,000
+queries, and the p50/p99 latency of single queries on one thread (FAISS, and the re-rank, on one
+thread). ``ivfpq-disk`` is the ``ivfpq`` index with its inverted lists on disk, memory-mapped.
+Each pass over the chunks logs its progress (wall and CPU seconds) to ``benchmarks/out``.
 The real 4,092 vectors get rows too (``data: real``): 3,092 indexed, 1,000 held out as queries.
 Rows are written to ``--out`` as each finishes.
 """
@@ -47,6 +49,9 @@ WORK = ROOT / "benchmarks" / "out" / "scale_index"
 SEEDS = WORK / "seeds.npy"
 DIM, SUBSPACE, QUERIES, K, CHUNK = 512, 8, 1000, 10, 50_000
 LATENCY_QUERIES = 300
+PROGRESS_EVERY = 20
+BUILD_THREADS = 2
+"""FAISS threads while building (training, adding, tuning); every search measured runs on one."""
 FLAT_MAX_GB = 4.0
 """Flat and HNSW hold every float32 vector in RAM: run them only up to this much."""
 
@@ -98,7 +103,7 @@ class Generator:
     """N vectors grown from the seeds (module docstring), chunk by chunk, reproducibly."""
 
     def __init__(self, seeds: np.ndarray, n: int) -> None:
-        self.seeds, self.n = seeds, n
+        self.seeds, self.n, self.passes = seeds, n, 0
         rng = np.random.default_rng(12345)
         g = rng.standard_normal((len(seeds), DIM, SUBSPACE)).astype(np.float32)
         self.bases = np.linalg.qr(g)[0].transpose(0, 2, 1).copy()  # [S, 8, 512] orthonormal rows
@@ -108,7 +113,11 @@ class Generator:
 
     def _make(self, owners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         z = rng.standard_normal((len(owners), SUBSPACE)).astype(np.float32) * self.sigma
-        x = self.seeds[owners] + np.einsum("nr,nrd->nd", z, self.bases[owners])
+        x = self.seeds[owners]
+        # one small product per seed: gathering a basis per row would take 16 KB a vector
+        for s in np.unique(owners):
+            at = np.flatnonzero(owners == s)
+            x[at] += z[at] @ self.bases[s]
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     def chunk(self, c: int) -> np.ndarray:
@@ -117,7 +126,19 @@ class Generator:
         return self._make(owners, np.random.default_rng([7, c]))
 
     def chunks(self):
-        return (self.chunk(c) for c in range((self.n + CHUNK - 1) // CHUNK))
+        """Every chunk in order; progress (wall and CPU seconds) goes to stderr as they come."""
+        self.passes += 1
+        total = (self.n + CHUNK - 1) // CHUNK
+        t0, c0 = time.perf_counter(), time.process_time()
+        for c in range(total):
+            if c % PROGRESS_EVERY == 0 or c == total - 1:
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] pass {self.passes}: chunk {c}/{total}, "
+                    f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            yield self.chunk(c)
 
     def queries(self) -> np.ndarray:
         rng = np.random.default_rng(99)
@@ -175,19 +196,20 @@ def measure(size: str, kind: str) -> dict:
     from finegrain.retrieval.index import recall_at_k
     from finegrain.retrieval.large_index import build_ivfpq
 
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(BUILD_THREADS)
     n, chunks, queries = data_for(size)
     folder = WORK / f"{kind}-{size}"
     folder.mkdir(parents=True, exist_ok=True)
     rss_at_start = peak_rss_gb()  # imports, seeds, queries and ground truth: before any index
     t0 = time.perf_counter()
     extra: dict = {}
-    if kind == "ivfpq":
-        index = build_ivfpq(chunks, n, DIM, "cosine", folder / "vectors.f16.npy")  # type: ignore[arg-type]
+    if kind.startswith("ivfpq"):  # ivfpq-disk: the same with its lists on disk (memory-mapped)
+        vectors = folder / "vectors.f16.npy"
+        index = build_ivfpq(chunks, n, DIM, "cosine", vectors, on_disk=kind == "ivfpq-disk")  # type: ignore[arg-type]
         faiss.write_index(index.ivf, str(folder / "index.faiss"))  # streamed: no second copy in RAM
-        codes = (folder / "index.faiss").stat().st_size
-        file_bytes = codes + (folder / "vectors.f16.npy").stat().st_size
-        extra = {"ram_bytes_per_vector": round(codes / n, 2), "params": index.params}
+        in_ram = (folder / "index.faiss").stat().st_size  # the codes, or (on disk) where the lists lie
+        file_bytes = in_ram + index.params.get("lists_bytes", 0) + vectors.stat().st_size
+        extra = {"ram_bytes_per_vector": round(in_ram / n, 2), "params": index.params}
     else:
         index = faiss.IndexFlatIP(DIM) if kind == "flat" else faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
         if kind == "hnsw":
@@ -198,6 +220,7 @@ def measure(size: str, kind: str) -> dict:
         faiss.write_index(index, str(folder / "index.faiss"))  # streamed: no second copy in RAM
         file_bytes = (folder / "index.faiss").stat().st_size
     build_s = time.perf_counter() - t0
+    faiss.omp_set_num_threads(1)
     exact = np.load(truth(size))  # computed beside the build when that was started apart
     _, ids = index.search(queries, K)
     recall = recall_at_k(ids, exact)
@@ -217,20 +240,27 @@ def measure(size: str, kind: str) -> dict:
         "peak_rss_gb": peak_rss_gb(),
         "rss_before_build_gb": rss_at_start,
         "build_s": round(build_s, 1),
+        "build_threads": BUILD_THREADS,
         "bytes_per_vector": round(file_bytes / n, 2),
         **extra,
     }
 
 
 def child(*args: str) -> subprocess.CompletedProcess:
+    """Run this script on ``args`` in a new process; its stderr (progress) goes to a log in WORK."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False)
+    logfile = WORK / ("-".join(a.strip("-") for a in args) + ".log")
+    log(f"progress in {logfile}")
+    with open(logfile, "w") as err:
+        done = subprocess.run([sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    done.stderr = logfile.read_text()
+    return done
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["real", "1000000", "10000000"])
-    p.add_argument("--kinds", nargs="+", default=["ivfpq", "flat", "hnsw"])
+    p.add_argument("--kinds", nargs="+", default=["ivfpq", "ivfpq-disk", "flat", "hnsw"])
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--truth", help="only compute (and save) the ground truth of this size")
@@ -276,7 +306,7 @@ def main() -> None:
             if any(r.get("size") == size and r["kind"] == kind for r in result["rows"]):
                 continue
             n = 0 if size == "real" else int(size)
-            if kind != "ivfpq" and n * DIM * 4 / 2**30 > FLAT_MAX_GB:
+            if not kind.startswith("ivfpq") and n * DIM * 4 / 2**30 > FLAT_MAX_GB:
                 result["rows"].append(
                     {
                         "size": size,

@@ -1,12 +1,24 @@
-"""The ``ivfpq`` kind: IVF-PQ codes re-ranked with the stored float16 vectors, built chunk by chunk."""
+"""The ``ivfpq`` kind: IVF-PQ codes re-ranked with the stored float16 vectors, built chunk by chunk,
+its inverted lists in RAM or on disk (built shard by shard, merged on disk, memory-mapped)."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from finegrain.retrieval.index import GalleryIndex, exact_neighbours, l2_normalize
+from finegrain.errors import FinegrainError
+from finegrain.retrieval.index import GalleryIndex, exact_neighbours, index_meta, l2_normalize
 from finegrain.retrieval.large_index import (
+    IN_RAM,
+    LISTS_FILE,
+    ON_DISK,
     VECTORS_FILE,
     RerankedIVFPQ,
     build_ivfpq,
@@ -14,9 +26,10 @@ from finegrain.retrieval.large_index import (
     streaming_knn,
 )
 
-pytest.importorskip("faiss")
+faiss = pytest.importorskip("faiss")
 
 N, D = 6000, 32
+CHECKSUM = "c" * 64
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +69,6 @@ def test_built_shard_by_shard_equals_built_in_one_go(x, tmp_path):
     one.train(x[: params["train_points"]])
     trained = one.serialize()
     one.add(x)
-    from finegrain.faiss_import import import_faiss
-
-    faiss = import_faiss()
     shards = RerankedIVFPQ(
         faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8)),
         "cosine",
@@ -113,7 +123,200 @@ def test_truncated_vectors_file_refused(x, tmp_path):
     dest = gallery.save(tmp_path / "index")
     data = (dest / VECTORS_FILE).read_bytes()
     (dest / VECTORS_FILE).write_bytes(data[: len(data) // 2])
-    from finegrain.errors import FinegrainError
-
     with pytest.raises(FinegrainError, match=VECTORS_FILE):
         GalleryIndex.load(dest)
+
+
+# -- on-disk inverted lists ---------------------------------------------------------
+def _save(index: RerankedIVFPQ, dest: Path) -> GalleryIndex:
+    meta = index_meta(CHECKSUM, D, "cosine", "ivfpq", N, index.params, index.params["measured_recall"], 0.0)
+    gallery = GalleryIndex(index, np.arange(N) % 7, [f"{i}.jpg" for i in range(N)], None, meta)
+    gallery.save(dest)
+    return gallery
+
+
+@pytest.fixture(scope="module")
+def saved(x, tmp_path_factory) -> tuple[Path, GalleryIndex]:
+    """An on-disk index, built in shards of 1,000 vectors' codes at most, saved."""
+    work = tmp_path_factory.mktemp("ondisk")
+    index = build_ivfpq(_chunks(x, 700), N, D, "cosine", work / "v.npy", recall=0.9, max_ram=4 * 1000 * 12)
+    assert index.params["lists"] == ON_DISK
+    return work / "index", _save(index, work / "index")
+
+
+def test_memory_budget_chooses_where_the_lists_live():
+    assert ivfpq_params(10**7, 512, max_ram=4 * 2**30)["lists"] == IN_RAM  # 720 MB of codes and ids
+    assert ivfpq_params(10**8, 512, max_ram=4 * 2**30)["lists"] == ON_DISK  # 7.2 GB
+    assert ivfpq_params(1000, 32, on_disk=True)["lists"] == ON_DISK
+    with pytest.raises(FinegrainError, match="--max-ram"):
+        ivfpq_params(1000, 32, max_ram=0)
+
+
+def test_on_disk_lists_answer_as_in_ram_ones_from_the_same_quantizer(x, tmp_path):
+    params = ivfpq_params(N, D)
+    params.update(nprobe=8, max_ram=12 * 1500)  # shards of about 375 vectors' codes
+    ram = RerankedIVFPQ.empty(D, "euclidean", params)
+    ram.train(x[: params["train_points"]])
+    trained = np.frombuffer(ram.serialize(), dtype=np.uint8)
+    disk = RerankedIVFPQ(
+        faiss.deserialize_index(trained), "euclidean", {**params, "lists": ON_DISK}, lists_dir=tmp_path / "lists"
+    )
+    for lo, hi in ((0, 1), (1, 1500), (1500, 4321), (4321, N)):
+        ram.add(x[lo:hi])
+        disk.add(x[lo:hi])
+    assert len(list((tmp_path / "lists").glob("shard-*.faiss"))) == N // 375  # shards of 375, one in RAM
+    q = x[::53]
+    d1, i1 = ram.search(q, 10)
+    d2, i2 = disk.search(q, 10)
+    ivf = faiss.extract_index_ivf(disk.ivf)
+    assert isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+    assert not list((tmp_path / "lists").glob("shard-*.faiss"))  # merged, then removed
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+    assert disk.ntotal == N and (i1 >= 0).all()
+
+
+def test_on_disk_index_loads_after_a_restart(saved, x):
+    dest, gallery = saved
+    assert (dest / LISTS_FILE).is_file()
+    assert not any(p.name.endswith(".lists") for p in dest.parent.iterdir())  # the build's folder is gone
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["params"]["lists"] == ON_DISK and meta["files_bytes"][LISTS_FILE] > 0
+    s1, i1 = gallery.search(x[:30], 5)
+    code = (
+        "import sys, json, numpy as np\n"
+        "from finegrain.retrieval.index import GalleryIndex\n"
+        f"g = GalleryIndex.load({str(dest)!r})\n"
+        f"s, i = g.search(np.load({str(dest.parent / 'q.npy')!r}), 5)\n"
+        "print(json.dumps({'ids': i.tolist(), 'scores': s.tolist()}))\n"
+    )
+    np.save(dest.parent / "q.npy", x[:30])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    got = json.loads(out.stdout)  # nothing but the JSON on stdout
+    assert got["ids"] == i1.tolist()
+    assert np.allclose(got["scores"], s1, atol=1e-6)
+    assert i1[:, 0].tolist() == list(range(30))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "remove"])
+def test_damaged_lists_file_refused_in_one_line(saved, tmp_path, damage):
+    dest, _ = saved
+    copy = tmp_path / "index"
+    copy.mkdir()
+    for p in dest.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    lists = copy / LISTS_FILE
+    data = lists.read_bytes()
+    if damage == "truncate":
+        lists.write_bytes(data[: len(data) // 2])
+    elif damage == "overwrite":
+        lists.write_bytes(data[:100] + bytes(len(data) - 200) + data[-100:])
+    else:
+        lists.unlink()
+    with pytest.raises(FinegrainError, match=LISTS_FILE) as e:
+        GalleryIndex.load(copy)
+    assert "\n" not in str(e.value)
+
+
+KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from finegrain.retrieval.index import GalleryIndex, index_meta
+from finegrain.retrieval.large_index import build_ivfpq
+
+x, dest, pause = np.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "pause"
+passes = []
+
+def chunks():  # a slow source: the second pass (the adds) stalls half-way when asked
+    passes.append(1)
+    for s in range(0, len(x), 500):
+        if pause and len(passes) == 2 and s == 2500:
+            (dest.parent / "half-way").touch()
+            time.sleep(600)
+        yield x[s : s + 500]
+
+index = build_ivfpq(chunks, len(x), x.shape[1], "cosine", dest.parent / "v.npy", max_ram=48000, on_disk=True)
+meta = index_meta("c" * 64, x.shape[1], "cosine", "ivfpq", len(x), index.params, 1.0, 0.0)
+GalleryIndex(index, np.zeros(len(x)), [str(i) for i in range(len(x))], None, meta).save(dest)
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_half_way_leaves_the_old_index(saved, x, tmp_path):
+    """SIGKILL while shards are being written: the old index still loads, unchanged; the next
+    build clears the leftovers and replaces it."""
+    dest, _ = saved
+    run = tmp_path / "run"
+    run.mkdir()
+    old = run / "index"
+    old.mkdir()
+    for p in dest.iterdir():
+        (old / p.name).write_bytes(p.read_bytes())
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    np.save(tmp_path / "x.npy", x[::-1].copy())  # another gallery: the same vectors reversed
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    cmd = [sys.executable, "-c", KILLED_BUILD, str(tmp_path / "x.npy"), str(old)]
+    proc = subprocess.Popen([*cmd, "pause"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "half-way").exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the build never reached half-way"
+            time.sleep(0.1)
+        assert list((run / "v.npy.lists").glob("shard-*.faiss"))  # shards were being written
+    finally:
+        proc.kill()
+        proc.wait()
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    reopened = GalleryIndex.load(old)
+    assert reopened.search(x[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+    subprocess.run([*cmd, "go"], env=env, check=True)
+    assert not (run / "v.npy.lists").exists() and not (run / "v.npy").exists()
+    assert GalleryIndex.load(old).search(x[:5], 1)[1][:, 0].tolist() == [N - 1, N - 2, N - 3, N - 4, N - 5]
+
+
+@pytest.mark.slow
+def test_searcher_and_service_info_use_an_on_disk_index(trained_run, tmp_path):
+    """A run whose index was rebuilt with on-disk lists searches unchanged; /api/info says where they live."""
+    import shutil
+
+    from finegrain.data.images import open_rgb
+    from finegrain.retrieval.searcher import Searcher
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    flat = GalleryIndex.load(run / "index")
+    vectors = flat.index.reconstruct_n(0, flat.n)
+    index = build_ivfpq(lambda: iter([vectors]), flat.n, flat.dim, "cosine", tmp_path / "v.npy", on_disk=True)
+    meta = {
+        **flat.meta,
+        **index_meta(
+            flat.meta["model_checksum"],
+            flat.dim,
+            "cosine",
+            "ivfpq",
+            flat.n,
+            index.params,
+            index.params["measured_recall"],
+            0.0,
+        ),
+    }
+    GalleryIndex(index, flat.labels, flat.paths, flat.class_names, meta).save(run / "index")
+    searcher = Searcher(run, engine="torch")
+    info = searcher.info
+    assert info["index_kind"] == "ivfpq" and info["index_lists"] == ON_DISK
+    path = searcher.gallery_path(3)
+    hits, _ = searcher.search(open_rgb(path)[0], k=3)
+    assert hits[0].path == path and hits[0].same_image
+
+
+def test_tuning_re_ranks_more_before_it_scans_more_lists(x, tmp_path):
+    """A recall target the first list does not reach is sought by re-ranking up to 400 candidates
+    before scanning more lists (re-ranking is the cheaper of the two)."""
+    from finegrain.retrieval.large_index import RERANK_BEFORE_PROBE
+
+    index = build_ivfpq(_chunks(x, 1000), N, D, "cosine", tmp_path / "v.npy", recall=0.995)
+    assert index.params["nprobe"] > 1  # this target needs more than one list
+    assert index.params["rerank"] >= RERANK_BEFORE_PROBE
+    assert index.params["measured_recall"] >= 0.995

@@ -85,14 +85,35 @@ def index(
             "(default: when the model gives maps; see docs/explain.md for the size).",
         ),
     ] = None,
+    max_ram: Annotated[
+        float | None,
+        typer.Option(
+            help="With --ray and --kind ivfpq: GB of RAM the inverted lists may take; beyond it they live on disk "
+            "(memory-mapped). Default: half of this machine's RAM."
+        ),
+    ] = None,
+    on_disk: Annotated[
+        bool, typer.Option("--on-disk", help="With --ray and --kind ivfpq: keep the inverted lists on disk.")
+    ] = False,
 ) -> None:
     """Embed a gallery and build its similarity index (FAISS) in RUN/index."""
+    if ray is not None and maps:
+        raise FinegrainError("--maps: an index built with --ray stores no maps (explaining runs the hits again)")
     if ray is not None:
         # start-up: loaded when the command runs, so `finegrain --help` stays fast
         from finegrain.cluster.gallery import build_index_on_ray
 
         dest, info, report = build_index_on_ray(
-            run, gallery, ray, kind=kind, metric=metric, recall=recall, engine=engine, actors=actors
+            run,
+            gallery,
+            ray,
+            kind=kind,
+            metric=metric,
+            recall=recall,
+            engine=engine,
+            actors=actors,
+            max_ram=None if max_ram is None else int(max_ram * 2**30),
+            on_disk=on_disk,
         )
         print_embed_report(report)
     else:
@@ -102,7 +123,8 @@ def index(
         dest, info = build_index(
             run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace, maps=maps
         )
-    line = f"indexed {info['n']} images ({info['dim']}-d, {kind}, {metric}) from the {info['gallery']} into {dest}"
+    what = f"{kind}, lists {info['lists']}" if info.get("lists") else kind
+    line = f"indexed {info['n']} images ({info['dim']}-d, {what}, {metric}) from the {info['gallery']} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
     if info.get("maps"):

@@ -29,9 +29,16 @@ def shard_vectors(files: list[Path], metric: str) -> Iterator[np.ndarray]:
 
 
 def index_from_shards(
-    shards: ShardDir, dest: Path, kind: str = "flat", metric: str = "cosine", recall: float = DEFAULT_RECALL
+    shards: ShardDir,
+    dest: Path,
+    kind: str = "flat",
+    metric: str = "cosine",
+    recall: float = DEFAULT_RECALL,
+    max_ram: int | None = None,
+    on_disk: bool = False,
 ) -> GalleryIndex:
-    """Build and save (into ``dest``) the index of a whole set of shards."""
+    """Build and save (into ``dest``) the index of a whole set of shards (``max_ram`` bytes and
+    ``on_disk``: where an ivfpq index's lists live, see :func:`~finegrain.retrieval.large_index.ivfpq_params`)."""
     files, labels, paths, _, _ = shards.gather()
     manifest = shards.manifest()
     checksum, class_names = manifest["model_checksum"], manifest.get("class_names")
@@ -47,7 +54,16 @@ def index_from_shards(
         (dim,) = dims
         t0 = time.perf_counter()
         work = dest.parent / f".{dest.name}-vectors.part.npy"
-        ivfpq = build_ivfpq(lambda: shard_vectors(files, metric), len(paths), dim, metric, work, recall=recall)
+        ivfpq = build_ivfpq(
+            lambda: shard_vectors(files, metric),
+            len(paths),
+            dim,
+            metric,
+            work,
+            recall=recall,
+            max_ram=max_ram,
+            on_disk=on_disk,
+        )
         meta = index_meta(
             checksum,
             dim,
@@ -73,13 +89,15 @@ def build_index_on_ray(
     engine: str = "auto",
     actors: int | None = None,
     cpus_per_actor: int = 1,
+    max_ram: int | None = None,
+    on_disk: bool = False,
 ) -> tuple[Path, dict, EmbedReport]:
     """Embed ``gallery`` on Ray (resuming whole shards), then index it into ``RUN/index``."""
 
     index_builder(kind, metric)  # an unknown kind or metric is named before anything runs
     report = embed_on_ray(run_path, gallery, address, engine=engine, actors=actors, cpus_per_actor=cpus_per_actor)
     run = open_run(run_path)
-    index = index_from_shards(ShardDir(report.folder), run.index, kind, metric, recall)
+    index = index_from_shards(ShardDir(report.folder), run.index, kind, metric, recall, max_ram, on_disk)
     info = {
         "n": index.n,
         "dim": index.dim,
@@ -87,5 +105,6 @@ def build_index_on_ray(
         "metric": metric,
         "gallery": gallery,
         "approx_recall_at_10": index.meta.get("approx_recall_at_10"),
+        "lists": (index.meta.get("params") or {}).get("lists"),
     }
     return run.index, info, report

@@ -128,6 +128,9 @@ INDEX_OPENERS: Registry[Callable[[Path, Any, dict], Any]] = Registry("index open
 :class:`GalleryIndex` holds; their index object writes its own files (``write_files(folder)``) and
 serialises its FAISS part (``serialize()``)."""
 
+INDEX_READ_FLAGS: Registry[Callable[[dict], int]] = Registry("index read flags")
+"""Kinds whose FAISS part FAISS must read with I/O flags → flags(meta) (on-disk lists, say)."""
+
 KIND_FILES: set[str] = set()
 """Files that kinds keep beside the four every index has (allowed in an index folder)."""
 
@@ -447,7 +450,8 @@ class GalleryIndex:
         check_complete(d)
         meta = read_meta(d, METRICS, INDEX_KINDS)
         check_model(d, meta, expected_model_checksum)
-        index = read_faiss(d, meta)
+        flags = INDEX_READ_FLAGS.get(meta["kind"])(meta) if meta["kind"] in INDEX_READ_FLAGS else 0
+        index = read_faiss(d, meta, flags)
         if meta["kind"] in INDEX_OPENERS:
             index = INDEX_OPENERS.get(meta["kind"])(d, index, meta)
         _apply_search_params(index, meta["kind"], meta.get("params") or {})

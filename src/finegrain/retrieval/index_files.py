@@ -148,8 +148,8 @@ def check_model(d: Path, meta: dict, expected_model_checksum: str | None) -> Non
         )
 
 
-def read_faiss(d: Path, meta: dict) -> Any:
-    """The FAISS index, once its bytes match the sha256 in meta.json."""
+def read_faiss(d: Path, meta: dict, io_flags: int = 0) -> Any:
+    """The FAISS index, once its bytes match the sha256 in meta.json (read with FAISS's ``io_flags``)."""
     data = (d / INDEX_FILE).read_bytes()
     if sha256(data) != meta["index_sha256"]:
         raise FinegrainError(
@@ -157,7 +157,7 @@ def read_faiss(d: Path, meta: dict) -> Any:
             "(rebuild it with `finegrain index RUN`)"
         )
     try:
-        return import_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return import_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8), io_flags)
     except Exception as e:  # faiss raises RuntimeError on a bad stream
         raise FinegrainError(
             f"damaged index file {d / INDEX_FILE}: FAISS cannot read it "

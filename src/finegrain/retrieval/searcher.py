@@ -50,6 +50,8 @@ class IndexFigures(TypedDict, total=False):
     """What the index's files hold per vector (codes, graph, float16 copy...)."""
     index_recall_at_10: float | None
     """An approximate index's recall@10 against exact search, measured when it was built."""
+    index_lists: str | None
+    """Where an IVF index's inverted lists live: ``in-ram``, or ``on-disk`` (memory-mapped)."""
 
 
 class ExplainInfo(TypedDict):
@@ -263,6 +265,7 @@ class Searcher:
             "index_kind": meta.get("kind"),
             "index_bytes_per_vector": meta.get("bytes_per_vector"),
             "index_recall_at_10": meta.get("approx_recall_at_10"),
+            "index_lists": (meta.get("params") or {}).get("lists"),
             "has_classifier": bool(self.encoder.has_classifier),
             "engine": self.engine,
             "created_at": meta.get("created_at"),
