@@ -63,7 +63,7 @@ def _query(run: RunDir) -> bytes:
 
 def _png(url: str) -> np.ndarray:
     assert url.startswith("data:image/png;base64,")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
 
 
 def test_explain_gives_a_map_of_the_query_and_of_each_hit(client, run):
