@@ -174,13 +174,10 @@ async def explained_search(
     why_not = explainer.unavailable()
     if why_not is not None:
         raise ApiError(409, f"this service cannot explain its answers: {no_paths(why_not)}")
-    if not isinstance(explainer, SearchExplainer):
-        raise ApiError(501, "this service cannot explain its searches in one request; use /api/explain")
-    searcher_explainer = explainer
 
     def run() -> tuple[list[Hit], Prediction | None, Explanation]:
         image = decode_bytes(upload.data, upload.name, max_pixels=state.max_image_pixels)
-        return searcher_explainer.search(image, upload.k)
+        return explainer.search(image, upload.k)
 
     async with limit:
         hits, top, explanation = await _explaining(run, state.max_image_pixels)
