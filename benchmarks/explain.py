@@ -31,7 +31,10 @@ plain search (:meth:`Searcher.search`, k=8, against an index of the ``--n`` imag
 (:meth:`SearchExplainer.search`: the same search and the maps of the query and its 8 hits, from one
 pass of the model); also of the page's on-demand way (a plain search, then ``POST /api/explain``'s
 work on the query and the hits: two passes) and of an explained search on an index without stored
-maps (the hits run again). Figures are ratios against the plain search measured in the same run.
+maps (the hits run again). The same over HTTP (``http``): the page's requests to a uvicorn server of
+the same searcher, a plain ``POST /api/search`` against one with ``explain=1`` (the page with "Why?"
+on: one request, one pass) and against the former two requests (a search, then ``POST /api/explain``).
+Figures are ratios against the plain search measured in the same run.
 """
 
 from __future__ import annotations
@@ -262,8 +265,76 @@ def extra_cost(run: Path, records: list, queries: int, out_dir: Path) -> dict:
         "sizes": [list(s) for s in searcher.sizes],
         "tta_flip": searcher.encoder.tta_flip,
     }
+    result["http"] = http_cost(searcher, paths, queries)
     shutil.rmtree(index_dir, ignore_errors=True)
     return result
+
+
+def http_cost(searcher, paths: list[str], queries: int) -> dict:
+    """p50 over HTTP (a uvicorn server of ``create_app(searcher)`` in a thread, one keep-alive client)
+    of the page's requests: a plain search, an explained one (``explain=1``: one request, one pass),
+    and the page's former way (a plain search, then ``POST /api/explain`` for its hits)."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from finegrain.serve.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    times: dict[str, list[float]] = {k: [] for k in ("plain", "explained", "search_then_explain")}
+    answer_bytes: dict[str, list[int]] = {k: [] for k in times}
+    k = {"k": str(K_HITS)}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            for q in range(queries + 2):  # the first two warm up
+                files = {"image": (Path(paths[q]).name, Path(paths[q]).read_bytes(), "image/jpeg")}
+                t0 = time.perf_counter()
+                plain = c.post("/api/search", files=files, data=k)
+                t1 = time.perf_counter()
+                explained = c.post("/api/search", files=files, data={**k, "explain": "1"})
+                t2 = time.perf_counter()
+                ids = ",".join(str(r["id"]) for r in plain.json()["results"])
+                separate = c.post(f"/api/explain?ids={ids}", files=files)
+                t3 = time.perf_counter()
+                for r in (plain, explained, separate):
+                    r.raise_for_status()
+                if q >= 2:
+                    for key, t in zip(times, (t1 - t0, t2 - t1, t1 - t0 + t3 - t2), strict=True):
+                        times[key].append(t)
+                    for key, n in zip(
+                        answer_bytes,
+                        (len(plain.content), len(explained.content), len(plain.content) + len(separate.content)),
+                        strict=True,
+                    ):
+                        answer_bytes[key].append(n)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    p50 = {key: statistics.median(v) * 1000 for key, v in times.items()}
+    return {
+        "p50_ms": {key: round(v, 2) for key, v in p50.items()},
+        "ratio_over_plain": {key: round(v / p50["plain"], 3) for key, v in p50.items() if key != "plain"},
+        "goal_1_3x_met": p50["explained"] / p50["plain"] <= 1.3,
+        "median_answer_bytes": {key: int(statistics.median(v)) for key, v in answer_bytes.items()},
+        "what": {
+            "plain": "POST /api/search, k=8, over HTTP to a uvicorn server in the same process (one keep-alive client)",
+            "explained": "the page with Why? on: POST /api/search with explain=1, one request, one pass of the model, "
+            "the maps as PNG data URLs in the answer",
+            "search_then_explain": "the page's former way: POST /api/search, then POST /api/explain?ids=... "
+            "for its 8 hits (the query runs again)",
+        },
+    }
 
 
 def final_val_accuracy(run: Path) -> float | None:

@@ -63,7 +63,7 @@ def _query(run: RunDir) -> bytes:
 
 def _png(url: str) -> np.ndarray:
     assert url.startswith("data:image/png;base64,")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
 
 
 def test_explain_gives_a_map_of_the_query_and_of_each_hit(client, run):
@@ -85,6 +85,61 @@ def test_explain_gives_a_map_of_the_query_and_of_each_hit(client, run):
     assert q.shape[:2] == (96, 96)  # shaped as the query image (square here)
 
 
+@pytest.fixture
+def passes(client, monkeypatch) -> list[bool]:
+    """Each run of the ONNX model the client's searcher makes, as whether it copied maps out."""
+    encoder = client.app.state.searcher.encoder
+    calls: list[bool] = []
+    real = encoder._run
+
+    def counted(x: np.ndarray, maps: bool = False) -> dict[str, np.ndarray]:
+        calls.append(maps)
+        return real(x, maps)
+
+    monkeypatch.setattr(encoder, "_run", counted)
+    return calls
+
+
+def test_an_explained_search_answers_the_hits_and_their_maps_from_one_pass(client, run, passes):
+    query = {"image": ("q.png", _query(run))}
+    sizes = len(client.app.state.searcher.encoder.sizes)
+    plain = client.post("/api/search", files=query, data={"k": "3"}).json()
+    assert "explanation" not in plain and passes == [False] * sizes  # a plain search copies no maps out
+    passes.clear()
+    res = client.post("/api/search", files=query, data={"k": "3", "explain": "1"})
+    assert res.status_code == 200, res.text
+    assert passes == [True] * sizes  # one pass of the query, its maps with its outputs
+    body = res.json()
+    strip = ("query_ms", "explanation")
+    assert {k: v for k, v in body.items() if k not in strip} == {
+        k: v for k, v in plain.items() if k not in ("query_ms", "results")
+    } | {"results": body["results"]}
+    assert [(r["id"], r["label"], r["rank"]) for r in body["results"]] == [
+        (r["id"], r["label"], r["rank"]) for r in plain["results"]
+    ]
+    for got, want in zip(body["results"], plain["results"], strict=True):
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    ids = ",".join(str(r["id"]) for r in plain["results"])
+    separate = client.post(f"/api/explain?ids={ids}", files=query).json()
+    separate.pop("query_ms")
+    assert body["explanation"] == separate  # the same maps, PNG for PNG
+    passes.clear()
+    assert client.post("/api/search?explain=true", files=query).json()["explanation"]["kind"] == "class"
+    assert passes == [True] * sizes  # the flag may come in the query string too
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "1,1"])
+def test_a_bad_explain_flag_is_refused_in_one_line(client, run, value):
+    res = client.post("/api/search", files={"image": ("q.png", _query(run))}, data={"explain": value.split(",")})
+    assert res.status_code == 422 and "explain" in res.json()["error"] and "\n" not in res.json()["error"]
+
+
+def test_the_search_documents_its_explain_field(client):
+    schema = client.get("/openapi.json").json()["paths"]["/api/search"]["post"]
+    fields = schema["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert "explanation" in fields["explain"]["description"] and "409" in schema["responses"]
+
+
 def _search_error(client, files, query: str = "") -> tuple[int, dict]:
     res = client.post("/api/search" + query, files=files)
     return res.status_code, res.json()
@@ -102,6 +157,7 @@ def test_bad_uploads_get_the_same_answer_as_search(client, files):
     want = _search_error(client, files)
     res = client.post("/api/explain?ids=0", files=files)
     assert want[0] == 400 and (res.status_code, res.json()) == want
+    assert _search_error(client, files, "?explain=1") == want
 
 
 def test_bad_ids_are_refused_in_one_line(client, run):
@@ -148,6 +204,8 @@ def test_a_run_exported_before_maps_is_told_to_re_export(run, tmp_path):
         res = c.post("/api/explain?ids=0", files=files)
         assert res.status_code == 409 and "cannot explain" in res.json()["error"]
         assert "finegrain export" in res.json()["error"] and "\n" not in res.json()["error"]
+    res = c.post("/api/search", files=query, data={"explain": "1"})
+    assert res.status_code == 409 and res.json() == c.post("/api/explain?ids=0", files=query).json()
 
 
 def test_a_model_without_maps_says_why_it_cannot_explain(trained_run, tmp_path):
@@ -158,6 +216,8 @@ def test_a_model_without_maps_says_why_it_cannot_explain(trained_run, tmp_path):
     info = c.get("/api/info").json()["explain"]
     assert info["available"] is False and "computes more after pooling" in info["reason"]
     res = c.post("/api/explain?ids=0", files={"image": ("q.png", b"anything")})
+    assert res.status_code == 409 and "computes more after pooling" in res.json()["error"]
+    res = c.post("/api/search", files={"image": ("q.png", b"anything")}, data={"explain": "1"})
     assert res.status_code == 409 and "computes more after pooling" in res.json()["error"]
     from finegrain.retrieval.gallery import build_index
 
@@ -199,11 +259,21 @@ def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    asked: list[str] = []  # the search and explain requests the page makes, in order
+
+    def note(r) -> None:
+        path = r.url.split("?")[0].removeprefix(server_url)
+        if path in ("/api/search", "/api/explain"):
+            asked.append(path)
+
+    page.on("request", note)
     page.goto(server_url + "/")
     toggle = page.locator("#explain-toggle")
     assert toggle.is_hidden()  # nothing to explain before a search
-    _upload_and_wait(page, query, 8)
-    assert page.locator(".explain-overlay").count() == 0  # a plain search asks for no maps
+    with page.expect_response(lambda r: "/api/search" in r.url) as searched:
+        _upload_and_wait(page, query, 8)
+    assert "explanation" not in searched.value.json()  # a plain search asks for no maps
+    assert page.locator(".explain-overlay").count() == 0 and asked == ["/api/search"]
     toggle.click()
     page.wait_for_function("() => document.querySelectorAll('#results .explain-overlay').length === 8", timeout=20000)
     page.wait_for_function(
@@ -215,6 +285,15 @@ def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server
     opacity = float(page.eval_on_selector("#results .explain-overlay", "n => getComputedStyle(n).opacity"))
     assert 0.2 < opacity < 0.9  # semi-transparent: the image shows through
     page.screenshot(path=str(tmp_path / "why.png"), full_page=True)
+    assert asked == ["/api/search", "/api/explain"]  # on demand, for the hits shown
+    # with "Why?" on, a search asks for its maps in the same request: no second one, no second pass
+    with page.expect_response(lambda r: "/api/search" in r.url) as searched:
+        _upload_and_wait(page, query, 8)
+    assert len(searched.value.json()["explanation"]["results"]) == 8
+    page.wait_for_function("() => document.querySelectorAll('#results .explain-overlay').length === 8", timeout=20000)
+    assert page.locator(".dz-preview .explain-overlay").count() == 1
+    page.wait_for_timeout(300)  # a second request would have been sent by now
+    assert asked == ["/api/search", "/api/explain", "/api/search"]
     toggle.click()
     assert page.locator(".explain-overlay").count() == 0 and not page.locator("#explain-legend").is_visible()
     assert not errors

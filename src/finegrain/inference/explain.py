@@ -212,9 +212,14 @@ VIRIDIS = _viridis_lut()
 """``[256, 3]`` uint8: viridis, from dark purple (0, least) to yellow (1, most)."""
 
 
+def _levels(m01: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as uint8 indices into :data:`VIRIDIS`."""
+    return np.clip(np.rint(np.nan_to_num(m01) * 255), 0, 255).astype(np.uint8)
+
+
 def colorize(m01: np.ndarray) -> np.ndarray:
     """A [0, 1] map as viridis colours, uint8 ``[H, W, 3]``."""
-    return VIRIDIS[np.clip(np.rint(np.nan_to_num(m01) * 255), 0, 255).astype(np.uint8)]
+    return VIRIDIS[_levels(m01)]
 
 
 def overlay(rgb: np.ndarray, m01: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -224,7 +229,12 @@ def overlay(rgb: np.ndarray, m01: np.ndarray, alpha: float = OVERLAY_ALPHA) -> n
 
 
 def map_png(m01: np.ndarray) -> bytes:
-    """A [0, 1] map as an opaque viridis PNG (the page lays it over the image, semi-transparent)."""
+    """A [0, 1] map as an opaque viridis PNG (the page lays it over the image, semi-transparent):
+    a palette image, one byte a pixel, the colours of :func:`colorize` (an explained search sends 17
+    of them; a palette PNG encodes about 8x faster than an RGB one, and is smaller)."""
+    levels = _levels(m01)
+    im = Image.frombytes("P", (levels.shape[1], levels.shape[0]), levels.tobytes())
+    im.putpalette(VIRIDIS.tobytes())
     buf = io.BytesIO()
-    Image.fromarray(colorize(m01)).save(buf, format="PNG")
+    im.save(buf, format="PNG")
     return buf.getvalue()

@@ -74,6 +74,10 @@ class ExplainService(Protocol):
 
     def explain(self, image: Image.Image, ids: list[int]) -> Explanation: ...
 
+    def search(self, image: Image.Image, k: int) -> tuple[list, list[tuple[str, float]] | None, Explanation]:
+        """An explained search: the hits, the prediction and their :class:`Explanation`."""
+        ...
+
 
 class SearchExplainer:
     """Explains the answers of a :class:`~finegrain.retrieval.searcher.Searcher` (its encoder, its

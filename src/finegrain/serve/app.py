@@ -6,7 +6,7 @@ run's model and index and runs it with uvicorn (``finegrain serve RUN``).
 Routes
 ------
 ``GET /``                 the search page (``static/index.html``; CSS and JS from ``/static``)
-``POST /api/search``      multipart ``image`` file (+ ``k``) -> prediction and the k most similar images
+``POST /api/search``      multipart ``image`` file (+ ``k``, + ``explain``) -> prediction and the k most similar images
 ``GET /api/health``       ``{"status": "ok"}``
 ``GET /api/info``         the run, model, gallery and index behind the service, and its limits
 ``GET /gallery/{id}``     one indexed gallery image, by its integer id in the index
@@ -50,6 +50,7 @@ from finegrain.retrieval.searcher import (
 )
 from finegrain.serve.connections import BODY_TIMEOUT, guarded_protocol
 from finegrain.serve.errors import ApiError, echo, install_error_handlers
+from finegrain.serve.explain_routes import explained_search
 from finegrain.serve.explain_routes import router as explain_router
 from finegrain.serve.security import WILDCARD_BINDS, GuardedFastAPI, allowed_hosts
 from finegrain.serve.uploads import (
@@ -71,7 +72,8 @@ model has a classifier) predict its class.
 * `POST /api/search` — multipart form with an `image` file and an optional `k` (number of
   results, default 8, at most `min(max_k, gallery_size)`). Returns the top-5 class
   probabilities (`prediction`, or `null` without a classifier) and the `k` nearest gallery
-  images, each with a `url` under `/gallery/{id}`.
+  images, each with a `url` under `/gallery/{id}`. With `explain=1` also `explanation`: the maps of
+  why (the payload of `POST /api/explain` for these results), from the same pass of the model.
 * `GET /api/info` — what the service runs: run, backbone, task, dataset, gallery size, index.
 * `GET /gallery/{id}` — one gallery image by its integer id.
 
@@ -106,6 +108,13 @@ def search_openapi(max_k: int, max_upload_bytes: int) -> dict[str, Any]:
         "format": "binary",
         "description": f"The query image (at most {max_upload_bytes} bytes).",
     }
+    explain = {
+        "type": "string",
+        "enum": ["1", "0", "true", "false"],
+        "default": "0",
+        "description": "1: also answer `explanation`, the maps `POST /api/explain` gives for these results, "
+        "from the same pass of the model (may also be sent in the query string).",
+    }
     return {
         "parameters": [
             {
@@ -120,14 +129,19 @@ def search_openapi(max_k: int, max_upload_bytes: int) -> dict[str, Any]:
             "required": True,
             "content": {
                 "multipart/form-data": {
-                    "schema": {"type": "object", "required": ["image"], "properties": {"image": image, "k": k_schema}}
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": image, "k": k_schema, "explain": explain},
+                    }
                 }
             },
         },
         "responses": {
             "400": {"description": "Not an image, corrupt, truncated or too many pixels"},
+            "409": {"description": "explain=1 for a service that cannot explain (no maps, or a living gallery)"},
             "413": {"description": "Upload too large"},
-            "422": {"description": "k out of range"},
+            "422": {"description": "k out of range, explain not 1 or 0"},
         },
     }
 
@@ -277,8 +291,11 @@ def _add_search_route(app: FastAPI, searcher: SearchService, limit: asyncio.Sema
         ``k`` most similar gallery images (``results``), with the query time in ms."""
         started = time.perf_counter()
         upload = await read_upload(request, max_upload_bytes, searcher.gallery_size, max_k, app.state.body_timeout)
-        hits, top = await search_upload(searcher, upload, max_pixels, limit)
-        return search_response(searcher.prediction_source, hits, top, upload.k, started)
+        if not upload.explain:
+            hits, top = await search_upload(searcher, upload, max_pixels, limit)
+            return search_response(searcher.prediction_source, hits, top, upload.k, started)
+        hits, top, explanation = await explained_search(request, upload, limit)
+        return {**search_response(searcher.prediction_source, hits, top, upload.k, started), "explanation": explanation}
 
 
 def _add_gallery_route(app: FastAPI, searcher: SearchService) -> None:

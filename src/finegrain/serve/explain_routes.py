@@ -10,7 +10,11 @@ class; ``similarity``: the query's map against the closest match), ``query.map``
 Maps are viridis PNGs (``data:`` URLs) shaped as their image, each scaled from its own least
 (dark purple) to most (yellow) evidence. Errors as ``/api/search``'s, and 409 for a model that
 gives no maps (an export made before maps existed: re-export it; a backbone without them), said
-before the upload is read, 501 for a service that cannot explain.
+before the upload is read, 501 for a service that cannot explain, 409 for a living gallery (its
+images are in its store, not beside an index: explanations need an index).
+
+``POST /api/search`` with ``explain=1`` answers the same payload as its ``explanation``, for its own
+hits, from the one pass of the model that searches (:func:`explained_search`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -26,16 +31,24 @@ from fastapi import APIRouter, Request
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
+from finegrain.gallery.live import LiveGallery
 from finegrain.inference.explain import NoMaps, map_png, resize_map
 from finegrain.retrieval.explain_search import (
     ExplainService,
     Explanation,
     SearchExplainer,
 )
+from finegrain.retrieval.searcher import Hit, Prediction
 from finegrain.serve.errors import ApiError, echo, no_paths
-from finegrain.serve.uploads import image_error_message, read_upload
+from finegrain.serve.uploads import Upload, image_error_message, read_upload
 
 router = APIRouter()
+T = TypeVar("T")
+
+NEEDS_INDEX = (
+    "this gallery cannot explain its answers: explanations need an index of image files "
+    "(a living gallery keeps its images in its store)"
+)
 
 MAP_SIDE = 96
 """Pixels along a map PNG's longer side: maps are a few cells a side, the browser smooths them further."""
@@ -72,7 +85,8 @@ def data_url(m: np.ndarray, image_size: tuple[int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def explanation_response(e: Explanation, started: float) -> dict[str, Any]:
+def explanation_body(e: Explanation) -> dict[str, Any]:
+    """The maps of ``e`` as the API answers them (``/api/explain``, and ``explanation`` of an explained search)."""
     return {
         "kind": e.kind,
         "explains": e.explains,
@@ -87,8 +101,11 @@ def explanation_response(e: Explanation, started: float) -> dict[str, Any]:
             }
             for h in e.hits
         ],
-        "query_ms": round((time.perf_counter() - started) * 1000.0, 2),
     }
+
+
+def explanation_response(e: Explanation, started: float) -> dict[str, Any]:
+    return {**explanation_body(e), "query_ms": round((time.perf_counter() - started) * 1000.0, 2)}
 
 
 def explainer_of(request: Request) -> ExplainService:
@@ -96,6 +113,8 @@ def explainer_of(request: Request) -> ExplainService:
     state = request.app.state
     explainer = getattr(state, "explainer", None)
     if explainer is None:
+        if isinstance(state.searcher, LiveGallery):
+            raise ApiError(409, NEEDS_INDEX)
         if not hasattr(state.searcher, "encoder"):
             raise ApiError(501, "this service cannot explain its answers")
         explainer = state.explainer = SearchExplainer(state.searcher)
@@ -127,12 +146,39 @@ async def explain(request: Request) -> dict[str, Any]:
         return explainer.explain(image, ids)
 
     async with _limit(request):
-        try:
-            explanation = await anyio.to_thread.run_sync(run)
-        except ImageError as e:
-            raise ApiError(400, image_error_message(e, state.max_image_pixels)) from None
-        except NoMaps as e:
-            raise ApiError(409, f"this service cannot explain its answers: {no_paths(str(e))}") from None
-        except FinegrainError as e:
-            raise ApiError(422, no_paths(str(e))) from None
+        explanation = await _explaining(run, state.max_image_pixels)
     return explanation_response(explanation, started)
+
+
+async def _explaining(fn: Callable[[], T], max_pixels: int | None) -> T:
+    """``fn()`` in a worker thread; an unreadable image is a 400, a model without maps a 409, any other
+    refusal a 422 (without server paths)."""
+    try:
+        return await anyio.to_thread.run_sync(fn)
+    except ImageError as e:
+        raise ApiError(400, image_error_message(e, max_pixels)) from None
+    except NoMaps as e:
+        raise ApiError(409, f"this service cannot explain its answers: {no_paths(str(e))}") from None
+    except FinegrainError as e:
+        raise ApiError(422, no_paths(str(e))) from None
+
+
+async def explained_search(
+    request: Request, upload: Upload, limit: asyncio.Semaphore
+) -> tuple[list[Hit], Prediction | None, dict[str, Any]]:
+    """``POST /api/search`` with ``explain=1``: the hits, the prediction and :func:`explanation_body`
+    of the hits, from one pass of the model over the query (:meth:`SearchExplainer.search`), at most
+    ``limit`` at once as plain searches. A 409 (as ``/api/explain``'s) when the service cannot explain."""
+    state = request.app.state
+    explainer = explainer_of(request)
+    why_not = explainer.unavailable()
+    if why_not is not None:
+        raise ApiError(409, f"this service cannot explain its answers: {no_paths(why_not)}")
+
+    def run() -> tuple[list[Hit], Prediction | None, Explanation]:
+        image = decode_bytes(upload.data, upload.name, max_pixels=state.max_image_pixels)
+        return explainer.search(image, upload.k)
+
+    async with limit:
+        hits, top, explanation = await _explaining(run, state.max_image_pixels)
+    return hits, top, explanation_body(explanation)

@@ -42,6 +42,7 @@ from finegrain.gallery.live import AddRequest, ImageBytes, LiveGallery
 from finegrain.serve.add_batches import AddBatches
 from finegrain.serve.app import search_openapi, search_response
 from finegrain.serve.errors import ApiError, no_paths
+from finegrain.serve.explain_routes import NEEDS_INDEX
 from finegrain.serve.uploads import (
     check_headers,
     image_error_message,
@@ -238,6 +239,8 @@ def add_gallery_routes(
         started = time.perf_counter()
         size = await anyio.to_thread.run_sync(live.store.count)
         upload = await read_upload(request, max_bytes, size, max_k, body_timeout)
+        if upload.explain:
+            raise ApiError(409, NEEDS_INDEX)
         try:
             where = parse_filter(upload.filter)
         except FinegrainError as e:

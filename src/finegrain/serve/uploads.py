@@ -30,6 +30,7 @@ DEFAULT_K = 8
 MULTIPART_OVERHEAD = 64 * 1024
 IMAGE_LIMIT_SETTING = "--max-image-mpixels"
 _K_RE = re.compile(r"[0-9]{1,9}")
+_FLAGS = {"1": True, "true": True, "0": False, "false": False}
 
 _REASON_TEXT = {
     "empty": "The uploaded file is empty.",
@@ -49,6 +50,8 @@ class Upload:
     k: int
     filter: str | None = None
     """The ``filter`` form field or query parameter, unparsed (the living gallery's search reads it)."""
+    explain: bool = False
+    """The ``explain`` form field or query parameter: answer the search's explanation too."""
 
 
 def too_large(max_bytes: int) -> ApiError:
@@ -75,6 +78,20 @@ def parse_k(form_k: list[Any], query_k: list[str], gallery_size: int, max_k: int
     if k < 1 or k > upper:
         raise ApiError(422, f"k must be between 1 and {upper}; got {k}")
     return k
+
+
+def parse_flag(name: str, values: list[Any]) -> bool:
+    """A yes/no field (``1``/``true`` or ``0``/``false``, at most once in the form and query string)."""
+    given = [v for v in values if v != ""]
+    if len(given) > 1:
+        raise ApiError(422, f"{name} was given {len(given)} times; send it once")
+    if not given:
+        return False
+    if not isinstance(given[0], str):
+        raise ApiError(422, f"{name} must be 1 or 0, not a file")
+    if given[0].strip().lower() not in _FLAGS:
+        raise ApiError(422, f"{name} must be 1 or 0 (true or false); got {echo(given[0], 8)}")
+    return _FLAGS[given[0].strip().lower()]
 
 
 def check_headers(headers: Any, max_bytes: int) -> None:
@@ -148,7 +165,8 @@ async def read_upload(
         given = [v for v in [*form.getlist("filter"), *request.query_params.getlist("filter")] if v != ""]
         if len(given) > 1 or not all(isinstance(v, str) for v in given):
             raise ApiError(422, "send one filter, as text")
-        return Upload(data, upload.filename or "upload", k, str(given[0]) if given else None)
+        explain = parse_flag("explain", [*form.getlist("explain"), *request.query_params.getlist("explain")])
+        return Upload(data, upload.filename or "upload", k, str(given[0]) if given else None, explain)
     finally:
         await form.close()
 

@@ -172,6 +172,8 @@
     const form = new FormData();
     form.append("image", state.file, state.file.name || "image");
     form.append("k", els.k.value);
+    // explain.js adds explain=1 while "Why?" is on: the maps come with the results, from one pass
+    document.dispatchEvent(new CustomEvent("finegrain:search", { detail: { form } }));
     setLoading(true);
     let res, body;
     try {
@@ -262,7 +264,8 @@
     });
     els.results.replaceChildren(...cards);
     // explain.js lays its maps over the cards; gallery.js adds each hit's metadata
-    document.dispatchEvent(new CustomEvent("finegrain:results", { detail: { file: state.file, results } }));
+    document.dispatchEvent(new CustomEvent("finegrain:results",
+      { detail: { file: state.file, results, explanation: body.explanation || null } }));
   }
 
   // ------------------------------------------------------------------ lightbox

@@ -1,6 +1,8 @@
-/* finegrain search page: the "why" toggle. Listens to the page's "finegrain:results" and
-   "finegrain:reset" events; asks POST /api/explain only when the toggle is on, and lays the maps
-   (viridis, semi-transparent) over the query and each result, with a legend. The toggle shows only
+/* finegrain search page: the "why" toggle. Listens to the page's "finegrain:search",
+   "finegrain:results" and "finegrain:reset" events. While the toggle is on, a search asks for its
+   explanation too (explain=1: one request, one pass of the model); turning it on after a plain search
+   asks POST /api/explain for the results shown. A plain search asks for no maps. The maps (viridis,
+   semi-transparent) are laid over the query and each result, with a legend. The toggle shows only
    when /api/info says the service can explain (its model gives maps). */
 (function () {
   "use strict";
@@ -120,14 +122,19 @@
     showToggle();
   }
 
+  document.addEventListener("finegrain:search", (ev) => {
+    if (state.on && state.explainable) ev.detail.form.append("explain", "1");
+  });
   document.addEventListener("finegrain:results", (ev) => {
     state.file = ev.detail.file;
     state.ids = (ev.detail.results || []).map((r) => r.id);
-    state.body = null;
+    state.body = ev.detail.explanation || null;
     state.seq++;
+    if (toggle) toggle.removeAttribute("aria-busy");
     clearOverlays();
     showToggle();
-    if (state.on && state.explainable && state.ids.length) explain();
+    if (!state.on || !state.explainable || !state.ids.length) return;
+    if (state.body) draw(state.body); else explain();
   });
   document.addEventListener("finegrain:reset", () => {
     state.file = null; state.ids = []; state.body = null; state.seq++;
