@@ -27,11 +27,13 @@ from finegrain.inference import open_encoder
 from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.index import check_k
 from finegrain.retrieval.searcher import (
+    ExplainInfo,
     Hit,
     NamedRun,
     Prediction,
     ServiceInfo,
     dataset_name,
+    embedding_and_probabilities,
 )
 from finegrain.runs import RunDir, open_run
 
@@ -159,30 +161,50 @@ class LiveGallery:
             "created_at": None,
             "precision": str(self.encoder.precision),
             "image_sizes": [list(s) for s in self.sizes],
+            "explain": self.explain_info,
         }
 
-    def _encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.encoder.encode_rgb(to_rgb(image)[0])
-        probs = None
-        if "logits" in out:
-            z = out["logits"][0] - out["logits"][0].max()
-            probs = np.exp(z) / np.exp(z).sum()
-        return out["embedding"][0], probs
+    @property
+    def explain_info(self) -> ExplainInfo:
+        """As a static index's; the store keeps no maps (an explanation runs its hits again)."""
+        why = self.encoder.maps_missing()
+        return {"available": why is None, "reason": why, "stored_maps": False}
+
+    def hit_rgbs(self, ids: list[int]) -> list[Image.Image]:
+        """The stored images ``ids`` decoded to RGB (FinegrainError for an id the store does not hold)."""
+        rgbs = []
+        for i in ids:
+            stored = self.store.image(i)
+            if stored is None:
+                raise FinegrainError(f"no gallery image with id {i} (the gallery has {self.gallery_size})")
+            rgbs.append(to_rgb(decode_bytes(stored[0], f"gallery image {i}"))[0])
+        return rgbs
+
+    def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embedding [1, D], class probabilities [C] or None) of one image."""
+        return embedding_and_probabilities(self.encoder.encode_rgb(to_rgb(image)[0]))
 
     def _embed(self, image: Image.Image) -> np.ndarray:
-        return self._encode(image)[0]
+        return self.encode(image)[0][0]
 
-    def search(self, image: Image.Image, k: int = 10) -> tuple[list[Hit], Prediction | None]:
-        hits, top, _ = self.search_where(image, k, None)
+    def search(
+        self, image: Image.Image, k: int = 10, encoded: tuple[np.ndarray, np.ndarray | None] | None = None
+    ) -> tuple[list[Hit], Prediction | None]:
+        hits, top, _ = self.search_where(image, k, None, encoded)
         return hits, top
 
     def search_where(
-        self, image: Image.Image, k: int, where: Filter | None
+        self,
+        image: Image.Image,
+        k: int,
+        where: Filter | None,
+        encoded: tuple[np.ndarray, np.ndarray | None] | None = None,
     ) -> tuple[list[Hit], Prediction | None, dict[int, Entry]]:
-        """The k nearest entries (of those ``where`` selects), the top-5 classes and the hits' entries."""
+        """The k nearest entries (of those ``where`` selects), the top-5 classes and the hits' entries.
+        ``encoded``: the image's :meth:`encode` when the caller has it already (an explained search's one pass)."""
         check_k(k, max(1, self.gallery_size))
-        vector, probs = self._encode(image)
-        found = self.store.search(vector, k, where)
+        embedding, probs = encoded if encoded is not None else self.encode(image)
+        found = self.store.search(np.asarray(embedding).reshape(-1), k, where)
         entries = self.store.entries([i for i, _ in found])
         found = [(i, s) for i, s in found if i in entries]  # removed since the search: not shown
         hits = [

@@ -12,20 +12,21 @@ Maps are ``[h, w]`` on the grid of the model's last feature map at the first siz
 side), scaled to [0, 1] each on its own; a viewer stretches them over the image. Explaining costs
 one forward pass of the query (:meth:`SearchExplainer.search`: the same pass that searches) and dot
 products with the hits' maps that the index stores (``finegrain index`` writes them when the model
-gives maps); for an index without them, one more pass of all the hits together, per size. A plain
-search pays none of it.
+gives maps); for an index without them, or a living gallery (its store keeps no maps), one more pass
+of all the hits together, per size, over the images the searcher hands out (its ``hit_rgbs``: an
+index's files, a store's bytes). A plain search pays none of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from finegrain.data.images import image_size, open_rgb, to_rgb
+from finegrain.data.images import image_size, to_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference.explain import (
     EMBEDDING_MAP,
@@ -36,7 +37,13 @@ from finegrain.inference.explain import (
     to_unit,
 )
 from finegrain.retrieval.index import l2_normalize
-from finegrain.retrieval.searcher import embedding_and_probabilities
+from finegrain.retrieval.searcher import Hit, embedding_and_probabilities
+
+T = TypeVar("T")
+Encoded = tuple[np.ndarray, np.ndarray | None]
+"""A query's (embedding [1, D], class probabilities [C] or None), as a searcher's ``encode`` gives them."""
+SearchFn = Callable[[Image.Image, Encoded], tuple[list[Hit], T]]
+"""A search of an RGB query already encoded: its hits and whatever else the searcher answers."""
 
 
 @dataclass
@@ -74,14 +81,19 @@ class ExplainService(Protocol):
 
     def explain(self, image: Image.Image, ids: list[int]) -> Explanation: ...
 
-    def search(self, image: Image.Image, k: int) -> tuple[list, list[tuple[str, float]] | None, Explanation]:
+    def search(self, image: Image.Image, k: int) -> tuple[list[Hit], list[tuple[str, float]] | None, Explanation]:
         """An explained search: the hits, the prediction and their :class:`Explanation`."""
+        ...
+
+    def search_with(self, image: Image.Image, search: SearchFn[T]) -> tuple[list[Hit], T, Explanation]:
+        """An explained search: ``search``'s answer (its hits first) and the hits' :class:`Explanation`."""
         ...
 
 
 class SearchExplainer:
-    """Explains the answers of a :class:`~finegrain.retrieval.searcher.Searcher` (its encoder, its
-    gallery's files and class names, and the maps its index stores, when it stores them)."""
+    """Explains the answers of a searcher: a :class:`~finegrain.retrieval.searcher.Searcher` (its
+    encoder, its gallery's files and class names, and the maps its index stores, when it stores them)
+    or a :class:`~finegrain.gallery.live.LiveGallery` (its store's images)."""
 
     def __init__(self, searcher) -> None:
         self.searcher = searcher
@@ -103,47 +115,61 @@ class SearchExplainer:
 
     def explain(self, image: Image.Image, ids: list[int]) -> Explanation:
         """The maps of ``image`` (a query) and of the gallery images ``ids`` (its hits)."""
-        size = self.searcher.gallery_size
-        bad = [i for i in ids if not 0 <= i < size]
-        if bad:
-            raise FinegrainError(f"no gallery image with id {bad[0]} (the gallery has {size})")
+        stored = self.stored_maps
+        if stored is not None and all(0 <= i < len(stored) for i in ids):
+            rgbs = None  # the index stores their maps
+        else:  # read (and check) the hits' images before the query's pass
+            rgbs = self.searcher.hit_rgbs(ids)
         rgb = to_rgb(image)[0]
-        return self._explain(explain_rgbs(self.encoder, [rgb])[0], rgb, ids)
+        return self._explain(explain_rgbs(self.encoder, [rgb])[0], rgb, ids, rgbs)
 
-    def search(self, image: Image.Image, k: int) -> tuple[list, list[tuple[str, float]] | None, Explanation]:
-        """An explained search: the searcher's hits and prediction and their :class:`Explanation`, from
-        one pass of the model over the query (its maps come with its outputs) when the index stores
-        the hits' maps."""
+    def search(self, image: Image.Image, k: int) -> tuple[list[Hit], list[tuple[str, float]] | None, Explanation]:
+        """An explained search: the searcher's hits and prediction and their :class:`Explanation`."""
+
+        def search(rgb: Image.Image, encoded: Encoded) -> tuple[list[Hit], list[tuple[str, float]] | None]:
+            return self.searcher.search(rgb, k, encoded=encoded)
+
+        return self.search_with(image, search)
+
+    def search_with(self, image: Image.Image, search: SearchFn[T]) -> tuple[list[Hit], T, Explanation]:
+        """``search`` (e.g. a filtered one) explained, from one pass of the model over the query (its maps
+        come with its outputs) when the index stores the hits' maps, else one more over the hits."""
         rgb = to_rgb(image)[0]
         query = explain_rgbs(self.encoder, [rgb])[0]
-        hits, top = self.searcher.search(rgb, k, encoded=embedding_and_probabilities(query.outputs))
-        return hits, top, self._explain(query, rgb, [h.id for h in hits])
+        hits, rest = search(rgb, embedding_and_probabilities(query.outputs))
+        return hits, rest, self._explain(query, rgb, [h.id for h in hits])
 
     def _image_size(self, i: int) -> tuple[int, int]:
         if i not in self._sizes:  # read once per gallery image (its header)
             self._sizes[i] = image_size(self.searcher.gallery_path(i))
         return self._sizes[i]
 
-    def _hit_maps(self, ids: list[int], grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list]:
+    def _hit_maps(
+        self, ids: list[int], grid: tuple[int, int], rgbs: list[Image.Image] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list]:
         """The hits' ``[n, D, h, w]`` embedding maps on ``grid``, their unit embeddings ``[n, D]`` and
-        image sizes: from the index when it stores maps on this grid, else from one pass over the hits."""
+        image sizes: from the index when it stores maps on this grid, else from one pass over the hits
+        (``rgbs``, or the searcher's images of them)."""
         stored = self.stored_maps
         if stored is not None and tuple(stored.shape[2:]) == tuple(grid) and max(ids) < len(stored):
             maps = np.asarray(stored[np.asarray(ids)], dtype=np.float32)
             # a stored map's mean over its cells is the image's embedding (exact at one size)
             embeddings = l2_normalize(maps.mean(axis=(2, 3)))
             return maps, embeddings, [self._image_size(i) for i in ids]
-        rgbs = [open_rgb(Path(self.searcher.gallery_path(i)))[0] for i in ids]
+        if rgbs is None:
+            rgbs = self.searcher.hit_rgbs(ids)
         hits = explain_rgbs(self.encoder, rgbs)
         maps = np.stack([embedding_grid(h.maps[EMBEDDING_MAP], grid) for h in hits])
         return maps, np.stack([h.embedding for h in hits]), [(im.height, im.width) for im in rgbs]
 
-    def _explain(self, query: ImageMaps, rgb: Image.Image, ids: list[int]) -> Explanation:
+    def _explain(
+        self, query: ImageMaps, rgb: Image.Image, ids: list[int], rgbs: list[Image.Image] | None = None
+    ) -> Explanation:
         first = query.maps[EMBEDDING_MAP][0].shape
         grid = (int(first[1]), int(first[2]))
         hits: list[HitMaps] = []
         if ids:
-            maps, embeddings, sizes = self._hit_maps(ids, grid)
+            maps, embeddings, sizes = self._hit_maps(ids, grid, rgbs)
             # both sides at once: each hit's cells against the query's embedding, the query's cells
             # against each hit's (resizing and averaging the sizes are linear: as similarity_map)
             e_query = query.embedding

@@ -171,6 +171,13 @@ def embedding_and_probabilities(out: dict[str, np.ndarray]) -> tuple[np.ndarray,
     return out["embedding"], probs
 
 
+def check_ids(ids: list[int], gallery_size: int) -> None:
+    """FinegrainError naming the first of ``ids`` that is no gallery id (``0 <= id < gallery_size``)."""
+    bad = [i for i in ids if not 0 <= i < gallery_size]
+    if bad:
+        raise FinegrainError(f"no gallery image with id {bad[0]} (the gallery has {gallery_size})")
+
+
 def _name(names: list[str] | None, label: int) -> str:
     return names[label] if names and 0 <= label < len(names) else str(label)
 
@@ -249,6 +256,11 @@ class Searcher:
         if not inside(self.gallery_root, path):
             raise FinegrainError(f"gallery image {i} lies outside the gallery folder {self.gallery_root}")
         return path
+
+    def hit_rgbs(self, ids: list[int]) -> list[Image.Image]:
+        """The gallery images ``ids`` decoded to RGB (FinegrainError for an id not in the gallery)."""
+        check_ids(ids, self.gallery_size)
+        return [open_rgb(self.gallery_path(i))[0] for i in ids]
 
     @property
     def info(self) -> ServiceInfo:
