@@ -335,3 +335,110 @@ def test_search_explain_draws_the_maps_on_the_contact_sheet(run, tmp_path):
     assert a.shape == b.shape and np.abs(a - b).mean() > 5  # the images carry their maps
     r = runner.invoke(app, ["search", str(run.path), str(query), "--explain"])  # the one-line error is main()'s
     assert r.exit_code != 0 and isinstance(r.exception, FinegrainError) and "give --sheet" in str(r.exception)
+
+
+# --------------------------------------------------------------------------- a living gallery
+
+LIVE_TOKEN = "explain-live-token-0123456789"
+LIVE_AUTH = {"Authorization": f"Bearer {LIVE_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def live(run, tmp_path_factory):
+    """A living gallery over a copy of ``run``: its store starts as the run's index (the same ids),
+    each image's bytes copied into it."""
+    from finegrain.gallery.live import LiveGallery
+
+    copy = tmp_path_factory.mktemp("explain-live") / "run"
+    shutil.copytree(run.path, copy)
+    return LiveGallery(copy, engine="onnx")
+
+
+@pytest.fixture(scope="module")
+def live_client(live):
+    from finegrain.serve.gallery_routes import Tokens
+
+    return TestClient(make_app(live, max_upload_bytes=2**20, tokens=Tokens(write=LIVE_TOKEN)))
+
+
+def test_a_living_gallery_says_it_explains_without_stored_maps(live_client):
+    info = live_client.get("/api/info").json()
+    assert info["explain"] == {"available": True, "reason": None, "stored_maps": False}
+
+
+def test_a_living_gallery_explains_its_hits_from_the_images_it_stores(live, run):
+    """The store's copy of each image gives the map the index's file gives: the same numbers."""
+    from finegrain.retrieval.explain_search import SearchExplainer
+    from finegrain.retrieval.searcher import Searcher
+
+    query = Image.open(io.BytesIO(_query(run))).convert("RGB")
+    hits, top, why = SearchExplainer(live).search(query, 4)
+    assert (hits, top) == live.search(query, 4)  # the explained search answers as the plain one
+    ids = [h.id for h in hits]
+    assert [h.id for h in why.hits] == ids
+    static = SearchExplainer(Searcher(run.path, engine="onnx")).explain(query, ids)
+    assert why.kind == static.kind and why.explains == static.explains
+    np.testing.assert_allclose(why.query_map, static.query_map, atol=1e-4)
+    for got, want in zip(why.hits, static.hits, strict=True):
+        assert got.image_size == want.image_size and got.similarity == pytest.approx(want.similarity, abs=1e-4)
+        np.testing.assert_allclose(got.map, want.map, atol=1e-3)
+        np.testing.assert_allclose(got.query_map, want.query_map, atol=1e-3)
+
+
+def test_a_living_gallery_s_explained_search_is_its_search_with_maps(live_client, run):
+    query = {"image": ("q.png", _query(run))}
+    plain = live_client.post("/api/search", files=query, data={"k": "3"}).json()
+    res = live_client.post("/api/search", files=query, data={"k": "3", "explain": "1"})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert [(r["id"], r["label"], r["metadata"]) for r in body["results"]] == [
+        (r["id"], r["label"], r["metadata"]) for r in plain["results"]
+    ]
+    assert body["prediction"] == plain["prediction"]
+    assert [r["id"] for r in body["explanation"]["results"]] == [r["id"] for r in plain["results"]]
+    for r in body["explanation"]["results"]:
+        assert _png(r["map"]).std() > 0 and _png(r["query_map"]).std() > 0
+    ids = ",".join(str(r["id"]) for r in plain["results"])
+    separate = live_client.post(f"/api/explain?ids={ids}", files=query).json()
+    separate.pop("query_ms")
+    assert body["explanation"] == separate  # the same maps, PNG for PNG
+
+
+def test_a_living_gallery_explains_a_filtered_search_and_images_added_since(live_client, run):
+    """An image added while serving is explained from its stored bytes, and the filter holds."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_query(run))).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
+    data = buf.getvalue()  # not in the gallery yet
+    added = live_client.post(
+        "/api/gallery", files=[("image", ("new.png", data, "image/png"))], data={"label": "only-new"}, headers=LIVE_AUTH
+    )
+    assert added.status_code == 200, added.text
+    new_id = added.json()["ids"][0]
+    query = {"image": ("q.png", data)}
+    form = {"k": "3", "explain": "1", "filter": json.dumps({"label": "only-new"})}
+    body = live_client.post("/api/search", files=query, data=form).json()
+    assert [r["id"] for r in body["results"]] == [new_id]  # the filter is honoured by the explained search
+    (hit,) = body["explanation"]["results"]
+    assert hit["id"] == new_id and hit["similarity"] == pytest.approx(1.0, abs=1e-4)  # the query itself
+    # the query's own map against itself, as /api/explain computes it for the stored copy
+    assert live_client.post(f"/api/explain?ids={new_id}", files=query).json()["results"][0]["map"] == hit["map"]
+    assert live_client.delete(f"/api/gallery/{new_id}", headers=LIVE_AUTH).status_code == 200
+    res = live_client.post(f"/api/explain?ids={new_id}", files=query)  # removed since: a clear 422
+    assert res.status_code == 422 and f"no gallery image with id {new_id}" in res.json()["error"]
+
+
+def test_a_living_gallery_refuses_unknown_ids_in_one_line(live_client, run):
+    query = {"image": ("q.png", _query(run))}
+    for ids, words in (("0,x", "whole numbers"), ("123456789012345", "no gallery image with id 123456789012345")):
+        res = live_client.post(f"/api/explain?ids={ids}", files=query)
+        assert res.status_code == 422 and words in res.json()["error"] and "\n" not in res.json()["error"]
+
+
+def test_a_living_gallery_s_explanations_need_its_read_token(live):
+    from finegrain.serve.gallery_routes import Tokens
+
+    c = TestClient(make_app(live, tokens=Tokens(read=LIVE_TOKEN)))
+    query = {"image": ("q.png", b"anything")}
+    assert c.post("/api/explain?ids=0", files=query).status_code == 401
+    assert c.post("/api/search", files=query, data={"explain": "1"}).status_code == 401
+    assert c.post("/api/explain?ids=0", files=query, headers=LIVE_AUTH).status_code == 400  # past the token

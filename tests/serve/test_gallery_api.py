@@ -177,11 +177,13 @@ def test_the_live_search_route_is_the_one_documented_with_its_filter(client):
     assert {"image", "k", "filter"} <= set(body["content"]["multipart/form-data"]["schema"]["properties"])
 
 
-def test_a_living_gallery_says_explanations_need_an_index(client):
-    """Its images are in its store, not in files beside an index: an explained search and
+def test_a_living_gallery_over_a_model_without_maps_says_why_it_cannot_explain(client):
+    """The run's CNN computes more after pooling: its info says so, an explained search and
     ``/api/explain`` give the same clear 409, and a plain search still answers."""
+    info = client.get("/api/info").json()["explain"]
+    assert info["available"] is False and info["stored_maps"] is False
     query = {"image": ("q.png", png(3), "image/png")}
     res = client.post("/api/search", files=query, data={"explain": "1"})
-    assert res.status_code == 409 and "explanations need an index" in res.json()["error"]
+    assert res.status_code == 409 and "computes more after pooling" in res.json()["error"]
     assert client.post("/api/explain?ids=0", files=query).json() == res.json()
     assert "explanation" not in client.post("/api/search", files=query, data={"explain": "0"}).json()

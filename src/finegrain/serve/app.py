@@ -50,7 +50,7 @@ from finegrain.retrieval.searcher import (
 )
 from finegrain.serve.connections import BODY_TIMEOUT, guarded_protocol
 from finegrain.serve.errors import ApiError, echo, install_error_handlers
-from finegrain.serve.explain_routes import explained_search
+from finegrain.serve.explain_routes import explained_search, plain_search
 from finegrain.serve.explain_routes import router as explain_router
 from finegrain.serve.security import WILDCARD_BINDS, GuardedFastAPI, allowed_hosts
 from finegrain.serve.uploads import (
@@ -139,7 +139,7 @@ def search_openapi(max_k: int, max_upload_bytes: int) -> dict[str, Any]:
         },
         "responses": {
             "400": {"description": "Not an image, corrupt, truncated or too many pixels"},
-            "409": {"description": "explain=1 for a service that cannot explain (no maps, or a living gallery)"},
+            "409": {"description": "explain=1 for a service that cannot explain (its model gives no maps)"},
             "413": {"description": "Upload too large"},
             "422": {"description": "k out of range, explain not 1 or 0"},
         },
@@ -294,7 +294,7 @@ def _add_search_route(app: FastAPI, searcher: SearchService, limit: asyncio.Sema
         if not upload.explain:
             hits, top = await search_upload(searcher, upload, max_pixels, limit)
             return search_response(searcher.prediction_source, hits, top, upload.k, started)
-        hits, top, explanation = await explained_search(request, upload, limit)
+        hits, top, explanation = await explained_search(request, upload, limit, plain_search(upload.k))
         return {**search_response(searcher.prediction_source, hits, top, upload.k, started), "explanation": explanation}
 
 

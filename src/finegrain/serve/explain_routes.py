@@ -10,11 +10,13 @@ class; ``similarity``: the query's map against the closest match), ``query.map``
 Maps are viridis PNGs (``data:`` URLs) shaped as their image, each scaled from its own least
 (dark purple) to most (yellow) evidence. Errors as ``/api/search``'s, and 409 for a model that
 gives no maps (an export made before maps existed: re-export it; a backbone without them), said
-before the upload is read, 501 for a service that cannot explain, 409 for a living gallery (its
-images are in its store, not beside an index: explanations need an index).
+before the upload is read, 501 for a service that cannot explain; an id the gallery does not hold is a
+422. A living gallery explains as a static index does (its hits' images read from its store), behind
+its read token when it has one.
 
 ``POST /api/search`` with ``explain=1`` answers the same payload as its ``explanation``, for its own
-hits, from the one pass of the model that searches (:func:`explained_search`).
+hits, from the one pass of the model that searches (:func:`explained_search`; a living gallery's
+search with its ``filter``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Any, TypeVar
 import anyio
 import numpy as np
 from fastapi import APIRouter, Request
+from PIL import Image
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
-from finegrain.gallery.live import LiveGallery
 from finegrain.inference.explain import NoMaps, map_png, resize_map
 from finegrain.retrieval.explain_search import (
     ExplainService,
@@ -45,11 +47,6 @@ from finegrain.serve.uploads import Upload, image_error_message, read_upload
 router = APIRouter()
 T = TypeVar("T")
 
-NEEDS_INDEX = (
-    "this gallery cannot explain its answers: explanations need an index of image files "
-    "(a living gallery keeps its images in its store)"
-)
-
 MAP_SIDE = 96
 """Pixels along a map PNG's longer side: maps are a few cells a side, the browser smooths them further."""
 LEGEND = {
@@ -60,8 +57,9 @@ LEGEND = {
 }
 
 
-def parse_ids(raw: list[str], gallery_size: int, max_k: int) -> list[int]:
-    """The ``ids`` query parameter: comma-separated gallery ids, each once, at most ``max_k``."""
+def parse_ids(raw: list[str], max_k: int) -> list[int]:
+    """The ``ids`` query parameter: comma-separated gallery ids, each once, at most ``max_k`` (whether
+    the gallery holds them is the explainer's to say: a living gallery's ids are not 0..N-1)."""
     if len(raw) > 1:
         raise ApiError(422, f"ids was given {len(raw)} times; send it once, comma-separated")
     parts = [p.strip() for p in (raw[0].split(",") if raw else []) if p.strip()]
@@ -69,10 +67,8 @@ def parse_ids(raw: list[str], gallery_size: int, max_k: int) -> list[int]:
         raise ApiError(422, f"ids names {len(parts)} images; at most {max_k}")
     ids: list[int] = []
     for p in parts:
-        if not (p.isascii() and p.isdigit()) or len(p) > 12:  # int() of '²' fails
-            raise ApiError(422, f"ids must be gallery ids (whole numbers); got {echo(p, 12)}")
-        if int(p) >= gallery_size:
-            raise ApiError(422, f"no gallery image with id {int(p)} (the gallery has {gallery_size})")
+        if not (p.isascii() and p.isdigit()) or len(p) > 18:  # int() of '²' fails; a store's ids are int64
+            raise ApiError(422, f"ids must be gallery ids (whole numbers); got {echo(p, 18)}")
         ids.append(int(p))
     return list(dict.fromkeys(ids))
 
@@ -113,8 +109,6 @@ def explainer_of(request: Request) -> ExplainService:
     state = request.app.state
     explainer = getattr(state, "explainer", None)
     if explainer is None:
-        if isinstance(state.searcher, LiveGallery):
-            raise ApiError(409, NEEDS_INDEX)
         if not hasattr(state.searcher, "encoder"):
             raise ApiError(501, "this service cannot explain its answers")
         explainer = state.explainer = SearchExplainer(state.searcher)
@@ -133,13 +127,16 @@ async def explain(request: Request) -> dict[str, Any]:
     """Maps of the query and of the hits ``ids`` (see the module docstring)."""
     started = time.perf_counter()
     state = request.app.state
+    authorize = getattr(state, "authorize_read", None)  # a living gallery's read token
+    if authorize is not None:
+        authorize(request)
     searcher = state.searcher
     explainer = explainer_of(request)
     why_not = explainer.unavailable()
     if why_not is not None:
         raise ApiError(409, f"this service cannot explain its answers: {no_paths(why_not)}")
     upload = await read_upload(request, state.max_upload_bytes, searcher.gallery_size, state.max_k)
-    ids = parse_ids(request.query_params.getlist("ids"), searcher.gallery_size, state.max_k)
+    ids = parse_ids(request.query_params.getlist("ids"), state.max_k)
 
     def run() -> Explanation:
         image = decode_bytes(upload.data, upload.name, max_pixels=state.max_image_pixels)
@@ -163,22 +160,36 @@ async def _explaining(fn: Callable[[], T], max_pixels: int | None) -> T:
         raise ApiError(422, no_paths(str(e))) from None
 
 
+ExplainedSearch = Callable[[ExplainService, Image.Image], tuple[list[Hit], T, Explanation]]
+"""An explained search of a decoded query by an explainer (e.g. ``lambda e, im: e.search(im, k)``)."""
+
+
+def plain_search(k: int) -> ExplainedSearch[Prediction | None]:
+    """The explained search of a static index: its k nearest images and its prediction."""
+
+    def search(explainer: ExplainService, image: Image.Image) -> tuple[list[Hit], Prediction | None, Explanation]:
+        return explainer.search(image, k)
+
+    return search
+
+
 async def explained_search(
-    request: Request, upload: Upload, limit: asyncio.Semaphore
-) -> tuple[list[Hit], Prediction | None, dict[str, Any]]:
-    """``POST /api/search`` with ``explain=1``: the hits, the prediction and :func:`explanation_body`
-    of the hits, from one pass of the model over the query (:meth:`SearchExplainer.search`), at most
-    ``limit`` at once as plain searches. A 409 (as ``/api/explain``'s) when the service cannot explain."""
+    request: Request, upload: Upload, limit: asyncio.Semaphore, search: ExplainedSearch[T]
+) -> tuple[list[Hit], T, dict[str, Any]]:
+    """``POST /api/search`` with ``explain=1``: the hits, the rest of ``search``'s answer and
+    :func:`explanation_body` of the hits, from one pass of the model over the query
+    (:meth:`SearchExplainer.search_with`), at most ``limit`` at once as plain searches. A 409 (as
+    ``/api/explain``'s) when the service cannot explain."""
     state = request.app.state
     explainer = explainer_of(request)
     why_not = explainer.unavailable()
     if why_not is not None:
         raise ApiError(409, f"this service cannot explain its answers: {no_paths(why_not)}")
 
-    def run() -> tuple[list[Hit], Prediction | None, Explanation]:
+    def run() -> tuple[list[Hit], T, Explanation]:
         image = decode_bytes(upload.data, upload.name, max_pixels=state.max_image_pixels)
-        return explainer.search(image, upload.k)
+        return search(explainer, image)
 
     async with limit:
-        hits, top, explanation = await _explaining(run, state.max_image_pixels)
-    return hits, top, explanation_body(explanation)
+        hits, rest, explanation = await _explaining(run, state.max_image_pixels)
+    return hits, rest, explanation_body(explanation)

@@ -20,6 +20,7 @@ time; 401 otherwise); without a write token the write routes answer 404. With a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import os
@@ -33,16 +34,19 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
+from PIL import Image
 from starlette.datastructures import UploadFile
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
 from finegrain.gallery.filters import check_label, check_metadata, parse_filter, parse_metadata
 from finegrain.gallery.live import AddRequest, ImageBytes, LiveGallery
+from finegrain.retrieval.explain_search import Encoded, ExplainService, Explanation
+from finegrain.retrieval.searcher import Hit, Prediction
 from finegrain.serve.add_batches import AddBatches
 from finegrain.serve.app import search_openapi, search_response
 from finegrain.serve.errors import ApiError, no_paths
-from finegrain.serve.explain_routes import NEEDS_INDEX
+from finegrain.serve.explain_routes import explained_search
 from finegrain.serve.uploads import (
     check_headers,
     image_error_message,
@@ -160,6 +164,7 @@ def add_gallery_routes(
 ) -> None:
     """Put the gallery routes (and the live search, image and info routes) ahead of the app's."""
     router = APIRouter(tags=["gallery"])
+    app.state.authorize_read = functools.partial(require_read, tokens=tokens)  # POST /api/explain's
     limit = asyncio.Semaphore(max(1, int(max_concurrency)))
     max_bytes, max_k, max_pixels = app.state.max_upload_bytes, app.state.max_k, app.state.max_image_pixels
     body_timeout = app.state.body_timeout
@@ -239,21 +244,38 @@ def add_gallery_routes(
         started = time.perf_counter()
         size = await anyio.to_thread.run_sync(live.store.count)
         upload = await read_upload(request, max_bytes, size, max_k, body_timeout)
-        if upload.explain:
-            raise ApiError(409, NEEDS_INDEX)
         try:
             where = parse_filter(upload.filter)
         except FinegrainError as e:
             raise ApiError(422, str(e)) from None
+        explanation = None
+        if upload.explain:  # the filtered search, explained from the same pass of the model over the query
 
-        def decode_and_search() -> Any:
-            return live.search_where(decode_bytes(upload.data, upload.name, max_pixels=max_pixels), upload.k, where)
+            def filtered(rgb: Image.Image, encoded: Encoded) -> tuple[list[Hit], tuple[Prediction | None, Any]]:
+                hits, top, entries = live.search_where(rgb, upload.k, where, encoded)
+                return hits, (top, entries)
 
-        hits, top, entries = await run_search(decode_and_search)
+            def explained(
+                explainer: ExplainService, image: Image.Image
+            ) -> tuple[list[Hit], tuple[Prediction | None, Any], Explanation]:
+                return explainer.search_with(image, filtered)
+
+            searching[0] += 1
+            try:
+                hits, (top, entries), explanation = await explained_search(request, upload, limit, explained)
+            finally:
+                searching[0] -= 1
+        else:
+
+            def decode_and_search() -> Any:
+                image = decode_bytes(upload.data, upload.name, max_pixels=max_pixels)
+                return live.search_where(image, upload.k, where)
+
+            hits, top, entries = await run_search(decode_and_search)
         out = search_response(live.prediction_source, hits, top, upload.k, started)
         for result in out["results"]:
             result["metadata"] = entries[result["id"]].metadata
-        return out
+        return out if explanation is None else {**out, "explanation": explanation}
 
     @router.post("/api/gallery", summary="Add images to the gallery (needs the write token)")
     async def add(request: Request) -> dict[str, Any]:
