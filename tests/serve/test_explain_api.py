@@ -442,3 +442,19 @@ def test_a_living_gallery_s_explanations_need_its_read_token(live):
     assert c.post("/api/explain?ids=0", files=query).status_code == 401
     assert c.post("/api/search", files=query, data={"explain": "1"}).status_code == 401
     assert c.post("/api/explain?ids=0", files=query, headers=LIVE_AUTH).status_code == 400  # past the token
+
+
+def test_search_explain_draws_a_living_gallery_s_maps_on_the_contact_sheet(live, run, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    query = tmp_path / "query.png"
+    query.write_bytes(_query(run))
+    plain, why = tmp_path / "plain.png", tmp_path / "why.png"
+    args = ["search", str(live.run.path), str(query), "--k", "3", "--engine", "onnx", "--sheet"]  # its store
+    assert CliRunner().invoke(app, [*args, str(plain)]).exit_code == 0
+    r = CliRunner().invoke(app, [*args, str(why), "--explain"])
+    assert r.exit_code == 0, r.output
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (plain, why))
+    assert a.shape == b.shape and np.abs(a - b).mean() > 5  # the stored images carry their maps

@@ -168,15 +168,11 @@ def search(
             raise FinegrainError("give --store (a gallery store) or --index (an index folder), not both")
         query, _ = open_rgb(image)
         live = index_dir is None and (store is not None or has_store(run))
-        if live and explain:
-            raise FinegrainError(
-                f"--explain reads the images of an index: add --index {run / 'index'} to search the index itself"
-            )
         searcher: Searcher | LiveGallery = (
             LiveGallery(run, store=store, engine=engine) if live else Searcher(run, index_dir, engine=engine)
         )
         why = None
-        if explain and isinstance(searcher, Searcher):  # one pass of the model: the search and the query's maps
+        if explain:  # one pass of the model: the search and the query's maps (and one of the hits for a store)
             hits, top, why = SearchExplainer(searcher).search(query, k)
         else:
             hits, top = searcher.search(query, k=k)
