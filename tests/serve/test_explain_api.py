@@ -458,3 +458,37 @@ def test_search_explain_draws_a_living_gallery_s_maps_on_the_contact_sheet(live,
     assert r.exit_code == 0, r.output
     a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (plain, why))
     assert a.shape == b.shape and np.abs(a - b).mean() > 5  # the stored images carry their maps
+
+
+@pytest.mark.browser
+def test_the_why_toggle_explains_a_living_gallery_s_results(browser, live, run, tmp_path):  # noqa: F811
+    from finegrain.serve.app import create_app
+
+    query = tmp_path / "query.png"
+    query.write_bytes(_query(run))
+    with running_server(create_app(live)) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        _upload_and_wait(page, query, 8)
+        toggle = page.locator("#explain-toggle")
+        page.wait_for_function("() => !document.getElementById('explain-toggle').hidden", timeout=10000)
+        toggle.click()  # /api/explain for the stored images shown
+        page.wait_for_function(
+            "() => document.querySelectorAll('#results .explain-overlay').length === 8", timeout=20000
+        )
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.explain-overlay')).every(i => i.complete && i.naturalWidth)",
+            timeout=10000,
+        )
+        assert page.locator(".dz-preview .explain-overlay").count() == 1
+        with page.expect_response(lambda r: "/api/search" in r.url) as searched:  # "Why?" on: one request
+            _upload_and_wait(page, query, 8)
+        assert searched.value.status == 200 and len(searched.value.json()["explanation"]["results"]) == 8
+        page.wait_for_function(
+            "() => document.querySelectorAll('#results .explain-overlay').length === 8", timeout=20000
+        )
+        page.screenshot(path=str(tmp_path / "why-live.png"), full_page=True)
+        assert not errors
+        page.close()
