@@ -135,7 +135,8 @@ async def explain(request: Request) -> dict[str, Any]:
     why_not = explainer.unavailable()
     if why_not is not None:
         raise ApiError(409, f"this service cannot explain its answers: {no_paths(why_not)}")
-    upload = await read_upload(request, state.max_upload_bytes, searcher.gallery_size, state.max_k)
+    size = await anyio.to_thread.run_sync(lambda: searcher.gallery_size)  # a living gallery asks its store
+    upload = await read_upload(request, state.max_upload_bytes, size, state.max_k)
     ids = parse_ids(request.query_params.getlist("ids"), state.max_k)
 
     def run() -> Explanation:
