@@ -134,6 +134,8 @@ class TinyCnnSearcher:
             "index_kind": "flat",
             "index_bytes_per_vector": None,
             "index_recall_at_10": None,
+            "index_lists": None,
+            "explain": {"available": False, "reason": "a benchmark model without maps", "stored_maps": False},
             "has_classifier": True,
             "engine": self.engine,
             "created_at": self._created_at,

@@ -126,6 +126,8 @@ class FakeSearcher:
             "index_kind": "flat",
             "index_bytes_per_vector": 32.0,
             "index_recall_at_10": None,
+            "index_lists": None,
+            "explain": {"available": False, "reason": "the fake draws no maps", "stored_maps": False},
             "has_classifier": self._with_classifier,
             "engine": self.engine,
             "created_at": "2024-01-01T00:00:00Z",

@@ -167,10 +167,10 @@ def test_mixup_and_cutmix_mix_the_cached_maps(tmp_path, spy, monkeypatch, mixing
 def test_schedules_that_count_steps_before_fit_starts_train_on_the_cache(tmp_path, schedule):
     """The shipped cpu45 recipes (onecycle, cosine) ask for the training loader in configure_optimizers,
     before on_fit_start: the cache is built then, once."""
-    from finegrain.data import frozen_features
+    from finegrain.tasks import base
 
     builds = []
-    real = frozen_features.build_frozen_views
+    real = base.build_frozen_views
 
     def counting(*args, **kwargs):
         builds.append(1)
@@ -183,7 +183,7 @@ def test_schedules_that_count_steps_before_fit_starts_train_on_the_cache(tmp_pat
         train={"epochs": 2, "frozen_cache_views": 2},
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(frozen_features, "build_frozen_views", counting)
+        mp.setattr(base, "build_frozen_views", counting)  # where the task calls it
         run, _ = engine.fit(cfg, runs_root=tmp_path)
     assert builds == [1]
     assert len(engine.read_history(run.history)) == 2

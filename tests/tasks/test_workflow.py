@@ -53,13 +53,13 @@ def test_export_onnx_exports_before_evaluating_and_evaluation_runs_the_export(tm
 
 @pytest.mark.slow
 def test_a_failed_export_still_evaluates_with_pytorch(tmp_path, monkeypatch, caplog):
-    import finegrain.tasks.export as export
+    import finegrain.tasks.workflow as workflow
     from finegrain.errors import FinegrainError
 
     def no_onnxruntime(*a, **k):
         raise FinegrainError("the onnx engine needs ONNX Runtime: pip install 'finegrain[serve]'")
 
-    monkeypatch.setattr(export, "export_run", no_onnxruntime)
+    monkeypatch.setattr(workflow, "export_run", no_onnxruntime)  # where the workflow calls it
     cfg = tiny_config(tmp_path, name="noort", train={"epochs": 1}, eval={"export_onnx": True})
     run, metrics = train_and_evaluate(cfg, tmp_path / "runs")
     assert metrics["inference"]["engine"] == "torch" and run.metrics.is_file()
