@@ -591,10 +591,10 @@ def _open(d: Path, ivf: Any, meta: dict) -> RerankedIVFPQ:
     try:
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise FinegrainError(f"damaged index file {path}: {e} (rebuild it with `finegrain index RUN`)") from None
+        raise FinegrainError(f"damaged index file {path}: {e} {REBUILD}") from None
     if vectors.shape != (int(meta["n"]), int(meta["dim"])) or vectors.dtype != np.float16:
         raise FinegrainError(
             f"damaged index file {path}: {vectors.dtype} {vectors.shape}, the index holds "
-            f"{meta['n']} vectors of {meta['dim']} (rebuild it with `finegrain index RUN`)"
+            f"{meta['n']} vectors of {meta['dim']} {REBUILD}"
         )
     return RerankedIVFPQ(ivf, meta["metric"], params, vectors=vectors)
