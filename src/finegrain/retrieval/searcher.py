@@ -21,6 +21,7 @@ from PIL import Image
 from finegrain.data.images import open_rgb, to_rgb
 from finegrain.errors import FinegrainError
 from finegrain.inference import open_encoder
+from finegrain.inference.explain import softmax
 from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.gallery_root import inside, served_root
 from finegrain.retrieval.index import GalleryIndex, check_k
@@ -164,10 +165,7 @@ def _file_fingerprint(path: str) -> Fingerprint | None:
 
 def embedding_and_probabilities(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
     """(embedding [1, D], class probabilities [C] or None) of one image's encoded outputs."""
-    probs = None
-    if "logits" in out:
-        z = out["logits"][0] - out["logits"][0].max()
-        probs = np.exp(z) / np.exp(z).sum()
+    probs = softmax(out["logits"][0]) if "logits" in out else None
     return out["embedding"], probs
 
 
