@@ -33,6 +33,7 @@ from finegrain.inference.explain import (
     ImageMaps,
     class_activation_map,
     embedding_grid,
+    explain_rgb,
     explain_rgbs,
     to_unit,
 )
@@ -121,7 +122,7 @@ class SearchExplainer:
         else:  # read (and check) the hits' images before the query's pass
             rgbs = self.searcher.hit_rgbs(ids)
         rgb = to_rgb(image)[0]
-        return self._explain(explain_rgbs(self.encoder, [rgb])[0], rgb, ids, rgbs)
+        return self._explain(explain_rgb(self.encoder, rgb), rgb, ids, rgbs)
 
     def search(self, image: Image.Image, k: int) -> tuple[list[Hit], list[tuple[str, float]] | None, Explanation]:
         """An explained search: the searcher's hits and prediction and their :class:`Explanation`."""
@@ -135,7 +136,7 @@ class SearchExplainer:
         """``search`` (e.g. a filtered one) explained, from one pass of the model over the query (its maps
         come with its outputs) when the index stores the hits' maps, else one more over the hits."""
         rgb = to_rgb(image)[0]
-        query = explain_rgbs(self.encoder, [rgb])[0]
+        query = explain_rgb(self.encoder, rgb)
         hits, rest = search(rgb, embedding_and_probabilities(query.outputs))
         return hits, rest, self._explain(query, rgb, [h.id for h in hits])
 
