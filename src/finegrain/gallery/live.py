@@ -32,6 +32,7 @@ from finegrain.retrieval.searcher import (
     NamedRun,
     Prediction,
     ServiceInfo,
+    could_be_copies,
     dataset_name,
     embedding_and_probabilities,
 )
@@ -211,8 +212,8 @@ class LiveGallery:
             Hit(rank=r + 1, id=i, label=entries[i].label, score=s, path=f"/gallery/{i}")
             for r, (i, s) in enumerate(found)
         ]
-        close = [h for h in hits if (h.score >= 0.999 if self.store.spec.metric == "cosine" else h.score <= 1e-3)]
-        if close:  # an exact copy scores 1 (cosine) or 0 (L2), up to rounding: compare the pixels
+        close = could_be_copies(hits, self.store.spec.metric, float(np.linalg.norm(embedding)))
+        if close:  # the pixels decide: a copy's score varies with the engine and precision
             rgb = to_rgb(image)[0]
             for h in close:
                 h.same_image = self._same_pixels(rgb, h.id)
