@@ -335,7 +335,9 @@ class GalleryIndex:
 
         recall = None
         if kind != "flat" and measure_recall:
-            recall = params.get("measured_recall") or cls._measure_recall(index, x, metric)
+            recall = params.get("measured_recall")  # the builder's own, measured while tuning
+            if recall is None:
+                recall = cls._measure_recall(index, x, metric)
             # logged, not printed: `finegrain index` prints it from meta with the rest of its summary
             log.info("%s index (%s, n=%d): recall@%d vs exact search = %.4f", kind, metric, n, RECALL_K, recall)
 
