@@ -369,6 +369,18 @@ def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
     return plan(budget_seconds, data_size(recipe, split), measure_speed(recipe, num_classes), recipe)
 
 
+RESUMED_RESERVE = 0.15
+"""Share of the budget a resumed run (which keeps its stored settings: no new plan) keeps after training."""
+
+
+def reserved_seconds(budget_seconds: float, p: Plan | None) -> float:
+    """Seconds of the budget kept after training: the plan's evaluation and export (half the start-up
+    allowance), or :data:`RESUMED_RESERVE` of the budget where there is no plan (``--resume``)."""
+    if p is None:
+        return RESUMED_RESERVE * budget_seconds
+    return p.seconds["evaluation"] + p.seconds["overhead"] / 2
+
+
 def write_plan(run_path: Path, p: Plan, spent_seconds: float | None = None) -> Path:
     """``RUN/budget.json``: the plan, its prediction and (when known) the wall time spent."""
 
