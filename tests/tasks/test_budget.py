@@ -179,3 +179,11 @@ def test_a_spent_budget_stops_training_evaluates_and_resumes(tmp_path):
     run, metrics = train_and_evaluate(cfg, tmp_path / "runs", resume=True)
     assert not metrics["partial"] and metrics["epochs_done"] == 3
     assert json.loads(Path(run.metrics).read_text())["epochs_done"] == 3
+
+
+def test_the_time_kept_after_training_is_the_plans_evaluation_and_export():
+    """A plan keeps its predicted evaluation and export; a resumed run (no plan) a fixed share."""
+    p = plan(1800, CARS, SLOW, _recipe())
+    kept = budget.reserved_seconds(1800, p)
+    assert kept == p.seconds["evaluation"] + p.seconds["overhead"] / 2 and kept < p.predicted_seconds
+    assert budget.reserved_seconds(1800, None) == budget.RESUMED_RESERVE * 1800

@@ -153,7 +153,6 @@ def search(
     living gallery (RUN/gallery or --store) when it has one, as `finegrain serve` answers, else of its index."""
     # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.images import open_rgb
-    from finegrain.errors import FinegrainError
     from finegrain.gallery.live import LiveGallery, has_store, hit_files
     from finegrain.report.contact_sheet import contact_sheet
     from finegrain.retrieval.explain_search import SearchExplainer

@@ -70,16 +70,14 @@ def train(
     plan, deadline = None, None
     if budget is not None:
         # start-up: loaded when the command runs, so `finegrain --help` stays fast
-        from finegrain.tasks.budget import parse_budget, plan_for
+        from finegrain.tasks.budget import parse_budget, plan_for, reserved_seconds
 
         seconds = parse_budget(budget)
-        reserve = 0.15 * seconds  # a resumed run keeps its stored settings: no new plan
-        if not resume:
+        if not resume:  # a resumed run keeps its stored settings: no new plan
             plan = plan_for(cfg, seconds)
             console.print(plan.words(), highlight=False)
             cfg = load_config(config, profile=profile, overrides=sets + plan.overrides())
-            reserve = plan.seconds["evaluation"] + plan.seconds["overhead"] / 2  # the export
-        deadline = started + seconds - reserve
+        deadline = started + seconds - reserved_seconds(seconds, plan)
     if (changed or plan) and cfg.description:  # the file's words describe the file: say what this run changed
         words = cfg.description + (f"; with --set {', '.join(changed)}" if changed else "")
         words += f"; planned for --budget {budget}: {', '.join(plan.overrides())}" if plan else ""

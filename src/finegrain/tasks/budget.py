@@ -233,11 +233,6 @@ def plan(budget_seconds: float, data: DataSize, speed: Speed, recipe: Experiment
     the epochs the time left allows up to the next rung's (the smallest, marked as not fitting, when
     none fits)."""
     check_plannable(recipe)
-    return _largest_fitting(budget_seconds, data, speed, recipe)
-
-
-def _largest_fitting(budget_seconds: float, data: DataSize, speed: Speed, recipe: ExperimentConfig) -> Plan:
-    """:func:`plan` for a recipe already checked by :func:`check_plannable`."""
     chosen = None
     for i, rung in enumerate(LADDER):
         most = LADDER[i + 1].epochs if i + 1 < len(LADDER) else rung.epochs * 3 // 2
@@ -365,18 +360,25 @@ def _seconds_per_image(work, rounds: int = 2) -> float:
 
 def plan_for(recipe: ExperimentConfig, budget_seconds: float) -> Plan:
     """Measure the data and the machine, and plan ``recipe`` within ``budget_seconds``."""
-    check_plannable(recipe)
+    check_plannable(recipe)  # before measuring anything
     # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import split_for
 
     split = split_for(recipe.data)
     num_classes = None if recipe.model.head == "embedding" else len(split.class_names)
-    return _largest_fitting(  # checked above, before measuring anything
-        budget_seconds,
-        data_size(recipe, split),
-        measure_speed(recipe, num_classes),
-        recipe,
-    )
+    return plan(budget_seconds, data_size(recipe, split), measure_speed(recipe, num_classes), recipe)
+
+
+RESUMED_RESERVE = 0.15
+"""Share of the budget a resumed run (which keeps its stored settings: no new plan) keeps after training."""
+
+
+def reserved_seconds(budget_seconds: float, p: Plan | None) -> float:
+    """Seconds of the budget kept after training: the plan's evaluation and export (half the start-up
+    allowance), or :data:`RESUMED_RESERVE` of the budget where there is no plan (``--resume``)."""
+    if p is None:
+        return RESUMED_RESERVE * budget_seconds
+    return p.seconds["evaluation"] + p.seconds["overhead"] / 2
 
 
 def write_plan(run_path: Path, p: Plan, spent_seconds: float | None = None) -> Path:
