@@ -307,11 +307,13 @@ def measure_speed(recipe: ExperimentConfig, num_classes: int | None) -> Speed:
             model = build_from_config(cfg, num_classes, weights="none").eval()
             with torch.no_grad(), autocast_for(cache_precision):
                 frozen[f] = _seconds_per_image(lambda m=model: m.frozen_prefix(m.normalise_input(images))) / mp
-                if not full:
-                    full = _seconds_per_image(lambda m=model: m(images))
             ips = time_cached_step(model, cfg, batch=PROBE_BATCH, rounds=2)
             step[f] = 1 / max(ips.values()) / mp
+        # the evaluation, once: on ONNX Runtime where the run evaluates its export, else in torch
         onnx = _onnx_seconds_per_image(model, cfg, images) if recipe.eval.export_onnx else None
+        if onnx is None:
+            with torch.no_grad(), autocast_for(cache_precision):
+                full = _seconds_per_image(lambda: model(images))
     speed = Speed(
         {k: round(v, 5) for k, v in frozen.items()},
         {k: round(v, 5) for k, v in step.items()},
