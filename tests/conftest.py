@@ -84,6 +84,28 @@ def tiny_config(tmp_path: Path, **sections) -> ExperimentConfig:
     return build_config(deep_merge(base, sections))
 
 
+def tiny_metric_config(tmp_path: Path, **sections) -> ExperimentConfig:
+    """``tiny_config`` for metric learning: class-balanced batches of 8 (4 per class) from 6 classes,
+    a 16-d embedding head, the multi-similarity loss, one epoch; ``sections`` override any of it."""
+    from finegrain.config import deep_merge
+
+    base = {
+        "task": "metric_learning",
+        "data": {
+            "protocol": "retrieval",
+            "sampler": "m_per_class",
+            "m_per_class": 4,
+            "batch_size": 8,
+            "val_fraction": 0.0,
+            "synthetic": {"num_classes": 6},
+        },
+        "model": {"head": "embedding", "embedding_dim": 16},
+        "loss": {"name": "multi_similarity"},
+        "train": {"epochs": 1},
+    }
+    return tiny_config(tmp_path, **deep_merge(base, sections))
+
+
 def alias_bomb(levels: int = 9) -> str:
     """A config of about 400 bytes whose anchors and aliases stand for 9**levels values
     (``&a0 [x, ...]``, ``&a1 [*a0, ...]``, ...) under ``train.epochs``, which must be a number."""

@@ -11,7 +11,7 @@ from pytorch_metric_learning import losses, miners
 from finegrain import config as C
 from finegrain.errors import ConfigError
 from finegrain.tasks.losses import build_loss
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_metric_config
 
 
 def _ms(**loss) -> C.MultiSimilarityLoss:
@@ -139,22 +139,7 @@ def test_metric_learning_trains_an_epoch_with_xbm(tmp_path, monkeypatch, ema):
         return out
 
     monkeypatch.setattr(CrossBatchMemory, "forward", spy)
-    cfg = tiny_config(
-        tmp_path,
-        name="xbm",
-        task="metric_learning",
-        data={
-            "protocol": "retrieval",
-            "sampler": "m_per_class",
-            "m_per_class": 4,
-            "batch_size": 8,
-            "val_fraction": 0.0,
-            "synthetic": {"num_classes": 6},
-        },
-        model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity", "xbm_size": 32},
-        train={"epochs": 1, "ema_decay": ema},
-    )
+    cfg = tiny_metric_config(tmp_path, name="xbm", loss={"xbm_size": 32}, train={"ema_decay": ema})
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     assert seen[:5] == [8, 16, 24, 32, 32], seen  # batches of 8 fill the memory of 32, then it stays full
     rows = engine.read_history(run.history)

@@ -31,7 +31,7 @@ from finegrain.models.model import FinegrainModel, build_model
 from finegrain.runs import RunDir
 from finegrain.tasks import engine
 from finegrain.tasks.export import export_run
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_metric_config
 
 BACKBONE = "timm:test_efficientnet"  # a 0.1M-parameter timm EfficientNet: global-pooled, so it has maps
 
@@ -70,23 +70,11 @@ def classifier(tmp_path_factory) -> RunDir:
 def retrieval(tmp_path_factory) -> RunDir:
     """An embedding model with a BN neck, tested at two sizes with flip averaging."""
     root = tmp_path_factory.mktemp("explain-ml")
-    cfg = tiny_config(
+    cfg = tiny_metric_config(
         root,
         name="sim",
-        task="metric_learning",
-        data={
-            "protocol": "retrieval",
-            "sampler": "m_per_class",
-            "m_per_class": 4,
-            "batch_size": 8,
-            "val_fraction": 0.0,
-            "synthetic": {"num_classes": 4},
-            "image_size": [64, 64],
-            "eval_image_sizes": [[96, 96], [64, 64]],
-        },
-        model={"backbone": BACKBONE, "head": "embedding", "embedding_dim": 16, "bn_neck": True},
-        loss={"name": "multi_similarity"},
-        train={"epochs": 1},
+        data={"synthetic": {"num_classes": 4}, "image_size": [64, 64], "eval_image_sizes": [[96, 96], [64, 64]]},
+        model={"backbone": BACKBONE, "bn_neck": True},
         eval={"tta_flip": True},
     )
     run, _ = engine.fit(cfg, runs_root=root)

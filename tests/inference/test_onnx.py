@@ -26,7 +26,7 @@ from finegrain.runs import RunDir, create_run
 from finegrain.tasks import engine
 from finegrain.tasks.evaluate import evaluate_run
 from finegrain.tasks.export import export_run
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_metric_config
 
 BLOCKED = (
     "torch",
@@ -66,24 +66,7 @@ def classifier(tmp_path_factory) -> RunDir:
 def multiscale(tmp_path_factory) -> RunDir:
     """A tiny embedding model tested at two sizes with flip averaging, exported in fp32."""
     root = tmp_path_factory.mktemp("onnx-ml")
-    cfg = tiny_config(
-        root,
-        name="ml",
-        task="metric_learning",
-        data={
-            "protocol": "retrieval",
-            "sampler": "m_per_class",
-            "m_per_class": 4,
-            "batch_size": 8,
-            "val_fraction": 0.0,
-            "synthetic": {"num_classes": 6},
-            "eval_image_sizes": [[40, 40], [32, 32]],
-        },
-        model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity"},
-        train={"epochs": 1},
-        eval={"tta_flip": True},
-    )
+    cfg = tiny_metric_config(root, name="ml", data={"eval_image_sizes": [[40, 40], [32, 32]]}, eval={"tta_flip": True})
     run, _ = engine.fit(cfg, runs_root=root)
     export_run(run.path)
     return run

@@ -15,7 +15,7 @@ import torch
 from finegrain.errors import FinegrainError
 from finegrain.tasks import engine
 from finegrain.tasks.evaluate import evaluate_run
-from tests.conftest import ROOT, CrashAt, tiny_config
+from tests.conftest import ROOT, CrashAt, tiny_config, tiny_metric_config
 
 
 @pytest.mark.slow
@@ -133,24 +133,7 @@ def test_resume_refuses_checkpoint_of_another_architecture(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("eval_sizes", [[], [[40, 40], [32, 32]]], ids=["train-size", "two-sizes"])
 def test_metric_learning_trains_and_evaluates_retrieval(tmp_path, monkeypatch, eval_sizes):
-    cfg = tiny_config(
-        tmp_path,
-        name="ml",
-        task="metric_learning",
-        data={
-            "protocol": "retrieval",
-            "sampler": "m_per_class",
-            "m_per_class": 4,
-            "batch_size": 8,
-            "val_fraction": 0.0,
-            "synthetic": {"num_classes": 6},
-            "eval_image_sizes": eval_sizes,
-        },
-        model={"head": "embedding", "embedding_dim": 16},
-        loss={"name": "multi_similarity"},
-        train={"epochs": 1},
-        eval={"tta_flip": True},
-    )
+    cfg = tiny_metric_config(tmp_path, name="ml", data={"eval_image_sizes": eval_sizes}, eval={"tta_flip": True})
     run, _ = engine.fit(cfg, runs_root=tmp_path)
     m = evaluate_run(run.path)
     r = m["retrieval"]

@@ -20,7 +20,7 @@ from finegrain.models.freezing import apply_freeze
 from finegrain.models.model import build_model
 from finegrain.tasks import engine
 from finegrain.tasks.evaluate import evaluate_run
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_metric_config
 
 
 # ---------------------------------------------------------------------- (a) the split forward pass
@@ -303,20 +303,11 @@ def test_the_training_loader_keeps_the_sampler_and_passes_the_epoch_on(cached):
 @pytest.mark.parametrize("loss", ["multi_similarity", "proxy_anchor"])  # a pair loss, and one with learned proxies
 def test_metric_learning_with_class_balanced_batches_trains_on_the_cache(tmp_path, spy, loss):
     spy, _ = spy
-    cfg = tiny_config(
+    cfg = tiny_metric_config(
         tmp_path,
         name="ml",
-        task="metric_learning",
-        data={
-            "protocol": "retrieval",
-            "sampler": "m_per_class",
-            "m_per_class": 4,
-            "batch_size": 8,
-            "val_fraction": 0.0,
-            "synthetic": {"num_classes": 6},
-            "augment": "light",
-        },
-        model={"backbone": "resnet18", "freeze_stages": 2, "head": "embedding", "embedding_dim": 16},
+        data={"augment": "light"},
+        model={"backbone": "resnet18", "freeze_stages": 2},
         loss={"name": loss},
         train={"epochs": 2, "frozen_cache_views": 2},
     )
