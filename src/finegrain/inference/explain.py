@@ -39,7 +39,7 @@ from PIL import Image
 
 from finegrain.data.images import resize_rgb
 from finegrain.errors import FinegrainError
-from finegrain.inference.outputs import mean_over_sizes, named_outputs
+from finegrain.inference.outputs import l2_normalize, mean_of_halves, mean_over_sizes, named_outputs
 
 EMBEDDING_MAP = "embedding_map"
 CLASS_MAP = "class_map"
@@ -62,7 +62,8 @@ class NeedsReexport(NoMaps):
 def mirror_mean(both: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """Flip averaging of a batch of ``n`` images followed by their mirrors: outputs averaged pairwise,
     maps (``[B, K, h, w]``) with the mirror's map flipped back first."""
-    return {k: (v[:n] + (v[n:, ..., ::-1] if k in MAP_NAMES else v[n:])) / 2 for k, v in both.items()}
+    flipped_back = {k: np.concatenate([v[:n], v[n:, ..., ::-1]]) if k in MAP_NAMES else v for k, v in both.items()}
+    return mean_of_halves(flipped_back, n)
 
 
 def maps_outputs(arrays: dict[str, np.ndarray], n: int, flipped: bool) -> dict[str, np.ndarray]:
@@ -89,13 +90,7 @@ class ImageMaps:
     @property
     def embedding(self) -> np.ndarray:
         """The image's L2-normalised embedding ``[D]``."""
-        return unit(self.outputs["embedding"][0])
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    """``v`` over its L2 norm (zero stays zero)."""
-    n = float(np.linalg.norm(v))
-    return (v / n).astype(np.float32) if n > 0 else v.astype(np.float32)
+        return l2_normalize(self.outputs["embedding"][:1])[0]
 
 
 def explain_rgb(encoder: Any, rgb: Image.Image) -> ImageMaps:
@@ -164,7 +159,7 @@ def class_activation_map(
 def similarity_map(image: ImageMaps, other: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
     """Each location of ``image`` against the embedding ``other`` ``[D]`` (normalised here):
     ``[H, W]``, whose mean is the cosine similarity of the two (exactly at one size, average pooling)."""
-    e = unit(np.asarray(other, dtype=np.float32).reshape(-1))
+    e = l2_normalize(np.asarray(other).reshape(1, -1))[0]
     per_size = [np.einsum("khw,k->hw", m, e) for m in image.maps[EMBEDDING_MAP]]
     return _mean_resized(per_size, size or per_size[0].shape)
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from finegrain.errors import FinegrainError, unknown_name
 from finegrain.faiss_import import import_faiss
+from finegrain.inference.outputs import l2_normalize
 from finegrain.machine import package_version
 from finegrain.registry import Registry
 from finegrain.retrieval.index_files import (
@@ -94,14 +95,6 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number):
         raise FinegrainError(f"{name} must be numeric; got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a copy); all-zero rows stay zero."""
-    x = np.array(x, dtype=np.float32, copy=True, order="C")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
 
 
 def faiss_metric(metric: str) -> int:
