@@ -20,7 +20,6 @@ from finegrain.inference.explain import (
     class_activation_map,
     colorize,
     explain_rgb,
-    map_png,
     pair_maps,
     similarity_map,
     to_unit,
@@ -268,13 +267,3 @@ def test_display_scales_each_map_to_its_own_range_in_viridis():
     assert np.all(
         np.diff(VIRIDIS.astype(int) @ np.array([299, 587, 114])) >= -1000
     )  # lighter as it grows (±1 rounding)
-
-
-def test_a_map_png_shows_the_colours_of_colorize():
-    import io
-
-    from PIL import Image
-
-    m = to_unit(np.random.default_rng(0).random((9, 12)).astype(np.float32))
-    shown = np.asarray(Image.open(io.BytesIO(map_png(m))).convert("RGB"))
-    assert np.array_equal(shown, colorize(m))

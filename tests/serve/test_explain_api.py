@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import shutil
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from finegrain.errors import FinegrainError
+from finegrain.inference.explain import colorize, resize_map
 from finegrain.runs import RunDir
 from tests.conftest import tiny_config
 
@@ -61,9 +61,18 @@ def _query(run: RunDir) -> bytes:
     return Path(path).read_bytes()
 
 
-def _png(url: str) -> np.ndarray:
-    assert url.startswith("data:image/png;base64,")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+def _cells(m: list) -> np.ndarray:
+    """An answer's map: rows of cells in [0, 1], each map spanning its whole range (not a flat tile)."""
+    a = np.asarray(m, dtype=np.float64)
+    assert a.ndim == 2 and a.shape[0] >= 2 and a.shape[1] >= 2
+    assert a.min() == 0.0 and a.max() == 1.0
+    return a
+
+
+def _without_query_maps(body: dict) -> dict:
+    """``/api/explain``'s answer as an explained search's ``explanation``: no ``query_map`` per hit."""
+    results = [{k: v for k, v in r.items() if k != "query_map"} for r in body["results"]]
+    return {**{k: v for k, v in body.items() if k != "query_ms"}, "results": results}
 
 
 def test_explain_gives_a_map_of_the_query_and_of_each_hit(client, run):
@@ -76,13 +85,15 @@ def test_explain_gives_a_map_of_the_query_and_of_each_hit(client, run):
     assert body["kind"] == "class" and body["explains"] == found["prediction"][0]["label"]
     assert body["legend"]["colormap"] == "viridis"
     assert [r["id"] for r in body["results"]] == ids
+    grid = _cells(body["query"]["map"]).shape  # the model's grid: 2x2 at 64x64
+    assert grid == (2, 2)  # the model's at 64x64
+    assert body["query"]["size"] == list(Image.open(io.BytesIO(query)).size[::-1])  # the query's (height, width)
+    assert len(body["legend"]["colors"]) == 17 and body["legend"]["colors"][-1] == "#fde725"
+    searcher = client.app.state.searcher
     for r, hit in zip(body["results"], found["results"], strict=True):
         assert r["similarity"] == pytest.approx(hit["score"], abs=1e-3)  # the same model, the same cosine
-        for key in ("map", "query_map"):
-            m = _png(r[key])
-            assert m.shape[2] == 3 and max(m.shape[:2]) == 96 and m.std() > 0  # a map, not a flat tile
-    q = _png(body["query"]["map"])
-    assert q.shape[:2] == (96, 96)  # shaped as the query image (square here)
+        assert _cells(r["map"]).shape == grid and _cells(r["query_map"]).shape == grid
+        assert r["size"] == list(Image.open(searcher.gallery_path(r["id"])).size[::-1])
 
 
 @pytest.fixture
@@ -119,10 +130,10 @@ def test_an_explained_search_answers_the_hits_and_their_maps_from_one_pass(clien
     ]
     for got, want in zip(body["results"], plain["results"], strict=True):
         assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    assert all("query_map" not in r for r in body["explanation"]["results"])  # the page does not show them
     ids = ",".join(str(r["id"]) for r in plain["results"])
     separate = client.post(f"/api/explain?ids={ids}", files=query).json()
-    separate.pop("query_ms")
-    assert body["explanation"] == separate  # the same maps, PNG for PNG
+    assert body["explanation"] == _without_query_maps(separate)  # the same maps, cell for cell
     passes.clear()
     assert client.post("/api/search?explain=true", files=query).json()["explanation"]["kind"] == "class"
     assert passes == [True] * sizes  # the flag may come in the query string too
@@ -252,6 +263,17 @@ def server_url(run):
         yield url
 
 
+def _overlay_pixels(page, selector: str) -> np.ndarray:
+    """The RGB pixels ``[h, w, 3]`` of the overlay image ``selector`` at its natural size, read in the page."""
+    got = page.evaluate(
+        """(sel) => { const i = document.querySelector(sel); const c = document.createElement("canvas");
+        c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext("2d"); x.drawImage(i, 0, 0);
+        return {w: c.width, h: c.height, data: Array.from(x.getImageData(0, 0, c.width, c.height).data)}; }""",
+        selector,
+    )
+    return np.asarray(got["data"], dtype=np.uint8).reshape(got["h"], got["w"], 4)[..., :3]
+
+
 @pytest.mark.browser
 def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server_url, run, tmp_path):  # noqa: F811
     query = tmp_path / "query.png"
@@ -274,13 +296,24 @@ def test_the_why_toggle_lays_maps_over_the_query_and_each_result(browser, server
         _upload_and_wait(page, query, 8)
     assert "explanation" not in searched.value.json()  # a plain search asks for no maps
     assert page.locator(".explain-overlay").count() == 0 and asked == ["/api/search"]
-    toggle.click()
+    with page.expect_response(lambda r: "/api/explain" in r.url) as explained:
+        toggle.click()
     page.wait_for_function("() => document.querySelectorAll('#results .explain-overlay').length === 8", timeout=20000)
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('.explain-overlay')).every(i => i.complete && i.naturalWidth > 0)",
         timeout=10000,
     )
     assert page.locator(".dz-preview .explain-overlay").count() == 1
+    why = explained.value.json()
+    for sel, shown in [(".dz-preview .explain-overlay", why["query"])] + [
+        (f'.result[data-id="{r["id"]}"] .explain-overlay', r) for r in why["results"][:3]
+    ]:
+        drawn = _overlay_pixels(page, sel)  # the page's drawing of the cells the server sent
+        h, w = shown["size"]
+        assert max(drawn.shape[:2]) == 96 and abs(drawn.shape[1] / drawn.shape[0] - w / h) < 0.05  # the image's shape
+        want = colorize(resize_map(np.asarray(shown["map"], dtype=np.float32), drawn.shape[:2]))  # the CLI's colours
+        diff = np.abs(drawn.astype(int) - want.astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 8, (sel, diff.mean(), diff.max())
     assert page.locator("#explain-legend").is_visible() and "Evidence for" in page.inner_text("#explain-legend")
     opacity = float(page.eval_on_selector("#results .explain-overlay", "n => getComputedStyle(n).opacity"))
     assert 0.2 < opacity < 0.9  # semi-transparent: the image shows through
@@ -397,11 +430,11 @@ def test_a_living_gallery_s_explained_search_is_its_search_with_maps(live_client
     assert body["prediction"] == plain["prediction"]
     assert [r["id"] for r in body["explanation"]["results"]] == [r["id"] for r in plain["results"]]
     for r in body["explanation"]["results"]:
-        assert _png(r["map"]).std() > 0 and _png(r["query_map"]).std() > 0
+        _cells(r["map"])
     ids = ",".join(str(r["id"]) for r in plain["results"])
     separate = live_client.post(f"/api/explain?ids={ids}", files=query).json()
-    separate.pop("query_ms")
-    assert body["explanation"] == separate  # the same maps, PNG for PNG
+    assert all(_cells(r["query_map"]).shape == _cells(r["map"]).shape for r in separate["results"])
+    assert body["explanation"] == _without_query_maps(separate)  # the same maps, cell for cell
 
 
 def test_a_living_gallery_explains_a_filtered_search_and_images_added_since(live_client, run):

@@ -30,7 +30,6 @@ applies viridis (colour-blind safe, monotonic in lightness), :func:`overlay` ble
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +43,12 @@ from finegrain.inference.outputs import l2_normalize, mean_of_halves, mean_over_
 EMBEDDING_MAP = "embedding_map"
 CLASS_MAP = "class_map"
 MAP_NAMES = (EMBEDDING_MAP, CLASS_MAP)
-_VIRIDIS_ANCHORS = (
-    "44015448186a472d7b4240863b528b33638d2c728e26828e21918c1fa08828ae803fbc735ec96284d44baddc30d8e219"
-    "fde725"
-)  # matplotlib's viridis at 17 evenly spaced points, interpolated linearly between them
+VIRIDIS_STOPS = tuple(
+    "#440154 #48186a #472d7b #424086 #3b528b #33638d #2c728e #26828e #21918c "
+    "#1fa088 #28ae80 #3fbc73 #5ec962 #84d44b #addc30 #d8e219 #fde725".split()
+)
+"""matplotlib's viridis at 17 evenly spaced stops from 0 to 1, as ``#rrggbb``: :data:`VIRIDIS` interpolates
+linearly between them, as a viewer of the maps does (the search page, from the API's legend)."""
 OVERLAY_ALPHA = 0.5
 
 
@@ -194,10 +195,7 @@ def to_unit(m: np.ndarray) -> np.ndarray:
 
 
 def _viridis_lut() -> np.ndarray:
-    anchors = np.array(
-        [[int(_VIRIDIS_ANCHORS[i + j : i + j + 2], 16) for j in (0, 2, 4)] for i in range(0, len(_VIRIDIS_ANCHORS), 6)],
-        dtype=np.float32,
-    )
+    anchors = np.array([[int(c[j : j + 2], 16) for j in (1, 3, 5)] for c in VIRIDIS_STOPS], dtype=np.float32)
     x = np.linspace(0, 1, len(anchors))
     t = np.linspace(0, 1, 256)
     return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
@@ -221,15 +219,3 @@ def overlay(rgb: np.ndarray, m01: np.ndarray, alpha: float = OVERLAY_ALPHA) -> n
     """``rgb`` (uint8 ``[H, W, 3]``) with the map, resized to it, blended on at ``alpha``."""
     colours = colorize(resize_map(m01, rgb.shape[:2])).astype(np.float32)
     return np.clip(rgb.astype(np.float32) * (1 - alpha) + colours * alpha, 0, 255).round().astype(np.uint8)
-
-
-def map_png(m01: np.ndarray) -> bytes:
-    """A [0, 1] map as an opaque viridis PNG (the page lays it over the image, semi-transparent):
-    a palette image, one byte a pixel, the colours of :func:`colorize` (an explained search sends 17
-    of them; a palette PNG encodes about 8x faster than an RGB one, and is smaller)."""
-    levels = _levels(m01)
-    im = Image.frombytes("P", (levels.shape[1], levels.shape[0]), levels.tobytes())
-    im.putpalette(VIRIDIS.tobytes())
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()

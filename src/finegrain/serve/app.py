@@ -73,7 +73,9 @@ model has a classifier) predict its class.
   results, default 8, at most `min(max_k, gallery_size)`). Returns the top-5 class
   probabilities (`prediction`, or `null` without a classifier) and the `k` nearest gallery
   images, each with a `url` under `/gallery/{id}`. With `explain=1` also `explanation`: the maps of
-  why (the payload of `POST /api/explain` for these results), from the same pass of the model.
+  why (the payload of `POST /api/explain` for these results, without their `query_map`), from the
+  same pass of the model.
+* `POST /api/explain?ids=...` — the maps of why for a query and the results `ids`.
 * `GET /api/info` — what the service runs: run, backbone, task, dataset, gallery size, index.
 * `GET /gallery/{id}` — one gallery image by its integer id.
 
@@ -112,8 +114,9 @@ def search_openapi(max_k: int, max_upload_bytes: int) -> dict[str, Any]:
         "type": "string",
         "enum": ["1", "0", "true", "false"],
         "default": "0",
-        "description": "1: also answer `explanation`, the maps `POST /api/explain` gives for these results, "
-        "from the same pass of the model (may also be sent in the query string).",
+        "description": "1: also answer `explanation`, the maps `POST /api/explain` gives for these results "
+        "(without each result's `query_map`), from the same pass of the model (may also be sent in the query "
+        "string).",
     }
     return {
         "parameters": [

@@ -5,24 +5,26 @@ Multipart ``image`` file (the query, read and limited as for ``/api/search``) an
 query string: the gallery ids of the hits to explain (comma-separated, at most ``max_k``). Answers
 
 ``kind`` (``class``: the query's map is the class activation map of ``explains``, the predicted
-class; ``similarity``: the query's map against the closest match), ``query.map``, and for each id
-``map`` (the gallery image's map against the query) and ``query_map`` (the query's against it).
-Maps are viridis PNGs (``data:`` URLs) shaped as their image, each scaled from its own least
-(dark purple) to most (yellow) evidence. Errors as ``/api/search``'s, and 409 for a model that
-gives no maps (an export made before maps existed: re-export it; a backbone without them), said
-before the upload is read, 501 for a service that cannot explain; an id the gallery does not hold is a
-422. A living gallery explains as a static index does (its hits' images read from its store), behind
-its read token when it has one.
+class; ``similarity``: the query's map against the closest match), ``legend``, ``query`` (its
+``map`` and ``size``), and for each id its ``map`` (the gallery image's map against the query),
+``size`` and ``query_map`` (the query's map against it). A map is its cells on the model's grid (a
+few a side): rows of numbers in [0, 1], top row first, each map scaled from its own least (0) to
+most (1) evidence; ``size`` is its image's (height, width), over which a viewer stretches the map
+bilinearly and colours it with ``legend.colors`` (viridis), as the page does. Errors as
+``/api/search``'s, and 409 for a model that gives no maps (an export made before maps existed:
+re-export it; a backbone without them), said before the upload is read, 501 for a service that
+cannot explain; an id the gallery does not hold is a 422. A living gallery explains as a static
+index does (its hits' images read from its store), behind its read token when it has one.
 
 ``POST /api/search`` with ``explain=1`` answers the same payload as its ``explanation``, for its own
-hits, from the one pass of the model that searches (:func:`explained_search`; a living gallery's
-search with its ``filter``).
+hits and without their ``query_map`` (the page shows the query's map and each hit's), from the one
+pass of the model that searches (:func:`explained_search`; a living gallery's search with its
+``filter``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,7 +36,7 @@ from PIL import Image
 
 from finegrain.data.images import decode_bytes
 from finegrain.errors import FinegrainError, ImageError
-from finegrain.inference.explain import NoMaps, map_png, resize_map
+from finegrain.inference.explain import VIRIDIS_STOPS, NoMaps
 from finegrain.retrieval.explain_search import (
     ExplainService,
     Explanation,
@@ -47,13 +49,91 @@ from finegrain.serve.uploads import Upload, image_error_message, read_upload
 router = APIRouter()
 T = TypeVar("T")
 
-MAP_SIDE = 96
-"""Pixels along a map PNG's longer side: maps are a few cells a side, the browser smooths them further."""
 LEGEND = {
     "colormap": "viridis",
+    "colors": list(VIRIDIS_STOPS),
     "low": "least evidence",
     "high": "most evidence",
     "note": "each map is scaled to its own range",
+}
+"""``colors``: viridis at evenly spaced stops from 0 to 1, to interpolate linearly (as the CLI's sheet does)."""
+CELL_DECIMALS = 3
+
+_MAP = {
+    "type": "array",
+    "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
+    "description": "The map's cells on the model's grid, top row first, from 0 (least) to 1 (most evidence): "
+    "stretch it bilinearly over the image and colour it with legend.colors.",
+}
+_SIZE = {
+    "type": "array",
+    "items": {"type": "integer"},
+    "minItems": 2,
+    "maxItems": 2,
+    "description": "(height, width) of the image the map lies over",
+}
+EXPLAIN_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "ids",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9]+(,[0-9]+)*$"},
+            "description": "The gallery ids of the results to explain, comma-separated (at most max_k of /api/info).",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary", "description": "The query image."}},
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "kind": {"type": "string", "enum": ["class", "similarity"]},
+                            "explains": {"type": "string", "description": "the predicted class, or closest match"},
+                            "legend": {"type": "object"},
+                            "query": {"type": "object", "properties": {"map": _MAP, "size": _SIZE}},
+                            "results": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "id": {"type": "integer"},
+                                        "similarity": {"type": "number"},
+                                        "map": {**_MAP, "description": "the gallery image's map against the query"},
+                                        "size": _SIZE,
+                                        "query_map": {
+                                            **_MAP,
+                                            "description": "the query's map against this image (not in an "
+                                            "explained search's explanation)",
+                                        },
+                                    },
+                                },
+                            },
+                            "query_ms": {"type": "number"},
+                        },
+                    }
+                }
+            }
+        },
+        "400": {"description": "Not an image, corrupt, truncated or too many pixels"},
+        "409": {"description": "The model gives no maps (re-export it, or a backbone without them)"},
+        "413": {"description": "Upload too large"},
+        "422": {"description": "ids not whole numbers, given twice, too many, or not in the gallery"},
+        "501": {"description": "This service cannot explain"},
+    },
 }
 
 
@@ -73,27 +153,26 @@ def parse_ids(raw: list[str], max_k: int) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def data_url(m: np.ndarray, image_size: tuple[int, int]) -> str:
-    """A [0, 1] map as a viridis PNG ``data:`` URL shaped as the image (``(height, width)``)."""
-    h, w = image_size
-    scale = MAP_SIDE / max(h, w, 1)
-    png = map_png(resize_map(m, (max(1, round(h * scale)), max(1, round(w * scale)))))
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def cells(m: np.ndarray) -> list[list[float]]:
+    """A [0, 1] map ``[h, w]`` as rows of numbers (JSON), to :data:`CELL_DECIMALS` decimals."""
+    return np.round(np.asarray(m, dtype=np.float64), CELL_DECIMALS).tolist()
 
 
-def explanation_body(e: Explanation) -> dict[str, Any]:
-    """The maps of ``e`` as the API answers them (``/api/explain``, and ``explanation`` of an explained search)."""
+def explanation_body(e: Explanation, query_maps: bool = True) -> dict[str, Any]:
+    """The maps of ``e`` as the API answers them: ``/api/explain``'s, and without each hit's
+    ``query_map`` (``query_maps=False``) an explained search's ``explanation``."""
     return {
         "kind": e.kind,
         "explains": e.explains,
         "legend": LEGEND,
-        "query": {"map": data_url(e.query_map, e.query_size)},
+        "query": {"map": cells(e.query_map), "size": list(e.query_size)},
         "results": [
             {
                 "id": h.id,
                 "similarity": round(h.similarity, 6),
-                "map": data_url(h.map, h.image_size),
-                "query_map": data_url(h.query_map, e.query_size),
+                "map": cells(h.map),
+                "size": list(h.image_size),
+                **({"query_map": cells(h.query_map)} if query_maps else {}),
             }
             for h in e.hits
         ],
@@ -122,9 +201,11 @@ def _limit(request: Request) -> asyncio.Semaphore:
     return state.explain_limit
 
 
-@router.post("/api/explain", tags=["search"], summary="Why a search answered as it did")
+@router.post("/api/explain", tags=["search"], summary="Why a search answered as it did", openapi_extra=EXPLAIN_OPENAPI)
 async def explain(request: Request) -> dict[str, Any]:
-    """Maps of the query and of the hits ``ids`` (see the module docstring)."""
+    """The maps of the query (the predicted class's evidence, or what made it alike its closest match)
+    and, for each of the gallery images ``ids``, its map against the query and the query's against it;
+    each map as its cells on the model's grid, in [0, 1]."""
     started = time.perf_counter()
     state = request.app.state
     authorize = getattr(state, "authorize_read", None)  # a living gallery's read token
@@ -178,7 +259,7 @@ async def explained_search(
     request: Request, upload: Upload, limit: asyncio.Semaphore, search: ExplainedSearch[T]
 ) -> tuple[list[Hit], T, dict[str, Any]]:
     """``POST /api/search`` with ``explain=1``: the hits, the rest of ``search``'s answer and
-    :func:`explanation_body` of the hits, from one pass of the model over the query
+    :func:`explanation_body` of the hits (without their ``query_map``), from one pass of the model over the query
     (:meth:`SearchExplainer.search_with`), at most ``limit`` at once as plain searches. A 409 (as
     ``/api/explain``'s) when the service cannot explain."""
     state = request.app.state
@@ -193,4 +274,4 @@ async def explained_search(
 
     async with limit:
         hits, rest, explanation = await _explaining(run, state.max_image_pixels)
-    return hits, rest, explanation_body(explanation)
+    return hits, rest, explanation_body(explanation, query_maps=False)
