@@ -33,8 +33,13 @@ pass of the model); also of the page's on-demand way (a plain search, then ``POS
 work on the query and the hits: two passes) and of an explained search on an index without stored
 maps (the hits run again). The same over HTTP (``http``): the page's requests to a uvicorn server of
 the same searcher, a plain ``POST /api/search`` against one with ``explain=1`` (the page with "Why?"
-on: one request, one pass) and against the former two requests (a search, then ``POST /api/explain``).
-Figures are ratios against the plain search measured in the same run.
+on: one request, one pass) and against two requests (a search, then ``POST /api/explain``: the page
+turning "Why?" on after a plain search). Figures are ratios against the plain search measured in the
+same run, interleaved query by query.
+
+``--as KEY`` files the classifier part under another key, so a second classifier run's deletion test
+sits beside the first's; each part records its run and its data (the run's own test split: the
+sampled images are checked to be none of its training images).
 """
 
 from __future__ import annotations
@@ -117,9 +122,11 @@ def summarise(drops: dict[tuple[str, float], list[float]], n: int) -> dict:
     }
 
 
-def classifier_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator) -> dict:
+def classifier_deletion(
+    encoder, rgbs: list[np.ndarray], rng: np.random.Generator, labels: list[int] | None = None
+) -> dict:
     """Both class activation maps (contrastive, the default, and plain), both scores (the predicted
-    class's probability and its logit)."""
+    class's probability and its logit); with ``labels``, the accuracy on these images too."""
     from PIL import Image
 
     from finegrain.inference.explain import class_activation_map, explain_rgbs
@@ -127,9 +134,11 @@ def classifier_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generato
     combos = [(m, s) for m in ("contrastive", "plain") for s in ("probability", "logit")]
     drops = {c: {(o, f): [] for o in ORDERS for f in FRACTIONS} for c in combos}
     base = []
+    predicted = []
     for i, rgb in enumerate(rgbs):
         m = explain_rgbs(encoder, [Image.fromarray(rgb)])[0]
         c = int(m.predicted_class or 0)
+        predicted.append(c)
         z0 = m.outputs["logits"][0]
         p0 = float(softmax(z0)[c])
         grid = m.maps["class_map"][0].shape[1:]
@@ -157,13 +166,19 @@ def classifier_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generato
         "maps": "contrastive (the default): (w_c - sum_k p_k w_k) . m; plain: w_c . m",
         "score": "the predicted class's probability (goal) and logit",
         "mean_probability_before": round(float(np.mean(base)), 5),
+        **(
+            {"accuracy_on_these_images": round(float(np.mean(np.asarray(predicted) == np.asarray(labels))), 4)}
+            if labels is not None
+            else {}
+        ),
     }
 
 
 def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator) -> dict:
     from PIL import Image
 
-    from finegrain.inference.explain import explain_rgbs, similarity_map, unit
+    from finegrain.inference.explain import explain_rgbs, similarity_map
+    from finegrain.inference.outputs import l2_normalize
 
     maps = []
     for i in range(0, len(rgbs), 16):
@@ -182,7 +197,7 @@ def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator
         batch, keys = deleted_batch(rgb, blurred(rgb), masks(sal, grid, rng))
         out = encoder.forward(batch)["embedding"]
         for key, e in zip(keys, out, strict=True):
-            drops[key].append(s0 - float(unit(e) @ hit))
+            drops[key].append(s0 - float(l2_normalize(e[None])[0] @ hit))
         base.append(s0)
         if (i + 1) % 100 == 0:
             log(f"retrieval: {i + 1}/{len(rgbs)} images")
@@ -257,7 +272,7 @@ def extra_cost(run: Path, records: list, queries: int, out_dir: Path) -> dict:
             "search_then_explain": "the page's on-demand way: a plain search, then POST /api/explain's work "
             "(SearchExplainer.explain on the query and the 8 ids: a second pass, of the query)",
             "no_stored_maps": "SearchExplainer.search on an index without maps: the 8 hits run again",
-            "not_measured": "the PNG encoding and HTTP transfer of the maps (the same for every explained way)",
+            "not_measured": "the maps' JSON encoding and HTTP transfer (see http)",
         },
         "maps_bytes_per_image": searcher.index.meta["maps"]["bytes_per_image"],
         "maps_grid": searcher.index.meta["maps"]["grid"],
@@ -330,22 +345,71 @@ def http_cost(searcher, paths: list[str], queries: int) -> dict:
         "what": {
             "plain": "POST /api/search, k=8, over HTTP to a uvicorn server in the same process (one keep-alive client)",
             "explained": "the page with Why? on: POST /api/search with explain=1, one request, one pass of the model, "
-            "the maps as PNG data URLs in the answer",
-            "search_then_explain": "the page's former way: POST /api/search, then POST /api/explain?ids=... "
-            "for its 8 hits (the query runs again)",
+            "the maps of the query and of each hit in the answer as their cells on the model's grid (the page "
+            "stretches and colours them)",
+            "search_then_explain": "the page turning Why? on after a plain search: POST /api/search, then "
+            "POST /api/explain?ids=... for its 8 hits (the query runs again; each hit's query-side map too)",
         },
     }
 
 
-def final_val_accuracy(run: Path) -> float | None:
-    """The last epoch's validation accuracy in the run's history.csv (None without one)."""
+def run_accuracy(run: Path) -> dict | None:
+    """The run's own test figures: metrics.json's top-1 and what it was tested on, else the last epoch's
+    validation accuracy in history.csv (None without either)."""
     import csv
+    import json
 
     try:
+        m = json.loads((run / "metrics.json").read_text())
+        return {"top1": round(float(m["classification"]["top1"]), 4), "tested_on": m["tested_on"]["words"]}
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    try:
         rows = list(csv.DictReader((run / "history.csv").open()))
-        return round(float(rows[-1]["val/acc"]), 4)
+        return {"final_validation_accuracy": round(float(rows[-1]["val/acc"]), 4)}
     except (OSError, KeyError, ValueError, IndexError):
         return None
+
+
+def held_out_records(cls, n: int, rng: np.random.Generator) -> tuple[list, dict]:
+    """``n`` seeded images of the run's own test split (its config's split of its data, as training made
+    it), checked to be none of its training or validation images; and the facts of the split."""
+    from finegrain.data.module import split_for
+
+    data = cls.cfg.data
+    if not Path(data.root).is_dir():
+        sys.exit(f"skipped: {data.root} not found (the benchmark needs ../shared/data)")
+    split = split_for(data)
+    records = [split.test[i] for i in rng.choice(len(split.test), size=min(n, len(split.test)), replace=False)]
+    seen = {str(r.path) for r in [*split.train, *split.val]}
+    if any(str(r.path) in seen for r in records):
+        sys.exit("the test split shares images with the training split: not a held-out test")
+    return records, {
+        "root": Path(data.root).name,
+        "protocol": data.protocol,
+        "holdout": data.holdout,
+        "holdout_fraction": data.holdout_fraction,
+        "split_seed": data.split_seed,
+        "test_images": len(split.test),
+        "train_images": len(split.train),
+        "sampled": len(records),
+        "sampled_images_in_training": 0,
+    }
+
+
+def run_facts(cls, run: Path) -> dict:
+    """What a classifier run is, for the JSON."""
+    return {
+        "name": cls.loaded.cfg.name,
+        "description": cls.cfg.description,
+        "backbone": cls.cfg.model.backbone,
+        "head": cls.cfg.model.head,
+        "engine": cls.engine,
+        "sizes": [list(s) for s in cls.sizes],
+        "tta_flip": cls.tta_flip,
+        "label_smoothing": getattr(cls.cfg.loss, "label_smoothing", None),
+        "accuracy": run_accuracy(run),
+    }
 
 
 def main() -> None:
@@ -359,22 +423,24 @@ def main() -> None:
         default="classifier,cost,retrieval,imagenet_classifier",
         help="which parts to run (comma-separated); the others are kept from --out if it exists",
     )
+    ap.add_argument(
+        "--as",
+        dest="key",
+        default="classifier",
+        help="the key the classifier part's figures go under (e.g. another run's, beside the first one's)",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     pin_threads(1)
     busy = warn_if_busy()
 
     from finegrain.data.images import open_rgb, resize_rgb
-    from finegrain.data.module import split_for
     from finegrain.inference import open_encoder
 
     cls = open_encoder(args.classifier)
-    data = cls.cfg.data
-    if not Path(data.root).is_dir():
-        sys.exit(f"skipped: {data.root} not found (the benchmark needs ../shared/data)")
-    split = split_for(data)
     rng = np.random.default_rng(0)
-    records = [split.test[i] for i in rng.choice(len(split.test), size=min(args.n, len(split.test)), replace=False)]
+    records, split_facts = held_out_records(cls, args.n, rng)
+    data = cls.cfg.data
     import json
 
     result: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != set(PARTS) else {}
@@ -382,38 +448,31 @@ def main() -> None:
         "benchmark": "explain",
         "machine": machine_info(),
         "busy_warning": busy,
-        "data": f"Stanford Cars 128x96 thumbnails, {len(records)} seeded test images of the "
-        f"{data.holdout} holdout split",
         "protocol": "deletion test (RISE): the 10/20/40% most salient pixels, the least salient, or the same share "
         "at random replaced by a Gaussian blur of the image (radius 1/8 of its shorter side); maps resized "
         "bilinearly from the model's grid to the image and their pixels ranked; the goal (most >= 2x random at "
         "20%) judged against random_map: a random map on the same grid, resized and ranked the same way (the same "
         "share removed at random at the map's granularity); random_pixels (scattered single pixels) reported beside",
-        "classifier_run": {
-            "name": cls.loaded.cfg.name,
-            "backbone": cls.cfg.model.backbone,
-            "head": cls.cfg.model.head,
-            "engine": cls.engine,
-            "sizes": [list(s) for s in cls.sizes],
-            "tta_flip": cls.tta_flip,
-            "final_validation_accuracy": final_val_accuracy(args.classifier),
-            "label_smoothing": getattr(cls.cfg.loss, "label_smoothing", None),
-            "recipe": "cars-lite0 quick profile (96x128) with model.freeze_stages=7 "
-            "(every block frozen and cached, 1 view; conv_head and the "
-            "classifier trained), 4 epochs: 9.5 min of wall time on the shared 2 cores",
-        },
     }
     if "classifier" in parts:
         size = cls.sizes[0]
         rgbs = [resize_rgb(open_rgb(r.path)[0], size) for r in records]
         log(f"classifier deletion test on {len(rgbs)} images at {size}")
+        facts = run_facts(cls, args.classifier)
         cls.sizes = [size]  # the deleted images are at the first size: one size, so the maps are exact
-        result["classifier"] = classifier_deletion(cls, rgbs, rng)
+        result[args.key] = {
+            **classifier_deletion(cls, rgbs, rng, [r.label for r in records]),
+            "run": facts,
+            "data": {**split_facts, "deleted_at_size": list(size)},
+        }
         atomic_write_json(args.out, result)
-        log(str(result["classifier"]))
+        log(str(result[args.key]))
 
     if "cost" in parts:
-        result["extra_cost"] = extra_cost(args.classifier, records, args.cost_queries, args.out.parent)
+        result["extra_cost"] = {
+            **extra_cost(args.classifier, records, args.cost_queries, args.out.parent),
+            "run": cls.loaded.cfg.name,
+        }
         log(str(result["extra_cost"]))
         atomic_write_json(args.out, result)
 
