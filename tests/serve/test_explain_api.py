@@ -149,6 +149,12 @@ def test_the_search_documents_its_explain_field(client):
     schema = client.get("/openapi.json").json()["paths"]["/api/search"]["post"]
     fields = schema["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert "explanation" in fields["explain"]["description"] and "409" in schema["responses"]
+    explain = client.get("/openapi.json").json()["paths"]["/api/explain"]["post"]
+    assert [p["name"] for p in explain["parameters"]] == ["ids"]
+    assert explain["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["image"]
+    answer = explain["responses"]["200"]["content"]["application/json"]["schema"]["properties"]
+    assert set(answer["results"]["items"]["properties"]) == {"id", "similarity", "map", "size", "query_map"}
+    assert {"400", "409", "413", "422"} <= set(explain["responses"])
 
 
 def _search_error(client, files, query: str = "") -> tuple[int, dict]:

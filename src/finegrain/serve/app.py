@@ -58,6 +58,7 @@ from finegrain.serve.uploads import (
     IMAGE_LIMIT_SETTING,
     read_upload,
     search_upload,
+    upload_openapi,
 )
 
 log = logging.getLogger(__name__)
@@ -128,18 +129,7 @@ def search_openapi(max_k: int, max_upload_bytes: int) -> dict[str, Any]:
                 "description": "Number of results (may also be sent as a form field).",
             }
         ],
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {"image": image, "k": k_schema, "explain": explain},
-                    }
-                }
-            },
-        },
+        "requestBody": upload_openapi({"image": image, "k": k_schema, "explain": explain}),
         "responses": {
             "400": {"description": "Not an image, corrupt, truncated or too many pixels"},
             "409": {"description": "explain=1 for a service that cannot explain (its model gives no maps)"},

@@ -44,7 +44,7 @@ from finegrain.retrieval.explain_search import (
 )
 from finegrain.retrieval.searcher import Hit, Prediction
 from finegrain.serve.errors import ApiError, echo, no_paths
-from finegrain.serve.uploads import Upload, image_error_message, read_upload
+from finegrain.serve.uploads import Upload, image_error_message, read_upload, upload_openapi
 
 router = APIRouter()
 T = TypeVar("T")
@@ -82,18 +82,7 @@ EXPLAIN_OPENAPI: dict[str, Any] = {
             "description": "The gallery ids of the results to explain, comma-separated (at most max_k of /api/info).",
         }
     ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {"image": {"type": "string", "format": "binary", "description": "The query image."}},
-                }
-            }
-        },
-    },
+    "requestBody": upload_openapi({"image": {"type": "string", "format": "binary", "description": "The query image."}}),
     "responses": {
         "200": {
             "content": {

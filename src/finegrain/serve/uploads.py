@@ -41,6 +41,17 @@ _REASON_TEXT = {
 }
 
 
+def upload_openapi(properties: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a multipart form with these fields, ``image`` required (for the
+    routes that read their body themselves, which FastAPI cannot describe)."""
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": properties}}
+        },
+    }
+
+
 @dataclass(frozen=True)
 class Upload:
     """A search request, read: the image file's bytes, its name and the number of results."""
