@@ -1,6 +1,6 @@
 """Benchmark: do the maps of "why this answer" mean something, and what does explaining cost?
 
-    python benchmarks/explain.py --classifier RUN [--n 500] [--out benchmarks/out/explain.json]
+    python benchmarks/explain.py --classifier RUN [--n 500] [--parts classifier,cost,...] [--as KEY] [--out FILE]
 
 Deletion test (Petsiuk et al. 2018, RISE) on ``--n`` seeded test images of the classifier run's data
 (Stanford Cars in ../shared/data):
