@@ -15,6 +15,9 @@ from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print
 from finegrain.cli.gallery import StoreOpt
 from finegrain.errors import FinegrainError
 
+UNLABELLED = "(unlabelled)"
+"""How ``finegrain search`` shows a hit without a label."""
+
 
 def print_embed_report(report) -> None:
     """What ``--ray`` embedding did, in one line."""
@@ -208,11 +211,16 @@ def print_search(
             f"predicted{how}: "
             + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}" for i, (n, p) in enumerate(top))
         )
+    elif hits:
+        console.print("no prediction: none of the nearest gallery images has a label")
     table = Table("rank", "label", "score", title=f"{len(hits)} nearest of {gallery_size}")
     table.add_column("path", overflow="fold")
     for h in hits:  # Text: a name with [brackets] is not markup
         table.add_row(
-            str(h.rank), Text(h.label), f"{h.score:.4f}", Text(h.path + (" (the query itself)" if h.same_image else ""))
+            str(h.rank),
+            Text(h.label) if h.label else Text(UNLABELLED, style="dim"),
+            f"{h.score:.4f}",
+            Text(h.path + (" (the query itself)" if h.same_image else "")),
         )
     console.print(table)
     if sheet is not None:

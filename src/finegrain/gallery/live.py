@@ -235,7 +235,7 @@ class LiveGallery:
             order = np.argsort(-probs)[:5]
             names = self.class_names
             return [(names[int(c)] if 0 <= int(c) < len(names) else str(int(c)), float(probs[c])) for c in order]
-        voters = [h for h in hits if not h.same_image] or hits
+        voters = [h for h in [h for h in hits if not h.same_image] or hits if h.label]  # unlabelled: no vote
         votes: dict[str, int] = {}
         for h in voters:
             votes[h.label] = votes.get(h.label, 0) + 1

@@ -176,8 +176,12 @@ def check_ids(ids: list[int], gallery_size: int) -> None:
         raise FinegrainError(f"no gallery image with id {bad[0]} (the gallery has {gallery_size})")
 
 
-def _name(names: list[str] | None, label: int) -> str:
-    return names[label] if names and 0 <= label < len(names) else str(label)
+def label_name(names: list[str] | None, label: int) -> str:
+    """The class name of an index label: empty for an unlabelled image (a negative label), the
+    number itself when ``names`` does not name it."""
+    if label < 0:
+        return ""
+    return names[label] if names and label < len(names) else str(label)
 
 
 class Searcher:
@@ -309,7 +313,7 @@ class Searcher:
             Hit(
                 rank=r + 1,
                 id=int(i),
-                label=_name(names, int(self.index.labels[i])),
+                label=label_name(names, int(self.index.labels[i])),
                 score=float(s),
                 path=self.index.paths[i],
             )
@@ -325,10 +329,10 @@ class Searcher:
                 h.same_image = mark[1] == query
         if probs is not None and self.prediction_source == "classifier":
             order = np.argsort(-probs)[:5]
-            return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
-        # otherwise (kNN and metric-learning runs) the neighbours vote: the share of the k hits per
-        # class; a copy of the query in the gallery is flagged on its hit, not counted as a neighbour
-        voters = [h for h in hits if not h.same_image] or hits
+            return hits, [(label_name(self.class_names, int(c)), float(probs[c])) for c in order]
+        # otherwise (kNN and metric-learning runs) the labelled neighbours vote: their share per class
+        # (None without any); a copy of the query in the gallery is flagged on its hit, not counted
+        voters = [h for h in [h for h in hits if not h.same_image] or hits if h.label]
         votes: dict[str, int] = {}
         for h in voters:
             votes[h.label] = votes.get(h.label, 0) + 1
