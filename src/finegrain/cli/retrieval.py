@@ -14,6 +14,7 @@ from rich.text import Text
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
 from finegrain.cli.gallery import StoreOpt
 from finegrain.errors import FinegrainError
+from finegrain.runs import human_bytes
 
 UNLABELLED = "(unlabelled)"
 """How ``finegrain search`` shows a hit without a label."""
@@ -132,7 +133,7 @@ def index(
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
     if info.get("maps"):
         grid = info["maps"]["grid"]
-        line += f"; maps ({grid[0]}x{grid[1]} cells) {info['maps']['bytes_per_image'] / 1e3:.1f} kB per image"
+        line += f"; maps ({grid[0]}x{grid[1]} cells) {human_bytes(info['maps']['bytes_per_image'])} per image"
     console.print(line)
 
 
