@@ -136,11 +136,14 @@ def test_info_measures_fp32_and_bf16(monkeypatch):
     assert calls == [(0.05, ("32", "bf16-mixed"), 8, 224)]  # what the CLI asks for
     speed = json.loads(r.stdout)["inference_speed"]
     assert speed["model"] == speed_module.BENCH_BACKBONE and speed["batch_size"] == 8
-    assert set(speed["images_per_second"]) == {"32", "bf16-mixed"}
-    assert all(v > 0 and math.isfinite(v) for v in speed["images_per_second"].values())
+    ips = measured[0]
+    assert speed["images_per_second"] == ips and all(v > 0 and math.isfinite(v) for v in ips.values())
     r = runner.invoke(app, ["info", "--seconds", "0.05"])
     assert r.exit_code == 0, r.output
-    assert "inference fp32" in r.stdout and "inference bf16 autocast" in r.stdout
+    fp32, bf16 = ips["32"], ips["bf16-mixed"]
+    assert re.search(rf"inference fp32 +│ {fp32:.1f} images/s", r.stdout)
+    ratio = max(fp32, bf16) / min(fp32, bf16)
+    assert re.search(rf"inference bf16 autocast +│ {bf16:.1f} images/s \({ratio:.1f}x", r.stdout)
     assert re.search(rf"precision auto +│ {re.escape(machine.auto_precision()[0])}: ", r.stdout)
 
 

@@ -50,9 +50,10 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def human_bytes(n: float) -> str:
-    """A byte count for people, in binary units (rich picks the unit): ``13.2 MB``, ``800 KB``, ``12 bytes``."""
-    unit, suffix = filesize.pick_unit_and_suffix(int(n), ["bytes", "KB", "MB", "GB", "TB"], 1024)
-    return f"{n / unit:.4g} {suffix}"
+    """A byte count for people, in decimal (SI) units as disks and downloads count them (1 kB = 1000
+    bytes): ``13.2 MB``, ``800 kB``, ``12 bytes``. Every size finegrain prints goes through it."""
+    unit, suffix = filesize.pick_unit_and_suffix(int(n), ["bytes", "kB", "MB", "GB", "TB", "PB"], 1000)
+    return "1 byte" if n == 1 else f"{n / unit:.4g} {suffix}"
 
 
 def no_space_error(path: Path, needed: int | None = None) -> FinegrainError:

@@ -97,3 +97,25 @@ def test_resume_skips_whole_shards_and_ends_with_the_same_vectors(gallery):
     assert info["index_kind"] == "ivfpq" and info["gallery_size"] == n
     assert info["index_recall_at_10"] == index.meta["approx_recall_at_10"]
     assert info["index_bytes_per_vector"] == index.meta["bytes_per_vector"] > 0
+
+
+def test_a_flat_folder_is_embedded_on_ray_and_indexed_unlabelled(gallery, tmp_path):
+    """A folder of images without class sub-folders: unlabelled rows, an index whose hits have no label."""
+    from finegrain.cluster.gallery import build_index_on_ray
+    from finegrain.data.images import open_rgb
+    from finegrain.retrieval.searcher import Searcher
+
+    run = tmp_path / "run"
+    shutil.copytree(gallery[0], run)
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i, r in enumerate(split_for(open_encoder(run, "torch").cfg.data).test[:6]):
+        shutil.copy(r.path, flat / f"photo-{i}{r.path.suffix}")
+    dest, info, report = build_index_on_ray(run, str(flat), "local", engine="torch", actors=1)
+    assert report.embedded == info["n"] == 6
+    index = GalleryIndex.load(dest)
+    assert index.labels.tolist() == [-1] * 6 and index.class_names == []
+    query = sorted(flat.iterdir())[2]
+    hits, top = Searcher(run, engine="torch").search(open_rgb(query)[0], k=3)
+    assert hits[0].path == str(query.resolve()) and hits[0].same_image and [h.label for h in hits] == [""] * 3
+    assert top is not None  # the classifier's head still names a class

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from finegrain.data.detect import FORMATS, detect_format, open_collection
+from finegrain.data.detect import FORMATS, detect_format, open_collection, open_gallery_folder
 from finegrain.data.folder import read_csv, read_image_folder, write_image_folder
+from finegrain.data.records import UNLABELLED
 from finegrain.errors import DataError, FinegrainError
 from tests.data.conftest import make_samples
 
@@ -84,3 +85,40 @@ def test_detect_errors(tmp_path):
         assert name in str(e.value)
     with pytest.raises(FinegrainError, match="unknown dataset format 'imagefolder'.*image_folder"):
         open_collection(tmp_path, format="imagefolder")
+
+
+def test_a_folder_without_class_sub_folders_is_a_gallery_of_unlabelled_images(tmp_path):
+    for n, (im, _) in enumerate(_pairs(2, 2)):
+        im.save(tmp_path / f"{n}.png")
+    (tmp_path / "readme.txt").write_text("not an image")
+    (tmp_path / "empty-sub").mkdir()
+    with pytest.raises(DataError, match="cannot tell the dataset format"):
+        open_collection(tmp_path)  # no dataset to train on: only a gallery takes it
+    col = open_gallery_folder(tmp_path)
+    assert col.format == "flat_folder" and col.class_names == []
+    assert [r.path.name for r in col.all_records()] == ["0.png", "1.png", "2.png", "3.png"]
+    assert {r.label for r in col.all_records()} == {UNLABELLED} and col.label_name(UNLABELLED) == ""
+    assert col.notes == ["1 non-image files ignored"]
+
+
+def test_a_gallery_folder_with_class_sub_folders_keeps_its_labels(tmp_path):
+    write_image_folder(tmp_path, NAMES, {"all": _pairs()})
+    _pairs(1, 1)[0][0].save(tmp_path / "loose.png")
+    col = open_gallery_folder(tmp_path)
+    assert col.format == "image_folder" and col.class_names == sorted(NAMES)
+    assert {col.label_name(r.label) for r in col.all_records()} == set(NAMES)
+    # an image beside the class folders is named as ignored, not counted as a non-image file
+    assert col.notes == [
+        f"1 images directly in {tmp_path.resolve()} ignored: only those in its class sub-folders are read"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("files", "held"), [({}, "holds no image"), ({"a.txt": "x"}, "holds 1 file\\(s\\) but no image")]
+)
+def test_a_gallery_folder_without_images_is_refused_in_one_line(tmp_path, files, held):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=f"{held}: put image files \\(jpg, jpeg, png") as e:
+        open_gallery_folder(tmp_path)
+    assert "\n" not in str(e.value)

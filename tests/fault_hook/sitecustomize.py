@@ -36,18 +36,22 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install_write_fault() -> None:
+def _install_writer_fault(kind: str, wrap: type) -> None:
+    """finegrain's atomic writer, the real one, with its temporary file wrapped in ``wrap`` the time
+    ``<kind>:<file name>`` is due (:class:`_KilledMidWrite` or :class:`_FullDisk`)."""
     from finegrain import runs  # before any module imports atomic_write_bytes by name
 
     real = runs.atomic_write_bytes
     real_fdopen = os.fdopen
 
     def atomic_write_bytes(path: Path, data: bytes) -> None:
-        if not _due(f"write:{path.name}"):
+        if not _due(f"{kind}:{path.name}"):
             return real(path, data)
-        # the real writer, killed half-way through its own temporary file
-        os.fdopen = lambda *a, **k: _KilledMidWrite(real_fdopen(*a, **k))
-        return real(path, data)
+        os.fdopen = lambda *a, **k: wrap(real_fdopen(*a, **k))
+        try:
+            return real(path, data)
+        finally:
+            os.fdopen = real_fdopen
 
     runs.atomic_write_bytes = atomic_write_bytes
 
@@ -96,24 +100,6 @@ class _KilledMidWrite(_FullDisk):
         return 0
 
 
-def _install_nospace_fault() -> None:
-    from finegrain import runs
-
-    real = runs.atomic_write_bytes
-    real_fdopen = os.fdopen
-
-    def atomic_write_bytes(path: Path, data: bytes) -> None:
-        if not _due(f"nospace:{path.name}"):
-            return real(path, data)
-        os.fdopen = lambda *a, **k: _FullDisk(real_fdopen(*a, **k))
-        try:
-            return real(path, data)
-        finally:
-            os.fdopen = real_fdopen
-
-    runs.atomic_write_bytes = atomic_write_bytes
-
-
 class _SwapOs:
     """``os`` for the index module, dying at the rename that moves a new index into place."""
 
@@ -133,10 +119,10 @@ def _install_swap_fault() -> None:
 
 
 if POINT.startswith("write:"):
-    _install_write_fault()
+    _install_writer_fault("write", _KilledMidWrite)
 elif POINT.startswith("batch:"):
     _install_batch_fault()
 elif POINT.startswith("nospace:"):
-    _install_nospace_fault()
+    _install_writer_fault("nospace", _FullDisk)
 elif POINT.startswith("swap:"):
     _install_swap_fault()

@@ -52,6 +52,30 @@ def random_writes(store, seed: int, n: int, errors: list[BaseException]) -> None
         errors.append(e)
 
 
+def write_at_once(clients: list, n: int, first_seed: int) -> None:
+    """Each of ``clients`` makes ``n`` :func:`random_writes` in its own thread, all at once; none may fail."""
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=random_writes, args=(c, first_seed + i, n, errors)) for i, c in enumerate(clients)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def assert_answers_as_brute_force(store, queries: int, k: int, seed: int = 7) -> None:
+    """``store`` counts and lists exactly the vectors it holds, and finds for ``queries`` random queries
+    the ``k`` nearest that a brute-force search over those vectors finds."""
+    ids, _ = store.vectors()
+    assert store.count() == len(ids) == len(store.list(limit=1000))
+    rng = np.random.default_rng(seed)
+    for _ in range(queries):
+        q = rng.normal(size=DIM).astype(np.float32)
+        assert [i for i, _ in store.search(q, k)] == brute_force(store, q, k)
+
+
 def test_writes_reads_and_ids_never_reused(tmp_path):
     rng = np.random.default_rng(0)
     s = open_store(tmp_path / "g", SPEC)
@@ -172,21 +196,9 @@ def test_concurrent_clients_leave_search_equal_to_brute_force(tmp_path):
     """4 clients (two on their own connection, as other processes) add, remove and relabel at random."""
     server = open_store(tmp_path / "g", SPEC)
     server.add([entry(np.random.default_rng(99)) for _ in range(20)])
-    clients = [server, server, open_store(tmp_path / "g"), open_store(tmp_path / "g")]
-    errors: list[BaseException] = []
-    threads = [threading.Thread(target=random_writes, args=(c, i, 60, errors)) for i, c in enumerate(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    ids, _ = server.vectors()
-    assert server.count() == len(ids) == len(server.list(limit=1000))
-    rng = np.random.default_rng(7)
-    for _ in range(20):
-        q = rng.normal(size=DIM).astype(np.float32)
-        assert [i for i, _ in server.search(q, 10)] == brute_force(server, q, 10)
-    assert server.indexed == len(ids)
+    write_at_once([server, server, open_store(tmp_path / "g"), open_store(tmp_path / "g")], 60, 0)
+    assert_answers_as_brute_force(server, 20, 10)
+    assert server.indexed == server.count()
 
 
 def test_the_cli_refuses_a_damaged_store_in_one_line(tmp_path):
@@ -217,12 +229,9 @@ def _filled(folder, n: int = 40, seed: int = 0) -> EmbeddedStore:
     return s
 
 
-def _same_answers(store, seed: int = 9) -> None:
-    rng = np.random.default_rng(seed)
-    for _ in range(5):
-        q = rng.normal(size=DIM).astype(np.float32)
-        assert [i for i, _ in store.search(q, 7)] == brute_force(store, q, 7)
-    assert store.count() == len(store.list(limit=1000)) == store.indexed
+def _same_answers(store) -> None:
+    assert_answers_as_brute_force(store, 5, 7, seed=9)
+    assert store.indexed == store.count()
 
 
 def test_a_snapshot_is_loaded_and_the_ledger_after_it_replayed(tmp_path):

@@ -3,8 +3,6 @@ filters that cannot be broken out of, and search equal to brute force after conc
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,7 @@ from finegrain.errors import FinegrainError
 from finegrain.gallery.filters import make_filter
 from finegrain.gallery.store import open_store
 
-from .test_embedded_store import DIM, SPEC, brute_force, entry, random_writes
+from .test_embedded_store import DIM, SPEC, assert_answers_as_brute_force, entry, write_at_once
 
 pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus: pip install 'finegrain[milvus]'")
 pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed: pip install 'finegrain[milvus]'")
@@ -59,19 +57,8 @@ def test_filters_on_milvus_never_break_out(store):
 
 
 def test_concurrent_clients_leave_search_equal_to_brute_force(store):
-    errors: list[BaseException] = []
-    threads = [threading.Thread(target=random_writes, args=(store, 10 + i, 15, errors)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    ids, _ = store.vectors()
-    assert store.count() == len(ids) == len(store.list(limit=1000))
-    rng = np.random.default_rng(7)
-    for _ in range(10):
-        q = rng.normal(size=DIM).astype(np.float32)
-        assert [i for i, _ in store.search(q, 10)] == brute_force(store, q, 10)
+    write_at_once([store] * 4, 15, 10)
+    assert_answers_as_brute_force(store, 10, 10)
 
 
 def test_a_reopened_milvus_store_keeps_its_entries(tmp_path):

@@ -96,11 +96,12 @@ def test_softmax_is_column_wise():
 
 def test_cubs2_refuses_too_large_maps():
     m = CUBS2(8, max_bytes=10_000)
-    x = torch.randn(2, 8, 8, 8)  # 2 * 64^2 * 4 = 32 KiB > 10 kB
+    x = torch.randn(2, 8, 8, 8)  # 2 * 64^2 * 4 = 32,768 bytes > 10 kB
     with pytest.raises(ConfigError) as e:
         m(x)
     msg = str(e.value)
-    assert "8x8" in msg and "HW=64" in msg and "32.0 KiB" in msg and "FINEGRAIN_CUBS2_MAX_BYTES" in msg
+    assert "8x8" in msg and "HW=64" in msg and "FINEGRAIN_CUBS2_MAX_BYTES" in msg
+    assert "similarity matrix of 32.77 kB, over the limit of 10 kB" in msg
     assert isinstance(e.value, FinegrainError)
 
 

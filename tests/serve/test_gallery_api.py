@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from finegrain.gallery.live import LiveGallery
+from finegrain.retrieval.searcher import SAME_IMAGE_MIN_COSINE
 from finegrain.serve.gallery_routes import Tokens
 
 from .fakes import make_app as create_app
@@ -85,6 +86,39 @@ def test_add_search_list_relabel_remove(client, live):
     assert client.get(f"/api/gallery/{ids[0]}/meta").status_code == 404
     assert client.delete(f"/api/gallery/{ids[0]}", headers=AUTH).status_code == 404
     assert client.get("/api/info").json()["gallery_size"] == before + 1
+
+
+def drawing() -> Image.Image:
+    """A smooth picture (shapes on a plain ground): a JPEG of it stays close to it."""
+    im = Image.new("RGB", (64, 48), (40, 90, 160))
+    pen = ImageDraw.Draw(im)
+    pen.ellipse((10, 8, 40, 40), fill=(220, 180, 30))
+    pen.rectangle((40, 20, 60, 44), fill=(20, 160, 60))
+    return im
+
+
+def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_the_same_pixels_in_another_file_are_the_same_image_and_a_near_copy_is_not(client, live):
+    """The pixels decide, not the score: a copy re-encoded (BMP for the PNG stored) is marked even
+    when its score is just under 1 (another engine or precision), a JPEG of it scoring as close is not."""
+    im = drawing()
+    [stored] = add(client, encoded(im, "PNG"), label="drawn").json()["ids"]
+    copy = Image.open(io.BytesIO(encoded(im, "BMP")))
+    found = client.post("/api/search", files={"image": ("q.bmp", encoded(im, "BMP"), "image/bmp")}, data={"k": "2"})
+    top = found.json()["results"][0]
+    assert top["id"] == stored and top["same_image"]
+    emb, probs = live.encode(copy)
+    nudged = emb + np.random.default_rng(0).normal(size=emb.shape) * 0.04 * np.linalg.norm(emb) / emb.size**0.5
+    hits, _ = live.search(copy, k=2, encoded=(nudged.astype(np.float32), probs))
+    assert hits[0].id == stored and SAME_IMAGE_MIN_COSINE <= hits[0].score < 0.9999 and hits[0].same_image
+    jpeg = encoded(im, "JPEG", quality=95)
+    hits, _ = live.search(Image.open(io.BytesIO(jpeg)), k=2)
+    assert hits[0].id == stored and hits[0].score >= SAME_IMAGE_MIN_COSINE and not hits[0].same_image
 
 
 def test_adds_keep_the_upload_limits_and_decode_guard(client, live, bomb_png):

@@ -120,7 +120,9 @@ def test_a_batch_encodes_as_one_image_at_a_time_does(live):  # noqa: F811
         assert float(b @ s / (((b @ b) * (s @ s)) ** 0.5)) > 0.99
 
 
-@pytest.mark.parametrize("bad", [b"", b"GIF89a not really"])
-def test_a_refused_image_names_its_reason(live, bad):  # noqa: F811
+@pytest.mark.parametrize(("bad", "reason"), [(b"", "empty"), (b"GIF89a not really", "not-an-image")])
+def test_a_refused_image_names_its_reason(live, bad, reason):  # noqa: F811
+    before = live.store.count()
     [result] = live.add_many([AddRequest([ImageBytes(bad, "x.gif")])])
-    assert isinstance(result, ImageError)
+    assert isinstance(result, ImageError) and result.reason == reason and str(result).startswith(f"x.gif: {reason}")
+    assert live.store.count() == before

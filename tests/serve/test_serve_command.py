@@ -43,11 +43,11 @@ def test_serve_builds_the_searcher_and_runs_uvicorn(monkeypatch, gallery_dir):
     assert (
         ran["server_header"] is False and ran["http"].__name__ == "GuardedH11Protocol"
     )  # tests/serve/test_connections.py
-    assert ran["app"].state.max_upload_bytes == 2**19
+    assert ran["app"].state.max_upload_bytes == 500_000  # --max-upload-mb 0.5: decimal megabytes
     assert ran["app"].state.max_image_pixels == 2_500_000
     assert ran["app"].state.allowed_hosts == {"127.0.0.1", "localhost", "[::1]", "search.lan"}
     with TestClient(ran["app"], base_url="http://127.0.0.1:8123") as c:
-        assert c.get("/api/info").json()["max_upload_bytes"] == 2**19
+        assert c.get("/api/info").json()["max_upload_bytes"] == 500_000
 
 
 @pytest.mark.parametrize(

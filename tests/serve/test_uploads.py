@@ -126,8 +126,8 @@ def test_parse_k_refuses_bad_values_with_422(form_k, query_k, gallery, fragment)
 
 
 def test_human_sizes():
-    sizes = (10 * 2**20, 200_000, 12, 2**20 - 1)
-    assert [human(n) for n in sizes] == ["10 MB", "195.3 KB", "12 bytes", "1024 KB"]
+    sizes = (10_000_000, 10 * 2**20, 200_000, 999_999, 12, 1, 3.2e9)
+    assert [human(n) for n in sizes] == ["10 MB", "10.49 MB", "200 kB", "1000 kB", "12 bytes", "1 byte", "3.2 GB"]
 
 
 def test_headers_refuse_a_declared_oversize_body_a_bad_length_or_no_multipart():
@@ -165,7 +165,7 @@ def test_an_image_over_the_limit_is_413_however_it_arrives():
     assert status_of(read, request(body))[0] == 413  # the file itself, within the body's slack
     big = multipart(b"\x00" * (1000 + MULTIPART_OVERHEAD + 10))
     status, message = status_of(read, request(big, length=False, chunk=4096))  # counted while read
-    assert status == 413 and "1000 bytes" in message
+    assert status == 413 and "limited to 1 kB." in message
 
 
 def test_a_form_without_an_image_or_a_malformed_one_is_400():

@@ -45,15 +45,16 @@ def _store(run: Path, store: str | None):
 
 
 def _files(paths: list[Path], label: str | None) -> list[tuple[Path, str]]:
-    """(image file, label) of every PATH: a folder gives all its images, labelled by sub-folder."""
+    """(image file, label) of every PATH: a folder gives all its images, labelled by sub-folder (a
+    folder without class sub-folders: the images directly inside it, unlabelled)."""
     # optional: SciPy (the train extra), imported only when this runs
-    from finegrain.data.detect import open_collection
+    from finegrain.data.detect import open_gallery_folder
 
     out: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
-            coll = open_collection(path)
-            out += [(r.path, label if label is not None else coll.class_names[r.label]) for r in coll.all_records()]
+            coll = open_gallery_folder(path)
+            out += [(r.path, label if label is not None else coll.label_name(r.label)) for r in coll.all_records()]
         elif path.is_file():
             out.append((path, label or ""))
         else:

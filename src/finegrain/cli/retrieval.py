@@ -14,6 +14,10 @@ from rich.text import Text
 from finegrain.cli.common import EngineOpt, IndexDirOpt, JsonOpt, console, print_json, stdout_for
 from finegrain.cli.gallery import StoreOpt
 from finegrain.errors import FinegrainError
+from finegrain.runs import human_bytes
+
+UNLABELLED = "(unlabelled)"
+"""How ``finegrain search`` shows a hit without a label."""
 
 
 def print_embed_report(report) -> None:
@@ -129,7 +133,7 @@ def index(
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
     if info.get("maps"):
         grid = info["maps"]["grid"]
-        line += f"; maps ({grid[0]}x{grid[1]} cells) {info['maps']['bytes_per_image'] / 1e3:.1f} kB per image"
+        line += f"; maps ({grid[0]}x{grid[1]} cells) {human_bytes(info['maps']['bytes_per_image'])} per image"
     console.print(line)
 
 
@@ -208,11 +212,16 @@ def print_search(
             f"predicted{how}: "
             + ", ".join(f"[bold]{n}[/] {p:.1%}" if i == 0 else f"{n} {p:.1%}" for i, (n, p) in enumerate(top))
         )
+    elif hits:
+        console.print("no prediction: none of the nearest gallery images has a label")
     table = Table("rank", "label", "score", title=f"{len(hits)} nearest of {gallery_size}")
     table.add_column("path", overflow="fold")
     for h in hits:  # Text: a name with [brackets] is not markup
         table.add_row(
-            str(h.rank), Text(h.label), f"{h.score:.4f}", Text(h.path + (" (the query itself)" if h.same_image else ""))
+            str(h.rank),
+            Text(h.label) if h.label else Text(UNLABELLED, style="dim"),
+            f"{h.score:.4f}",
+            Text(h.path + (" (the query itself)" if h.same_image else "")),
         )
     console.print(table)
     if sheet is not None:

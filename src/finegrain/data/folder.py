@@ -11,6 +11,11 @@ Image folder rules (:func:`read_image_folder`):
   any case); other files are ignored and counted in ``notes``. Hidden files and
   folders (``.name``) are skipped.
 
+A flat folder (:func:`read_flat_folder`, for galleries only): image files directly inside
+``root`` and none in any sub-folder; its images have no class (:data:`UNLABELLED`). Any
+sub-folder holding images makes the folder a class-per-folder tree (its loose images are then
+ignored, with a note).
+
 CSV (:func:`read_csv`): a header with columns ``path,label`` and optionally
 ``split``; paths are absolute or relative to the CSV's folder; labels are class
 names (sorted to give label indices); split is ``train`` or ``test`` (empty =
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from finegrain.data.records import ImageCollection, ImageRecord
+from finegrain.data.records import UNLABELLED, ImageCollection, ImageRecord
 from finegrain.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -134,7 +139,11 @@ def read_image_folder(root: Path) -> ImageCollection:
                 classes[cdir.name] = images
             else:
                 notes.append(f"{cdir} has no image files (ignored)")
-        others += sum(1 for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+        loose = [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]
+        loose_images = sum(1 for p in loose if is_image_name(p))
+        others += len(loose) - loose_images
+        if loose_images:
+            notes.append(f"{loose_images} images directly in {d} ignored: only those in its class sub-folders are read")
         per_split[split] = classes
     names = sorted({c for classes in per_split.values() for c in classes})
     if not names:
@@ -151,6 +160,23 @@ def read_image_folder(root: Path) -> ImageCollection:
     if others:
         notes.append(f"{others} non-image files ignored (not {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})")
     return ImageCollection("image_folder", root, names, splits, missing, notes)
+
+
+def read_flat_folder(root: Path) -> ImageCollection:
+    """The image files directly inside ``root``, unlabelled (:data:`UNLABELLED`), as one split ``all``:
+    a gallery folder without class sub-folders. One-line :class:`DataError` when it holds no image."""
+    root = Path(root).expanduser().resolve()
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if is_image_name(p)]
+    if not images:
+        held = f"{len(files)} file(s) but no image" if files else "no image"
+        raise DataError(
+            f"{root} holds {held}: put image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in it, "
+            "or in class sub-folders to label them"
+        )
+    notes = [f"{len(files) - len(images)} non-image files ignored"] if len(files) > len(images) else []
+    records = [ImageRecord(p, UNLABELLED) for p in images]
+    return ImageCollection("flat_folder", root, [], {"all": records}, {}, notes)
 
 
 # --------------------------------------------------------------------------- reading CSV

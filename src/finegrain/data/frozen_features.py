@@ -39,6 +39,7 @@ from finegrain.data.transforms import build_transform
 from finegrain.errors import ConfigError
 from finegrain.machine import set_threads
 from finegrain.progress import track
+from finegrain.runs import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,15 @@ def _allocate(n: int, views: int, shape: tuple[int, ...]) -> np.ndarray:
     if free is not None and need > 0.8 * free:
         raise ConfigError(
             f"train.frozen_cache_views: {views} view(s) of {n} images at {list(shape)} need "
-            f"{need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB are available; lower "
+            f"{human_bytes(need)} of memory and {human_bytes(free)} are available; lower "
             "train.frozen_cache_views or data.image_size, or set train.frozen_cache_views: 0"
         )
     log.info(
-        "caching the frozen stages' outputs: %d images x %d view(s) x %s float16 = %.2f GiB",
+        "caching the frozen stages' outputs: %d images x %d view(s) x %s float16 = %s",
         n,
         views,
         list(shape),
-        need / 2**30,
+        human_bytes(need),
     )
     return np.empty((n, views, *shape), dtype=np.float16)
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finegrain.errors import ImageError
+from finegrain.runs import human_bytes
 
 ORIENTATION_TAG = 0x0112  # EXIF orientation: 5 to 8 turn the picture a quarter
 
@@ -31,7 +32,7 @@ DEFAULT_MAX_IMAGE_MPIXELS = 16.0
 # The memory one decode of an untrusted image may take, whatever ``--max-image-mpixels`` says:
 # an image whose decode would take more (see :func:`decode_bytes_per_pixel`) is decoded reduced
 # (a JPEG) or refused, naming the reason.
-DECODE_BUDGET_BYTES = 300 * 2**20
+DECODE_BUDGET_BYTES = 300_000_000
 
 # Rows are converted in strips of about this many pixels, so no conversion holds a
 # second full-size copy of a big image (or a float64 one: 8 bytes a pixel).
@@ -142,9 +143,8 @@ def _reduce_or_refuse(im: Image.Image, name: str | Path, max_pixels: int | None)
     limits = [(Image.MAX_IMAGE_PIXELS, "the limit of {}")] if Image.MAX_IMAGE_PIXELS else []
     if max_pixels is not None:
         per_pixel = decode_bytes_per_pixel(im.mode)
-        budget = (
-            f"the {DECODE_BUDGET_BYTES // 2**20} MB one decode may take ({per_pixel} bytes a pixel for {im.mode}: {{}})"
-        )
+        budget = f"the {human_bytes(DECODE_BUDGET_BYTES)} one decode may take "
+        budget += f"({per_pixel} bytes a pixel for {im.mode}: {{}})"
         limits += [(max_pixels, "the limit of {}"), (DECODE_BUDGET_BYTES // per_pixel, budget)]
     if not limits:
         return

@@ -11,12 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+UNLABELLED = -1
+"""The label of an image without a class (a gallery folder without class sub-folders)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ImageRecord:
     """One image: its file, its class and optionally a bounding box.
 
-    ``label`` is a 0-based index into :attr:`ImageCollection.class_names`.
+    ``label`` is a 0-based index into :attr:`ImageCollection.class_names`, or
+    :data:`UNLABELLED`.
     ``bbox`` is ``(x1, y1, x2, y2)`` in pixels of the file on disk, inclusive,
     0-based (Stanford Cars' 1-based devkit boxes are converted on reading).
     """
@@ -46,6 +50,10 @@ class ImageCollection:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def label_name(self, label: int) -> str:
+        """The class name of ``label``; an empty string for an unlabelled image."""
+        return self.class_names[label] if 0 <= label < len(self.class_names) else ""
 
     def all_records(self) -> list[ImageRecord]:
         """Every record of every split, in split order."""

@@ -22,6 +22,7 @@ import numpy as np
 from finegrain.faiss_import import import_faiss
 from finegrain.gallery.store import StoreSpec, now_iso
 from finegrain.retrieval.index import GalleryIndex
+from finegrain.retrieval.searcher import label_name
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def index_entries(index_dir: Path, spec: StoreSpec) -> Iterator[Imported]:
     names = index.class_names or spec.class_names
     missing = 0
     for i, (path, label, vector) in enumerate(zip(index.paths, index.labels, vectors, strict=True)):
-        name = names[int(label)] if names and 0 <= int(label) < len(names) else str(int(label))
+        name = label_name(names, int(label))
         data: bytes | None
         try:
             data = Path(path).read_bytes()

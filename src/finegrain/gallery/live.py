@@ -24,17 +24,19 @@ from finegrain.gallery.filters import Filter, check_label, check_metadata
 from finegrain.gallery.importer import index_spec
 from finegrain.gallery.store import Entry, GalleryStore, NewEntry, StoreSpec, open_store
 from finegrain.inference import open_encoder
-from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.index import check_k
 from finegrain.retrieval.searcher import (
-    ExplainInfo,
     Hit,
+    IndexInfo,
     NamedRun,
     Prediction,
     ServiceInfo,
     could_be_copies,
-    dataset_name,
     embedding_and_probabilities,
+    predict,
+    prediction_source,
+    service_info,
+    share_cores,
 )
 from finegrain.runs import RunDir, open_run
 
@@ -117,8 +119,7 @@ class LiveGallery:
         self.cfg = self.encoder.cfg
         self.sizes = self.encoder.sizes
         self.class_names = self.encoder.loaded.class_names
-        has_head = self.encoder.has_classifier
-        self.prediction_source = "classifier" if has_head and self.cfg.predicts_with_classifier else "neighbours"
+        self.prediction_source = prediction_source(self.encoder)
         index_dir = index_dir or run.index
         checksum = self.encoder.loaded.checksum
         spec = index_spec(index_dir, checksum, self.class_names) or StoreSpec(
@@ -139,37 +140,14 @@ class LiveGallery:
         return self.store.location
 
     def share_cores(self, concurrency: int) -> int:
-
-        threads = query_threads(concurrency)
-        self.encoder.use_threads(threads)
-        set_faiss_threads(threads)
-        return threads
+        return share_cores(self.encoder, concurrency)
 
     @property
     def info(self) -> ServiceInfo:
-        spec = self.store.spec
-        return {
-            "run": self.run.name,
-            "model": str(self.cfg.model.backbone),
-            "task": str(self.cfg.task),
-            "dataset": dataset_name(self.cfg.data.root),
-            "gallery_size": self.gallery_size,
-            "embedding_dim": spec.dim,
-            "metric": spec.metric,
-            "index_kind": "flat",
-            "has_classifier": bool(self.encoder.has_classifier),
-            "engine": self.engine,
-            "created_at": None,
-            "precision": str(self.encoder.precision),
-            "image_sizes": [list(s) for s in self.sizes],
-            "explain": self.explain_info,
-        }
-
-    @property
-    def explain_info(self) -> ExplainInfo:
         """As a static index's; the store keeps no maps (an explanation runs its hits again)."""
-        why = self.encoder.maps_missing()
-        return {"available": why is None, "reason": why, "stored_maps": False}
+        spec = self.store.spec
+        index: IndexInfo = {"embedding_dim": spec.dim, "metric": spec.metric, "index_kind": "flat", "created_at": None}
+        return service_info(self.run, self.encoder, self.gallery_size, index, stored_maps=False)
 
     def hit_rgbs(self, ids: list[int]) -> list[Image.Image]:
         """The stored images ``ids`` decoded to RGB (FinegrainError for an id the store does not hold)."""
@@ -217,7 +195,7 @@ class LiveGallery:
             rgb = to_rgb(image)[0]
             for h in close:
                 h.same_image = self._same_pixels(rgb, h.id)
-        return hits, self._predict(hits, probs), entries
+        return hits, predict(hits, probs, self.prediction_source, self.class_names), entries
 
     def _same_pixels(self, rgb: Image.Image, entry_id: int) -> bool:
         stored = self.store.image(entry_id)
@@ -229,18 +207,6 @@ class LiveGallery:
             return False
         size = self.sizes[0]
         return bool(np.array_equal(resize_rgb(rgb, size), resize_rgb(other, size)))
-
-    def _predict(self, hits: list[Hit], probs: np.ndarray | None) -> Prediction | None:
-        if probs is not None and self.prediction_source == "classifier":
-            order = np.argsort(-probs)[:5]
-            names = self.class_names
-            return [(names[int(c)] if 0 <= int(c) < len(names) else str(int(c)), float(probs[c])) for c in order]
-        voters = [h for h in hits if not h.same_image] or hits
-        votes: dict[str, int] = {}
-        for h in voters:
-            votes[h.label] = votes.get(h.label, 0) + 1
-        ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
-        return [(label, n / len(voters)) for label, n in ranked] if voters else None
 
     # -- writes ------------------------------------------------------------------------------------
     def add_many(

@@ -78,6 +78,20 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def cpu_session(model: str | bytes, threads: int, spinning: bool = True) -> Any:
+    """An ONNX Runtime CPU session of ``model`` (a file, or its bytes) as finegrain runs one:
+    ``threads`` intra-op threads, one inter-op, every graph optimisation; ``spinning`` False when
+    other work shares the cores (its idle threads then sleep instead of spinning)."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 @dataclass
 class ExportedModel:
     """What :class:`LoadedModel` says about a run's model, for an exported one (without the torch model)."""
@@ -139,7 +153,7 @@ class OnnxEncoder(EncodingLoop):
         self.sizes: list[tuple[int, int]] = eval_sizes(cfg.data)
         self.tta_flip = cfg.eval.tta_flip
         self.precision = precision
-        self._ort = import_onnxruntime()
+        import_onnxruntime()  # a missing ONNX Runtime is named before the session is made
         self._sessions: dict[int, Any] = {}
         self._threads: int | None = None
         self.session(model_threads(0))  # load now: a corrupt file is reported here, not at the first query
@@ -147,15 +161,8 @@ class OnnxEncoder(EncodingLoop):
     def session(self, threads: int):
         """The ONNX Runtime session using ``threads`` intra-op threads (made once per count)."""
         if threads not in self._sessions:
-            ort = self._ort
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads < model_threads(0):  # loader workers or other queries share the cores: no spinning
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            try:
-                sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            try:  # loader workers or other queries share the cores when it has fewer than all: no spinning
+                sess = cpu_session(str(self.path), threads, spinning=threads >= model_threads(0))
             except Exception as e:  # noqa: BLE001 - any unloadable file is reported the same way
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise FinegrainError(

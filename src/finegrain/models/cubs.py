@@ -29,7 +29,7 @@ of values in ``[-1, 1]`` from being flat.
 ~39 MB per image, i.e. 2.5 GB for a batch of 64. CUBS2 therefore refuses to run
 (:class:`~finegrain.errors.ConfigError`) when ``B * (HW)^2 * 4`` bytes exceed
 ``max_bytes`` (default: the environment variable ``FINEGRAIN_CUBS2_MAX_BYTES``,
-else 2 GiB) and warns above a quarter of that.
+else 2 GB) and warns above a quarter of that.
 
 The seed's code used squared differences instead of cosine similarity and its
 "CUBS2 only" variant was CUBS2 followed by CUBS1; this module follows the text:
@@ -48,18 +48,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import ConfigError, unknown_name
+from finegrain.runs import human_bytes
 
 VARIANTS: tuple[str, ...] = ("sum", "cubs1", "cubs2", "cubs1_then_cubs2", "cubs2_then_cubs1")
 """``sum`` = CUBS-ResNet-1, ``cubs1`` = CUBS-ResNet-2, ``cubs2`` = CUBS-ResNet-3."""
 
-DEFAULT_CUBS2_MAX_BYTES = 2 * 1024**3
+DEFAULT_CUBS2_MAX_BYTES = 2_000_000_000
 ENV_CUBS2_MAX_BYTES = "FINEGRAIN_CUBS2_MAX_BYTES"
 INIT_TEMPERATURE = 10.0
 MAX_TEMPERATURE = 100.0
 
 
 def cubs2_max_bytes() -> int:
-    """The CUBS2 memory limit: ``$FINEGRAIN_CUBS2_MAX_BYTES`` if set, else 2 GiB."""
+    """The CUBS2 memory limit: ``$FINEGRAIN_CUBS2_MAX_BYTES`` if set, else 2 GB."""
     raw = os.environ.get(ENV_CUBS2_MAX_BYTES, "").strip()
     if not raw:
         return DEFAULT_CUBS2_MAX_BYTES
@@ -70,14 +71,6 @@ def cubs2_max_bytes() -> int:
     if value <= 0:
         raise ConfigError(f"{ENV_CUBS2_MAX_BYTES} must be a positive number of bytes (got {raw!r})")
     return value
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 class _Temperature(nn.Module):
@@ -181,18 +174,18 @@ class CUBS2(nn.Module):
         hw = height * width
         what = (
             f"CUBS2 on a {height}x{width} map (HW={hw}) with batch {batch} needs a "
-            f"[{batch}, {hw}, {hw}] similarity matrix of {_fmt_bytes(need)}"
+            f"[{batch}, {hw}, {hw}] similarity matrix of {human_bytes(need)}"
         )
         if need > limit:
             raise ConfigError(
-                f"{what}, over the limit of {_fmt_bytes(limit)}. Place CUBS2 after a later stage "
+                f"{what}, over the limit of {human_bytes(limit)}. Place CUBS2 after a later stage "
                 f"(smaller map, e.g. model.cubs_stages: [4]), use smaller images or batches, use cubs: cubs1, "
                 f"or raise the limit with {ENV_CUBS2_MAX_BYTES}."
             )
         if need > limit / 4 and (batch, hw) not in self._warned:
             self._warned.add((batch, hw))
             warnings.warn(
-                f"{what} (over a quarter of the {_fmt_bytes(limit)} limit); autograd keeps several such matrices",
+                f"{what} (over a quarter of the {human_bytes(limit)} limit); autograd keeps several such matrices",
                 stacklevel=3,
             )
 

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageRecord], list[str], str]:
-    """Records of a gallery: a split name of the config's dataset (or ``all``), or an image folder.
+    """Records of a gallery: a split name of the config's dataset (or ``all``), or an image folder
+    (a dataset of any format, or images without class sub-folders: unlabelled, ``UNLABELLED``).
 
-    Returns the records, the class names and a description.
+    Returns the records, the class names (empty for an unlabelled folder) and a description.
     """
     # optional: torch, Lightning (the train extra), imported only when this runs
     from finegrain.data.module import split_for
@@ -38,13 +39,16 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     if not path.exists():
         raise FinegrainError(f"gallery '{gallery}' is neither a split ({', '.join(SPLITS)}, all) nor a folder")
     # optional: SciPy (the train extra), imported only when this runs
-    from finegrain.data.detect import open_collection
+    from finegrain.data.detect import open_gallery_folder
 
-    coll = open_collection(path)
+    coll = open_gallery_folder(path)
     records = coll.all_records()
     if not records:
         raise FinegrainError(f"gallery folder {path} holds no images")
-    return records, coll.class_names, f"all images of {path.resolve()}"
+    for note in coll.notes:
+        log.info("gallery %s: %s", path, note)
+    unlabelled = " (unlabelled)" if not coll.class_names else ""
+    return records, coll.class_names, f"all images of {path.resolve()}{unlabelled}"
 
 
 def embed_records(

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -26,6 +26,9 @@ from finegrain.machine import query_threads, set_faiss_threads
 from finegrain.retrieval.gallery_root import inside, served_root
 from finegrain.retrieval.index import GalleryIndex, check_k
 from finegrain.runs import open_run
+
+if TYPE_CHECKING:
+    from finegrain.inference.engines import AnyEncoder
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +179,77 @@ def check_ids(ids: list[int], gallery_size: int) -> None:
         raise FinegrainError(f"no gallery image with id {bad[0]} (the gallery has {gallery_size})")
 
 
-def _name(names: list[str] | None, label: int) -> str:
-    return names[label] if names and 0 <= label < len(names) else str(label)
+def label_name(names: list[str] | None, label: int) -> str:
+    """The class name of an index label: empty for an unlabelled image (a negative label), the
+    number itself when ``names`` does not name it."""
+    if label < 0:
+        return ""
+    return names[label] if names and label < len(names) else str(label)
+
+
+class IndexInfo(IndexFigures):
+    """The part of :class:`ServiceInfo` that describes the gallery's index (or store)."""
+
+    embedding_dim: int | None
+    metric: str | None
+    index_kind: str | None
+    created_at: str | None
+
+
+def share_cores(encoder: AnyEncoder, concurrency: int) -> int:
+    """Give each of ``concurrency`` queries answered at once its share of the cores (the model's
+    and FAISS's threads), so they never oversubscribe them; returns the threads per query."""
+    threads = query_threads(concurrency)
+    encoder.use_threads(threads)
+    set_faiss_threads(threads)
+    return threads
+
+
+def prediction_source(encoder: AnyEncoder) -> str:
+    """``classifier`` when the run predicts with its trained head, else ``neighbours``."""
+    return "classifier" if encoder.has_classifier and encoder.cfg.predicts_with_classifier else "neighbours"
+
+
+def explain_info(encoder: AnyEncoder, stored_maps: bool) -> ExplainInfo:
+    """Whether a service over ``encoder`` can explain its answers (``stored_maps``: without a second pass)."""
+    why = encoder.maps_missing()
+    return {"available": why is None, "reason": why, "stored_maps": stored_maps}
+
+
+def service_info(
+    run: NamedRun, encoder: AnyEncoder, gallery_size: int, index: IndexInfo, stored_maps: bool
+) -> ServiceInfo:
+    """What a service over ``run``'s model and a gallery of ``gallery_size`` images says about itself
+    (``/api/info`` without the server's limits; no server paths)."""
+    cfg = encoder.cfg
+    return {
+        "run": run.name,
+        "model": str(cfg.model.backbone),
+        "task": str(cfg.task),
+        "dataset": dataset_name(cfg.data.root),
+        "gallery_size": gallery_size,
+        **index,
+        "has_classifier": bool(encoder.has_classifier),
+        "engine": encoder.engine,
+        "precision": str(encoder.precision),
+        "image_sizes": [list(s) for s in encoder.sizes],
+        "explain": explain_info(encoder, stored_maps),
+    }
+
+
+def predict(hits: list[Hit], probs: np.ndarray | None, source: str, class_names: list[str] | None) -> Prediction | None:
+    """The top-5 classes of a search: the head's probabilities ``probs`` when ``source`` is
+    ``classifier``, else the labelled neighbours' vote, their share per class (None without any);
+    a copy of the query among the ``hits`` is flagged on its hit, not counted as a neighbour."""
+    if probs is not None and source == "classifier":
+        order = np.argsort(-probs)[:5]
+        return [(label_name(class_names, int(c)), float(probs[c])) for c in order]
+    voters = [h for h in [h for h in hits if not h.same_image] or hits if h.label]
+    votes: dict[str, int] = {}
+    for h in voters:
+        votes[h.label] = votes.get(h.label, 0) + 1
+    ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
+    return [(label, n / len(voters)) for label, n in ranked] if voters else None
 
 
 class Searcher:
@@ -199,20 +271,14 @@ class Searcher:
         self._fingerprints: dict[int, Fingerprint | None] = {}  # gallery id -> its fingerprint, as hits need them
         self.warn_on_mismatch()
         self.sizes = self.encoder.sizes
-        has_head = self.encoder.has_classifier
-        self.prediction_source = "classifier" if has_head and self.cfg.predicts_with_classifier else "neighbours"
+        self.prediction_source = prediction_source(self.encoder)
 
     @property
     def gallery_size(self) -> int:
         return len(self.index.paths)
 
     def share_cores(self, concurrency: int) -> int:
-        """Give each of ``concurrency`` queries answered at once its share of the cores (the model's
-        and FAISS's threads), so they never oversubscribe them; returns the threads per query."""
-        threads = query_threads(concurrency)
-        self.encoder.use_threads(threads)
-        set_faiss_threads(threads)
-        return threads
+        return share_cores(self.encoder, concurrency)
 
     def _fingerprint(self, hit: Hit) -> Fingerprint | None:
         """A gallery hit's fingerprint, read once; None for a file outside the gallery folder (its
@@ -264,30 +330,16 @@ class Searcher:
     def info(self) -> ServiceInfo:
         """What the service says about itself (no server paths)."""
         meta = self.index.meta
-        return {
-            "run": self.run.name,
-            "model": str(self.cfg.model.backbone),
-            "task": str(self.cfg.task),
-            "dataset": dataset_name(self.cfg.data.root),
-            "gallery_size": self.gallery_size,
+        index: IndexInfo = {
             "embedding_dim": meta.get("dim"),
             "metric": meta.get("metric"),
             "index_kind": meta.get("kind"),
             "index_bytes_per_vector": meta.get("bytes_per_vector"),
             "index_recall_at_10": meta.get("approx_recall_at_10"),
             "index_lists": (meta.get("params") or {}).get("lists"),
-            "has_classifier": bool(self.encoder.has_classifier),
-            "engine": self.engine,
             "created_at": meta.get("created_at"),
-            "precision": str(self.encoder.precision),
-            "image_sizes": [list(s) for s in self.sizes],
-            "explain": self.explain_info,
         }
-
-    @property
-    def explain_info(self) -> ExplainInfo:
-        why = self.encoder.maps_missing()
-        return {"available": why is None, "reason": why, "stored_maps": self.index.maps is not None}
+        return service_info(self.run, self.encoder, self.gallery_size, index, self.index.maps is not None)
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, D], class probabilities [C] or None) of one image."""
@@ -309,7 +361,7 @@ class Searcher:
             Hit(
                 rank=r + 1,
                 id=int(i),
-                label=_name(names, int(self.index.labels[i])),
+                label=label_name(names, int(self.index.labels[i])),
                 score=float(s),
                 path=self.index.paths[i],
             )
@@ -323,14 +375,4 @@ class Searcher:
             if mark is not None and mark[0] == rgb.size:
                 query = query or pixels_digest(rgb)
                 h.same_image = mark[1] == query
-        if probs is not None and self.prediction_source == "classifier":
-            order = np.argsort(-probs)[:5]
-            return hits, [(_name(self.class_names, int(c)), float(probs[c])) for c in order]
-        # otherwise (kNN and metric-learning runs) the neighbours vote: the share of the k hits per
-        # class; a copy of the query in the gallery is flagged on its hit, not counted as a neighbour
-        voters = [h for h in hits if not h.same_image] or hits
-        votes: dict[str, int] = {}
-        for h in voters:
-            votes[h.label] = votes.get(h.label, 0) + 1
-        ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:5]
-        return hits, [(label, n / len(voters)) for label, n in ranked] if voters else None
+        return hits, predict(hits, probs, self.prediction_source, self.class_names)

@@ -188,7 +188,7 @@ def image_media_type(path: Path) -> str | None:
 
 def create_app(
     searcher: SearchService,
-    max_upload_bytes: int = 10 * 2**20,
+    max_upload_bytes: int = 10_000_000,
     max_concurrency: int = 2,
     max_k: int = 50,
     max_image_pixels: int | None = int(DEFAULT_MAX_IMAGE_MPIXELS * 1e6),
@@ -374,7 +374,7 @@ def serve(
     threads = searcher.share_cores(max_concurrency)  # concurrent searches must not oversubscribe the cores
     app = create_app(
         searcher,
-        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_upload_bytes=int(max_upload_mb * 1e6),
         max_concurrency=max_concurrency,
         max_image_pixels=int(max_image_mpixels * 1e6),
         host=host,

@@ -335,17 +335,15 @@ def _onnx_seconds_per_image(model, cfg: ExperimentConfig, images) -> float | Non
     # torch and ONNX Runtime (the serve extra), behind these modules
     from finegrain.inference.export import export_onnx
     from finegrain.inference.load import LoadedModel
-    from finegrain.inference.onnx_engine import INPUT_NAME, import_onnxruntime
+    from finegrain.inference.onnx_engine import INPUT_NAME, cpu_session, import_onnxruntime
 
     try:
-        ort = import_onnxruntime()
+        import_onnxruntime()
         data = export_onnx(LoadedModel(model, cfg, [], Path("-"), ""), PROBE_SIZE, maps=False)
     except (FinegrainError, ImportError) as e:
         log.info("budget probe: the evaluation is timed in torch (%s)", e)
         return None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-    session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(data, torch.get_num_threads())
     x = images.numpy()
     return _seconds_per_image(lambda: session.run(None, {INPUT_NAME: x}))
 

@@ -14,8 +14,6 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rich import filesize
-
 from finegrain import __version__
 from finegrain.errors import FinegrainError
 from finegrain.inference.load import file_sha256, load_model
@@ -34,6 +32,7 @@ from finegrain.runs import (
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_tmp,
+    human_bytes,
     open_run,
 )
 from finegrain.tasks.evaluate import knn_metrics
@@ -237,14 +236,14 @@ def render_export(meta: dict, run_path: Path) -> list[str]:
     sizes = ", ".join(f"{h}x{w}" for h, w in meta["image_sizes"])
     lines = [
         f"exported {meta['backbone']} to {dest / meta['files']['fp32']['file']} "
-        f"({filesize.decimal(meta['files']['fp32']['bytes'])}, opset {meta['opset']}, sizes {sizes}); "
+        f"({human_bytes(meta['files']['fp32']['bytes'])}, opset {meta['opset']}, sizes {sizes}); "
         f"max difference to PyTorch {meta['parity']['max_abs_diff']:.2g}"
     ]
     if "int8" in meta["files"]:
         acc = meta["accuracy"]
         int8 = meta["files"]["int8"]
         lines.append(
-            f"int8: {dest / int8['file']} ({filesize.decimal(int8['bytes'])}, "
+            f"int8: {dest / int8['file']} ({human_bytes(int8['bytes'])}, "
             f"{int8['quantization']['calibration_images']} calibration images); test "
             f"{acc['metric']} {acc['fp32']:.4f} in fp32, {acc['int8']:.4f} in int8 "
             f"(drop {acc['int8_drop']:+.4f})"

@@ -45,6 +45,7 @@
   }
 
   function scoreText(s) { return s.toFixed(3); }
+  function labelText(label) { return label || "unlabelled"; }  // a gallery image without a class
 
   /** Similarity in [0, 1] for the score bar: cosine/inner product in [-1, 1], L2 distances shrink. */
   function scoreFraction(s) {
@@ -246,13 +247,13 @@
       Math.round(body.query_ms) + " ms" + (copies.length ? " · " + copies.join(", ") +
       (copies.length === 1 ? " is" : " are") + " this image itself, not counted as a neighbour" : "");
     const cards = results.map((r, i) => {
-      const img = el("img", { src: r.url, alt: r.label, loading: "lazy", decoding: "async" });
+      const img = el("img", { src: r.url, alt: labelText(r.label), loading: "lazy", decoding: "async" });
       const frac = scoreFraction(r.score);
-      const button = el("button", { type: "button", "aria-label": "Enlarge #" + r.rank + ": " + r.label }, [
+      const button = el("button", { type: "button", "aria-label": "Enlarge #" + r.rank + ": " + labelText(r.label) }, [
         el("div", { class: "thumb" }, [img, el("span", { class: "rank", text: "#" + r.rank }),
           ...(r.same_image ? [el("span", { class: "same", text: "same image" })] : [])]),
         el("div", { class: "result-body" }, [
-          el("div", { class: "result-label", text: r.label, title: r.label }),
+          el("div", { class: "result-label" + (r.label ? "" : " unlabelled"), text: labelText(r.label), title: labelText(r.label) }),
           el("div", { class: "result-score", title: (state.metric || "score") + " " + r.score }, [
             el("div", { class: "score-track" }, [el("div", { class: "score-fill", style: { width: (frac * 100).toFixed(1) + "%" } })]),
             el("span", { class: "score-val", text: scoreText(r.score) }),
@@ -275,9 +276,9 @@
     state.lbIndex = (i + n) % n;
     const r = state.results[state.lbIndex];
     els.lbImg.src = r.url;
-    els.lbImg.alt = r.label;
+    els.lbImg.alt = labelText(r.label);
     els.lbRank.textContent = "#" + r.rank;
-    els.lbLabel.textContent = r.label;
+    els.lbLabel.textContent = labelText(r.label);
     els.lbScore.textContent = (state.metric || "score") + " " + scoreText(r.score);
     els.lbPrev.hidden = els.lbNext.hidden = n < 2;
   }
