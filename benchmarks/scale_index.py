@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from common import log, machine_info, warn_if_busy
+from common import load_average, log, machine_info, warn_if_busy
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale_index.json"
 WORK = ROOT / "benchmarks" / "out" / "scale_index"
@@ -399,6 +399,7 @@ def main() -> None:
                 if done.returncode == 0
                 else {"size": size, "vectors": n, "kind": kind, "error": done.stderr[-1500:]}
             )
+            row["finished_at"], row["load_average"] = datetime.now(UTC).isoformat(timespec="seconds"), load_average()
             log(json.dumps(row))
             result["rows"].append(row)
             result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
