@@ -6,7 +6,8 @@ index/
   index.faiss      the IVF-PQ index (FAISS): about ``m`` bytes of code + 8 of id a vector
   lists.ivfdata    on-disk lists only: the codes and ids, memory-mapped (index.faiss then holds
                    the quantizers and where each list lies in this file)
-  vectors.f16.npy  every vector in float16, memory-mapped: a query reads only its candidates' rows
+  vectors.f16.npy  every vector in float16: a query reads only its candidates' rows, with plain
+                   reads (:func:`read_rows`), so the copy lives in the page cache, not in RSS
   labels.npy, paths.json, meta.json   as for every kind
 ```
 
@@ -20,11 +21,13 @@ the code size and ``nprobe`` follow from the gallery size and a recall target: t
 ``nprobe`` reaching it on held-out queries (gallery vectors whose own entry is left out of both
 answers) is kept, and the recall measured is written into the metadata.
 
-Where the codes would exceed a memory budget (``max_ram``, half of this machine's RAM unless
-given), or on request, the inverted lists live on disk (FAISS ``OnDiskInvertedLists``): each
-shard of at most :data:`SHARD_BYTES` of codes is filled in RAM and written as a FAISS index, and
-the shards are merged on disk into ``lists.ivfdata`` (``faiss.contrib.ondisk.merge_ondisk``), which
-searches memory-map. ``params["lists"]`` says which (``in-ram`` or ``on-disk``).
+The codes are added in shards of at most :data:`SHARD_BYTES`, each filled in RAM and written as a
+FAISS index once full. Where the codes would exceed a memory budget (``max_ram``, half of this
+machine's RAM unless given), or on request, the inverted lists live on disk (FAISS
+``OnDiskInvertedLists``): the shards are merged on disk into ``lists.ivfdata``
+(``faiss.contrib.ondisk.merge_ondisk``), which searches memory-map. Otherwise they are gathered
+into lists in RAM, each allocated once at its final size. ``params["lists"]`` says which
+(``in-ram`` or ``on-disk``).
 """
 
 from __future__ import annotations
