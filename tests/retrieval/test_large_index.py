@@ -354,26 +354,22 @@ def test_read_rows_equals_indexing_the_array(tmp_path):
         read_rows(mapped, np.array([1, 3000]))
 
 
-def test_search_and_tuning_leave_no_page_of_the_copy_resident(x, tmp_path):
-    """Building (tuning re-ranks hundreds of queries) and searching read the float16 copy with plain
-    reads: none of its pages stays mapped in the process, and the answers equal those of the same
-    index holding its copy in RAM."""
-    index = build_ivfpq(_chunks(x, 1000), N, D, "cosine", tmp_path / "v.npy", recall=0.99)
-    before = _resident_kb(tmp_path / "v.npy")
-    if before is None:
+def test_search_and_tuning_leave_no_page_of_the_copy_resident(saved, x):
+    """Building (tuning searched 1,000 held-out queries), saving, loading and searching read the
+    float16 copy with plain reads: none of its pages stays mapped in this process, and the answers
+    equal those of the same index holding its copy in RAM."""
+    dest, _ = saved  # built and saved in this process
+    path = dest / VECTORS_FILE
+    if _resident_kb(path) is None:
         pytest.skip("no /proc/self/smaps on this system")
-    assert isinstance(index.vectors, np.memmap)
+    assert _resident_kb(path) == 0
+    again = GalleryIndex.load(dest)
     q = x[::7]
-    d, i = index.search(q, 10)
-    assert before == 0 and _resident_kb(tmp_path / "v.npy") == 0
-    mapped, index.vectors = index.vectors, np.load(tmp_path / "v.npy")  # the same copy, read into RAM
-    d_ram, i_ram = index.search(q, 10)
-    assert np.array_equal(i, i_ram) and np.array_equal(d, d_ram)
-    index.vectors = mapped
-    gallery = _save(index, tmp_path / "index")
-    again = GalleryIndex.load(tmp_path / "index")
-    assert np.array_equal(again.search(q, 10)[1], gallery.search(q, 10)[1])
-    assert _resident_kb(tmp_path / "index" / VECTORS_FILE) == 0
+    s_mapped, i_mapped = again.search(q, 10)
+    assert _resident_kb(path) == 0
+    again.index.vectors = np.load(path)  # the same copy, read into RAM
+    s_ram, i_ram = again.search(q, 10)
+    assert np.array_equal(i_mapped, i_ram) and np.array_equal(s_mapped, s_ram)
 
 
 def test_lists_gathered_from_shards_equal_faiss_adding_in_one_go(x, tmp_path):
@@ -389,7 +385,7 @@ def test_lists_gathered_from_shards_equal_faiss_adding_in_one_go(x, tmp_path):
         built.add(x[lo : lo + 1000])
     assert len(list((tmp_path / "l").iterdir())) == 8  # the ninth is still in RAM
     plain.add(x)
-    built.finish()
+    built.serialize()  # seals the lists
     assert not (tmp_path / "l").exists()  # the shards are gone once gathered
     mine, theirs = (faiss.extract_index_ivf(i).invlists for i in (built.ivf, plain))
     assert built.ivf.ntotal == N and built.params["lists"] == IN_RAM
