@@ -183,9 +183,7 @@ def memory_status() -> dict[str, float]:
         lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
         return {}
-    return {
-        fields[f[0]]: round(int(f[1]) / 2**20, 3) for f in (line.split() for line in lines) if f and f[0] in fields
-    }
+    return {fields[f[0]]: round(int(f[1]) / 2**20, 3) for f in (line.split() for line in lines) if f and f[0] in fields}
 
 
 class MemoryProbe:
