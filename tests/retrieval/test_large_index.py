@@ -370,6 +370,8 @@ def test_search_and_tuning_leave_no_page_of_the_copy_resident(saved, x):
     again.index.vectors = np.load(path)  # the same copy, read into RAM
     s_ram, i_ram = again.search(q, 10)
     assert np.array_equal(i_mapped, i_ram) and np.array_equal(s_mapped, s_ram)
+    with pytest.raises(FinegrainError, match="filled once"):  # its shards would start from the full index
+        again.index.add(x[:10])
 
 
 def test_lists_gathered_from_shards_equal_faiss_adding_in_one_go(x, tmp_path):

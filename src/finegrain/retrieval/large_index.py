@@ -100,7 +100,8 @@ READ_GAP_ROWS = 8
 """Rows between two wanted ones that :func:`read_rows` reads rather than start another read."""
 BUILD_PHASES = ("sample", "train", "add", "seal", "tune")
 """What :func:`build_ivfpq` does in turn: a pass for the training sample, training, a pass adding
-every chunk, closing the float16 copy (and merging on-disk lists), tuning ``nprobe``."""
+every chunk, closing the float16 copy and putting the shards' lists together (gathered in RAM or
+merged on disk), tuning ``nprobe``."""
 
 KIND_FILES.update((VECTORS_FILE, LISTS_FILE))
 
@@ -338,7 +339,10 @@ class RerankedIVFPQ:
         self.ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
 
     def add(self, x: np.ndarray) -> None:
-        """Add a chunk (ids continue from the last one), keeping its float16 copy for the re-rank."""
+        """Add a chunk (ids continue from the last one), keeping its float16 copy for the re-rank.
+        An index is filled once: its shards start from the trained, empty index."""
+        if int(self.ivf.ntotal) > 0:
+            raise FinegrainError("an ivfpq index is filled once, when it is built: build a new one to add vectors")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self._out is not None:
             if self._filled + len(x) > (self._n or 0):
