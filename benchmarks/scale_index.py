@@ -17,12 +17,19 @@ objects has. Queries are 1,000 more vectors of the same generator, never added.
 
 Ground truth: exact top-10 by streaming brute force over regenerated chunks (one chunk in RAM at
 a time). Each index is built and measured in its own process (so its peak RSS is its own): build
-time (on 2 FAISS threads), peak RSS, bytes per vector (the index's files), recall@10 of the 1,000
-queries, and the p50/p99 latency of single queries on one thread (FAISS, and the re-rank, on one
-thread). ``ivfpq-disk`` is the ``ivfpq`` index with its inverted lists on disk, memory-mapped.
-Each pass over the chunks logs its progress (wall and CPU seconds) to ``benchmarks/out``.
-The real 4,092 vectors get rows too (``data: real``): 3,092 indexed, 1,000 held out as queries.
-Rows are written to ``--out`` as each finishes.
+time (on 2 FAISS threads), peak RSS (VmHWM), bytes per vector (the index's files), recall@10 of
+the 1,000 queries, and the p50/p99 latency of single queries on one thread (FAISS, and the re-rank,
+on one thread). Memory by phase (``memory_by_phase``: the build's phases, then writing, the recall
+search and the latency queries): peaks of anonymous and file-backed RSS (``RssAnon``, ``RssFile``:
+pages of mapped files, which the kernel may reclaim) and of their sum, sampled every 50 ms, and
+their values when the phase ended. ``ivfpq-disk`` is the ``ivfpq`` index with its inverted lists on
+disk, memory-mapped. Each pass over the chunks logs its progress (wall and CPU seconds, RSS) to
+``benchmarks/out``. The real 4,092 vectors get rows too (``data: real``): 3,092 indexed, 1,000 held
+out as queries. Rows are written to ``--out`` as each finishes.
+
+``--compare-reads SIZE KIND`` re-searches a saved ivfpq index, re-ranking with plain reads (as
+shipped) and through a memory map of the float16 copy in turns, and adds to its row the p50 of each
+and the file-backed RSS the map leaves (``rerank_reads``).
 """
 
 from __future__ import annotations
