@@ -17,12 +17,19 @@ objects has. Queries are 1,000 more vectors of the same generator, never added.
 
 Ground truth: exact top-10 by streaming brute force over regenerated chunks (one chunk in RAM at
 a time). Each index is built and measured in its own process (so its peak RSS is its own): build
-time (on 2 FAISS threads), peak RSS, bytes per vector (the index's files), recall@10 of the 1,000
-queries, and the p50/p99 latency of single queries on one thread (FAISS, and the re-rank, on one
-thread). ``ivfpq-disk`` is the ``ivfpq`` index with its inverted lists on disk, memory-mapped.
-Each pass over the chunks logs its progress (wall and CPU seconds) to ``benchmarks/out``.
-The real 4,092 vectors get rows too (``data: real``): 3,092 indexed, 1,000 held out as queries.
-Rows are written to ``--out`` as each finishes.
+time (on 2 FAISS threads), peak RSS (VmHWM), bytes per vector (the index's files), recall@10 of
+the 1,000 queries, and the p50/p99 latency of single queries on one thread (FAISS, and the re-rank,
+on one thread). Memory by phase (``memory_by_phase``: the build's phases, then writing, the recall
+search and the latency queries): peaks of anonymous and file-backed RSS (``RssAnon``, ``RssFile``:
+pages of mapped files, which the kernel may reclaim) and of their sum, sampled every 50 ms, and
+their values when the phase ended. ``ivfpq-disk`` is the ``ivfpq`` index with its inverted lists on
+disk, memory-mapped. Each pass over the chunks logs its progress (wall and CPU seconds, RSS) to
+``benchmarks/out``. The real 4,092 vectors get rows too (``data: real``): 3,092 indexed, 1,000 held
+out as queries. Rows are written to ``--out`` as each finishes.
+
+``--compare-reads SIZE KIND`` re-searches a saved ivfpq index, re-ranking with plain reads (as
+shipped) and through a memory map of the float16 copy in turns, and adds to its row the p50 of each
+and the file-backed RSS the map leaves (``rerank_reads``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from common import log, machine_info, warn_if_busy
+from common import load_average, log, machine_info, warn_if_busy
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale_index.json"
 WORK = ROOT / "benchmarks" / "out" / "scale_index"
@@ -52,6 +60,7 @@ LATENCY_QUERIES = 300
 PROGRESS_EVERY = 20
 BUILD_THREADS = 2
 """FAISS threads while building (training, adding, tuning); every search measured runs on one."""
+PROBE_EVERY_S = 0.05
 FLAT_MAX_GB = 4.0
 """Flat and HNSW hold every float32 vector in RAM: run them only up to this much."""
 
@@ -126,15 +135,18 @@ class Generator:
         return self._make(owners, np.random.default_rng([7, c]))
 
     def chunks(self):
-        """Every chunk in order; progress (wall and CPU seconds) goes to stderr as they come."""
+        """Every chunk in order; progress (wall and CPU seconds, resident memory) goes to stderr as
+        they come."""
         self.passes += 1
         total = (self.n + CHUNK - 1) // CHUNK
         t0, c0 = time.perf_counter(), time.process_time()
         for c in range(total):
             if c % PROGRESS_EVERY == 0 or c == total - 1:
+                mem = memory_status()
                 print(
                     f"[{time.strftime('%H:%M:%S')}] pass {self.passes}: chunk {c}/{total}, "
-                    f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU",
+                    f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU, "
+                    f"RSS anon {mem.get('anon', 0):.3f} GB file {mem.get('file', 0):.3f} GB",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -169,6 +181,57 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
+def memory_status() -> dict[str, float]:
+    """This process's resident memory now, in GB: ``anon`` (heap, arrays: what it must hold),
+    ``file`` (pages of mapped files: page cache the kernel may reclaim), ``hwm`` (VmHWM: the peak of
+    their sum so far); empty where /proc is absent."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file", "VmHWM:": "hwm"}
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {fields[f[0]]: round(int(f[1]) / 2**20, 3) for f in (line.split() for line in lines) if f and f[0] in fields}
+
+
+class MemoryProbe:
+    """Samples :func:`memory_status` every :data:`PROBE_EVERY_S` in a thread and keeps, per phase
+    (named by :meth:`phase`), the peaks of anonymous, file-backed and total RSS, and the RSS when the
+    phase ended."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+        self._name: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        now = memory_status()
+        with self._lock:
+            if self._name is None or not now:
+                return
+            row = self.phases.setdefault(self._name, {"peak_anon_gb": 0.0, "peak_file_gb": 0.0, "peak_rss_gb": 0.0})
+            row["peak_anon_gb"] = max(row["peak_anon_gb"], now["anon"])
+            row["peak_file_gb"] = max(row["peak_file_gb"], now["file"])
+            row["peak_rss_gb"] = max(row["peak_rss_gb"], round(now["anon"] + now["file"], 3))
+            row["end_anon_gb"], row["end_file_gb"] = now["anon"], now["file"]
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROBE_EVERY_S):
+            self._sample()
+
+    def phase(self, name: str | None) -> None:
+        """End the current phase (sampled once more) and start ``name`` (None: stop)."""
+        self._sample()
+        with self._lock:
+            self._name = name
+        self._sample()
+        if name is None:
+            self._stop.set()
+            self._thread.join()
+
+
 def truth(size: str) -> Path:
     """Exact top-10 of the queries (streaming brute force), saved for the index processes."""
     from finegrain.retrieval.large_index import streaming_knn
@@ -201,16 +264,27 @@ def measure(size: str, kind: str) -> dict:
     folder = WORK / f"{kind}-{size}"
     folder.mkdir(parents=True, exist_ok=True)
     rss_at_start = peak_rss_gb()  # imports, seeds, queries and ground truth: before any index
+    probe = MemoryProbe()
     t0 = time.perf_counter()
     extra: dict = {}
     if kind.startswith("ivfpq"):  # ivfpq-disk: the same with its lists on disk (memory-mapped)
         vectors = folder / "vectors.f16.npy"
-        index = build_ivfpq(chunks, n, DIM, "cosine", vectors, on_disk=kind == "ivfpq-disk")  # type: ignore[arg-type]
+        index = build_ivfpq(
+            chunks,  # type: ignore[arg-type]
+            n,
+            DIM,
+            "cosine",
+            vectors,
+            on_disk=kind == "ivfpq-disk",
+            on_phase=probe.phase,
+        )
+        probe.phase("write")
         faiss.write_index(index.ivf, str(folder / "index.faiss"))  # streamed: no second copy in RAM
         in_ram = (folder / "index.faiss").stat().st_size  # the codes, or (on disk) where the lists lie
         file_bytes = in_ram + index.params.get("lists_bytes", 0) + vectors.stat().st_size
         extra = {"ram_bytes_per_vector": round(in_ram / n, 2), "params": index.params}
     else:
+        probe.phase("add")
         index = faiss.IndexFlatIP(DIM) if kind == "flat" else faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
         if kind == "hnsw":
             index.hnsw.efConstruction, index.hnsw.efSearch = 40, 128
@@ -222,14 +296,17 @@ def measure(size: str, kind: str) -> dict:
     build_s = time.perf_counter() - t0
     faiss.omp_set_num_threads(1)
     exact = np.load(truth(size))  # computed beside the build when that was started apart
+    probe.phase("search")
     _, ids = index.search(queries, K)
     recall = recall_at_k(ids, exact)
+    probe.phase("latency")
     times = []
     for q in queries[:LATENCY_QUERIES]:
         t = time.perf_counter()
         index.search(q[None], K)
         times.append(time.perf_counter() - t)
     ms = np.array(times) * 1000
+    probe.phase(None)
     return {
         "vectors": n,
         "data": "real" if size == "real" else "generated",
@@ -238,11 +315,64 @@ def measure(size: str, kind: str) -> dict:
         "p50_ms": round(float(np.percentile(ms, 50)), 3),
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
         "peak_rss_gb": peak_rss_gb(),
+        "peak_anon_gb": max(p["peak_anon_gb"] for p in probe.phases.values()),
         "rss_before_build_gb": rss_at_start,
+        "memory_by_phase": probe.phases,
         "build_s": round(build_s, 1),
         "build_threads": BUILD_THREADS,
         "bytes_per_vector": round(file_bytes / n, 2),
         **extra,
+    }
+
+
+def compare_reads(size: str, kind: str, params: dict) -> dict:
+    """The saved ``kind`` index of ``size`` re-ranking its candidates two ways in this process, on
+    one thread: reading their float16 rows with plain reads (as shipped) and gathering them through
+    a memory map of the copy (as before). The page cache is warmed by one pass of the reads first;
+    then the latency queries alternate between the two, and the 1,000 queries run once more
+    through the map: the file-backed RSS each way leaves, and the p50 of each."""
+    import faiss
+
+    from finegrain.retrieval.large_index import VECTORS_FILE, RerankedIVFPQ
+
+    faiss.omp_set_num_threads(1)
+    folder = WORK / f"{kind}-{size}"
+    _, _, queries = data_for(size)
+    ivf = faiss.read_index(str(folder / "index.faiss"))
+    index = RerankedIVFPQ(ivf, "cosine", dict(params), vectors=np.load(folder / VECTORS_FILE, mmap_mode="r"))
+    mapped = index.vectors
+    assert mapped is not None
+    rerank = max(K, int(params["rerank"]))
+
+    def through_map(q: np.ndarray) -> np.ndarray:
+        _, cand = index.ivf.search(q, rerank)
+        v = np.asarray(mapped[np.where(cand >= 0, cand, 0).reshape(-1)], dtype=np.float32)
+        scores = v.reshape(len(q), -1, DIM) @ q[0]
+        return cand[0][np.argsort(-scores[0])[:K]]
+
+    def timed(search, q: np.ndarray) -> float:
+        t = time.perf_counter()
+        search(q)
+        return (time.perf_counter() - t) * 1000
+
+    index.search(queries, K)  # warms the page cache with every candidate's rows
+    start = memory_status()
+    ms: dict[str, list[float]] = {"reads": [], "map": []}
+    for q in queries[:LATENCY_QUERIES]:
+        ms["reads"].append(timed(lambda one: index.search(one, K), q[None]))
+        ms["map"].append(timed(through_map, q[None]))
+    for q in queries[LATENCY_QUERIES:]:
+        through_map(q[None])
+    end = memory_status()
+    return {
+        "queries": len(queries),
+        "rerank": rerank,
+        "nprobe": int(params["nprobe"]),
+        "p50_reads_ms": round(float(np.percentile(ms["reads"], 50)), 3),
+        "p50_map_ms": round(float(np.percentile(ms["map"], 50)), 3),
+        "file_rss_gb_before": start.get("file"),
+        "file_rss_gb_after_map": end.get("file"),
+        "note": "file-backed RSS after the reads (and before the map) is the libraries' own",
     }
 
 
@@ -269,7 +399,25 @@ def main() -> None:
         action="store_true",
         help="build without waiting for the ground truth (computed apart with --truth)",
     )
+    p.add_argument(
+        "--compare-reads",
+        nargs=2,
+        metavar=("SIZE", "KIND"),
+        help="re-search the saved index of this size and kind (its row in --out) with reads and through a map",
+    )
     a = p.parse_args()
+    if a.compare_reads:
+        size, kind = a.compare_reads
+        result = json.loads(a.out.read_text())
+        row = next(r for r in result["rows"] if r.get("size") == size and r["kind"] == kind)
+        row["rerank_reads"] = {
+            **compare_reads(size, kind, row["params"]),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average": load_average(),
+        }
+        log(json.dumps(row["rerank_reads"]))
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if a.truth:
         truth(a.truth)
         return
@@ -325,6 +473,7 @@ def main() -> None:
                 if done.returncode == 0
                 else {"size": size, "vectors": n, "kind": kind, "error": done.stderr[-1500:]}
             )
+            row["finished_at"], row["load_average"] = datetime.now(UTC).isoformat(timespec="seconds"), load_average()
             log(json.dumps(row))
             result["rows"].append(row)
             result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")

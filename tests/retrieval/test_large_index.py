@@ -320,3 +320,80 @@ def test_tuning_re_ranks_more_before_it_scans_more_lists(x, tmp_path):
     assert index.params["nprobe"] > 1  # this target needs more than one list
     assert index.params["rerank"] >= RERANK_BEFORE_PROBE
     assert index.params["measured_recall"] >= 0.995
+
+
+# -- memory: the float16 copy is read, never left mapped ---------------------------------
+def _resident_kb(path: Path) -> int | None:
+    """kB of ``path`` resident in this process's mappings (None where /proc has no smaps)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+            inside = len(head) >= 6 and head[-1] == str(path)
+        elif inside and head[:1] == ["Rss:"]:
+            total += int(head[1])
+    return total
+
+
+def test_read_rows_equals_indexing_the_array(tmp_path):
+    """Rows read in runs (duplicates, gaps, any order) equal the rows indexed in RAM."""
+    from finegrain.retrieval.large_index import read_rows
+
+    v = np.random.default_rng(3).normal(size=(3000, 24)).astype(np.float16)
+    np.save(tmp_path / "v.npy", v)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    rng = np.random.default_rng(4)
+    for ids in (np.array([2999, 0, 0, 5, 6, 11, 2998]), rng.integers(0, 3000, (7, 40)), np.arange(100, 160)):
+        got = read_rows(mapped, ids)
+        assert got.dtype == np.float32 and np.array_equal(got, v[ids.reshape(-1)].astype(np.float32))
+    with pytest.raises(FinegrainError, match="no row 3000"):
+        read_rows(mapped, np.array([1, 3000]))
+
+
+def test_search_and_tuning_leave_no_page_of_the_copy_resident(saved, x):
+    """Building (tuning searched 1,000 held-out queries), saving, loading and searching read the
+    float16 copy with plain reads: none of its pages stays mapped in this process, and the answers
+    equal those of the same index holding its copy in RAM."""
+    dest, _ = saved  # built and saved in this process
+    path = dest / VECTORS_FILE
+    if _resident_kb(path) is None:
+        pytest.skip("no /proc/self/smaps on this system")
+    assert _resident_kb(path) == 0
+    again = GalleryIndex.load(dest)
+    q = x[::7]
+    s_mapped, i_mapped = again.search(q, 10)
+    assert _resident_kb(path) == 0
+    again.index.vectors = np.load(path)  # the same copy, read into RAM
+    s_ram, i_ram = again.search(q, 10)
+    assert np.array_equal(i_mapped, i_ram) and np.array_equal(s_mapped, s_ram)
+    with pytest.raises(FinegrainError, match="filled once"):  # its shards would start from the full index
+        again.index.add(x[:10])
+
+
+def test_lists_gathered_from_shards_equal_faiss_adding_in_one_go(x, tmp_path):
+    """In-RAM lists filled in shards (written, read back, gathered into lists of their final size)
+    hold the same ids and codes, in the same order, as FAISS adding every vector to the trained
+    index at once."""
+    params = ivfpq_params(N, D)
+    params.update(nprobe=8, max_ram=4 * 12 * 700)  # shards of 700 vectors' codes: 9 of them
+    built = RerankedIVFPQ.empty(D, "cosine", params, vectors_file=tmp_path / "v.npy", n=N, lists_dir=tmp_path / "l")
+    built.train(x[: params["train_points"]])
+    plain = faiss.deserialize_index(np.frombuffer(built.serialize(), dtype=np.uint8))
+    for lo in range(0, N, 1000):
+        built.add(x[lo : lo + 1000])
+    assert len(list((tmp_path / "l").iterdir())) == 8  # the ninth is still in RAM
+    plain.add(x)
+    built.serialize()  # seals the lists
+    assert not (tmp_path / "l").exists()  # the shards are gone once gathered
+    mine, theirs = (faiss.extract_index_ivf(i).invlists for i in (built.ivf, plain))
+    assert built.ivf.ntotal == N and built.params["lists"] == IN_RAM
+    for i in range(theirs.nlist):
+        size = theirs.list_size(i)
+        assert mine.list_size(i) == size
+        ids, codes = (faiss.rev_swig_ptr(f(i), size * w) for f, w in ((mine.get_ids, 1), (mine.get_codes, 4)))
+        assert np.array_equal(ids, faiss.rev_swig_ptr(theirs.get_ids(i), size))
+        assert np.array_equal(codes, faiss.rev_swig_ptr(theirs.get_codes(i), size * 4))

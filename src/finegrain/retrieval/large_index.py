@@ -6,7 +6,8 @@ index/
   index.faiss      the IVF-PQ index (FAISS): about ``m`` bytes of code + 8 of id a vector
   lists.ivfdata    on-disk lists only: the codes and ids, memory-mapped (index.faiss then holds
                    the quantizers and where each list lies in this file)
-  vectors.f16.npy  every vector in float16, memory-mapped: a query reads only its candidates' rows
+  vectors.f16.npy  every vector in float16: a query reads only its candidates' rows, with plain
+                   reads (:func:`read_rows`), so the copy lives in the page cache, not in RSS
   labels.npy, paths.json, meta.json   as for every kind
 ```
 
@@ -20,11 +21,13 @@ the code size and ``nprobe`` follow from the gallery size and a recall target: t
 ``nprobe`` reaching it on held-out queries (gallery vectors whose own entry is left out of both
 answers) is kept, and the recall measured is written into the metadata.
 
-Where the codes would exceed a memory budget (``max_ram``, half of this machine's RAM unless
-given), or on request, the inverted lists live on disk (FAISS ``OnDiskInvertedLists``): each
-shard of at most :data:`SHARD_BYTES` of codes is filled in RAM and written as a FAISS index, and
-the shards are merged on disk into ``lists.ivfdata`` (``faiss.contrib.ondisk.merge_ondisk``), which
-searches memory-map. ``params["lists"]`` says which (``in-ram`` or ``on-disk``).
+The codes are added in shards of at most :data:`SHARD_BYTES`, each filled in RAM and written as a
+FAISS index once full. Where the codes would exceed a memory budget (``max_ram``, half of this
+machine's RAM unless given), or on request, the inverted lists live on disk (FAISS
+``OnDiskInvertedLists``): the shards are merged on disk into ``lists.ivfdata``
+(``faiss.contrib.ondisk.merge_ondisk``), which searches memory-map. Otherwise they are gathered
+into lists in RAM, each allocated once at its final size. ``params["lists"]`` says which
+(``in-ram`` or ``on-disk``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -66,8 +69,11 @@ LISTS_FILE = "lists.ivfdata"
 IN_RAM, ON_DISK = "in-ram", "on-disk"
 ID_BYTES = 8
 SHARD_BYTES = 256 * 2**20
-"""Codes (and ids) a shard of an on-disk build holds in RAM before it is written (less when the
-memory budget is smaller)."""
+"""Codes (and ids) a shard holds in RAM before it is written (less when the memory budget is
+smaller)."""
+RAM_SHARDS, MIN_RAM_SHARD_BYTES = 8, 16 * 2**20
+"""In-RAM lists are gathered from shards of about an eighth of them (at least 16 MB): the shard read
+back while gathering adds at most that to the final lists."""
 DIGEST_BLOCKS, DIGEST_BLOCK = 64, 2**20
 DEFAULT_RECALL = 0.95
 RERANK_CANDIDATES = 100
@@ -84,12 +90,18 @@ PQ_TRAIN_POINTS = 256 * 39  # 8-bit codebooks: FAISS wants 39 points per centroi
 HNSW_QUANTIZER_FROM = 1024
 """From this many lists the coarse quantizer is an HNSW graph of the centroids: assigning 10^7
 vectors to 4,096 centroids by brute force alone takes a core a quarter of an hour."""
-STREAM_CHUNK = 65536
+STREAM_CHUNK = 16384
 KMEANS_NITER = 10
 TUNE_WORK = 10**9
 """Held-out queries times gallery vectors that tuning compares exactly: 1,000 queries up to 10^6
 vectors, fewer beyond (at least 200), as each one costs a pass over every vector."""
 SEARCH_BLOCK = 64
+READ_GAP_ROWS = 8
+"""Rows between two wanted ones that :func:`read_rows` reads rather than start another read."""
+BUILD_PHASES = ("sample", "train", "add", "seal", "tune")
+"""What :func:`build_ivfpq` does in turn: a pass for the training sample, training, a pass adding
+every chunk, closing the float16 copy and putting the shards' lists together (gathered in RAM or
+merged on disk), tuning ``nprobe``."""
 
 KIND_FILES.update((VECTORS_FILE, LISTS_FILE))
 
@@ -192,6 +204,39 @@ def rows(array: np.ndarray, chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:
             yield np.frombuffer(f.read(n * width), dtype=array.dtype).reshape(n, -1).astype(np.float32)
 
 
+def read_rows(array: np.ndarray, ids: np.ndarray, file: BinaryIO | None = None) -> np.ndarray:
+    """Rows ``ids`` of ``array`` in float32. A memory map is read (from ``file`` if given, open on
+    the same file, else from its name) with plain reads, one a run of
+    nearby rows (gaps up to :data:`READ_GAP_ROWS`), so that no page of the file stays mapped in this
+    process: a re-rank's reads then live in the page cache, shared and reclaimable, not in the
+    resident memory of every process that searches (reading through the map left every page it
+    touched, and the pages around it, resident until the map closed)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if not isinstance(array, np.memmap) or array.filename is None or not len(ids):
+        return np.asarray(array[ids], dtype=np.float32)
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    if len(uniq) and (uniq[0] < 0 or uniq[-1] >= len(array)):
+        raise FinegrainError(f"no row {uniq[0] if uniq[0] < 0 else uniq[-1]} in {array.filename} ({len(array)} rows)")
+    cut = np.flatnonzero(np.diff(uniq) > READ_GAP_ROWS) + 1
+    first, last = uniq[np.r_[0, cut]], uniq[np.r_[cut, len(uniq)] - 1]
+    at = np.r_[0, np.cumsum(last - first + 1)]  # where each run starts in the block read
+    block = np.empty((int(at[-1]), *array.shape[1:]), dtype=array.dtype)
+    width = block[:1].nbytes
+    buf = block.view(np.uint8).reshape(-1).data
+    f = file if file is not None else open(array.filename, "rb", buffering=0)  # noqa: SIM115
+    try:
+        fd = f.fileno()
+        starts, ends, offsets = (at[:-1] * width).tolist(), (at[1:] * width).tolist(), array.offset + first * width
+        for a, b, offset in zip(starts, ends, offsets.tolist(), strict=True):
+            if os.preadv(fd, [buf[a:b]], offset) != b - a:
+                raise FinegrainError(f"damaged index file {array.filename}: shorter than its {len(array)} rows")
+    finally:
+        if file is None:
+            f.close()
+    run = np.repeat(np.arange(len(first)), np.diff(np.r_[0, cut, len(uniq)]))
+    return block[(at[run] + uniq - first[run])[inverse]].astype(np.float32)
+
+
 class RerankedIVFPQ:
     """An IVF-PQ FAISS index whose candidates are re-ranked with the exact vectors (float16).
 
@@ -212,6 +257,7 @@ class RerankedIVFPQ:
         self.ivf = ivf
         self.metric = metric
         self.params = params
+        self._reader: BinaryIO | None = None
         self.vectors = vectors  # [ntotal, d] float16 once built or opened
         self._file = vectors_file
         self._parts: list[np.ndarray] = []
@@ -230,6 +276,7 @@ class RerankedIVFPQ:
         self._trained: Any = None  # the trained, empty FAISS index every shard starts from
         self._shard: Any = None
         self._shards: list[Path] = []
+        self._shard_sizes: list[np.ndarray] = []  # each written shard's list sizes
         self._lists_file: Path | None = None  # the merged lists while they are the build's own
         self.set_nprobe(int(params.get("nprobe", 1)))
 
@@ -252,6 +299,20 @@ class RerankedIVFPQ:
         ivf_part.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
         ivf_part.cp.niter = KMEANS_NITER
         return cls(ivf, metric, dict(params), vectors_file=vectors_file, n=n, lists_dir=lists_dir)
+
+    @property
+    def vectors(self) -> np.ndarray | None:
+        """The float16 copy: in RAM, or memory-mapped and read with :attr:`_reader` (open from the
+        moment it is mapped, so it follows the file when a save moves it)."""
+        return self._vectors
+
+    @vectors.setter
+    def vectors(self, vectors: np.ndarray | None) -> None:
+        self._vectors = vectors
+        if self._reader is not None:
+            self._reader.close()
+        mapped = isinstance(vectors, np.memmap) and vectors.filename is not None
+        self._reader = open(vectors.filename, "rb", buffering=0) if mapped else None  # type: ignore[union-attr,assignment]  # noqa: SIM115
 
     # -- what a FAISS index answers --------------------------------------------------
     @property
@@ -278,7 +339,10 @@ class RerankedIVFPQ:
         self.ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
 
     def add(self, x: np.ndarray) -> None:
-        """Add a chunk (ids continue from the last one), keeping its float16 copy for the re-rank."""
+        """Add a chunk (ids continue from the last one), keeping its float16 copy for the re-rank.
+        An index is filled once: its shards start from the trained, empty index."""
+        if int(self.ivf.ntotal) > 0:
+            raise FinegrainError("an ivfpq index is filled once, when it is built: build a new one to add vectors")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self._out is not None:
             if self._filled + len(x) > (self._n or 0):
@@ -287,23 +351,18 @@ class RerankedIVFPQ:
         else:
             self._parts.append(x.astype(np.float16))
         self._filled += len(x)
-        if self.on_disk:
-            self._add_to_shard(x, self._filled - len(x))
-        else:
-            self.ivf.add(x)
+        self._add_to_shard(x, self._filled - len(x))
 
     def _add_to_shard(self, x: np.ndarray, first_id: int) -> None:
         """Add ``x`` to the shard in RAM, written to a file once it holds its share of codes."""
         faiss = import_faiss()
         if self._trained is None:
-            if self._lists_dir is None:
-                self._lists_dir = Path(tempfile.mkdtemp(prefix="finegrain-lists-"))
-            shutil.rmtree(self._lists_dir, ignore_errors=True)  # a killed build's leftovers
-            self._lists_dir.mkdir(parents=True)
             self._trained = faiss.serialize_index(self.ivf)
         code_size = int(faiss.extract_index_ivf(self.ivf).code_size)
         budget = int(self.params.get("max_ram") or 0)  # 0: unknown
         shard_bytes = min(SHARD_BYTES, budget // 4) if budget > 0 else SHARD_BYTES
+        if not self.on_disk and self._n:  # gathered into lists in RAM: a shard read back adds little
+            shard_bytes = min(shard_bytes, max(MIN_RAM_SHARD_BYTES, lists_bytes(self._n, code_size) // RAM_SHARDS))
         per_shard = max(1, shard_bytes // lists_bytes(1, code_size))
         start = 0
         while start < len(x):
@@ -317,20 +376,34 @@ class RerankedIVFPQ:
                 self._write_shard()
 
     def _write_shard(self) -> None:
-        if self._shard is None or self._lists_dir is None:
+        if self._shard is None:
             return
+        faiss = import_faiss()
+        if not self._shards:
+            if self._lists_dir is None:
+                self._lists_dir = Path(tempfile.mkdtemp(prefix="finegrain-lists-"))
+            shutil.rmtree(self._lists_dir, ignore_errors=True)  # a killed build's leftovers
+            self._lists_dir.mkdir(parents=True)
+        assert self._lists_dir is not None
         path = self._lists_dir / f"shard-{len(self._shards):05d}.faiss"
-        import_faiss().write_index(self._shard, str(path))
+        faiss.write_index(self._shard, str(path))
+        lists = faiss.extract_index_ivf(self._shard).invlists
+        self._shard_sizes.append(np.array([lists.list_size(i) for i in range(lists.nlist)], dtype=np.int64))
         self._shards.append(path)
         self._shard = None
 
     def _seal(self) -> None:
-        """Merge the shards' lists on disk into one file, which this index then searches."""
-        if self._lists_dir is None or (not self._shards and self._shard is None):  # in RAM, opened, merged
+        """Put the shards' lists together: merged on disk into one file, which this index then
+        searches, or gathered in RAM (:meth:`_gather`)."""
+        if not self._shards and self._shard is None:  # opened, or sealed already
+            return
+        if not self.on_disk:
+            self._gather()
             return
         from faiss.contrib.ondisk import merge_ondisk  # optional dependency (faiss), as import_faiss
 
         self._write_shard()
+        assert self._lists_dir is not None
         lists = self._lists_dir / LISTS_FILE
         with _c_stdout_to_stderr():  # FAISS prints "resizing ..."
             merge_ondisk(self.ivf, [str(p) for p in self._shards], str(lists))
@@ -344,6 +417,40 @@ class RerankedIVFPQ:
         self.params["lists_bytes"] = lists.stat().st_size
         self.params["lists_digest"] = sampled_digest(lists)
 
+    def _gather(self) -> None:
+        """The shards' lists into this index's, in RAM, each list allocated once at its final size
+        and filled shard by shard, one shard read back at a time. (FAISS growing a list as it adds
+        doubles its capacity when full: 10^7 vectors' 0.67 GB of codes and ids took 0.91 GB.)
+        A build that never filled a shard takes the one in RAM as it is."""
+        faiss = import_faiss()
+        ivf = faiss.extract_index_ivf(self.ivf)
+        if not self._shards:  # one shard, never written
+            shard = faiss.extract_index_ivf(self._shard)
+            lists = shard.invlists
+            shard.own_invlists = False
+        else:
+            self._write_shard()
+            sizes = np.sum(self._shard_sizes, axis=0)
+            lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+            for i in np.flatnonzero(sizes).tolist():
+                lists.resize(i, int(sizes[i]))  # from empty: exactly this many
+            filled = np.zeros_like(sizes)
+            for path, part in zip(self._shards, self._shard_sizes, strict=True):
+                shard = faiss.read_index(str(path))
+                src = faiss.extract_index_ivf(shard).invlists
+                for i in np.flatnonzero(part).tolist():
+                    lists.update_entries(i, int(filled[i]), int(part[i]), src.get_ids(i), src.get_codes(i))
+                filled += part
+                del shard, src
+                path.unlink()
+            lists.this.disown()
+            if self._lists_dir is not None:
+                with contextlib.suppress(OSError):
+                    self._lists_dir.rmdir()
+        ivf.replace_invlists(lists, True)
+        ivf.ntotal = self.ivf.ntotal = self._filled
+        self._shard, self._shards, self._shard_sizes, self._trained = None, [], [], None
+
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best of the PQ candidates by exact score: (faiss scores, ids)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -355,10 +462,7 @@ class RerankedIVFPQ:
         if cand.max(initial=-1) >= len(vectors):
             raise FinegrainError(f"damaged index: it names vector {cand.max()}, it holds {len(vectors)}")
         safe = np.where(cand >= 0, cand, 0)
-        order = np.argsort(safe, axis=None)  # ascending rows: a memory map reads them in file order
-        flat = np.empty((safe.size, self.d), dtype=np.float32)
-        flat[order] = vectors[safe.reshape(-1)[order]]
-        v = flat.reshape(*safe.shape, self.d)
+        v = read_rows(vectors, safe, self._reader).reshape(*safe.shape, self.d)
         if self.metric == "cosine":
             scores = np.einsum("qcd,qd->qc", v, q)
         else:
@@ -404,7 +508,7 @@ class RerankedIVFPQ:
         sizes = self._write_lists(folder) if self.on_disk else {}
         dest = folder / VECTORS_FILE
         if self._file is not None and self._file.is_file():
-            os.replace(self._file, dest)  # the open map still reads the same file
+            os.replace(self._file, dest)  # the open map and reader still read the same file
             self._file = None
         else:
             with open(dest, "wb") as f:
@@ -444,7 +548,7 @@ def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int | None = None,
     if queries is None:
         queries = max(200, min(RECALL_QUERIES, TUNE_WORK // n))
     qi = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
-    q = np.asarray(vectors[qi], dtype=np.float32)
+    q = read_rows(vectors, qi, index._reader)
     _, exact = streaming_knn(q, rows(vectors), k + 1, index.metric)
     exact = _without(exact, qi, k)
     nprobe = 1
@@ -512,28 +616,37 @@ def build_ivfpq(
     seed: int = 0,
     max_ram: int | None = None,
     on_disk: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> RerankedIVFPQ:
     """An ``ivfpq`` index of ``n`` vectors that ``chunks()`` yields (ready: normalised for cosine)
     in two passes, holding one chunk at a time: the training sample, then the codes and the float16
     copy (written to ``vectors_file``). ``nprobe`` is tuned to ``recall`` (:meth:`finish`). On-disk
-    lists (:func:`ivfpq_params`) are built in a folder beside ``vectors_file``."""
+    lists (:func:`ivfpq_params`) are built in a folder beside ``vectors_file``. ``on_phase`` is
+    told each phase as it starts (:data:`BUILD_PHASES`), e.g. to measure its memory."""
+    phase = on_phase or (lambda name: None)
     if n < 2:
         raise FinegrainError("an ivfpq index needs at least 2 vectors")
     params = ivfpq_params(n, dim, recall, opq, max_ram, on_disk)
     lists_dir = vectors_file.with_name(vectors_file.name + ".lists")
     index = RerankedIVFPQ.empty(dim, metric, params, vectors_file=vectors_file, n=n, lists_dir=lists_dir)
     take = np.sort(np.random.default_rng(seed).choice(n, size=params["train_points"], replace=False))
-    sample, start = [], 0
+    phase("sample")
+    sample, start = np.empty((len(take), dim), dtype=np.float32), 0  # filled in place: no second copy
     for chunk in chunks():
         lo, hi = np.searchsorted(take, [start, start + len(chunk)])
-        sample.append(np.asarray(chunk, dtype=np.float32)[take[lo:hi] - start])
+        sample[lo:hi] = np.asarray(chunk)[take[lo:hi] - start]
         start += len(chunk)
     if start != n:
         raise FinegrainError(f"the chunks hold {start} vectors, not {n}")
-    index.train(np.concatenate(sample))
+    phase("train")
+    index.train(sample)
     del sample
+    phase("add")
     for chunk in chunks():
         index.add(chunk)
+    phase("seal")
+    index._stored()
+    phase("tune")
     index.finish()
     return index
 
@@ -552,10 +665,11 @@ def _read_flags(meta: dict) -> int:
 
 
 def _on_disk_lists(ivf: Any) -> Any:
-    """``ivf``'s OnDiskInvertedLists (None if its lists are another kind). Set their
-    ``prefetch_nthread`` to 0: FAISS otherwise starts up to 32 threads a search to read the lists
-    about to be scanned, which costs more than the scan (7.4 ms against 1.4 ms a query of 64
-    lists on 2 cores) where the page cache already holds them or readahead fetches them."""
+    """``ivf``'s OnDiskInvertedLists (None if its lists are another kind). It changes nothing; its
+    callers (:meth:`RerankedIVFPQ._seal`, :func:`_map_lists`) set ``prefetch_nthread`` to 0 on
+    what it returns: FAISS otherwise starts up to 32 threads a search to read the lists about to
+    be scanned, which costs more than the scan (7.4 ms against 1.4 ms a query of 64 lists on 2
+    cores) where the page cache already holds them or readahead fetches them."""
     faiss = import_faiss()
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(ivf).invlists)
     return invlists if isinstance(invlists, faiss.OnDiskInvertedLists) else None
