@@ -45,6 +45,7 @@ sampled images are checked to be none of its training images).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -357,7 +358,6 @@ def run_accuracy(run: Path) -> dict | None:
     """The run's own test figures: metrics.json's top-1 and what it was tested on, else the last epoch's
     validation accuracy in history.csv (None without either)."""
     import csv
-    import json
 
     try:
         m = json.loads((run / "metrics.json").read_text())
@@ -441,7 +441,6 @@ def main() -> None:
     rng = np.random.default_rng(0)
     records, split_facts = held_out_records(cls, args.n, rng)
     data = cls.cfg.data
-    import json
 
     result: dict = json.loads(args.out.read_text()) if args.out.is_file() and parts != set(PARTS) else {}
     result |= {
