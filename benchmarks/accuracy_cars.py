@@ -36,7 +36,8 @@ when N > 1, to in-process data loading (``data.num_workers=0``), so each method
 uses one core and its CPU time is close to its wall time.
 
 The goals (issue 17, raised from issue 7's 65% and 55%): classification top-1 >= 75% and
-retrieval Recall@1 >= 65%, each within 45 CPU-minutes on this machine, as the mean of 3 seeds
+retrieval Recall@1 >= 65%, each within 45 CPU-minutes on this machine, as the mean of 3 seeds;
+on the crops (issue 37) 90% and 88%. A goal is met only with 3 seeds
 (``--seeds 0 1 2``: each of our recipes once per ``train.seed``, rows ``METHOD-seedN``, their
 mean and sample standard deviation in ``seed_spread``). Results go to ``--out`` (default
 ``benchmarks/results/accuracy_cars.json``), merged with the methods already there and
@@ -80,6 +81,9 @@ DATA_WORDS = {
 }
 # issue 17 (the first round, issue 7, asked for 0.65 and 0.55)
 GOALS = {"classification_top1": 0.75, "retrieval_recall@1": 0.65, "cpu_minutes": 45.0}
+# on the full-resolution crops (issue 37): the same protocols, higher goals
+CROPS_GOALS = {"classification_top1": 0.90, "retrieval_recall@1": 0.88, "cpu_minutes": 45.0}
+SEEDS_FOR_A_GOAL = 3  # a seeded goal is judged on the mean of at least this many seeds
 
 
 @dataclass(frozen=True)
@@ -374,8 +378,8 @@ def run_methods(jobs: list[Job], args: argparse.Namespace, result: dict) -> None
             if name in result["methods"]:  # keep what the earlier recipe gave
                 result.setdefault("earlier", []).append({"name": name, **result["methods"][name]})
             result["methods"][name] = entry
-            result["goals_met"] = goals_met(result["methods"])
-            result["seed_spread"] = seed_spread(result["methods"])
+            result["goals_met"] = goals_met(result["methods"], result["goals"])
+            result["seed_spread"] = seed_spread(result["methods"], result["goals"])
             atomic_write_json(args.out, result)
 
     commands = [(j.name, command(j, args.runs, threads, args.parallel), args.runs / f"{j.name}.log") for j in jobs]
@@ -399,10 +403,10 @@ def locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
+def seed_spread(methods: dict[str, dict], goals: dict[str, float] = GOALS) -> dict[str, Any]:
     """Mean and spread (sample standard deviation) over the seeded rows of each recipe (our method, or
     a lever of it under its tag), counting only rows whose recipe equals the last finished seeded row's
-    of that name (an older recipe is history)."""
+    of that name (an older recipe is history); ``met`` needs ``SEEDS_FOR_A_GOAL`` seeds."""
     out: dict[str, Any] = {}
     goal_of = {
         "ours-classification": ("top1", "classification_top1"),
@@ -430,7 +434,9 @@ def seed_spread(methods: dict[str, dict]) -> dict[str, Any]:
             "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
             "cpu_minutes": minutes,
             "cpu_minutes_max": max(minutes),
-            "met": bool(mean >= GOALS[goal] and max(minutes) <= GOALS["cpu_minutes"]),
+            "met": bool(
+                len(values) >= SEEDS_FOR_A_GOAL and mean >= goals[goal] and max(minutes) <= goals["cpu_minutes"]
+            ),
         }
     return out
 
@@ -446,10 +452,10 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if ROOT in path.parents else str(path)
 
 
-def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
-    """Each goal against our recipe: the mean over its seeds when it has seeded rows (the goal is
-    judged so), else its one unseeded row."""
-    spread = seed_spread(methods)
+def goals_met(methods: dict[str, dict], goals: dict[str, float] = GOALS) -> dict[str, Any]:
+    """Each of ``goals`` against our recipe: the mean over its seeds when it has seeded rows (the goal
+    is judged so), else its one unseeded row."""
+    spread = seed_spread(methods, goals)
     out: dict[str, Any] = {}
     for name, key, metric in (
         ("ours-classification", "classification_top1", "top1"),
@@ -460,7 +466,7 @@ def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
             out[key] = {
                 "value": sp["mean"],
                 "seeds": sp["seeds"],
-                "goal": GOALS[key],
+                "goal": goals[key],
                 "cpu_minutes": sp["cpu_minutes_max"],
                 "met": sp["met"],
             }
@@ -472,9 +478,9 @@ def goals_met(methods: dict[str, dict]) -> dict[str, Any]:
             continue
         out[key] = {
             "value": value,
-            "goal": GOALS[key],
+            "goal": goals[key],
             "cpu_minutes": e["cpu_minutes"],
-            "met": bool(value >= GOALS[key] and e["cpu_minutes"] <= GOALS["cpu_minutes"]),
+            "met": bool(value >= goals[key] and e["cpu_minutes"] <= goals["cpu_minutes"]),
         }
     return out
 
@@ -538,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "cpu_time": "user + system seconds of the method's process and the processes it waited for "
             "(os.wait4 rusage); a budget of 45 CPU-minutes is 45 minutes of one core",
-            "goals": GOALS,
+            "goals": CROPS_GOALS if data.name == CROPS.name else GOALS,
             "machine": machine_info({"busy_warning": busy, "parallel": args.parallel}),  # of the latest run
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
