@@ -179,7 +179,7 @@ def retrieval_deletion(encoder, rgbs: list[np.ndarray], rng: np.random.Generator
     from PIL import Image
 
     from finegrain.inference.explain import explain_rgbs, similarity_map
-    from finegrain.inference.outputs import l2_normalize
+    from finegrain.metrics.retrieval import l2_normalize
 
     maps = []
     for i in range(0, len(rgbs), 16):

@@ -109,7 +109,7 @@ def index_vectors(run: Path) -> tuple[np.ndarray, list[str]]:
 def shard_vectors(run: Path) -> tuple[np.ndarray, list[str], list[str]]:
     """Every vector in the run's shards (normalised as the index stores them), their paths and ids,
     read without the duplicate check (counted here instead)."""
-    from finegrain.retrieval.index import l2_normalize
+    from finegrain.metrics.retrieval import l2_normalize
 
     folder = next((run / "embeddings").glob("shards-*"))
     xs, paths, ids = [], [], []

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.index import GalleryIndex, exact_neighbours, index_meta, l2_normalize
+from finegrain.metrics.retrieval import l2_normalize
+from finegrain.retrieval.index import GalleryIndex, exact_neighbours, index_meta
 from finegrain.retrieval.large_index import (
     IN_RAM,
     LISTS_FILE,

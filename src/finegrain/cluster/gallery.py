@@ -15,7 +15,8 @@ import numpy as np
 from finegrain.cluster.embed import EmbedReport, embed_on_ray
 from finegrain.cluster.shards import ShardDir
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.index import GalleryIndex, index_builder, index_meta, l2_normalize
+from finegrain.metrics.retrieval import l2_normalize
+from finegrain.retrieval.index import GalleryIndex, index_builder, index_meta
 from finegrain.retrieval.large_index import DEFAULT_RECALL, KIND, build_ivfpq
 from finegrain.runs import open_run
 

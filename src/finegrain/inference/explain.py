@@ -38,7 +38,8 @@ from PIL import Image
 
 from finegrain.data.images import resize_rgb
 from finegrain.errors import FinegrainError
-from finegrain.inference.outputs import l2_normalize, mean_of_halves, mean_over_sizes, named_outputs
+from finegrain.inference.outputs import mean_of_halves, mean_over_sizes, named_outputs
+from finegrain.metrics.retrieval import l2_normalize
 
 EMBEDDING_MAP = "embedding_map"
 CLASS_MAP = "class_map"

@@ -50,14 +50,6 @@ class Outputs:
         return d
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a float32 copy); all-zero rows stay zero."""
-    x = np.array(x, dtype=np.float32, copy=True, order="C")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
-
-
 def named_outputs(out: dict) -> dict[str, np.ndarray]:
     """A model's outputs (arrays by name) as both engines give them: ``features``, ``embedding``
     (the features when the model has no embedder) and, with a classifier, ``logits``; float32."""

@@ -81,11 +81,13 @@ def _as_labels(x: Any, n: int, name: str) -> np.ndarray:
     return arr
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a float32 copy); all-zero rows stay zero. The one normaliser of the
+    package: metrics, indexes and maps all use it."""
+    x = np.array(x, dtype=np.float32, copy=True, order="C")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    out = np.zeros_like(x)
-    np.divide(x, norms, out=out, where=norms > 0)
-    return out
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
 
 
 def _check_metric(metric: str) -> None:
@@ -136,8 +138,8 @@ class _Problem:
         counts = np.bincount(self.g_codes, minlength=int(codes.max()) + 1)
         self.r = counts[self.q_codes] - (1 if self.loo else 0)
         if metric == "cosine":
-            gallery = _l2_normalize(gallery)
-            queries = gallery if self.loo else _l2_normalize(queries)
+            gallery = l2_normalize(gallery)
+            queries = gallery if self.loo else l2_normalize(queries)
         self.gallery, self.queries = gallery, queries
 
     def neighbour_labels(self, k: int, memory_mb: float = DEFAULT_MEMORY_MB) -> Iterator[tuple[int, int, np.ndarray]]:

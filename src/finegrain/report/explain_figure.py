@@ -17,6 +17,7 @@ import numpy as np
 from finegrain.data.images import open_rgb
 from finegrain.inference import open_encoder
 from finegrain.inference.explain import class_activation_map, explain_rgbs, overlay, pair_maps, to_unit
+from finegrain.metrics.retrieval import l2_normalize
 from finegrain.report.figures import _new_figure, _save, _short
 from finegrain.report.page_parts import Figure, skipped, try_figure
 from finegrain.runs import RunDir
@@ -81,7 +82,7 @@ def explained_predictions(
                 title = f"true {_short(true, 22)}\npred {_short(pred, 22)}"
                 _tile(axes[r][c], np.asarray(rgb(i)), to_unit(class_activation_map(m, size=size)), title, r == 0)
         return _save(fig, out_png)
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    unit = l2_normalize(vectors)
     pairs: list[list[tuple[int, int]]] = [[], []]
     for q in sample:
         sims = unit @ unit[q]

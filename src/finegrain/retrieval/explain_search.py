@@ -37,7 +37,7 @@ from finegrain.inference.explain import (
     explain_rgbs,
     to_unit,
 )
-from finegrain.inference.outputs import l2_normalize
+from finegrain.metrics.retrieval import l2_normalize
 from finegrain.retrieval.searcher import Hit, embedding_and_probabilities
 
 T = TypeVar("T")

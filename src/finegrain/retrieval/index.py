@@ -40,8 +40,8 @@ import numpy as np
 
 from finegrain.errors import FinegrainError, unknown_name
 from finegrain.faiss_import import import_faiss
-from finegrain.inference.outputs import l2_normalize
 from finegrain.machine import package_version
+from finegrain.metrics.retrieval import l2_normalize
 from finegrain.registry import Registry
 from finegrain.retrieval.index_files import (
     INDEX_FILE,

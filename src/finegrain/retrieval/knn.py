@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from finegrain.errors import FinegrainError
-from finegrain.retrieval.index import check_k, exact_neighbours, l2_normalize
+from finegrain.metrics.retrieval import l2_normalize
+from finegrain.retrieval.index import check_k, exact_neighbours
 
 METRICS = ("euclidean", "cosine")
 WEIGHTS = ("uniform", "distance")
