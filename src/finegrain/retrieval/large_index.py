@@ -457,7 +457,7 @@ class RerankedIVFPQ:
         if len(q) > SEARCH_BLOCK:  # bounds the candidates' vectors held at once
             parts = [self.search(q[s : s + SEARCH_BLOCK], k) for s in range(0, len(q), SEARCH_BLOCK)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        vectors = self._stored()
+        vectors = self.sealed_vectors()
         _, cand = self.ivf.search(q, max(k, int(self.params.get("rerank", RERANK_CANDIDATES))))
         if cand.max(initial=-1) >= len(vectors):
             raise FinegrainError(f"damaged index: it names vector {cand.max()}, it holds {len(vectors)}")
@@ -471,7 +471,9 @@ class RerankedIVFPQ:
         return _top(scores.astype(np.float32), cand, k, self.metric)
 
     # -- building ---------------------------------------------------------------------
-    def _stored(self) -> np.ndarray:
+    def sealed_vectors(self) -> np.ndarray:
+        """The float16 copy once every vector is added: the lists sealed (:meth:`_seal`), the copy's
+        file closed and memory-mapped (or the chunks kept in RAM joined)."""
         self._seal()
         if self._out is not None:  # the last chunk is written: map the file
             if self._filled != self._n:  # np.load would fail on a short file with a bare ValueError
@@ -504,7 +506,7 @@ class RerankedIVFPQ:
     def write_files(self, folder: Path) -> dict[str, int]:
         """Put ``vectors.f16.npy`` (and on-disk lists) into ``folder`` (moved when they are the
         build's own files, else copied); returns their sizes in bytes by name."""
-        vectors = self._stored()
+        vectors = self.sealed_vectors()
         sizes = self._write_lists(folder) if self.on_disk else {}
         dest = folder / VECTORS_FILE
         if self._file is not None and self._file.is_file():
@@ -539,7 +541,7 @@ def tune_nprobe(index: RerankedIVFPQ, target: float, queries: int | None = None,
     re-ranking up to :data:`MAX_RERANK` -- and the recall it measured, on up to ``queries``
     gallery vectors searched as held-out queries: each one's own entry is dropped from the exact and the
     approximate answers."""
-    vectors = index._stored()
+    vectors = index.sealed_vectors()
     n = len(vectors)
     k = min(RECALL_K, n - 1)
     nlist = int(index.params["nlist"])
@@ -645,7 +647,7 @@ def build_ivfpq(
     for chunk in chunks():
         index.add(chunk)
     phase("seal")
-    index._stored()
+    index.sealed_vectors()
     phase("tune")
     index.finish()
     return index
