@@ -97,7 +97,7 @@ def test_a_folder_without_class_sub_folders_is_a_gallery_of_unlabelled_images(tm
     col = open_gallery_folder(tmp_path)
     assert col.format == "flat_folder" and col.class_names == []
     assert [r.path.name for r in col.all_records()] == ["0.png", "1.png", "2.png", "3.png"]
-    assert {r.label for r in col.all_records()} == {UNLABELLED} and col.label_name(UNLABELLED) == ""
+    assert {r.label for r in col.all_records()} == {UNLABELLED}
     assert col.notes == ["1 non-image files ignored"]
 
 
@@ -106,7 +106,7 @@ def test_a_gallery_folder_with_class_sub_folders_keeps_its_labels(tmp_path):
     _pairs(1, 1)[0][0].save(tmp_path / "loose.png")
     col = open_gallery_folder(tmp_path)
     assert col.format == "image_folder" and col.class_names == sorted(NAMES)
-    assert {col.label_name(r.label) for r in col.all_records()} == set(NAMES)
+    assert {col.class_names[r.label] for r in col.all_records()} == set(NAMES)
     # an image beside the class folders is named as ignored, not counted as a non-image file
     assert col.notes == [
         f"1 images directly in {tmp_path.resolve()} ignored: only those in its class sub-folders are read"

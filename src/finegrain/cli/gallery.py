@@ -49,12 +49,16 @@ def _files(paths: list[Path], label: str | None) -> list[tuple[Path, str]]:
     folder without class sub-folders: the images directly inside it, unlabelled)."""
     # optional: SciPy (the train extra), imported only when this runs
     from finegrain.data.detect import open_gallery_folder
+    from finegrain.retrieval.searcher import label_name
 
     out: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
             coll = open_gallery_folder(path)
-            out += [(r.path, label if label is not None else coll.label_name(r.label)) for r in coll.all_records()]
+            out += [
+                (r.path, label if label is not None else label_name(coll.class_names, r.label))
+                for r in coll.all_records()
+            ]
         elif path.is_file():
             out.append((path, label or ""))
         else:

@@ -51,10 +51,6 @@ class ImageCollection:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def label_name(self, label: int) -> str:
-        """The class name of ``label``; an empty string for an unlabelled image."""
-        return self.class_names[label] if 0 <= label < len(self.class_names) else ""
-
     def all_records(self) -> list[ImageRecord]:
         """Every record of every split, in split order."""
         return [r for recs in self.splits.values() for r in recs]

@@ -244,7 +244,8 @@ def predict(hits: list[Hit], probs: np.ndarray | None, source: str, class_names:
     if probs is not None and source == "classifier":
         order = np.argsort(-probs)[:5]
         return [(label_name(class_names, int(c)), float(probs[c])) for c in order]
-    voters = [h for h in [h for h in hits if not h.same_image] or hits if h.label]
+    neighbours = [h for h in hits if not h.same_image] or hits  # a copy of the query is not a vote
+    voters = [h for h in neighbours if h.label]
     votes: dict[str, int] = {}
     for h in voters:
         votes[h.label] = votes.get(h.label, 0) + 1
