@@ -127,8 +127,12 @@ def index(
         dest, info = build_index(
             run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace, maps=maps
         )
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
+    from finegrain.retrieval.gallery import source_words
+
     what = f"{kind}, lists {info['lists']}" if info.get("lists") else kind
-    line = f"indexed {info['n']} images ({info['dim']}-d, {what}, {metric}) from the {info['gallery']} into {dest}"
+    source = source_words(info["gallery"])
+    line = f"indexed {info['n']} images ({info['dim']}-d, {what}, {metric}) from {source} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
     if info.get("maps"):
