@@ -608,6 +608,8 @@ def test_the_contact_sheet_titles_say_which_neighbour_is_the_query_itself(tmp_pa
     hits = [Hit(1, 0, "Audi A4", 1.0, str(img), same_image=True), Hit(2, 1, "Audi A5", 0.8, str(img))]
     assert hit_title(hits[0]).endswith("(the query itself)") and "Audi A4" in hit_title(hits[0])
     assert "query itself" not in hit_title(hits[1]) and "score 0.800" in hit_title(hits[1])
+    long = hit_title(Hit(3, 2, "Chrysler Town and Country Minivan 2012", 0.7, str(img)))
+    assert long.startswith("#3 Chrysler Town") and "…" in long and "Minivan 2012\n" in long  # the year kept
     out = contact_sheet(Image.open(img), hits, tmp_path / "sheet")
     assert out.suffix == ".png" and Image.open(out).size[0] > 0
 
