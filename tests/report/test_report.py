@@ -576,7 +576,8 @@ def test_report_names_the_cpu_and_how_the_model_ran(trained_run, tmp_path):
     page = write_report(run).read_text()
     assert metrics["machine"]["cpu"] in page
     assert f"native bf16 {'yes' if metrics['machine']['native_bf16'] else 'no'}" in page
-    assert f"{metrics['inference']['engine']} engine, precision {metrics['inference']['precision']}" in page
+    said = {"32": "fp32", "bf16-mixed": "bf16"}[metrics["inference"]["precision"]]  # as people say it, not "32"
+    assert f"{metrics['inference']['engine']} engine, {said}</td>" in page
 
 
 def test_the_settings_table_names_the_seed_and_the_regularisers():
