@@ -71,6 +71,19 @@ def deep_bad(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, {str(p): reason for p, reason in bad.items()}
 
 
+def test_log_lines_in_a_file_are_whole_and_unpadded(tmp_path):
+    # the CLI's logging set up as `finegrain ... 2> log.txt` sets it up: stderr is a file, not a terminal
+    path = str(tmp_path.joinpath(*DEEP, "embeddings"))
+    code = (
+        "import logging; from finegrain.cli.common import setup_logging; setup_logging(False); "
+        f"logging.getLogger('finegrain.x').info('reusing the test embeddings in %s (same model)', {path!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"INFO     reusing the test embeddings in {path} (same model)"]
+
+
 @pytest.mark.slow
 def test_data_check_piped_prints_whole_file_names(deep_bad):
     root, bad = deep_bad
