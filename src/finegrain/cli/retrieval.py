@@ -157,8 +157,9 @@ def search(
     engine: EngineOpt = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
-    """Print the gallery images most similar to IMAGE (rank, label, score, path): those of the run's
-    living gallery (RUN/gallery or --store) when it has one, as `finegrain serve` answers, else of its index."""
+    """Print the gallery images most similar to IMAGE (rank, label, score, path).
+
+    The living gallery (RUN/gallery or --store) when the run has one, as `finegrain serve` answers; else its index."""
     # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.images import open_rgb
     from finegrain.gallery.live import LiveGallery, has_store, hit_files
