@@ -20,7 +20,7 @@ def test_the_report_shows_right_and_wrong_predictions_with_their_maps(tmp_path):
         tmp_path,
         name="why-report",
         model={"backbone": "timm:test_efficientnet"},
-        data={"image_size": [64, 64]},
+        data={"image_size": [32, 64], "synthetic": {"image_size": [32, 64]}},  # wide, as photos of cars are
         train={"epochs": 1},
     )
     run, _ = engine.fit(cfg, runs_root=tmp_path)
@@ -31,6 +31,8 @@ def test_the_report_shows_right_and_wrong_predictions_with_their_maps(tmp_path):
     png = run.report / "explained_predictions.png"
     pixels = np.asarray(Image.open(png).convert("RGB"))
     assert pixels.std() > 10  # images with their maps, not a blank figure
+    blank_rows = (pixels.min(axis=(1, 2)) > 250).mean()
+    assert blank_rows < 0.35, blank_rows  # rows shaped to the images: wide ones in square rows left 60% blank
 
 
 def test_a_backbone_without_maps_says_why_in_the_report(trained_run, caplog):
