@@ -71,6 +71,36 @@ def deep_bad(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, {str(p): reason for p, reason in bad.items()}
 
 
+def test_no_command_help_breaks_a_line_mid_sentence():
+    # `--help` keeps a docstring's line breaks (typer's rich markup mode): a paragraph spread over two
+    # source lines printed broken mid-sentence, in `finegrain --help`'s list of commands too
+    import inspect
+
+    import typer
+
+    def paragraphs(cmd, name: str):
+        for p in inspect.cleandoc(cmd.short_help or cmd.help or "").split("\n\n"):
+            yield name, p
+        for sub, c in getattr(cmd, "commands", {}).items():
+            yield from paragraphs(c, f"{name} {sub}")
+
+    broken = [(n, p) for n, p in paragraphs(typer.main.get_command(app), "finegrain") if "\n" in p]
+    assert not broken, broken
+
+
+def test_log_lines_in_a_file_are_whole_and_unpadded(tmp_path):
+    # the CLI's logging set up as `finegrain ... 2> log.txt` sets it up: stderr is a file, not a terminal
+    path = str(tmp_path.joinpath(*DEEP, "embeddings"))
+    code = (
+        "import logging; from finegrain.cli.common import setup_logging; setup_logging(False); "
+        f"logging.getLogger('finegrain.x').info('reusing the test embeddings in %s (same model)', {path!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"INFO     reusing the test embeddings in {path} (same model)"]
+
+
 @pytest.mark.slow
 def test_data_check_piped_prints_whole_file_names(deep_bad):
     root, bad = deep_bad

@@ -576,7 +576,8 @@ def test_report_names_the_cpu_and_how_the_model_ran(trained_run, tmp_path):
     page = write_report(run).read_text()
     assert metrics["machine"]["cpu"] in page
     assert f"native bf16 {'yes' if metrics['machine']['native_bf16'] else 'no'}" in page
-    assert f"{metrics['inference']['engine']} engine, precision {metrics['inference']['precision']}" in page
+    said = {"32": "fp32", "bf16-mixed": "bf16"}[metrics["inference"]["precision"]]  # as people say it, not "32"
+    assert f"{metrics['inference']['engine']} engine, {said}</td>" in page
 
 
 def test_the_settings_table_names_the_seed_and_the_regularisers():
@@ -608,6 +609,8 @@ def test_the_contact_sheet_titles_say_which_neighbour_is_the_query_itself(tmp_pa
     hits = [Hit(1, 0, "Audi A4", 1.0, str(img), same_image=True), Hit(2, 1, "Audi A5", 0.8, str(img))]
     assert hit_title(hits[0]).endswith("(the query itself)") and "Audi A4" in hit_title(hits[0])
     assert "query itself" not in hit_title(hits[1]) and "score 0.800" in hit_title(hits[1])
+    long = hit_title(Hit(3, 2, "Chrysler Town and Country Minivan 2012", 0.7, str(img)))
+    assert long.startswith("#3 Chrysler Town") and "…" in long and "Minivan 2012\n" in long  # the year kept
     out = contact_sheet(Image.open(img), hits, tmp_path / "sheet")
     assert out.suffix == ".png" and Image.open(out).size[0] > 0
 

@@ -60,7 +60,7 @@ def test_a_classifier_run_indexes_searches_and_serves_a_flat_folder(trained_run,
     flat = flat_copy(trained_run, tmp_path / "photos")
     r = CliRunner().invoke(app, ["index", str(run), "--gallery", str(flat), "--replace", "--engine", "torch"])
     assert r.exit_code == 0, r.output
-    assert f"indexed {N} images" in r.output and "(unlabelled)" in r.output
+    assert f"indexed {N} images" in r.output and f"from all images of {flat.resolve()} (unlabelled)" in r.output
     index = GalleryIndex.load(run / "index")
     assert index.labels.tolist() == [-1] * N and index.class_names == []
 

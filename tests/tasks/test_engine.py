@@ -236,3 +236,12 @@ def test_progress_is_logged_when_output_is_not_a_terminal(tmp_path, monkeypatch,
     lines = [r.getMessage() for r in caplog.records if r.name == "finegrain.tasks.engine"]
     assert any(m.startswith("epoch 1/1: batch ") and "images/s, loss " in m for m in lines), lines
     assert any(m.startswith("epoch 1/1 done in ") and "val/acc " in m for m in lines), lines
+
+
+def test_small_data_without_validation_trains_without_lightning_warnings(tmp_path, recwarn):
+    # 80 images in batches of 16: 5 batches an epoch, fewer than the logging interval (10), and
+    # no validation images: both are a user's ordinary choice, and Lightning warned about each.
+    cfg = tiny_config(tmp_path, data={"val_fraction": 0.0}, train={"epochs": 1})
+    engine.fit(cfg, runs_root=tmp_path)
+    said = [str(w.message) for w in recwarn]
+    assert not [m for m in said if "logging interval" in m or "across ranks is zero" in m], said

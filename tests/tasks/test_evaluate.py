@@ -92,3 +92,23 @@ def test_knn_metrics_are_those_of_scikit_learns_kneighbors_on_the_saved_vectors(
     expected = float(np.mean(sk.predict(test.embeddings) == test.labels))
     assert m["classification"]["top1"] == pytest.approx(expected, abs=1 / len(test.labels) + 1e-9)
     assert "loss" not in m["classification"] and m["classification"]["n_gallery"] == len(gallery.labels)
+
+
+def test_metrics_title_stays_one_line_in_a_log_file():
+    import io
+
+    from finegrain.cli.common import PipeConsole
+    from finegrain.tasks.evaluate import render_metrics
+
+    words = "a seeded (seed 0) stratified 20% holdout of the training images (40 images): the data has no test split"
+    metrics = {
+        "run": "classify",
+        "protocol": {"protocol": "classification", "n_test": 40},
+        "tested_on": {"words": words},
+        "classification": {"top1": 0.55, "n": 40},
+    }
+    out = io.StringIO()  # not a terminal: as `finegrain train ... > log`
+    PipeConsole(file=out).print(render_metrics(metrics))
+    lines = out.getvalue().splitlines()
+    assert f"classify: classification, tested on {words}" in [line.strip() for line in lines], lines
+    assert any("top1" in line and "55.00%" in line for line in lines)

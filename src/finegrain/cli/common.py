@@ -104,11 +104,14 @@ def stdout_for(as_json: bool) -> Iterator[None]:
 
 
 def setup_logging(verbose: bool) -> None:
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
-    )
+    """Log records on stderr: rich's layout on a terminal; in a file or a pipe one plain line a
+    record, as rich would fold it at 80 columns (cutting paths, padding every line with spaces)."""
+    handler: logging.Handler
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("PIL", "matplotlib", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

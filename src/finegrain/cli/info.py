@@ -19,8 +19,9 @@ def info(
     ] = 5.0,
     workers: Annotated[int, typer.Option(min=0, help="Loader workers to plan threads for (the configs' default).")] = 2,
 ) -> None:
-    """Versions, CPU and its vector features, threads, GPU, the precision `auto` picks and why,
-    and EfficientNet-Lite0 inference speed here in fp32 and in bf16 autocast."""
+    """Versions, CPU and its vector features, threads, GPU, the precision `auto` picks and why.
+
+    Then EfficientNet-Lite0's inference speed here in fp32 and in bf16 autocast (not with --no-bench)."""
     facts = machine_facts(workers=workers, bench_seconds=None if no_bench else seconds, quiet=as_json)
     if as_json:
         print_json(facts)

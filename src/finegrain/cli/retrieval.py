@@ -127,8 +127,12 @@ def index(
         dest, info = build_index(
             run, gallery=gallery, kind=kind, metric=metric, engine=engine, replace=replace, maps=maps
         )
+    # start-up: loaded when the command runs, so `finegrain --help` stays fast
+    from finegrain.retrieval.gallery import source_words
+
     what = f"{kind}, lists {info['lists']}" if info.get("lists") else kind
-    line = f"indexed {info['n']} images ({info['dim']}-d, {what}, {metric}) from the {info['gallery']} into {dest}"
+    source = source_words(info["gallery"])
+    line = f"indexed {info['n']} images ({info['dim']}-d, {what}, {metric}) from {source} into {dest}"
     if info.get("approx_recall_at_10") is not None:
         line += f"; recall@10 against exact search: {info['approx_recall_at_10']:.3f}"
     if info.get("maps"):
@@ -153,8 +157,9 @@ def search(
     engine: EngineOpt = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="Lay on the --sheet what the model looked at.")] = False,
 ) -> None:
-    """Print the gallery images most similar to IMAGE (rank, label, score, path): those of the run's
-    living gallery (RUN/gallery or --store) when it has one, as `finegrain serve` answers, else of its index."""
+    """Print the gallery images most similar to IMAGE (rank, label, score, path).
+
+    The living gallery (RUN/gallery or --store) when the run has one, as `finegrain serve` answers; else its index."""
     # start-up: loaded when the command runs, so `finegrain --help` stays fast
     from finegrain.data.images import open_rgb
     from finegrain.gallery.live import LiveGallery, has_store, hit_files

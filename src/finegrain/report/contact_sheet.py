@@ -15,8 +15,12 @@ from finegrain.retrieval.searcher import Hit
 
 
 def hit_title(h: Hit) -> str:
-    """A neighbour's title: rank, class, score, and whether it is the query's own file."""
-    return f"#{h.rank} {h.label[:28]}\nscore {h.score:.3f}" + (" (the query itself)" if h.same_image else "")
+    """A neighbour's title: rank, class (a long one cut in the middle, keeping make and year), score,
+    and whether it is the query's own file."""
+    # optional: matplotlib (the train extra), which figures imports; only a drawn sheet needs it
+    from finegrain.report.figures import _short
+
+    return f"#{h.rank} {_short(h.label, 28)}\nscore {h.score:.3f}" + (" (the query itself)" if h.same_image else "")
 
 
 def contact_sheet(

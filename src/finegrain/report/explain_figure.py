@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from finegrain.data.images import open_rgb
 from finegrain.inference import open_encoder
@@ -45,6 +46,13 @@ def _tile(ax, rgb: np.ndarray, m01: np.ndarray, title: str, right: bool) -> None
     ax.axis("off")
 
 
+def _row_height(images: Sequence[Image.Image]) -> float:
+    """Inches of a row of 2.1-inch-wide tiles of ``images`` (their median shape) with two-line titles:
+    wide photos (cars are about 2:1) in rows as tall as wide left half the figure blank."""
+    aspect = float(np.median([im.height / im.width for im in images])) if images else 1.0
+    return 2.1 * min(aspect, 1.5) + 0.5
+
+
 def explained_predictions(
     run: RunDir,
     emb: tuple[np.ndarray, np.ndarray, list[str]],
@@ -72,7 +80,8 @@ def explained_predictions(
             right = m.predicted_class == int(labels[i])
             if len(rows[0 if right else 1]) < n:
                 rows[0 if right else 1].append((i, m))
-        fig = _new_figure(2.1 * n, 4.6)
+        shown = [rgb(i) for row in rows for i, _ in row]
+        fig = _new_figure(2.1 * n, 2 * _row_height(shown), layout="constrained")
         axes = fig.subplots(2, n, squeeze=False)
         for r, row in enumerate(rows):
             for c in range(n):
@@ -91,7 +100,7 @@ def explained_predictions(
         right = int(labels[hit]) == int(labels[q])
         if len(pairs[0 if right else 1]) < n:
             pairs[0 if right else 1].append((int(q), hit))
-    fig = _new_figure(2.1 * 2 * n, 4.6)
+    fig = _new_figure(2.1 * 2 * n, 2 * _row_height([rgb(q) for row in pairs for q, _ in row]), layout="constrained")
     axes = fig.subplots(2, 2 * n, squeeze=False)
     for r, row in enumerate(pairs):
         for c in range(2 * n):

@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 
 from finegrain.errors import ConfigError
+from finegrain.inference.explain import NoMaps
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def try_figure(title: str, build: Callable[[], Any], png: Path, caption: str) ->
     """Call ``build()`` to draw ``png`` and return it embedded, or a "not drawn" note when drawing fails."""
     try:
         build()
-    except ConfigError as e:  # the figure does not apply to this run (a backbone without maps): say why
+    except (ConfigError, NoMaps) as e:  # the figure does not apply to this run (a backbone without maps): say why
         log.info("%s: %s", title, e)
         return skipped(title, str(e))
     except Exception as e:  # noqa: BLE001 - one figure failing never loses the report

@@ -100,14 +100,16 @@ def config_brief(cfg, metrics: dict | None) -> list[tuple[str, str]]:
     return rows
 
 
+def precision_name(p: Any) -> str:
+    """Lightning's precision names ("32", "bf16-mixed") as people say them (fp32, bf16)."""
+    return {"32": "fp32", "bf16-mixed": "bf16"}.get(str(p), str(p))
+
+
 def precision_words(requested: str, phases: Any) -> str:
     """The configured precision, with what ``auto`` chose for each phase where it chose per phase."""
     if not isinstance(phases, dict) or not isinstance(phases.get("images_per_second"), dict):
         return requested
-
-    def name(p: Any) -> str:  # Lightning's precision names, as people say them
-        return {"32": "fp32", "bf16-mixed": "bf16"}.get(str(p), str(p))
-
+    name = precision_name
     speeds = ", ".join(f"{name(p)} {v}" for p, v in phases["images_per_second"].items())
     return (
         f"{requested}: frozen cache in {name(phases.get('cache', '?'))}, training steps in "
@@ -231,7 +233,8 @@ def metrics_section(metrics: dict) -> dict[str, Any]:
         )
     run_with = metrics.get("inference") or {}
     if run_with:
-        info.append(("inference", f"{run_with.get('engine', '?')} engine, precision {run_with.get('precision', '?')}"))
+        precision = precision_name(run_with.get("precision", "?"))
+        info.append(("inference", f"{run_with.get('engine', '?')} engine, {precision}"))
     if metrics.get("checkpoint"):
         checksum = str(metrics.get("model_checksum") or "")[:12]
         info.append(("checkpoint", f"{metrics['checkpoint']}" + (f" (sha256 {checksum}…)" if checksum else "")))

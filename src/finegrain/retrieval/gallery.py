@@ -51,6 +51,12 @@ def gallery_records(cfg: ExperimentConfig, gallery: str) -> tuple[list[ImageReco
     return records, coll.class_names, f"all images of {path.resolve()}{unlabelled}"
 
 
+def source_words(description: str) -> str:
+    """A gallery's description (:func:`gallery_records`) as it reads after "from": "the test split of
+    ...", but "all images of ..."."""
+    return description if description.startswith("all ") else f"the {description}"
+
+
 def embed_records(
     encoder: EncodingLoop, records: list[ImageRecord], description: str = "embedding", maps: bool = False
 ) -> Outputs:
@@ -84,10 +90,10 @@ def check_replacement(dest: Path, description: str, n: int) -> None:
     other_source = old_source is not None and old_source != description
     if not other_source and old_n / REPLACE_RATIO <= n <= old_n * REPLACE_RATIO:
         return
-    source = f" from the {old_source}" if old_source else ""
+    source = f" from {source_words(old_source)}" if old_source else ""
     raise FinegrainError(
-        f"{dest} holds an index of {old_n} images{source}; the new one would hold {n} from the "
-        f"{description}: pass --replace to replace it"
+        f"{dest} holds an index of {old_n} images{source}; the new one would hold {n} from "
+        f"{source_words(description)}: pass --replace to replace it"
     )
 
 

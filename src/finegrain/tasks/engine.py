@@ -57,6 +57,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # A deprecation inside Lightning itself, not in anything a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # A small dataset has fewer batches an epoch than the logging interval; history.csv is per epoch anyway.
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # No validation images (val_fraction 0, or too few images) is a choice, not a mistake.
+    warnings.filterwarnings("ignore", message=r".*Total length of `\w+` across ranks is zero.*")
     # Lightning's advertisement for its cloud logger is not for our users.
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _no_litlogger_ad not in rank_zero.filters:

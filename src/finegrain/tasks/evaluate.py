@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from finegrain import __version__
 from finegrain.config import ExperimentConfig
@@ -213,8 +215,9 @@ def write_per_class(run: RunDir, table: list[dict]) -> None:
     atomic_write_text(run.path / "per_class.csv", buf.getvalue())
 
 
-def render_metrics(metrics: dict):
-    """A rich table of the headline numbers."""
+def render_metrics(metrics: dict) -> Group:
+    """The headline numbers: a title line (not a table title, which rich folds to the narrow
+    table's width) and a rich table."""
 
     partial = (
         (f" [PARTIAL: training stopped after {metrics.get('epochs_done')} of {metrics.get('epochs_planned')} epochs]")
@@ -222,9 +225,8 @@ def render_metrics(metrics: dict):
         else ""
     )
     tested = (metrics.get("tested_on") or {}).get("words") or f"{metrics['protocol']['n_test']} test images"
-    table = Table(
-        title=f"{metrics['run']}: {metrics['protocol']['protocol']}, tested on {tested}{partial}", show_header=True
-    )
+    title = Text(f"{metrics['run']}: {metrics['protocol']['protocol']}, tested on {tested}{partial}", style="italic")
+    table = Table(show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     section = metrics.get("classification") or metrics.get("retrieval") or {}
@@ -237,4 +239,4 @@ def render_metrics(metrics: dict):
     t = metrics.get("timing", {})
     if t:
         table.add_row("images/s (model)", f"{t['images_per_second']:.1f}")
-    return table
+    return Group(title, table)
