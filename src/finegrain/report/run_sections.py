@@ -109,11 +109,11 @@ def precision_words(requested: str, phases: Any) -> str:
     """The configured precision, with what ``auto`` chose for each phase where it chose per phase."""
     if not isinstance(phases, dict) or not isinstance(phases.get("images_per_second"), dict):
         return requested
-    name = precision_name
-    speeds = ", ".join(f"{name(p)} {v}" for p, v in phases["images_per_second"].items())
+    speeds = ", ".join(f"{precision_name(p)} {v}" for p, v in phases["images_per_second"].items())
     return (
-        f"{requested}: frozen cache in {name(phases.get('cache', '?'))}, training steps in "
-        f"{name(phases.get('steps', '?'))} (the faster cached step on {phases.get('cpu') or 'the training CPU'}, "
+        f"{requested}: frozen cache in {precision_name(phases.get('cache', '?'))}, training steps in "
+        f"{precision_name(phases.get('steps', '?'))} "
+        f"(the faster cached step on {phases.get('cpu') or 'the training CPU'}, "
         f"images/s: {speeds})"
     )
 
